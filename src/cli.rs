@@ -1,0 +1,153 @@
+//! Command line: `host run | check | test | data`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::script::testing::{TestReport, run_test_file};
+use crate::script::{Limits, ScriptEngine, ScriptHost, find_plugins_dir};
+use crate::train::{RunOptions, TrainConfig};
+
+#[derive(Parser)]
+#[command(name = "host", version, about = "prefhost: preference optimisation with objectives in Rhai scripts")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train as the experiment script says; edits to the script or its plugins are
+    /// picked up at the next step.
+    Run {
+        script: PathBuf,
+        /// Do not watch the script and plugins for edits.
+        #[arg(long)]
+        no_watch: bool,
+        /// Plugins folder (default: ../plugins beside the script, else ./plugins).
+        #[arg(long)]
+        plugins: Option<PathBuf>,
+        /// Run folder (default: <output_dir>/<name>-<UTC time>); must not exist.
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Override the number of steps.
+        #[arg(long)]
+        max_steps: Option<usize>,
+        /// Script operation limit per call (stops runaway loops).
+        #[arg(long, default_value_t = Limits::default().max_operations)]
+        max_operations: u64,
+    },
+    /// Compile scripts and every plugin they import, check their config; no training.
+    Check {
+        #[arg(required = true)]
+        scripts: Vec<PathBuf>,
+        #[arg(long)]
+        plugins: Option<PathBuf>,
+    },
+    /// Run every `fn test_*()` in Rhai test files.
+    Test {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        plugins: Option<PathBuf>,
+    },
+    /// Generate the arithmetic word-problem corpus (and its tokenizer).
+    Data {
+        /// Output folder.
+        #[arg(long, default_value = "data/arithmetic")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 4000)]
+        sft_rows: usize,
+        #[arg(long, default_value_t = 1200)]
+        pair_rows: usize,
+        #[arg(long, default_value_t = 200)]
+        eval_rows: usize,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Also train a BPE tokenizer.json of this size on the SFT rows.
+        #[arg(long)]
+        tokenizer_vocab: Option<usize>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn host_for(script: &Path, plugins: Option<&Path>, limits: &Limits) -> Result<ScriptHost> {
+    let dir = find_plugins_dir(script, plugins)?;
+    Ok(ScriptHost::new(ScriptEngine::new(&dir, limits)))
+}
+
+fn dispatch(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Run { script, no_watch, plugins, run_dir, max_steps, max_operations } => {
+            let limits = Limits { max_operations, ..Limits::default() };
+            let mut host = host_for(&script, plugins.as_deref(), &limits)?;
+            crate::train::run(&mut host, RunOptions { script, watch: !no_watch, run_dir, max_steps })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { scripts, plugins } => {
+            let mut failed = 0;
+            for script in &scripts {
+                match check(script, plugins.as_deref()) {
+                    Ok(summary) => println!("ok   {summary}"),
+                    Err(e) => {
+                        eprintln!("{e:#}");
+                        failed += 1;
+                    }
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} of {} script(s) failed the check", scripts.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Test { files, plugins } => {
+            let mut report = TestReport { passed: 0, failed: Vec::new() };
+            for file in &files {
+                let mut host = host_for(file, plugins.as_deref(), &Limits::default())?;
+                run_test_file(&mut host, file, &mut report);
+            }
+            println!("{} passed, {} failed", report.passed, report.failed.len());
+            Ok(if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Data { out, sft_rows, pair_rows, eval_rows, seed, tokenizer_vocab } => {
+            crate::data::arithmetic::write_corpus(&out, sft_rows, pair_rows, eval_rows, seed)?;
+            println!("wrote {}/{{sft,pairs,eval}}.jsonl", out.display());
+            if let Some(vocab) = tokenizer_vocab {
+                let path = out.join("tokenizer.json");
+                crate::data::arithmetic::train_tokenizer(&out.join("sft.jsonl"), vocab, &path)?;
+                println!("wrote {}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Compiles the script and its plugins, evaluates its top level and checks the config.
+fn check(script: &Path, plugins: Option<&Path>) -> Result<String> {
+    let mut host = host_for(script, plugins, &Limits::default())?;
+    let version = host.load(script).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let files = version.sources.len();
+    match version.config.clone() {
+        Some(map) => {
+            let config = TrainConfig::from_map(map).map_err(|e| anyhow::anyhow!("{}: {e:#}", version.display_path()))?;
+            if !version.has_fn("loss", 2) {
+                bail!("{}: the script defines no fn loss(batch, params)", version.display_path());
+            }
+            crate::train::backend_device(&config.backend).map_err(|e| anyhow::anyhow!("{}: {e}", version.display_path()))?;
+            Ok(format!("{} ({files} file(s) compiled, mode {:?}, backend {})", version.display_path(), config.mode, config.backend))
+        }
+        None => Ok(format!("{} ({files} file(s) compiled; no train() call)", version.display_path())),
+    }
+}

@@ -1,0 +1,10 @@
+//! Data: tokenizer, JSONL rows, batches, and the generated arithmetic corpus.
+
+pub mod arithmetic;
+pub mod batch;
+pub mod pairs;
+pub mod tokenizer;
+
+pub use batch::{SequenceBatch, collate_pairs, collate_sft};
+pub use pairs::{Example, LoadReport, Truncation, load_examples};
+pub use tokenizer::TextTokenizer;

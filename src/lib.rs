@@ -1,0 +1,11 @@
+//! prefhost: preference optimisation of language models, with objectives in Rhai.
+//!
+//! Data flows one way: script (Rhai) → host API (`script`) → trainer (`train`) → burn
+//! (`model`), with `data` feeding the trainer.
+
+pub mod cli;
+pub mod data;
+pub mod model;
+pub mod rng;
+pub mod script;
+pub mod train;

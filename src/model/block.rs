@@ -1,0 +1,24 @@
+//! One pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(x)).
+
+use burn::module::Module;
+use burn::nn::RmsNorm;
+use burn::tensor::Tensor;
+
+use super::attention::Attention;
+use super::mlp::Mlp;
+use super::rope::Rope;
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub fn forward(&self, x: Tensor<3>, rope: &Rope) -> Tensor<3> {
+        let x = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope);
+        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+    }
+}

@@ -1,0 +1,114 @@
+//! The decoder-only language model: embeddings, decoder layers, final norm, LM head.
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::tensor::{Device, Distribution, Int, Tensor};
+
+use super::attention::Attention;
+use super::block::DecoderLayer;
+use super::config::LlamaConfig;
+use super::mlp::Mlp;
+use super::rope::Rope;
+
+#[derive(Module, Debug)]
+pub struct Llama {
+    pub embed_tokens: Embedding,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// None when the checkpoint ties the output projection to the embeddings.
+    pub lm_head: Option<Linear>,
+    #[module(skip)]
+    pub rope: Rope,
+}
+
+/// Supplies each parameter by its Hugging Face name, in HF layout ([out, in] for linear
+/// weights). Loading and random initialisation share the model-building code this way.
+pub trait WeightSource {
+    fn tensor(&mut self, name: &str, hf_shape: &[usize], device: &Device) -> anyhow::Result<Tensor<2>>;
+    fn vector(&mut self, name: &str, len: usize, device: &Device) -> anyhow::Result<Tensor<1>>;
+}
+
+/// HF's default initialisation (normal, std = initializer_range), norms at one.
+pub struct RandomInit {
+    pub std: f64,
+}
+
+impl WeightSource for RandomInit {
+    fn tensor(&mut self, _: &str, shape: &[usize], device: &Device) -> anyhow::Result<Tensor<2>> {
+        Ok(Tensor::random([shape[0], shape[1]], Distribution::Normal(0.0, self.std), device))
+    }
+    fn vector(&mut self, _: &str, len: usize, device: &Device) -> anyhow::Result<Tensor<1>> {
+        Ok(Tensor::ones([len], device))
+    }
+}
+
+fn linear(src: &mut dyn WeightSource, name: &str, d_in: usize, d_out: usize, device: &Device) -> anyhow::Result<Linear> {
+    // HF stores [out, in]; burn's Linear computes x·W with W as [in, out].
+    let weight = src.tensor(&format!("{name}.weight"), &[d_out, d_in], device)?.transpose();
+    Ok(Linear { weight: Param::from_tensor(weight), bias: None })
+}
+
+fn rms_norm(src: &mut dyn WeightSource, name: &str, size: usize, eps: f64, device: &Device) -> anyhow::Result<RmsNorm> {
+    Ok(RmsNorm { gamma: Param::from_tensor(src.vector(&format!("{name}.weight"), size, device)?), epsilon: eps })
+}
+
+impl Llama {
+    pub fn build(config: &LlamaConfig, src: &mut dyn WeightSource, device: &Device) -> anyhow::Result<Self> {
+        let (d, heads, kv, hd) = (config.hidden_size, config.num_attention_heads, config.kv_heads(), config.head_dim());
+        let embed = src.tensor("model.embed_tokens.weight", &[config.vocab_size, d], device)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(DecoderLayer {
+                input_layernorm: rms_norm(src, &format!("{p}.input_layernorm"), d, config.rms_norm_eps, device)?,
+                self_attn: Attention {
+                    q_proj: linear(src, &format!("{p}.self_attn.q_proj"), d, heads * hd, device)?,
+                    k_proj: linear(src, &format!("{p}.self_attn.k_proj"), d, kv * hd, device)?,
+                    v_proj: linear(src, &format!("{p}.self_attn.v_proj"), d, kv * hd, device)?,
+                    o_proj: linear(src, &format!("{p}.self_attn.o_proj"), heads * hd, d, device)?,
+                    num_heads: heads,
+                    num_kv_heads: kv,
+                    head_dim: hd,
+                },
+                post_attention_layernorm: rms_norm(src, &format!("{p}.post_attention_layernorm"), d, config.rms_norm_eps, device)?,
+                mlp: Mlp {
+                    gate_proj: linear(src, &format!("{p}.mlp.gate_proj"), d, config.intermediate_size, device)?,
+                    up_proj: linear(src, &format!("{p}.mlp.up_proj"), d, config.intermediate_size, device)?,
+                    down_proj: linear(src, &format!("{p}.mlp.down_proj"), config.intermediate_size, d, device)?,
+                },
+            });
+        }
+        let norm = rms_norm(src, "model.norm", d, config.rms_norm_eps, device)?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(linear(src, "lm_head", d, config.vocab_size, device)?)
+        };
+        Ok(Self {
+            embed_tokens: Embedding { weight: Param::from_tensor(embed) },
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(hd, config.max_positions(), config.rope_theta),
+        })
+    }
+
+    /// tokens: [batch, seq] -> logits [batch, seq, vocab]
+    pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        let mut x = self.embed_tokens.forward(tokens);
+        for layer in &self.layers {
+            x = layer.forward(x, &self.rope);
+        }
+        let x = self.norm.forward(x);
+        match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => {
+                let [b, s, d] = x.dims();
+                let vocab = self.embed_tokens.weight.val().dims()[0];
+                x.reshape([b * s, d])
+                    .matmul(self.embed_tokens.weight.val().transpose())
+                    .reshape([b, s, vocab])
+            }
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! Llama-family decoder in burn, one file per block (after tracel-ai/models llama-burn).
+
+pub mod attention;
+pub mod block;
+pub mod config;
+pub mod llama;
+pub mod mlp;
+pub mod rope;
+pub mod weights;
+
+pub use config::LlamaConfig;
+
+/// A tensor's values as f32, whatever its element type.
+pub fn values<const D: usize>(t: burn::tensor::Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("tensor converted to f32")
+}
+pub use llama::{Llama, RandomInit, WeightSource};
+pub use weights::{load_model, save_model};

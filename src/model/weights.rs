@@ -1,0 +1,175 @@
+//! Hugging Face safetensors checkpoints: load (single file or sharded with an index),
+//! f32/f16/bf16, and save in the same layout, with clear errors on missing or
+//! mis-shaped tensors.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::{Device, Tensor, TensorData};
+use safetensors::{Dtype, SafeTensors};
+
+use super::config::LlamaConfig;
+use super::llama::{Llama, WeightSource};
+
+/// All tensors of a checkpoint, converted to f32, with the file each came from.
+pub struct SafetensorsWeights {
+    tensors: HashMap<String, (Vec<usize>, Vec<f32>, PathBuf)>,
+    used: Vec<String>,
+}
+
+impl SafetensorsWeights {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.is_file() {
+            let text = std::fs::read_to_string(&index).with_context(|| format!("{}: cannot read", index.display()))?;
+            let parsed: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", index.display(), e.line(), e.column()))?;
+            let map = parsed["weight_map"]
+                .as_object()
+                .with_context(|| format!("{}: no \"weight_map\" object", index.display()))?;
+            let mut shards: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
+            shards.sort();
+            shards.dedup();
+            shards
+        } else {
+            vec![dir.join("model.safetensors")]
+        };
+        let mut tensors = HashMap::new();
+        for file in files {
+            let bytes = std::fs::read(&file).with_context(|| format!("{}: cannot read weights", file.display()))?;
+            let st = SafeTensors::deserialize(&bytes)
+                .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", file.display()))?;
+            for (name, view) in st.tensors() {
+                let values = to_f32(view.dtype(), view.data())
+                    .with_context(|| format!("{}: tensor {name}", file.display()))?;
+                tensors.insert(name.to_string(), (view.shape().to_vec(), values, file.clone()));
+            }
+        }
+        Ok(Self { tensors, used: Vec::new() })
+    }
+
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let Some((found, values, file)) = self.tensors.remove(name) else {
+            bail!("checkpoint has no tensor \"{name}\" (expected shape {shape:?})");
+        };
+        if found != shape {
+            bail!("{}: tensor \"{name}\" has shape {found:?}, the config expects {shape:?}", file.display());
+        }
+        self.used.push(name.to_string());
+        Ok(values)
+    }
+
+    /// Names the checkpoint had that the model did not use.
+    pub fn unused(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tensors.keys().cloned().collect();
+        names.sort();
+        names
+    }
+}
+
+fn to_f32(dtype: Dtype, data: &[u8]) -> Result<Vec<f32>> {
+    let halves = |conv: fn(u16) -> f32| data.chunks_exact(2).map(|b| conv(u16::from_le_bytes([b[0], b[1]]))).collect();
+    Ok(match dtype {
+        Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F16 => halves(|h| half::f16::from_bits(h).to_f32()),
+        Dtype::BF16 => halves(|h| half::bf16::from_bits(h).to_f32()),
+        other => bail!("unsupported dtype {other:?} (supported: F32, F16, BF16)"),
+    })
+}
+
+impl WeightSource for SafetensorsWeights {
+    fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor<2>> {
+        let values = self.take(name, shape)?;
+        Ok(Tensor::from_data(TensorData::new(values, [shape[0], shape[1]]), device))
+    }
+    fn vector(&mut self, name: &str, len: usize, device: &Device) -> Result<Tensor<1>> {
+        let values = self.take(name, &[len])?;
+        Ok(Tensor::from_data(TensorData::new(values, [len]), device))
+    }
+}
+
+/// Loads `dir/config.json` + safetensors into a model on `device`.
+pub fn load_model(dir: &Path, device: &Device) -> Result<(LlamaConfig, Llama)> {
+    let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+    let mut weights = SafetensorsWeights::open(dir)?;
+    let model = Llama::build(&config, &mut weights, device).with_context(|| format!("loading {}", dir.display()))?;
+    let unused = weights.unused();
+    if !unused.is_empty() {
+        bail!("{}: checkpoint tensors not used by a {} model: {}", dir.display(), config.model_type, unused.join(", "));
+    }
+    Ok((config, model))
+}
+
+/// The model's parameters under their HF names and layout.
+pub fn hf_tensors(model: &Llama) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    fn values<const D: usize>(t: Tensor<D>) -> (Vec<usize>, Vec<f32>) {
+        let shape = t.dims().to_vec();
+        (shape, super::values(t))
+    }
+    let mut out = BTreeMap::new();
+    let put_linear = |out: &mut BTreeMap<_, _>, name: String, l: &burn::nn::Linear| {
+        out.insert(format!("{name}.weight"), values(l.weight.val().transpose()));
+    };
+    out.insert("model.embed_tokens.weight".to_string(), values(model.embed_tokens.weight.val()));
+    for (i, layer) in model.layers.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        out.insert(format!("{p}.input_layernorm.weight"), values(layer.input_layernorm.gamma.val()));
+        out.insert(format!("{p}.post_attention_layernorm.weight"), values(layer.post_attention_layernorm.gamma.val()));
+        let a = &layer.self_attn;
+        for (n, l) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
+            put_linear(&mut out, format!("{p}.self_attn.{n}"), l);
+        }
+        let m = &layer.mlp;
+        for (n, l) in [("gate_proj", &m.gate_proj), ("up_proj", &m.up_proj), ("down_proj", &m.down_proj)] {
+            put_linear(&mut out, format!("{p}.mlp.{n}"), l);
+        }
+    }
+    out.insert("model.norm.weight".to_string(), values(model.norm.gamma.val()));
+    if let Some(head) = &model.lm_head {
+        put_linear(&mut out, "lm_head".to_string(), head);
+    }
+    out
+}
+
+/// Writes an HF model folder (config.json, model.safetensors, tokenizer.json). Files are
+/// written to a temporary folder first and renamed into place, so a crash leaves either
+/// the old folder or the new one, never a half-written one.
+pub fn save_model(model: &Llama, config: &LlamaConfig, tokenizer_json: &Path, dir: &Path) -> Result<()> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    let staging = parent.join(format!(".{}.tmp", dir.file_name().and_then(|n| n.to_str()).unwrap_or("model")));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    std::fs::create_dir_all(&staging)?;
+
+    let tensors = hf_tensors(model);
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(name, (shape, values))| (name, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(name, shape, data)| {
+            (name.clone(), safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data).expect("consistent view"))
+        })
+        .collect();
+    let mut metadata = HashMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    safetensors::serialize_to_file(views, Some(metadata), &staging.join("model.safetensors"))
+        .context("writing model.safetensors")?;
+
+    let mut json = serde_json::to_value(config)?;
+    json["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+    json["torch_dtype"] = serde_json::json!("float32");
+    std::fs::write(staging.join("config.json"), serde_json::to_string_pretty(&json)? + "\n")?;
+    std::fs::copy(tokenizer_json, staging.join("tokenizer.json"))
+        .with_context(|| format!("copying {}", tokenizer_json.display()))?;
+
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("replacing {}", dir.display()))?;
+    }
+    std::fs::rename(&staging, dir).with_context(|| format!("moving the checkpoint to {}", dir.display()))?;
+    Ok(())
+}

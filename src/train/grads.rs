@@ -1,0 +1,52 @@
+//! Global gradient norm and clipping across all parameters (torch's clip_grad_norm_, as
+//! TRL uses through max_grad_norm; burn's built-in clipping works per tensor).
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
+
+struct SquaredNorm<'a> {
+    grads: &'a GradientsParams,
+    total: f64,
+}
+
+impl ModuleVisitor for SquaredNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.get::<D>(param.id) {
+            let sq: f32 = g.square().sum().into_scalar::<f32>();
+            self.total += sq as f64;
+        }
+    }
+}
+
+struct Scale<'a> {
+    grads: &'a mut GradientsParams,
+    factor: f64,
+}
+
+impl ModuleVisitor for Scale<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.remove::<D>(param.id) {
+            self.grads.register::<D>(param.id, g.mul_scalar(self.factor));
+        }
+    }
+}
+
+pub fn global_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
+    let mut visitor = SquaredNorm { grads, total: 0.0 };
+    model.visit(&mut visitor);
+    visitor.total.sqrt()
+}
+
+pub fn scale<M: Module>(model: &M, grads: &mut GradientsParams, factor: f64) {
+    model.visit(&mut Scale { grads, factor });
+}
+
+/// Clips to `max_norm` (0 = off) and returns the norm before clipping.
+pub fn clip_global_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+    let norm = global_norm(model, grads);
+    if max_norm > 0.0 && norm > max_norm {
+        scale(model, grads, max_norm / (norm + 1e-6));
+    }
+    norm
+}

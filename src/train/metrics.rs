@@ -1,0 +1,84 @@
+//! TRL-named metrics, averaged over each logging interval, printed and written as JSON
+//! lines (one per log step, plus event lines such as reloads).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+pub struct MetricsLog {
+    file: File,
+    sums: BTreeMap<String, (f64, usize)>,
+}
+
+/// The order TRL users read them in; script-defined metrics follow.
+pub const TRL_ORDER: &[&str] = &[
+    "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+    "logps/chosen", "logps/rejected", "grad_norm", "learning_rate",
+];
+
+impl MetricsLog {
+    pub fn create(path: &Path) -> Result<Self> {
+        let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(Self { file, sums: BTreeMap::new() })
+    }
+
+    pub fn add(&mut self, name: &str, value: f64) {
+        let entry = self.sums.entry(name.to_string()).or_insert((0.0, 0));
+        entry.0 += value;
+        entry.1 += 1;
+    }
+
+    /// Averages since the last flush, written as one line; returns them.
+    pub fn flush(&mut self, step: usize, epoch: f64) -> Result<BTreeMap<String, f64>> {
+        let means: BTreeMap<String, f64> = self.sums.iter().map(|(k, (s, n))| (k.clone(), s / *n as f64)).collect();
+        self.sums.clear();
+        let mut line = serde_json::Map::new();
+        line.insert("step".into(), json!(step));
+        line.insert("epoch".into(), json!((epoch * 1000.0).round() / 1000.0));
+        for (k, v) in &means {
+            line.insert(k.clone(), json!(v));
+        }
+        self.write(Value::Object(line))?;
+        Ok(means)
+    }
+
+    pub fn event(&mut self, step: usize, event: &str, fields: Value) -> Result<()> {
+        let mut line = serde_json::Map::new();
+        line.insert("step".into(), json!(step));
+        line.insert("event".into(), json!(event));
+        if let Value::Object(extra) = fields {
+            line.extend(extra);
+        }
+        self.write(Value::Object(line))
+    }
+
+    fn write(&mut self, value: Value) -> Result<()> {
+        writeln!(self.file, "{value}")?;
+        self.file.flush()?;
+        Ok(())
+    }
+}
+
+/// `loss=0.6931 rewards/chosen=...` in TRL order, then the rest alphabetically.
+pub fn format_line(step: usize, total: usize, means: &BTreeMap<String, f64>) -> String {
+    let mut parts = vec![format!("step {step}/{total}")];
+    for k in TRL_ORDER {
+        if let Some(v) = means.get(*k) {
+            parts.push(format!("{k}={}", fmt_value(*v)));
+        }
+    }
+    for (k, v) in means {
+        if !TRL_ORDER.contains(&k.as_str()) {
+            parts.push(format!("{k}={}", fmt_value(*v)));
+        }
+    }
+    parts.join("  ")
+}
+
+fn fmt_value(v: f64) -> String {
+    if v != 0.0 && (v.abs() < 1e-3 || v.abs() >= 1e5) { format!("{v:.3e}") } else { format!("{v:.4}") }
+}

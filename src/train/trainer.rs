@@ -1,0 +1,437 @@
+//! The training loop. Read top to bottom: set-up, then for each step: pick up script
+//! edits, compute the loss through the script, backward, clip, AdamW, log, save.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
+use burn::prelude::Module;
+use burn::tensor::{Device, Tensor};
+use rhai::{Dynamic, INT, Map};
+use serde_json::json;
+
+use super::config::{Init, Mode, TrainConfig};
+use super::console;
+use super::grads::clip_global_norm;
+use super::logps::{row_sums, token_logps};
+use super::loss_call::{LossOutput, loss_params, put1, put2, read_loss_output};
+use super::metrics::{MetricsLog, format_line};
+use crate::data::{Example, TextTokenizer, Truncation, collate_pairs, collate_sft, load_examples};
+use crate::model::{Llama, LlamaConfig, RandomInit, load_model, save_model};
+use crate::rng::SplitMix64;
+use crate::script::{ScriptHost, ScriptTensor, ScriptVersion, ScriptWatcher, set_script_device};
+
+pub struct RunOptions {
+    pub script: PathBuf,
+    pub watch: bool,
+    pub run_dir: Option<PathBuf>,
+    pub max_steps: Option<usize>,
+}
+
+pub struct RunSummary {
+    pub run_dir: PathBuf,
+    pub steps: usize,
+    pub reloads: usize,
+}
+
+/// Picks the device named by the script's `backend`.
+pub fn backend_device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::flex()),
+        "tch-cpu" | "tch-cuda" | "cuda" => bail!(
+            "backend \"{name}\" is not built into this binary (this build has: cpu)"
+        ),
+        other => bail!("unknown backend \"{other}\" (choose cpu, tch-cpu, tch-cuda or cuda)"),
+    }
+}
+
+struct Trainer {
+    config: TrainConfig,
+    device: Device,
+    policy: Llama,
+    reference: Option<Llama>,
+    model_config: LlamaConfig,
+    tokenizer: TextTokenizer,
+    examples: Vec<Example>,
+    order: Vec<usize>,
+    cursor: usize,
+    epoch: usize,
+    rng: SplitMix64,
+    total_steps: usize,
+    loss_state: Map,
+}
+
+pub fn run(host: &mut ScriptHost, options: RunOptions) -> Result<RunSummary> {
+    // ---- set-up: script, config, model, data, run folder
+    let mut current = host.load(&options.script).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut previous: Option<ScriptVersion> = None;
+    let config_map = current.config.clone().with_context(|| format!("{}: the script never called train(config)", current.display_path()))?;
+    let config = TrainConfig::from_map(config_map).with_context(|| current.display_path())?;
+    require_loss(&current)?;
+    let mut trainer = Trainer::new(config, options.max_steps)?;
+    set_script_device(trainer.device.clone());
+
+    let name = trainer.config.name.clone().unwrap_or_else(|| stem(&options.script));
+    let run_dir = options.run_dir.clone().unwrap_or_else(|| Path::new(&trainer.config.output_dir).join(format!("{name}-{}", timestamp())));
+    if run_dir.exists() {
+        bail!("{}: run folder already exists; choose another with --run-dir", run_dir.display());
+    }
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    save_sources(&run_dir, 0, &current)?;
+    let mut log = MetricsLog::create(&run_dir.join("metrics.jsonl"))?;
+    let mut watcher = if options.watch { Some(ScriptWatcher::new(&files_of(&current))?) } else { None };
+
+    let mut optimizer = AdamWConfig::new()
+        .with_beta_1(trainer.config.adam_beta1 as f32)
+        .with_beta_2(trainer.config.adam_beta2 as f32)
+        .with_epsilon(trainer.config.adam_epsilon as f32)
+        .with_weight_decay(trainer.config.weight_decay as f32)
+        .init();
+    let total = trainer.total_steps;
+    console::line(&format!(
+        "prefhost: {} | {} rows | {} steps | model {} ({} params) | run folder {}",
+        current.display_path(), trainer.examples.len(), total, trainer.config.model, trainer.policy.num_params(), run_dir.display()
+    ));
+    console::start_bar(total as u64, trainer.config.progress);
+    let mut reloads = 0;
+
+    for step in 0..total {
+        // ---- hot reload: a new version is swapped in only if it compiles and its loss runs
+        if let Some(w) = watcher.as_mut() {
+            let changed = w.poll();
+            if !changed.is_empty() {
+                let shown: Vec<String> = changed.iter().map(|p| relative(p)).collect();
+                match try_reload(host, &options.script, &trainer) {
+                    Ok((version, new_config)) => {
+                        let ignored = trainer.config.restart_changes(&new_config);
+                        if !ignored.is_empty() {
+                            console::line(&format!("notice: {} changed in the script; these need a restart and are ignored", ignored.join(", ")));
+                            log.event(step, "restart_needed", json!({"fields": ignored}))?;
+                        }
+                        trainer.config.apply_hot(&new_config);
+                        console::line(&format!("reloaded {} at step {step}", shown.join(", ")));
+                        log.event(step, "reload", json!({"files": shown}))?;
+                        save_sources(&run_dir, step, &version)?;
+                        *w = ScriptWatcher::new(&files_of(&version))?;
+                        previous = Some(std::mem::replace(&mut current, version));
+                        reloads += 1;
+                    }
+                    Err(error) => {
+                        console::line(&format!("reload of {} at step {step} failed, keeping the running version:\n{error}", shown.join(", ")));
+                        log.event(step, "reload_failed", json!({"files": shown, "error": error}))?;
+                    }
+                }
+            }
+        }
+
+        // ---- learning rate: the script's lr(step, total) or the config's constant
+        let lr = if current.has_fn("lr", 2) {
+            match host.call(&current, "lr", vec![Dynamic::from_int(step as INT), Dynamic::from_int(total as INT)]) {
+                Ok(v) => number(&v).with_context(|| format!("{}: lr() must return a number", current.display_path()))?,
+                Err(e) => bail!("{e}"),
+            }
+        } else {
+            trainer.config.lr
+        };
+
+        // ---- forward + backward over grad_accum micro-batches
+        let mut accumulator = GradientsAccumulator::<Llama>::new();
+        for _ in 0..trainer.config.grad_accum {
+            let examples = trainer.next_batch();
+            let output = match trainer.loss(host, &current, &examples, step) {
+                Ok(out) => out,
+                Err(error) => match previous.take() {
+                    // The running version failed on real data: go back to the last good one.
+                    Some(good) => {
+                        console::line(&format!("loss failed at step {step}, going back to the previous version:\n{error}"));
+                        log.event(step, "loss_failed", json!({"error": error}))?;
+                        current = good;
+                        trainer.loss(host, &current, &examples, step).map_err(|e| anyhow::anyhow!(e))?
+                    }
+                    None => bail!("loss failed at step {step}:\n{error}"),
+                },
+            };
+            if let Some(state) = output.loss.state.clone() {
+                trainer.loss_state = state;
+            }
+            trainer.record(&mut log, &output);
+            let scaled = output.loss.loss.clone().div_scalar(trainer.config.grad_accum as f64);
+            let grads = GradientsParams::from_grads(scaled.backward(), &trainer.policy);
+            accumulator.accumulate(&trainer.policy, grads);
+        }
+        let mut grads = accumulator.grads();
+        let norm = clip_global_norm(&trainer.policy, &mut grads, trainer.config.max_grad_norm);
+        trainer.policy = optimizer.step(lr, trainer.policy.clone(), grads);
+        log.add("grad_norm", norm);
+        log.add("learning_rate", lr);
+
+        // ---- log, hooks, checkpoints
+        let done = step + 1;
+        console::advance(String::new());
+        if done % trainer.config.log_every == 0 || done == total {
+            let means = log.flush(done, trainer.epoch_progress())?;
+            console::line(&format_line(done, total, &means));
+            if current.has_fn("on_log", 2) {
+                let map: Map = means.iter().map(|(k, v)| (k.as_str().into(), Dynamic::from_float(*v))).collect();
+                if let Err(e) = host.call(&current, "on_log", vec![Dynamic::from_int(done as INT), Dynamic::from_map(map)]) {
+                    console::line(&format!("on_log hook failed (run goes on):\n{e}"));
+                }
+            }
+        }
+        if trainer.config.save_every.is_some_and(|n| n > 0 && done % n == 0 && done != total) {
+            trainer.save(&run_dir.join(format!("checkpoint-{done}")))?;
+        }
+    }
+    console::finish_bar();
+    let final_dir = run_dir.join("checkpoint-final");
+    trainer.save(&final_dir)?;
+    if let Some(target) = trainer.config.save_model_to.clone() {
+        trainer.save(Path::new(&target))?;
+        console::line(&format!("model written to {target}"));
+    }
+    console::line(&format!("done: {total} steps, checkpoint {}", final_dir.display()));
+    Ok(RunSummary { run_dir, steps: total, reloads })
+}
+
+/// Compiles the edited script, parses its config, and runs its loss on a small synthetic
+/// batch, so a version that would fail is rejected before it replaces the running one.
+fn try_reload(host: &mut ScriptHost, script: &Path, trainer: &Trainer) -> Result<(ScriptVersion, TrainConfig), String> {
+    let version = host.load(script).map_err(|e| e.to_string())?;
+    let map = version.config.clone().ok_or_else(|| format!("{}: the script no longer calls train(config)", version.display_path()))?;
+    let config = TrainConfig::from_map(map).map_err(|e| format!("{}: {e:#}", version.display_path()))?;
+    require_loss(&version).map_err(|e| e.to_string())?;
+    let batch = synthetic_batch(&trainer.device, trainer.config.mode == Mode::Preference);
+    let params = loss_params(&config.params, 0, trainer.total_steps, &trainer.loss_state);
+    let value = host.call(&version, "loss", vec![Dynamic::from_map(batch), Dynamic::from_map(params)]).map_err(|e| e.to_string())?;
+    read_loss_output(value, 2).map_err(|e| format!("{}: {e}", version.display_path()))?;
+    Ok((version, config))
+}
+
+fn require_loss(version: &ScriptVersion) -> Result<()> {
+    if !version.has_fn("loss", 2) {
+        bail!("{}: the script defines no fn loss(batch, params)", version.display_path());
+    }
+    Ok(())
+}
+
+/// Two pairs of made-up log-probs with a gradient path, shaped like a real batch.
+fn synthetic_batch(device: &Device, preference: bool) -> Map {
+    let token = |vals: [f32; 6]| Tensor::<1>::from_floats(vals, device).reshape([2, 3]).require_grad();
+    let mask = Tensor::<1>::from_floats([1.0, 1.0, 0.0, 1.0, 1.0, 1.0], device).reshape([2, 3]);
+    let chosen = token([-0.5, -1.0, 0.0, -0.2, -0.7, -1.1]);
+    let rejected = token([-0.9, -1.4, 0.0, -0.6, -0.3, -2.0]);
+    let ref_chosen = chosen.clone().detach() - 0.1;
+    let ref_rejected = rejected.clone().detach() + 0.1;
+    let lengths = Tensor::<1>::from_floats([2.0, 3.0], device);
+    let mut map = Map::new();
+    let nll = row_sums(chosen.clone()).sum().neg() / 5.0;
+    fill_sequences(&mut map, "chosen", chosen, mask.clone(), ref_chosen, lengths.clone());
+    if preference {
+        fill_sequences(&mut map, "rejected", rejected, mask, ref_rejected, lengths);
+    }
+    put1(&mut map, "chosen_nll", nll);
+    map.insert("batch_size".into(), Dynamic::from_int(2));
+    map
+}
+
+/// chosen_/rejected_ fields: summed and per-token log-probs, masks, lengths, reference.
+fn fill_sequences(map: &mut Map, side: &str, tokens: Tensor<2>, mask: Tensor<2>, reference: Tensor<2>, lengths: Tensor<1>) {
+    put1(map, &format!("{side}_logps"), row_sums(tokens.clone()));
+    put1(map, &format!("ref_{side}_logps"), row_sums(reference.clone()));
+    put2(map, &format!("{side}_token_logps"), tokens);
+    put2(map, &format!("ref_{side}_token_logps"), reference);
+    put2(map, &format!("{side}_mask"), mask);
+    put1(map, &format!("{side}_lengths"), lengths);
+}
+
+struct StepResult {
+    loss: LossOutput,
+    chosen_logps: Vec<f32>,
+    rejected_logps: Vec<f32>,
+    ref_chosen: Vec<f32>,
+}
+
+impl Trainer {
+    fn new(config: TrainConfig, max_steps_override: Option<usize>) -> Result<Self> {
+        let device = backend_device(&config.backend)?;
+        device.seed(config.seed);
+        let train_device = device.clone().autodiff();
+        let model_dir = PathBuf::from(&config.model);
+        let (model_config, policy) = match config.init {
+            Init::Pretrained => load_model(&model_dir, &train_device)?,
+            Init::Random => {
+                let mc = LlamaConfig::from_file(&model_dir.join("config.json"))?;
+                let model = Llama::build(&mc, &mut RandomInit { std: 0.02 }, &train_device)?;
+                (mc, model)
+            }
+        };
+        let tokenizer = TextTokenizer::load(&model_dir.join("tokenizer.json"), model_config.eos_token_id, model_config.pad_token_id)?;
+        if tokenizer.vocab_size() > model_config.vocab_size {
+            bail!("{}: tokenizer has {} tokens, the model's vocab_size is {}", model_dir.display(), tokenizer.vocab_size(), model_config.vocab_size);
+        }
+        let preference = config.mode == Mode::Preference;
+        let limits = Truncation { max_length: config.max_length.min(model_config.max_positions()), max_prompt_length: config.max_prompt_length };
+        let (examples, report) = load_examples(Path::new(&config.data), &tokenizer, preference, limits)?;
+        if report.truncated > 0 {
+            console::line(&format!("note: {} of {} rows truncated to max_length {}", report.truncated, report.rows, limits.max_length));
+        }
+        let reference = preference.then(|| policy.valid());
+        let per_step = config.batch_size * config.grad_accum;
+        let total_steps = max_steps_override.or(config.max_steps).unwrap_or(config.epochs * examples.len().div_ceil(per_step));
+        let mut rng = SplitMix64::new(config.seed);
+        let mut order: Vec<usize> = (0..examples.len()).collect();
+        rng.shuffle(&mut order);
+        Ok(Self {
+            config, device: train_device, policy, reference, model_config, tokenizer, examples, order,
+            cursor: 0, epoch: 0, rng, total_steps, loss_state: Map::new(),
+        })
+    }
+
+    /// The next batch_size examples in shuffled order, reshuffling at each epoch.
+    fn next_batch(&mut self) -> Vec<Example> {
+        let mut batch = Vec::with_capacity(self.config.batch_size);
+        while batch.len() < self.config.batch_size {
+            if self.cursor == self.order.len() {
+                self.cursor = 0;
+                self.epoch += 1;
+                self.rng.shuffle(&mut self.order);
+            }
+            batch.push(self.examples[self.order[self.cursor]].clone());
+            self.cursor += 1;
+        }
+        batch
+    }
+
+    fn epoch_progress(&self) -> f64 {
+        self.epoch as f64 + self.cursor as f64 / self.order.len() as f64
+    }
+
+    /// Forward passes, the batch map, and the script's loss.
+    fn loss(&self, host: &ScriptHost, version: &ScriptVersion, examples: &[Example], step: usize) -> Result<StepResult, String> {
+        let refs: Vec<&Example> = examples.iter().collect();
+        let b = examples.len();
+        let pad = self.tokenizer.pad_id;
+        let mut map = Map::new();
+        let rejected = match &self.reference {
+            Some(reference) => {
+                let batch = collate_pairs(&refs, pad, &self.device);
+                let tokens = token_logps(&self.policy, &batch);
+                let plain = self.device.clone().without_autodiff();
+                let ref_tokens = token_logps(reference, &collate_pairs(&refs, pad, &plain)).autodiff();
+                let lengths = Tensor::<1>::from_floats(batch.lengths.as_slice(), &self.device);
+                let half = |t: Tensor<2>, i: usize| t.narrow(0, i * b, b);
+                fill_sequences(&mut map, "chosen", half(tokens.clone(), 0), half(batch.mask.clone(), 0), half(ref_tokens.clone(), 0), lengths.clone().narrow(0, 0, b));
+                fill_sequences(&mut map, "rejected", half(tokens.clone(), 1), half(batch.mask.clone(), 1), half(ref_tokens, 1), lengths.narrow(0, b, b));
+                let chosen_tokens = half(tokens, 0);
+                let count: f32 = batch.lengths[..b].iter().sum();
+                put1(&mut map, "chosen_nll", chosen_tokens.sum().neg() / count.max(1.0));
+                true
+            }
+            None => {
+                let batch = collate_sft(&refs, pad, &self.device);
+                let tokens = token_logps(&self.policy, &batch);
+                let lengths = Tensor::<1>::from_floats(batch.lengths.as_slice(), &self.device);
+                let count: f32 = batch.lengths.iter().sum();
+                put1(&mut map, "chosen_logps", row_sums(tokens.clone()));
+                put2(&mut map, "chosen_token_logps", tokens.clone());
+                put2(&mut map, "chosen_mask", batch.mask.clone());
+                put1(&mut map, "chosen_lengths", lengths);
+                put1(&mut map, "chosen_nll", tokens.sum().neg() / count.max(1.0));
+                false
+            }
+        };
+        map.insert("batch_size".into(), Dynamic::from_int(b as INT));
+        let values = |name: &str| map.get(name).map(|v| v.clone().cast::<ScriptTensor>().values()).unwrap_or_default();
+        let (chosen_logps, rejected_logps) = (values("chosen_logps"), values("rejected_logps"));
+        let (ref_chosen, ref_rejected) = (values("ref_chosen_logps"), values("ref_rejected_logps"));
+        let params = loss_params(&self.config.params, step, self.total_steps, &self.loss_state);
+        let value = host
+            .call(version, "loss", vec![Dynamic::from_map(map), Dynamic::from_map(params)])
+            .map_err(|e| e.to_string())?;
+        let mut loss = read_loss_output(value, b).map_err(|e| format!("{}: {e}", version.display_path()))?;
+        if rejected && loss.chosen_rewards.is_none() {
+            // Losses that report no rewards get DPO's implicit reward β·(logp − ref logp).
+            let beta = self.config.beta() as f32;
+            let reward = |p: &[f32], r: &[f32]| p.iter().zip(r).map(|(p, r)| beta * (p - r)).collect::<Vec<_>>();
+            loss.chosen_rewards = Some(reward(&chosen_logps, &ref_chosen));
+            loss.rejected_rewards = Some(reward(&rejected_logps, &ref_rejected));
+        }
+        Ok(StepResult { loss, chosen_logps, rejected_logps, ref_chosen })
+    }
+
+    fn record(&self, log: &mut MetricsLog, out: &StepResult) {
+        let mean = |v: &[f32]| v.iter().map(|x| *x as f64).sum::<f64>() / v.len().max(1) as f64;
+        let loss = crate::model::values(out.loss.loss.clone())[0] as f64;
+        log.add("loss", loss);
+        if let (Some(c), Some(r)) = (&out.loss.chosen_rewards, &out.loss.rejected_rewards) {
+            log.add("rewards/chosen", mean(c));
+            log.add("rewards/rejected", mean(r));
+            let wins: Vec<f32> = c.iter().zip(r).map(|(c, r)| if c > r { 1.0 } else { 0.0 }).collect();
+            log.add("rewards/accuracies", mean(&wins));
+            let margins: Vec<f32> = c.iter().zip(r).map(|(c, r)| c - r).collect();
+            log.add("rewards/margins", mean(&margins));
+        }
+        log.add("logps/chosen", mean(&out.chosen_logps));
+        if !out.rejected_logps.is_empty() {
+            log.add("logps/rejected", mean(&out.rejected_logps));
+            // How far the policy's log p(chosen) moved from the reference: DPO's failure mode.
+            let delta: Vec<f32> = out.chosen_logps.iter().zip(&out.ref_chosen).map(|(p, r)| p - r).collect();
+            log.add("logps/chosen_minus_ref", mean(&delta));
+        }
+        for (k, v) in &out.loss.metrics {
+            log.add(k, *v);
+        }
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        save_model(&self.policy.valid(), &self.model_config, &self.tokenizer.path, dir)
+    }
+}
+
+fn number(v: &Dynamic) -> Result<f64> {
+    v.as_float().or_else(|_| v.as_int().map(|i| i as f64)).map_err(|t| anyhow::anyhow!("got {t}"))
+}
+
+fn files_of(version: &ScriptVersion) -> Vec<PathBuf> {
+    version.sources.iter().map(|(p, _)| p.clone()).collect()
+}
+
+/// Copies the exact sources a run used (at start and after each reload) into the run folder.
+fn save_sources(run_dir: &Path, step: usize, version: &ScriptVersion) -> Result<()> {
+    let dir = run_dir.join("sources").join(format!("step-{step:06}"));
+    for (path, text) in &version.sources {
+        let target = dir.join(relative(path));
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&target, text)?;
+    }
+    Ok(())
+}
+
+fn relative(path: &Path) -> String {
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let abs = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    abs.strip_prefix(&cwd).map(Path::to_path_buf).unwrap_or(abs).display().to_string()
+}
+
+fn stem(path: &Path) -> String {
+    path.file_stem().and_then(|s| s.to_str()).unwrap_or("run").to_string()
+}
+
+/// UTC `YYYYMMDD-HHMMSS` for run folder names.
+fn timestamp() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86400, secs % 86400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}

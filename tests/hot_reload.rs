@@ -1,0 +1,113 @@
+//! Editing the loss while `host run` trains: a good edit is used from the next step, a
+//! broken edit (compile error, then run-time error) is reported with file:line and the
+//! run goes on with the previous version, and a fix is picked up again.
+
+mod common;
+use common::*;
+
+use std::io::Read;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn script(loss_body: &str, beta: &str) -> String {
+    format!(
+        "import \"losses/dpo\" as dpo;\n\nfn loss(batch, params) {{\n{loss_body}\n}}\n\ntrain({});\n",
+        small_config(&format!("max_steps: 4000, params: #{{ beta: {beta} }},"))
+    )
+}
+
+fn wait_for(metrics: &Path, what: &str, pred: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
+    let start = Instant::now();
+    loop {
+        let lines = read_lines(metrics);
+        if pred(&lines) {
+            return lines;
+        }
+        assert!(start.elapsed() < Duration::from_secs(240), "timed out waiting for {what}; metrics so far: {lines:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn events<'a>(lines: &'a [serde_json::Value], name: &str) -> Vec<&'a serde_json::Value> {
+    lines.iter().filter(|l| l["event"] == name).collect()
+}
+
+fn last_step(lines: &[serde_json::Value]) -> u64 {
+    lines.iter().filter(|l| l.get("loss").is_some()).filter_map(|l| l["step"].as_u64()).max().unwrap_or(0)
+}
+
+#[test]
+fn edits_during_a_run_are_applied_or_rejected_without_stopping_it() {
+    let sb = Sandbox::new();
+    let path = sb.write("scripts/exp.rhai", &script("    dpo::loss(batch, params)", "0.1"));
+    let run_dir = sb.path("run");
+    let mut child = host()
+        .args(["run", path.to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = run_dir.join("metrics.jsonl");
+    wait_for(&metrics, "first steps", |l| last_step(l) >= 3);
+
+    // 1. A good edit: a new metric appears after the reload, and the reload is recorded.
+    sb.write("scripts/exp.rhai", &script("    let out = dpo::loss(batch, params);\n    out.metrics = #{ edited: 1.0 };\n    out", "0.1"));
+    let lines = wait_for(&metrics, "the good edit", |l| l.iter().any(|x| x.get("edited").is_some()));
+    let reload = events(&lines, "reload");
+    assert_eq!(reload.len(), 1, "{lines:?}");
+    assert!(reload[0]["files"][0].as_str().unwrap().ends_with("exp.rhai"));
+    let reload_step = reload[0]["step"].as_u64().unwrap();
+    assert!(lines.iter().filter(|x| x.get("edited").is_some()).all(|x| x["step"].as_u64().unwrap() > reload_step));
+
+    // 2. A compile error: rejected with file:line, training continues.
+    sb.write("scripts/exp.rhai", &script("    let out = dpo::loss(batch params);\n    out", "0.1"));
+    let lines = wait_for(&metrics, "the broken edit", |l| !events(l, "reload_failed").is_empty());
+    let failed = events(&lines, "reload_failed")[0];
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("exp.rhai:4:"), "{error}");
+    let step_at_failure = failed["step"].as_u64().unwrap();
+    wait_for(&metrics, "steps after the broken edit", |l| last_step(l) >= step_at_failure + 3);
+
+    // 3. A loss that compiles but fails when run (missing field): also rejected.
+    sb.write("scripts/exp.rhai", &script("    batch.no_such_field * 2.0", "0.1"));
+    let lines = wait_for(&metrics, "the failing edit", |l| events(l, "reload_failed").len() >= 2);
+    let error = events(&lines, "reload_failed")[1]["error"].as_str().unwrap().to_string();
+    assert!(error.contains("exp.rhai:4:"), "{error}");
+
+    // 4. The fix, with a hot hyper-parameter change: picked up again.
+    sb.write("scripts/exp.rhai", &script("    let out = dpo::loss(batch, params);\n    out.metrics = #{ fixed: params.beta };\n    out", "0.5"));
+    let lines = wait_for(&metrics, "the fix", |l| l.iter().any(|x| x.get("fixed").is_some()));
+    assert_eq!(events(&lines, "reload").len(), 2, "{lines:?}");
+    let fixed = lines.iter().find(|x| x.get("fixed").is_some()).unwrap();
+    assert!((fixed["fixed"].as_f64().unwrap() - 0.5).abs() < 1e-9);
+
+    assert!(child.try_wait().unwrap().is_none(), "the run must still be going");
+    child.kill().unwrap();
+    let mut stdout = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    assert!(stdout.contains("reloaded") && stdout.contains("exp.rhai at step"), "{stdout}");
+    assert!(stdout.contains("keeping the running version"), "{stdout}");
+    // The sources of every version used are kept in the run folder.
+    let versions = std::fs::read_dir(run_dir.join("sources")).unwrap().count();
+    assert_eq!(versions, 3);
+}
+
+#[test]
+fn restart_only_fields_are_ignored_with_a_notice() {
+    let sb = Sandbox::new();
+    let path = sb.write("scripts/exp.rhai", &script("    dpo::loss(batch, params)", "0.1"));
+    let run_dir = sb.path("run");
+    let mut child = host()
+        .args(["run", path.to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics = run_dir.join("metrics.jsonl");
+    wait_for(&metrics, "first steps", |l| last_step(l) >= 2);
+    let edited = script("    dpo::loss(batch, params)", "0.1").replace("batch_size: 4", "batch_size: 2");
+    sb.write("scripts/exp.rhai", &edited);
+    let lines = wait_for(&metrics, "the notice", |l| !events(l, "restart_needed").is_empty());
+    let notice = events(&lines, "restart_needed")[0];
+    assert_eq!(notice["fields"], serde_json::json!(["batch_size"]));
+    child.kill().unwrap();
+}

@@ -1,0 +1,112 @@
+//! Every Rhai tensor op is a burn op: gradients computed through a script match finite
+//! differences of the same script.
+
+use burn::tensor::{Device, Tensor, TensorData};
+use prefhost::script::{Limits, ScriptEngine, ScriptTensor, set_script_device};
+use rhai::{Dynamic, Scope};
+
+fn engine() -> ScriptEngine {
+    ScriptEngine::new(&prefhost_repo().join("plugins"), &Limits::default())
+}
+
+fn prefhost_repo() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn eval_scalar(engine: &ScriptEngine, expr: &str, x: Tensor<2>, y: Tensor<1>) -> Tensor<1> {
+    let mut scope = Scope::new();
+    scope.push("x", ScriptTensor::Rank2(x));
+    scope.push("y", ScriptTensor::Rank1(y));
+    let out: Dynamic = engine.engine.eval_with_scope(&mut scope, expr).unwrap_or_else(|e| panic!("{expr}: {e}"));
+    out.cast::<ScriptTensor>().into_scalar_tensor().unwrap()
+}
+
+/// d expr / d x and d expr / d y by autodiff, compared with central differences.
+fn check_gradient(expr: &str) {
+    let device = Device::flex().autodiff();
+    set_script_device(device.clone());
+    let engine = engine();
+    let xs = vec![0.3f32, -0.7, 1.2, 0.5, -1.5, 0.9];
+    let ys = vec![0.4f32, -0.8];
+    let x = Tensor::<2>::from_data(TensorData::new(xs.clone(), [2, 3]), &device).require_grad();
+    let y = Tensor::<1>::from_data(TensorData::new(ys.clone(), [2]), &device).require_grad();
+    let out = eval_scalar(&engine, expr, x.clone(), y.clone());
+    let grads = out.backward();
+    let gx = prefhost::model::values(x.grad(&grads).expect("x has a gradient"));
+    let gy = y.grad(&grads).map(prefhost::model::values).unwrap_or(vec![0.0; 2]);
+
+    let plain = Device::flex();
+    let f = |xs: &[f32], ys: &[f32]| -> f64 {
+        let x = Tensor::<2>::from_data(TensorData::new(xs.to_vec(), [2, 3]), &plain);
+        let y = Tensor::<1>::from_data(TensorData::new(ys.to_vec(), [2]), &plain);
+        prefhost::model::values(eval_scalar(&engine, expr, x, y))[0] as f64
+    };
+    let h = 1e-2f32;
+    for i in 0..xs.len() {
+        let (mut up, mut down) = (xs.clone(), xs.clone());
+        up[i] += h;
+        down[i] -= h;
+        let numeric = (f(&up, &ys) - f(&down, &ys)) / (2.0 * h as f64);
+        assert!((numeric - gx[i] as f64).abs() < 2e-2 * (1.0 + numeric.abs()), "{expr}: d/dx[{i}] autodiff {} vs numeric {numeric}", gx[i]);
+    }
+    for i in 0..ys.len() {
+        let (mut up, mut down) = (ys.clone(), ys.clone());
+        up[i] += h;
+        down[i] -= h;
+        let numeric = (f(&xs, &up) - f(&xs, &down)) / (2.0 * h as f64);
+        assert!((numeric - gy[i] as f64).abs() < 2e-2 * (1.0 + numeric.abs()), "{expr}: d/dy[{i}] autodiff {} vs numeric {numeric}", gy[i]);
+    }
+}
+
+#[test]
+fn gradients_flow_through_arithmetic_with_broadcasting() {
+    for expr in [
+        "sum(x + y)", "sum(x - 2.0 * y)", "sum(x * y)", "sum(x / (y + 3.0))", "sum(-x * 1.5 + 1)",
+        "mean(2 - x)", "sum(3.0 / (x + 4.0))", "sum(x * x) - sum(y)",
+    ] {
+        check_gradient(expr);
+    }
+}
+
+#[test]
+fn gradients_flow_through_elementwise_functions() {
+    for expr in [
+        "sum(log_sigmoid(x))", "sum(sigmoid(x))", "sum(softplus(x))", "sum(relu(x + 0.05))", "sum(exp(x))",
+        "sum(log(x + 2.0))", "sum(abs(x + 0.05))", "sum(sqrt(x + 2.0))", "sum(pow(x + 2.0, 1.5))",
+        "sum(clamp(x, -1.0, 1.0))", "sum(clamp_min(x, 0.0))", "sum(square(x)) + sum(tanh(y))",
+        "sum(max(x, y))", "sum(min(x, 0.1))", "sum(softmax(x) * x)", "sum(log_softmax(x) * x)",
+        "sum(x * detach(x))", "max(x) + min(y)", "std(x)", "sum(sum(x, 1) * y)", "sum(mean(x, 1) * y)",
+        "sum(tensor([1.0, 2.0]) * y) + mean(x)",
+    ] {
+        check_gradient(expr);
+    }
+}
+
+#[test]
+fn values_items_and_shapes() {
+    set_script_device(Device::flex());
+    let engine = engine();
+    let got: f64 = engine.engine.eval("item(sum(tensor([[1.0, 2.0], [3.0, 4.5]])))").unwrap();
+    assert!((got - 10.5).abs() < 1e-6);
+    let arr: rhai::Array = engine.engine.eval("to_array(tensor([1, 2]) * 2)").unwrap();
+    assert_eq!(arr.iter().map(|v| v.as_float().unwrap()).collect::<Vec<_>>(), vec![2.0, 4.0]);
+    let shape: rhai::Array = engine.engine.eval("tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]).shape").unwrap();
+    assert_eq!(shape.iter().map(|v| v.as_int().unwrap()).collect::<Vec<_>>(), vec![2, 3]);
+    let mask: rhai::Array = engine.engine.eval("to_array(gt(tensor([1.0, -1.0, 2.0]), 0.0))").unwrap();
+    assert_eq!(mask.iter().map(|v| v.as_float().unwrap()).collect::<Vec<_>>(), vec![1.0, 0.0, 1.0]);
+    let err = engine.engine.eval::<Dynamic>("tensor([1.0, 2.0]) + tensor([1.0, 2.0, 3.0])").unwrap_err();
+    assert!(err.to_string().contains("do not broadcast"), "{err}");
+    let err = engine.engine.eval::<Dynamic>("item(tensor([1.0, 2.0]))").unwrap_err();
+    assert!(err.to_string().contains("one element"), "{err}");
+}
+
+#[test]
+fn runaway_script_is_stopped_by_the_operation_limit() {
+    let engine = ScriptEngine::new(&prefhost_repo().join("plugins"), &Limits { max_operations: 100_000, ..Limits::default() });
+    let err = engine.engine.eval::<Dynamic>("let i = 0; loop { i += 1; }").unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("too many operations"), "{err}");
+    let err = engine.engine.eval::<Dynamic>("fn f(n) { f(n + 1) } f(0)").unwrap_err();
+    assert!(err.to_string().contains("Stack overflow") || err.to_string().contains("call"), "{err}");
+    let err = engine.engine.eval::<Dynamic>("eval(\"1\")").unwrap_err();
+    assert!(!err.to_string().is_empty());
+}

@@ -1,0 +1,98 @@
+//! Whole runs of `host run` on the shipped model: metrics, determinism, checkpoints, and
+//! script faults that stop a run before it starts.
+
+mod common;
+use common::*;
+
+fn run(sb: &Sandbox, name: &str, source: &str) -> (std::process::Output, std::path::PathBuf) {
+    let path = sb.write(&format!("scripts/{name}.rhai"), source);
+    let run_dir = sb.path(&format!("runs/{name}"));
+    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", run_dir.to_str().unwrap()]);
+    (out, run_dir)
+}
+
+fn dpo_script(steps: usize) -> String {
+    format!(
+        "import \"losses/dpo\" as dpo;\nfn loss(b, p) {{ dpo::loss(b, p) }}\ntrain({});\n",
+        small_config(&format!("max_steps: {steps}, lr: 5e-4, seed: 3, params: #{{ beta: 0.1 }},"))
+    )
+}
+
+#[test]
+fn a_dpo_run_logs_trl_metrics_and_saves_a_loadable_checkpoint() {
+    let sb = Sandbox::new();
+    let (out, run_dir) = run(&sb, "dpo", &dpo_script(12));
+    assert!(out.status.success(), "{}", text(&out));
+    let lines = read_lines(&run_dir.join("metrics.jsonl"));
+    assert_eq!(lines.len(), 12);
+    for key in ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "learning_rate"] {
+        assert!(lines.iter().all(|l| l[key].is_number()), "missing {key}: {:?}", lines[0]);
+    }
+    // Step 1 starts at the reference: DPO loss is ln 2 and the rewards are zero.
+    assert!((lines[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-4, "{:?}", lines[0]);
+    assert!(lines[0]["rewards/margins"].as_f64().unwrap().abs() < 1e-4);
+    // Training moves the margin up.
+    let late: f64 = lines[8..].iter().map(|l| l["rewards/margins"].as_f64().unwrap()).sum::<f64>() / 4.0;
+    assert!(late > 0.0, "margins did not grow: {lines:?}");
+
+    let ckpt = run_dir.join("checkpoint-final");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(ckpt.join(f).is_file(), "missing {f}");
+    }
+    let device = burn::tensor::Device::flex();
+    let (_, model) = prefhost::model::load_model(&ckpt, &device).expect("checkpoint loads back");
+    assert_eq!(model.layers.len(), 4);
+}
+
+#[test]
+fn same_seed_gives_identical_metrics() {
+    let sb = Sandbox::new();
+    let (a, dir_a) = run(&sb, "a", &dpo_script(4));
+    let (b, dir_b) = run(&sb, "b", &dpo_script(4));
+    assert!(a.status.success() && b.status.success(), "{}{}", text(&a), text(&b));
+    let (la, lb) = (read_lines(&dir_a.join("metrics.jsonl")), read_lines(&dir_b.join("metrics.jsonl")));
+    assert_eq!(la, lb);
+}
+
+#[test]
+fn a_loss_that_fails_at_the_first_step_stops_with_file_and_line() {
+    let sb = Sandbox::new();
+    let source = format!("fn loss(b, p) {{\n    let i = 0;\n    loop {{ i += 1; }}\n}}\ntrain({});\n", small_config("max_steps: 2,"));
+    let (out, run_dir) = run(&sb, "runaway", &source);
+    assert!(!out.status.success());
+    let msg = text(&out);
+    assert!(msg.contains("runaway.rhai:3:") && msg.to_lowercase().contains("too many operations"), "{msg}");
+    assert!(!run_dir.join("checkpoint-final").exists());
+
+    let source = format!("fn loss(b, p) {{\n    b.chosen_logps\n}}\ntrain({});\n", small_config("max_steps: 2,"));
+    let (out, _) = run(&sb, "vector", &source);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("scalar"), "{}", text(&out));
+
+    let source = format!("fn loss(b, p) {{\n    detach(mean(b.chosen_logps))\n}}\ntrain({});\n", small_config("max_steps: 2,"));
+    let (out, _) = run(&sb, "detached", &source);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("no gradient"), "{}", text(&out));
+}
+
+#[test]
+fn an_existing_run_folder_is_never_overwritten() {
+    let sb = Sandbox::new();
+    std::fs::create_dir_all(sb.path("runs/dpo")).unwrap();
+    let (out, _) = run(&sb, "dpo", &dpo_script(1));
+    assert!(!out.status.success());
+    assert!(text(&out).contains("already exists"), "{}", text(&out));
+}
+
+#[test]
+fn bad_data_rows_are_named_by_file_and_line() {
+    let sb = Sandbox::new();
+    let data = sb.write("bad.jsonl", "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n{\"prompt\": \"a\", \"chosen\": \"b\"}\n");
+    let source = format!(
+        "fn loss(b, p) {{ b.chosen_nll }}\ntrain({});\n",
+        small_config(&format!("max_steps: 1, data: \"{}\",", data.display())).replace("    data: \"data/arithmetic/pairs.jsonl\",\n", "")
+    );
+    let (out, _) = run(&sb, "baddata", &source);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("bad.jsonl:2:"), "{}", text(&out));
+}
