@@ -9,6 +9,16 @@ use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+/// A training process that is killed when the test ends, passing or failing.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn script(loss_body: &str, beta: &str) -> String {
     format!(
         "import \"losses/dpo\" as dpo;\n\nfn loss(batch, params) {{\n{loss_body}\n}}\n\ntrain({});\n",
@@ -23,7 +33,7 @@ fn wait_for(metrics: &Path, what: &str, pred: impl Fn(&[serde_json::Value]) -> b
         if pred(&lines) {
             return lines;
         }
-        assert!(start.elapsed() < Duration::from_secs(240), "timed out waiting for {what}; metrics so far: {lines:?}");
+        assert!(start.elapsed() < Duration::from_secs(240), "timed out waiting for {what}; last metrics: {:?}", &lines[lines.len().saturating_sub(3)..]);
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -41,12 +51,14 @@ fn edits_during_a_run_are_applied_or_rejected_without_stopping_it() {
     let sb = Sandbox::new();
     let path = sb.write("scripts/exp.rhai", &script("    dpo::loss(batch, params)", "0.1"));
     let run_dir = sb.path("run");
-    let mut child = host()
-        .args(["run", path.to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        host()
+            .args(["run", path.to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let metrics = run_dir.join("metrics.jsonl");
     wait_for(&metrics, "first steps", |l| last_step(l) >= 3);
 
@@ -81,10 +93,10 @@ fn edits_during_a_run_are_applied_or_rejected_without_stopping_it() {
     let fixed = lines.iter().find(|x| x.get("fixed").is_some()).unwrap();
     assert!((fixed["fixed"].as_f64().unwrap() - 0.5).abs() < 1e-9);
 
-    assert!(child.try_wait().unwrap().is_none(), "the run must still be going");
-    child.kill().unwrap();
+    assert!(child.0.try_wait().unwrap().is_none(), "the run must still be going");
+    child.0.kill().unwrap();
     let mut stdout = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    child.0.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
     assert!(stdout.contains("reloaded") && stdout.contains("exp.rhai at step"), "{stdout}");
     assert!(stdout.contains("keeping the running version"), "{stdout}");
     // The sources of every version used are kept in the run folder.
@@ -97,17 +109,19 @@ fn restart_only_fields_are_ignored_with_a_notice() {
     let sb = Sandbox::new();
     let path = sb.write("scripts/exp.rhai", &script("    dpo::loss(batch, params)", "0.1"));
     let run_dir = sb.path("run");
-    let mut child = host()
-        .args(["run", path.to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        host()
+            .args(["run", path.to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let metrics = run_dir.join("metrics.jsonl");
     wait_for(&metrics, "first steps", |l| last_step(l) >= 2);
-    let edited = script("    dpo::loss(batch, params)", "0.1").replace("batch_size: 4", "batch_size: 2");
+    let edited = script("    dpo::loss(batch, params)", "0.1").replace("batch_size: 8", "batch_size: 2");
     sb.write("scripts/exp.rhai", &edited);
     let lines = wait_for(&metrics, "the notice", |l| !events(l, "restart_needed").is_empty());
     let notice = events(&lines, "restart_needed")[0];
     assert_eq!(notice["fields"], serde_json::json!(["batch_size"]));
-    child.kill().unwrap();
+    assert!(child.0.try_wait().unwrap().is_none(), "the run must still be going");
 }

@@ -137,26 +137,28 @@ pub fn runtime_error(msg: String) -> Box<EvalAltResult> {
 
 /// Renders a Rhai error as `file:line:col: message`, following imported modules and
 /// function calls down to the place that failed, then listing the call chain.
-pub fn describe_error(err: &EvalAltResult, file: &str) -> String {
+pub fn describe_error(err: &EvalAltResult, file: &str, plugins_dir: &Path) -> String {
     let mut chain = Vec::new();
-    let leaf = innermost(err, file.to_string(), &mut chain);
-    let mut out = leaf;
+    let mut out = innermost(err, file.to_string(), plugins_dir, &mut chain);
     for frame in chain.iter().rev() {
         out.push_str(&format!("\n    {frame}"));
     }
     out
 }
 
-fn innermost(err: &EvalAltResult, file: String, chain: &mut Vec<String>) -> String {
+fn innermost(err: &EvalAltResult, file: String, plugins_dir: &Path, chain: &mut Vec<String>) -> String {
     match err {
         EvalAltResult::ErrorInModule(module, inner, pos) => {
-            chain.push(format!("imported as \"{module}\" at {}", at(&file, *pos)));
-            innermost(inner, display_path(module), chain)
+            // Rhai gives no position for the import itself; find the statement in the file.
+            let pos = if pos.is_none() { import_position(&file, module) } else { *pos };
+            chain.push(format!("imported as \"{module}\" at {}", at(&file, pos)));
+            let module_file = if Path::new(module).is_absolute() { module.to_string() } else { plugins_dir.join(module).display().to_string() };
+            innermost(inner, display_path(&module_file), plugins_dir, chain)
         }
         EvalAltResult::ErrorInFunctionCall(name, source, inner, pos) => {
             chain.push(format!("in call to {name}() at {}", at(&file, *pos)));
             let inner_file = if source.is_empty() { file } else { display_path(source) };
-            innermost(inner, inner_file, chain)
+            innermost(inner, inner_file, plugins_dir, chain)
         }
         other => {
             // Display appends " (line L, position C)"; the location goes in front instead.
@@ -168,6 +170,19 @@ fn innermost(err: &EvalAltResult, file: String, chain: &mut Vec<String>) -> Stri
             format!("{}: {message}", at(&file, other.position()))
         }
     }
+}
+
+fn import_position(file: &str, module: &str) -> Position {
+    let quoted = format!("\"{module}\"");
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|text| {
+            text.lines().enumerate().find_map(|(i, line)| {
+                let col = line.find(&quoted)?;
+                line.contains("import").then(|| Position::new(i as u16 + 1, col as u16 + 1))
+            })
+        })
+        .unwrap_or(Position::NONE)
 }
 
 fn at(file: &str, pos: Position) -> String {

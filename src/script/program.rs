@@ -71,7 +71,7 @@ impl ScriptHost {
         let engine = &self.scripts.engine;
         let mut ast = engine
             .compile_into_self_contained(&Scope::new(), &source)
-            .map_err(|e| ScriptError(describe_error(&e, &shown)))?;
+            .map_err(|e| ScriptError(describe_error(&e, &shown, &self.scripts.plugins_dir)))?;
         ast.set_source(shown.clone());
         let functions = ast
             .iter_functions()
@@ -80,7 +80,7 @@ impl ScriptHost {
         // Evaluating into a module keeps the script's imports visible to its functions
         // when the host later calls them one by one.
         let module = Module::eval_ast_as_new(Scope::new(), &ast, engine)
-            .map_err(|e| ScriptError(describe_error(&e, &shown)))?;
+            .map_err(|e| ScriptError(describe_error(&e, &shown, &self.scripts.plugins_dir)))?;
 
         self.versions_loaded += 1;
         let namespace = format!("experiment_v{}", self.versions_loaded);
@@ -122,12 +122,13 @@ impl ScriptHost {
         self.scripts
             .engine
             .eval_ast_with_scope::<Dynamic>(&mut scope, caller)
-            .map_err(|e| ScriptError(describe_error(&e, &version.display_path())))
+            .map_err(|e| ScriptError(describe_error(&e, &version.display_path(), &self.scripts.plugins_dir)))
     }
 }
 
-/// Finds the plugins folder for a script: `--plugins`, else `<script dir>/../plugins`,
-/// else `./plugins`.
+/// Finds the plugins folder for a script: `--plugins`, else the nearest `plugins` folder
+/// in the script's ancestors (not the script's own folder, so tests/plugins/*.rhai finds
+/// the project's plugins), else `./plugins`.
 pub fn find_plugins_dir(script: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(dir) = explicit {
         if !dir.is_dir() {
@@ -135,14 +136,15 @@ pub fn find_plugins_dir(script: &Path, explicit: Option<&Path>) -> Result<PathBu
         }
         return Ok(dir.to_path_buf());
     }
-    let beside = script
-        .parent()
-        .and_then(Path::parent)
-        .map(|p| p.join("plugins"))
-        .filter(|p| p.is_dir());
+    let script = script.canonicalize().with_context(|| format!("{}: cannot read script", script.display()))?;
+    let own_dir = script.parent().map(Path::to_path_buf).unwrap_or_default();
+    let nearest = own_dir
+        .ancestors()
+        .map(|dir| dir.join("plugins"))
+        .find(|candidate| candidate.is_dir() && *candidate != own_dir);
     let cwd = PathBuf::from("plugins");
-    beside
+    nearest
         .or_else(|| cwd.is_dir().then_some(cwd))
-        .ok_or_else(|| anyhow!("no plugins folder found beside {} or in the working directory", script.display()))
+        .ok_or_else(|| anyhow!("no plugins folder found above {} or in the working directory", script.display()))
         .context("give one with --plugins DIR")
 }

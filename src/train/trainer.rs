@@ -409,10 +409,15 @@ fn save_sources(run_dir: &Path, step: usize, version: &ScriptVersion) -> Result<
     Ok(())
 }
 
+/// The path relative to the working directory, or without its root when it lies
+/// elsewhere, so it can always be placed inside the run folder.
 fn relative(path: &Path) -> String {
     let cwd = std::env::current_dir().unwrap_or_default();
     let abs = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    abs.strip_prefix(&cwd).map(Path::to_path_buf).unwrap_or(abs).display().to_string()
+    let rel = abs.strip_prefix(&cwd).map(Path::to_path_buf).unwrap_or_else(|_| {
+        abs.components().filter(|c| matches!(c, std::path::Component::Normal(_))).collect()
+    });
+    rel.display().to_string()
 }
 
 fn stem(path: &Path) -> String {

@@ -70,8 +70,7 @@ pub fn small_config(extra: &str) -> String {
         r#"#{{
     model: "models/tiny-math",
     data: "data/arithmetic/pairs.jsonl",
-    batch_size: 4,
-    lr: 1e-4,
+    batch_size: 8,
     log_every: 1,
     progress: false,
     {extra}
