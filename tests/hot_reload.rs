@@ -125,3 +125,32 @@ fn restart_only_fields_are_ignored_with_a_notice() {
     assert_eq!(notice["fields"], serde_json::json!(["batch_size"]));
     assert!(child.0.try_wait().unwrap().is_none(), "the run must still be going");
 }
+
+#[test]
+fn a_version_that_fails_after_its_dry_run_is_replaced_by_the_previous_one() {
+    let sb = Sandbox::new();
+    let body = "    let out = dpo::loss(batch, params);\n    out.metrics = #{ beta: params.beta };\n    out";
+    let path = sb.write("scripts/exp.rhai", &script(body, "0.1"));
+    let run_dir = sb.path("run");
+    let _child = KillOnDrop(
+        host()
+            .args(["run", path.to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let metrics = run_dir.join("metrics.jsonl");
+    wait_for(&metrics, "first steps", |l| last_step(l) >= 2);
+    // lr(0, total) passes the dry run; the next real step throws. Its params (beta 0.7)
+    // must not outlive it.
+    let failing = script(body, "0.7")
+        .replace("train(", "fn lr(step, total) {\n    if step > 0 { throw \"schedule broke\"; }\n    1e-4\n}\n\ntrain(");
+    sb.write("scripts/exp.rhai", &failing);
+    let lines = wait_for(&metrics, "the fallback", |l| !events(l, "lr_failed").is_empty());
+    let failed = events(&lines, "lr_failed")[0].clone();
+    assert!(failed["error"].as_str().unwrap().contains("schedule broke"), "{failed}");
+    let at = failed["step"].as_u64().unwrap();
+    let lines = wait_for(&metrics, "steps after the fallback", |l| last_step(l) >= at + 3);
+    let after: Vec<_> = lines.iter().filter(|l| l.get("loss").is_some() && l["step"].as_u64().unwrap() > at + 1).collect();
+    assert!(!after.is_empty() && after.iter().all(|l| l["beta"].as_f64() == Some(0.1)), "the previous version and its beta must be back: {after:?}");
+}

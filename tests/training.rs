@@ -32,6 +32,14 @@ fn a_dpo_run_logs_trl_metrics_and_saves_a_loadable_checkpoint() {
     // Step 1 starts at the reference: DPO loss is ln 2 and the rewards are zero.
     assert!((lines[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-4, "{:?}", lines[0]);
     assert!(lines[0]["rewards/margins"].as_f64().unwrap().abs() < 1e-4);
+    // Failure-mode diagnostics: zero change against the reference at the start, and the
+    // shipped pairs differ by about one token in a completion of ~20.
+    for key in ["diagnostics/token_delta_before_diff", "diagnostics/token_delta_at_diff", "diagnostics/token_delta_after_diff"] {
+        assert!(lines[0][key].as_f64().unwrap().abs() < 1e-4, "{key}: {:?}", lines[0]);
+    }
+    let distance = lines[0]["diagnostics/edit_distance"].as_f64().unwrap();
+    assert!(distance > 0.0 && distance < 0.2, "edit distance {distance}");
+    assert!(lines.iter().all(|l| (0.0..=1.0).contains(&l["diagnostics/chosen_fell_share"].as_f64().unwrap())));
     // Training widens the margin and lowers the loss (first vs last four steps).
     let mean = |rows: &[serde_json::Value], key: &str| rows.iter().map(|l| l[key].as_f64().unwrap()).sum::<f64>() / rows.len() as f64;
     assert!(mean(&lines[8..], "rewards/margins") > mean(&lines[..4], "rewards/margins") + 0.02, "margins did not grow: {lines:?}");

@@ -18,6 +18,35 @@ pub struct Example {
     pub line: usize,
 }
 
+impl Example {
+    /// Index of the first completion token where chosen and rejected differ.
+    pub fn first_difference(&self) -> Option<usize> {
+        let shared = self.chosen.iter().zip(&self.rejected).take_while(|(a, b)| a == b).count();
+        (shared < self.chosen.len().max(self.rejected.len())).then_some(shared)
+    }
+
+    /// Token-level Levenshtein distance between the completions over the longer length:
+    /// 0 for identical completions, small for Smaug-style one-number edits.
+    pub fn normalised_edit_distance(&self) -> f64 {
+        let (a, b) = (&self.chosen, &self.rejected);
+        let longest = a.len().max(b.len());
+        if longest == 0 {
+            return 0.0;
+        }
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, x) in a.iter().enumerate() {
+            let mut diagonal = row[0];
+            row[0] = i + 1;
+            for (j, y) in b.iter().enumerate() {
+                let substitution = diagonal + usize::from(x != y);
+                diagonal = row[j + 1];
+                row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+            }
+        }
+        row[b.len()] as f64 / longest as f64
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct Truncation {
     pub max_length: usize,
@@ -95,4 +124,37 @@ pub fn load_examples(path: &Path, tokenizer: &TextTokenizer, preference: bool, l
         bail!("{}: no rows", path.display());
     }
     Ok((examples, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Example;
+
+    fn pair(chosen: &[u32], rejected: &[u32]) -> Example {
+        Example { prompt: vec![0], chosen: chosen.to_vec(), rejected: rejected.to_vec(), line: 1 }
+    }
+
+    #[test]
+    fn one_substituted_token() {
+        // " 6 * 5 = 30." vs " 6 * 5 = 33.": one token of six differs, at index 4.
+        let e = pair(&[10, 11, 12, 13, 30, 14], &[10, 11, 12, 13, 33, 14]);
+        assert_eq!(e.first_difference(), Some(4));
+        assert!((e.normalised_edit_distance() - 1.0 / 6.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn insertions_deletions_and_identity() {
+        let e = pair(&[1, 2, 3, 4], &[1, 3, 4]);
+        assert_eq!(e.first_difference(), Some(1));
+        assert!((e.normalised_edit_distance() - 0.25).abs() < 1e-12);
+        let e = pair(&[1, 2], &[1, 2, 3]);
+        assert_eq!(e.first_difference(), Some(2));
+        assert!((e.normalised_edit_distance() - 1.0 / 3.0).abs() < 1e-12);
+        let e = pair(&[5, 6], &[5, 6]);
+        assert_eq!(e.first_difference(), None);
+        assert_eq!(e.normalised_edit_distance(), 0.0);
+        // "kitten" -> "sitting": the classic distance 3, over 7 tokens.
+        let e = pair(&[11, 9, 20, 20, 5, 14], &[19, 9, 20, 20, 9, 14, 7]);
+        assert!((e.normalised_edit_distance() - 3.0 / 7.0).abs() < 1e-12);
+    }
 }

@@ -107,9 +107,6 @@ pub struct TrainConfig {
     pub params: Map,
 }
 
-/// Fields that a reload may change while the run goes on.
-pub const HOT_FIELDS: &[&str] = &["lr", "weight_decay", "max_grad_norm", "log_every", "save_every", "params", "progress"];
-
 impl TrainConfig {
     pub fn from_map(mut map: Map) -> Result<Self> {
         let params = match map.remove("params") {
@@ -144,15 +141,15 @@ impl TrainConfig {
         macro_rules! check {
             ($($f:ident),*) => { $( if self.$f != other.$f { changed.push(stringify!($f)); } )* };
         }
+        // AdamW's settings are fixed when the optimizer is built, so they need a restart too.
         check!(name, mode, model, init, data, backend, seed, batch_size, grad_accum, epochs, max_steps,
-               max_length, max_prompt_length, adam_beta1, adam_beta2, adam_epsilon, output_dir, save_model_to);
+               max_length, max_prompt_length, weight_decay, adam_beta1, adam_beta2, adam_epsilon, output_dir, save_model_to);
         changed
     }
 
     /// Takes the fields that may change during a run from `newer`.
     pub fn apply_hot(&mut self, newer: &TrainConfig) {
         self.lr = newer.lr;
-        self.weight_decay = newer.weight_decay;
         self.max_grad_norm = newer.max_grad_norm;
         self.log_every = newer.log_every;
         self.save_every = newer.save_every;

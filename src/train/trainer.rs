@@ -125,32 +125,19 @@ pub fn run(host: &mut ScriptHost, options: RunOptions) -> Result<RunSummary> {
         }
 
         // ---- learning rate: the script's lr(step, total) or the config's constant
-        let lr = if current.has_fn("lr", 2) {
-            match host.call(&current, "lr", vec![Dynamic::from_int(step as INT), Dynamic::from_int(total as INT)]) {
-                Ok(v) => number(&v).with_context(|| format!("{}: lr() must return a number", current.display_path()))?,
-                Err(e) => bail!("{e}"),
-            }
-        } else {
-            trainer.config.lr
-        };
+        let lr = with_fallback(&mut current, &mut previous, &mut trainer.config, &mut log, step, "lr", |version, config| {
+            script_lr(host, version, step, total, config.lr)
+        })?;
 
         // ---- forward + backward over grad_accum micro-batches
         let mut accumulator = GradientsAccumulator::<Llama>::new();
         for _ in 0..trainer.config.grad_accum {
             let examples = trainer.next_batch();
-            let output = match trainer.loss(host, &current, &examples, step) {
-                Ok(out) => out,
-                Err(error) => match previous.take() {
-                    // The running version failed on real data: go back to the last good one.
-                    Some(good) => {
-                        console::line(&format!("loss failed at step {step}, going back to the previous version:\n{error}"));
-                        log.event(step, "loss_failed", json!({"error": error}))?;
-                        current = good;
-                        trainer.loss(host, &current, &examples, step).map_err(|e| anyhow::anyhow!(e))?
-                    }
-                    None => bail!("loss failed at step {step}:\n{error}"),
-                },
-            };
+            let mut config = trainer.config.clone();
+            let output = with_fallback(&mut current, &mut previous, &mut config, &mut log, step, "loss", |version, config| {
+                trainer.loss(host, version, config, &examples, step)
+            })?;
+            trainer.config = config;
             if let Some(state) = output.loss.state.clone() {
                 trainer.loss_state = state;
             }
@@ -193,6 +180,46 @@ pub fn run(host: &mut ScriptHost, options: RunOptions) -> Result<RunSummary> {
     Ok(RunSummary { run_dir, steps: total, reloads })
 }
 
+/// Runs `call` with the current script version; if it fails and an earlier version is
+/// kept, goes back to that version (and its hot config) and runs it there. Only a failure
+/// with nothing to go back to ends the run.
+fn with_fallback<T>(
+    current: &mut ScriptVersion,
+    previous: &mut Option<ScriptVersion>,
+    config: &mut TrainConfig,
+    log: &mut MetricsLog,
+    step: usize,
+    what: &str,
+    mut call: impl FnMut(&ScriptVersion, &TrainConfig) -> Result<T, String>,
+) -> Result<T> {
+    let error = match call(current, config) {
+        Ok(value) => return Ok(value),
+        Err(error) => error,
+    };
+    let Some(good) = previous.take() else {
+        bail!("{what} failed at step {step}:\n{error}");
+    };
+    console::line(&format!("{what} failed at step {step}, going back to the previous version:\n{error}"));
+    log.event(step, &format!("{what}_failed"), json!({"error": error}))?;
+    if let Some(map) = good.config.clone() {
+        config.apply_hot(&TrainConfig::from_map(map)?);
+    }
+    *current = good;
+    call(current, config).map_err(|e| anyhow::anyhow!("{what} failed at step {step} with the previous version too:\n{e}"))
+}
+
+/// The script's `lr(step, total)`, or the config's constant when it defines none.
+fn script_lr(host: &ScriptHost, version: &ScriptVersion, step: usize, total: usize, constant: f64) -> Result<f64, String> {
+    if !version.has_fn("lr", 2) {
+        return Ok(constant);
+    }
+    let value = host.call(version, "lr", vec![Dynamic::from_int(step as INT), Dynamic::from_int(total as INT)]).map_err(|e| e.to_string())?;
+    match number(&value) {
+        Ok(lr) if lr.is_finite() && lr >= 0.0 => Ok(lr),
+        _ => Err(format!("{}: lr({step}, {total}) returned {value:?}; expected a non-negative number", version.display_path())),
+    }
+}
+
 /// Compiles the edited script, parses its config, and runs its loss on a small synthetic
 /// batch, so a version that would fail is rejected before it replaces the running one.
 fn try_reload(host: &mut ScriptHost, script: &Path, trainer: &Trainer) -> Result<(ScriptVersion, TrainConfig), String> {
@@ -204,6 +231,7 @@ fn try_reload(host: &mut ScriptHost, script: &Path, trainer: &Trainer) -> Result
     let params = loss_params(&config.params, 0, trainer.total_steps, &trainer.loss_state);
     let value = host.call(&version, "loss", vec![Dynamic::from_map(batch), Dynamic::from_map(params)]).map_err(|e| e.to_string())?;
     read_loss_output(value, 2).map_err(|e| format!("{}: {e}", version.display_path()))?;
+    script_lr(host, &version, 0, trainer.total_steps, config.lr)?;
     Ok((version, config))
 }
 
@@ -249,6 +277,8 @@ struct StepResult {
     chosen_logps: Vec<f32>,
     rejected_logps: Vec<f32>,
     ref_chosen: Vec<f32>,
+    /// Host-computed diagnostics of the DPO failure mode (preference mode only).
+    diagnostics: Vec<(&'static str, f64)>,
 }
 
 impl Trainer {
@@ -307,7 +337,7 @@ impl Trainer {
     }
 
     /// Forward passes, the batch map, and the script's loss.
-    fn loss(&self, host: &ScriptHost, version: &ScriptVersion, examples: &[Example], step: usize) -> Result<StepResult, String> {
+    fn loss(&self, host: &ScriptHost, version: &ScriptVersion, config: &TrainConfig, examples: &[Example], step: usize) -> Result<StepResult, String> {
         let refs: Vec<&Example> = examples.iter().collect();
         let b = examples.len();
         let pad = self.tokenizer.pad_id;
@@ -344,19 +374,25 @@ impl Trainer {
         let values = |name: &str| map.get(name).map(|v| v.clone().cast::<ScriptTensor>().values()).unwrap_or_default();
         let (chosen_logps, rejected_logps) = (values("chosen_logps"), values("rejected_logps"));
         let (ref_chosen, ref_rejected) = (values("ref_chosen_logps"), values("ref_rejected_logps"));
-        let params = loss_params(&self.config.params, step, self.total_steps, &self.loss_state);
+        let diagnostics = if rejected {
+            let width = values("chosen_mask").len() / b;
+            failure_mode_diagnostics(examples, &values("chosen_token_logps"), &values("ref_chosen_token_logps"), width, &chosen_logps, &ref_chosen)
+        } else {
+            Vec::new()
+        };
+        let params = loss_params(&config.params, step, self.total_steps, &self.loss_state);
         let value = host
             .call(version, "loss", vec![Dynamic::from_map(map), Dynamic::from_map(params)])
             .map_err(|e| e.to_string())?;
         let mut loss = read_loss_output(value, b).map_err(|e| format!("{}: {e}", version.display_path()))?;
         if rejected && loss.chosen_rewards.is_none() {
             // Losses that report no rewards get DPO's implicit reward β·(logp − ref logp).
-            let beta = self.config.beta() as f32;
+            let beta = config.beta() as f32;
             let reward = |p: &[f32], r: &[f32]| p.iter().zip(r).map(|(p, r)| beta * (p - r)).collect::<Vec<_>>();
             loss.chosen_rewards = Some(reward(&chosen_logps, &ref_chosen));
             loss.rejected_rewards = Some(reward(&rejected_logps, &ref_rejected));
         }
-        Ok(StepResult { loss, chosen_logps, rejected_logps, ref_chosen })
+        Ok(StepResult { loss, chosen_logps, rejected_logps, ref_chosen, diagnostics })
     }
 
     fn record(&self, log: &mut MetricsLog, out: &StepResult) {
@@ -378,6 +414,9 @@ impl Trainer {
             let delta: Vec<f32> = out.chosen_logps.iter().zip(&out.ref_chosen).map(|(p, r)| p - r).collect();
             log.add("logps/chosen_minus_ref", mean(&delta));
         }
+        for (k, v) in &out.diagnostics {
+            log.add(k, *v);
+        }
         for (k, v) in &out.loss.metrics {
             log.add(k, *v);
         }
@@ -386,6 +425,44 @@ impl Trainer {
     fn save(&self, dir: &Path) -> Result<()> {
         save_model(&self.policy.valid(), &self.model_config, &self.tokenizer.path, dir)
     }
+}
+
+/// What the DPOP paper looks at: does log p(chosen) fall below the reference, and do the
+/// chosen tokens at and after the first token where the pair differs lose probability?
+/// `policy`/`reference` are the chosen rows' per-token log-probs ([B, width], flattened).
+fn failure_mode_diagnostics(
+    examples: &[Example],
+    policy: &[f32],
+    reference: &[f32],
+    width: usize,
+    chosen_logps: &[f32],
+    ref_chosen: &[f32],
+) -> Vec<(&'static str, f64)> {
+    let b = examples.len() as f64;
+    let fell = chosen_logps.iter().zip(ref_chosen).filter(|(p, r)| p < r).count() as f64 / b;
+    let (mut before, mut at, mut after) = (Vec::new(), Vec::new(), Vec::new());
+    for (row, example) in examples.iter().enumerate() {
+        let Some(first) = example.first_difference() else { continue };
+        // Completion token j of this row is predicted at position prompt_len - 1 + j.
+        let start = row * width + example.prompt.len() - 1;
+        for j in 0..example.chosen.len() {
+            let delta = (policy[start + j] - reference[start + j]) as f64;
+            match j.cmp(&first) {
+                std::cmp::Ordering::Less => before.push(delta),
+                std::cmp::Ordering::Equal => at.push(delta),
+                std::cmp::Ordering::Greater => after.push(delta),
+            }
+        }
+    }
+    let mean = |v: &[f64]| if v.is_empty() { 0.0 } else { v.iter().sum::<f64>() / v.len() as f64 };
+    let distance = examples.iter().map(Example::normalised_edit_distance).sum::<f64>() / b;
+    vec![
+        ("diagnostics/chosen_fell_share", fell),
+        ("diagnostics/token_delta_before_diff", mean(&before)),
+        ("diagnostics/token_delta_at_diff", mean(&at)),
+        ("diagnostics/token_delta_after_diff", mean(&after)),
+        ("diagnostics/edit_distance", distance),
+    ]
 }
 
 fn number(v: &Dynamic) -> Result<f64> {
