@@ -22,7 +22,12 @@ enum Command {
     /// Train as the experiment script says; edits to the script or its plugins are
     /// picked up at the next step.
     Run {
-        script: PathBuf,
+        /// The experiment script (with --resume: defaults to the one the run started with).
+        #[arg(required_unless_present = "resume")]
+        script: Option<PathBuf>,
+        /// Continue a run folder from its latest checkpoint (after a crash, kill or Ctrl-C).
+        #[arg(long, conflicts_with = "run_dir")]
+        resume: Option<PathBuf>,
         /// Do not watch the script and plugins for edits.
         #[arg(long)]
         no_watch: bool,
@@ -90,11 +95,17 @@ fn host_for(script: &Path, plugins: Option<&Path>, limits: &Limits) -> Result<Sc
 
 fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Run { script, no_watch, plugins, run_dir, max_steps, max_operations } => {
+        Command::Run { script, resume, no_watch, plugins, run_dir, max_steps, max_operations } => {
+            let script = match (script, &resume) {
+                (Some(script), _) => script,
+                (None, Some(dir)) => crate::train::checkpoint::read_run_info(dir)?.script,
+                (None, None) => bail!("give a script, or --resume RUN_DIR"),
+            };
             let limits = Limits { max_operations, ..Limits::default() };
             let mut host = host_for(&script, plugins.as_deref(), &limits)?;
-            crate::train::run(&mut host, RunOptions { script, watch: !no_watch, run_dir, max_steps })?;
-            Ok(ExitCode::SUCCESS)
+            let summary = crate::train::run(&mut host, RunOptions { script, watch: !no_watch, run_dir, max_steps, resume })?;
+            // 130 = stopped by SIGINT, as shells report it; the checkpoint is written.
+            Ok(if summary.interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS })
         }
         Command::Check { scripts, plugins } => {
             let mut failed = 0;

@@ -45,7 +45,7 @@ fn a_dpo_run_logs_trl_metrics_and_saves_a_loadable_checkpoint() {
     assert!(mean(&lines[8..], "rewards/margins") > mean(&lines[..4], "rewards/margins") + 0.02, "margins did not grow: {lines:?}");
     assert!(mean(&lines[8..], "loss") < std::f64::consts::LN_2 - 0.01, "loss did not fall: {lines:?}");
 
-    let ckpt = run_dir.join("checkpoint-final");
+    let ckpt = run_dir.join("checkpoint-12");
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(ckpt.join(f).is_file(), "missing {f}");
     }
@@ -72,7 +72,7 @@ fn a_loss_that_fails_at_the_first_step_stops_with_file_and_line() {
     assert!(!out.status.success());
     let msg = text(&out);
     assert!(msg.contains("runaway.rhai:1:") && msg.to_lowercase().contains("too many operations"), "{msg}");
-    assert!(!run_dir.join("checkpoint-final").exists());
+    assert!(!run_dir.join("checkpoint-2").exists());
 
     let source = format!("fn loss(b, p) {{\n    b.chosen_logps\n}}\ntrain({});\n", small_config("max_steps: 2,"));
     let (out, _) = run(&sb, "vector", &source);

@@ -1,6 +1,6 @@
 //! The decoder-only language model: embeddings, decoder layers, final norm, LM head.
 
-use burn::module::{Module, Param};
+use burn::module::{Module, Param, ParamId};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::{Device, Distribution, Int, Tensor};
 
@@ -42,14 +42,26 @@ impl WeightSource for RandomInit {
     }
 }
 
+/// A trainable parameter whose id is derived from its HF name (FNV-1a), so the same
+/// model built twice (e.g. from a checkpoint) has the same ids and optimizer state saved
+/// for one applies to the other.
+fn named_param<const D: usize>(name: &str, value: Tensor<D>) -> Param<Tensor<D>> {
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    let mut param = Param::from_tensor(value);
+    param.id = ParamId::from(hash);
+    param
+}
+
 fn linear(src: &mut dyn WeightSource, name: &str, d_in: usize, d_out: usize, device: &Device) -> anyhow::Result<Linear> {
     // HF stores [out, in]; burn's Linear computes x·W with W as [in, out].
-    let weight = src.tensor(&format!("{name}.weight"), &[d_out, d_in], device)?.transpose();
-    Ok(Linear { weight: Param::from_tensor(weight), bias: None })
+    let key = format!("{name}.weight");
+    let weight = src.tensor(&key, &[d_out, d_in], device)?.transpose();
+    Ok(Linear { weight: named_param(&key, weight), bias: None })
 }
 
 fn rms_norm(src: &mut dyn WeightSource, name: &str, size: usize, eps: f64, device: &Device) -> anyhow::Result<RmsNorm> {
-    Ok(RmsNorm { gamma: Param::from_tensor(src.vector(&format!("{name}.weight"), size, device)?), epsilon: eps })
+    let key = format!("{name}.weight");
+    Ok(RmsNorm { gamma: named_param(&key, src.vector(&key, size, device)?), epsilon: eps })
 }
 
 impl Llama {
@@ -85,7 +97,7 @@ impl Llama {
             Some(linear(src, "lm_head", d, config.vocab_size, device)?)
         };
         Ok(Self {
-            embed_tokens: Embedding { weight: Param::from_tensor(embed) },
+            embed_tokens: Embedding { weight: named_param("model.embed_tokens.weight", embed) },
             layers,
             norm,
             lm_head,

@@ -15,4 +15,4 @@ pub fn values<const D: usize>(t: burn::tensor::Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_into_vec::<f32>().expect("tensor converted to f32")
 }
 pub use llama::{Llama, RandomInit, WeightSource};
-pub use weights::{load_model, save_model};
+pub use weights::{load_model, save_model, save_model_with};

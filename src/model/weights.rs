@@ -136,6 +136,11 @@ pub fn hf_tensors(model: &Llama) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
 /// written to a temporary folder first and renamed into place, so a crash leaves either
 /// the old folder or the new one, never a half-written one.
 pub fn save_model(model: &Llama, config: &LlamaConfig, tokenizer_json: &Path, dir: &Path) -> Result<()> {
+    save_model_with(model, config, tokenizer_json, dir, &[])
+}
+
+/// `save_model` plus extra files (trainer state, optimizer state) in the same atomic step.
+pub fn save_model_with(model: &Llama, config: &LlamaConfig, tokenizer_json: &Path, dir: &Path, extra: &[(&str, &[u8])]) -> Result<()> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
     let staging = parent.join(format!(".{}.tmp", dir.file_name().and_then(|n| n.to_str()).unwrap_or("model")));
@@ -166,6 +171,9 @@ pub fn save_model(model: &Llama, config: &LlamaConfig, tokenizer_json: &Path, di
     std::fs::write(staging.join("config.json"), serde_json::to_string_pretty(&json)? + "\n")?;
     std::fs::copy(tokenizer_json, staging.join("tokenizer.json"))
         .with_context(|| format!("copying {}", tokenizer_json.display()))?;
+    for (name, bytes) in extra {
+        std::fs::write(staging.join(name), bytes).with_context(|| format!("writing {name}"))?;
+    }
 
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("replacing {}", dir.display()))?;

@@ -43,6 +43,8 @@ defaults! {
     d_log_every: usize = 10;
     d_output: String = "runs".into();
     d_true: bool = true;
+    d_nonfinite: usize = 5;
+    d_save_every: Option<usize> = Some(500);
 }
 
 /// Run settings. `params` (loss hyper-parameters) is kept as a Rhai map and handed to
@@ -92,14 +94,17 @@ pub struct TrainConfig {
     pub adam_epsilon: f64,
     #[serde(default = "d_log_every")]
     pub log_every: usize,
-    /// Save a checkpoint every N steps (the final one is always saved).
-    #[serde(default)]
+    /// Save a resumable checkpoint every N steps (the final one is always saved).
+    #[serde(default = "d_save_every")]
     pub save_every: Option<usize>,
     #[serde(default = "d_output")]
     pub output_dir: String,
     /// Also write the final model to this folder (HF layout), e.g. to ship it.
     #[serde(default)]
     pub save_model_to: Option<String>,
+    /// Steps in a row with a non-finite loss or gradient before the run stops.
+    #[serde(default = "d_nonfinite")]
+    pub max_nonfinite_steps: usize,
     /// Show a progress bar (off automatically when stdout is not a terminal).
     #[serde(default = "d_true")]
     pub progress: bool,
@@ -143,7 +148,7 @@ impl TrainConfig {
         }
         // AdamW's settings are fixed when the optimizer is built, so they need a restart too.
         check!(name, mode, model, init, data, backend, seed, batch_size, grad_accum, epochs, max_steps,
-               max_length, max_prompt_length, weight_decay, adam_beta1, adam_beta2, adam_epsilon, output_dir, save_model_to);
+               max_length, max_prompt_length, max_nonfinite_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon, output_dir, save_model_to);
         changed
     }
 

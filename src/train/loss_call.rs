@@ -53,10 +53,6 @@ pub fn read_loss_output(value: Dynamic, batch_size: usize) -> Result<LossOutput,
         return Err(format!("loss must be a scalar (one element), got shape {:?}; take mean() over the batch", loss.shape()));
     }
     let loss = loss.into_scalar_tensor().map_err(|e| e.to_string())?;
-    let value = crate::model::values(loss.clone())[0];
-    if !value.is_finite() {
-        return Err(format!("loss is {value}"));
-    }
     if loss.is_autodiff() && !loss.is_tracked() {
         return Err("loss does not depend on the model (no gradient): was every term detached?".into());
     }

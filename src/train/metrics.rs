@@ -26,6 +26,17 @@ impl MetricsLog {
         Ok(Self { file, sums: BTreeMap::new() })
     }
 
+    /// Continues an existing log (a resumed run).
+    pub fn append(path: &Path) -> Result<Self> {
+        let file = std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(Self { file, sums: BTreeMap::new() })
+    }
+
+    /// Drops what was added since the last flush (a skipped step).
+    pub fn discard(&mut self, name: &str) {
+        self.sums.remove(name);
+    }
+
     pub fn add(&mut self, name: &str, value: f64) {
         let entry = self.sums.entry(name.to_string()).or_insert((0.0, 0));
         entry.0 += value;

@@ -1,5 +1,6 @@
 //! Training: run config, log-probs, the loss boundary, gradients, metrics, the loop.
 
+pub mod checkpoint;
 pub mod config;
 pub mod console;
 pub mod grads;

@@ -2,14 +2,16 @@
 //! edits, compute the loss through the script, backward, clip, AdamW, log, save.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::prelude::Module;
 use burn::tensor::{Device, Tensor};
 use rhai::{Dynamic, INT, Map};
 use serde_json::json;
 
+use super::checkpoint::{self, OPTIMIZER_FILE, STATE_FILE, TrainerState};
 use super::config::{Init, Mode, TrainConfig};
 use super::console;
 use super::grads::clip_global_norm;
@@ -17,7 +19,7 @@ use super::logps::{row_sums, token_logps};
 use super::loss_call::{LossOutput, loss_params, put1, put2, read_loss_output};
 use super::metrics::{MetricsLog, format_line};
 use crate::data::{Example, TextTokenizer, Truncation, collate_pairs, collate_sft, load_examples};
-use crate::model::{Llama, LlamaConfig, RandomInit, load_model, save_model};
+use crate::model::{Llama, LlamaConfig, RandomInit, load_model, save_model_with};
 use crate::rng::SplitMix64;
 use crate::script::{ScriptHost, ScriptTensor, ScriptVersion, ScriptWatcher, set_script_device};
 
@@ -26,12 +28,26 @@ pub struct RunOptions {
     pub watch: bool,
     pub run_dir: Option<PathBuf>,
     pub max_steps: Option<usize>,
+    /// Continue this run folder from its latest checkpoint.
+    pub resume: Option<PathBuf>,
 }
 
 pub struct RunSummary {
     pub run_dir: PathBuf,
     pub steps: usize,
     pub reloads: usize,
+    /// Stopped by Ctrl-C after saving a checkpoint.
+    pub interrupted: bool,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Ctrl-C asks the loop to save a checkpoint and stop at the next step boundary.
+fn install_interrupt_handler() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
+    });
 }
 
 /// Picks the device named by the script's `backend`.
@@ -59,6 +75,8 @@ struct Trainer {
     rng: SplitMix64,
     total_steps: usize,
     loss_state: Map,
+    skipped_steps: usize,
+    restored_step: usize,
 }
 
 pub fn run(host: &mut ScriptHost, options: RunOptions) -> Result<RunSummary> {
@@ -71,22 +89,39 @@ pub fn run(host: &mut ScriptHost, options: RunOptions) -> Result<RunSummary> {
     let mut trainer = Trainer::new(config, options.max_steps)?;
     set_script_device(trainer.device.clone());
 
-    let name = trainer.config.name.clone().unwrap_or_else(|| stem(&options.script));
-    let run_dir = options.run_dir.clone().unwrap_or_else(|| Path::new(&trainer.config.output_dir).join(format!("{name}-{}", timestamp())));
-    if run_dir.exists() {
-        bail!("{}: run folder already exists; choose another with --run-dir", run_dir.display());
-    }
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
-    save_sources(&run_dir, 0, &current)?;
-    let mut log = MetricsLog::create(&run_dir.join("metrics.jsonl"))?;
-    let mut watcher = if options.watch { Some(ScriptWatcher::new(&files_of(&current))?) } else { None };
-
     let mut optimizer = AdamWConfig::new()
         .with_beta_1(trainer.config.adam_beta1 as f32)
         .with_beta_2(trainer.config.adam_beta2 as f32)
         .with_epsilon(trainer.config.adam_epsilon as f32)
         .with_weight_decay(trainer.config.weight_decay as f32)
         .init();
+    let metrics_path;
+    let (run_dir, start, mut log) = match &options.resume {
+        Some(run_dir) => {
+            let (_, ckpt) = checkpoint::latest_checkpoint(run_dir)?;
+            let state = checkpoint::read_state(&ckpt)?;
+            optimizer = trainer.restore(&ckpt, state, optimizer)?;
+            let start = trainer.restored_step;
+            metrics_path = run_dir.join("metrics.jsonl");
+            checkpoint::truncate_metrics(&metrics_path, start)?;
+            console::line(&format!("resuming {} from {} (step {start})", run_dir.display(), ckpt.display()));
+            (run_dir.clone(), start, MetricsLog::append(&metrics_path)?)
+        }
+        None => {
+            let name = trainer.config.name.clone().unwrap_or_else(|| stem(&options.script));
+            let run_dir = options.run_dir.clone().unwrap_or_else(|| Path::new(&trainer.config.output_dir).join(format!("{name}-{}", timestamp())));
+            if run_dir.exists() {
+                bail!("{}: run folder already exists; continue it with --resume, or choose another with --run-dir", run_dir.display());
+            }
+            std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+            checkpoint::write_run_info(&run_dir, &options.script)?;
+            metrics_path = run_dir.join("metrics.jsonl");
+            (run_dir, 0, MetricsLog::create(&metrics_path)?)
+        }
+    };
+    save_sources(&run_dir, start, &current)?;
+    let mut watcher = if options.watch { Some(ScriptWatcher::new(&files_of(&current))?) } else { None };
+    install_interrupt_handler();
     let total = trainer.total_steps;
     console::line(&format!(
         "prefhost: {} | {} rows | {} steps | model {} ({} params) | run folder {}",
@@ -94,8 +129,16 @@ pub fn run(host: &mut ScriptHost, options: RunOptions) -> Result<RunSummary> {
     ));
     console::start_bar(total as u64, trainer.config.progress);
     let mut reloads = 0;
+    let mut nonfinite_in_a_row = 0;
 
-    for step in 0..total {
+    for step in start..total {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            console::finish_bar();
+            let dir = trainer.save_checkpoint(&run_dir, step, &optimizer)?;
+            console::line(&format!("interrupted at step {step}; checkpoint {}; continue with: host run --resume {}", dir.display(), run_dir.display()));
+            return Ok(RunSummary { run_dir, steps: step, reloads, interrupted: true });
+        }
+
         // ---- hot reload: a new version is swapped in only if it compiles and its loss runs
         if let Some(w) = watcher.as_mut() {
             let changed = w.poll();
@@ -131,6 +174,7 @@ pub fn run(host: &mut ScriptHost, options: RunOptions) -> Result<RunSummary> {
 
         // ---- forward + backward over grad_accum micro-batches
         let mut accumulator = GradientsAccumulator::<Llama>::new();
+        let mut outputs = Vec::with_capacity(trainer.config.grad_accum);
         for _ in 0..trainer.config.grad_accum {
             let examples = trainer.next_batch();
             let mut config = trainer.config.clone();
@@ -138,16 +182,37 @@ pub fn run(host: &mut ScriptHost, options: RunOptions) -> Result<RunSummary> {
                 trainer.loss(host, version, config, &examples, step)
             })?;
             trainer.config = config;
-            if let Some(state) = output.loss.state.clone() {
-                trainer.loss_state = state;
-            }
-            trainer.record(&mut log, &output);
             let scaled = output.loss.loss.clone().div_scalar(trainer.config.grad_accum as f64);
             let grads = GradientsParams::from_grads(scaled.backward(), &trainer.policy);
             accumulator.accumulate(&trainer.policy, grads);
+            outputs.push(output);
         }
         let mut grads = accumulator.grads();
         let norm = clip_global_norm(&trainer.policy, &mut grads, trainer.config.max_grad_norm);
+
+        // ---- a NaN/inf loss or gradient: skip the update; too many in a row end the run
+        if !norm.is_finite() || outputs.iter().any(|o| !o.loss_value.is_finite()) {
+            trainer.skipped_steps += 1;
+            nonfinite_in_a_row += 1;
+            let losses: Vec<String> = outputs.iter().map(|o| o.loss_value.to_string()).collect();
+            console::line(&format!("step {}: non-finite loss [{}] or grad_norm {norm}; update skipped ({nonfinite_in_a_row} in a row)", step + 1, losses.join(", ")));
+            log.event(step + 1, "nonfinite_skipped", json!({"losses": losses, "grad_norm": norm.to_string(), "in_a_row": nonfinite_in_a_row}))?;
+            if nonfinite_in_a_row >= trainer.config.max_nonfinite_steps {
+                console::finish_bar();
+                bail!(
+                    "stopping: {nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (max_nonfinite_steps); the last checkpoint in {} is intact",
+                    run_dir.display()
+                );
+            }
+            continue;
+        }
+        nonfinite_in_a_row = 0;
+        for output in &outputs {
+            if let Some(state) = output.loss.state.clone() {
+                trainer.loss_state = state;
+            }
+            trainer.record(&mut log, output);
+        }
         trainer.policy = optimizer.step(lr, trainer.policy.clone(), grads);
         log.add("grad_norm", norm);
         log.add("learning_rate", lr);
@@ -166,18 +231,20 @@ pub fn run(host: &mut ScriptHost, options: RunOptions) -> Result<RunSummary> {
             }
         }
         if trainer.config.save_every.is_some_and(|n| n > 0 && done % n == 0 && done != total) {
-            trainer.save(&run_dir.join(format!("checkpoint-{done}")))?;
+            trainer.save_checkpoint(&run_dir, done, &optimizer)?;
         }
     }
     console::finish_bar();
-    let final_dir = run_dir.join("checkpoint-final");
-    trainer.save(&final_dir)?;
+    let final_dir = trainer.save_checkpoint(&run_dir, total, &optimizer)?;
     if let Some(target) = trainer.config.save_model_to.clone() {
-        trainer.save(Path::new(&target))?;
+        save_model_with(&trainer.policy.valid(), &trainer.model_config, &trainer.tokenizer.path, Path::new(&target), &[])?;
         console::line(&format!("model written to {target}"));
     }
+    if trainer.skipped_steps > 0 {
+        console::line(&format!("{} step(s) skipped for non-finite values", trainer.skipped_steps));
+    }
     console::line(&format!("done: {total} steps, checkpoint {}", final_dir.display()));
-    Ok(RunSummary { run_dir, steps: total, reloads })
+    Ok(RunSummary { run_dir, steps: total, reloads, interrupted: false })
 }
 
 /// Runs `call` with the current script version; if it fails and an earlier version is
@@ -230,7 +297,11 @@ fn try_reload(host: &mut ScriptHost, script: &Path, trainer: &Trainer) -> Result
     let batch = synthetic_batch(&trainer.device, trainer.config.mode == Mode::Preference);
     let params = loss_params(&config.params, 0, trainer.total_steps, &trainer.loss_state);
     let value = host.call(&version, "loss", vec![Dynamic::from_map(batch), Dynamic::from_map(params)]).map_err(|e| e.to_string())?;
-    read_loss_output(value, 2).map_err(|e| format!("{}: {e}", version.display_path()))?;
+    let out = read_loss_output(value, 2).map_err(|e| format!("{}: {e}", version.display_path()))?;
+    let dry_loss = crate::model::values(out.loss)[0];
+    if !dry_loss.is_finite() {
+        return Err(format!("{}: loss() gave {dry_loss} on the check batch", version.display_path()));
+    }
     script_lr(host, &version, 0, trainer.total_steps, config.lr)?;
     Ok((version, config))
 }
@@ -274,6 +345,7 @@ fn fill_sequences(map: &mut Map, side: &str, tokens: Tensor<2>, mask: Tensor<2>,
 
 struct StepResult {
     loss: LossOutput,
+    loss_value: f64,
     chosen_logps: Vec<f32>,
     rejected_logps: Vec<f32>,
     ref_chosen: Vec<f32>,
@@ -313,7 +385,7 @@ impl Trainer {
         rng.shuffle(&mut order);
         Ok(Self {
             config, device: train_device, policy, reference, model_config, tokenizer, examples, order,
-            cursor: 0, epoch: 0, rng, total_steps, loss_state: Map::new(),
+            cursor: 0, epoch: 0, rng, total_steps, loss_state: Map::new(), skipped_steps: 0, restored_step: 0,
         })
     }
 
@@ -392,13 +464,13 @@ impl Trainer {
             loss.chosen_rewards = Some(reward(&chosen_logps, &ref_chosen));
             loss.rejected_rewards = Some(reward(&rejected_logps, &ref_rejected));
         }
-        Ok(StepResult { loss, chosen_logps, rejected_logps, ref_chosen, diagnostics })
+        let loss_value = crate::model::values(loss.loss.clone())[0] as f64;
+        Ok(StepResult { loss, loss_value, chosen_logps, rejected_logps, ref_chosen, diagnostics })
     }
 
     fn record(&self, log: &mut MetricsLog, out: &StepResult) {
         let mean = |v: &[f32]| v.iter().map(|x| *x as f64).sum::<f64>() / v.len().max(1) as f64;
-        let loss = crate::model::values(out.loss.loss.clone())[0] as f64;
-        log.add("loss", loss);
+        log.add("loss", out.loss_value);
         if let (Some(c), Some(r)) = (&out.loss.chosen_rewards, &out.loss.rejected_rewards) {
             log.add("rewards/chosen", mean(c));
             log.add("rewards/rejected", mean(r));
@@ -422,8 +494,46 @@ impl Trainer {
         }
     }
 
-    fn save(&self, dir: &Path) -> Result<()> {
-        save_model(&self.policy.valid(), &self.model_config, &self.tokenizer.path, dir)
+    /// Writes `checkpoint-{step}`: the policy (HF layout), optimizer state and trainer state.
+    fn save_checkpoint(&self, run_dir: &Path, step: usize, optimizer: &ModuleOptimizer) -> Result<PathBuf> {
+        let state = TrainerState {
+            step,
+            epoch: self.epoch,
+            cursor: self.cursor,
+            order: self.order.clone(),
+            rng: self.rng.clone(),
+            loss_state: serde_json::to_value(Dynamic::from_map(self.loss_state.clone()))
+                .context("the loss state must hold plain values (numbers, strings, arrays, maps) to be saved")?,
+            skipped_steps: self.skipped_steps,
+        };
+        let state_json = serde_json::to_vec_pretty(&state)?;
+        let optimizer_bytes = optimizer.into_bytes().map_err(|e| anyhow::anyhow!("saving the optimizer state: {e:?}"))?;
+        let dir = run_dir.join(format!("checkpoint-{step}"));
+        save_model_with(&self.policy.valid(), &self.model_config, &self.tokenizer.path, &dir, &[(STATE_FILE, &state_json), (OPTIMIZER_FILE, &optimizer_bytes)])?;
+        Ok(dir)
+    }
+
+    /// Puts back the policy, optimizer, data position, RNG and loss state of a checkpoint.
+    /// The reference stays the model the config names, as in the original run.
+    fn restore(&mut self, ckpt: &Path, state: TrainerState, optimizer: ModuleOptimizer) -> Result<ModuleOptimizer> {
+        if state.order.len() != self.examples.len() || state.order.iter().any(|&i| i >= self.examples.len()) {
+            bail!("{}: the data has {} rows, the checkpoint was made with {}; resume needs the same data", ckpt.display(), self.examples.len(), state.order.len());
+        }
+        let (_, policy) = load_model(ckpt, &self.device)?;
+        self.policy = policy;
+        let bytes = std::fs::read(ckpt.join(OPTIMIZER_FILE)).with_context(|| format!("cannot read {}", ckpt.join(OPTIMIZER_FILE).display()))?;
+        let optimizer = optimizer
+            .from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
+            .map_err(|e| anyhow::anyhow!("{}: corrupt optimizer state: {e:?}", ckpt.join(OPTIMIZER_FILE).display()))?;
+        self.epoch = state.epoch;
+        self.cursor = state.cursor;
+        self.order = state.order;
+        self.rng = state.rng;
+        self.skipped_steps = state.skipped_steps;
+        self.restored_step = state.step;
+        let loss_state: Dynamic = serde_json::from_value(state.loss_state).context("loss state in the checkpoint")?;
+        self.loss_state = loss_state.try_cast::<Map>().unwrap_or_default();
+        Ok(optimizer)
     }
 }
 

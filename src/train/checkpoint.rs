@@ -1,0 +1,88 @@
+//! Checkpoints a run can be resumed from: the policy in HF format plus the optimizer
+//! state and everything that decides what happens next (step, data order and position,
+//! RNG, the loss plugin's state), written to a staging folder and renamed into place.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::rng::SplitMix64;
+
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
+pub const RUN_FILE: &str = "run.json";
+
+#[derive(Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Steps completed.
+    pub step: usize,
+    pub epoch: usize,
+    pub cursor: usize,
+    pub order: Vec<usize>,
+    pub rng: SplitMix64,
+    /// `params.state` of the loss (plain values only).
+    pub loss_state: serde_json::Value,
+    pub skipped_steps: usize,
+}
+
+/// What `--resume` needs to know about a run folder.
+#[derive(Serialize, Deserialize)]
+pub struct RunInfo {
+    pub script: PathBuf,
+}
+
+pub fn write_run_info(run_dir: &Path, script: &Path) -> Result<()> {
+    let info = RunInfo { script: script.canonicalize().unwrap_or_else(|_| script.to_path_buf()) };
+    std::fs::write(run_dir.join(RUN_FILE), serde_json::to_string_pretty(&info)? + "\n")
+        .with_context(|| format!("writing {}", run_dir.join(RUN_FILE).display()))
+}
+
+pub fn read_run_info(run_dir: &Path) -> Result<RunInfo> {
+    let path = run_dir.join(RUN_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: not a prefhost run folder", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))
+}
+
+/// The checkpoint with the most steps (`checkpoint-N/` holding a trainer state). Staging
+/// folders of interrupted saves start with a dot and are never picked.
+pub fn latest_checkpoint(run_dir: &Path) -> Result<(usize, PathBuf)> {
+    let mut best: Option<(usize, PathBuf)> = None;
+    for entry in std::fs::read_dir(run_dir).with_context(|| format!("cannot read {}", run_dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let Some(step) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()) else { continue };
+        if path.join(STATE_FILE).is_file() && best.as_ref().is_none_or(|(s, _)| step > *s) {
+            best = Some((step, path));
+        }
+    }
+    match best {
+        Some(found) => Ok(found),
+        None => bail!("{}: no checkpoint to resume from (checkpoints are written every save_every steps)", run_dir.display()),
+    }
+}
+
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))
+}
+
+/// Keeps only the metric lines up to `step`, so a resumed run's log reads as one run.
+pub fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let kept: String = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, kept)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}

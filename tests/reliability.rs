@@ -1,0 +1,109 @@
+//! Runs that survive: resume after SIGKILL reproduces the uninterrupted run, NaN/inf
+//! steps are skipped (and too many in a row stop the run with its checkpoint intact),
+//! and Ctrl-C saves a checkpoint and exits.
+
+mod common;
+use common::*;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+fn script(steps: usize, loss_body: &str, extra: &str) -> String {
+    format!(
+        "import \"losses/dpo\" as dpo;\nfn loss(b, p) {{\n{loss_body}\n}}\ntrain({});\n",
+        small_config(&format!("max_steps: {steps}, seed: 3, save_every: 4, params: #{{ beta: 0.1 }}, {extra}"))
+    )
+}
+
+fn loss_lines(dir: &Path) -> Vec<serde_json::Value> {
+    read_lines(&dir.join("metrics.jsonl")).into_iter().filter(|l| l.get("loss").is_some()).collect()
+}
+
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < Duration::from_secs(120), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn resume_after_sigkill_reproduces_the_uninterrupted_run() {
+    let sb = Sandbox::new();
+    let path = sb.write("scripts/exp.rhai", &script(16, "    dpo::loss(b, p)", ""));
+    let (whole, killed) = (sb.path("whole"), sb.path("killed"));
+    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", whole.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let mut child = host()
+        .args(["run", path.to_str().unwrap(), "--no-watch", "--run-dir", killed.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the first checkpoint", || killed.join("checkpoint-4/trainer_state.json").is_file());
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+    let before = loss_lines(&killed).len();
+    assert!(before < 16, "the run finished before it was killed");
+
+    let out = run_host(&["run", "--resume", killed.to_str().unwrap(), "--no-watch"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("resuming"), "{}", text(&out));
+    let (a, b) = (loss_lines(&whole), loss_lines(&killed));
+    assert_eq!(a.len(), 16);
+    assert_eq!(a, b, "the resumed run must reproduce the uninterrupted one step for step");
+    assert!(killed.join("checkpoint-16/optimizer.bpk").is_file());
+}
+
+#[test]
+fn nonfinite_steps_are_skipped_and_too_many_in_a_row_stop_the_run() {
+    let sb = Sandbox::new();
+    // One NaN step: skipped, counted, the run completes.
+    let once = "    let out = dpo::loss(b, p);\n    if p.step == 2 { out.loss = out.loss + log(tensor(-1.0)); }\n    out";
+    let path = sb.write("scripts/once.rhai", &script(6, once, ""));
+    let dir = sb.path("once");
+    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let lines = read_lines(&dir.join("metrics.jsonl"));
+    let skipped: Vec<_> = lines.iter().filter(|l| l["event"] == "nonfinite_skipped").collect();
+    assert_eq!(skipped.len(), 1, "{lines:?}");
+    assert_eq!(skipped[0]["step"], 3);
+    assert!(lines.iter().filter(|l| l.get("loss").is_some()).all(|l| l["loss"].as_f64().unwrap().is_finite()));
+    assert!(text(&out).contains("1 step(s) skipped"), "{}", text(&out));
+
+    // From step 5 on every loss is NaN: three in a row stop the run; checkpoint-4 stays.
+    let always = "    let out = dpo::loss(b, p);\n    if p.step >= 4 { out.loss = out.loss * tensor(0.0) / 0.0; }\n    out";
+    let path = sb.write("scripts/always.rhai", &script(20, always, "max_nonfinite_steps: 3,"));
+    let dir = sb.path("always");
+    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("3 steps in a row") && text(&out).contains("last checkpoint"), "{}", text(&out));
+    assert!(dir.join("checkpoint-4/model.safetensors").is_file());
+    assert!(!dir.join("checkpoint-8").exists() && !dir.join("checkpoint-20").exists());
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_the_run_can_continue() {
+    let sb = Sandbox::new();
+    let path = sb.write("scripts/exp.rhai", &script(4000, "    dpo::loss(b, p)", ""));
+    let dir = sb.path("run");
+    let mut child = host()
+        .args(["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("a few steps", || loss_lines(&dir).len() >= 3);
+    let sent = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(sent.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "Ctrl-C exits with 130 after saving");
+    let (_, ckpt) = prefhost::train::checkpoint::latest_checkpoint(&dir).unwrap();
+    let step = prefhost::train::checkpoint::read_state(&ckpt).unwrap().step;
+    assert!(step >= 3, "checkpoint at step {step}");
+
+    let target = (step + 2).to_string();
+    let out = run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch", "--max-steps", &target]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(loss_lines(&dir).len(), step + 2);
+}
