@@ -54,6 +54,9 @@ fn resume_after_sigkill_reproduces_the_uninterrupted_run() {
     assert_eq!(a.len(), 16);
     assert_eq!(a, b, "the resumed run must reproduce the uninterrupted one step for step");
     assert!(killed.join("checkpoint-16/optimizer.bpk").is_file());
+    let sources: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(killed.join("checkpoint-16/script_sources.json")).unwrap()).unwrap();
+    let texts: Vec<&str> = sources.as_object().unwrap().values().filter_map(|v| v.as_str()).collect();
+    assert!(texts.iter().any(|t| t.contains("dpo::loss(b, p)")) && texts.iter().any(|t| t.contains("fn margin(batch)")), "{sources}");
 }
 
 #[test]

@@ -257,6 +257,10 @@ pub fn tensor_from_dynamic(value: Dynamic) -> RhaiResult<ScriptTensor> {
     let Some(array) = value.clone().try_cast::<Array>() else {
         return err(format!("tensor(): cannot build a tensor from {}", value.type_name()));
     };
+    // Empty tensors have no meaning in a loss and make reductions undefined.
+    if array.is_empty() {
+        return err("tensor(): empty array");
+    }
     if array.first().is_some_and(|v| v.is_array()) {
         let rows: Vec<Array> = array
             .into_iter()
@@ -264,6 +268,9 @@ pub fn tensor_from_dynamic(value: Dynamic) -> RhaiResult<ScriptTensor> {
             .collect::<Result<_, _>>()
             .or_else(|_| err("tensor(): mixed rows and numbers"))?;
         let cols = rows[0].len();
+        if cols == 0 {
+            return err("tensor(): empty rows");
+        }
         let mut values = Vec::with_capacity(rows.len() * cols);
         for (i, row) in rows.iter().enumerate() {
             if row.len() != cols {

@@ -12,6 +12,8 @@ use crate::rng::SplitMix64;
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
 pub const RUN_FILE: &str = "run.json";
+/// The script and plugin sources in use when the checkpoint was written (path → text).
+pub const SOURCES_FILE: &str = "script_sources.json";
 
 #[derive(Serialize, Deserialize)]
 pub struct TrainerState {

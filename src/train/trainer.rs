@@ -11,7 +11,7 @@ use burn::tensor::{Device, Tensor};
 use rhai::{Dynamic, INT, Map};
 use serde_json::json;
 
-use super::checkpoint::{self, OPTIMIZER_FILE, STATE_FILE, TrainerState};
+use super::checkpoint::{self, OPTIMIZER_FILE, SOURCES_FILE, STATE_FILE, TrainerState};
 use super::config::{Init, Mode, TrainConfig};
 use super::console;
 use super::grads::clip_global_norm;
@@ -134,7 +134,7 @@ pub fn run(host: &mut ScriptHost, options: RunOptions) -> Result<RunSummary> {
     for step in start..total {
         if INTERRUPTED.load(Ordering::SeqCst) {
             console::finish_bar();
-            let dir = trainer.save_checkpoint(&run_dir, step, &optimizer)?;
+            let dir = trainer.save_checkpoint(&run_dir, step, &optimizer, &current)?;
             console::line(&format!("interrupted at step {step}; checkpoint {}; continue with: host run --resume {}", dir.display(), run_dir.display()));
             return Ok(RunSummary { run_dir, steps: step, reloads, interrupted: true });
         }
@@ -231,11 +231,11 @@ pub fn run(host: &mut ScriptHost, options: RunOptions) -> Result<RunSummary> {
             }
         }
         if trainer.config.save_every.is_some_and(|n| n > 0 && done % n == 0 && done != total) {
-            trainer.save_checkpoint(&run_dir, done, &optimizer)?;
+            trainer.save_checkpoint(&run_dir, done, &optimizer, &current)?;
         }
     }
     console::finish_bar();
-    let final_dir = trainer.save_checkpoint(&run_dir, total, &optimizer)?;
+    let final_dir = trainer.save_checkpoint(&run_dir, total, &optimizer, &current)?;
     if let Some(target) = trainer.config.save_model_to.clone() {
         save_model_with(&trainer.policy.valid(), &trainer.model_config, &trainer.tokenizer.path, Path::new(&target), &[])?;
         console::line(&format!("model written to {target}"));
@@ -494,8 +494,9 @@ impl Trainer {
         }
     }
 
-    /// Writes `checkpoint-{step}`: the policy (HF layout), optimizer state and trainer state.
-    fn save_checkpoint(&self, run_dir: &Path, step: usize, optimizer: &ModuleOptimizer) -> Result<PathBuf> {
+    /// Writes `checkpoint-{step}`: the policy (HF layout), optimizer state, trainer state
+    /// and the sources of the script version in use.
+    fn save_checkpoint(&self, run_dir: &Path, step: usize, optimizer: &ModuleOptimizer, script: &ScriptVersion) -> Result<PathBuf> {
         let state = TrainerState {
             step,
             epoch: self.epoch,
@@ -508,8 +509,12 @@ impl Trainer {
         };
         let state_json = serde_json::to_vec_pretty(&state)?;
         let optimizer_bytes = optimizer.into_bytes().map_err(|e| anyhow::anyhow!("saving the optimizer state: {e:?}"))?;
+        let sources: serde_json::Map<String, serde_json::Value> =
+            script.sources.iter().map(|(path, text)| (relative(path), json!(text))).collect();
+        let sources_json = serde_json::to_vec_pretty(&sources)?;
         let dir = run_dir.join(format!("checkpoint-{step}"));
-        save_model_with(&self.policy.valid(), &self.model_config, &self.tokenizer.path, &dir, &[(STATE_FILE, &state_json), (OPTIMIZER_FILE, &optimizer_bytes)])?;
+        let extra: [(&str, &[u8]); 3] = [(STATE_FILE, &state_json), (OPTIMIZER_FILE, &optimizer_bytes), (SOURCES_FILE, &sources_json)];
+        save_model_with(&self.policy.valid(), &self.model_config, &self.tokenizer.path, &dir, &extra)?;
         Ok(dir)
     }
 
