@@ -63,3 +63,36 @@ fn mismatched_checkpoint_shapes_are_named() {
     let err = format!("{:#}", load_model(&target, &device).unwrap_err());
     assert!(err.contains("model.layers.0.mlp.gate_proj.weight") && err.contains("[48, 32]") && err.contains("[64, 32]"), "{err}");
 }
+
+#[test]
+fn truncated_weights_broken_config_and_missing_tokenizer_are_named() {
+    let device = Device::flex();
+    let config = tiny_config();
+    let model = Llama::build(&config, &mut RandomInit { std: 0.2 }, &device).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("ckpt");
+    let tokenizer = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-math-init/tokenizer.json");
+    save_model(&model, &config, &tokenizer, &target).unwrap();
+
+    // A checkpoint cut off mid-write.
+    let weights = target.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let err = format!("{:#}", load_model(&target, &device).unwrap_err());
+    assert!(err.contains("model.safetensors") && err.contains("not a valid safetensors file"), "{err}");
+
+    // config.json that is not JSON: file, line and column.
+    std::fs::write(target.join("config.json"), "{\n  \"model_type\": \"llama\",\n  oops\n}").unwrap();
+    let err = format!("{:#}", load_model(&target, &device).unwrap_err());
+    assert!(err.contains("config.json:3:"), "{err}");
+
+    // An unsupported architecture is refused by name.
+    std::fs::write(target.join("config.json"), serde_json::json!({"model_type": "gpt2", "vocab_size": 5, "hidden_size": 4,
+        "intermediate_size": 4, "num_hidden_layers": 1, "num_attention_heads": 1}).to_string()).unwrap();
+    let err = format!("{:#}", load_model(&target, &device).unwrap_err());
+    assert!(err.contains("model_type \"gpt2\""), "{err}");
+
+    let missing = dir.path().join("nothing/tokenizer.json");
+    let err = prefhost::data::TextTokenizer::load(&missing, None, None).err().expect("missing tokenizer is an error");
+    assert!(format!("{err:#}").contains("nothing/tokenizer.json"), "{err:#}");
+}

@@ -19,7 +19,7 @@ use super::logps::{row_sums, token_logps};
 use super::loss_call::{LossOutput, loss_params, put1, put2, read_loss_output};
 use super::metrics::{MetricsLog, format_line};
 use crate::data::{Example, TextTokenizer, Truncation, collate_pairs, collate_sft, load_examples};
-use crate::model::{Llama, LlamaConfig, RandomInit, load_model, save_model_with};
+use crate::model::{Llama, LlamaConfig, RandomInit, load_model, save_model, save_model_with};
 use crate::rng::SplitMix64;
 use crate::script::{ScriptHost, ScriptTensor, ScriptVersion, ScriptWatcher, set_script_device};
 
@@ -237,7 +237,7 @@ pub fn run(host: &mut ScriptHost, options: RunOptions) -> Result<RunSummary> {
     console::finish_bar();
     let final_dir = trainer.save_checkpoint(&run_dir, total, &optimizer, &current)?;
     if let Some(target) = trainer.config.save_model_to.clone() {
-        save_model_with(&trainer.policy.valid(), &trainer.model_config, &trainer.tokenizer.path, Path::new(&target), &[])?;
+        save_model(&trainer.policy.valid(), &trainer.model_config, &trainer.tokenizer.path, Path::new(&target))?;
         console::line(&format!("model written to {target}"));
     }
     if trainer.skipped_steps > 0 {
