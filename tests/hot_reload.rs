@@ -19,6 +19,17 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Starts `host run` (watching, as users run it) in the background.
+fn start_run(script: &Path, run_dir: &Path, stdout: std::process::Stdio) -> KillOnDrop {
+    KillOnDrop(
+        host()
+            .args(["run", script.to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap()])
+            .stdout(stdout)
+            .spawn()
+            .unwrap(),
+    )
+}
+
 fn script(loss_body: &str, beta: &str) -> String {
     format!(
         "import \"losses/dpo\" as dpo;\n\nfn loss(batch, params) {{\n{loss_body}\n}}\n\ntrain({});\n",
@@ -51,14 +62,7 @@ fn edits_during_a_run_are_applied_or_rejected_without_stopping_it() {
     let sb = Sandbox::new();
     let path = sb.write("scripts/exp.rhai", &script("    dpo::loss(batch, params)", "0.1"));
     let run_dir = sb.path("run");
-    let mut child = KillOnDrop(
-        host()
-            .args(["run", path.to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap()])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = start_run(&path, &run_dir, std::process::Stdio::piped());
     let metrics = run_dir.join("metrics.jsonl");
     wait_for(&metrics, "first steps", |l| last_step(l) >= 3);
 
@@ -109,13 +113,7 @@ fn restart_only_fields_are_ignored_with_a_notice() {
     let sb = Sandbox::new();
     let path = sb.write("scripts/exp.rhai", &script("    dpo::loss(batch, params)", "0.1"));
     let run_dir = sb.path("run");
-    let mut child = KillOnDrop(
-        host()
-            .args(["run", path.to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap()])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = start_run(&path, &run_dir, std::process::Stdio::null());
     let metrics = run_dir.join("metrics.jsonl");
     wait_for(&metrics, "first steps", |l| last_step(l) >= 2);
     let edited = script("    dpo::loss(batch, params)", "0.1").replace("batch_size: 8", "batch_size: 2");
@@ -132,13 +130,7 @@ fn a_version_that_fails_after_its_dry_run_is_replaced_by_the_previous_one() {
     let body = "    let out = dpo::loss(batch, params);\n    out.metrics = #{ beta: params.beta };\n    out";
     let path = sb.write("scripts/exp.rhai", &script(body, "0.1"));
     let run_dir = sb.path("run");
-    let _child = KillOnDrop(
-        host()
-            .args(["run", path.to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap()])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _child = start_run(&path, &run_dir, std::process::Stdio::null());
     let metrics = run_dir.join("metrics.jsonl");
     wait_for(&metrics, "first steps", |l| last_step(l) >= 2);
     // lr(0, total) passes the dry run; the next real step throws. Its params (beta 0.7)

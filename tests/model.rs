@@ -13,6 +13,15 @@ fn tiny_config() -> LlamaConfig {
     .unwrap()
 }
 
+/// A random model saved in HF layout to `<temp dir>/ckpt`.
+fn saved_model(config: &LlamaConfig, device: &Device) -> (Llama, tempfile::TempDir) {
+    let model = Llama::build(config, &mut RandomInit { std: 0.2 }, device).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-math-init/tokenizer.json");
+    save_model(&model, config, &tokenizer, &dir.path().join("ckpt")).unwrap();
+    (model, dir)
+}
+
 fn tokens(ids: &[i64], device: &Device) -> Tensor<2, Int> {
     Tensor::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), device)
 }
@@ -37,11 +46,8 @@ fn hf_checkpoint_round_trip_reproduces_logits() {
     let device = Device::flex();
     device.seed(9);
     let config = tiny_config();
-    let model = Llama::build(&config, &mut RandomInit { std: 0.2 }, &device).unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (model, dir) = saved_model(&config, &device);
     let target = dir.path().join("ckpt");
-    let tokenizer = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-math-init/tokenizer.json");
-    save_model(&model, &config, &tokenizer, &target).unwrap();
     let (loaded_config, loaded) = load_model(&target, &device).unwrap();
     assert_eq!(loaded_config, config);
     let ids = [1, 2, 3, 4, 5, 6];
@@ -52,11 +58,8 @@ fn hf_checkpoint_round_trip_reproduces_logits() {
 fn mismatched_checkpoint_shapes_are_named() {
     let device = Device::flex();
     let config = tiny_config();
-    let model = Llama::build(&config, &mut RandomInit { std: 0.2 }, &device).unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (_, dir) = saved_model(&config, &device);
     let target = dir.path().join("ckpt");
-    let tokenizer = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-math-init/tokenizer.json");
-    save_model(&model, &config, &tokenizer, &target).unwrap();
     let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(target.join("config.json")).unwrap()).unwrap();
     json["intermediate_size"] = serde_json::json!(64);
     std::fs::write(target.join("config.json"), json.to_string()).unwrap();
@@ -68,11 +71,8 @@ fn mismatched_checkpoint_shapes_are_named() {
 fn truncated_weights_broken_config_and_missing_tokenizer_are_named() {
     let device = Device::flex();
     let config = tiny_config();
-    let model = Llama::build(&config, &mut RandomInit { std: 0.2 }, &device).unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (_, dir) = saved_model(&config, &device);
     let target = dir.path().join("ckpt");
-    let tokenizer = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-math-init/tokenizer.json");
-    save_model(&model, &config, &tokenizer, &target).unwrap();
 
     // A checkpoint cut off mid-write.
     let weights = target.join("model.safetensors");

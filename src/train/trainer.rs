@@ -447,7 +447,7 @@ impl Trainer {
         let (chosen_logps, rejected_logps) = (values("chosen_logps"), values("rejected_logps"));
         let (ref_chosen, ref_rejected) = (values("ref_chosen_logps"), values("ref_rejected_logps"));
         let diagnostics = if rejected {
-            let width = values("chosen_mask").len() / b;
+            let width = map.get("chosen_mask").map_or(0, |m| m.clone().cast::<ScriptTensor>().shape()[1]);
             failure_mode_diagnostics(examples, &values("chosen_token_logps"), &values("ref_chosen_token_logps"), width, &chosen_logps, &ref_chosen)
         } else {
             Vec::new()
