@@ -31,7 +31,7 @@ enum Command {
         /// Do not watch the script and plugins for edits.
         #[arg(long)]
         no_watch: bool,
-        /// Plugins folder (default: ../plugins beside the script, else ./plugins).
+        /// Plugins folder (default: the nearest plugins/ above the script, else ./plugins).
         #[arg(long)]
         plugins: Option<PathBuf>,
         /// Run folder (default: <output_dir>/<name>-<UTC time>); must not exist.
