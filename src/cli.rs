@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
+use crate::data::build_pairs::{PairStyle, build_pairs, check_output, edit_distances, write_pairs};
 use crate::script::testing::{TestReport, run_test_file};
 use crate::script::{Limits, ScriptEngine, ScriptHost, find_plugins_dir};
 use crate::train::{RunOptions, TrainConfig};
@@ -57,6 +58,25 @@ enum Command {
         files: Vec<PathBuf>,
         #[arg(long)]
         plugins: Option<PathBuf>,
+    },
+    /// Build preference pairs from labelled data (MetaMath-style corrupted intermediate
+    /// result, or multiple-choice correct vs each wrong choice), with edit-distance statistics.
+    Pairs {
+        /// Labelled JSONL rows.
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long, value_enum)]
+        style: PairStyle,
+        /// Output JSONL; the statistics go to <out>.stats.json and <out>.edit_distance.png.
+        #[arg(long)]
+        out: PathBuf,
+        /// Measure edit distance in this tokenizer's tokens (default: characters).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        #[arg(long, default_value_t = 20)]
+        bins: usize,
     },
     /// Generate the arithmetic word-problem corpus (and its tokenizer).
     Data {
@@ -132,9 +152,10 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             println!("{} passed, {} failed", report.passed, report.failed.len());
             Ok(if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
+        Command::Pairs { from, style, out, tokenizer, seed, bins } => pairs(&from, style, &out, tokenizer.as_deref(), seed, bins),
         Command::Data { out, sft_rows, pair_rows, eval_rows, seed, tokenizer_vocab } => {
             crate::data::arithmetic::write_corpus(&out, sft_rows, pair_rows, eval_rows, seed)?;
-            println!("wrote {}/{{sft,pairs,eval}}.jsonl", out.display());
+            println!("wrote {}/{{sft,pairs,eval,choices}}.jsonl", out.display());
             if let Some(vocab) = tokenizer_vocab {
                 let path = out.join("tokenizer.json");
                 crate::data::arithmetic::train_tokenizer(&out.join("sft.jsonl"), vocab, &path)?;
@@ -153,12 +174,47 @@ fn check(script: &Path, plugins: Option<&Path>) -> Result<String> {
     match version.config.clone() {
         Some(map) => {
             let config = TrainConfig::from_map(map).map_err(|e| anyhow::anyhow!("{}: {e:#}", version.display_path()))?;
-            if !version.has_fn("loss", 2) {
-                bail!("{}: the script defines no fn loss(batch, params)", version.display_path());
+            let mut loss_fns: Vec<String> = config.compare.iter().map(|arm| arm.loss_fn.clone()).collect();
+            if loss_fns.is_empty() {
+                loss_fns.push(config.loss_fn.clone());
+            }
+            for name in &loss_fns {
+                if !version.has_fn(name, 2) {
+                    bail!("{}: the script defines no fn {name}(batch, params)", version.display_path());
+                }
             }
             crate::train::backend_device(&config.backend).map_err(|e| anyhow::anyhow!("{}: {e}", version.display_path()))?;
             Ok(format!("{} ({files} file(s) compiled, mode {:?}, backend {})", version.display_path(), config.mode, config.backend))
         }
         None => Ok(format!("{} ({files} file(s) compiled; no train() call)", version.display_path())),
     }
+}
+
+fn pairs(from: &Path, style: PairStyle, out: &Path, tokenizer: Option<&Path>, seed: u64, bins: usize) -> Result<ExitCode> {
+    check_output(out, from)?;
+    let tokenizer = match tokenizer {
+        Some(path) => Some(tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow::anyhow!("{}: invalid tokenizer: {e}", path.display()))?),
+        None => None,
+    };
+    let (pairs, report) = build_pairs(from, style, seed)?;
+    for (reason, places) in &report.skipped {
+        let shown: Vec<&str> = places.iter().take(3).map(String::as_str).collect();
+        eprintln!("skipped {} row(s): {reason} (e.g. {})", places.len(), shown.join(", "));
+    }
+    if pairs.is_empty() {
+        bail!("{}: no pairs could be built from {} row(s)", from.display(), report.rows);
+    }
+    let distances = edit_distances(&pairs, tokenizer.as_ref())?;
+    let unit = if tokenizer.is_some() { "tokens" } else { "characters" };
+    let stats = write_pairs(out, &pairs, &distances, unit, bins, &report)?;
+    let plot = out.with_extension("edit_distance.png");
+    crate::report::histogram_png(&format!("normalised edit distance ({unit}), {} pairs", pairs.len()), "chosen vs rejected", &distances, bins, &plot)?;
+    let ed = &stats["edit_distance"];
+    println!(
+        "wrote {} pairs from {} rows to {} ({} skipped)\nnormalised edit distance ({unit}): mean {:.3}, median {:.3}, p10 {:.3}, p90 {:.3}\nstats: {}  histogram: {}",
+        pairs.len(), report.rows, out.display(), report.skipped_count(),
+        ed["mean"].as_f64().unwrap_or(0.0), ed["median"].as_f64().unwrap_or(0.0), ed["p10"].as_f64().unwrap_or(0.0), ed["p90"].as_f64().unwrap_or(0.0),
+        out.with_extension("stats.json").display(), plot.display(),
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod data;
 pub mod model;
+pub mod report;
 pub mod rng;
 pub mod script;
 pub mod train;

@@ -96,3 +96,31 @@ fn truncated_weights_broken_config_and_missing_tokenizer_are_named() {
     let err = prefhost::data::TextTokenizer::load(&missing, None, None).err().expect("missing tokenizer is an error");
     assert!(format!("{err:#}").contains("nothing/tokenizer.json"), "{err:#}");
 }
+
+/// Greedy decoding with the KV cache picks the same tokens as recomputing the whole
+/// sequence at every step (the cache's positions and attention are right).
+#[test]
+fn cached_greedy_decoding_matches_full_recomputation() {
+    let device = Device::flex();
+    device.seed(9);
+    let model = Llama::build(&tiny_config(), &mut RandomInit { std: 0.3 }, &device).unwrap();
+    let prompts = vec![vec![3u32, 7, 11], vec![5, 2, 9], vec![8, 8, 1, 4], vec![6]];
+    let steps = 12;
+    let cached = prefhost::model::generate::greedy(&model, &prompts, steps, u32::MAX, 2);
+    for (prompt, got) in prompts.iter().zip(&cached) {
+        let mut sequence: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+        for _ in 0..steps {
+            let logits = model.forward(tokens(&sequence, &device));
+            let last = logits.narrow(1, sequence.len() - 1, 1).reshape([1, 50]).argmax(1);
+            sequence.push(last.into_data().iter::<i64>().next().unwrap());
+        }
+        let expected: Vec<u32> = sequence[prompt.len()..].iter().map(|&t| t as u32).collect();
+        assert_eq!(got, &expected, "prompt {prompt:?}");
+    }
+    // Stops at EOS (not included) and never runs past the model's positions.
+    let eos = cached[0][2];
+    let stopped = prefhost::model::generate::greedy(&model, &prompts[..1], steps, eos, 8);
+    assert_eq!(stopped[0], cached[0][..cached[0].iter().position(|&t| t == eos).unwrap()].to_vec());
+    let long = prefhost::model::generate::greedy(&model, &[vec![1; 60]], 100, u32::MAX, 8);
+    assert_eq!(long[0].len(), 4);
+}

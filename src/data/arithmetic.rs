@@ -88,7 +88,8 @@ fn corrupted_value(rng: &mut SplitMix64, right: i64) -> i64 {
 }
 
 /// Writes sft.jsonl (prompt → worked answer), pairs.jsonl (chosen vs one corrupted
-/// intermediate result) and eval.jsonl (held-out prompt + answer).
+/// intermediate result), eval.jsonl (held-out prompt + answer) and choices.jsonl
+/// (multiple choice).
 pub fn write_corpus(dir: &Path, sft_rows: usize, pair_rows: usize, eval_rows: usize, seed: u64) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut rng = SplitMix64::new(seed);
@@ -116,6 +117,21 @@ pub fn write_corpus(dir: &Path, sft_rows: usize, pair_rows: usize, eval_rows: us
     write("eval.jsonl", eval_rows, &mut |rng| {
         let p = problem(rng);
         json!({"prompt": p.prompt(), "completion": p.worked(None), "answer": p.answer})
+    })?;
+    // Multiple-choice rows (ARC-like: the answer among three near misses), for `host pairs --style choice`.
+    write("choices.jsonl", eval_rows, &mut |rng| {
+        let p = problem(rng);
+        let mut choices = vec![p.answer];
+        while choices.len() < 4 {
+            let wrong = corrupted_value(rng, p.answer);
+            if !choices.contains(&wrong) {
+                choices.push(wrong);
+            }
+        }
+        let shift = rng.range(0, 3) as usize;
+        choices.rotate_left(shift);
+        let answer = (4 - shift) % 4;
+        json!({"question": p.question, "choices": choices.iter().map(|c| c.to_string()).collect::<Vec<_>>(), "answer": answer})
     })?;
     Ok(())
 }

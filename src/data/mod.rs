@@ -2,6 +2,7 @@
 
 pub mod arithmetic;
 pub mod batch;
+pub mod build_pairs;
 pub mod pairs;
 pub mod tokenizer;
 

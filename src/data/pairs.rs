@@ -28,23 +28,27 @@ impl Example {
     /// Token-level Levenshtein distance between the completions over the longer length:
     /// 0 for identical completions, small for Smaug-style one-number edits.
     pub fn normalised_edit_distance(&self) -> f64 {
-        let (a, b) = (&self.chosen, &self.rejected);
-        let longest = a.len().max(b.len());
-        if longest == 0 {
-            return 0.0;
-        }
-        let mut row: Vec<usize> = (0..=b.len()).collect();
-        for (i, x) in a.iter().enumerate() {
-            let mut diagonal = row[0];
-            row[0] = i + 1;
-            for (j, y) in b.iter().enumerate() {
-                let substitution = diagonal + usize::from(x != y);
-                diagonal = row[j + 1];
-                row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
-            }
-        }
-        row[b.len()] as f64 / longest as f64
+        normalised_levenshtein(&self.chosen, &self.rejected)
     }
+}
+
+/// Levenshtein distance over the longer length: 0 for equal sequences, 1 for disjoint ones.
+pub fn normalised_levenshtein<T: PartialEq>(a: &[T], b: &[T]) -> f64 {
+    let longest = a.len().max(b.len());
+    if longest == 0 {
+        return 0.0;
+    }
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, x) in a.iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, y) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(x != y);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()] as f64 / longest as f64
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -22,14 +22,24 @@ pub struct Attention {
 impl Attention {
     /// x: [batch, seq, hidden] -> [batch, seq, hidden]
     pub fn forward(&self, x: Tensor<3>, rope: &Rope) -> Tensor<3> {
+        self.forward_cached(x, rope, &mut KvCache::default())
+    }
+
+    /// Like `forward`, continuing after the tokens in `cache` and appending this call's
+    /// keys and values to it. After the first call, one token at a time (greedy decoding).
+    pub fn forward_cached(&self, x: Tensor<3>, rope: &Rope, cache: &mut KvCache) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
+        let offset = cache.len();
+        assert!(offset == 0 || seq == 1, "a KV cache continues one token at a time");
         let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
-        let q = rope.apply(heads(self.q_proj.forward(x.clone()), self.num_heads));
-        let k = rope.apply(heads(self.k_proj.forward(x.clone()), self.num_kv_heads));
+        let q = rope.apply_from(heads(self.q_proj.forward(x.clone()), self.num_heads), offset);
+        let k = rope.apply_from(heads(self.k_proj.forward(x.clone()), self.num_kv_heads), offset);
         let v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        let (k, v) = cache.append(k, v);
         let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
 
-        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
+        // A single new token may attend to every cached one, so only the first call is causal.
+        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: offset == 0 };
         let out = attention(q, k, v, None, None, options);
         let out = out.swap_dims(1, 2).reshape([batch, seq, self.num_heads * self.head_dim]);
         self.o_proj.forward(out)
@@ -43,5 +53,33 @@ impl Attention {
         }
         let [b, kv, s, d] = t.dims();
         t.unsqueeze_dim::<5>(2).expand([b, kv, groups, s, d]).reshape([b, kv * groups, s, d])
+    }
+}
+
+/// Keys and values of the tokens seen so far ([batch, kv_heads, seq, head_dim], after RoPE).
+#[derive(Default)]
+pub struct KvCache {
+    keys: Option<Tensor<4>>,
+    values: Option<Tensor<4>>,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.keys.as_ref().map_or(0, |k| k.dims()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn append(&mut self, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let join = |old: Option<Tensor<4>>, new: Tensor<4>| match old {
+            Some(old) => Tensor::cat(vec![old, new], 2),
+            None => new,
+        };
+        let (k, v) = (join(self.keys.take(), k), join(self.values.take(), v));
+        self.keys = Some(k.clone());
+        self.values = Some(v.clone());
+        (k, v)
     }
 }

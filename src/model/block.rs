@@ -4,7 +4,7 @@ use burn::module::Module;
 use burn::nn::RmsNorm;
 use burn::tensor::Tensor;
 
-use super::attention::Attention;
+use super::attention::{Attention, KvCache};
 use super::mlp::Mlp;
 use super::rope::Rope;
 
@@ -18,7 +18,11 @@ pub struct DecoderLayer {
 
 impl DecoderLayer {
     pub fn forward(&self, x: Tensor<3>, rope: &Rope) -> Tensor<3> {
-        let x = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope);
+        self.forward_cached(x, rope, &mut KvCache::default())
+    }
+
+    pub fn forward_cached(&self, x: Tensor<3>, rope: &Rope, cache: &mut KvCache) -> Tensor<3> {
+        let x = x.clone() + self.self_attn.forward_cached(self.input_layernorm.forward(x), rope, cache);
         x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
     }
 }

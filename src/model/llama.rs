@@ -4,7 +4,7 @@ use burn::module::{Module, Param, ParamId};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::{Device, Distribution, Int, Tensor};
 
-use super::attention::Attention;
+use super::attention::{Attention, KvCache};
 use super::block::DecoderLayer;
 use super::config::LlamaConfig;
 use super::mlp::Mlp;
@@ -111,7 +111,32 @@ impl Llama {
         for layer in &self.layers {
             x = layer.forward(x, &self.rope);
         }
-        let x = self.norm.forward(x);
+        self.head(self.norm.forward(x))
+    }
+
+    /// Decoding step: tokens [batch, seq] continue the cached ones; returns the logits of
+    /// the last position only, [batch, vocab] (all greedy decoding needs).
+    pub fn forward_last(&self, tokens: Tensor<2, Int>, cache: &mut [KvCache]) -> Tensor<2> {
+        assert_eq!(cache.len(), self.layers.len(), "one KV cache per layer");
+        let mut x = self.embed_tokens.forward(tokens);
+        for (layer, layer_cache) in self.layers.iter().zip(cache.iter_mut()) {
+            x = layer.forward_cached(x, &self.rope, layer_cache);
+        }
+        let [b, s, _] = x.dims();
+        let last = self.norm.forward(x.narrow(1, s - 1, 1));
+        self.head(last).reshape([b, self.vocab_size()])
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.embed_tokens.weight.val().dims()[0]
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.rope.max_positions()
+    }
+
+    /// Final projection to the vocabulary: lm_head, or the tied embeddings.
+    fn head(&self, x: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => head.forward(x),
             None => {

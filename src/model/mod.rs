@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod block;
 pub mod config;
+pub mod generate;
 pub mod llama;
 pub mod mlp;
 pub mod rope;

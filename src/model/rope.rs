@@ -37,11 +37,18 @@ impl Rope {
 
     /// x: [batch, heads, seq, head_dim], positions 0..seq.
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        self.apply_from(x, 0)
+    }
+
+    /// x: [batch, heads, seq, head_dim] at positions offset..offset+seq (decoding with a
+    /// KV cache continues where the cached tokens end).
+    pub fn apply_from(&self, x: Tensor<4>, offset: usize) -> Tensor<4> {
         let [_, _, seq, head_dim] = x.dims();
-        assert!(seq <= self.max_positions, "sequence of {seq} tokens exceeds {} positions", self.max_positions);
+        let end = offset + seq;
+        assert!(end <= self.max_positions, "position {end} exceeds the model's {} positions", self.max_positions);
         let device = x.device();
         let table = |values: &[f32]| {
-            let data = TensorData::new(values[..seq * head_dim].to_vec(), [1, 1, seq, head_dim]);
+            let data = TensorData::new(values[offset * head_dim..end * head_dim].to_vec(), [1, 1, seq, head_dim]);
             Tensor::<4>::from_data(data, &device)
         };
         let (cos, sin) = (table(&self.cos), table(&self.sin));

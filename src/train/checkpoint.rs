@@ -32,10 +32,13 @@ pub struct TrainerState {
 #[derive(Serialize, Deserialize)]
 pub struct RunInfo {
     pub script: PathBuf,
+    /// The comparison arm this folder trains (a sub-folder of the comparison's run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arm: Option<String>,
 }
 
-pub fn write_run_info(run_dir: &Path, script: &Path) -> Result<()> {
-    let info = RunInfo { script: script.canonicalize().unwrap_or_else(|_| script.to_path_buf()) };
+pub fn write_run_info(run_dir: &Path, script: &Path, arm: Option<&str>) -> Result<()> {
+    let info = RunInfo { script: script.canonicalize().unwrap_or_else(|_| script.to_path_buf()), arm: arm.map(str::to_string) };
     std::fs::write(run_dir.join(RUN_FILE), serde_json::to_string_pretty(&info)? + "\n")
         .with_context(|| format!("writing {}", run_dir.join(RUN_FILE).display()))
 }

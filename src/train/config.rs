@@ -108,7 +108,49 @@ pub struct TrainConfig {
     /// Show a progress bar (off automatically when stdout is not a terminal).
     #[serde(default = "d_true")]
     pub progress: bool,
+    /// Held-out answer accuracy by greedy generation, before and after training
+    /// (`heldout`, since `eval` is a reserved word in Rhai).
+    #[serde(default)]
+    pub heldout: Option<EvalConfig>,
     #[serde(skip)]
+    pub params: Map,
+    /// Arms of a comparison (`compare: [...]`), each trained from the same start.
+    #[serde(skip)]
+    pub compare: Vec<Arm>,
+    /// The script function used as the loss ("loss" unless an arm names another).
+    #[serde(skip, default = "d_loss_fn")]
+    pub loss_fn: String,
+    /// Set when this config is one arm of a comparison.
+    #[serde(skip)]
+    pub arm: Option<String>,
+}
+
+fn d_loss_fn() -> String {
+    "loss".into()
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// JSONL rows {"prompt", "answer"}.
+    pub data: String,
+    #[serde(default = "d_max_new_tokens")]
+    pub max_new_tokens: usize,
+    /// Use only the first N rows.
+    #[serde(default)]
+    pub rows: Option<usize>,
+}
+
+fn d_max_new_tokens() -> usize {
+    64
+}
+
+/// One arm of a comparison: its name (a sub-folder of the run), the loss function it
+/// calls, and params that override the shared ones.
+#[derive(Clone, Debug)]
+pub struct Arm {
+    pub name: String,
+    pub loss_fn: String,
     pub params: Map,
 }
 
@@ -118,13 +160,42 @@ impl TrainConfig {
             None => Map::new(),
             Some(p) => p.try_cast::<Map>().ok_or_else(|| anyhow!("config.params must be a map"))?,
         };
+        let compare = match map.remove("compare") {
+            None => Vec::new(),
+            Some(list) => parse_arms(list)?,
+        };
         let mut config: Self = rhai::serde::from_dynamic(&Dynamic::from_map(map)).map_err(|e| {
             let text = e.to_string();
             anyhow!("train(config): {}", text.split(" (line").next().unwrap_or(&text))
         })?;
         config.params = params;
+        config.compare = compare;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The config one arm of a comparison trains with.
+    pub fn for_arm(&self, arm: &Arm) -> TrainConfig {
+        let mut config = self.clone();
+        config.compare = Vec::new();
+        config.name = Some(arm.name.clone());
+        config.loss_fn = arm.loss_fn.clone();
+        config.arm = Some(arm.name.clone());
+        for (k, v) in &arm.params {
+            config.params.insert(k.clone(), v.clone());
+        }
+        config
+    }
+
+    /// This config for the named arm, or itself when `arm` is None.
+    pub fn arm_named(&self, arm: Option<&str>) -> Result<TrainConfig> {
+        match arm {
+            None => Ok(self.clone()),
+            Some(name) => {
+                let found = self.compare.iter().find(|a| a.name == name).ok_or_else(|| anyhow!("train(config): compare has no arm named \"{name}\""))?;
+                Ok(self.for_arm(found))
+            }
+        }
     }
 
     fn validate(&self) -> Result<()> {
@@ -133,6 +204,9 @@ impl TrainConfig {
             if value == 0 {
                 return Err(anyhow!("train(config): {field} must be at least 1"));
             }
+        }
+        if self.heldout.as_ref().is_some_and(|e| e.max_new_tokens == 0) {
+            return Err(anyhow!("train(config): heldout.max_new_tokens must be at least 1"));
         }
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             return Err(anyhow!("train(config): lr must be a non-negative number, got {}", self.lr));
@@ -153,6 +227,7 @@ impl TrainConfig {
     }
 
     /// Takes the fields that may change during a run from `newer`.
+    /// (`heldout` is read when it is used.)
     pub fn apply_hot(&mut self, newer: &TrainConfig) {
         self.lr = newer.lr;
         self.max_grad_norm = newer.max_grad_norm;
@@ -160,9 +235,47 @@ impl TrainConfig {
         self.save_every = newer.save_every;
         self.params = newer.params.clone();
         self.progress = newer.progress;
+        self.loss_fn = newer.loss_fn.clone();
+        self.heldout = newer.heldout.clone();
     }
 
     pub fn beta(&self) -> f64 {
         self.params.get("beta").and_then(|b| b.as_float().ok().or_else(|| b.as_int().ok().map(|i| i as f64))).unwrap_or(0.1)
     }
+}
+
+/// `compare: [#{ name: "dpo", loss: "dpo_loss", params: #{...} }, ...]`
+fn parse_arms(list: Dynamic) -> Result<Vec<Arm>> {
+    let list = list.try_cast::<rhai::Array>().ok_or_else(|| anyhow!("train(config): compare must be an array of maps"))?;
+    let mut arms: Vec<Arm> = Vec::new();
+    for (i, item) in list.into_iter().enumerate() {
+        let at = format!("train(config): compare[{i}]");
+        let mut map = item.try_cast::<Map>().ok_or_else(|| anyhow!("{at} must be a map with name, loss, params"))?;
+        let text = |map: &mut Map, key: &str| -> Result<Option<String>> {
+            match map.remove(key) {
+                None => Ok(None),
+                Some(v) => v.into_string().map(Some).map_err(|t| anyhow!("{at}.{key} must be a string, got {t}")),
+            }
+        };
+        let name = text(&mut map, "name")?.ok_or_else(|| anyhow!("{at} needs a name"))?;
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(anyhow!("{at}.name \"{name}\" must be letters, digits, - or _ (it names a folder)"));
+        }
+        if arms.iter().any(|a| a.name == name) {
+            return Err(anyhow!("{at}.name \"{name}\" is used twice"));
+        }
+        let loss_fn = text(&mut map, "loss")?.unwrap_or_else(d_loss_fn);
+        let params = match map.remove("params") {
+            None => Map::new(),
+            Some(p) => p.try_cast::<Map>().ok_or_else(|| anyhow!("{at}.params must be a map"))?,
+        };
+        if let Some(key) = map.keys().next() {
+            return Err(anyhow!("{at}: unknown field `{key}` (expected name, loss, params)"));
+        }
+        arms.push(Arm { name, loss_fn, params });
+    }
+    if arms.len() == 1 {
+        return Err(anyhow!("train(config): compare needs at least two arms"));
+    }
+    Ok(arms)
 }

@@ -1,8 +1,10 @@
 //! Training: run config, log-probs, the loss boundary, gradients, metrics, the loop.
 
 pub mod checkpoint;
+pub mod compare;
 pub mod config;
 pub mod console;
+pub mod evaluate;
 pub mod grads;
 pub mod logps;
 pub mod loss_call;

@@ -14,6 +14,7 @@ use serde_json::json;
 use super::checkpoint::{self, OPTIMIZER_FILE, SOURCES_FILE, STATE_FILE, TrainerState};
 use super::config::{Init, Mode, TrainConfig};
 use super::console;
+use super::evaluate::{EvalResult, evaluate, load_eval_rows};
 use super::grads::clip_global_norm;
 use super::logps::{row_sums, token_logps};
 use super::loss_call::{LossOutput, loss_params, put1, put2, read_loss_output};
@@ -23,6 +24,7 @@ use crate::model::{Llama, LlamaConfig, RandomInit, load_model, save_model, save_
 use crate::rng::SplitMix64;
 use crate::script::{ScriptHost, ScriptTensor, ScriptVersion, ScriptWatcher, set_script_device};
 
+#[derive(Clone)]
 pub struct RunOptions {
     pub script: PathBuf,
     pub watch: bool,
@@ -38,6 +40,11 @@ pub struct RunSummary {
     pub reloads: usize,
     /// Stopped by Ctrl-C after saving a checkpoint.
     pub interrupted: bool,
+    /// Held-out accuracy of the trained model, when the config has `heldout`.
+    pub eval: Option<EvalResult>,
+    /// ... and of the starting model, when asked for.
+    pub eval_before: Option<EvalResult>,
+    pub final_checkpoint: Option<PathBuf>,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -79,13 +86,33 @@ struct Trainer {
     restored_step: usize,
 }
 
+/// Trains as the script says: one run, or each arm of its `compare` list in turn.
 pub fn run(host: &mut ScriptHost, options: RunOptions) -> Result<RunSummary> {
+    let arm = match &options.resume {
+        Some(dir) => checkpoint::read_run_info(dir)?.arm,
+        None => None,
+    };
+    let version = host.load(&options.script).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = config_of(&version, arm.as_deref())?;
+    if !config.compare.is_empty() && arm.is_none() {
+        return super::compare::run_comparison(host, options, config);
+    }
+    train_one(host, options, version, config, true)
+}
+
+/// The script version's train(config), narrowed to one comparison arm when `arm` is set.
+pub fn config_of(version: &ScriptVersion, arm: Option<&str>) -> Result<TrainConfig> {
+    let map = version.config.clone().with_context(|| format!("{}: the script never called train(config)", version.display_path()))?;
+    TrainConfig::from_map(map).and_then(|c| c.arm_named(arm)).with_context(|| version.display_path())
+}
+
+/// One training run into its own run folder. `eval_before`: also score the starting
+/// model when the config has `heldout` (a comparison scores it once for all arms).
+pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVersion, config: TrainConfig, eval_before: bool) -> Result<RunSummary> {
     // ---- set-up: script, config, model, data, run folder
-    let mut current = host.load(&options.script).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut current = version;
     let mut previous: Option<ScriptVersion> = None;
-    let config_map = current.config.clone().with_context(|| format!("{}: the script never called train(config)", current.display_path()))?;
-    let config = TrainConfig::from_map(config_map).with_context(|| current.display_path())?;
-    require_loss(&current)?;
+    require_loss(&current, &config.loss_fn)?;
     let mut trainer = Trainer::new(config, options.max_steps)?;
     set_script_device(trainer.device.clone());
 
@@ -114,7 +141,7 @@ pub fn run(host: &mut ScriptHost, options: RunOptions) -> Result<RunSummary> {
                 bail!("{}: run folder already exists; continue it with --resume, or choose another with --run-dir", run_dir.display());
             }
             std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
-            checkpoint::write_run_info(&run_dir, &options.script)?;
+            checkpoint::write_run_info(&run_dir, &options.script, trainer.config.arm.as_deref())?;
             metrics_path = run_dir.join("metrics.jsonl");
             (run_dir, 0, MetricsLog::create(&metrics_path)?)
         }
@@ -127,6 +154,14 @@ pub fn run(host: &mut ScriptHost, options: RunOptions) -> Result<RunSummary> {
         "prefhost: {} | {} rows | {} steps | model {} ({} params) | run folder {}",
         current.display_path(), trainer.examples.len(), total, trainer.config.model, trainer.policy.num_params(), run_dir.display()
     ));
+    let mut before = None;
+    if eval_before && start == 0 {
+        before = trainer.evaluate()?;
+        if let Some(result) = &before {
+            console::line(&format!("eval before training: accuracy {:.3} ({}/{})", result.accuracy, result.correct, result.total));
+            log.event(0, "eval", json!({"accuracy": result.accuracy, "correct": result.correct, "total": result.total}))?;
+        }
+    }
     console::start_bar(total as u64, trainer.config.progress);
     let mut reloads = 0;
     let mut nonfinite_in_a_row = 0;
@@ -136,7 +171,7 @@ pub fn run(host: &mut ScriptHost, options: RunOptions) -> Result<RunSummary> {
             console::finish_bar();
             let dir = trainer.save_checkpoint(&run_dir, step, &optimizer, &current)?;
             console::line(&format!("interrupted at step {step}; checkpoint {}; continue with: host run --resume {}", dir.display(), run_dir.display()));
-            return Ok(RunSummary { run_dir, steps: step, reloads, interrupted: true });
+            return Ok(RunSummary { run_dir, steps: step, reloads, interrupted: true, eval: None, eval_before: before, final_checkpoint: Some(dir) });
         }
 
         // ---- hot reload: a new version is swapped in only if it compiles and its loss runs
@@ -243,8 +278,13 @@ pub fn run(host: &mut ScriptHost, options: RunOptions) -> Result<RunSummary> {
     if trainer.skipped_steps > 0 {
         console::line(&format!("{} step(s) skipped for non-finite values", trainer.skipped_steps));
     }
+    let eval = trainer.evaluate()?;
+    if let Some(result) = &eval {
+        console::line(&format!("eval after training: accuracy {:.3} ({}/{})", result.accuracy, result.correct, result.total));
+        log.event(total, "eval", json!({"accuracy": result.accuracy, "correct": result.correct, "total": result.total}))?;
+    }
     console::line(&format!("done: {total} steps, checkpoint {}", final_dir.display()));
-    Ok(RunSummary { run_dir, steps: total, reloads, interrupted: false })
+    Ok(RunSummary { run_dir, steps: total, reloads, interrupted: false, eval, eval_before: before, final_checkpoint: Some(final_dir) })
 }
 
 /// Runs `call` with the current script version; if it fails and an earlier version is
@@ -268,8 +308,8 @@ fn with_fallback<T>(
     };
     console::line(&format!("{what} failed at step {step}, going back to the previous version:\n{error}"));
     log.event(step, &format!("{what}_failed"), json!({"error": error}))?;
-    if let Some(map) = good.config.clone() {
-        config.apply_hot(&TrainConfig::from_map(map)?);
+    if good.config.is_some() {
+        config.apply_hot(&config_of(&good, config.arm.as_deref())?);
     }
     *current = good;
     call(current, config).map_err(|e| anyhow::anyhow!("{what} failed at step {step} with the previous version too:\n{e}"))
@@ -291,12 +331,11 @@ fn script_lr(host: &ScriptHost, version: &ScriptVersion, step: usize, total: usi
 /// batch, so a version that would fail is rejected before it replaces the running one.
 fn try_reload(host: &mut ScriptHost, script: &Path, trainer: &Trainer) -> Result<(ScriptVersion, TrainConfig), String> {
     let version = host.load(script).map_err(|e| e.to_string())?;
-    let map = version.config.clone().ok_or_else(|| format!("{}: the script no longer calls train(config)", version.display_path()))?;
-    let config = TrainConfig::from_map(map).map_err(|e| format!("{}: {e:#}", version.display_path()))?;
-    require_loss(&version).map_err(|e| e.to_string())?;
+    let config = config_of(&version, trainer.config.arm.as_deref()).map_err(|e| format!("{e:#}"))?;
+    require_loss(&version, &config.loss_fn).map_err(|e| e.to_string())?;
     let batch = synthetic_batch(&trainer.device, trainer.config.mode == Mode::Preference);
     let params = loss_params(&config.params, 0, trainer.total_steps, &trainer.loss_state);
-    let value = host.call(&version, "loss", vec![Dynamic::from_map(batch), Dynamic::from_map(params)]).map_err(|e| e.to_string())?;
+    let value = host.call(&version, &config.loss_fn, vec![Dynamic::from_map(batch), Dynamic::from_map(params)]).map_err(|e| e.to_string())?;
     let out = read_loss_output(value, 2).map_err(|e| format!("{}: {e}", version.display_path()))?;
     let dry_loss = crate::model::values(out.loss)[0];
     if !dry_loss.is_finite() {
@@ -306,9 +345,9 @@ fn try_reload(host: &mut ScriptHost, script: &Path, trainer: &Trainer) -> Result
     Ok((version, config))
 }
 
-fn require_loss(version: &ScriptVersion) -> Result<()> {
-    if !version.has_fn("loss", 2) {
-        bail!("{}: the script defines no fn loss(batch, params)", version.display_path());
+fn require_loss(version: &ScriptVersion, name: &str) -> Result<()> {
+    if !version.has_fn(name, 2) {
+        bail!("{}: the script defines no fn {name}(batch, params)", version.display_path());
     }
     Ok(())
 }
@@ -454,7 +493,7 @@ impl Trainer {
         };
         let params = loss_params(&config.params, step, self.total_steps, &self.loss_state);
         let value = host
-            .call(version, "loss", vec![Dynamic::from_map(map), Dynamic::from_map(params)])
+            .call(version, &config.loss_fn, vec![Dynamic::from_map(map), Dynamic::from_map(params)])
             .map_err(|e| e.to_string())?;
         let mut loss = read_loss_output(value, b).map_err(|e| format!("{}: {e}", version.display_path()))?;
         if rejected && loss.chosen_rewards.is_none() {
@@ -466,6 +505,13 @@ impl Trainer {
         }
         let loss_value = crate::model::values(loss.loss.clone())[0] as f64;
         Ok(StepResult { loss, loss_value, chosen_logps, rejected_logps, ref_chosen, diagnostics })
+    }
+
+    /// Held-out accuracy of the current policy, when the config has `heldout`.
+    fn evaluate(&self) -> Result<Option<EvalResult>> {
+        let Some(eval) = &self.config.heldout else { return Ok(None) };
+        let rows = load_eval_rows(Path::new(&eval.data), eval.rows)?;
+        evaluate(&self.policy.valid(), &self.tokenizer, &rows, eval.max_new_tokens).map(Some)
     }
 
     fn record(&self, log: &mut MetricsLog, out: &StepResult) {
@@ -617,7 +663,7 @@ fn stem(path: &Path) -> String {
 }
 
 /// UTC `YYYYMMDD-HHMMSS` for run folder names.
-fn timestamp() -> String {
+pub(crate) fn timestamp() -> String {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (days, rem) = (secs / 86400, secs % 86400);
     // Civil-from-days (Howard Hinnant's algorithm).

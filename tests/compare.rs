@@ -1,0 +1,70 @@
+//! `compare: [...]` runs: every arm trains from the same start, the held-out accuracy is
+//! measured before and after, and the report (table, plots, results.json) is written.
+
+mod common;
+use common::*;
+
+fn compare_script(arms: &str) -> String {
+    format!(
+        "import \"losses/dpo\" as dpo;\nimport \"losses/dpop\" as dpop;\nfn dpo_loss(b, p) {{ dpo::loss(b, p) }}\nfn dpop_loss(b, p) {{ dpop::loss(b, p) }}\ntrain({});\n",
+        small_config(&format!(
+            "name: \"cmp\", max_steps: 3, seed: 5, params: #{{ beta: 0.1 }}, compare: [{arms}],
+             heldout: #{{ data: \"data/arithmetic/eval.jsonl\", rows: 6, max_new_tokens: 24 }},"
+        ))
+    )
+}
+
+#[test]
+fn arms_start_from_the_same_state_and_the_report_is_written() {
+    let sb = Sandbox::new();
+    // DPOP with lambda 0 is DPO: identical losses at every step prove the same start,
+    // the same batches and that an arm's params override the shared ones.
+    let script = sb.write(
+        "scripts/cmp.rhai",
+        &compare_script("#{ name: \"dpo\", loss: \"dpo_loss\" }, #{ name: \"dpop0\", loss: \"dpop_loss\", params: #{ lambda: 0.0 } }, #{ name: \"dpop\", loss: \"dpop_loss\", params: #{ lambda: 50.0 } }"),
+    );
+    let run_dir = sb.path("runs/cmp");
+    let out = run_host(&["run", script.to_str().unwrap(), "--no-watch", "--run-dir", run_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let losses = |arm: &str| -> Vec<f64> { read_lines(&run_dir.join(arm).join("metrics.jsonl")).iter().filter_map(|l| l["loss"].as_f64()).collect() };
+    let (dpo, dpop0, dpop) = (losses("dpo"), losses("dpop0"), losses("dpop"));
+    assert_eq!(dpo.len(), 3);
+    for (a, b) in dpo.iter().zip(&dpop0) {
+        assert!((a - b).abs() < 1e-6, "dpo {dpo:?} vs dpop with lambda 0 {dpop0:?}");
+    }
+    assert!(dpo.iter().zip(&dpop).skip(1).any(|(a, b)| (a - b).abs() > 1e-4), "lambda 50 must change the loss: {dpop:?}");
+
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["eval_before"]["total"].as_u64(), Some(6));
+    assert_eq!(results["arms"].as_array().unwrap().len(), 3);
+    let accuracy = results["arms"][2]["eval_after"]["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&accuracy));
+    let report = std::fs::read_to_string(run_dir.join("report.md")).unwrap();
+    assert!(report.contains("| before training |") && report.contains("| after dpop (3 steps) |"), "{report}");
+    for png in ["logp_chosen_vs_ref.png", "token_delta_after_diff.png", "reward_margins.png"] {
+        let bytes = std::fs::read(run_dir.join(png)).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG", "{png}");
+    }
+
+    // Resuming a finished comparison trains nothing again and rewrites the report.
+    let again = run_host(&["run", "--resume", run_dir.to_str().unwrap(), "--no-watch"]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(text(&again).matches("already finished").count(), 3, "{}", text(&again));
+    assert_eq!(losses("dpo").len(), 3);
+}
+
+#[test]
+fn a_bad_compare_list_is_refused_naming_the_field() {
+    let sb = Sandbox::new();
+    for (arms, expected) in [
+        ("#{ name: \"a\", loss: \"dpo_loss\" }, #{ name: \"b\", loss: \"no_such_loss\" }", "no fn no_such_loss(batch, params)"),
+        ("#{ name: \"a\" }, #{ name: \"a\" }", "compare[1].name \"a\" is used twice"),
+        ("#{ name: \"a\", los: \"x\" }, #{ name: \"b\" }", "compare[0]: unknown field `los`"),
+        ("#{ name: \"../up\" }, #{ name: \"b\" }", "must be letters, digits"),
+    ] {
+        let script = sb.write("scripts/bad.rhai", &compare_script(arms));
+        let out = run_host(&["check", script.to_str().unwrap()]);
+        assert!(!out.status.success(), "{arms}");
+        assert!(text(&out).contains(expected), "{arms}: {}", text(&out));
+    }
+}
