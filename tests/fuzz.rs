@@ -57,7 +57,7 @@ fn arbitrary_json_lines_never_panic_the_loader() {
         let file = dir.path().join(format!("case{case}.jsonl"));
         std::fs::write(&file, &bytes).unwrap();
         for preference in [true, false] {
-            let result = catch_unwind(AssertUnwindSafe(|| load_examples(&file, &tokenizer, preference, limits)));
+            let result = catch_unwind(AssertUnwindSafe(|| load_examples(&file, &tokenizer, preference, limits, false)));
             match result {
                 Ok(Ok((examples, _))) => {
                     loaded += 1;
@@ -68,6 +68,14 @@ fn arbitrary_json_lines_never_panic_the_loader() {
                     assert!(format!("{e:#}").contains(&format!("case{case}.jsonl")), "case {case}: error without the file name: {e:#}");
                 }
                 Err(_) => panic!("case {case} panicked the loader; input: {:?}", String::from_utf8_lossy(&bytes)),
+            }
+            // Skipping bad rows: every non-blank line is either loaded or listed.
+            let lenient = catch_unwind(AssertUnwindSafe(|| load_examples(&file, &tokenizer, preference, limits, true)));
+            let non_blank = bytes.split(|&b| b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)).count();
+            match lenient {
+                Ok(Ok((examples, report))) => assert_eq!(examples.len() + report.skipped.len(), non_blank, "case {case}"),
+                Ok(Err(e)) => assert!(format!("{e:#}").contains(&format!("case{case}.jsonl")), "case {case}: {e:#}"),
+                Err(_) => panic!("case {case} panicked the lenient loader; input: {:?}", String::from_utf8_lossy(&bytes)),
             }
         }
     }

@@ -1,9 +1,10 @@
-//! Data: tokenizer, JSONL rows, batches, and the generated arithmetic corpus.
+//! Data: tokenizer, JSONL and Parquet rows, batches, and the generated arithmetic corpus.
 
 pub mod arithmetic;
 pub mod batch;
 pub mod build_pairs;
 pub mod pairs;
+pub mod parquet;
 pub mod tokenizer;
 
 pub use batch::{SequenceBatch, collate_pairs, collate_sft};

@@ -1,6 +1,7 @@
-//! JSONL training rows. Preference rows: {"prompt", "chosen", "rejected"}; SFT rows:
-//! {"prompt", "completion"}. Rows are tokenized once, truncated like TRL (prompt keeps
-//! its end, completions keep their start), and every unusable row is named by file:line.
+//! Training rows from JSONL or Parquet. Preference rows: {"prompt", "chosen", "rejected"};
+//! SFT rows: {"prompt", "completion"}. Rows are tokenized once, truncated like TRL (prompt
+//! keeps its end, completions keep their start), and every unusable row is named by
+//! file:line (Parquet: file: row N).
 
 use std::path::Path;
 
@@ -61,6 +62,8 @@ pub struct Truncation {
 pub struct LoadReport {
     pub rows: usize,
     pub truncated: usize,
+    /// Rows left out (with `skip_bad_rows`): where, and why.
+    pub skipped: Vec<(String, String)>,
 }
 
 #[derive(Deserialize)]
@@ -78,56 +81,99 @@ struct SftRow {
     completion: String,
 }
 
-pub fn load_examples(path: &Path, tokenizer: &TextTokenizer, preference: bool, limits: Truncation) -> Result<(Vec<Example>, LoadReport)> {
-    let text = std::fs::read(path).with_context(|| format!("{}: cannot read data", path.display()))?;
-    let text = String::from_utf8(text).map_err(|e| {
-        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
-        anyhow::anyhow!("{}:{line}: not valid UTF-8", path.display())
-    })?;
-    let mut examples = Vec::new();
-    let mut report = LoadReport::default();
-    for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
-        if raw.trim().is_empty() {
+/// One raw row and where it came from ("file:line" for JSONL, "file: row N" for Parquet).
+pub struct RawRow {
+    pub at: String,
+    pub line: usize,
+    pub value: Result<serde_json::Value, String>,
+}
+
+/// The rows of a JSONL or Parquet file (by extension), parsed but not yet checked.
+pub fn read_rows(path: &Path) -> Result<Vec<RawRow>> {
+    let is_parquet = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet"));
+    if is_parquet {
+        return super::parquet::read_parquet_rows(path);
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read data", path.display()))?;
+    let mut rows = Vec::new();
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        if raw.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let at = || format!("{}:{line}", path.display());
-        let (prompt, chosen, rejected) = if preference {
-            let row: PreferenceRow = serde_json::from_str(raw).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
-            (row.prompt, row.chosen, Some(row.rejected))
-        } else {
-            let row: SftRow = serde_json::from_str(raw).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
-            (row.prompt, row.completion, None)
+        let at = format!("{}:{}", path.display(), i + 1);
+        let value = match std::str::from_utf8(raw) {
+            Err(_) => Err("not valid UTF-8".to_string()),
+            Ok(text) => serde_json::from_str(text).map_err(|e| e.to_string()),
         };
-        if chosen.is_empty() || rejected.as_deref() == Some("") {
-            bail!("{}: empty completion", at());
-        }
-        let mut prompt = tokenizer.encode_prompt(&prompt).with_context(at)?;
-        let mut chosen = tokenizer.encode_completion(&chosen).with_context(at)?;
-        let mut rejected = match rejected {
-            Some(r) => tokenizer.encode_completion(&r).with_context(at)?,
-            None => Vec::new(),
-        };
-        let longest = chosen.len().max(rejected.len());
-        if prompt.len() + longest > limits.max_length {
-            report.truncated += 1;
-            if prompt.len() > limits.max_prompt_length {
-                prompt.drain(..prompt.len() - limits.max_prompt_length);
+        rows.push(RawRow { at, line: i + 1, value });
+    }
+    Ok(rows)
+}
+
+/// Loads and tokenizes every row. A row that cannot be used stops the load with its
+/// file:line, or, with `skip_bad_rows`, is left out and listed in the report.
+pub fn load_examples(path: &Path, tokenizer: &TextTokenizer, preference: bool, limits: Truncation, skip_bad_rows: bool) -> Result<(Vec<Example>, LoadReport)> {
+    let mut examples = Vec::new();
+    let mut report = LoadReport::default();
+    for row in read_rows(path)? {
+        match example_from_row(row.value, row.line, tokenizer, preference, limits, &mut report) {
+            Ok(example) => {
+                examples.push(example);
+                report.rows += 1;
             }
-            let room = limits.max_length.saturating_sub(prompt.len());
-            if room == 0 {
-                bail!("{}: the prompt alone fills max_length {}", at(), limits.max_length);
-            }
-            chosen.truncate(room);
-            rejected.truncate(room);
+            Err(reason) if skip_bad_rows => report.skipped.push((row.at, reason)),
+            Err(reason) => bail!("{}: {reason}", row.at),
         }
-        examples.push(Example { prompt, chosen, rejected, line });
-        report.rows += 1;
     }
     if examples.is_empty() {
-        bail!("{}: no rows", path.display());
+        match report.skipped.first() {
+            Some((at, reason)) => bail!("{}: no usable rows ({} skipped; first: {at}: {reason})", path.display(), report.skipped.len()),
+            None => bail!("{}: no rows", path.display()),
+        }
     }
     Ok((examples, report))
+}
+
+fn example_from_row(
+    value: Result<serde_json::Value, String>,
+    line: usize,
+    tokenizer: &TextTokenizer,
+    preference: bool,
+    limits: Truncation,
+    report: &mut LoadReport,
+) -> Result<Example, String> {
+    let value = value?;
+    let (prompt, chosen, rejected) = if preference {
+        let row: PreferenceRow = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        (row.prompt, row.chosen, Some(row.rejected))
+    } else {
+        let row: SftRow = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        (row.prompt, row.completion, None)
+    };
+    if chosen.is_empty() || rejected.as_deref() == Some("") {
+        return Err("empty completion".into());
+    }
+    let text = |e: anyhow::Error| format!("{e:#}");
+    let mut prompt = tokenizer.encode_prompt(&prompt).map_err(text)?;
+    let mut chosen = tokenizer.encode_completion(&chosen).map_err(text)?;
+    let mut rejected = match rejected {
+        Some(r) => tokenizer.encode_completion(&r).map_err(text)?,
+        None => Vec::new(),
+    };
+    let longest = chosen.len().max(rejected.len());
+    if prompt.len() + longest > limits.max_length {
+        if prompt.len() > limits.max_prompt_length {
+            prompt.drain(..prompt.len() - limits.max_prompt_length);
+        }
+        let room = limits.max_length.saturating_sub(prompt.len());
+        if room == 0 {
+            return Err(format!("the prompt alone fills max_length {}", limits.max_length));
+        }
+        chosen.truncate(room);
+        rejected.truncate(room);
+        report.truncated += 1;
+    }
+    Ok(Example { prompt, chosen, rejected, line })
 }
 
 #[cfg(test)]

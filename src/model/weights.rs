@@ -175,9 +175,32 @@ pub fn save_model_with(model: &Llama, config: &LlamaConfig, tokenizer_json: &Pat
         std::fs::write(staging.join(name), bytes).with_context(|| format!("writing {name}"))?;
     }
 
+    // On disk before the rename makes them visible: a power loss never leaves a
+    // checkpoint folder with missing or empty files.
+    sync_dir_and_files(&staging)?;
+    // An existing folder is moved aside first and removed only once the new one is in place.
+    let old = parent.join(format!(".{}.old", dir.file_name().and_then(|n| n.to_str()).unwrap_or("model")));
     if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("replacing {}", dir.display()))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old)?;
+        }
+        std::fs::rename(dir, &old).with_context(|| format!("replacing {}", dir.display()))?;
     }
     std::fs::rename(&staging, dir).with_context(|| format!("moving the checkpoint to {}", dir.display()))?;
+    sync_path(parent)?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    }
     Ok(())
+}
+
+fn sync_path(path: &Path) -> Result<()> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", path.display()))
+}
+
+fn sync_dir_and_files(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        sync_path(&entry?.path())?;
+    }
+    sync_path(dir)
 }

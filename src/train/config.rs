@@ -108,6 +108,9 @@ pub struct TrainConfig {
     /// Show a progress bar (off automatically when stdout is not a terminal).
     #[serde(default = "d_true")]
     pub progress: bool,
+    /// Leave out (and list) data rows that cannot be used instead of stopping.
+    #[serde(default)]
+    pub skip_bad_rows: bool,
     /// Held-out answer accuracy by greedy generation, before and after training
     /// (`heldout`, since `eval` is a reserved word in Rhai).
     #[serde(default)]
@@ -222,7 +225,7 @@ impl TrainConfig {
         }
         // AdamW's settings are fixed when the optimizer is built, so they need a restart too.
         check!(name, mode, model, init, data, backend, seed, batch_size, grad_accum, epochs, max_steps,
-               max_length, max_prompt_length, max_nonfinite_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon, output_dir, save_model_to);
+               max_length, max_prompt_length, skip_bad_rows, max_nonfinite_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon, output_dir, save_model_to);
         changed
     }
 

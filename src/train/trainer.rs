@@ -84,6 +84,8 @@ struct Trainer {
     loss_state: Map,
     skipped_steps: usize,
     restored_step: usize,
+    /// Data rows left out by skip_bad_rows: (file:line, reason).
+    skipped_rows: Vec<(String, String)>,
 }
 
 /// Trains as the script says: one run, or each arm of its `compare` list in turn.
@@ -147,6 +149,10 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
         }
     };
     save_sources(&run_dir, start, &current)?;
+    if !trainer.skipped_rows.is_empty() && start == 0 {
+        let first: Vec<String> = trainer.skipped_rows.iter().take(20).map(|(at, why)| format!("{at}: {why}")).collect();
+        log.event(0, "data_rows_skipped", json!({"count": trainer.skipped_rows.len(), "first": first}))?;
+    }
     let mut watcher = if options.watch { Some(ScriptWatcher::new(&files_of(&current))?) } else { None };
     install_interrupt_handler();
     let total = trainer.total_steps;
@@ -412,9 +418,15 @@ impl Trainer {
         }
         let preference = config.mode == Mode::Preference;
         let limits = Truncation { max_length: config.max_length.min(model_config.max_positions()), max_prompt_length: config.max_prompt_length };
-        let (examples, report) = load_examples(Path::new(&config.data), &tokenizer, preference, limits)?;
+        let (examples, report) = load_examples(Path::new(&config.data), &tokenizer, preference, limits, config.skip_bad_rows)?;
         if report.truncated > 0 {
             console::line(&format!("note: {} of {} rows truncated to max_length {}", report.truncated, report.rows, limits.max_length));
+        }
+        if !report.skipped.is_empty() {
+            console::line(&format!("note: {} row(s) of {} left out (skip_bad_rows):", report.skipped.len(), config.data));
+            for (at, reason) in report.skipped.iter().take(10) {
+                console::line(&format!("  {at}: {reason}"));
+            }
         }
         let reference = preference.then(|| policy.valid());
         let per_step = config.batch_size * config.grad_accum;
@@ -424,7 +436,7 @@ impl Trainer {
         rng.shuffle(&mut order);
         Ok(Self {
             config, device: train_device, policy, reference, model_config, tokenizer, examples, order,
-            cursor: 0, epoch: 0, rng, total_steps, loss_state: Map::new(), skipped_steps: 0, restored_step: 0,
+            cursor: 0, epoch: 0, rng, total_steps, loss_state: Map::new(), skipped_steps: 0, restored_step: 0, skipped_rows: report.skipped,
         })
     }
 
