@@ -119,3 +119,28 @@ fn a_run_with_skip_bad_rows_reports_what_it_left_out() {
     let skipped = events.iter().find(|e| e["event"] == "data_rows_skipped").expect("a data_rows_skipped event");
     assert_eq!(skipped["count"].as_u64(), Some(1));
 }
+
+#[test]
+fn pairs_and_heldout_rows_are_read_from_parquet_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let sft = std::fs::read_to_string(common::repo().join("data/arithmetic/sft.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = sft.lines().take(50).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let column = |key: &str| rows.iter().map(|r| r[key].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    let parquet = dir.path().join("metamath.parquet");
+    write_parquet(&parquet, &[("query", column("prompt")), ("response", column("completion"))]);
+
+    let (pairs, report) = prefhost::data::build_pairs::build_pairs(&parquet, prefhost::data::build_pairs::PairStyle::Metamath, 7).unwrap();
+    assert_eq!(report.rows, 50);
+    assert_eq!(pairs.len() + report.skipped_count(), 50);
+    assert!(pairs.len() >= 45, "only {} of 50 rows gave pairs", pairs.len());
+    for (pair, row) in pairs.iter().zip(&rows) {
+        assert_eq!(pair.prompt, row["prompt"].as_str().unwrap());
+        assert_ne!(pair.chosen, pair.rejected);
+    }
+
+    let eval = dir.path().join("eval.parquet");
+    write_parquet(&eval, &[("prompt", vec!["Q1".into(), "Q2".into()]), ("answer", vec!["4".into(), "7".into()])]);
+    let heldout = prefhost::train::evaluate::load_eval_rows(&eval, None).unwrap();
+    assert_eq!(heldout.iter().map(|r| r.answer.as_str()).collect::<Vec<_>>(), ["4", "7"]);
+    assert_eq!(heldout[1].line, 2);
+}

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::pairs::normalised_levenshtein;
+use super::pairs::{NOT_UTF8, normalised_levenshtein, read_rows};
 use crate::rng::SplitMix64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -49,30 +49,25 @@ impl BuildReport {
     }
 }
 
-/// Reads JSONL rows and builds pairs in `style`; unusable rows are skipped and reported.
+/// Reads JSONL or Parquet rows and builds pairs in `style`; unusable rows are skipped and reported.
 pub fn build_pairs(path: &Path, style: PairStyle, seed: u64) -> Result<(Vec<Pair>, BuildReport)> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let mut rng = SplitMix64::new(seed);
     let mut pairs = Vec::new();
     let mut report = BuildReport::default();
-    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
-        if raw.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
+    for raw in read_rows(path)? {
         report.rows += 1;
-        let at = format!("{}:{}", path.display(), i + 1);
-        let Ok(raw) = std::str::from_utf8(raw) else {
-            report.skip("not valid UTF-8", at);
-            continue;
-        };
-        let row: Value = match serde_json::from_str(raw) {
+        let row = match raw.value {
             Ok(v @ Value::Object(_)) => v,
             Ok(_) => {
-                report.skip("not a JSON object", at);
+                report.skip("not a JSON object", raw.at);
+                continue;
+            }
+            Err(e) if e == NOT_UTF8 => {
+                report.skip(NOT_UTF8, raw.at);
                 continue;
             }
             Err(e) => {
-                report.skip("malformed JSON", format!("{at} ({e})"));
+                report.skip("malformed JSON", format!("{} ({e})", raw.at));
                 continue;
             }
         };
@@ -82,7 +77,7 @@ pub fn build_pairs(path: &Path, style: PairStyle, seed: u64) -> Result<(Vec<Pair
         };
         match built {
             Ok(new) => pairs.extend(new),
-            Err(reason) => report.skip(&reason, at),
+            Err(reason) => report.skip(&reason, raw.at),
         }
     }
     report.pairs = pairs.len();

@@ -81,6 +81,8 @@ struct SftRow {
     completion: String,
 }
 
+pub const NOT_UTF8: &str = "not valid UTF-8";
+
 /// One raw row and where it came from ("file:line" for JSONL, "file: row N" for Parquet).
 pub struct RawRow {
     pub at: String,
@@ -102,7 +104,7 @@ pub fn read_rows(path: &Path) -> Result<Vec<RawRow>> {
         }
         let at = format!("{}:{}", path.display(), i + 1);
         let value = match std::str::from_utf8(raw) {
-            Err(_) => Err("not valid UTF-8".to_string()),
+            Err(_) => Err(NOT_UTF8.to_string()),
             Ok(text) => serde_json::from_str(text).map_err(|e| e.to_string()),
         };
         rows.push(RawRow { at, line: i + 1, value });

@@ -27,23 +27,19 @@ pub struct EvalResult {
     pub samples: Vec<(String, String, String)>,
 }
 
-/// Rows {"prompt": str, "answer": number or str, ...}; other fields are ignored.
+/// JSONL or Parquet rows {"prompt": str, "answer": number or str, ...}; other fields are ignored.
 pub fn load_eval_rows(path: &Path, limit: Option<usize>) -> Result<Vec<EvalRow>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read eval data", path.display()))?;
     let mut rows = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
-        if raw.trim().is_empty() {
-            continue;
-        }
-        let at = format!("{}:{}", path.display(), i + 1);
-        let value: serde_json::Value = serde_json::from_str(raw).map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+    for raw in crate::data::pairs::read_rows(path)? {
+        let at = raw.at;
+        let value = raw.value.map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
         let prompt = value.get("prompt").and_then(|p| p.as_str()).with_context(|| format!("{at}: missing string field `prompt`"))?;
         let answer = match value.get("answer") {
             Some(serde_json::Value::String(s)) => s.trim().to_string(),
             Some(serde_json::Value::Number(n)) => n.to_string(),
             _ => bail!("{at}: missing field `answer` (a number or a string)"),
         };
-        rows.push(EvalRow { prompt: prompt.to_string(), answer, line: i + 1 });
+        rows.push(EvalRow { prompt: prompt.to_string(), answer, line: raw.line });
         if limit.is_some_and(|n| rows.len() >= n) {
             break;
         }
