@@ -146,3 +146,37 @@ fn a_version_that_fails_after_its_dry_run_is_replaced_by_the_previous_one() {
     let after: Vec<_> = lines.iter().filter(|l| l.get("loss").is_some() && l["step"].as_u64().unwrap() > at + 1).collect();
     assert!(!after.is_empty() && after.iter().all(|l| l["beta"].as_f64() == Some(0.1)), "the previous version and its beta must be back: {after:?}");
 }
+
+/// Every kind of script fault the issue lists, introduced by an edit while the run trains:
+/// each is rejected with the file and line, and training goes on with the running version.
+#[test]
+fn faulty_loss_edits_are_each_rejected_with_file_and_line() {
+    let sb = Sandbox::new();
+    let good = script("    dpo::loss(batch, params)", "0.1");
+    let path = sb.write("scripts/exp.rhai", &good);
+    let run_dir = sb.path("run");
+    let child = start_run(&path, &run_dir, std::process::Stdio::null());
+    let metrics = run_dir.join("metrics.jsonl");
+    wait_for(&metrics, "first steps", |l| last_step(l) >= 2);
+
+    let recursion = good.replace("fn loss(", "fn deeper(n) {\n    deeper(n + 1)\n}\n\nfn loss(").replace("    dpo::loss(batch, params)", "    deeper(0)");
+    let faults = [
+        ("non-scalar loss", script("    batch.chosen_logps - batch.rejected_logps", "0.1"), "exp.rhai:3: in loss()", "must be a scalar"),
+        ("no gradient", script("    detach(dpo::loss(batch, params).loss)", "0.1"), "exp.rhai:3: in loss()", "no gradient"),
+        ("wrong type", script("    \"a string\"", "0.1"), "exp.rhai:3: in loss()", "got string"),
+        ("infinite loop", script("    loop { }", "0.1"), "exp.rhai:3: in loss()", "endless loop"),
+        ("recursion", recursion, "exp.rhai:7: in loss()", "stack overflow"),
+    ];
+    for (i, (what, source, at, message)) in faults.iter().enumerate() {
+        sb.write("scripts/exp.rhai", source);
+        let lines = wait_for(&metrics, what, |l| events(l, "reload_failed").len() > i);
+        let failed = events(&lines, "reload_failed")[i].clone();
+        let error = failed["error"].as_str().unwrap().to_lowercase();
+        assert!(error.contains(at) && error.contains(message), "{what}: {error}");
+        let step = failed["step"].as_u64().unwrap();
+        let lines = wait_for(&metrics, &format!("steps after the {what} edit"), |l| last_step(l) >= step + 2);
+        assert!(events(&lines, "loss_failed").is_empty(), "{what}: the running version must stay in use: {lines:?}");
+    }
+    let mut child = child;
+    assert!(child.0.try_wait().unwrap().is_none(), "the run must still be going");
+}

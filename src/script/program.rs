@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
-use rhai::{AST, Dynamic, Map, Module, Scope};
+use rhai::{AST, Dynamic, EvalAltResult, Map, Module, Scope};
 
 use super::engine::{ScriptEngine, describe_error};
 
@@ -32,6 +32,14 @@ impl ScriptVersion {
 
     pub fn display_path(&self) -> String {
         self.path.display().to_string()
+    }
+
+    /// `file:line: in name()` for the script's definition of `name`, for errors found in
+    /// what a function returned (the value has no position of its own).
+    pub fn fn_location(&self, name: &str) -> String {
+        let source = self.sources.first().map(|(_, text)| text.as_str()).unwrap_or_default();
+        let line = function_line(source, name).map(|l| format!(":{l}")).unwrap_or_default();
+        format!("{}{line}: in {name}()", self.display_path())
     }
 }
 
@@ -119,10 +127,16 @@ impl ScriptHost {
         for (i, arg) in args.into_iter().enumerate() {
             scope.push_dynamic(format!("arg{i}"), arg);
         }
-        self.scripts
-            .engine
-            .eval_ast_with_scope::<Dynamic>(&mut scope, caller)
-            .map_err(|e| ScriptError(describe_error(&e, &version.display_path(), &self.scripts.plugins_dir)))
+        self.scripts.engine.eval_ast_with_scope::<Dynamic>(&mut scope, caller).map_err(|e| {
+            match *e {
+                EvalAltResult::ErrorInFunctionCall(..) | EvalAltResult::ErrorInModule(..) => {
+                    ScriptError(describe_error(&e, &version.display_path(), &self.scripts.plugins_dir))
+                }
+                // Limit errors are not wrapped in the call chain, so their position is in
+                // the generated caller; name the function's definition instead.
+                ref other => ScriptError(format!("{}: {}", version.fn_location(name), limit_message(other))),
+            }
+        })
     }
 }
 
@@ -147,4 +161,23 @@ pub fn find_plugins_dir(script: &Path, explicit: Option<&Path>) -> Result<PathBu
         .or_else(|| cwd.is_dir().then_some(cwd))
         .ok_or_else(|| anyhow!("no plugins folder found above {} or in the working directory", script.display()))
         .context("give one with --plugins DIR")
+}
+
+/// The line where `fn name(` is defined in `source`, if it is.
+fn function_line(source: &str, name: &str) -> Option<usize> {
+    let signature = format!("fn {name}(");
+    source.lines().position(|line| line.trim_start().starts_with(&signature)).map(|i| i + 1)
+}
+
+fn limit_message(err: &EvalAltResult) -> String {
+    match err {
+        EvalAltResult::ErrorTooManyOperations(_) => {
+            "too many operations: stopped as an endless loop (raise --max-operations if the work is real)".into()
+        }
+        EvalAltResult::ErrorStackOverflow(_) => "stack overflow: calls nested too deep (endless recursion?)".into(),
+        other => {
+            let text = other.to_string();
+            text.rfind(" (line ").map_or(text.clone(), |i| text[..i].to_string())
+        }
+    }
 }

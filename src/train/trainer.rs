@@ -329,7 +329,7 @@ fn script_lr(host: &ScriptHost, version: &ScriptVersion, step: usize, total: usi
     let value = host.call(version, "lr", vec![Dynamic::from_int(step as INT), Dynamic::from_int(total as INT)]).map_err(|e| e.to_string())?;
     match number(&value) {
         Ok(lr) if lr.is_finite() && lr >= 0.0 => Ok(lr),
-        _ => Err(format!("{}: lr({step}, {total}) returned {value:?}; expected a non-negative number", version.display_path())),
+        _ => Err(format!("{}: lr({step}, {total}) returned {value:?}; expected a non-negative number", version.fn_location("lr"))),
     }
 }
 
@@ -342,10 +342,10 @@ fn try_reload(host: &mut ScriptHost, script: &Path, trainer: &Trainer) -> Result
     let batch = synthetic_batch(&trainer.device, trainer.config.mode == Mode::Preference);
     let params = loss_params(&config.params, 0, trainer.total_steps, &trainer.loss_state);
     let value = host.call(&version, &config.loss_fn, vec![Dynamic::from_map(batch), Dynamic::from_map(params)]).map_err(|e| e.to_string())?;
-    let out = read_loss_output(value, 2).map_err(|e| format!("{}: {e}", version.display_path()))?;
+    let out = read_loss_output(value, 2).map_err(|e| format!("{}: {e}", version.fn_location(&config.loss_fn)))?;
     let dry_loss = crate::model::values(out.loss)[0];
     if !dry_loss.is_finite() {
-        return Err(format!("{}: loss() gave {dry_loss} on the check batch", version.display_path()));
+        return Err(format!("{}: gave {dry_loss} on the check batch", version.fn_location(&config.loss_fn)));
     }
     script_lr(host, &version, 0, trainer.total_steps, config.lr)?;
     Ok((version, config))
@@ -507,7 +507,7 @@ impl Trainer {
         let value = host
             .call(version, &config.loss_fn, vec![Dynamic::from_map(map), Dynamic::from_map(params)])
             .map_err(|e| e.to_string())?;
-        let mut loss = read_loss_output(value, b).map_err(|e| format!("{}: {e}", version.display_path()))?;
+        let mut loss = read_loss_output(value, b).map_err(|e| format!("{}: {e}", version.fn_location(&config.loss_fn)))?;
         if rejected && loss.chosen_rewards.is_none() {
             // Losses that report no rewards get DPO's implicit reward β·(logp − ref logp).
             let beta = config.beta() as f32;
