@@ -78,6 +78,25 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         bins: usize,
     },
+    /// Reference log-probs of every pair in a data file, for a run's `ref_logps`
+    /// (one JSON line per row: summed and per-token log-probs, token counts).
+    Logps {
+        /// Hugging Face model folder (the reference).
+        #[arg(long)]
+        model: PathBuf,
+        /// Preference rows (JSONL or Parquet), as the run will read them.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Must match the run's max_length and max_prompt_length.
+        #[arg(long, default_value_t = 256)]
+        max_length: usize,
+        #[arg(long, default_value_t = 128)]
+        max_prompt_length: usize,
+    },
     /// Generate the arithmetic word-problem corpus (and its tokenizer).
     Data {
         /// Output folder.
@@ -151,6 +170,12 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             }
             println!("{} passed, {} failed", report.passed, report.failed.len());
             Ok(if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Logps { model, data, out, batch_size, max_length, max_prompt_length } => {
+            let limits = crate::data::Truncation { max_length, max_prompt_length };
+            let rows = crate::train::reference::precompute(&model, &data, &out, batch_size, limits, &crate::train::backend_device("cpu")?)?;
+            println!("wrote reference log-probs of {rows} rows to {}", out.display());
+            Ok(ExitCode::SUCCESS)
         }
         Command::Pairs { from, style, out, tokenizer, seed, bins } => pairs(&from, style, &out, tokenizer.as_deref(), seed, bins),
         Command::Data { out, sft_rows, pair_rows, eval_rows, seed, tokenizer_vocab } => {

@@ -2,11 +2,11 @@
 
 use burn::module::Module;
 use burn::nn::Linear;
-use burn::tensor::Tensor;
+use burn::tensor::{Bool, Tensor};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
-use super::rope::Rope;
+use super::rope::{Rope, RotaryTables};
 
 #[derive(Module, Debug)]
 pub struct Attention {
@@ -28,19 +28,40 @@ impl Attention {
     /// Like `forward`, continuing after the tokens in `cache` and appending this call's
     /// keys and values to it. After the first call, one token at a time (greedy decoding).
     pub fn forward_cached(&self, x: Tensor<3>, rope: &Rope, cache: &mut KvCache) -> Tensor<3> {
-        let [batch, seq, _] = x.dims();
+        let [_, seq, _] = x.dims();
         let offset = cache.len();
         assert!(offset == 0 || seq == 1, "a KV cache continues one token at a time");
-        let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
-        let q = rope.apply_from(heads(self.q_proj.forward(x.clone()), self.num_heads), offset);
-        let k = rope.apply_from(heads(self.k_proj.forward(x.clone()), self.num_kv_heads), offset);
-        let v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        let positions: Vec<usize> = (offset..offset + seq).collect();
+        let rotary = rope.tables(&positions, 1, seq, &x.device());
+        let (q, k, v) = self.project(x, &rotary);
         let (k, v) = cache.append(k, v);
-        let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
-
         // A single new token may attend to every cached one, so only the first call is causal.
-        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: offset == 0 };
-        let out = attention(q, k, v, None, None, options);
+        self.attend(q, k, v, None, offset == 0)
+    }
+
+    /// Packed rows (several sequences in one row): each token rotated at its own position,
+    /// attending only where `hidden` ([batch, 1, seq, seq], true = masked) is false.
+    pub fn forward_packed(&self, x: Tensor<3>, rotary: &RotaryTables, hidden: Tensor<4, Bool>) -> Tensor<3> {
+        let (q, k, v) = self.project(x, rotary);
+        self.attend(q, k, v, Some(hidden), false)
+    }
+
+    /// Query, key and value heads ([batch, heads, seq, head_dim]), RoPE applied.
+    fn project(&self, x: Tensor<3>, rotary: &RotaryTables) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let [batch, seq, _] = x.dims();
+        let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
+        let q = rotary.rotate(heads(self.q_proj.forward(x.clone()), self.num_heads));
+        let k = rotary.rotate(heads(self.k_proj.forward(x.clone()), self.num_kv_heads));
+        let v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        (q, k, v)
+    }
+
+    fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
+        let [batch, _, seq, _] = q.dims();
+        let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
+        let hidden = hidden.map(|m| m.expand([batch, self.num_heads, seq, k.dims()[2]]));
+        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal };
+        let out = attention(q, k, v, hidden, None, options);
         let out = out.swap_dims(1, 2).reshape([batch, seq, self.num_heads * self.head_dim]);
         self.o_proj.forward(out)
     }
@@ -83,3 +104,4 @@ impl KvCache {
         (k, v)
     }
 }
+

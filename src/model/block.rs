@@ -2,11 +2,11 @@
 
 use burn::module::Module;
 use burn::nn::RmsNorm;
-use burn::tensor::Tensor;
+use burn::tensor::{Bool, Tensor};
 
 use super::attention::{Attention, KvCache};
 use super::mlp::Mlp;
-use super::rope::Rope;
+use super::rope::{Rope, RotaryTables};
 
 #[derive(Module, Debug)]
 pub struct DecoderLayer {
@@ -23,6 +23,11 @@ impl DecoderLayer {
 
     pub fn forward_cached(&self, x: Tensor<3>, rope: &Rope, cache: &mut KvCache) -> Tensor<3> {
         let x = x.clone() + self.self_attn.forward_cached(self.input_layernorm.forward(x), rope, cache);
+        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+    }
+
+    pub fn forward_packed(&self, x: Tensor<3>, rotary: &RotaryTables, hidden: Tensor<4, Bool>) -> Tensor<3> {
+        let x = x.clone() + self.self_attn.forward_packed(self.input_layernorm.forward(x), rotary, hidden);
         x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
     }
 }

@@ -2,7 +2,7 @@
 
 use burn::module::{Module, Param, ParamId};
 use burn::nn::{Embedding, Linear, RmsNorm};
-use burn::tensor::{Device, Distribution, Int, Tensor};
+use burn::tensor::{Bool, Device, Distribution, Int, Tensor};
 
 use super::attention::{Attention, KvCache};
 use super::block::DecoderLayer;
@@ -110,6 +110,18 @@ impl Llama {
         let mut x = self.embed_tokens.forward(tokens);
         for layer in &self.layers {
             x = layer.forward(x, &self.rope);
+        }
+        self.head(self.norm.forward(x))
+    }
+
+    /// Packed rows: tokens [batch, seq] at their own `positions` ([batch * seq]),
+    /// attending where `hidden` ([batch, 1, seq, seq], true = masked) is false.
+    pub fn forward_packed(&self, tokens: Tensor<2, Int>, positions: &[usize], hidden: Tensor<4, Bool>) -> Tensor<3> {
+        let [batch, seq] = tokens.dims();
+        let rotary = self.rope.tables(positions, batch, seq, &tokens.device());
+        let mut x = self.embed_tokens.forward(tokens);
+        for layer in &self.layers {
+            x = layer.forward_packed(x, &rotary, hidden.clone());
         }
         self.head(self.norm.forward(x))
     }

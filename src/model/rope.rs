@@ -2,7 +2,7 @@
 //! second halves of each head form the rotated pairs (burn's RotaryEncoding pairs
 //! adjacent features instead, which would not match HF checkpoints).
 
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 
 /// Precomputed cos/sin tables, kept as plain values so the same tables serve the policy
 /// (autodiff device) and the frozen reference (plain device).
@@ -43,20 +43,43 @@ impl Rope {
     /// x: [batch, heads, seq, head_dim] at positions offset..offset+seq (decoding with a
     /// KV cache continues where the cached tokens end).
     pub fn apply_from(&self, x: Tensor<4>, offset: usize) -> Tensor<4> {
-        let [_, _, seq, head_dim] = x.dims();
-        let end = offset + seq;
-        assert!(end <= self.max_positions, "position {end} exceeds the model's {} positions", self.max_positions);
-        let device = x.device();
-        let table = |values: &[f32]| {
-            let data = TensorData::new(values[offset * head_dim..end * head_dim].to_vec(), [1, 1, seq, head_dim]);
-            Tensor::<4>::from_data(data, &device)
+        let [_, _, seq, _] = x.dims();
+        let positions: Vec<usize> = (offset..offset + seq).collect();
+        let tables = self.tables(&positions, 1, seq, &x.device());
+        tables.rotate(x)
+    }
+
+    /// cos/sin for tokens at `positions` ([batch * seq], row-major), built once per
+    /// forward pass and shared by every layer.
+    pub fn tables(&self, positions: &[usize], batch: usize, seq: usize, device: &Device) -> RotaryTables {
+        assert_eq!(positions.len(), batch * seq, "one position per token");
+        let d = self.head_dim;
+        let pick = |values: &[f32]| {
+            let mut out = Vec::with_capacity(positions.len() * d);
+            for &pos in positions {
+                assert!(pos < self.max_positions, "position {pos} exceeds the model's {} positions", self.max_positions);
+                out.extend_from_slice(&values[pos * d..(pos + 1) * d]);
+            }
+            Tensor::<4>::from_data(TensorData::new(out, [batch, 1, seq, d]), device)
         };
-        let (cos, sin) = (table(&self.cos), table(&self.sin));
-        let half = head_dim / 2;
+        RotaryTables { cos: pick(&self.cos), sin: pick(&self.sin) }
+    }
+}
+
+/// cos/sin rows for one batch's token positions ([batch or 1, 1, seq, head_dim]).
+#[derive(Clone, Debug)]
+pub struct RotaryTables {
+    cos: Tensor<4>,
+    sin: Tensor<4>,
+}
+
+impl RotaryTables {
+    /// x: [batch, heads, seq, head_dim], rotated in the rotate_half layout.
+    pub fn rotate(&self, x: Tensor<4>) -> Tensor<4> {
+        let half = x.dims()[3] / 2;
         let first = x.clone().narrow(3, 0, half);
         let second = x.clone().narrow(3, half, half);
         let rotated = Tensor::cat(vec![second.neg(), first], 3);
-        debug_assert_eq!(head_dim, self.head_dim);
-        x * cos + rotated * sin
+        x * self.cos.clone() + rotated * self.sin.clone()
     }
 }

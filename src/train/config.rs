@@ -111,6 +111,14 @@ pub struct TrainConfig {
     /// Leave out (and list) data rows that cannot be used instead of stopping.
     #[serde(default)]
     pub skip_bad_rows: bool,
+    /// Compute each pair's prompt and the completions' common prefix once (one packed
+    /// row per pair); the log-probs equal the plain path's.
+    #[serde(default)]
+    pub prefix_sharing: bool,
+    /// Reference log-probs written by `host logps` for this data, used instead of a
+    /// resident reference model.
+    #[serde(default)]
+    pub ref_logps: Option<String>,
     /// Held-out answer accuracy by greedy generation, before and after training
     /// (`heldout`, since `eval` is a reserved word in Rhai).
     #[serde(default)]
@@ -126,6 +134,9 @@ pub struct TrainConfig {
     /// Set when this config is one arm of a comparison.
     #[serde(skip)]
     pub arm: Option<String>,
+    /// DPO computed in Rust instead of calling the script (set by `host bench` only).
+    #[serde(skip)]
+    pub rust_dpo_loss: bool,
 }
 
 fn d_loss_fn() -> String {
@@ -225,7 +236,7 @@ impl TrainConfig {
         }
         // AdamW's settings are fixed when the optimizer is built, so they need a restart too.
         check!(name, mode, model, init, data, backend, seed, batch_size, grad_accum, epochs, max_steps,
-               max_length, max_prompt_length, skip_bad_rows, max_nonfinite_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon, output_dir, save_model_to);
+               max_length, max_prompt_length, skip_bad_rows, ref_logps, max_nonfinite_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon, output_dir, save_model_to);
         changed
     }
 
@@ -240,6 +251,7 @@ impl TrainConfig {
         self.progress = newer.progress;
         self.loss_fn = newer.loss_fn.clone();
         self.heldout = newer.heldout.clone();
+        self.prefix_sharing = newer.prefix_sharing;
     }
 
     pub fn beta(&self) -> f64 {

@@ -91,3 +91,23 @@ pub fn read_loss_output(value: Dynamic, batch_size: usize) -> Result<LossOutput,
         metrics,
     })
 }
+
+/// DPO's sigmoid loss computed in Rust from the same batch map the script gets: the
+/// baseline `host bench` times the script's loss against (no Rhai call at all).
+pub fn rust_dpo_loss(map: &Map, beta: f64) -> Result<LossOutput, String> {
+    let get = |name: &str| match map.get(name).map(|v| v.clone().cast::<ScriptTensor>()) {
+        Some(ScriptTensor::Rank1(t)) => Ok(t),
+        _ => Err(format!("the batch has no [B] tensor {name}")),
+    };
+    let chosen = get("chosen_logps")? - get("ref_chosen_logps")?;
+    let rejected = get("rejected_logps")? - get("ref_rejected_logps")?;
+    let margin = (chosen.clone() - rejected.clone()).mul_scalar(beta);
+    let loss = burn::tensor::activation::log_sigmoid(margin).neg().mean();
+    Ok(LossOutput {
+        loss,
+        chosen_rewards: Some(crate::model::values(chosen.detach().mul_scalar(beta))),
+        rejected_rewards: Some(crate::model::values(rejected.detach().mul_scalar(beta))),
+        state: None,
+        metrics: Vec::new(),
+    })
+}

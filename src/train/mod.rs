@@ -9,6 +9,7 @@ pub mod grads;
 pub mod logps;
 pub mod loss_call;
 pub mod metrics;
+pub mod reference;
 pub mod trainer;
 
 pub use config::TrainConfig;

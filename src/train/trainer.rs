@@ -16,9 +16,11 @@ use super::config::{Init, Mode, TrainConfig};
 use super::console;
 use super::evaluate::{EvalResult, evaluate, load_eval_rows};
 use super::grads::clip_global_norm;
-use super::logps::{row_sums, token_logps};
-use super::loss_call::{LossOutput, loss_params, put1, put2, read_loss_output};
+use super::logps::{packed_pair_logps, row_sums, token_logps};
+use super::loss_call::{LossOutput, loss_params, put1, put2, read_loss_output, rust_dpo_loss};
 use super::metrics::{MetricsLog, format_line};
+use super::reference::PrecomputedReference;
+use crate::data::packed::PackedLayout;
 use crate::data::{Example, TextTokenizer, Truncation, collate_pairs, collate_sft, load_examples};
 use crate::model::{Llama, LlamaConfig, RandomInit, load_model, save_model, save_model_with};
 use crate::rng::SplitMix64;
@@ -45,6 +47,8 @@ pub struct RunSummary {
     /// ... and of the starting model, when asked for.
     pub eval_before: Option<EvalResult>,
     pub final_checkpoint: Option<PathBuf>,
+    /// Wall time of each step run here (forward, loss, backward, clip, update).
+    pub step_seconds: Vec<f64>,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -72,7 +76,9 @@ struct Trainer {
     config: TrainConfig,
     device: Device,
     policy: Llama,
-    reference: Option<Llama>,
+    /// The frozen reference: a resident copy of the starting model, or log-probs read
+    /// from `ref_logps` (then no second model is kept). None in SFT mode.
+    reference: Option<Reference>,
     model_config: LlamaConfig,
     tokenizer: TextTokenizer,
     examples: Vec<Example>,
@@ -86,6 +92,11 @@ struct Trainer {
     restored_step: usize,
     /// Data rows left out by skip_bad_rows: (file:line, reason).
     skipped_rows: Vec<(String, String)>,
+}
+
+enum Reference {
+    Resident(Llama),
+    Precomputed(PrecomputedReference),
 }
 
 /// Trains as the script says: one run, or each arm of its `compare` list in turn.
@@ -171,13 +182,14 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
     console::start_bar(total as u64, trainer.config.progress);
     let mut reloads = 0;
     let mut nonfinite_in_a_row = 0;
+    let mut step_seconds = Vec::with_capacity(total - start);
 
     for step in start..total {
         if INTERRUPTED.load(Ordering::SeqCst) {
             console::finish_bar();
             let dir = trainer.save_checkpoint(&run_dir, step, &optimizer, &current)?;
             console::line(&format!("interrupted at step {step}; checkpoint {}; continue with: host run --resume {}", dir.display(), run_dir.display()));
-            return Ok(RunSummary { run_dir, steps: step, reloads, interrupted: true, eval: None, eval_before: before, final_checkpoint: Some(dir) });
+            return Ok(RunSummary { run_dir, steps: step, reloads, interrupted: true, eval: None, eval_before: before, final_checkpoint: Some(dir), step_seconds });
         }
 
         // ---- hot reload: a new version is swapped in only if it compiles and its loss runs
@@ -209,6 +221,7 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
         }
 
         // ---- learning rate: the script's lr(step, total) or the config's constant
+        let step_start = std::time::Instant::now();
         let lr = with_fallback(&mut current, &mut previous, &mut trainer.config, &mut log, step, "lr", |version, config| {
             script_lr(host, version, step, total, config.lr)
         })?;
@@ -255,6 +268,7 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
             trainer.record(&mut log, output);
         }
         trainer.policy = optimizer.step(lr, trainer.policy.clone(), grads);
+        step_seconds.push(step_start.elapsed().as_secs_f64());
         log.add("grad_norm", norm);
         log.add("learning_rate", lr);
 
@@ -290,7 +304,7 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
         log.event(total, "eval", json!({"accuracy": result.accuracy, "correct": result.correct, "total": result.total}))?;
     }
     console::line(&format!("done: {total} steps, checkpoint {}", final_dir.display()));
-    Ok(RunSummary { run_dir, steps: total, reloads, interrupted: false, eval, eval_before: before, final_checkpoint: Some(final_dir) })
+    Ok(RunSummary { run_dir, steps: total, reloads, interrupted: false, eval, eval_before: before, final_checkpoint: Some(final_dir), step_seconds })
 }
 
 /// Runs `call` with the current script version; if it fails and an earlier version is
@@ -428,7 +442,11 @@ impl Trainer {
                 console::line(&format!("  {at}: {reason}"));
             }
         }
-        let reference = preference.then(|| policy.valid());
+        let reference = match (&config.ref_logps, preference) {
+            (_, false) => None,
+            (Some(path), true) => Some(Reference::Precomputed(PrecomputedReference::load(Path::new(path), &examples)?)),
+            (None, true) => Some(Reference::Resident(policy.valid())),
+        };
         let per_step = config.batch_size * config.grad_accum;
         let total_steps = max_steps_override.or(config.max_steps).unwrap_or(config.epochs * examples.len().div_ceil(per_step));
         let mut rng = SplitMix64::new(config.seed);
@@ -468,9 +486,23 @@ impl Trainer {
         let rejected = match &self.reference {
             Some(reference) => {
                 let batch = collate_pairs(&refs, pad, &self.device);
-                let tokens = token_logps(&self.policy, &batch);
+                let packed = config.prefix_sharing.then(|| PackedLayout::new(&refs, pad, true));
+                let tokens = match &packed {
+                    Some(layout) => packed_pair_logps(&self.policy, layout, batch.mask.clone()),
+                    None => token_logps(&self.policy, &batch),
+                };
                 let plain = self.device.clone().without_autodiff();
-                let ref_tokens = token_logps(reference, &collate_pairs(&refs, pad, &plain)).autodiff();
+                let ref_tokens = match reference {
+                    Reference::Resident(model) => {
+                        let plain_batch = collate_pairs(&refs, pad, &plain);
+                        match &packed {
+                            Some(layout) => packed_pair_logps(model, layout, plain_batch.mask),
+                            None => token_logps(model, &plain_batch),
+                        }
+                    }
+                    Reference::Precomputed(rows) => rows.token_logps(&refs, batch.mask.dims()[1], &plain),
+                }
+                .autodiff();
                 let lengths = Tensor::<1>::from_floats(batch.lengths.as_slice(), &self.device);
                 let half = |t: Tensor<2>, i: usize| t.narrow(0, i * b, b);
                 fill_sequences(&mut map, "chosen", half(tokens.clone(), 0), half(batch.mask.clone(), 0), half(ref_tokens.clone(), 0), lengths.clone().narrow(0, 0, b));
@@ -504,10 +536,14 @@ impl Trainer {
             Vec::new()
         };
         let params = loss_params(&config.params, step, self.total_steps, &self.loss_state);
-        let value = host
-            .call(version, &config.loss_fn, vec![Dynamic::from_map(map), Dynamic::from_map(params)])
-            .map_err(|e| e.to_string())?;
-        let mut loss = read_loss_output(value, b).map_err(|e| format!("{}: {e}", version.fn_location(&config.loss_fn)))?;
+        let mut loss = if config.rust_dpo_loss {
+            rust_dpo_loss(&map, config.beta())?
+        } else {
+            let value = host
+                .call(version, &config.loss_fn, vec![Dynamic::from_map(map), Dynamic::from_map(params)])
+                .map_err(|e| e.to_string())?;
+            read_loss_output(value, b).map_err(|e| format!("{}: {e}", version.fn_location(&config.loss_fn)))?
+        };
         if rejected && loss.chosen_rewards.is_none() {
             // Losses that report no rewards get DPO's implicit reward β·(logp − ref logp).
             let beta = config.beta() as f32;

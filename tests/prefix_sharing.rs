@@ -1,0 +1,79 @@
+//! Prefix sharing computes each pair's prompt (and the completions' common prefix) once,
+//! in one packed row; the log-probs it gives must equal the plain two-row computation,
+//! values and gradients.
+
+mod common;
+
+use burn::tensor::Device;
+use prefhost::data::packed::PackedLayout;
+use prefhost::data::{Example, TextTokenizer, Truncation, collate_pairs, load_examples};
+use prefhost::model::{load_model, values};
+use prefhost::train::logps::{packed_pair_logps, token_logps};
+
+fn examples() -> Vec<Example> {
+    let root = common::repo();
+    let tok = TextTokenizer::load(&root.join("models/tiny-math/tokenizer.json"), Some(1), Some(2)).unwrap();
+    let limits = Truncation { max_length: 256, max_prompt_length: 128 };
+    let (mut rows, _) = load_examples(&root.join("data/arithmetic/pairs.jsonl"), &tok, true, limits, false).unwrap();
+    rows.truncate(6);
+    // Edge cases: identical completions, a rejected answer that is a prefix of the chosen
+    // one, different lengths, and a pair with nothing in common after the prompt.
+    let mut same = rows[0].clone();
+    same.rejected = same.chosen.clone();
+    let mut prefix = rows[1].clone();
+    prefix.rejected = prefix.chosen[..prefix.chosen.len() / 2].to_vec();
+    let mut disjoint = rows[2].clone();
+    disjoint.rejected = disjoint.chosen.iter().rev().copied().collect();
+    rows.extend([same, prefix, disjoint]);
+    rows
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn packed_log_probs_equal_the_plain_ones() {
+    let device = Device::default();
+    let (_, model) = load_model(&common::repo().join("models/tiny-math"), &device).unwrap();
+    let rows = examples();
+    let refs: Vec<&Example> = rows.iter().collect();
+    let plain_batch = collate_pairs(&refs, 2, &device);
+    let plain = values(token_logps(&model, &plain_batch));
+    for share_completion_prefix in [false, true] {
+        let layout = PackedLayout::new(&refs, 2, share_completion_prefix);
+        let packed = values(packed_pair_logps(&model, &layout, plain_batch.mask.clone()));
+        let diff = max_diff(&plain, &packed);
+        assert!(diff < 2e-5, "share_completion_prefix {share_completion_prefix}: max difference {diff}");
+        // Fewer tokens computed than the 2B plain rows hold.
+        let plain_tokens: usize = rows.iter().map(|e| 2 * e.prompt.len() + e.chosen.len() + e.rejected.len()).sum();
+        assert!(layout.real_tokens < plain_tokens);
+    }
+    // The shipped pairs differ late in the completion, so sharing the completion prefix
+    // saves more than sharing the prompt alone.
+    assert!(PackedLayout::new(&refs, 2, true).real_tokens < PackedLayout::new(&refs, 2, false).real_tokens);
+}
+
+#[test]
+fn packed_gradients_equal_the_plain_ones() {
+    let device = Device::default().autodiff();
+    let (_, model) = load_model(&common::repo().join("models/tiny-math"), &device).unwrap();
+    let rows = examples();
+    let refs: Vec<&Example> = rows.iter().collect();
+    let batch = collate_pairs(&refs, 2, &device);
+    // A loss that weighs every token differently, so a misplaced log-prob would show.
+    let [n, w] = batch.mask.dims();
+    let ramp: Vec<f32> = (0..n * w).map(|i| 1.0 + (i % 7) as f32 * 0.5).collect();
+    let weights = burn::tensor::Tensor::<1>::from_floats(ramp.as_slice(), &device);
+    let grads_of = |logps: burn::tensor::Tensor<2>| {
+        let loss = (logps * weights.clone().reshape([n, w])).sum();
+        let grads = loss.backward();
+        values(model.layers[0].self_attn.q_proj.weight.val().grad(&grads).unwrap())
+    };
+    let plain = grads_of(token_logps(&model, &batch));
+    let packed = grads_of(packed_pair_logps(&model, &PackedLayout::new(&refs, 2, true), batch.mask.clone()));
+    let scale = plain.iter().map(|g| g.abs()).fold(0.0, f32::max);
+    let diff = max_diff(&plain, &packed);
+    assert!(diff < 1e-4 * scale.max(1.0), "gradient difference {diff} (largest gradient {scale})");
+}
