@@ -97,6 +97,31 @@ enum Command {
         #[arg(long, default_value_t = 128)]
         max_prompt_length: usize,
     },
+    /// Time a DPO step in several configurations side by side (script vs Rust loss,
+    /// prefix sharing, precomputed reference, PyTorch eager when torch is found).
+    Bench {
+        /// Folder for the model, data, runs and bench.md (default runs/bench-<time>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "m10")]
+        size: crate::bench::ModelSize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Python with torch for the PyTorch reference (default: $PREFHOST_PYTHON, python3).
+        #[arg(long)]
+        python: Option<String>,
+        /// Internal: run one configuration in this process.
+        #[arg(long, hide = true)]
+        child: Option<String>,
+        #[arg(long, hide = true, default_value_t = 0)]
+        round: usize,
+    },
     /// Generate the arithmetic word-problem corpus (and its tokenizer).
     Data {
         /// Output folder.
@@ -175,6 +200,16 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let limits = crate::data::Truncation { max_length, max_prompt_length };
             let rows = crate::train::reference::precompute(&model, &data, &out, batch_size, limits, &crate::train::backend_device("cpu")?)?;
             println!("wrote reference log-probs of {rows} rows to {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { out, size, steps, warmup, rounds, batch_size, python, child, round } => {
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/bench-{}", crate::train::trainer::timestamp())));
+            match child {
+                Some(name) => crate::bench::run_child(&name, &out, steps, warmup, round)?,
+                None => {
+                    crate::bench::run_bench(&crate::bench::BenchOptions { out, size, steps, warmup, rounds: rounds.max(1), batch_size, python })?;
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Pairs { from, style, out, tokenizer, seed, bins } => pairs(&from, style, &out, tokenizer.as_deref(), seed, bins),

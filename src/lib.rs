@@ -3,6 +3,7 @@
 //! Data flows one way: script (Rhai) → host API (`script`) → trainer (`train`) → burn
 //! (`model`), with `data` feeding the trainer.
 
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod model;

@@ -711,7 +711,7 @@ fn stem(path: &Path) -> String {
 }
 
 /// UTC `YYYYMMDD-HHMMSS` for run folder names.
-pub(crate) fn timestamp() -> String {
+pub fn timestamp() -> String {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (days, rem) = (secs / 86400, secs % 86400);
     // Civil-from-days (Howard Hinnant's algorithm).

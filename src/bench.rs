@@ -1,0 +1,310 @@
+//! `host bench`: times a DPO training step on one model and one batch in several
+//! configurations, side by side in one run, and prints ratios. Each configuration runs in
+//! its own child process (`host bench --child NAME`) so its peak RSS is its own. When
+//! Python with torch is found, a PyTorch eager DPO step on the same weights and batch
+//! (bench/torch_dpo_step.py) runs beside them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use burn::module::Module;
+
+use crate::data::{Example, TextTokenizer, Truncation, load_examples};
+use crate::model::{Llama, LlamaConfig, RandomInit, save_model};
+use crate::script::{Limits, ScriptEngine, ScriptHost, find_plugins_dir};
+use crate::train::{RunOptions, reference, trainer};
+
+/// One timed configuration.
+struct Config {
+    name: &'static str,
+    data: &'static str,
+    rust_loss: bool,
+    prefix_sharing: bool,
+    precomputed_ref: bool,
+}
+
+const CONFIGS: [Config; 7] = [
+    Config { name: "metamath/script-loss", data: "metamath", rust_loss: false, prefix_sharing: false, precomputed_ref: false },
+    Config { name: "metamath/rust-loss", data: "metamath", rust_loss: true, prefix_sharing: false, precomputed_ref: false },
+    Config { name: "metamath/prefix-sharing", data: "metamath", rust_loss: false, prefix_sharing: true, precomputed_ref: false },
+    Config { name: "metamath/precomputed-ref", data: "metamath", rust_loss: false, prefix_sharing: false, precomputed_ref: true },
+    Config { name: "metamath/prefix+precomputed", data: "metamath", rust_loss: false, prefix_sharing: true, precomputed_ref: true },
+    Config { name: "long-prompt/script-loss", data: "long_prompt", rust_loss: false, prefix_sharing: false, precomputed_ref: false },
+    Config { name: "long-prompt/prefix-sharing", data: "long_prompt", rust_loss: false, prefix_sharing: true, precomputed_ref: false },
+];
+
+pub struct BenchOptions {
+    pub out: PathBuf,
+    pub size: ModelSize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub rounds: usize,
+    pub batch_size: usize,
+    pub python: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModelSize {
+    /// ~10M parameters (the issue's yardstick for script overhead).
+    M10,
+    /// ~0.2M parameters, for a quick check that the bench runs.
+    Tiny,
+}
+
+/// What a child (or the PyTorch script) reports.
+#[derive(Serialize, Deserialize, Clone)]
+pub struct Timing {
+    pub name: String,
+    pub step_seconds: Vec<f64>,
+    pub tokens_per_step: usize,
+    pub peak_rss_mb: f64,
+    pub params: usize,
+}
+
+impl Timing {
+    fn median(&self) -> f64 {
+        let mut s = self.step_seconds.clone();
+        s.sort_by(f64::total_cmp);
+        if s.is_empty() { f64::NAN } else { s[s.len() / 2] }
+    }
+}
+
+fn model_config(size: ModelSize, vocab: usize) -> LlamaConfig {
+    let (hidden, inter, layers, heads, kv) = match size {
+        ModelSize::M10 => (384, 1024, 6, 6, 2),
+        ModelSize::Tiny => (64, 128, 2, 4, 2),
+    };
+    serde_json::from_value(json!({
+        "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "max_position_embeddings": 1024, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "tie_word_embeddings": false, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2
+    }))
+    .expect("a valid config")
+}
+
+const LIMITS: Truncation = Truncation { max_length: 1024, max_prompt_length: 896 };
+
+/// The parent: model, data, reference file, then every configuration in each round.
+pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
+    let root = std::env::current_dir()?;
+    let tokenizer_json = root.join("models/tiny-math/tokenizer.json");
+    let pairs = root.join("data/arithmetic/pairs.jsonl");
+    let sft = root.join("data/arithmetic/sft.jsonl");
+    for needed in [&tokenizer_json, &pairs, &sft] {
+        if !needed.is_file() {
+            bail!("{}: missing; run host bench from the repository root", needed.display());
+        }
+    }
+    if opts.out.exists() {
+        bail!("{}: already exists; choose another --out", opts.out.display());
+    }
+    std::fs::create_dir_all(&opts.out)?;
+    let device = crate::train::backend_device("cpu")?;
+    device.seed(1);
+
+    let tokenizer = TextTokenizer::load(&tokenizer_json, Some(1), Some(2))?;
+    let config = model_config(opts.size, tokenizer.vocab_size());
+    let model = Llama::build(&config, &mut RandomInit { std: 0.02 }, &device)?;
+    let model_dir = opts.out.join("model");
+    save_model(&model, &config, &tokenizer_json, &model_dir)?;
+    write_data(&pairs, &sft, &opts.out, opts.batch_size)?;
+    for data in ["metamath", "long_prompt"] {
+        let file = opts.out.join(format!("{data}.jsonl"));
+        reference::precompute(&model_dir, &file, &opts.out.join(format!("{data}.ref.jsonl")), opts.batch_size, LIMITS, &device)?;
+        let (examples, _) = load_examples(&file, &tokenizer, true, LIMITS, false)?;
+        write_torch_batch(&examples, tokenizer.pad_id, &opts.out.join(format!("{data}.batch.json")))?;
+    }
+
+    let exe = std::env::current_exe()?;
+    let python = opts.python.clone().or_else(find_python_with_torch);
+    let mut results: Vec<Timing> = Vec::new();
+    for round in 0..opts.rounds {
+        for config in &CONFIGS {
+            eprintln!("round {}/{}: {}", round + 1, opts.rounds, config.name);
+            let status = Command::new(&exe)
+                .args(["bench", "--child", config.name, "--out"])
+                .arg(&opts.out)
+                .args(["--steps", &opts.steps.to_string(), "--warmup", &opts.warmup.to_string(), "--round", &round.to_string()])
+                .stdout(std::process::Stdio::null())
+                .status()?;
+            if !status.success() {
+                bail!("bench configuration {} failed ({status})", config.name);
+            }
+            let file = result_file(&opts.out, config.name, round);
+            merge(&mut results, serde_json::from_str(&std::fs::read_to_string(&file)?)?);
+        }
+        if let Some(python) = &python {
+            for data in ["metamath", "long_prompt"] {
+                let name = format!("{}/pytorch-eager", data.replace('_', "-"));
+                eprintln!("round {}/{}: {name}", round + 1, opts.rounds);
+                match run_torch(python, &model_dir, &opts.out.join(format!("{data}.batch.json")), opts, &name) {
+                    Ok(t) => merge(&mut results, t),
+                    Err(e) => eprintln!("PyTorch reference skipped: {e:#}"),
+                }
+            }
+        }
+    }
+    if python.is_none() {
+        eprintln!("no Python with torch found (set --python); the PyTorch reference was not run");
+    }
+    let report = render(&results, opts);
+    std::fs::write(opts.out.join("bench.json"), serde_json::to_string_pretty(&json!({"results": results}))?)?;
+    std::fs::write(opts.out.join("bench.md"), &report)?;
+    println!("{report}");
+    Ok(results)
+}
+
+fn merge(results: &mut Vec<Timing>, t: Timing) {
+    match results.iter_mut().find(|r| r.name == t.name) {
+        Some(r) => {
+            r.step_seconds.extend(t.step_seconds);
+            r.peak_rss_mb = r.peak_rss_mb.max(t.peak_rss_mb);
+        }
+        None => results.push(t),
+    }
+}
+
+fn result_file(out: &Path, name: &str, round: usize) -> PathBuf {
+    out.join(format!("{}.round{round}.json", name.replace('/', "_")))
+}
+
+/// One batch of MetaMath-style pairs (the shipped ones), and the same pairs behind a long
+/// few-shot prompt (worked examples), the case prompt sharing is for.
+fn write_data(pairs: &Path, sft: &Path, out: &Path, batch: usize) -> Result<()> {
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(pairs)?.lines().take(batch).map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let shots: Vec<serde_json::Value> = std::fs::read_to_string(sft)?.lines().take(8).map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let few_shot: String = shots.iter().map(|s| format!("{}{}\n\n", s["prompt"].as_str().unwrap_or(""), s["completion"].as_str().unwrap_or(""))).collect();
+    let mut short = String::new();
+    let mut long = String::new();
+    for row in &rows {
+        short.push_str(&format!("{row}\n"));
+        let mut with_shots = row.clone();
+        with_shots["prompt"] = json!(format!("{few_shot}{}", row["prompt"].as_str().unwrap_or("")));
+        long.push_str(&format!("{with_shots}\n"));
+    }
+    std::fs::write(out.join("metamath.jsonl"), short)?;
+    std::fs::write(out.join("long_prompt.jsonl"), long)?;
+    Ok(())
+}
+
+fn write_torch_batch(examples: &[Example], pad_id: u32, path: &Path) -> Result<()> {
+    let batch = json!({
+        "pad_id": pad_id,
+        "prompt": examples.iter().map(|e| &e.prompt).collect::<Vec<_>>(),
+        "chosen": examples.iter().map(|e| &e.chosen).collect::<Vec<_>>(),
+        "rejected": examples.iter().map(|e| &e.rejected).collect::<Vec<_>>(),
+    });
+    Ok(std::fs::write(path, batch.to_string())?)
+}
+
+/// The child: trains `warmup + steps` steps of one configuration through the real
+/// trainer (script host, reload checks, metrics) and writes its timings.
+pub fn run_child(name: &str, out: &Path, steps: usize, warmup: usize, round: usize) -> Result<()> {
+    let config = CONFIGS.iter().find(|c| c.name == name).with_context(|| format!("no bench configuration {name}"))?;
+    let data = out.join(format!("{}.jsonl", config.data));
+    let ref_logps = if config.precomputed_ref { format!("ref_logps: \"{}\",", out.join(format!("{}.ref.jsonl", config.data)).display()) } else { String::new() };
+    let batch = std::fs::read_to_string(&data)?.lines().count();
+    let script = format!(
+        "import \"losses/dpo\" as dpo;\nfn loss(batch, params) {{ dpo::loss(batch, params) }}\ntrain(#{{\n  model: \"{}\", data: \"{}\", batch_size: {batch},\n  max_length: {}, max_prompt_length: {}, lr: 1e-4, max_grad_norm: 1.0,\n  log_every: 1000, progress: false, seed: 1, prefix_sharing: {}, {ref_logps}\n  params: #{{ beta: 0.1 }},\n}});\n",
+        out.join("model").display(), data.display(), LIMITS.max_length, LIMITS.max_prompt_length, config.prefix_sharing
+    );
+    let script_path = out.join(format!("{}.rhai", name.replace('/', "_")));
+    std::fs::write(&script_path, script)?;
+    let plugins = find_plugins_dir(&std::env::current_dir()?.join("scripts/smaug.rhai"), None)?;
+    let mut host = ScriptHost::new(ScriptEngine::new(&plugins, &Limits::default()));
+    let version = host.load(&script_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut train_config = trainer::config_of(&version, None)?;
+    train_config.rust_dpo_loss = config.rust_loss;
+    let run_dir = out.join("runs").join(format!("{}-round{round}", name.replace('/', "_")));
+    let options = RunOptions { script: script_path, watch: false, run_dir: Some(run_dir), max_steps: Some(warmup + steps), resume: None };
+    let summary = trainer::train_one(&mut host, options, version, train_config, false)?;
+    let (examples, _) = load_examples(&data, &TextTokenizer::load(&out.join("model/tokenizer.json"), Some(1), Some(2))?, true, LIMITS, false)?;
+    let timing = Timing {
+        name: name.to_string(),
+        step_seconds: summary.step_seconds[warmup.min(summary.step_seconds.len())..].to_vec(),
+        tokens_per_step: pair_tokens(&examples),
+        peak_rss_mb: peak_rss_mb(),
+        params: crate::model::load_model(&out.join("model"), &crate::train::backend_device("cpu")?)?.1.num_params(),
+    };
+    std::fs::write(result_file(out, name, round), serde_json::to_string(&timing)?)?;
+    Ok(())
+}
+
+/// Tokens of both sequences of every pair: the work a step does, whatever the layout.
+fn pair_tokens(examples: &[Example]) -> usize {
+    examples.iter().map(|e| 2 * e.prompt.len() + e.chosen.len() + e.rejected.len()).sum()
+}
+
+/// Peak resident memory of this process (VmHWM), in MB.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn find_python_with_torch() -> Option<String> {
+    let candidates = [std::env::var("PREFHOST_PYTHON").ok(), Some("python3".to_string())];
+    candidates.into_iter().flatten().find(|py| {
+        Command::new(py).args(["-c", "import torch"]).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
+    })
+}
+
+fn run_torch(python: &str, model: &Path, batch: &Path, opts: &BenchOptions, name: &str) -> Result<Timing> {
+    let script = std::env::current_dir()?.join("bench/torch_dpo_step.py");
+    let out = Command::new(python)
+        .arg(&script)
+        .arg("--model").arg(model)
+        .arg("--batch").arg(batch)
+        .args(["--steps", &opts.steps.to_string(), "--warmup", &opts.warmup.max(1).to_string()])
+        .output()
+        .with_context(|| format!("running {python} {}", script.display()))?;
+    if !out.status.success() {
+        bail!("{}: {}", script.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| format!("{}: output is not JSON", script.display()))?;
+    let seconds: Vec<f64> = v["step_seconds"].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default();
+    Ok(Timing {
+        name: format!("{name} (torch {}, {} threads)", v["torch"].as_str().unwrap_or("?"), v["threads"]),
+        step_seconds: seconds,
+        tokens_per_step: v["tokens_per_step"].as_u64().unwrap_or(0) as usize,
+        peak_rss_mb: v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
+        params: v["params"].as_u64().unwrap_or(0) as usize,
+    })
+}
+
+/// The table and the ratios the issue asks for, from medians of all timed steps.
+fn render(results: &[Timing], opts: &BenchOptions) -> String {
+    let median = |name: &str| results.iter().find(|r| r.name.starts_with(name)).map(Timing::median);
+    let mut out = format!(
+        "host bench: {} params, batch {} pairs, {} timed steps x {} rounds per configuration (after {} warm-up), {} CPU threads\n\n",
+        results.first().map_or(0, |r| r.params), opts.batch_size, opts.steps, opts.rounds, opts.warmup,
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    out.push_str("| configuration | median step (ms) | tokens/s | peak RSS (MB) |\n|---|---|---|---|\n");
+    for r in results {
+        let m = r.median();
+        out.push_str(&format!("| {} | {:.1} | {:.0} | {:.0} |\n", r.name, m * 1e3, r.tokens_per_step as f64 / m, r.peak_rss_mb));
+    }
+    out.push_str("\nRatios (medians, same run):\n");
+    let ratio = |label: &str, a: &str, b: &str, out: &mut String| {
+        if let (Some(x), Some(y)) = (median(a), median(b)) {
+            out.push_str(&format!("- {label}: {:.3}x\n", x / y));
+        }
+    };
+    if let (Some(script), Some(rust)) = (median("metamath/script-loss"), median("metamath/rust-loss")) {
+        out.push_str(&format!("- script overhead (Rhai loss vs the same loss in Rust): {:+.2}% of the step\n", (script - rust) / script * 100.0));
+    }
+    ratio("prefix sharing speed-up, MetaMath-style pairs", "metamath/script-loss", "metamath/prefix-sharing", &mut out);
+    ratio("prefix sharing speed-up, long-prompt pairs", "long-prompt/script-loss", "long-prompt/prefix-sharing", &mut out);
+    ratio("precomputed vs resident reference speed-up", "metamath/script-loss", "metamath/precomputed-ref", &mut out);
+    ratio("prefix sharing + precomputed reference speed-up", "metamath/script-loss", "metamath/prefix+precomputed", &mut out);
+    ratio("prefhost vs PyTorch eager, MetaMath-style (PyTorch time / prefhost time)", "metamath/pytorch-eager", "metamath/script-loss", &mut out);
+    ratio("prefhost vs PyTorch eager, long prompt (PyTorch time / prefhost time)", "long-prompt/pytorch-eager", "long-prompt/script-loss", &mut out);
+    out
+}

@@ -1,0 +1,29 @@
+//! `host bench` runs every configuration through the real trainer and reports timings,
+//! memory and ratios (a smoke run on a tiny model: this checks the harness, not speed).
+
+mod common;
+use common::*;
+
+#[test]
+fn bench_times_every_configuration_and_reports_ratios() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bench");
+    let args = ["bench", "--size", "tiny", "--steps", "1", "--warmup", "0", "--rounds", "1", "--python", "/nonexistent/python", "--out", out.to_str().unwrap()];
+    let run = run_host(&args);
+    assert!(run.status.success(), "{}", text(&run));
+    let report = std::fs::read_to_string(out.join("bench.md")).unwrap();
+    for name in ["metamath/script-loss", "metamath/rust-loss", "metamath/prefix-sharing", "metamath/precomputed-ref", "long-prompt/script-loss", "long-prompt/prefix-sharing"] {
+        assert!(report.contains(&format!("| {name} |")), "{name} missing:\n{report}");
+    }
+    for ratio in ["script overhead", "prefix sharing speed-up, MetaMath-style", "prefix sharing speed-up, long-prompt", "precomputed vs resident reference"] {
+        assert!(report.contains(ratio), "{ratio} missing:\n{report}");
+    }
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("bench.json")).unwrap()).unwrap();
+    for r in results["results"].as_array().unwrap() {
+        assert_eq!(r["step_seconds"].as_array().unwrap().len(), 1, "{r}");
+        assert!(r["peak_rss_mb"].as_f64().unwrap() > 1.0, "{r}");
+    }
+    // The same output folder is never overwritten.
+    let again = run_host(&args);
+    assert!(!again.status.success() && text(&again).contains("already exists"), "{}", text(&again));
+}
