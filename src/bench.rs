@@ -22,20 +22,30 @@ use crate::train::{RunOptions, reference, trainer};
 struct Config {
     name: &'static str,
     data: &'static str,
+    /// "model", or "model_large_vocab" (the same model with a 32k vocabulary).
+    model: &'static str,
     rust_loss: bool,
     prefix_sharing: bool,
     precomputed_ref: bool,
+    logits_chunk: Option<usize>,
 }
 
-const CONFIGS: [Config; 7] = [
-    Config { name: "metamath/script-loss", data: "metamath", rust_loss: false, prefix_sharing: false, precomputed_ref: false },
-    Config { name: "metamath/rust-loss", data: "metamath", rust_loss: true, prefix_sharing: false, precomputed_ref: false },
-    Config { name: "metamath/prefix-sharing", data: "metamath", rust_loss: false, prefix_sharing: true, precomputed_ref: false },
-    Config { name: "metamath/precomputed-ref", data: "metamath", rust_loss: false, prefix_sharing: false, precomputed_ref: true },
-    Config { name: "metamath/prefix+precomputed", data: "metamath", rust_loss: false, prefix_sharing: true, precomputed_ref: true },
-    Config { name: "long-prompt/script-loss", data: "long_prompt", rust_loss: false, prefix_sharing: false, precomputed_ref: false },
-    Config { name: "long-prompt/prefix-sharing", data: "long_prompt", rust_loss: false, prefix_sharing: true, precomputed_ref: false },
+const PLAIN: Config = Config { name: "", data: "metamath", model: "model", rust_loss: false, prefix_sharing: false, precomputed_ref: false, logits_chunk: None };
+
+const CONFIGS: [Config; 9] = [
+    Config { name: "metamath/script-loss", ..PLAIN },
+    Config { name: "metamath/rust-loss", rust_loss: true, ..PLAIN },
+    Config { name: "metamath/prefix-sharing", prefix_sharing: true, ..PLAIN },
+    Config { name: "metamath/precomputed-ref", precomputed_ref: true, ..PLAIN },
+    Config { name: "metamath/prefix+precomputed", prefix_sharing: true, precomputed_ref: true, ..PLAIN },
+    Config { name: "long-prompt/script-loss", data: "long_prompt", ..PLAIN },
+    Config { name: "long-prompt/prefix-sharing", data: "long_prompt", prefix_sharing: true, ..PLAIN },
+    Config { name: "vocab-32k/full-logits", model: "model_large_vocab", ..PLAIN },
+    Config { name: "vocab-32k/chunked-logits", model: "model_large_vocab", logits_chunk: Some(128), ..PLAIN },
 ];
+
+/// The large-vocabulary variant: where full-vocabulary logits dominate memory.
+const LARGE_VOCAB: usize = 32768;
 
 pub struct BenchOptions {
     pub out: PathBuf,
@@ -112,6 +122,8 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
     let model = Llama::build(&config, &mut RandomInit { std: 0.02 }, &device)?;
     let model_dir = opts.out.join("model");
     save_model(&model, &config, &tokenizer_json, &model_dir)?;
+    let large = model_config(opts.size, LARGE_VOCAB);
+    save_model(&Llama::build(&large, &mut RandomInit { std: 0.02 }, &device)?, &large, &tokenizer_json, &opts.out.join("model_large_vocab"))?;
     write_data(&pairs, &sft, &opts.out, opts.batch_size)?;
     for data in ["metamath", "long_prompt"] {
         let file = opts.out.join(format!("{data}.jsonl"));
@@ -207,11 +219,12 @@ fn write_torch_batch(examples: &[Example], pad_id: u32, path: &Path) -> Result<(
 pub fn run_child(name: &str, out: &Path, steps: usize, warmup: usize, round: usize) -> Result<()> {
     let config = CONFIGS.iter().find(|c| c.name == name).with_context(|| format!("no bench configuration {name}"))?;
     let data = out.join(format!("{}.jsonl", config.data));
+    let chunk = config.logits_chunk.map_or(String::new(), |n| format!(" logits_chunk_size: {n},"));
     let ref_logps = if config.precomputed_ref { format!("ref_logps: \"{}\",", out.join(format!("{}.ref.jsonl", config.data)).display()) } else { String::new() };
     let batch = std::fs::read_to_string(&data)?.lines().count();
     let script = format!(
-        "import \"losses/dpo\" as dpo;\nfn loss(batch, params) {{ dpo::loss(batch, params) }}\ntrain(#{{\n  model: \"{}\", data: \"{}\", batch_size: {batch},\n  max_length: {}, max_prompt_length: {}, lr: 1e-4, max_grad_norm: 1.0,\n  log_every: 1000, progress: false, seed: 1, prefix_sharing: {}, {ref_logps}\n  params: #{{ beta: 0.1 }},\n}});\n",
-        out.join("model").display(), data.display(), LIMITS.max_length, LIMITS.max_prompt_length, config.prefix_sharing
+        "import \"losses/dpo\" as dpo;\nfn loss(batch, params) {{ dpo::loss(batch, params) }}\ntrain(#{{\n  model: \"{}\", data: \"{}\", batch_size: {batch},\n  max_length: {}, max_prompt_length: {}, lr: 1e-4, max_grad_norm: 1.0,\n  log_every: 1000, progress: false, seed: 1, prefix_sharing: {}, {ref_logps}{chunk}\n  params: #{{ beta: 0.1 }},\n}});\n",
+        out.join(config.model).display(), data.display(), LIMITS.max_length, LIMITS.max_prompt_length, config.prefix_sharing
     );
     let script_path = out.join(format!("{}.rhai", name.replace('/', "_")));
     std::fs::write(&script_path, script)?;
@@ -229,7 +242,7 @@ pub fn run_child(name: &str, out: &Path, steps: usize, warmup: usize, round: usi
         step_seconds: summary.step_seconds[warmup.min(summary.step_seconds.len())..].to_vec(),
         tokens_per_step: pair_tokens(&examples),
         peak_rss_mb: peak_rss_mb(),
-        params: crate::model::load_model(&out.join("model"), &crate::train::backend_device("cpu")?)?.1.num_params(),
+        params: crate::model::load_model(&out.join(config.model), &crate::train::backend_device("cpu")?)?.1.num_params(),
     };
     std::fs::write(result_file(out, name, round), serde_json::to_string(&timing)?)?;
     Ok(())
@@ -282,14 +295,14 @@ fn run_torch(python: &str, model: &Path, batch: &Path, opts: &BenchOptions, name
 fn render(results: &[Timing], opts: &BenchOptions) -> String {
     let median = |name: &str| results.iter().find(|r| r.name.starts_with(name)).map(Timing::median);
     let mut out = format!(
-        "host bench: {} params, batch {} pairs, {} timed steps x {} rounds per configuration (after {} warm-up), {} CPU threads\n\n",
-        results.first().map_or(0, |r| r.params), opts.batch_size, opts.steps, opts.rounds, opts.warmup,
+        "host bench: batch {} pairs, {} timed steps x {} rounds per configuration (after {} warm-up), {} CPU threads\n\n",
+        opts.batch_size, opts.steps, opts.rounds, opts.warmup,
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    out.push_str("| configuration | median step (ms) | tokens/s | peak RSS (MB) |\n|---|---|---|---|\n");
+    out.push_str("| configuration | params | median step (ms) | tokens/s | peak RSS (MB) |\n|---|---|---|---|---|\n");
     for r in results {
         let m = r.median();
-        out.push_str(&format!("| {} | {:.1} | {:.0} | {:.0} |\n", r.name, m * 1e3, r.tokens_per_step as f64 / m, r.peak_rss_mb));
+        out.push_str(&format!("| {} | {:.2}M | {:.1} | {:.0} | {:.0} |\n", r.name, r.params as f64 / 1e6, m * 1e3, r.tokens_per_step as f64 / m, r.peak_rss_mb));
     }
     out.push_str("\nRatios (medians, same run):\n");
     let ratio = |label: &str, a: &str, b: &str, out: &mut String| {
@@ -304,6 +317,11 @@ fn render(results: &[Timing], opts: &BenchOptions) -> String {
     ratio("prefix sharing speed-up, long-prompt pairs", "long-prompt/script-loss", "long-prompt/prefix-sharing", &mut out);
     ratio("precomputed vs resident reference speed-up", "metamath/script-loss", "metamath/precomputed-ref", &mut out);
     ratio("prefix sharing + precomputed reference speed-up", "metamath/script-loss", "metamath/prefix+precomputed", &mut out);
+    ratio("chunked vs full logits speed-up, 32k vocabulary", "vocab-32k/full-logits", "vocab-32k/chunked-logits", &mut out);
+    let rss = |name: &str| results.iter().find(|r| r.name == name).map(|r| r.peak_rss_mb);
+    if let (Some(full), Some(chunked)) = (rss("vocab-32k/full-logits"), rss("vocab-32k/chunked-logits")) {
+        out.push_str(&format!("- chunked vs full logits peak RSS, 32k vocabulary: {:.3}x ({:.0} MB less)\n", chunked / full, full - chunked));
+    }
     ratio("prefhost vs PyTorch eager, MetaMath-style (PyTorch time / prefhost time)", "metamath/pytorch-eager", "metamath/script-loss", &mut out);
     ratio("prefhost vs PyTorch eager, long prompt (PyTorch time / prefhost time)", "long-prompt/pytorch-eager", "long-prompt/script-loss", &mut out);
     out

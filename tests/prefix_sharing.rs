@@ -1,6 +1,6 @@
 //! Prefix sharing computes each pair's prompt (and the completions' common prefix) once,
-//! in one packed row; the log-probs it gives must equal the plain two-row computation,
-//! values and gradients.
+//! in one packed row, and chunked logits never hold the whole [rows, length, vocab]
+//! logits; the log-probs each gives must equal the plain computation, values and gradients.
 
 mod common;
 
@@ -8,7 +8,8 @@ use burn::tensor::Device;
 use prefhost::data::packed::PackedLayout;
 use prefhost::data::{Example, TextTokenizer, Truncation, collate_pairs, load_examples};
 use prefhost::model::{load_model, values};
-use prefhost::train::logps::{packed_pair_logps, token_logps};
+use burn::optim::GradientsParams;
+use prefhost::train::logps::{batch_logps, packed_pair_logps, token_logps};
 
 fn examples() -> Vec<Example> {
     let root = common::repo();
@@ -56,24 +57,39 @@ fn packed_log_probs_equal_the_plain_ones() {
 }
 
 #[test]
-fn packed_gradients_equal_the_plain_ones() {
+fn packed_and_chunked_give_the_same_values_and_gradients() {
     let device = Device::default().autodiff();
     let (_, model) = load_model(&common::repo().join("models/tiny-math"), &device).unwrap();
     let rows = examples();
     let refs: Vec<&Example> = rows.iter().collect();
     let batch = collate_pairs(&refs, 2, &device);
-    // A loss that weighs every token differently, so a misplaced log-prob would show.
     let [n, w] = batch.mask.dims();
-    let ramp: Vec<f32> = (0..n * w).map(|i| 1.0 + (i % 7) as f32 * 0.5).collect();
-    let weights = burn::tensor::Tensor::<1>::from_floats(ramp.as_slice(), &device);
-    let grads_of = |logps: burn::tensor::Tensor<2>| {
-        let loss = (logps * weights.clone().reshape([n, w])).sum();
-        let grads = loss.backward();
-        values(model.layers[0].self_attn.q_proj.weight.val().grad(&grads).unwrap())
+    let ramp: Vec<f32> = (0..n * w).map(|i| 1.0 + (i % 5) as f32 * 0.25).collect();
+    let weights = burn::tensor::Tensor::<1>::from_floats(ramp.as_slice(), &device).reshape([n, w]);
+    let layout = PackedLayout::new(&refs, 2, true);
+    // A loss that weighs every token differently, so a misplaced log-prob would show.
+    // (values, gradient of one attention weight, gradient of lm_head) for one way of computing.
+    let run = |packed: Option<&PackedLayout>, chunk: Option<usize>| {
+        let (logps, head) = batch_logps(&model, &batch, packed, chunk);
+        let vals = values(logps.clone());
+        let loss = (logps * weights.clone()).sum();
+        let grads = match head {
+            Some(head) => head.gradients(&loss.backward(), &model),
+            None => GradientsParams::from_grads(loss.backward(), &model),
+        };
+        let q = values(grads.get::<2>(model.layers[1].self_attn.q_proj.weight.id).unwrap());
+        let lm = values(grads.get::<2>(model.lm_head.as_ref().unwrap().weight.id).unwrap());
+        (vals, q, lm)
     };
-    let plain = grads_of(token_logps(&model, &batch));
-    let packed = grads_of(packed_pair_logps(&model, &PackedLayout::new(&refs, 2, true), batch.mask.clone()));
-    let scale = plain.iter().map(|g| g.abs()).fold(0.0, f32::max);
-    let diff = max_diff(&plain, &packed);
-    assert!(diff < 1e-4 * scale.max(1.0), "gradient difference {diff} (largest gradient {scale})");
+    let (plain, plain_q, plain_lm) = run(None, None);
+    for (packed, chunk) in [(Some(&layout), None), (None, Some(7)), (None, Some(1000)), (Some(&layout), Some(13))] {
+        let (vals, q, lm) = run(packed, chunk);
+        let what = format!("packed {} chunk {chunk:?}", packed.is_some());
+        assert!(max_diff(&plain, &vals) < 2e-5, "{what}: values differ by {}", max_diff(&plain, &vals));
+        for (name, a, b) in [("q_proj", &plain_q, &q), ("lm_head", &plain_lm, &lm)] {
+            let scale = a.iter().map(|g| g.abs()).fold(0.0, f32::max);
+            assert!(scale > 0.0, "{name}: no gradient");
+            assert!(max_diff(a, b) < 1e-4 * scale.max(1.0), "{what}: {name} gradient differs by {} (largest {scale})", max_diff(a, b));
+        }
+    }
 }

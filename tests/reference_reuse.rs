@@ -1,6 +1,6 @@
-//! The two speed options must not change what is trained: a run with prefix sharing, and a
-//! run reading reference log-probs written by `host logps`, log the same metrics as the
-//! plain run with a resident reference (up to float rounding).
+//! The speed and memory options must not change what is trained: runs with prefix
+//! sharing, with chunked logits, and reading reference log-probs written by `host logps`
+//! log the same metrics as the plain run with a resident reference (up to float rounding).
 
 mod common;
 use common::*;
@@ -37,6 +37,8 @@ fn prefix_sharing_and_precomputed_reference_train_the_same_model() {
 
     let shared = metrics_of(&sb, "shared", "prefix_sharing: true,");
     assert_same_training(&plain, &shared, "prefix sharing");
+    let chunked = metrics_of(&sb, "chunked", "prefix_sharing: true, logits_chunk_size: 32,");
+    assert_same_training(&plain, &chunked, "chunked logits");
 
     let refs = sb.path("ref_logps.jsonl");
     let out = run_host(&["logps", "--model", "models/tiny-math", "--data", "data/arithmetic/pairs.jsonl", "--out", refs.to_str().unwrap()]);

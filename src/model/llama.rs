@@ -107,23 +107,42 @@ impl Llama {
 
     /// tokens: [batch, seq] -> logits [batch, seq, vocab]
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        self.head(self.hidden(tokens))
+    }
+
+    /// The final hidden states (after the last norm), [batch, seq, hidden]: what the
+    /// vocabulary projection reads.
+    pub fn hidden(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
         let mut x = self.embed_tokens.forward(tokens);
         for layer in &self.layers {
             x = layer.forward(x, &self.rope);
         }
-        self.head(self.norm.forward(x))
+        self.norm.forward(x)
     }
 
     /// Packed rows: tokens [batch, seq] at their own `positions` ([batch * seq]),
     /// attending where `hidden` ([batch, 1, seq, seq], true = masked) is false.
     pub fn forward_packed(&self, tokens: Tensor<2, Int>, positions: &[usize], hidden: Tensor<4, Bool>) -> Tensor<3> {
+        self.head(self.hidden_packed(tokens, positions, hidden))
+    }
+
+    pub fn hidden_packed(&self, tokens: Tensor<2, Int>, positions: &[usize], hidden: Tensor<4, Bool>) -> Tensor<3> {
         let [batch, seq] = tokens.dims();
         let rotary = self.rope.tables(positions, batch, seq, &tokens.device());
         let mut x = self.embed_tokens.forward(tokens);
         for layer in &self.layers {
             x = layer.forward_packed(x, &rotary, hidden.clone());
         }
-        self.head(self.norm.forward(x))
+        self.norm.forward(x)
+    }
+
+    /// The vocabulary projection as one [hidden, vocab] matrix (lm_head's weight, or the
+    /// tied embeddings transposed), so logits = hidden · W.
+    pub fn head_weight(&self) -> Tensor<2> {
+        match &self.lm_head {
+            Some(head) => head.weight.val(),
+            None => self.embed_tokens.weight.val().transpose(),
+        }
     }
 
     /// Decoding step: tokens [batch, seq] continue the cached ones; returns the logits of

@@ -115,6 +115,10 @@ pub struct TrainConfig {
     /// row per pair); the log-probs equal the plain path's.
     #[serde(default)]
     pub prefix_sharing: bool,
+    /// Compute the vocabulary projection and log-softmax this many positions at a time,
+    /// so the full [rows, length, vocab] logits never exist at once (none: all at once).
+    #[serde(default)]
+    pub logits_chunk_size: Option<usize>,
     /// Reference log-probs written by `host logps` for this data, used instead of a
     /// resident reference model.
     #[serde(default)]
@@ -252,6 +256,7 @@ impl TrainConfig {
         self.loss_fn = newer.loss_fn.clone();
         self.heldout = newer.heldout.clone();
         self.prefix_sharing = newer.prefix_sharing;
+        self.logits_chunk_size = newer.logits_chunk_size;
     }
 
     pub fn beta(&self) -> f64 {

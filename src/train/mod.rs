@@ -1,6 +1,7 @@
 //! Training: run config, log-probs, the loss boundary, gradients, metrics, the loop.
 
 pub mod checkpoint;
+pub mod chunked;
 pub mod compare;
 pub mod config;
 pub mod console;

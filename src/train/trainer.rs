@@ -16,7 +16,8 @@ use super::config::{Init, Mode, TrainConfig};
 use super::console;
 use super::evaluate::{EvalResult, evaluate, load_eval_rows};
 use super::grads::clip_global_norm;
-use super::logps::{packed_pair_logps, row_sums, token_logps};
+use super::chunked::ChunkedHead;
+use super::logps::{batch_logps, row_sums};
 use super::loss_call::{LossOutput, loss_params, put1, put2, read_loss_output, rust_dpo_loss};
 use super::metrics::{MetricsLog, format_line};
 use super::reference::PrecomputedReference;
@@ -236,8 +237,12 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
                 trainer.loss(host, version, config, &examples, step)
             })?;
             trainer.config = config;
+            let mut output = output;
             let scaled = output.loss.loss.clone().div_scalar(trainer.config.grad_accum as f64);
-            let grads = GradientsParams::from_grads(scaled.backward(), &trainer.policy);
+            let grads = match output.head.take() {
+                Some(head) => head.gradients(&scaled.backward(), &trainer.policy),
+                None => GradientsParams::from_grads(scaled.backward(), &trainer.policy),
+            };
             accumulator.accumulate(&trainer.policy, grads);
             outputs.push(output);
         }
@@ -410,6 +415,9 @@ struct StepResult {
     ref_chosen: Vec<f32>,
     /// Host-computed diagnostics of the DPO failure mode (preference mode only).
     diagnostics: Vec<(&'static str, f64)>,
+    /// Set when the logits were computed in chunks: it turns the loss's gradients into
+    /// the model's.
+    head: Option<ChunkedHead>,
 }
 
 impl Trainer {
@@ -483,23 +491,17 @@ impl Trainer {
         let b = examples.len();
         let pad = self.tokenizer.pad_id;
         let mut map = Map::new();
+        let head;
         let rejected = match &self.reference {
             Some(reference) => {
                 let batch = collate_pairs(&refs, pad, &self.device);
                 let packed = config.prefix_sharing.then(|| PackedLayout::new(&refs, pad, true));
-                let tokens = match &packed {
-                    Some(layout) => packed_pair_logps(&self.policy, layout, batch.mask.clone()),
-                    None => token_logps(&self.policy, &batch),
-                };
+                let chunk = config.logits_chunk_size.filter(|&n| n > 0);
+                let (tokens, chunked) = batch_logps(&self.policy, &batch, packed.as_ref(), chunk);
+                head = chunked;
                 let plain = self.device.clone().without_autodiff();
                 let ref_tokens = match reference {
-                    Reference::Resident(model) => {
-                        let plain_batch = collate_pairs(&refs, pad, &plain);
-                        match &packed {
-                            Some(layout) => packed_pair_logps(model, layout, plain_batch.mask),
-                            None => token_logps(model, &plain_batch),
-                        }
-                    }
+                    Reference::Resident(model) => batch_logps(model, &collate_pairs(&refs, pad, &plain), packed.as_ref(), chunk).0,
                     Reference::Precomputed(rows) => rows.token_logps(&refs, batch.mask.dims()[1], &plain),
                 }
                 .autodiff();
@@ -514,7 +516,8 @@ impl Trainer {
             }
             None => {
                 let batch = collate_sft(&refs, pad, &self.device);
-                let tokens = token_logps(&self.policy, &batch);
+                let (tokens, chunked) = batch_logps(&self.policy, &batch, None, config.logits_chunk_size.filter(|&n| n > 0));
+                head = chunked;
                 let lengths = Tensor::<1>::from_floats(batch.lengths.as_slice(), &self.device);
                 let count: f32 = batch.lengths.iter().sum();
                 put1(&mut map, "chosen_logps", row_sums(tokens.clone()));
@@ -552,7 +555,7 @@ impl Trainer {
             loss.rejected_rewards = Some(reward(&rejected_logps, &ref_rejected));
         }
         let loss_value = crate::model::values(loss.loss.clone())[0] as f64;
-        Ok(StepResult { loss, loss_value, chosen_logps, rejected_logps, ref_chosen, diagnostics })
+        Ok(StepResult { loss, loss_value, chosen_logps, rejected_logps, ref_chosen, diagnostics, head })
     }
 
     /// Held-out accuracy of the current policy, when the config has `heldout`.
