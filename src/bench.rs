@@ -73,6 +73,10 @@ pub struct Timing {
     pub tokens_per_step: usize,
     pub peak_rss_mb: f64,
     pub params: usize,
+    /// PyTorch only: largest |log p| difference from prefhost's on the first step
+    /// (same weights, same batch): the check that both compute the same thing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logps_max_diff_vs_prefhost: Option<f64>,
 }
 
 impl Timing {
@@ -154,7 +158,8 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
             for data in ["metamath", "long_prompt"] {
                 let name = format!("{}/pytorch-eager", data.replace('_', "-"));
                 eprintln!("round {}/{}: {name}", round + 1, opts.rounds);
-                match run_torch(python, &model_dir, &opts.out.join(format!("{data}.batch.json")), opts, &name) {
+                let reference = opts.out.join(format!("{data}.ref.jsonl"));
+                match run_torch(python, &model_dir, &opts.out.join(format!("{data}.batch.json")), &reference, opts, &name) {
                     Ok(t) => merge(&mut results, t),
                     Err(e) => eprintln!("PyTorch reference skipped: {e:#}"),
                 }
@@ -243,6 +248,7 @@ pub fn run_child(name: &str, out: &Path, steps: usize, warmup: usize, round: usi
         tokens_per_step: pair_tokens(&examples),
         peak_rss_mb: peak_rss_mb(),
         params: crate::model::load_model(&out.join(config.model), &crate::train::backend_device("cpu")?)?.1.num_params(),
+        logps_max_diff_vs_prefhost: None,
     };
     std::fs::write(result_file(out, name, round), serde_json::to_string(&timing)?)?;
     Ok(())
@@ -268,7 +274,7 @@ fn find_python_with_torch() -> Option<String> {
     })
 }
 
-fn run_torch(python: &str, model: &Path, batch: &Path, opts: &BenchOptions, name: &str) -> Result<Timing> {
+fn run_torch(python: &str, model: &Path, batch: &Path, reference: &Path, opts: &BenchOptions, name: &str) -> Result<Timing> {
     let script = std::env::current_dir()?.join("bench/torch_dpo_step.py");
     let out = Command::new(python)
         .arg(&script)
@@ -281,6 +287,20 @@ fn run_torch(python: &str, model: &Path, batch: &Path, opts: &BenchOptions, name
         bail!("{}: {}", script.display(), String::from_utf8_lossy(&out.stderr));
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| format!("{}: output is not JSON", script.display()))?;
+    // prefhost's log-probs of the same rows under the same (starting) weights.
+    let ours: Vec<f64> = std::fs::read_to_string(reference)?
+        .lines()
+        .map(|l| serde_json::from_str::<reference::RefRow>(l).map(|r| [r.chosen_logps as f64, r.rejected_logps as f64]))
+        .collect::<Result<Vec<_>, _>>()?
+        .concat();
+    let theirs: Vec<f64> = ["chosen_logps", "rejected_logps"]
+        .iter()
+        .flat_map(|k| v["first_step"][*k].as_array().cloned().unwrap_or_default())
+        .filter_map(|x| x.as_f64())
+        .collect();
+    let b = theirs.len() / 2;
+    let ours_ordered: Vec<f64> = (0..b).map(|i| ours[2 * i]).chain((0..b).map(|i| ours[2 * i + 1])).collect();
+    let logps_diff = (theirs.len() == ours.len()).then(|| ours_ordered.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max));
     let seconds: Vec<f64> = v["step_seconds"].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default();
     Ok(Timing {
         name: format!("{name} (torch {}, {} threads)", v["torch"].as_str().unwrap_or("?"), v["threads"]),
@@ -288,6 +308,7 @@ fn run_torch(python: &str, model: &Path, batch: &Path, opts: &BenchOptions, name
         tokens_per_step: v["tokens_per_step"].as_u64().unwrap_or(0) as usize,
         peak_rss_mb: v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
         params: v["params"].as_u64().unwrap_or(0) as usize,
+        logps_max_diff_vs_prefhost: logps_diff,
     })
 }
 
@@ -321,6 +342,9 @@ fn render(results: &[Timing], opts: &BenchOptions) -> String {
     let rss = |name: &str| results.iter().find(|r| r.name == name).map(|r| r.peak_rss_mb);
     if let (Some(full), Some(chunked)) = (rss("vocab-32k/full-logits"), rss("vocab-32k/chunked-logits")) {
         out.push_str(&format!("- chunked vs full logits peak RSS, 32k vocabulary: {:.3}x ({:.0} MB less)\n", chunked / full, full - chunked));
+    }
+    for r in results.iter().filter_map(|r| r.logps_max_diff_vs_prefhost.map(|d| (&r.name, d))) {
+        out.push_str(&format!("- {}: first-step log-probs differ from prefhost's by at most {:.2e}\n", r.0, r.1));
     }
     ratio("prefhost vs PyTorch eager, MetaMath-style (PyTorch time / prefhost time)", "metamath/pytorch-eager", "metamath/script-loss", &mut out);
     ratio("prefhost vs PyTorch eager, long prompt (PyTorch time / prefhost time)", "long-prompt/pytorch-eager", "long-prompt/script-loss", &mut out);
