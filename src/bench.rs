@@ -194,7 +194,7 @@ fn result_file(out: &Path, name: &str, round: usize) -> PathBuf {
 /// few-shot prompt (worked examples), the case prompt sharing is for.
 fn write_data(pairs: &Path, sft: &Path, out: &Path, batch: usize) -> Result<()> {
     let rows: Vec<serde_json::Value> = std::fs::read_to_string(pairs)?.lines().take(batch).map(serde_json::from_str).collect::<Result<_, _>>()?;
-    let shots: Vec<serde_json::Value> = std::fs::read_to_string(sft)?.lines().take(8).map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let shots: Vec<serde_json::Value> = std::fs::read_to_string(sft)?.lines().take(3).map(serde_json::from_str).collect::<Result<_, _>>()?;
     let few_shot: String = shots.iter().map(|s| format!("{}{}\n\n", s["prompt"].as_str().unwrap_or(""), s["completion"].as_str().unwrap_or(""))).collect();
     let mut short = String::new();
     let mut long = String::new();

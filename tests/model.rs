@@ -90,7 +90,14 @@ fn truncated_weights_broken_config_and_missing_tokenizer_are_named() {
     std::fs::write(target.join("config.json"), serde_json::json!({"model_type": "gpt2", "vocab_size": 5, "hidden_size": 4,
         "intermediate_size": 4, "num_hidden_layers": 1, "num_attention_heads": 1}).to_string()).unwrap();
     let err = format!("{:#}", load_model(&target, &device).unwrap_err());
-    assert!(err.contains("model_type \"gpt2\""), "{err}");
+    assert!(err.contains("model_type \"gpt2\"") && err.contains("llama, mistral, qwen2"), "{err}");
+
+    // So is a RoPE scaling this build does not implement, by its field.
+    std::fs::write(target.join("config.json"), serde_json::json!({"model_type": "llama", "vocab_size": 5, "hidden_size": 4,
+        "intermediate_size": 4, "num_hidden_layers": 1, "num_attention_heads": 1,
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}).to_string()).unwrap();
+    let err = format!("{:#}", load_model(&target, &device).unwrap_err());
+    assert!(err.contains("config.json") && err.contains("rope_scaling.rope_type \"yarn\""), "{err}");
 
     let missing = dir.path().join("nothing/tokenizer.json");
     let err = prefhost::data::TextTokenizer::load(&missing, None, None).err().expect("missing tokenizer is an error");

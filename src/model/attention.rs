@@ -17,6 +17,8 @@ pub struct Attention {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// Mistral's sliding window: a token sees at most this many tokens (0: no window).
+    pub window: usize,
 }
 
 impl Attention {
@@ -35,8 +37,10 @@ impl Attention {
         let rotary = rope.tables(&positions, 1, seq, &x.device());
         let (q, k, v) = self.project(x, &rotary);
         let (k, v) = cache.append(k, v);
+        let positions_k: Vec<usize> = (0..offset + seq).collect();
+        let hidden = self.window_mask(&positions, &positions_k, 1, &q.device());
         // A single new token may attend to every cached one, so only the first call is causal.
-        self.attend(q, k, v, None, offset == 0)
+        self.attend(q, k, v, hidden, offset == 0)
     }
 
     /// Packed rows (several sequences in one row): each token rotated at its own position,
@@ -44,6 +48,26 @@ impl Attention {
     pub fn forward_packed(&self, x: Tensor<3>, rotary: &RotaryTables, hidden: Tensor<4, Bool>) -> Tensor<3> {
         let (q, k, v) = self.project(x, rotary);
         self.attend(q, k, v, Some(hidden), false)
+    }
+
+    /// Keys beyond the sliding window of each query ([batch, 1, q, k], true = masked), or
+    /// None when no query has keys that far back. Positions are per query/key row.
+    pub fn window_mask(&self, positions_q: &[usize], positions_k: &[usize], batch: usize, device: &burn::tensor::Device) -> Option<Tensor<4, Bool>> {
+        let window = self.window;
+        let (sq, sk) = (positions_q.len() / batch, positions_k.len() / batch);
+        let far = |q: usize, k: usize| q >= k + window;
+        if window == 0 || !positions_q.iter().any(|&q| positions_k.iter().any(|&k| far(q, k))) {
+            return None;
+        }
+        let mut hidden = vec![false; batch * sq * sk];
+        for b in 0..batch {
+            for i in 0..sq {
+                for j in 0..sk {
+                    hidden[(b * sq + i) * sk + j] = far(positions_q[b * sq + i], positions_k[b * sk + j]);
+                }
+            }
+        }
+        Some(Tensor::from_data(burn::tensor::TensorData::new(hidden, [batch, 1, sq, sk]), device))
     }
 
     /// Query, key and value heads ([batch, heads, seq, head_dim]), RoPE applied.

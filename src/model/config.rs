@@ -38,6 +38,30 @@ pub struct LlamaConfig {
     pub eos_token_id: Option<u32>,
     #[serde(default)]
     pub pad_token_id: Option<u32>,
+    /// Biases on q/k/v/o (llama's `attention_bias`; qwen2 always has q/k/v biases).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attention_bias: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mlp_bias: bool,
+    /// HF's rope_scaling map (linear and llama3 are supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Mistral: each token attends to at most this many tokens (itself included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// Qwen2: whether `sliding_window` is used at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_sliding_window: Option<bool>,
+}
+
+/// How RoPE frequencies are rescaled for long contexts (HF's rope_scaling).
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1: low frequencies divided by `factor`, high ones kept, a smooth blend between.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_positions: f64 },
 }
 
 impl LlamaConfig {
@@ -51,8 +75,12 @@ impl LlamaConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.model_type != "llama" {
-            bail!("model_type \"{}\" is not supported (supported: llama)", self.model_type);
+        if !["llama", "mistral", "qwen2"].contains(&self.model_type.as_str()) {
+            bail!("model_type \"{}\" is not supported (supported: llama, mistral, qwen2)", self.model_type);
+        }
+        self.rope_scaling()?;
+        if self.model_type == "qwen2" && self.use_sliding_window == Some(true) {
+            bail!("use_sliding_window: qwen2's per-layer sliding window is not supported");
         }
         if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 && self.head_dim.is_none() {
             bail!("hidden_size {} is not divisible by num_attention_heads {}", self.hidden_size, self.num_attention_heads);
@@ -64,6 +92,43 @@ impl LlamaConfig {
             bail!("head_dim {} must be even for rotary embeddings", self.head_dim());
         }
         Ok(())
+    }
+
+    /// q/k/v biases: qwen2 always, llama and mistral when `attention_bias` says so.
+    pub fn qkv_bias(&self) -> bool {
+        self.model_type == "qwen2" || self.attention_bias
+    }
+
+    /// o_proj bias: only llama's `attention_bias` adds it (qwen2's o_proj has none).
+    pub fn o_bias(&self) -> bool {
+        self.model_type != "qwen2" && self.attention_bias
+    }
+
+    /// The attention window, when the model uses one.
+    pub fn attention_window(&self) -> Option<usize> {
+        match self.model_type.as_str() {
+            "mistral" => self.sliding_window,
+            _ => None,
+        }
+    }
+
+    pub fn rope_scaling(&self) -> Result<RopeScaling> {
+        let Some(map) = self.rope_scaling.as_ref().filter(|v| !v.is_null()) else { return Ok(RopeScaling::None) };
+        let kind = map.get("rope_type").or_else(|| map.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
+        let num = |key: &str| -> Result<f64> {
+            map.get(key).and_then(|v| v.as_f64()).with_context(|| format!("rope_scaling.{key}: missing or not a number"))
+        };
+        match kind {
+            "default" => Ok(RopeScaling::None),
+            "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+            "llama3" => Ok(RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_positions: num("original_max_position_embeddings")?,
+            }),
+            other => bail!("rope_scaling.rope_type \"{other}\" is not supported (supported: linear, llama3)"),
+        }
     }
 
     pub fn kv_heads(&self) -> usize {

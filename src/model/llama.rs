@@ -28,7 +28,7 @@ pub trait WeightSource {
     fn vector(&mut self, name: &str, len: usize, device: &Device) -> anyhow::Result<Tensor<1>>;
 }
 
-/// HF's default initialisation (normal, std = initializer_range), norms at one.
+/// HF's default initialisation (normal, std = initializer_range), norms at one, biases at zero.
 pub struct RandomInit {
     pub std: f64,
 }
@@ -37,8 +37,8 @@ impl WeightSource for RandomInit {
     fn tensor(&mut self, _: &str, shape: &[usize], device: &Device) -> anyhow::Result<Tensor<2>> {
         Ok(Tensor::random([shape[0], shape[1]], Distribution::Normal(0.0, self.std), device))
     }
-    fn vector(&mut self, _: &str, len: usize, device: &Device) -> anyhow::Result<Tensor<1>> {
-        Ok(Tensor::ones([len], device))
+    fn vector(&mut self, name: &str, len: usize, device: &Device) -> anyhow::Result<Tensor<1>> {
+        Ok(if name.ends_with(".bias") { Tensor::zeros([len], device) } else { Tensor::ones([len], device) })
     }
 }
 
@@ -52,11 +52,17 @@ fn named_param<const D: usize>(name: &str, value: Tensor<D>) -> Param<Tensor<D>>
     param
 }
 
-fn linear(src: &mut dyn WeightSource, name: &str, d_in: usize, d_out: usize, device: &Device) -> anyhow::Result<Linear> {
+fn linear(src: &mut dyn WeightSource, name: &str, d_in: usize, d_out: usize, bias: bool, device: &Device) -> anyhow::Result<Linear> {
     // HF stores [out, in]; burn's Linear computes x·W with W as [in, out].
     let key = format!("{name}.weight");
     let weight = src.tensor(&key, &[d_out, d_in], device)?.transpose();
-    Ok(Linear { weight: named_param(&key, weight), bias: None })
+    let bias = if bias {
+        let key = format!("{name}.bias");
+        Some(named_param(&key, src.vector(&key, d_out, device)?))
+    } else {
+        None
+    };
+    Ok(Linear { weight: named_param(&key, weight), bias })
 }
 
 fn rms_norm(src: &mut dyn WeightSource, name: &str, size: usize, eps: f64, device: &Device) -> anyhow::Result<RmsNorm> {
@@ -68,25 +74,27 @@ impl Llama {
     pub fn build(config: &LlamaConfig, src: &mut dyn WeightSource, device: &Device) -> anyhow::Result<Self> {
         let (d, heads, kv, hd) = (config.hidden_size, config.num_attention_heads, config.kv_heads(), config.head_dim());
         let embed = src.tensor("model.embed_tokens.weight", &[config.vocab_size, d], device)?;
+        let qkv_bias = config.qkv_bias();
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
             layers.push(DecoderLayer {
                 input_layernorm: rms_norm(src, &format!("{p}.input_layernorm"), d, config.rms_norm_eps, device)?,
                 self_attn: Attention {
-                    q_proj: linear(src, &format!("{p}.self_attn.q_proj"), d, heads * hd, device)?,
-                    k_proj: linear(src, &format!("{p}.self_attn.k_proj"), d, kv * hd, device)?,
-                    v_proj: linear(src, &format!("{p}.self_attn.v_proj"), d, kv * hd, device)?,
-                    o_proj: linear(src, &format!("{p}.self_attn.o_proj"), heads * hd, d, device)?,
+                    q_proj: linear(src, &format!("{p}.self_attn.q_proj"), d, heads * hd, qkv_bias, device)?,
+                    k_proj: linear(src, &format!("{p}.self_attn.k_proj"), d, kv * hd, qkv_bias, device)?,
+                    v_proj: linear(src, &format!("{p}.self_attn.v_proj"), d, kv * hd, qkv_bias, device)?,
+                    o_proj: linear(src, &format!("{p}.self_attn.o_proj"), heads * hd, d, config.o_bias(), device)?,
                     num_heads: heads,
                     num_kv_heads: kv,
                     head_dim: hd,
+                    window: config.attention_window().unwrap_or(0),
                 },
                 post_attention_layernorm: rms_norm(src, &format!("{p}.post_attention_layernorm"), d, config.rms_norm_eps, device)?,
                 mlp: Mlp {
-                    gate_proj: linear(src, &format!("{p}.mlp.gate_proj"), d, config.intermediate_size, device)?,
-                    up_proj: linear(src, &format!("{p}.mlp.up_proj"), d, config.intermediate_size, device)?,
-                    down_proj: linear(src, &format!("{p}.mlp.down_proj"), config.intermediate_size, d, device)?,
+                    gate_proj: linear(src, &format!("{p}.mlp.gate_proj"), d, config.intermediate_size, config.mlp_bias, device)?,
+                    up_proj: linear(src, &format!("{p}.mlp.up_proj"), d, config.intermediate_size, config.mlp_bias, device)?,
+                    down_proj: linear(src, &format!("{p}.mlp.down_proj"), config.intermediate_size, d, config.mlp_bias, device)?,
                 },
             });
         }
@@ -94,14 +102,14 @@ impl Llama {
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(linear(src, "lm_head", d, config.vocab_size, device)?)
+            Some(linear(src, "lm_head", d, config.vocab_size, false, device)?)
         };
         Ok(Self {
             embed_tokens: Embedding { weight: named_param("model.embed_tokens.weight", embed) },
             layers,
             norm,
             lm_head,
-            rope: Rope::new(hd, config.max_positions(), config.rope_theta),
+            rope: Rope::new(hd, config.max_positions(), config.rope_theta, &config.rope_scaling()?),
         })
     }
 
@@ -129,6 +137,10 @@ impl Llama {
     pub fn hidden_packed(&self, tokens: Tensor<2, Int>, positions: &[usize], hidden: Tensor<4, Bool>) -> Tensor<3> {
         let [batch, seq] = tokens.dims();
         let rotary = self.rope.tables(positions, batch, seq, &tokens.device());
+        let hidden = match self.layers.first().and_then(|l| l.self_attn.window_mask(positions, positions, batch, &tokens.device())) {
+            Some(window) => hidden.bool_or(window),
+            None => hidden,
+        };
         let mut x = self.embed_tokens.forward(tokens);
         for layer in &self.layers {
             x = layer.forward_packed(x, &rotary, hidden.clone());

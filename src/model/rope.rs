@@ -4,6 +4,8 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 
+use super::config::RopeScaling;
+
 /// Precomputed cos/sin tables, kept as plain values so the same tables serve the policy
 /// (autodiff device) and the frozen reference (plain device).
 #[derive(Clone, Debug)]
@@ -15,15 +17,15 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(head_dim: usize, max_positions: usize, theta: f64) -> Self {
+    pub fn new(head_dim: usize, max_positions: usize, theta: f64, scaling: &RopeScaling) -> Self {
         let half = head_dim / 2;
+        let inv_freq: Vec<f64> = (0..half).map(|i| scaled(1.0 / theta.powf((2 * i) as f64 / head_dim as f64), scaling)).collect();
         let mut cos = Vec::with_capacity(max_positions * head_dim);
         let mut sin = Vec::with_capacity(max_positions * head_dim);
         for pos in 0..max_positions {
             // HF concatenates the frequencies twice: emb = cat(freqs, freqs).
             for i in 0..head_dim {
-                let inv_freq = 1.0 / theta.powf((2 * (i % half)) as f64 / head_dim as f64);
-                let angle = pos as f64 * inv_freq;
+                let angle = pos as f64 * inv_freq[i % half];
                 cos.push(angle.cos() as f32);
                 sin.push(angle.sin() as f32);
             }
@@ -81,5 +83,25 @@ impl RotaryTables {
         let second = x.clone().narrow(3, half, half);
         let rotated = Tensor::cat(vec![second.neg(), first], 3);
         x * self.cos.clone() + rotated * self.sin.clone()
+    }
+}
+
+/// One inverse frequency after HF's rope_scaling (transformers' `_compute_*_parameters`).
+fn scaled(inv_freq: f64, scaling: &RopeScaling) -> f64 {
+    match *scaling {
+        RopeScaling::None => inv_freq,
+        RopeScaling::Linear { factor } => inv_freq / factor,
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_positions } => {
+            let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+            let (low_wavelen, high_wavelen) = (original_max_positions / low_freq_factor, original_max_positions / high_freq_factor);
+            if wavelen < high_wavelen {
+                inv_freq
+            } else if wavelen > low_wavelen {
+                inv_freq / factor
+            } else {
+                let smooth = (original_max_positions / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+            }
+        }
     }
 }

@@ -110,6 +110,9 @@ pub fn hf_tensors(model: &Llama) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let mut out = BTreeMap::new();
     let put_linear = |out: &mut BTreeMap<_, _>, name: String, l: &burn::nn::Linear| {
         out.insert(format!("{name}.weight"), values(l.weight.val().transpose()));
+        if let Some(bias) = &l.bias {
+            out.insert(format!("{name}.bias"), values(bias.val()));
+        }
     };
     out.insert("model.embed_tokens.weight".to_string(), values(model.embed_tokens.weight.val()));
     for (i, layer) in model.layers.iter().enumerate() {
