@@ -70,6 +70,9 @@ pub enum ModelSize {
 pub struct Timing {
     pub name: String,
     pub step_seconds: Vec<f64>,
+    /// Time inside the loss call of each step (prefhost configurations only).
+    #[serde(default)]
+    pub loss_call_seconds: Vec<f64>,
     pub tokens_per_step: usize,
     pub peak_rss_mb: f64,
     pub params: usize,
@@ -81,10 +84,14 @@ pub struct Timing {
 
 impl Timing {
     fn median(&self) -> f64 {
-        let mut s = self.step_seconds.clone();
-        s.sort_by(f64::total_cmp);
-        if s.is_empty() { f64::NAN } else { s[s.len() / 2] }
+        median(&self.step_seconds)
     }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut s = values.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() { f64::NAN } else { s[s.len() / 2] }
 }
 
 fn model_config(size: ModelSize, vocab: usize) -> LlamaConfig {
@@ -180,6 +187,7 @@ fn merge(results: &mut Vec<Timing>, t: Timing) {
     match results.iter_mut().find(|r| r.name == t.name) {
         Some(r) => {
             r.step_seconds.extend(t.step_seconds);
+            r.loss_call_seconds.extend(t.loss_call_seconds);
             r.peak_rss_mb = r.peak_rss_mb.max(t.peak_rss_mb);
         }
         None => results.push(t),
@@ -245,6 +253,7 @@ pub fn run_child(name: &str, out: &Path, steps: usize, warmup: usize, round: usi
     let timing = Timing {
         name: name.to_string(),
         step_seconds: summary.step_seconds[warmup.min(summary.step_seconds.len())..].to_vec(),
+        loss_call_seconds: summary.loss_call_seconds[warmup.min(summary.loss_call_seconds.len())..].to_vec(),
         tokens_per_step: pair_tokens(&examples),
         peak_rss_mb: peak_rss_mb(),
         params: crate::model::load_model(&out.join(config.model), &crate::train::backend_device("cpu")?)?.1.num_params(),
@@ -305,6 +314,7 @@ fn run_torch(python: &str, model: &Path, batch: &Path, reference: &Path, opts: &
     Ok(Timing {
         name: format!("{name} (torch {}, {} threads)", v["torch"].as_str().unwrap_or("?"), v["threads"]),
         step_seconds: seconds,
+        loss_call_seconds: Vec::new(),
         tokens_per_step: v["tokens_per_step"].as_u64().unwrap_or(0) as usize,
         peak_rss_mb: v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
         params: v["params"].as_u64().unwrap_or(0) as usize,
@@ -314,7 +324,7 @@ fn run_torch(python: &str, model: &Path, batch: &Path, reference: &Path, opts: &
 
 /// The table and the ratios the issue asks for, from medians of all timed steps.
 fn render(results: &[Timing], opts: &BenchOptions) -> String {
-    let median = |name: &str| results.iter().find(|r| r.name.starts_with(name)).map(Timing::median);
+    let median_of = |name: &str| results.iter().find(|r| r.name.starts_with(name)).map(Timing::median);
     let mut out = format!(
         "host bench: batch {} pairs, {} timed steps x {} rounds per configuration (after {} warm-up), {} CPU threads\n\n",
         opts.batch_size, opts.steps, opts.rounds, opts.warmup,
@@ -327,12 +337,18 @@ fn render(results: &[Timing], opts: &BenchOptions) -> String {
     }
     out.push_str("\nRatios (medians, same run):\n");
     let ratio = |label: &str, a: &str, b: &str, out: &mut String| {
-        if let (Some(x), Some(y)) = (median(a), median(b)) {
+        if let (Some(x), Some(y)) = (median_of(a), median_of(b)) {
             out.push_str(&format!("- {label}: {:.3}x\n", x / y));
         }
     };
-    if let (Some(script), Some(rust)) = (median("metamath/script-loss"), median("metamath/rust-loss")) {
-        out.push_str(&format!("- script overhead (Rhai loss vs the same loss in Rust): {:+.2}% of the step\n", (script - rust) / script * 100.0));
+    let find = |name: &str| results.iter().find(|r| r.name == name);
+    if let (Some(script), Some(rust)) = (find("metamath/script-loss"), find("metamath/rust-loss")) {
+        let (in_script, in_rust) = (median(&script.loss_call_seconds), median(&rust.loss_call_seconds));
+        out.push_str(&format!(
+            "- script overhead: the Rhai loss call takes {:.3} ms, the same loss in Rust {:.3} ms: {:.3}% of the {:.0} ms step (whole steps: {:+.2}%, run-to-run noise)\n",
+            in_script * 1e3, in_rust * 1e3, (in_script - in_rust) / script.median() * 100.0, script.median() * 1e3,
+            (script.median() - rust.median()) / script.median() * 100.0
+        ));
     }
     ratio("prefix sharing speed-up, MetaMath-style pairs", "metamath/script-loss", "metamath/prefix-sharing", &mut out);
     ratio("prefix sharing speed-up, long-prompt pairs", "long-prompt/script-loss", "long-prompt/prefix-sharing", &mut out);

@@ -91,7 +91,7 @@ pub fn run_comparison(host: &mut ScriptHost, options: RunOptions, config: TrainC
     }
     write_report(&run_dir, &config, &results)?;
     let steps = results.iter().map(|r| r.steps).sum();
-    Ok(RunSummary { run_dir, steps, reloads, interrupted: false, eval: None, eval_before: None, final_checkpoint: None, step_seconds: Vec::new() })
+    Ok(RunSummary { run_dir, steps, reloads, interrupted: false, eval: None, eval_before: None, final_checkpoint: None, step_seconds: Vec::new(), loss_call_seconds: Vec::new() })
 }
 
 /// The metric lines (not events) of a run's metrics.jsonl.

@@ -50,6 +50,8 @@ pub struct RunSummary {
     pub final_checkpoint: Option<PathBuf>,
     /// Wall time of each step run here (forward, loss, backward, clip, update).
     pub step_seconds: Vec<f64>,
+    /// ... and of the loss calls within it.
+    pub loss_call_seconds: Vec<f64>,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -184,13 +186,14 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
     let mut reloads = 0;
     let mut nonfinite_in_a_row = 0;
     let mut step_seconds = Vec::with_capacity(total - start);
+    let mut loss_call_seconds = Vec::with_capacity(total - start);
 
     for step in start..total {
         if INTERRUPTED.load(Ordering::SeqCst) {
             console::finish_bar();
             let dir = trainer.save_checkpoint(&run_dir, step, &optimizer, &current)?;
             console::line(&format!("interrupted at step {step}; checkpoint {}; continue with: host run --resume {}", dir.display(), run_dir.display()));
-            return Ok(RunSummary { run_dir, steps: step, reloads, interrupted: true, eval: None, eval_before: before, final_checkpoint: Some(dir), step_seconds });
+            return Ok(RunSummary { run_dir, steps: step, reloads, interrupted: true, eval: None, eval_before: before, final_checkpoint: Some(dir), step_seconds, loss_call_seconds });
         }
 
         // ---- hot reload: a new version is swapped in only if it compiles and its loss runs
@@ -274,6 +277,7 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
         }
         trainer.policy = optimizer.step(lr, trainer.policy.clone(), grads);
         step_seconds.push(step_start.elapsed().as_secs_f64());
+        loss_call_seconds.push(outputs.iter().map(|o| o.loss_call_seconds).sum());
         log.add("grad_norm", norm);
         log.add("learning_rate", lr);
 
@@ -309,7 +313,7 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
         log.event(total, "eval", json!({"accuracy": result.accuracy, "correct": result.correct, "total": result.total}))?;
     }
     console::line(&format!("done: {total} steps, checkpoint {}", final_dir.display()));
-    Ok(RunSummary { run_dir, steps: total, reloads, interrupted: false, eval, eval_before: before, final_checkpoint: Some(final_dir), step_seconds })
+    Ok(RunSummary { run_dir, steps: total, reloads, interrupted: false, eval, eval_before: before, final_checkpoint: Some(final_dir), step_seconds, loss_call_seconds })
 }
 
 /// Runs `call` with the current script version; if it fails and an earlier version is
@@ -418,6 +422,8 @@ struct StepResult {
     /// Set when the logits were computed in chunks: it turns the loss's gradients into
     /// the model's.
     head: Option<ChunkedHead>,
+    /// Wall time of the loss call alone (the script's, or Rust's for the bench).
+    loss_call_seconds: f64,
 }
 
 impl Trainer {
@@ -539,6 +545,7 @@ impl Trainer {
             Vec::new()
         };
         let params = loss_params(&config.params, step, self.total_steps, &self.loss_state);
+        let call_start = std::time::Instant::now();
         let mut loss = if config.rust_dpo_loss {
             rust_dpo_loss(&map, config.beta())?
         } else {
@@ -547,6 +554,7 @@ impl Trainer {
                 .map_err(|e| e.to_string())?;
             read_loss_output(value, b).map_err(|e| format!("{}: {e}", version.fn_location(&config.loss_fn)))?
         };
+        let loss_call_seconds = call_start.elapsed().as_secs_f64();
         if rejected && loss.chosen_rewards.is_none() {
             // Losses that report no rewards get DPO's implicit reward β·(logp − ref logp).
             let beta = config.beta() as f32;
@@ -555,7 +563,7 @@ impl Trainer {
             loss.rejected_rewards = Some(reward(&rejected_logps, &ref_rejected));
         }
         let loss_value = crate::model::values(loss.loss.clone())[0] as f64;
-        Ok(StepResult { loss, loss_value, chosen_logps, rejected_logps, ref_chosen, diagnostics, head })
+        Ok(StepResult { loss, loss_value, chosen_logps, rejected_logps, ref_chosen, diagnostics, head, loss_call_seconds })
     }
 
     /// Held-out accuracy of the current policy, when the config has `heldout`.
