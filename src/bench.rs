@@ -55,6 +55,8 @@ pub struct BenchOptions {
     pub rounds: usize,
     pub batch_size: usize,
     pub python: Option<String>,
+    /// Run only the configurations whose name starts with this.
+    pub only: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -147,7 +149,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
     let python = opts.python.clone().or_else(find_python_with_torch);
     let mut results: Vec<Timing> = Vec::new();
     for round in 0..opts.rounds {
-        for config in &CONFIGS {
+        for config in CONFIGS.iter().filter(|c| opts.only.as_ref().is_none_or(|p| c.name.starts_with(p.as_str()))) {
             eprintln!("round {}/{}: {}", round + 1, opts.rounds, config.name);
             let status = Command::new(&exe)
                 .args(["bench", "--child", config.name, "--out"])
@@ -161,7 +163,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
             let file = result_file(&opts.out, config.name, round);
             merge(&mut results, serde_json::from_str(&std::fs::read_to_string(&file)?)?);
         }
-        if let Some(python) = &python {
+        if let Some(python) = python.as_ref().filter(|_| opts.only.is_none()) {
             for data in ["metamath", "long_prompt"] {
                 let name = format!("{}/pytorch-eager", data.replace('_', "-"));
                 eprintln!("round {}/{}: {name}", round + 1, opts.rounds);

@@ -116,6 +116,9 @@ enum Command {
         /// Python with torch for the PyTorch reference (default: $PREFHOST_PYTHON, python3).
         #[arg(long)]
         python: Option<String>,
+        /// Run only the configurations whose name starts with this (e.g. vocab-32k).
+        #[arg(long)]
+        only: Option<String>,
         /// Internal: run one configuration in this process.
         #[arg(long, hide = true)]
         child: Option<String>,
@@ -202,12 +205,12 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             println!("wrote reference log-probs of {rows} rows to {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { out, size, steps, warmup, rounds, batch_size, python, child, round } => {
+        Command::Bench { out, size, steps, warmup, rounds, batch_size, python, only, child, round } => {
             let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/bench-{}", crate::train::trainer::timestamp())));
             match child {
                 Some(name) => crate::bench::run_child(&name, &out, steps, warmup, round)?,
                 None => {
-                    crate::bench::run_bench(&crate::bench::BenchOptions { out, size, steps, warmup, rounds: rounds.max(1), batch_size, python })?;
+                    crate::bench::run_bench(&crate::bench::BenchOptions { out, size, steps, warmup, rounds: rounds.max(1), batch_size, python, only })?;
                 }
             }
             Ok(ExitCode::SUCCESS)
