@@ -3,6 +3,7 @@
 pub mod arithmetic;
 pub mod batch;
 pub mod build_pairs;
+pub mod chat;
 pub mod packed;
 pub mod pairs;
 pub mod parquet;

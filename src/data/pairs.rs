@@ -145,18 +145,21 @@ fn example_from_row(
     report: &mut LoadReport,
 ) -> Result<Example, String> {
     let value = value?;
-    let (prompt, chosen, rejected) = if preference {
+    let (prompt, chosen, rejected, templated) = if preference && is_chat_row(&value) {
+        let (prompt, chosen, rejected) = chat_row(&value, tokenizer)?;
+        (prompt, chosen, Some(rejected), true)
+    } else if preference {
         let row: PreferenceRow = serde_json::from_value(value).map_err(|e| e.to_string())?;
-        (row.prompt, row.chosen, Some(row.rejected))
+        (row.prompt, row.chosen, Some(row.rejected), false)
     } else {
         let row: SftRow = serde_json::from_value(value).map_err(|e| e.to_string())?;
-        (row.prompt, row.completion, None)
+        (row.prompt, row.completion, None, false)
     };
     if chosen.is_empty() || rejected.as_deref() == Some("") {
         return Err("empty completion".into());
     }
     let text = |e: anyhow::Error| format!("{e:#}");
-    let mut prompt = tokenizer.encode_prompt(&prompt).map_err(text)?;
+    let mut prompt = if templated { tokenizer.encode_templated_prompt(&prompt) } else { tokenizer.encode_prompt(&prompt) }.map_err(text)?;
     let mut chosen = tokenizer.encode_completion(&chosen).map_err(text)?;
     let mut rejected = match rejected {
         Some(r) => tokenizer.encode_completion(&r).map_err(text)?,
@@ -209,4 +212,50 @@ mod tests {
         let e = pair(&[11, 9, 20, 20, 5, 14], &[19, 9, 20, 20, 9, 14, 7]);
         assert!((e.normalised_edit_distance() - 3.0 / 7.0).abs() < 1e-12);
     }
+}
+
+/// Rows that need the chat template: message lists (ultrafeedback_binarized, TRL's
+/// conversational format) or orca_dpo_pairs' {system, question, chosen, rejected}.
+fn is_chat_row(row: &serde_json::Value) -> bool {
+    row.get("question").is_some() || row.get("chosen").is_some_and(|c| c.is_array())
+}
+
+/// (prompt, chosen, rejected) text as the chat template renders them. Other fields of
+/// these datasets (ids, scores) are ignored, as TRL ignores them.
+fn chat_row(row: &serde_json::Value, tokenizer: &TextTokenizer) -> Result<(String, String, String), String> {
+    use super::chat::{Message, messages};
+    let template = tokenizer.chat.as_ref().ok_or_else(|| {
+        format!("this row is conversational, but {} has no chat_template", tokenizer.path.with_file_name("tokenizer_config.json").display())
+    })?;
+    let text_field = |key: &str| row.get(key).and_then(|v| v.as_str()).map(str::to_string);
+    let (prompt, chosen, rejected) = if let Some(question) = text_field("question") {
+        // orca_dpo_pairs: an optional system message, the question, two answers.
+        let mut prompt = Vec::new();
+        if let Some(system) = text_field("system").filter(|s| !s.trim().is_empty()) {
+            prompt.push(Message { role: "system".into(), content: system });
+        }
+        prompt.push(Message { role: "user".into(), content: question });
+        let answer = |key: &str| text_field(key).map(|content| vec![Message { role: "assistant".into(), content }]).ok_or_else(|| format!("missing string field `{key}`"));
+        (prompt, answer("chosen")?, answer("rejected")?)
+    } else {
+        let chosen = messages(row.get("chosen").unwrap_or(&serde_json::Value::Null), "chosen")?;
+        let rejected = messages(row.get("rejected").ok_or("missing field `rejected`")?, "rejected")?;
+        match row.get("prompt") {
+            Some(p @ serde_json::Value::Array(_)) => (messages(p, "prompt")?, chosen, rejected),
+            // ultrafeedback_binarized: whole conversations; the prompt is what they share.
+            _ => {
+                let shared = chosen.iter().zip(&rejected).take_while(|(a, b)| a == b).count();
+                if shared == 0 {
+                    return Err("chosen and rejected conversations share no prompt messages".into());
+                }
+                (chosen[..shared].to_vec(), chosen[shared..].to_vec(), rejected[shared..].to_vec())
+            }
+        }
+    };
+    if chosen.is_empty() || rejected.is_empty() {
+        return Err("empty completion".into());
+    }
+    let (prompt_text, completions) = template.prompt_and_completions(&prompt, &[&chosen, &rejected])?;
+    let [chosen_text, rejected_text]: [String; 2] = completions.try_into().expect("two completions");
+    Ok((prompt_text, chosen_text, rejected_text))
 }

@@ -7,11 +7,15 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, anyhow, bail};
 use tokenizers::Tokenizer;
 
+use super::chat::ChatTemplate;
+
 pub struct TextTokenizer {
     inner: Tokenizer,
     pub path: PathBuf,
     pub eos_id: u32,
     pub pad_id: u32,
+    /// The chat template of tokenizer_config.json beside tokenizer.json, if any.
+    pub chat: Option<ChatTemplate>,
 }
 
 impl TextTokenizer {
@@ -27,7 +31,8 @@ impl TextTokenizer {
             .or_else(|| by_name(&["</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>"]))
             .ok_or_else(|| anyhow!("{}: no EOS token (set eos_token_id in config.json)", path.display()))?;
         let pad_id = pad_id.or_else(|| by_name(&["<pad>", "<|pad|>"])).unwrap_or(eos_id);
-        Ok(Self { inner, path: path.to_path_buf(), eos_id, pad_id })
+        let chat = ChatTemplate::load(&path.with_file_name("tokenizer_config.json"))?;
+        Ok(Self { inner, path: path.to_path_buf(), eos_id, pad_id, chat })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -36,6 +41,12 @@ impl TextTokenizer {
 
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self.inner.encode(text, true).map_err(|e| anyhow!("tokenizing prompt: {e}"))?.get_ids().to_vec())
+    }
+
+    /// A prompt rendered by the chat template: it already holds whatever special tokens
+    /// the template writes (BOS included), so none are added.
+    pub fn encode_templated_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing prompt: {e}"))?.get_ids().to_vec())
     }
 
     pub fn encode_completion(&self, text: &str) -> Result<Vec<u32>> {

@@ -1,0 +1,77 @@
+//! Conversational preference rows, rendered with the model's chat template
+//! (tokenizer_config.json): TRL's conversational format, ultrafeedback_binarized's whole
+//! conversations and orca_dpo_pairs' {system, question, chosen, rejected} give the prompt
+//! and completions TRL would train on; bad rows are named by file:line.
+
+mod common;
+
+use prefhost::data::{TextTokenizer, Truncation, load_examples};
+
+const LIMITS: Truncation = Truncation { max_length: 256, max_prompt_length: 128 };
+
+const TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('unknown role ' + m['role']) }}{% endif %}<|{{ m['role'] }}|>\n{{ m['content'].strip() }}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
+
+/// The shipped tokenizer with a chat template beside it.
+fn tokenizer(dir: &std::path::Path) -> TextTokenizer {
+    std::fs::copy(common::repo().join("models/tiny-math/tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    let config = serde_json::json!({ "chat_template": TEMPLATE, "bos_token": { "content": "<s>" }, "eos_token": "</s>" });
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+    TextTokenizer::load(&dir.join("tokenizer.json"), Some(1), Some(2)).unwrap()
+}
+
+fn msg(role: &str, content: &str) -> serde_json::Value {
+    serde_json::json!({ "role": role, "content": content })
+}
+
+#[test]
+fn every_conversational_layout_renders_like_trl() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let rows = [
+        // TRL's conversational format: prompt and completions as message lists.
+        serde_json::json!({ "prompt": [msg("user", "What is 2+2?")], "chosen": [msg("assistant", "4")], "rejected": [msg("assistant", "5")] }),
+        // ultrafeedback_binarized: whole conversations, plus fields TRL ignores.
+        serde_json::json!({ "prompt": "What is 2+2?", "prompt_id": "x1", "score_chosen": 9.0,
+            "chosen": [msg("user", "What is 2+2?"), msg("assistant", "4")], "rejected": [msg("user", "What is 2+2?"), msg("assistant", "5")] }),
+        // orca_dpo_pairs
+        serde_json::json!({ "system": "Be brief.", "question": "What is 2+2?", "chosen": "4", "rejected": "5" }),
+    ];
+    let data = dir.path().join("chat.jsonl");
+    std::fs::write(&data, rows.iter().map(|r| format!("{r}\n")).collect::<String>()).unwrap();
+    let (examples, _) = load_examples(&data, &tok, true, LIMITS, false).unwrap();
+
+    let prompt = "<s><|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n";
+    let with_system = "<s><|system|>\nBe brief.<|end|>\n<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n";
+    for (example, expected_prompt) in examples.iter().zip([prompt, prompt, with_system]) {
+        // The template writes BOS itself, so the tokenizer adds no special tokens to it.
+        assert_eq!(example.prompt, tok.encode_templated_prompt(expected_prompt).unwrap());
+        assert_eq!(example.chosen, tok.encode_completion("4<|end|>\n").unwrap());
+        assert_eq!(example.rejected, tok.encode_completion("5<|end|>\n").unwrap());
+    }
+}
+
+#[test]
+fn bad_conversational_rows_are_named_by_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let good = serde_json::json!({ "prompt": [msg("user", "Hi")], "chosen": [msg("assistant", "a")], "rejected": [msg("assistant", "b")] });
+    let cases = [
+        (serde_json::json!({ "prompt": [msg("user", "Hi")], "chosen": [{ "role": "assistant" }], "rejected": [msg("assistant", "b")] }), "`chosen[0]` has no string `content`"),
+        (serde_json::json!({ "prompt": [msg("robot", "Hi")], "chosen": [msg("assistant", "a")], "rejected": [msg("assistant", "b")] }), "unknown role robot"),
+        (serde_json::json!({ "chosen": [msg("user", "x"), msg("assistant", "a")], "rejected": [msg("user", "y"), msg("assistant", "b")] }), "share no prompt messages"),
+        (serde_json::json!({ "question": "Q", "chosen": "a" }), "missing string field `rejected`"),
+    ];
+    for (bad, message) in cases {
+        let data = dir.path().join("bad.jsonl");
+        std::fs::write(&data, format!("{good}\n{bad}\n")).unwrap();
+        let err = format!("{:#}", load_examples(&data, &tok, true, LIMITS, false).unwrap_err());
+        assert!(err.contains("bad.jsonl:2") && err.contains(message), "{err}");
+    }
+    // Without a chat template, conversational rows cannot be rendered: say where it is missing.
+    std::fs::remove_file(dir.path().join("tokenizer_config.json")).unwrap();
+    let plain = TextTokenizer::load(&dir.path().join("tokenizer.json"), Some(1), Some(2)).unwrap();
+    let data = dir.path().join("conv.jsonl");
+    std::fs::write(&data, format!("{good}\n")).unwrap();
+    let err = format!("{:#}", load_examples(&data, &plain, true, LIMITS, false).unwrap_err());
+    assert!(err.contains("conv.jsonl:1") && err.contains("tokenizer_config.json has no chat_template"), "{err}");
+}
