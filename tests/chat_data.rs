@@ -75,3 +75,20 @@ fn bad_conversational_rows_are_named_by_file_and_line() {
     let err = format!("{:#}", load_examples(&data, &plain, true, LIMITS, false).unwrap_err());
     assert!(err.contains("conv.jsonl:1") && err.contains("tokenizer_config.json has no chat_template"), "{err}");
 }
+
+#[test]
+fn real_chat_templates_render_exactly_as_transformers_does() {
+    // tests/fixtures/make_chat_fixtures.py rendered these with transformers.
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(common::repo().join("tests/fixtures/chat_templates.json")).unwrap()).unwrap();
+    assert_eq!(cases.len(), 12);
+    let dir = tempfile::tempdir().unwrap();
+    for case in &cases {
+        let config = serde_json::json!({ "chat_template": case["template"], "bos_token": case["bos_token"], "eos_token": case["eos_token"] });
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        let template = prefhost::data::chat::ChatTemplate::load(&dir.path().join("tokenizer_config.json")).unwrap().unwrap();
+        let messages: Vec<prefhost::data::chat::Message> = prefhost::data::chat::messages(&case["messages"], "messages").unwrap();
+        let got = template.render(&messages, case["add_generation_prompt"].as_bool().unwrap()).unwrap();
+        assert_eq!(got, case["expected"].as_str().unwrap(), "{} (generation prompt {})", case["name"], case["add_generation_prompt"]);
+    }
+}

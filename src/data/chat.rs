@@ -50,6 +50,9 @@ impl ChatTemplate {
             Some(_) => bail!("{}: chat_template must be a string or a list of named templates", config.display()),
         };
         let mut env = minijinja::Environment::new();
+        // transformers compiles chat templates with these two Jinja settings.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
