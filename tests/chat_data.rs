@@ -92,3 +92,16 @@ fn real_chat_templates_render_exactly_as_transformers_does() {
         assert_eq!(got, case["expected"].as_str().unwrap(), "{} (generation prompt {})", case["name"], case["add_generation_prompt"]);
     }
 }
+
+#[test]
+fn saved_models_keep_the_chat_template() {
+    let dir = tempfile::tempdir().unwrap();
+    tokenizer(dir.path());
+    let device = burn::tensor::Device::default();
+    let (config, model) = prefhost::model::load_model(&common::repo().join("models/tiny-math"), &device).unwrap();
+    let out = dir.path().join("saved");
+    prefhost::model::save_model(&model, &config, &dir.path().join("tokenizer.json"), &out).unwrap();
+    let reloaded = TextTokenizer::load(&out.join("tokenizer.json"), Some(1), Some(2)).unwrap();
+    let messages = [prefhost::data::chat::Message { role: "user".into(), content: "Hi".into() }];
+    assert_eq!(reloaded.chat.expect("the template is saved").render(&messages, true).unwrap(), "<s><|user|>\nHi<|end|>\n<|assistant|>\n");
+}

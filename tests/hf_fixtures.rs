@@ -80,6 +80,9 @@ fn saved_checkpoints_of_every_family_load_back_the_same() {
         let dir = tempfile::tempdir().unwrap();
         save_model(&model, &config, &tokenizer, &dir.path().join("m")).unwrap();
         assert_eq!(prefhost_logps(&dir.path().join("m"), &rows), prefhost_logps(&fixture(name), &rows), "{name}");
+        let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("m/config.json")).unwrap()).unwrap();
+        let original: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(name).join("config.json")).unwrap()).unwrap();
+        assert_eq!(saved["architectures"], original["architectures"], "{name}");
     }
 }
 

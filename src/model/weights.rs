@@ -169,11 +169,23 @@ pub fn save_model_with(model: &Llama, config: &LlamaConfig, tokenizer_json: &Pat
         .context("writing model.safetensors")?;
 
     let mut json = serde_json::to_value(config)?;
-    json["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+    let architecture = match config.model_type.as_str() {
+        "mistral" => "MistralForCausalLM",
+        "qwen2" => "Qwen2ForCausalLM",
+        _ => "LlamaForCausalLM",
+    };
+    json["architectures"] = serde_json::json!([architecture]);
     json["torch_dtype"] = serde_json::json!("float32");
     std::fs::write(staging.join("config.json"), serde_json::to_string_pretty(&json)? + "\n")?;
     std::fs::copy(tokenizer_json, staging.join("tokenizer.json"))
         .with_context(|| format!("copying {}", tokenizer_json.display()))?;
+    // The rest of the tokenizer (chat template, special tokens) travels with the model.
+    for name in ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
+        let source = tokenizer_json.with_file_name(name);
+        if source.is_file() {
+            std::fs::copy(&source, staging.join(name)).with_context(|| format!("copying {}", source.display()))?;
+        }
+    }
     for (name, bytes) in extra {
         std::fs::write(staging.join(name), bytes).with_context(|| format!("writing {name}"))?;
     }
