@@ -70,7 +70,7 @@ fn parquet_rows_load_like_the_same_jsonl_rows() {
     })] {
         let path = dir.path().join(name);
         std::fs::write(&path, damaged).unwrap();
-        let result = std::panic::catch_unwind(|| load_examples(&path, &tok, true, LIMITS, false));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_examples(&path, &tok, true, LIMITS, false)));
         let err = format!("{:#}", result.expect("no panic").expect_err(name));
         assert!(err.contains(name), "{err}");
     }
