@@ -1,7 +1,8 @@
 //! Hugging Face checkpoints of each supported family (llama, mistral with its sliding
 //! window, qwen2 with q/k/v biases and tied embeddings, llama3 and linear RoPE scaling):
 //! prefhost's completion log-probs must match what transformers computed for the same
-//! weights and tokens (tests/fixtures/make_hf_fixtures.py wrote them) within 1e-4.
+//! weights and tokens (tests/fixtures/make_hf_fixtures.py wrote them) within 1e-4, also
+//! from checkpoints stored in bf16 and f16.
 
 mod common;
 
@@ -14,7 +15,7 @@ use prefhost::data::{Example, collate_pairs};
 use prefhost::model::{load_model, save_model, values};
 use prefhost::train::logps::{packed_pair_logps, token_logps};
 
-const FAMILIES: [&str; 5] = ["llama", "llama_rope_scaled_tied", "llama_linear_rope", "mistral", "qwen2"];
+const FAMILIES: [&str; 7] = ["llama", "llama_rope_scaled_tied", "llama_linear_rope", "mistral", "qwen2", "qwen2_f16", "llama_bf16"];
 
 fn fixture(name: &str) -> PathBuf {
     common::repo().join("tests/fixtures/hf").join(name)
