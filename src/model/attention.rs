@@ -22,9 +22,12 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// x: [batch, seq, hidden] -> [batch, seq, hidden]
-    pub fn forward(&self, x: Tensor<3>, rope: &Rope) -> Tensor<3> {
-        self.forward_cached(x, rope, &mut KvCache::default())
+    /// x: [batch, seq, hidden] -> [batch, seq, hidden], each token rotated by `rotary`,
+    /// attending where `hidden` ([batch or 1, 1, seq, seq], true = masked) is false, and
+    /// causally when `is_causal` (packed rows carry their own mask instead).
+    pub fn forward(&self, x: Tensor<3>, rotary: &RotaryTables, hidden: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
+        let (q, k, v) = self.project(x, rotary);
+        self.attend(q, k, v, hidden, is_causal)
     }
 
     /// Like `forward`, continuing after the tokens in `cache` and appending this call's
@@ -41,13 +44,6 @@ impl Attention {
         let hidden = self.window_mask(&positions, &positions_k, 1, &q.device());
         // A single new token may attend to every cached one, so only the first call is causal.
         self.attend(q, k, v, hidden, offset == 0)
-    }
-
-    /// Packed rows (several sequences in one row): each token rotated at its own position,
-    /// attending only where `hidden` ([batch, 1, seq, seq], true = masked) is false.
-    pub fn forward_packed(&self, x: Tensor<3>, rotary: &RotaryTables, hidden: Tensor<4, Bool>) -> Tensor<3> {
-        let (q, k, v) = self.project(x, rotary);
-        self.attend(q, k, v, Some(hidden), false)
     }
 
     /// Keys beyond the sliding window of each query ([batch, 1, q, k], true = masked), or

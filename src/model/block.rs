@@ -17,17 +17,13 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn forward(&self, x: Tensor<3>, rope: &Rope) -> Tensor<3> {
-        self.forward_cached(x, rope, &mut KvCache::default())
+    pub fn forward(&self, x: Tensor<3>, rotary: &RotaryTables, hidden: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
+        let x = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rotary, hidden, is_causal);
+        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
     }
 
     pub fn forward_cached(&self, x: Tensor<3>, rope: &Rope, cache: &mut KvCache) -> Tensor<3> {
         let x = x.clone() + self.self_attn.forward_cached(self.input_layernorm.forward(x), rope, cache);
-        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
-    }
-
-    pub fn forward_packed(&self, x: Tensor<3>, rotary: &RotaryTables, hidden: Tensor<4, Bool>) -> Tensor<3> {
-        let x = x.clone() + self.self_attn.forward_packed(self.input_layernorm.forward(x), rotary, hidden);
         x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
     }
 }

@@ -8,7 +8,7 @@ use super::attention::{Attention, KvCache};
 use super::block::DecoderLayer;
 use super::config::LlamaConfig;
 use super::mlp::Mlp;
-use super::rope::Rope;
+use super::rope::{Rope, RotaryTables};
 
 #[derive(Module, Debug)]
 pub struct Llama {
@@ -121,11 +121,11 @@ impl Llama {
     /// The final hidden states (after the last norm), [batch, seq, hidden]: what the
     /// vocabulary projection reads.
     pub fn hidden(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
-        let mut x = self.embed_tokens.forward(tokens);
-        for layer in &self.layers {
-            x = layer.forward(x, &self.rope);
-        }
-        self.norm.forward(x)
+        let [_, seq] = tokens.dims();
+        let positions: Vec<usize> = (0..seq).collect();
+        let device = tokens.device();
+        let window = self.window_mask(&positions, 1, &device);
+        self.layers_forward(tokens, &self.rope.tables(&positions, 1, seq, &device), window, true)
     }
 
     /// Packed rows: tokens [batch, seq] at their own `positions` ([batch * seq]),
@@ -136,16 +136,26 @@ impl Llama {
 
     pub fn hidden_packed(&self, tokens: Tensor<2, Int>, positions: &[usize], hidden: Tensor<4, Bool>) -> Tensor<3> {
         let [batch, seq] = tokens.dims();
-        let rotary = self.rope.tables(positions, batch, seq, &tokens.device());
-        let hidden = match self.layers.first().and_then(|l| l.self_attn.window_mask(positions, positions, batch, &tokens.device())) {
+        let device = tokens.device();
+        let hidden = match self.window_mask(positions, batch, &device) {
             Some(window) => hidden.bool_or(window),
             None => hidden,
         };
+        self.layers_forward(tokens, &self.rope.tables(positions, batch, seq, &device), Some(hidden), false)
+    }
+
+    /// Embedding, every layer (RoPE tables and masks built once for all), final norm.
+    fn layers_forward(&self, tokens: Tensor<2, Int>, rotary: &RotaryTables, hidden: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
         let mut x = self.embed_tokens.forward(tokens);
         for layer in &self.layers {
-            x = layer.forward_packed(x, &rotary, hidden.clone());
+            x = layer.forward(x, rotary, hidden.clone(), is_causal);
         }
         self.norm.forward(x)
+    }
+
+    /// Mistral's sliding window as a mask over `positions` (all layers share it).
+    fn window_mask(&self, positions: &[usize], batch: usize, device: &Device) -> Option<Tensor<4, Bool>> {
+        self.layers.first().and_then(|l| l.self_attn.window_mask(positions, positions, batch, device))
     }
 
     /// The vocabulary projection as one [hidden, vocab] matrix (lm_head's weight, or the

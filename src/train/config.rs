@@ -259,6 +259,11 @@ impl TrainConfig {
         self.logits_chunk_size = newer.logits_chunk_size;
     }
 
+    /// Positions per logits chunk, when chunking is on (0 means off, like none).
+    pub fn logits_chunk(&self) -> Option<usize> {
+        self.logits_chunk_size.filter(|&n| n > 0)
+    }
+
     pub fn beta(&self) -> f64 {
         self.params.get("beta").and_then(|b| b.as_float().ok().or_else(|| b.as_int().ok().map(|i| i as f64))).unwrap_or(0.1)
     }

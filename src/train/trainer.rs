@@ -236,11 +236,10 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
         for _ in 0..trainer.config.grad_accum {
             let examples = trainer.next_batch();
             let mut config = trainer.config.clone();
-            let output = with_fallback(&mut current, &mut previous, &mut config, &mut log, step, "loss", |version, config| {
+            let mut output = with_fallback(&mut current, &mut previous, &mut config, &mut log, step, "loss", |version, config| {
                 trainer.loss(host, version, config, &examples, step)
             })?;
             trainer.config = config;
-            let mut output = output;
             let scaled = output.loss.loss.clone().div_scalar(trainer.config.grad_accum as f64);
             let grads = match output.head.take() {
                 Some(head) => head.gradients(&scaled.backward(), &trainer.policy),
@@ -502,7 +501,7 @@ impl Trainer {
             Some(reference) => {
                 let batch = collate_pairs(&refs, pad, &self.device);
                 let packed = config.prefix_sharing.then(|| PackedLayout::new(&refs, pad, true));
-                let chunk = config.logits_chunk_size.filter(|&n| n > 0);
+                let chunk = config.logits_chunk();
                 let (tokens, chunked) = batch_logps(&self.policy, &batch, packed.as_ref(), chunk);
                 head = chunked;
                 let plain = self.device.clone().without_autodiff();
@@ -522,7 +521,7 @@ impl Trainer {
             }
             None => {
                 let batch = collate_sft(&refs, pad, &self.device);
-                let (tokens, chunked) = batch_logps(&self.policy, &batch, None, config.logits_chunk_size.filter(|&n| n > 0));
+                let (tokens, chunked) = batch_logps(&self.policy, &batch, None, config.logits_chunk());
                 head = chunked;
                 let lengths = Tensor::<1>::from_floats(batch.lengths.as_slice(), &self.device);
                 let count: f32 = batch.lengths.iter().sum();
