@@ -28,11 +28,13 @@ struct Config {
     prefix_sharing: bool,
     precomputed_ref: bool,
     logits_chunk: Option<usize>,
+    /// LoRA r=16 on every projection; the reference is the frozen base (no copy).
+    lora: bool,
 }
 
-const PLAIN: Config = Config { name: "", data: "metamath", model: "model", rust_loss: false, prefix_sharing: false, precomputed_ref: false, logits_chunk: None };
+const PLAIN: Config = Config { name: "", data: "metamath", model: "model", rust_loss: false, prefix_sharing: false, precomputed_ref: false, logits_chunk: None, lora: false };
 
-const CONFIGS: [Config; 9] = [
+const CONFIGS: [Config; 13] = [
     Config { name: "metamath/script-loss", ..PLAIN },
     Config { name: "metamath/rust-loss", rust_loss: true, ..PLAIN },
     Config { name: "metamath/prefix-sharing", prefix_sharing: true, ..PLAIN },
@@ -42,6 +44,11 @@ const CONFIGS: [Config; 9] = [
     Config { name: "long-prompt/prefix-sharing", data: "long_prompt", prefix_sharing: true, ..PLAIN },
     Config { name: "vocab-32k/full-logits", model: "model_large_vocab", ..PLAIN },
     Config { name: "vocab-32k/chunked-logits", model: "model_large_vocab", logits_chunk: Some(128), ..PLAIN },
+    // Memory of LoRA against full fine-tuning with its resident reference copy.
+    Config { name: "memory/full+resident-ref", ..PLAIN },
+    Config { name: "memory/lora-r16", lora: true, ..PLAIN },
+    Config { name: "memory-32k/full+resident-ref", model: "model_large_vocab", logits_chunk: Some(128), ..PLAIN },
+    Config { name: "memory-32k/lora-r16", model: "model_large_vocab", logits_chunk: Some(128), lora: true, ..PLAIN },
 ];
 
 /// The large-vocabulary variant: where full-vocabulary logits dominate memory.
@@ -236,9 +243,10 @@ pub fn run_child(name: &str, out: &Path, steps: usize, warmup: usize, round: usi
     let data = out.join(format!("{}.jsonl", config.data));
     let chunk = config.logits_chunk.map_or(String::new(), |n| format!(" logits_chunk_size: {n},"));
     let ref_logps = if config.precomputed_ref { format!("ref_logps: \"{}\",", out.join(format!("{}.ref.jsonl", config.data)).display()) } else { String::new() };
+    let lora = if config.lora { "lora: #{ r: 16, lora_alpha: 32, target_modules: \"all-linear\" }," } else { "" };
     let batch = std::fs::read_to_string(&data)?.lines().count();
     let script = format!(
-        "import \"losses/dpo\" as dpo;\nfn loss(batch, params) {{ dpo::loss(batch, params) }}\ntrain(#{{\n  model: \"{}\", data: \"{}\", batch_size: {batch},\n  max_length: {}, max_prompt_length: {}, lr: 1e-4, max_grad_norm: 1.0,\n  log_every: 1000, progress: false, seed: 1, prefix_sharing: {}, {ref_logps}{chunk}\n  params: #{{ beta: 0.1 }},\n}});\n",
+        "import \"losses/dpo\" as dpo;\nfn loss(batch, params) {{ dpo::loss(batch, params) }}\ntrain(#{{\n  model: \"{}\", data: \"{}\", batch_size: {batch},\n  max_length: {}, max_prompt_length: {}, lr: 1e-4, max_grad_norm: 1.0,\n  log_every: 1000, progress: false, seed: 1, prefix_sharing: {}, {ref_logps}{chunk}{lora}\n  params: #{{ beta: 0.1 }},\n}});\n",
         out.join(config.model).display(), data.display(), LIMITS.max_length, LIMITS.max_prompt_length, config.prefix_sharing
     );
     let script_path = out.join(format!("{}.rhai", name.replace('/', "_")));
@@ -360,6 +368,12 @@ fn render(results: &[Timing], opts: &BenchOptions) -> String {
     let rss = |name: &str| results.iter().find(|r| r.name == name).map(|r| r.peak_rss_mb);
     if let (Some(full), Some(chunked)) = (rss("vocab-32k/full-logits"), rss("vocab-32k/chunked-logits")) {
         out.push_str(&format!("- chunked vs full logits peak RSS, 32k vocabulary: {:.3}x ({:.0} MB less)\n", chunked / full, full - chunked));
+    }
+    for (what, full, lora) in [("", "memory/full+resident-ref", "memory/lora-r16"), (", 32k vocabulary, chunked logits", "memory-32k/full+resident-ref", "memory-32k/lora-r16")] {
+        if let (Some(f), Some(l)) = (rss(full), rss(lora)) {
+            out.push_str(&format!("- LoRA (r=16, all projections) vs full fine-tuning with a resident reference copy, peak RSS{what}: {:.3}x ({:.0} MB less)\n", l / f, f - l));
+        }
+        ratio(&format!("LoRA vs full fine-tuning speed-up{what}"), full, lora, &mut out);
     }
     for r in results.iter().filter_map(|r| r.logps_max_diff_vs_prefhost.map(|d| (&r.name, d))) {
         out.push_str(&format!("- {}: first-step log-probs differ from prefhost's by at most {:.2e}\n", r.0, r.1));

@@ -97,6 +97,19 @@ enum Command {
         #[arg(long, default_value_t = 128)]
         max_prompt_length: usize,
     },
+    /// Fold LoRA adapters (a PEFT folder, e.g. a LoRA run's checkpoint) into their base
+    /// model's weights and write a plain Hugging Face model folder.
+    Merge {
+        /// Adapter folder (adapter_config.json, adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Base model folder (default: the adapter's base_model_name_or_path).
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// Output model folder; must not exist.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Time a DPO step in several configurations side by side (script vs Rust loss,
     /// prefix sharing, precomputed reference, PyTorch eager when torch is found).
     Bench {
@@ -203,6 +216,16 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let limits = crate::data::Truncation { max_length, max_prompt_length };
             let rows = crate::train::reference::precompute(&model, &data, &out, batch_size, limits, &crate::train::backend_device("cpu")?)?;
             println!("wrote reference log-probs of {rows} rows to {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Merge { adapter, base, out } => {
+            if out.exists() {
+                bail!("{}: already exists; choose another --out", out.display());
+            }
+            let device = crate::train::backend_device("cpu")?;
+            let (config, model, base) = crate::model::load_adapter_model(&adapter, base.as_deref(), &device)?;
+            crate::model::save_model(&model, &config, &base.join("tokenizer.json"), &out)?;
+            println!("merged {} into {} and wrote {}", adapter.display(), base.display(), out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { out, size, steps, warmup, rounds, batch_size, python, only, child, round } => {

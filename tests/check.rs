@@ -6,8 +6,18 @@ use common::*;
 
 #[test]
 fn shipped_scripts_pass_the_check() {
-    let out = run_host(&["check", "scripts/smaug.rhai", "scripts/sft.rhai"]);
+    let mut scripts: Vec<String> = std::fs::read_dir(repo().join("scripts"))
+        .unwrap()
+        .map(|e| format!("scripts/{}", e.unwrap().file_name().to_string_lossy()))
+        .filter(|p| p.ends_with(".rhai"))
+        .collect();
+    scripts.sort();
+    assert!(scripts.len() >= 4, "{scripts:?}");
+    let mut args = vec!["check"];
+    args.extend(scripts.iter().map(String::as_str));
+    let out = run_host(&args);
     assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(text(&out).matches("ok ").count(), scripts.len(), "{}", text(&out));
 }
 
 #[test]

@@ -5,11 +5,11 @@
 //! from checkpoints stored in bf16 and f16.
 
 mod common;
+use common::FixtureRow;
 
 use std::path::PathBuf;
 
 use burn::tensor::Device;
-use prefhost::data::batch::collate;
 use prefhost::data::packed::PackedLayout;
 use prefhost::data::{Example, collate_pairs};
 use prefhost::model::{load_model, save_model, values};
@@ -21,40 +21,14 @@ fn fixture(name: &str) -> PathBuf {
     common::repo().join("tests/fixtures/hf").join(name)
 }
 
-struct Row {
-    ids: Vec<u32>,
-    prompt_length: usize,
-    token_logps: Vec<f64>,
-    logps: f64,
+fn expected(name: &str) -> Vec<FixtureRow> {
+    common::fixture_rows(&fixture(name))
 }
 
-fn expected(name: &str) -> Vec<Row> {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(name).join("expected.json")).unwrap()).unwrap();
-    v["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| Row {
-            ids: r["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect(),
-            prompt_length: r["prompt_length"].as_u64().unwrap() as usize,
-            token_logps: r["token_logps"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect(),
-            logps: r["logps"].as_f64().unwrap(),
-        })
-        .collect()
-}
-
-/// prefhost's per-token completion log-probs of each row, all rows in one padded batch.
-fn prefhost_logps(dir: &std::path::Path, rows: &[Row]) -> Vec<Vec<f32>> {
+fn prefhost_logps(dir: &std::path::Path, rows: &[FixtureRow]) -> Vec<Vec<f32>> {
     let device = Device::default();
     let (_, model) = load_model(dir, &device).unwrap();
-    let seqs: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (&r.ids[..r.prompt_length], &r.ids[r.prompt_length..])).collect();
-    let batch = collate(&seqs, 2, &device);
-    let width = batch.mask.dims()[1];
-    let flat = values(token_logps(&model, &batch));
-    rows.iter()
-        .enumerate()
-        .map(|(i, r)| flat[i * width + r.prompt_length - 1..i * width + r.ids.len() - 1].to_vec())
-        .collect()
+    common::completion_logps(&model, rows, &device)
 }
 
 #[test]
@@ -63,11 +37,12 @@ fn completion_log_probs_match_transformers_for_every_family() {
         let rows = expected(name);
         let ours = prefhost_logps(&fixture(name), &rows);
         for (row, got) in rows.iter().zip(&ours) {
-            assert_eq!(got.len(), row.token_logps.len(), "{name}");
-            let worst = got.iter().zip(&row.token_logps).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+            let (token_logps, logps) = (row.floats("token_logps"), row.fields["logps"].as_f64().unwrap());
+            assert_eq!(got.len(), token_logps.len(), "{name}");
+            let worst = got.iter().zip(&token_logps).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
             assert!(worst < 1e-4, "{name}: per-token log-probs differ by {worst}");
             let sum: f64 = got.iter().map(|&x| x as f64).sum();
-            assert!((sum - row.logps).abs() < 1e-4 * (1.0 + row.logps.abs()), "{name}: {sum} vs {}", row.logps);
+            assert!((sum - logps).abs() < 1e-4 * (1.0 + logps.abs()), "{name}: {sum} vs {logps}");
         }
     }
 }

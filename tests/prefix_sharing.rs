@@ -77,7 +77,7 @@ fn packed_and_chunked_give_the_same_values_and_gradients() {
             Some(head) => head.gradients(&loss.backward(), &model),
             None => GradientsParams::from_grads(loss.backward(), &model),
         };
-        let q = values(grads.get::<2>(model.layers[1].self_attn.q_proj.weight.id).unwrap());
+        let q = values(grads.get::<2>(model.layers[1].self_attn.q_proj.base.weight.id).unwrap());
         let lm = values(grads.get::<2>(model.lm_head.as_ref().unwrap().weight.id).unwrap());
         (vals, q, lm)
     };

@@ -1,19 +1,19 @@
 //! Causal self-attention with grouped-query heads (GQA).
 
 use burn::module::Module;
-use burn::nn::Linear;
 use burn::tensor::{Bool, Tensor};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
+use super::lora::Projection;
 use super::rope::{Rope, RotaryTables};
 
 #[derive(Module, Debug)]
 pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub o_proj: Linear,
+    pub q_proj: Projection,
+    pub k_proj: Projection,
+    pub v_proj: Projection,
+    pub o_proj: Projection,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,

@@ -7,6 +7,7 @@ use burn::tensor::{Bool, Device, Distribution, Int, Tensor};
 use super::attention::{Attention, KvCache};
 use super::block::DecoderLayer;
 use super::config::LlamaConfig;
+use super::lora::Projection;
 use super::mlp::Mlp;
 use super::rope::{Rope, RotaryTables};
 
@@ -45,11 +46,15 @@ impl WeightSource for RandomInit {
 /// A trainable parameter whose id is derived from its HF name (FNV-1a), so the same
 /// model built twice (e.g. from a checkpoint) has the same ids and optimizer state saved
 /// for one applies to the other.
-fn named_param<const D: usize>(name: &str, value: Tensor<D>) -> Param<Tensor<D>> {
+pub(crate) fn named_param<const D: usize>(name: &str, value: Tensor<D>) -> Param<Tensor<D>> {
     let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
     let mut param = Param::from_tensor(value);
     param.id = ParamId::from(hash);
     param
+}
+
+fn projection(src: &mut dyn WeightSource, name: &str, d_in: usize, d_out: usize, bias: bool, device: &Device) -> anyhow::Result<Projection> {
+    linear(src, name, d_in, d_out, bias, device).map(Projection::new)
 }
 
 fn linear(src: &mut dyn WeightSource, name: &str, d_in: usize, d_out: usize, bias: bool, device: &Device) -> anyhow::Result<Linear> {
@@ -81,10 +86,10 @@ impl Llama {
             layers.push(DecoderLayer {
                 input_layernorm: rms_norm(src, &format!("{p}.input_layernorm"), d, config.rms_norm_eps, device)?,
                 self_attn: Attention {
-                    q_proj: linear(src, &format!("{p}.self_attn.q_proj"), d, heads * hd, qkv_bias, device)?,
-                    k_proj: linear(src, &format!("{p}.self_attn.k_proj"), d, kv * hd, qkv_bias, device)?,
-                    v_proj: linear(src, &format!("{p}.self_attn.v_proj"), d, kv * hd, qkv_bias, device)?,
-                    o_proj: linear(src, &format!("{p}.self_attn.o_proj"), heads * hd, d, config.o_bias(), device)?,
+                    q_proj: projection(src, &format!("{p}.self_attn.q_proj"), d, heads * hd, qkv_bias, device)?,
+                    k_proj: projection(src, &format!("{p}.self_attn.k_proj"), d, kv * hd, qkv_bias, device)?,
+                    v_proj: projection(src, &format!("{p}.self_attn.v_proj"), d, kv * hd, qkv_bias, device)?,
+                    o_proj: projection(src, &format!("{p}.self_attn.o_proj"), heads * hd, d, config.o_bias(), device)?,
                     num_heads: heads,
                     num_kv_heads: kv,
                     head_dim: hd,
@@ -92,9 +97,9 @@ impl Llama {
                 },
                 post_attention_layernorm: rms_norm(src, &format!("{p}.post_attention_layernorm"), d, config.rms_norm_eps, device)?,
                 mlp: Mlp {
-                    gate_proj: linear(src, &format!("{p}.mlp.gate_proj"), d, config.intermediate_size, config.mlp_bias, device)?,
-                    up_proj: linear(src, &format!("{p}.mlp.up_proj"), d, config.intermediate_size, config.mlp_bias, device)?,
-                    down_proj: linear(src, &format!("{p}.mlp.down_proj"), config.intermediate_size, d, config.mlp_bias, device)?,
+                    gate_proj: projection(src, &format!("{p}.mlp.gate_proj"), d, config.intermediate_size, config.mlp_bias, device)?,
+                    up_proj: projection(src, &format!("{p}.mlp.up_proj"), d, config.intermediate_size, config.mlp_bias, device)?,
+                    down_proj: projection(src, &format!("{p}.mlp.down_proj"), config.intermediate_size, d, config.mlp_bias, device)?,
                 },
             });
         }

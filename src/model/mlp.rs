@@ -1,14 +1,15 @@
 //! SwiGLU feed-forward block: down(silu(gate(x)) * up(x)).
 
 use burn::module::Module;
-use burn::nn::Linear;
 use burn::tensor::{Tensor, activation::silu};
+
+use super::lora::Projection;
 
 #[derive(Module, Debug)]
 pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
-    pub down_proj: Linear,
+    pub gate_proj: Projection,
+    pub up_proj: Projection,
+    pub down_proj: Projection,
 }
 
 impl Mlp {

@@ -5,6 +5,7 @@ pub mod block;
 pub mod config;
 pub mod generate;
 pub mod llama;
+pub mod lora;
 pub mod mlp;
 pub mod rope;
 pub mod weights;
@@ -16,4 +17,5 @@ pub fn values<const D: usize>(t: burn::tensor::Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_into_vec::<f32>().expect("tensor converted to f32")
 }
 pub use llama::{Llama, RandomInit, WeightSource};
-pub use weights::{load_model, save_model, save_model_with};
+pub use lora::LoraConfig;
+pub use weights::{load_adapter_model, load_model, read_adapter, save_adapter, save_model, save_model_with};

@@ -11,6 +11,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::config::LlamaConfig;
 use super::llama::{Llama, WeightSource};
+use super::lora::LoraConfig;
 
 /// All tensors of a checkpoint, converted to f32, with the file each came from.
 pub struct SafetensorsWeights {
@@ -108,9 +109,10 @@ pub fn hf_tensors(model: &Llama) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
         (shape, super::values(t))
     }
     let mut out = BTreeMap::new();
-    let put_linear = |out: &mut BTreeMap<_, _>, name: String, l: &burn::nn::Linear| {
-        out.insert(format!("{name}.weight"), values(l.weight.val().transpose()));
-        if let Some(bias) = &l.bias {
+    // Adapters are folded into their projection's weight: saving a LoRA model merges it.
+    let put_linear = |out: &mut BTreeMap<_, _>, name: String, weight: Tensor<2>, bias: Option<&burn::module::Param<Tensor<1>>>| {
+        out.insert(format!("{name}.weight"), values(weight.transpose()));
+        if let Some(bias) = bias {
             out.insert(format!("{name}.bias"), values(bias.val()));
         }
     };
@@ -119,18 +121,13 @@ pub fn hf_tensors(model: &Llama) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
         let p = format!("model.layers.{i}");
         out.insert(format!("{p}.input_layernorm.weight"), values(layer.input_layernorm.gamma.val()));
         out.insert(format!("{p}.post_attention_layernorm.weight"), values(layer.post_attention_layernorm.gamma.val()));
-        let a = &layer.self_attn;
-        for (n, l) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
-            put_linear(&mut out, format!("{p}.self_attn.{n}"), l);
-        }
-        let m = &layer.mlp;
-        for (n, l) in [("gate_proj", &m.gate_proj), ("up_proj", &m.up_proj), ("down_proj", &m.down_proj)] {
-            put_linear(&mut out, format!("{p}.mlp.{n}"), l);
-        }
+    }
+    for (path, _, projection) in model.projections() {
+        put_linear(&mut out, path, projection.merged_weight(), projection.base.bias.as_ref());
     }
     out.insert("model.norm.weight".to_string(), values(model.norm.gamma.val()));
     if let Some(head) = &model.lm_head {
-        put_linear(&mut out, "lm_head".to_string(), head);
+        put_linear(&mut out, "lm_head".to_string(), head.weight.val(), head.bias.as_ref());
     }
     out
 }
@@ -144,6 +141,125 @@ pub fn save_model(model: &Llama, config: &LlamaConfig, tokenizer_json: &Path, di
 
 /// `save_model` plus extra files (trainer state, optimizer state) in the same atomic step.
 pub fn save_model_with(model: &Llama, config: &LlamaConfig, tokenizer_json: &Path, dir: &Path, extra: &[(&str, &[u8])]) -> Result<()> {
+    write_folder(dir, |staging| {
+        write_safetensors(hf_tensors(model), &staging.join("model.safetensors"))?;
+        let mut json = serde_json::to_value(config)?;
+        let architecture = match config.model_type.as_str() {
+            "mistral" => "MistralForCausalLM",
+            "qwen2" => "Qwen2ForCausalLM",
+            _ => "LlamaForCausalLM",
+        };
+        json["architectures"] = serde_json::json!([architecture]);
+        json["torch_dtype"] = serde_json::json!("float32");
+        std::fs::write(staging.join("config.json"), serde_json::to_string_pretty(&json)? + "\n")?;
+        copy_tokenizer_files(tokenizer_json, staging)?;
+        write_extra(staging, extra)
+    })
+}
+
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+
+/// Writes a PEFT adapter folder (adapter_config.json, adapter_model.safetensors, the
+/// tokenizer files) plus `extra`, atomically like `save_model_with`. `base_model` is the
+/// model folder the adapters were trained on.
+pub fn save_adapter(model: &Llama, lora: &LoraConfig, base_model: &str, tokenizer_json: &Path, dir: &Path, extra: &[(&str, &[u8])]) -> Result<()> {
+    write_folder(dir, |staging| {
+        write_safetensors(model.adapter_tensors(), &staging.join(ADAPTER_WEIGHTS))?;
+        let config = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": lora.r,
+            "lora_alpha": lora.lora_alpha,
+            "lora_dropout": lora.lora_dropout,
+            "target_modules": lora.modules()?,
+            "use_rslora": lora.use_rslora,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "use_dora": false,
+            "modules_to_save": null,
+            "layers_to_transform": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        });
+        std::fs::write(staging.join(ADAPTER_CONFIG), serde_json::to_string_pretty(&config)? + "\n")?;
+        copy_tokenizer_files(tokenizer_json, staging)?;
+        write_extra(staging, extra)
+    })
+}
+
+/// A PEFT adapter folder read back: its LoRA settings, base model, and tensors (PEFT
+/// names and layout, f32).
+pub struct AdapterFiles {
+    pub lora: LoraConfig,
+    pub base_model: Option<String>,
+    pub tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+pub fn read_adapter(dir: &Path) -> Result<AdapterFiles> {
+    let path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))?;
+    let at = path.display();
+    if json["peft_type"].as_str() != Some("LORA") {
+        bail!("{at}: peft_type is {}, only \"LORA\" adapters are supported", json["peft_type"]);
+    }
+    // Variants this trainer does not implement: refuse rather than load them wrongly.
+    let off = |key: &str, v: &serde_json::Value| match key {
+        "use_dora" | "fan_in_fan_out" | "lora_bias" | "use_qalora" => v.is_null() || v == &serde_json::json!(false),
+        "bias" => v.is_null() || v == "none",
+        _ => v.is_null() || v.as_object().is_some_and(|m| m.is_empty()) || v.as_array().is_some_and(|a| a.is_empty()),
+    };
+    for key in [
+        "use_dora", "fan_in_fan_out", "lora_bias", "use_qalora", "bias", "modules_to_save", "layers_to_transform", "rank_pattern",
+        "alpha_pattern", "exclude_modules", "layer_replication", "trainable_token_indices", "target_parameters",
+    ] {
+        if !off(key, &json[key]) {
+            bail!("{at}: field \"{key}\" is {}, which prefhost does not support", json[key]);
+        }
+    }
+    let mut fields = serde_json::Map::new();
+    for key in ["r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora"] {
+        if let Some(v) = json.get(key).filter(|v| !v.is_null()) {
+            fields.insert(key.to_string(), v.clone());
+        }
+    }
+    let lora: LoraConfig = serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+    lora.validate(&at.to_string())?;
+    let weights = dir.join(ADAPTER_WEIGHTS);
+    let bytes = std::fs::read(&weights).with_context(|| format!("{}: cannot read", weights.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", weights.display()))?;
+    let mut tensors = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let values = to_f32(view.dtype(), view.data()).with_context(|| format!("{}: tensor {name}", weights.display()))?;
+        tensors.insert(name.to_string(), (view.shape().to_vec(), values));
+    }
+    Ok(AdapterFiles { lora, base_model: json["base_model_name_or_path"].as_str().map(str::to_string), tensors })
+}
+
+/// A base model with the adapters of a PEFT folder on it (`base`: the model folder, by
+/// default the adapter's base_model_name_or_path). Returns the base folder too.
+pub fn load_adapter_model(adapter_dir: &Path, base: Option<&Path>, device: &Device) -> Result<(LlamaConfig, Llama, PathBuf)> {
+    let mut files = read_adapter(adapter_dir)?;
+    let base = match (base, &files.base_model) {
+        (Some(base), _) => base.to_path_buf(),
+        (None, Some(named)) => PathBuf::from(named),
+        (None, None) => bail!("{}: no base_model_name_or_path; give the base model folder", adapter_dir.join(ADAPTER_CONFIG).display()),
+    };
+    if !base.join("config.json").is_file() {
+        bail!("{}: the adapter's base model {} is not a model folder here; give the base model folder", adapter_dir.join(ADAPTER_CONFIG).display(), base.display());
+    }
+    let (config, model) = load_model(&base, device)?;
+    let model = model.with_lora(&files.lora, device)?.set_adapters(&mut files.tensors, device).with_context(|| adapter_dir.join(ADAPTER_WEIGHTS).display().to_string())?;
+    Ok((config, model, base))
+}
+
+/// Builds `dir` in a staging folder and renames it into place, so a crash leaves either
+/// the old folder or the new one, never a half-written one.
+fn write_folder(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
     let staging = parent.join(format!(".{}.tmp", dir.file_name().and_then(|n| n.to_str()).unwrap_or("model")));
@@ -151,44 +267,7 @@ pub fn save_model_with(model: &Llama, config: &LlamaConfig, tokenizer_json: &Pat
         std::fs::remove_dir_all(&staging)?;
     }
     std::fs::create_dir_all(&staging)?;
-
-    let tensors = hf_tensors(model);
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .into_iter()
-        .map(|(name, (shape, values))| (name, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
-        .iter()
-        .map(|(name, shape, data)| {
-            (name.clone(), safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data).expect("consistent view"))
-        })
-        .collect();
-    let mut metadata = HashMap::new();
-    metadata.insert("format".to_string(), "pt".to_string());
-    safetensors::serialize_to_file(views, Some(metadata), &staging.join("model.safetensors"))
-        .context("writing model.safetensors")?;
-
-    let mut json = serde_json::to_value(config)?;
-    let architecture = match config.model_type.as_str() {
-        "mistral" => "MistralForCausalLM",
-        "qwen2" => "Qwen2ForCausalLM",
-        _ => "LlamaForCausalLM",
-    };
-    json["architectures"] = serde_json::json!([architecture]);
-    json["torch_dtype"] = serde_json::json!("float32");
-    std::fs::write(staging.join("config.json"), serde_json::to_string_pretty(&json)? + "\n")?;
-    std::fs::copy(tokenizer_json, staging.join("tokenizer.json"))
-        .with_context(|| format!("copying {}", tokenizer_json.display()))?;
-    // The rest of the tokenizer (chat template, special tokens) travels with the model.
-    for name in ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
-        let source = tokenizer_json.with_file_name(name);
-        if source.is_file() {
-            std::fs::copy(&source, staging.join(name)).with_context(|| format!("copying {}", source.display()))?;
-        }
-    }
-    for (name, bytes) in extra {
-        std::fs::write(staging.join(name), bytes).with_context(|| format!("writing {name}"))?;
-    }
+    fill(&staging)?;
 
     // On disk before the rename makes them visible: a power loss never leaves a
     // checkpoint folder with missing or empty files.
@@ -205,6 +284,42 @@ pub fn save_model_with(model: &Llama, config: &LlamaConfig, tokenizer_json: &Pat
     sync_path(parent)?;
     if old.exists() {
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    }
+    Ok(())
+}
+
+fn write_safetensors(tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>, path: &Path) -> Result<()> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(name, (shape, values))| (name, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(name, shape, data)| {
+            (name.clone(), safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data).expect("consistent view"))
+        })
+        .collect();
+    let mut metadata = HashMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    safetensors::serialize_to_file(views, Some(metadata), path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// tokenizer.json and the rest of the tokenizer (chat template, special tokens), which
+/// travel with the model.
+fn copy_tokenizer_files(tokenizer_json: &Path, staging: &Path) -> Result<()> {
+    std::fs::copy(tokenizer_json, staging.join("tokenizer.json")).with_context(|| format!("copying {}", tokenizer_json.display()))?;
+    for name in ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
+        let source = tokenizer_json.with_file_name(name);
+        if source.is_file() {
+            std::fs::copy(&source, staging.join(name)).with_context(|| format!("copying {}", source.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn write_extra(staging: &Path, extra: &[(&str, &[u8])]) -> Result<()> {
+    for (name, bytes) in extra {
+        std::fs::write(staging.join(name), bytes).with_context(|| format!("writing {name}"))?;
     }
     Ok(())
 }

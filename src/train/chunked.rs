@@ -61,6 +61,8 @@ impl ChunkedHead {
             .map(|p| p.grad(loss_grads).map_or_else(|| Tensor::zeros([n * l], &device), |g| g.reshape([n * l])))
             .collect();
         let flat_targets: Vec<Tensor<1, Int>> = self.targets.iter().map(|t| t.clone().inner().reshape([n * l])).collect();
+        // A frozen head (LoRA) needs only the hidden states' gradient.
+        let train_head = model.head_weight().is_require_grad();
         let mut hidden_grads = Vec::new();
         let mut weight_grad: Tensor<2> = Tensor::zeros([d, vocab], &device);
         for start in (0..n * l).step_by(self.chunk) {
@@ -74,10 +76,15 @@ impl ChunkedHead {
                 dlogits = dlogits + (onehot - probs.clone()) * g;
             }
             hidden_grads.push(dlogits.clone().matmul(weight.clone().transpose()));
-            weight_grad = weight_grad + h.transpose().matmul(dlogits);
+            if train_head {
+                weight_grad = weight_grad + h.transpose().matmul(dlogits);
+            }
         }
         let hidden_grad = Tensor::cat(hidden_grads, 0).reshape([n, l, d]).autodiff();
-        let surrogate = (self.hidden * hidden_grad).sum() + (model.head_weight() * weight_grad.autodiff()).sum();
+        let mut surrogate = (self.hidden * hidden_grad).sum();
+        if train_head {
+            surrogate = surrogate + (model.head_weight() * weight_grad.autodiff()).sum();
+        }
         GradientsParams::from_grads(surrogate.backward(), model)
     }
 }

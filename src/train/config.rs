@@ -123,6 +123,11 @@ pub struct TrainConfig {
     /// resident reference model.
     #[serde(default)]
     pub ref_logps: Option<String>,
+    /// Train LoRA adapters on the frozen model instead of all its weights (PEFT's fields:
+    /// r, lora_alpha, lora_dropout, target_modules, use_rslora). The reference is the
+    /// same model with its adapters left out.
+    #[serde(default)]
+    pub lora: Option<crate::model::LoraConfig>,
     /// Held-out answer accuracy by greedy generation, before and after training
     /// (`heldout`, since `eval` is a reserved word in Rhai).
     #[serde(default)]
@@ -226,6 +231,9 @@ impl TrainConfig {
         if self.heldout.as_ref().is_some_and(|e| e.max_new_tokens == 0) {
             return Err(anyhow!("train(config): heldout.max_new_tokens must be at least 1"));
         }
+        if let Some(lora) = &self.lora {
+            lora.validate("train(config): lora")?;
+        }
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             return Err(anyhow!("train(config): lr must be a non-negative number, got {}", self.lr));
         }
@@ -240,7 +248,7 @@ impl TrainConfig {
         }
         // AdamW's settings are fixed when the optimizer is built, so they need a restart too.
         check!(name, mode, model, init, data, backend, seed, batch_size, grad_accum, epochs, max_steps,
-               max_length, max_prompt_length, skip_bad_rows, ref_logps, max_nonfinite_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon, output_dir, save_model_to);
+               max_length, max_prompt_length, skip_bad_rows, ref_logps, lora, max_nonfinite_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon, output_dir, save_model_to);
         changed
     }
 

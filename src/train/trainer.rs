@@ -23,7 +23,8 @@ use super::metrics::{MetricsLog, format_line};
 use super::reference::PrecomputedReference;
 use crate::data::packed::PackedLayout;
 use crate::data::{Example, TextTokenizer, Truncation, collate_pairs, collate_sft, load_examples};
-use crate::model::{Llama, LlamaConfig, RandomInit, load_model, save_model, save_model_with};
+use crate::model::weights::ADAPTER_CONFIG;
+use crate::model::{Llama, LlamaConfig, RandomInit, load_model, read_adapter, save_adapter, save_model, save_model_with};
 use crate::rng::SplitMix64;
 use crate::script::{ScriptHost, ScriptTensor, ScriptVersion, ScriptWatcher, set_script_device};
 
@@ -79,8 +80,8 @@ struct Trainer {
     config: TrainConfig,
     device: Device,
     policy: Llama,
-    /// The frozen reference: a resident copy of the starting model, or log-probs read
-    /// from `ref_logps` (then no second model is kept). None in SFT mode.
+    /// The frozen reference: a resident copy of the starting model, the policy's own frozen
+    /// weights (LoRA), or log-probs read from `ref_logps`. None in SFT mode.
     reference: Option<Reference>,
     model_config: LlamaConfig,
     tokenizer: TextTokenizer,
@@ -99,6 +100,8 @@ struct Trainer {
 
 enum Reference {
     Resident(Llama),
+    /// LoRA: the policy with its adapters left out (no second model in memory).
+    FrozenBase,
     Precomputed(PrecomputedReference),
 }
 
@@ -171,8 +174,8 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
     install_interrupt_handler();
     let total = trainer.total_steps;
     console::line(&format!(
-        "prefhost: {} | {} rows | {} steps | model {} ({} params) | run folder {}",
-        current.display_path(), trainer.examples.len(), total, trainer.config.model, trainer.policy.num_params(), run_dir.display()
+        "prefhost: {} | {} rows | {} steps | model {} ({}) | run folder {}",
+        current.display_path(), trainer.examples.len(), total, trainer.config.model, trainer.describe_params(), run_dir.display()
     ));
     let mut before = None;
     if eval_before && start == 0 {
@@ -223,6 +226,9 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
                 }
             }
         }
+
+        // ---- random draws (LoRA dropout) seeded by step, so a resumed run makes the same ones
+        trainer.device.seed(trainer.config.seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
 
         // ---- learning rate: the script's lr(step, total) or the config's constant
         let step_start = std::time::Instant::now();
@@ -431,7 +437,7 @@ impl Trainer {
         device.seed(config.seed);
         let train_device = device.clone().autodiff();
         let model_dir = PathBuf::from(&config.model);
-        let (model_config, policy) = match config.init {
+        let (model_config, mut policy) = match config.init {
             Init::Pretrained => load_model(&model_dir, &train_device)?,
             Init::Random => {
                 let mc = LlamaConfig::from_file(&model_dir.join("config.json"))?;
@@ -439,6 +445,9 @@ impl Trainer {
                 (mc, model)
             }
         };
+        if let Some(lora) = &config.lora {
+            policy = policy.with_lora(lora, &train_device)?;
+        }
         let tokenizer = TextTokenizer::load(&model_dir.join("tokenizer.json"), model_config.eos_token_id, model_config.pad_token_id)?;
         if tokenizer.vocab_size() > model_config.vocab_size {
             bail!("{}: tokenizer has {} tokens, the model's vocab_size is {}", model_dir.display(), tokenizer.vocab_size(), model_config.vocab_size);
@@ -458,6 +467,7 @@ impl Trainer {
         let reference = match (&config.ref_logps, preference) {
             (_, false) => None,
             (Some(path), true) => Some(Reference::Precomputed(PrecomputedReference::load(Path::new(path), &examples)?)),
+            (None, true) if config.lora.is_some() => Some(Reference::FrozenBase),
             (None, true) => Some(Reference::Resident(policy.valid())),
         };
         let per_step = config.batch_size * config.grad_accum;
@@ -469,6 +479,15 @@ impl Trainer {
             config, device: train_device, policy, reference, model_config, tokenizer, examples, order,
             cursor: 0, epoch: 0, rng, total_steps, loss_state: Map::new(), skipped_steps: 0, restored_step: 0, skipped_rows: report.skipped,
         })
+    }
+
+    /// "N params", or with LoRA "N params, M trainable (LoRA r=…)".
+    fn describe_params(&self) -> String {
+        let total = self.policy.num_params();
+        match &self.config.lora {
+            None => format!("{total} params"),
+            Some(lora) => format!("{total} params, {} trainable (LoRA r={} on {})", self.policy.num_trainable_params(), lora.r, lora.modules().unwrap_or_default().join(",")),
+        }
     }
 
     /// The next batch_size examples in shuffled order, reshuffling at each epoch.
@@ -507,6 +526,10 @@ impl Trainer {
                 let plain = self.device.clone().without_autodiff();
                 let ref_tokens = match reference {
                     Reference::Resident(model) => batch_logps(model, &collate_pairs(&refs, pad, &plain), packed.as_ref(), chunk).0,
+                    Reference::FrozenBase => {
+                        let base = self.policy.valid().without_adapters();
+                        batch_logps(&base, &collate_pairs(&refs, pad, &plain), packed.as_ref(), chunk).0
+                    }
                     Reference::Precomputed(rows) => rows.token_logps(&refs, batch.mask.dims()[1], &plain),
                 }
                 .autodiff();
@@ -618,7 +641,11 @@ impl Trainer {
         let sources_json = serde_json::to_vec_pretty(&sources)?;
         let dir = run_dir.join(format!("checkpoint-{step}"));
         let extra: [(&str, &[u8]); 3] = [(STATE_FILE, &state_json), (OPTIMIZER_FILE, &optimizer_bytes), (SOURCES_FILE, &sources_json)];
-        save_model_with(&self.policy.valid(), &self.model_config, &self.tokenizer.path, &dir, &extra)?;
+        match &self.config.lora {
+            // LoRA checkpoints hold the adapters only (PEFT's layout); the base is config.model.
+            Some(lora) => save_adapter(&self.policy.valid(), lora, &self.config.model, &self.tokenizer.path, &dir, &extra)?,
+            None => save_model_with(&self.policy.valid(), &self.model_config, &self.tokenizer.path, &dir, &extra)?,
+        }
         Ok(dir)
     }
 
@@ -628,8 +655,21 @@ impl Trainer {
         if state.order.len() != self.examples.len() || state.order.iter().any(|&i| i >= self.examples.len()) {
             bail!("{}: the data has {} rows, the checkpoint was made with {}; resume needs the same data", ckpt.display(), self.examples.len(), state.order.len());
         }
-        let (_, policy) = load_model(ckpt, &self.device)?;
-        self.policy = policy;
+        let is_adapter = ckpt.join(ADAPTER_CONFIG).is_file();
+        match &self.config.lora {
+            Some(lora) => {
+                if !is_adapter {
+                    bail!("{}: a full-model checkpoint, but the script trains LoRA adapters; resume needs the same lora setting", ckpt.display());
+                }
+                let mut files = read_adapter(ckpt)?;
+                if files.lora.r != lora.r || files.lora.modules()? != lora.modules()? {
+                    bail!("{}: adapters of rank {} on {:?}, the script asks for rank {} on {:?}; resume needs the same lora setting", ckpt.display(), files.lora.r, files.lora.modules()?, lora.r, lora.modules()?);
+                }
+                self.policy = self.policy.clone().set_adapters(&mut files.tensors, &self.device).with_context(|| ckpt.display().to_string())?;
+            }
+            None if is_adapter => bail!("{}: a LoRA adapter checkpoint, but the script has no lora setting; resume needs the same lora setting", ckpt.display()),
+            None => self.policy = load_model(ckpt, &self.device)?.1,
+        }
         let bytes = std::fs::read(ckpt.join(OPTIMIZER_FILE)).with_context(|| format!("cannot read {}", ckpt.join(OPTIMIZER_FILE).display()))?;
         let optimizer = optimizer
             .from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))

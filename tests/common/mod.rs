@@ -85,3 +85,40 @@ pub fn read_lines(path: &Path) -> Vec<serde_json::Value> {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
 }
+
+/// One row of a fixture's expected.json: token ids, where the completion starts, and the
+/// values the generating script recorded (read with `floats`).
+pub struct FixtureRow {
+    pub ids: Vec<u32>,
+    pub prompt_length: usize,
+    pub fields: serde_json::Value,
+}
+
+impl FixtureRow {
+    pub fn floats(&self, key: &str) -> Vec<f64> {
+        self.fields[key].as_array().unwrap_or_else(|| panic!("no {key}")).iter().map(|x| x.as_f64().unwrap()).collect()
+    }
+}
+
+pub fn fixture_rows(dir: &Path) -> Vec<FixtureRow> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| FixtureRow {
+            ids: r["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect(),
+            prompt_length: r["prompt_length"].as_u64().unwrap() as usize,
+            fields: r.clone(),
+        })
+        .collect()
+}
+
+/// prefhost's per-token completion log-probs of each row, all rows in one padded batch.
+pub fn completion_logps(model: &prefhost::model::Llama, rows: &[FixtureRow], device: &burn::tensor::Device) -> Vec<Vec<f32>> {
+    let seqs: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (&r.ids[..r.prompt_length], &r.ids[r.prompt_length..])).collect();
+    let batch = prefhost::data::batch::collate(&seqs, 2, device);
+    let width = batch.mask.dims()[1];
+    let flat = prefhost::model::values(prefhost::train::logps::token_logps(model, &batch));
+    rows.iter().enumerate().map(|(i, r)| flat[i * width + r.prompt_length - 1..i * width + r.ids.len() - 1].to_vec()).collect()
+}
