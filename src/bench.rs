@@ -170,9 +170,12 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
             let file = result_file(&opts.out, config.name, round);
             merge(&mut results, serde_json::from_str(&std::fs::read_to_string(&file)?)?);
         }
-        if let Some(python) = python.as_ref().filter(|_| opts.only.is_none()) {
+        if let Some(python) = python.as_ref() {
             for data in ["metamath", "long_prompt"] {
                 let name = format!("{}/pytorch-eager", data.replace('_', "-"));
+                if opts.only.as_ref().is_some_and(|p| !name.starts_with(p.as_str())) {
+                    continue;
+                }
                 eprintln!("round {}/{}: {name}", round + 1, opts.rounds);
                 let reference = opts.out.join(format!("{data}.ref.jsonl"));
                 match run_torch(python, &model_dir, &opts.out.join(format!("{data}.batch.json")), &reference, opts, &name) {

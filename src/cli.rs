@@ -129,7 +129,8 @@ enum Command {
         /// Python with torch for the PyTorch reference (default: $PREFHOST_PYTHON, python3).
         #[arg(long)]
         python: Option<String>,
-        /// Run only the configurations whose name starts with this (e.g. vocab-32k).
+        /// Run only the configurations whose name starts with this (e.g. vocab-32k; the
+        /// PyTorch rows run when their name matches too, e.g. metamath).
         #[arg(long)]
         only: Option<String>,
         /// Internal: run one configuration in this process.
