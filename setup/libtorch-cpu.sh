@@ -31,12 +31,32 @@ complete() {
     for f in "${required[@]}"; do [ -e "$target/$f" ] || return 1; done
 }
 
+# Only a folder this script made (stamped) or an empty one may be replaced.
+if [ -e "$target" ] && [ ! -f "$stamp" ] && [ -n "$(ls -A "$target" 2>/dev/null)" ]; then
+    echo "error: $target exists and is not a libtorch folder made by this script; give another target folder" >&2
+    exit 1
+fi
+
+# Unpacks the members of a wheel matching the patterns (Python's zipfile: no unzip needed).
+extract() {
+    "$PYTHON" - "$@" <<'PY'
+import fnmatch, sys, zipfile
+wheel, dest, *patterns = sys.argv[1:]
+with zipfile.ZipFile(wheel) as z:
+    names = [n for n in z.namelist() if any(fnmatch.fnmatch(n, p) for p in patterns)]
+    if not names:
+        sys.exit(f"{wheel}: no member matches {patterns}")
+    z.extractall(dest, names)
+PY
+}
+
 if complete; then
     echo "libtorch $TORCH_VERSION (CPU) already assembled in $target" >&2
 else
     echo "assembling CPU libtorch $TORCH_VERSION into $target" >&2
     tmp=$(mktemp -d "${TMPDIR:-/tmp}/libtorch-cpu.XXXXXX")
-    trap 'rm -rf "$tmp"' EXIT
+    stage="$target.partial.$$"
+    trap 'rm -rf "$tmp" "$stage"' EXIT
     "$PYTHON" -m pip download --no-deps --only-binary=:all: --dest "$tmp/wheels" \
         "torch==$TORCH_VERSION" \
         "nvidia-cuda-runtime-cu12==$CUDA_WHEEL_VERSION" \
@@ -51,12 +71,11 @@ else
     }
 
     x="$tmp/x"
-    unzip -q "${torch_whl[0]}" 'torch/include/*' 'torch/lib/*' -d "$x"
-    unzip -q "${rt_whl[0]}" '*/libcudart.so.12' -d "$x"
-    unzip -q "${cupti_whl[0]}" '*/libcupti.so.12' -d "$x"
+    extract "${torch_whl[0]}" "$x" 'torch/include/*' 'torch/lib/*'
+    extract "${rt_whl[0]}" "$x" '*/libcudart.so.12'
+    extract "${cupti_whl[0]}" "$x" '*/libcupti.so.12'
 
     # Build next to the target and rename into place, so an interrupted run leaves no half folder.
-    stage="$target.partial.$$"
     rm -rf "$stage"
     mkdir -p "$stage/lib"
     mv "$x/torch/include" "$stage/include"
@@ -70,6 +89,7 @@ else
     find "$x" -name libcudart.so.12 -exec mv {} "$stage/lib/" \;
     find "$x" -name libcupti.so.12 -exec mv {} "$stage/lib/" \;
     # torch-sys reads build-version and checks it against the torch version tch expects.
+    chmod 755 "$stage"/lib/*
     echo "$TORCH_VERSION" > "$stage/build-version"
     echo "$want" > "$stage/.assembled"
 
