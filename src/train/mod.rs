@@ -1,5 +1,6 @@
 //! Training: run config, log-probs, the loss boundary, gradients, metrics, the loop.
 
+pub mod backend;
 pub mod checkpoint;
 pub mod chunked;
 pub mod compare;
@@ -14,4 +15,5 @@ pub mod reference;
 pub mod trainer;
 
 pub use config::TrainConfig;
-pub use trainer::{RunOptions, RunSummary, backend_device, run};
+pub use backend::{BUILT_BACKENDS, backend_device};
+pub use trainer::{RunOptions, RunSummary, run};

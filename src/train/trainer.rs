@@ -11,6 +11,7 @@ use burn::tensor::{Device, Tensor};
 use rhai::{Dynamic, INT, Map};
 use serde_json::json;
 
+use super::backend::backend_device;
 use super::checkpoint::{self, OPTIMIZER_FILE, SOURCES_FILE, STATE_FILE, TrainerState};
 use super::config::{Init, Mode, TrainConfig};
 use super::console;
@@ -63,67 +64,6 @@ fn install_interrupt_handler() {
     INSTALLED.call_once(|| {
         let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
     });
-}
-
-/// The `backend` names this binary can run: libtorch ones only with the `tch` cargo feature.
-pub const BUILT_BACKENDS: &[&str] = if cfg!(feature = "tch") { &["cpu", "tch-cpu", "tch-cuda"] } else { &["cpu"] };
-
-/// Picks the device named by the script's `backend`.
-pub fn backend_device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::flex()),
-        #[cfg(feature = "tch")]
-        "tch-cpu" => Ok(libtorch::cpu()),
-        #[cfg(feature = "tch")]
-        "tch-cuda" => libtorch::cuda(0),
-        #[cfg(not(feature = "tch"))]
-        "tch-cpu" | "tch-cuda" => not_built(name),
-        "cuda" => not_built(name),
-        other => bail!("unknown backend \"{other}\" (choose cpu, tch-cpu, tch-cuda or cuda)"),
-    }
-}
-
-fn not_built(name: &str) -> Result<Device> {
-    bail!(
-        "backend \"{name}\" is not built into this binary (this build has: {})",
-        BUILT_BACKENDS.join(", ")
-    )
-}
-
-/// libtorch devices (cargo feature `tch`, linked against the folder in `LIBTORCH`; see
-/// setup/libtorch-cpu.sh). burn marks burn-tch deprecated; it is the CPU/CUDA path we can build offline.
-#[cfg(feature = "tch")]
-#[allow(deprecated)]
-mod libtorch {
-    use anyhow::{Result, bail};
-    use burn::tensor::Device;
-
-    /// Whether the libtorch this binary was linked against has libtorch_cuda (cfg set by build.rs).
-    const LINKED_WITH_CUDA: bool = cfg!(libtorch_cuda);
-
-    pub fn cpu() -> Device {
-        Device::libtorch()
-    }
-
-    /// burn-tch panics on the first tensor op when CUDA is missing (and always when it was
-    /// built against a CPU-only libtorch), so check here and give an error instead.
-    pub fn cuda(index: usize) -> Result<Device> {
-        if !LINKED_WITH_CUDA {
-            bail!(
-                "backend \"tch-cuda\": this binary was linked against a CPU-only libtorch \
-                 (no lib/libtorch_cuda.so in LIBTORCH at build time); use \"tch-cpu\", or rebuild \
-                 with --features tch and LIBTORCH pointing at a CUDA libtorch 2.9.0"
-            );
-        }
-        if !tch::Cuda::is_available() {
-            bail!("backend \"tch-cuda\": libtorch finds no usable CUDA device (driver or GPU missing)");
-        }
-        let count = tch::Cuda::device_count();
-        if (index as i64) >= count {
-            bail!("backend \"tch-cuda\": CUDA device {index} requested, libtorch sees {count}");
-        }
-        Ok(Device::libtorch_cuda(index))
-    }
 }
 
 struct Trainer {
