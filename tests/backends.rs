@@ -1,63 +1,105 @@
-#![cfg(feature = "tch")]
-//! Backend "tch-cpu" (libtorch 2.9.0) against "cpu" (burn-flex): the same seed, model and
-//! batches give the same training curve. Only built with `--features tch` (needs LIBTORCH;
-//! see setup/libtorch-cpu.sh).
+#![cfg(any(feature = "tch", feature = "cuda"))]
+//! Every backend built into this binary against "cpu" (burn-flex): the same seed, model and
+//! batches give the same training curve, in f32 and with `mixed_precision: "bf16"`. Backends
+//! whose device this machine lacks (tch-cuda, cuda without a GPU) must stop with a message,
+//! not a panic. Only built with `--features tch` and/or `--features cuda` (see setup/).
 
 mod common;
 
 use std::path::Path;
 
 use common::{Sandbox, read_lines, run_host, small_config, text};
+use prefhost::train::{BUILT_BACKENDS, backend_device};
 
 const STEPS: usize = 4;
-const TOLERANCE: f64 = 1e-4;
+/// f32 on two backends: only summation order differs.
+const F32_TOLERANCE: f64 = 1e-4;
+/// bf16 products against the f32 curve: a few of bf16's 2^-8 steps in each log-prob.
+const BF16_LOSS_TOLERANCE: f64 = 0.02;
 const COMPARED: [&str; 3] = ["loss", "logps/chosen", "logps/rejected"];
 
-fn train(sb: &Sandbox, backend: &str) -> Vec<serde_json::Value> {
+fn train(sb: &Sandbox, backend: &str, extra: &str) -> Vec<serde_json::Value> {
+    let name = format!("{backend}{}", if extra.is_empty() { "" } else { "-bf16" });
     let script = format!(
         "import \"losses/dpo\" as dpo;\nfn loss(b, p) {{\n    dpo::loss(b, p)\n}}\ntrain({});\n",
-        small_config(&format!("backend: \"{backend}\", max_steps: {STEPS}, seed: 3, params: #{{ beta: 0.1 }},"))
+        small_config(&format!("backend: \"{backend}\", max_steps: {STEPS}, seed: 3, params: #{{ beta: 0.1 }}, {extra}"))
     );
-    let path = sb.write(&format!("scripts/{backend}.rhai"), &script);
-    let dir = sb.path(backend);
+    let path = sb.write(&format!("scripts/{name}.rhai"), &script);
+    let dir = sb.path(&name);
     let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap()]);
-    assert!(out.status.success(), "backend {backend}: {}", text(&out));
-    loss_lines(&dir)
+    assert!(out.status.success(), "backend {backend} {extra}: {}", text(&out));
+    let lines = loss_lines(&dir);
+    assert_eq!(lines.len(), STEPS, "{lines:?}");
+    lines
 }
 
 fn loss_lines(dir: &Path) -> Vec<serde_json::Value> {
     read_lines(&dir.join("metrics.jsonl")).into_iter().filter(|l| l.get("loss").is_some()).collect()
 }
 
-#[test]
-fn tch_cpu_trains_like_cpu() {
-    let sb = Sandbox::new();
-    let (flex, tch) = (train(&sb, "cpu"), train(&sb, "tch-cpu"));
-    assert_eq!(flex.len(), STEPS, "{flex:?}");
-    assert_eq!(tch.len(), STEPS, "{tch:?}");
-    for (step, (a, b)) in flex.iter().zip(&tch).enumerate() {
-        for key in COMPARED {
-            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
-            assert!((x - y).abs() <= TOLERANCE, "step {}: {key} cpu {x} vs tch-cpu {y} (|diff| {:e})", step + 1, (x - y).abs());
-        }
-    }
-    // The losses must move, or matching them would prove little.
-    let first = flex[0]["loss"].as_f64().unwrap();
-    assert!(flex.iter().any(|l| (l["loss"].as_f64().unwrap() - first).abs() > 1e-3), "{flex:?}");
+/// The built backends other than "cpu" whose device exists here.
+fn runnable() -> Vec<&'static str> {
+    let found: Vec<&str> = BUILT_BACKENDS.iter().copied().filter(|b| *b != "cpu" && backend_device(b).is_ok()).collect();
+    eprintln!("built: {BUILT_BACKENDS:?}; runnable here besides cpu: {found:?}");
+    found
+}
+
+fn value(line: &serde_json::Value, key: &str) -> f64 {
+    line[key].as_f64().unwrap_or_else(|| panic!("no {key} in {line}"))
 }
 
 #[test]
-fn tch_cuda_is_an_error_not_a_panic_without_cuda() {
-    // On a CPU-only libtorch (or a machine without a GPU) the run must stop with a message.
+fn every_built_backend_trains_like_cpu() {
+    let backends = runnable();
+    assert!(!backends.is_empty(), "nothing to compare: this build's extra backends have no device here");
     let sb = Sandbox::new();
-    let path = sb.write("scripts/cuda.rhai", &format!(
-        "import \"losses/dpo\" as dpo;\nfn loss(b, p) {{ dpo::loss(b, p) }}\ntrain({});\n",
-        small_config("backend: \"tch-cuda\", max_steps: 1,")
-    ));
-    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", sb.path("cuda").to_str().unwrap()]);
-    if out.status.success() {
-        return; // a CUDA libtorch on a GPU machine
+    let flex = train(&sb, "cpu", "");
+    // The losses must move, or matching them would prove little.
+    let first = value(&flex[0], "loss");
+    assert!(flex.iter().any(|l| (value(l, "loss") - first).abs() > 1e-3), "{flex:?}");
+    for backend in backends {
+        let other = train(&sb, backend, "");
+        for (step, (a, b)) in flex.iter().zip(&other).enumerate() {
+            for key in COMPARED {
+                let (x, y) = (value(a, key), value(b, key));
+                assert!((x - y).abs() <= F32_TOLERANCE, "step {}: {key} cpu {x} vs {backend} {y} (|diff| {:e})", step + 1, (x - y).abs());
+            }
+        }
     }
-    let t = text(&out);
-    assert!(t.contains("tch-cuda") && !t.contains("panicked"), "{t}");
+}
+
+#[test]
+fn every_built_backend_trains_in_bf16_like_f32() {
+    let backends = runnable();
+    assert!(!backends.is_empty(), "nothing to compare: this build's extra backends have no device here");
+    let sb = Sandbox::new();
+    let flex = train(&sb, "cpu", "");
+    for backend in backends {
+        let mixed = train(&sb, backend, "mixed_precision: \"bf16\",");
+        assert!((value(&mixed[0], "loss") - std::f64::consts::LN_2).abs() < 1e-4, "{backend} bf16 step 1: {}", mixed[0]);
+        for (step, (a, b)) in flex.iter().zip(&mixed).enumerate() {
+            let (x, y) = (value(a, "loss"), value(b, "loss"));
+            assert!((x - y).abs() <= BF16_LOSS_TOLERANCE, "step {}: loss cpu f32 {x} vs {backend} bf16 {y}", step + 1);
+        }
+        // bf16 must actually be in use: its log-probs cannot match f32 to f32's tolerance.
+        let d = (value(&flex[0], "logps/chosen") - value(&mixed[0], "logps/chosen")).abs();
+        assert!(d > F32_TOLERANCE, "{backend}: bf16 log-probs equal f32 ones ({d:e})");
+    }
+}
+
+#[test]
+fn gpu_backends_without_a_device_are_an_error_not_a_panic() {
+    let sb = Sandbox::new();
+    for backend in BUILT_BACKENDS.iter().filter(|b| **b == "tch-cuda" || **b == "cuda") {
+        if backend_device(backend).is_ok() {
+            continue; // a GPU machine: the tests above train on it
+        }
+        let path = sb.write(&format!("scripts/{backend}.rhai"), &format!(
+            "import \"losses/dpo\" as dpo;\nfn loss(b, p) {{ dpo::loss(b, p) }}\ntrain({});\n",
+            small_config(&format!("backend: \"{backend}\", max_steps: 1,"))
+        ));
+        let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", sb.path(backend).to_str().unwrap()]);
+        let t = text(&out);
+        assert!(!out.status.success() && t.contains(&format!("backend \"{backend}\"")) && !t.contains("panicked"), "{t}");
+    }
 }

@@ -4,6 +4,7 @@ use burn::module::{Module, Param, ParamId};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::{Bool, Device, Distribution, Int, Tensor};
 
+use super::precision::MixedPrecision;
 use super::attention::{Attention, KvCache};
 use super::block::DecoderLayer;
 use super::config::LlamaConfig;
@@ -20,6 +21,9 @@ pub struct Llama {
     pub lm_head: Option<Linear>,
     #[module(skip)]
     pub rope: Rope,
+    /// How weight products run; the projections carry the same setting (`with_precision`).
+    #[module(skip)]
+    pub precision: MixedPrecision,
 }
 
 /// Supplies each parameter by its Hugging Face name, in HF layout ([out, in] for linear
@@ -115,6 +119,7 @@ impl Llama {
             norm,
             lm_head,
             rope: Rope::new(hd, config.max_positions(), config.rope_theta, &config.rope_scaling()?),
+            precision: MixedPrecision::No,
         })
     }
 
@@ -195,15 +200,9 @@ impl Llama {
 
     /// Final projection to the vocabulary: lm_head, or the tied embeddings.
     fn head(&self, x: Tensor<3>) -> Tensor<3> {
-        match &self.lm_head {
-            Some(head) => head.forward(x),
-            None => {
-                let [b, s, d] = x.dims();
-                let vocab = self.embed_tokens.weight.val().dims()[0];
-                x.reshape([b * s, d])
-                    .matmul(self.embed_tokens.weight.val().transpose())
-                    .reshape([b, s, vocab])
-            }
+        match (&self.lm_head, self.precision) {
+            (Some(head), MixedPrecision::No) => head.forward(x),
+            _ => self.precision.matmul3(x, self.head_weight()),
         }
     }
 }

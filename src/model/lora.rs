@@ -16,6 +16,7 @@ use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::llama::{Llama, named_param};
+use super::precision::MixedPrecision;
 
 /// The projections an adapter can sit on, in PEFT's names.
 pub const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -123,12 +124,9 @@ pub struct Adapter {
 
 impl Adapter {
     /// s·dropout(x)·A·B for x [batch, seq, in].
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let [batch, seq, d_in] = x.dims();
-        let x = self.dropout.forward(x).reshape([batch * seq, d_in]);
-        let out = x.matmul(self.a.val()).matmul(self.b.val()).mul_scalar(self.scale);
-        let d_out = out.dims()[1];
-        out.reshape([batch, seq, d_out])
+    fn forward(&self, x: Tensor<3>, precision: MixedPrecision) -> Tensor<3> {
+        let down = precision.matmul3(self.dropout.forward(x), self.a.val());
+        precision.matmul3(down, self.b.val()).mul_scalar(self.scale)
     }
 
     /// s·A·B as a weight update ([in, out]).
@@ -142,17 +140,30 @@ impl Adapter {
 pub struct Projection {
     pub base: Linear,
     pub lora: Option<Adapter>,
+    /// How the products run (set for the whole model by `Llama::with_precision`).
+    #[module(skip)]
+    pub precision: MixedPrecision,
 }
 
 impl Projection {
     pub fn new(base: Linear) -> Self {
-        Self { base, lora: None }
+        Self { base, lora: None, precision: MixedPrecision::No }
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let y = match self.precision {
+            MixedPrecision::No => self.base.forward(x.clone()),
+            precision => {
+                let y = precision.matmul3(x.clone(), self.base.weight.val());
+                match &self.base.bias {
+                    Some(bias) => y + bias.val().unsqueeze::<3>(),
+                    None => y,
+                }
+            }
+        };
         match &self.lora {
-            None => self.base.forward(x),
-            Some(adapter) => self.base.forward(x.clone()) + adapter.forward(x),
+            None => y,
+            Some(adapter) => y + adapter.forward(x, self.precision),
         }
     }
 
@@ -225,6 +236,15 @@ impl Llama {
             });
         }
         Ok(model)
+    }
+
+    /// The same model with its weight products in `precision` (the weights stay f32).
+    pub fn with_precision(mut self, precision: MixedPrecision) -> Self {
+        for (_, _, projection) in self.projections_mut() {
+            projection.precision = precision;
+        }
+        self.precision = precision;
+        self
     }
 
     /// The same model without its adapters: the frozen base, i.e. a LoRA run's reference.

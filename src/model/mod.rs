@@ -7,6 +7,7 @@ pub mod generate;
 pub mod llama;
 pub mod lora;
 pub mod mlp;
+pub mod precision;
 pub mod rope;
 pub mod weights;
 
@@ -18,4 +19,5 @@ pub fn values<const D: usize>(t: burn::tensor::Tensor<D>) -> Vec<f32> {
 }
 pub use llama::{Llama, RandomInit, WeightSource};
 pub use lora::LoraConfig;
+pub use precision::MixedPrecision;
 pub use weights::{load_adapter_model, load_model, read_adapter, save_adapter, save_model, save_model_with};

@@ -4,7 +4,8 @@
 //! The backward then does by hand what autodiff would have done for the projection:
 //! d logits = g · (onehot(target) − softmax), chunk by chunk, giving the gradients of the
 //! hidden states and of the projection weight, which a surrogate ⟨h, dh⟩ + ⟨W, dW⟩ carries
-//! into the model's own backward pass.
+//! into the model's own backward pass. With mixed precision the four products run in bf16,
+//! as autodiff would run them through the model's own head.
 
 use burn::optim::GradientsParams;
 use burn::tensor::activation::{log_softmax, softmax};
@@ -28,11 +29,12 @@ pub fn chunked_target_logps(model: &Llama, hidden: Tensor<3>, targets: Vec<Tenso
     let chunk = chunk.max(1);
     let flat = hidden.clone().inner().reshape([n * l, d]);
     let weight = model.head_weight().inner();
+    let precision = model.precision;
     let flat_targets: Vec<Tensor<1, Int>> = targets.iter().map(|t| t.clone().inner().reshape([n * l])).collect();
     let mut pieces: Vec<Vec<Tensor<1>>> = vec![Vec::new(); targets.len()];
     for start in (0..n * l).step_by(chunk) {
         let len = chunk.min(n * l - start);
-        let logp = log_softmax(flat.clone().narrow(0, start, len).matmul(weight.clone()), 1);
+        let logp = log_softmax(precision.matmul(flat.clone().narrow(0, start, len), weight.clone()), 1);
         for (k, t) in flat_targets.iter().enumerate() {
             let at = t.clone().narrow(0, start, len).unsqueeze_dim::<2>(1);
             pieces[k].push(logp.clone().gather(1, at).reshape([len]));
@@ -53,6 +55,7 @@ impl ChunkedHead {
         let [n, l, d] = self.hidden.dims();
         let flat = self.hidden.clone().inner().reshape([n * l, d]);
         let weight = model.head_weight().inner();
+        let precision = model.precision;
         let vocab = weight.dims()[1];
         let device = flat.device();
         let upstream: Vec<Tensor<1>> = self
@@ -68,16 +71,16 @@ impl ChunkedHead {
         for start in (0..n * l).step_by(self.chunk) {
             let len = self.chunk.min(n * l - start);
             let h = flat.clone().narrow(0, start, len);
-            let probs = softmax(h.clone().matmul(weight.clone()), 1);
+            let probs = softmax(precision.matmul(h.clone(), weight.clone()), 1);
             let mut dlogits = Tensor::zeros([len, vocab], &device);
             for (g, t) in upstream.iter().zip(&flat_targets) {
                 let g = g.clone().narrow(0, start, len).unsqueeze_dim::<2>(1);
                 let onehot = t.clone().narrow(0, start, len).one_hot::<2>(vocab).float();
                 dlogits = dlogits + (onehot - probs.clone()) * g;
             }
-            hidden_grads.push(dlogits.clone().matmul(weight.clone().transpose()));
+            hidden_grads.push(precision.matmul(dlogits.clone(), weight.clone().transpose()));
             if train_head {
-                weight_grad = weight_grad + h.transpose().matmul(dlogits);
+                weight_grad = weight_grad + precision.matmul(h.transpose(), dlogits);
             }
         }
         let hidden_grad = Tensor::cat(hidden_grads, 0).reshape([n, l, d]).autodiff();

@@ -3,6 +3,7 @@
 use anyhow::{Result, anyhow};
 use rhai::{Dynamic, Map};
 use serde::Deserialize;
+use crate::model::MixedPrecision;
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(rename_all = "lowercase")]
@@ -20,6 +21,13 @@ pub enum Init {
     Pretrained,
     /// Random weights from the folder's config.json (for training a model from scratch).
     Random,
+}
+
+fn mixed_precision<'de, D: serde::Deserializer<'de>>(d: D) -> Result<MixedPrecision, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(value) => MixedPrecision::parse(&value).map_err(serde::de::Error::custom),
+        other => Err(serde::de::Error::custom(format!("mixed_precision must be \"no\" or \"bf16\", got {other}"))),
+    }
 }
 
 macro_rules! defaults {
@@ -64,6 +72,10 @@ pub struct TrainConfig {
     pub data: String,
     #[serde(default = "d_backend")]
     pub backend: String,
+    /// "bf16": weight products in bf16 with f32 master weights (accelerate's
+    /// `mixed_precision`, torch.autocast); "no" (the default): everything in f32.
+    #[serde(default, deserialize_with = "mixed_precision")]
+    pub mixed_precision: MixedPrecision,
     #[serde(default = "d_seed")]
     pub seed: u64,
     #[serde(default = "d_batch")]
@@ -247,7 +259,7 @@ impl TrainConfig {
             ($($f:ident),*) => { $( if self.$f != other.$f { changed.push(stringify!($f)); } )* };
         }
         // AdamW's settings are fixed when the optimizer is built, so they need a restart too.
-        check!(name, mode, model, init, data, backend, seed, batch_size, grad_accum, epochs, max_steps,
+        check!(name, mode, model, init, data, backend, mixed_precision, seed, batch_size, grad_accum, epochs, max_steps,
                max_length, max_prompt_length, skip_bad_rows, ref_logps, lora, max_nonfinite_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon, output_dir, save_model_to);
         changed
     }

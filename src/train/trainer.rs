@@ -438,6 +438,8 @@ impl Trainer {
         if let Some(lora) = &config.lora {
             policy = policy.with_lora(lora, &train_device)?;
         }
+        // The resident and frozen-base references inherit it: TRL's reference forward runs under the same autocast.
+        policy = policy.with_precision(config.mixed_precision);
         let tokenizer = TextTokenizer::load(&model_dir.join("tokenizer.json"), model_config.eos_token_id, model_config.pad_token_id)?;
         if tokenizer.vocab_size() > model_config.vocab_size {
             bail!("{}: tokenizer has {} tokens, the model's vocab_size is {}", model_dir.display(), tokenizer.vocab_size(), model_config.vocab_size);
@@ -658,7 +660,7 @@ impl Trainer {
                 self.policy = self.policy.clone().set_adapters(&mut files.tensors, &self.device).with_context(|| ckpt.display().to_string())?;
             }
             None if is_adapter => bail!("{}: a LoRA adapter checkpoint, but the script has no lora setting; resume needs the same lora setting", ckpt.display()),
-            None => self.policy = load_model(ckpt, &self.device)?.1,
+            None => self.policy = load_model(ckpt, &self.device)?.1.with_precision(self.config.mixed_precision),
         }
         let bytes = std::fs::read(ckpt.join(OPTIMIZER_FILE)).with_context(|| format!("cannot read {}", ckpt.join(OPTIMIZER_FILE).display()))?;
         let optimizer = optimizer
