@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch eager reference for one prefhost DPO training step (CPU, f32).
+"""PyTorch eager reference for one prefhost DPO training step (CPU or CUDA; f32, or bf16 autocast).
 
 Standard library + torch only, so the comparison does not depend on
 transformers/safetensors versions. Prints one JSON line to stdout.
@@ -83,8 +83,8 @@ class Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(h, c["eps"])
         self.self_attn = nn.Module()
         for n, o in (("q_proj", self.nh * hd), ("k_proj", self.nkv * hd), ("v_proj", self.nkv * hd)):
-            setattr(self.self_attn, n, nn.Linear(h, o, bias=False))
-        self.self_attn.o_proj = nn.Linear(self.nh * hd, h, bias=False)
+            setattr(self.self_attn, n, nn.Linear(h, o, bias=c["qkv_bias"]))
+        self.self_attn.o_proj = nn.Linear(self.nh * hd, h, bias=c["o_bias"])
         self.mlp = nn.Module()
         self.mlp.gate_proj = nn.Linear(h, c["inter"], bias=False)
         self.mlp.up_proj = nn.Linear(h, c["inter"], bias=False)
@@ -120,7 +120,7 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", 1.0 / c["theta"] ** (torch.arange(0, d, 2).float() / d), persistent=False)
 
     def forward(self, ids):
-        freqs = torch.outer(torch.arange(ids.shape[1], dtype=torch.float32), self.inv_freq)
+        freqs = torch.outer(torch.arange(ids.shape[1], dtype=torch.float32, device=ids.device), self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos()[None, None], emb.sin()[None, None]
         x = self.model.embed_tokens(ids)
@@ -139,6 +139,9 @@ def load_model(d):
                  head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, vocab=cfg["vocab_size"],
                  eps=cfg.get("rms_norm_eps", 1e-6), theta=cfg.get("rope_theta", 10000.0),
                  tie=bool(cfg.get("tie_word_embeddings", False)))
+        # As prefhost reads them: qwen2 has q/k/v biases; llama's attention_bias adds all four.
+        qwen2, bias = cfg.get("model_type") == "qwen2", bool(cfg.get("attention_bias", False))
+        c.update(qkv_bias=qwen2 or bias, o_bias=bias and not qwen2)
     except KeyError as e:
         fail(f"{cpath}: missing key {e}")
     model = Llama(c)
@@ -187,22 +190,35 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--bf16", action="store_true", help="torch.autocast to bf16 around both forwards (f32 master weights)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        fail("--device cuda: torch finds no CUDA device")
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
 
-    policy = load_model(a.model)
+    policy = load_model(a.model).to(device)
     inp, tgt, mask, tokens, B = collate(a.batch)
+    inp, tgt, mask = inp.to(device), tgt.to(device), mask.to(device)
     if int(max(inp.max(), tgt.max())) >= policy.lm_head.weight.shape[0] or int(min(inp.min(), tgt.min())) < 0:
         fail(f"{a.batch}: token id out of range for vocab {policy.lm_head.weight.shape[0]}")
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     times, first = [], None
     for i in range(a.warmup + a.steps):
+        if cuda:
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        lp = seq_logps(policy, inp, tgt, mask)
-        with torch.no_grad():
+        with autocast():
+            lp = seq_logps(policy, inp, tgt, mask)
+        with torch.no_grad(), autocast():
             lr_ = seq_logps(reference, inp, tgt, mask)
         margin = (lp[:B] - lr_[:B]) - (lp[B:] - lr_[B:])
         loss = -F.logsigmoid(a.beta * margin).mean()
@@ -210,6 +226,8 @@ def main():
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
+        if cuda:
+            torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         if first is None:  # forward of the very first step, before any update
             first = {"loss": loss.item(), "chosen_logps": lp[:B].tolist(), "rejected_logps": lp[B:].tolist()}
@@ -223,6 +241,8 @@ def main():
         "tokens_per_step": tokens, "tokens_per_second": tokens / med if times else None,
         "params": sum(p.numel() for p in policy.parameters()), "first_step": first,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu", "bf16_autocast": a.bf16,
+        "peak_gpu_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
     }))
 
 

@@ -139,6 +139,44 @@ enum Command {
         #[arg(long, hide = true, default_value_t = 0)]
         round: usize,
     },
+    /// Time a DPO step on a GPU backend on a real-size random-init model, beside PyTorch eager
+    /// on the same weights and batch: tokens/s, peak GPU memory, MFU (see BENCHMARKS.md).
+    BenchGpu {
+        /// Folder for the model, batch, runs and bench-gpu.md (default runs/bench-gpu-<time>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// prefhost's backend: cuda or tch-cuda (cpu, tch-cpu for a dry run).
+        #[arg(long, default_value = "cuda")]
+        backend: String,
+        #[arg(long, value_enum, default_value = "qwen2-0.5b")]
+        arch: crate::bench_gpu::Arch,
+        /// Preference pairs per step (two sequences each).
+        #[arg(long, default_value_t = 8)]
+        pairs: usize,
+        #[arg(long, default_value_t = 256)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 256)]
+        completion_len: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// "bf16" or "no", for both sides.
+        #[arg(long, default_value = "bf16")]
+        mixed_precision: String,
+        /// Python with torch (default python3).
+        #[arg(long)]
+        python: Option<String>,
+        /// The PyTorch side's device.
+        #[arg(long, default_value = "cuda")]
+        torch_device: String,
+        /// The GPU's dense bf16 peak in TFLOPS, for MFU on a GPU not in the built-in list.
+        #[arg(long)]
+        peak_tflops: Option<f64>,
+        /// Internal: run the prefhost side in this process.
+        #[arg(long, hide = true)]
+        child: bool,
+    },
     /// Generate the arithmetic word-problem corpus (and its tokenizer).
     Data {
         /// Output folder.
@@ -236,6 +274,16 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 None => {
                     crate::bench::run_bench(&crate::bench::BenchOptions { out, size, steps, warmup, rounds: rounds.max(1), batch_size, python, only })?;
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BenchGpu { out, backend, arch, pairs, prompt_len, completion_len, steps, warmup, mixed_precision, python, torch_device, peak_tflops, child } => {
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/bench-gpu-{}", crate::train::trainer::timestamp())));
+            if child {
+                crate::bench_gpu::run_child(&out)?;
+            } else {
+                let opts = crate::bench_gpu::GpuBenchOptions { out, backend, arch, pairs, prompt_len, completion_len, steps, warmup, mixed_precision, python, torch_device, peak_tflops };
+                println!("{}", crate::bench_gpu::run(&opts)?);
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -4,6 +4,7 @@
 //! (`model`), with `data` feeding the trainer.
 
 pub mod bench;
+pub mod bench_gpu;
 pub mod cli;
 pub mod data;
 pub mod model;
