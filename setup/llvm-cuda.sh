@@ -31,7 +31,8 @@ target="$data_home/tracel/$BUNDLE"
 stamp="$target/.prefhost-llvm"
 sentinel="$target/.tracel-llvm-installed"
 
-if [ -f "$stamp" ] && [ -f "$sentinel" ] && [ -x "$target/bin/llvm-config" ] && [ -f "$target/lib/libLLVMCore.a" ]; then
+if [ -f "$stamp" ] && [ -f "$sentinel" ] && [ -x "$target/bin/llvm-config" ] && [ -f "$target/lib/libLLVMCore.a" ] \
+        && [ -f "$target/include/llvm-c/Core.h" ]; then
     echo "LLVM $(cat "$stamp") already installed in $target" >&2
     exit 0
 fi
@@ -78,7 +79,7 @@ dpkg-deb -x "$tmp/zstd.deb" "$tmp/zstd"
 src="$tmp/llvm/usr/lib/llvm-$LLVM_MAJOR"
 
 mkdir -p "$stage/bin" "$stage/lib"
-cp -r "$src/include" "$stage/include"
+cp -rL "$src/include" "$stage/include"   # Debian links include/llvm{,-c} to /usr/include/llvm-23
 cp "$src"/lib/libLLVM*.a "$stage/lib/"
 rm -f "$stage/lib/libLLVM.a" "$stage/lib/libLLVM-$LLVM_MAJOR.a"
 cp "$tmp/zstd/usr/lib/x86_64-linux-gnu/libzstd.a" "$stage/lib/"

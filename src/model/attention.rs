@@ -2,9 +2,8 @@
 
 use burn::module::Module;
 use burn::tensor::{Bool, Tensor};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 
+use super::fused_attention::grouped_attention;
 use super::lora::Projection;
 use super::rope::{Rope, RotaryTables};
 
@@ -78,22 +77,9 @@ impl Attention {
 
     fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
         let [batch, _, seq, _] = q.dims();
-        let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
-        let hidden = hidden.map(|m| m.expand([batch, self.num_heads, seq, k.dims()[2]]));
-        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal };
-        let out = attention(q, k, v, hidden, None, options);
+        let out = grouped_attention(q, k, v, hidden, is_causal);
         let out = out.swap_dims(1, 2).reshape([batch, seq, self.num_heads * self.head_dim]);
         self.o_proj.forward(out)
-    }
-
-    /// [b, kv_heads, s, d] -> [b, heads, s, d]: each KV head serves `heads / kv_heads` queries.
-    fn repeat_kv(&self, t: Tensor<4>) -> Tensor<4> {
-        let groups = self.num_heads / self.num_kv_heads;
-        if groups == 1 {
-            return t;
-        }
-        let [b, kv, s, d] = t.dims();
-        t.unsqueeze_dim::<5>(2).expand([b, kv, groups, s, d]).reshape([b, kv * groups, s, d])
     }
 }
 

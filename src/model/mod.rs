@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod block;
 pub mod config;
+pub mod fused_attention;
 pub mod generate;
 pub mod llama;
 pub mod lora;
