@@ -3,7 +3,7 @@
 use burn::module::Module;
 use burn::tensor::{Bool, Tensor};
 
-use super::fused_attention::grouped_attention;
+use super::fused::grouped_attention;
 use super::lora::Projection;
 use super::rope::{Rope, RotaryTables};
 

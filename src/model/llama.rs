@@ -6,7 +6,7 @@ use burn::tensor::{Bool, Device, Distribution, Int, Tensor};
 
 use super::precision::MixedPrecision;
 use super::attention::{Attention, KvCache};
-use super::block::DecoderLayer;
+use super::block::{DecoderLayer, norm};
 use super::config::LlamaConfig;
 use super::lora::Projection;
 use super::mlp::Mlp;
@@ -160,7 +160,7 @@ impl Llama {
         for layer in &self.layers {
             x = layer.forward(x, rotary, hidden.clone(), is_causal);
         }
-        self.norm.forward(x)
+        norm(&self.norm, x)
     }
 
     /// Mistral's sliding window as a mask over `positions` (all layers share it).
@@ -186,7 +186,7 @@ impl Llama {
             x = layer.forward_cached(x, &self.rope, layer_cache);
         }
         let [b, s, _] = x.dims();
-        let last = self.norm.forward(x.narrow(1, s - 1, 1));
+        let last = norm(&self.norm, x.narrow(1, s - 1, 1));
         self.head(last).reshape([b, self.vocab_size()])
     }
 

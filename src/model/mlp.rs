@@ -1,8 +1,9 @@
 //! SwiGLU feed-forward block: down(silu(gate(x)) * up(x)).
 
 use burn::module::Module;
-use burn::tensor::{Tensor, activation::silu};
+use burn::tensor::Tensor;
 
+use super::fused::swiglu;
 use super::lora::Projection;
 
 #[derive(Module, Debug)]
@@ -14,6 +15,6 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        self.down_proj.forward(swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x)))
     }
 }

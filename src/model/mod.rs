@@ -3,7 +3,7 @@
 pub mod attention;
 pub mod block;
 pub mod config;
-pub mod fused_attention;
+pub mod fused;
 pub mod generate;
 pub mod llama;
 pub mod lora;

@@ -78,11 +78,7 @@ pub struct RotaryTables {
 impl RotaryTables {
     /// x: [batch, heads, seq, head_dim], rotated in the rotate_half layout.
     pub fn rotate(&self, x: Tensor<4>) -> Tensor<4> {
-        let half = x.dims()[3] / 2;
-        let first = x.clone().narrow(3, 0, half);
-        let second = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![second.neg(), first], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
+        super::fused::rope(x, &self.cos, &self.sin)
     }
 }
 

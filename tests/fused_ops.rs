@@ -1,0 +1,159 @@
+//! The fused ops (src/model/fused/) against burn's own ops: attention on repeated K/V heads
+//! (causal or masked, including a fully masked row, with and without grouped heads),
+//! RMSNorm, silu(gate)·up and rotate_half RoPE give the same outputs and the same
+//! gradients, on the autodiff and on the plain CPU device.
+
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData};
+use burn::tensor::activation::silu;
+use prefhost::model::fused::{fuses, grouped_attention, rms_norm, rope, swiglu};
+use prefhost::model::values;
+
+fn repeat(t: Tensor<4>, heads: usize) -> Tensor<4> {
+    let [b, kv, s, d] = t.dims();
+    let g = heads / kv;
+    t.unsqueeze_dim::<5>(2).expand([b, kv, g, s, d]).reshape([b, heads, s, d])
+}
+
+fn reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Option<Tensor<4, Bool>>, causal: bool) -> Tensor<4> {
+    let [b, heads, s, _] = q.dims();
+    let hidden = hidden.map(|m| m.expand([b, heads, s, s]));
+    attention(q, repeat(k, heads), repeat(v, heads), hidden, None, AttentionModuleOptions { scale: None, softcap: None, is_causal: causal })
+}
+
+fn worst(a: Tensor<4>, b: Tensor<4>) -> f32 {
+    values(a).iter().zip(values(b)).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// A packed-rows style mask: row 0 sees a block-causal pattern, row 1 has a fully masked query.
+fn mask(b: usize, s: usize, device: &Device) -> Tensor<4, Bool> {
+    let mut m = vec![false; b * s * s];
+    for r in 0..b {
+        for i in 0..s {
+            for j in 0..s {
+                m[(r * s + i) * s + j] = j > i || (i >= s / 2 && j < s / 2 && r == 0) || (r == 1 && i == 2);
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(m, [b, 1, s, s]), device)
+}
+
+#[test]
+fn fused_attention_matches_burn_attention_and_its_gradients() {
+    let device = Device::default().autodiff();
+    for (heads, kv, causal, masked) in [(4, 4, true, false), (6, 2, true, false), (6, 3, false, true), (4, 2, true, true)] {
+        let (b, s, d) = (2, 9, 8);
+        let make = |h: usize| Tensor::<4>::random([b, h, s, d], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let (q, k, v) = (make(heads), make(kv), make(kv));
+        assert!(fuses(&q) && fuses(&q.clone().inner()), "the CPU default must take the fused path");
+        let hidden = masked.then(|| mask(b, s, &device));
+        let weights = Tensor::<4>::random([b, heads, s, d], Distribution::Normal(0.0, 1.0), &device);
+
+        let fused = grouped_attention(q.clone(), k.clone(), v.clone(), hidden.clone(), causal);
+        let plain = reference(q.clone(), k.clone(), v.clone(), hidden.clone(), causal);
+        let case = format!("heads {heads}, kv {kv}, causal {causal}, masked {masked}");
+        let d_out = worst(fused.clone().inner(), plain.clone().inner());
+        assert!(d_out < 1e-5, "{case}: outputs differ by {d_out}");
+
+        let gf = (fused * weights.clone()).sum().backward();
+        let gp = (plain * weights).sum().backward();
+        for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (a, b) = (t.grad(&gf).expect("fused grad"), t.grad(&gp).expect("burn grad"));
+            let scale = values(b.clone()).iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            let diff = worst(a, b);
+            assert!(diff < 1e-4 * scale.max(1.0), "{case}: d{name} differs by {diff} (largest {scale})");
+            assert!(scale > 1e-3, "{case}: d{name} is all zero");
+        }
+
+        // The plain (no-autodiff) device gives the same values.
+        let inner = grouped_attention(q.clone().inner(), k.clone().inner(), v.clone().inner(), hidden.map(|m| m.inner()), causal);
+        let d_inner = worst(inner, reference(q.inner(), k.inner(), v.inner(), masked.then(|| mask(b, s, &Device::default())), causal));
+        assert!(d_inner < 1e-5, "{case}: plain device differs by {d_inner}");
+    }
+}
+
+#[test]
+fn a_fully_masked_query_gets_zeros_not_nan() {
+    let device = Device::default().autodiff();
+    let (b, h, s, d) = (2, 2, 5, 4);
+    let q = Tensor::<4>::random([b, h, s, d], Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let k = Tensor::<4>::random([b, h, s, d], Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let v = Tensor::<4>::random([b, h, s, d], Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let out = grouped_attention(q.clone(), k, v, Some(mask(b, s, &device)), false);
+    let row = values(out.clone().inner().narrow(0, 1, 1).narrow(2, 2, 1));
+    assert!(row.iter().all(|x| *x == 0.0), "{row:?}");
+    let grads = out.sum().backward();
+    assert!(values(q.grad(&grads).unwrap()).iter().all(|x| x.is_finite()));
+}
+
+fn worst_n<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> (f32, f32) {
+    let (a, b) = (values(a), values(b));
+    let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    (a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max), scale)
+}
+
+/// Fused vs reference for one op: outputs, then gradients of every input under a random
+/// upstream gradient, then the plain device's output.
+fn check<const D: usize, const N: usize>(name: &str, inputs: [Tensor<D>; N], fused: impl Fn(&[Tensor<D>]) -> Tensor<D>, plain: impl Fn(&[Tensor<D>]) -> Tensor<D>) {
+    let device = inputs[0].device();
+    let inputs: Vec<Tensor<D>> = inputs.into_iter().map(|t| t.require_grad()).collect();
+    assert!(inputs[0].is_autodiff());
+    let (f, p) = (fused(&inputs), plain(&inputs));
+    let (diff, scale) = worst_n(f.clone().inner(), p.clone().inner());
+    assert!(diff <= 1e-5 * scale.max(1.0), "{name}: outputs differ by {diff}");
+    let upstream = Tensor::<D>::random(f.dims(), Distribution::Normal(0.0, 1.0), &device);
+    let (gf, gp) = ((f * upstream.clone()).sum().backward(), (p * upstream).sum().backward());
+    for (i, t) in inputs.iter().enumerate() {
+        let (a, b) = (t.grad(&gf).expect("fused grad"), t.grad(&gp).expect("burn grad"));
+        let (diff, scale) = worst_n(a, b);
+        assert!(scale > 1e-4, "{name}: gradient {i} is zero");
+        assert!(diff <= 1e-4 * scale.max(1.0), "{name}: gradient {i} differs by {diff} (largest {scale})");
+    }
+    let inner: Vec<Tensor<D>> = inputs.iter().map(|t| t.clone().inner()).collect();
+    let (diff, scale) = worst_n(fused(&inner), plain(&inner));
+    assert!(diff <= 1e-5 * scale.max(1.0), "{name}: plain device differs by {diff}");
+}
+
+#[test]
+fn fused_norm_swiglu_and_rope_match_burn_ops_and_their_gradients() {
+    let device = Device::default().autodiff();
+    let normal = |dims: [usize; 3]| Tensor::<3>::random(dims, Distribution::Normal(0.0, 1.5), &device);
+    let gamma = Tensor::<1>::random([16], Distribution::Normal(1.0, 0.3), &device).require_grad();
+    {
+        let gamma = gamma.clone();
+        let g2 = gamma.clone();
+        check("rms_norm", [normal([3, 5, 16])], move |t| rms_norm(t[0].clone(), gamma.clone(), 1e-6), move |t| {
+            let x = t[0].clone();
+            let rms = (x.clone().square().mean_dim(2) + 1e-6).sqrt();
+            (x / rms) * g2.clone().unsqueeze()
+        });
+    }
+    // gamma's own gradient, with x frozen.
+    let x = normal([3, 5, 16]);
+    let (yf, yp) = (rms_norm(x.clone(), gamma.clone(), 1e-6), {
+        let rms = (x.clone().square().mean_dim(2) + 1e-6).sqrt();
+        (x.clone() / rms) * gamma.clone().unsqueeze()
+    });
+    let up = normal([3, 5, 16]);
+    let (gf, gp) = ((yf * up.clone()).sum().backward(), (yp * up).sum().backward());
+    let (diff, scale) = worst_n(gamma.grad(&gf).unwrap(), gamma.grad(&gp).unwrap());
+    assert!(scale > 1e-3 && diff <= 1e-4 * scale, "dgamma differs by {diff} (largest {scale})");
+
+    check("swiglu", [normal([2, 7, 33]), normal([2, 7, 33])], |t| swiglu(t[0].clone(), t[1].clone()), |t| silu(t[0].clone()) * t[1].clone());
+
+    // RoPE with per-row tables (packed rows) and with one table for all rows.
+    for table_batch in [1, 2] {
+        let (b, h, s, d) = (2, 3, 6, 8);
+        let angles = Tensor::<4>::random([table_batch, 1, s, d], Distribution::Uniform(-3.0, 3.0), &device);
+        let (cos, sin) = (angles.clone().cos(), angles.sin());
+        let x = Tensor::<4>::random([b, h, s, d], Distribution::Normal(0.0, 1.0), &device);
+        let (c2, s2) = (cos.clone(), sin.clone());
+        check(&format!("rope (tables for {table_batch} rows)"), [x], move |t| rope(t[0].clone(), &cos, &sin), move |t| {
+            let x = t[0].clone();
+            let half = d / 2;
+            let rotated = Tensor::cat(vec![x.clone().narrow(3, half, half).neg(), x.clone().narrow(3, 0, half)], 3);
+            x * c2.clone() + rotated * s2.clone()
+        });
+    }
+}
