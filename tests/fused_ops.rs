@@ -7,7 +7,9 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData};
 use burn::tensor::activation::silu;
-use prefhost::model::fused::{fuses, grouped_attention, rms_norm, rope, swiglu};
+use burn::tensor::Int;
+use burn::tensor::activation::log_softmax;
+use prefhost::model::fused::{fuses, grouped_attention, rms_norm, rope, swiglu, target_logps};
 use prefhost::model::values;
 
 fn repeat(t: Tensor<4>, heads: usize) -> Tensor<4> {
@@ -156,4 +158,28 @@ fn fused_norm_swiglu_and_rope_match_burn_ops_and_their_gradients() {
             x * c2.clone() + rotated * s2.clone()
         });
     }
+}
+
+#[test]
+fn fused_target_logps_match_log_softmax_and_gather() {
+    let device = Device::default().autodiff();
+    let (n, w, vocab) = (3, 5, 37);
+    let logits = (Tensor::<3>::random([n, w, vocab], Distribution::Normal(0.0, 3.0), &device)).require_grad();
+    let targets = Tensor::<2, Int>::random([n, w], Distribution::Uniform(0.0, vocab as f64), &device);
+    let fused = target_logps(logits.clone(), targets.clone());
+    let plain = log_softmax(logits.clone(), 2).gather(2, targets.clone().unsqueeze_dim::<3>(2)).squeeze_dim::<2>(2);
+    let (diff, _) = worst_n(fused.clone().inner(), plain.clone().inner());
+    assert!(diff < 1e-5, "values differ by {diff}");
+    // An upstream gradient with zeros, as the completion mask gives.
+    let mut g = vec![0.0f32; n * w];
+    for (i, v) in g.iter_mut().enumerate() {
+        *v = if i % 3 == 0 { 0.0 } else { (i as f32 * 0.37).sin() };
+    }
+    let g = Tensor::<2>::from_data(TensorData::new(g, [n, w]), &device);
+    let (gf, gp) = ((fused * g.clone()).sum().backward(), (plain * g).sum().backward());
+    let (diff, scale) = worst_n(logits.grad(&gf).unwrap(), logits.grad(&gp).unwrap());
+    assert!(scale > 1e-3 && diff < 1e-5 * scale.max(1.0), "gradients differ by {diff} (largest {scale})");
+    let inner = target_logps(logits.clone().inner(), targets.clone().inner());
+    let (diff, _) = worst_n(inner, log_softmax(logits.inner(), 2).gather(2, targets.inner().unsqueeze_dim::<3>(2)).squeeze_dim::<2>(2));
+    assert!(diff < 1e-5, "plain device differs by {diff}");
 }

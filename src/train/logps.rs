@@ -1,6 +1,6 @@
 //! Per-token log-probabilities of the target tokens, zero outside the completion.
 
-use burn::tensor::{Int, Tensor, activation::log_softmax};
+use burn::tensor::{Int, Tensor};
 
 use super::chunked::{ChunkedHead, chunked_target_logps};
 use crate::data::SequenceBatch;
@@ -14,7 +14,7 @@ pub fn token_logps(model: &Llama, batch: &SequenceBatch) -> Tensor<2> {
 }
 
 fn pick(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
-    log_softmax(logits, 2).gather(2, targets.unsqueeze_dim::<3>(2)).squeeze_dim::<2>(2)
+    crate::model::fused::target_logps(logits, targets)
 }
 
 /// Per-token log-probs of a preference batch laid out as `collate_pairs` lays it out

@@ -1,4 +1,5 @@
-//! RMSNorm, SwiGLU's silu(gate)·up and rotate_half RoPE as single autodiff ops on the CPU
+//! RMSNorm, SwiGLU's silu(gate)·up, rotate_half RoPE and the target tokens' log-softmax as
+//! single autodiff ops on the CPU
 //! default (burn-flex, f32). burn's autodiff records each as a chain of 3 to 7 element-wise
 //! ops, each a pass over the activations with its own buffer and backward step; here the
 //! forward is one pass and the backward one pass, from the inputs kept by the forward.
@@ -12,7 +13,7 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::activation::silu;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Int, Shape, Tensor};
 use rayon::prelude::*;
 
 type AutodiffFlex = Autodiff<Flex, NoCheckpointing>;
@@ -281,5 +282,78 @@ fn rope_tracked(x: FloatTensor<AutodiffFlex>, cos: FlexTensor, sin: FlexTensor) 
             prep.finish((cos, sin), y)
         }
         OpsKind::UnTracked(prep) => prep.finish(rope_apply(&dense(x.into_primitive()), &cos, &sin, false)),
+    }
+}
+
+// ---------------------------------------------------------------- target log-probs
+
+/// log_softmax(logits)[target] over the last dimension: logits [n, w, vocab], targets [n, w].
+/// The fused op keeps the logits and each row's log-sum-exp; its backward is
+/// g · (onehot(target) − softmax) in one pass over the vocabulary.
+pub fn target_logps(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
+    let [n, w, vocab] = logits.dims();
+    let ids = targets.clone().try_into_primitive::<AutodiffFlex>().or_else(|_| targets.clone().try_into_primitive::<Flex>()).ok().and_then(|t| int_values(&dense(t)));
+    match (locate([&logits]), ids) {
+        (Some(On::Tracked([lp])), Some(ids)) => Tensor::<1>::from_primitive::<AutodiffFlex>(target_tracked(lp, ids, vocab)).reshape([n, w]),
+        (Some(On::Plain([lp])), Some(ids)) => Tensor::<1>::from_primitive::<Flex>(target_forward(&dense(lp), &ids, vocab).0).reshape([n, w]),
+        _ => burn::tensor::activation::log_softmax(logits, 2).gather(2, targets.unsqueeze_dim::<3>(2)).squeeze_dim::<2>(2),
+    }
+}
+
+fn int_values(t: &FlexTensor) -> Option<Vec<usize>> {
+    match t.dtype() {
+        DType::I64 => Some(t.storage::<i64>().iter().map(|&v| v as usize).collect()),
+        DType::I32 => Some(t.storage::<i32>().iter().map(|&v| v as usize).collect()),
+        _ => None,
+    }
+}
+
+/// Picked log-probs ([rows]) and each row's log-sum-exp.
+fn target_forward(logits: &FlexTensor, ids: &[usize], vocab: usize) -> (FlexTensor, Vec<f32>) {
+    let zs = logits.storage::<f32>();
+    let mut lse = vec![0.0f32; ids.len()];
+    let mut picked = vec![0.0f32; ids.len()];
+    zs.par_chunks(vocab).zip(lse.par_iter_mut()).zip(picked.par_iter_mut()).zip(ids.par_iter()).for_each(|(((z, l), p), &t)| {
+        let max = z.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+        *l = max + z.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+        *p = z[t.min(vocab - 1)] - *l;
+    });
+    let out = FlexTensor::new(burn::tensor::Bytes::from_elems(picked), burn::backend::flex::Layout::contiguous(Shape::new([ids.len()])), DType::F32);
+    (out, lse)
+}
+
+#[derive(Debug)]
+struct TargetBackward;
+
+impl Backward<Flex, 1> for TargetBackward {
+    type State = (FlexTensor, Vec<usize>, Vec<f32>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let (logits, ids, lse) = ops.state;
+        let g = dense(grads.consume::<Flex>(&ops.node));
+        let Some(node) = node else { return };
+        let (zs, gs) = (logits.storage::<f32>(), g.storage::<f32>());
+        let vocab = zs.len() / ids.len();
+        let mut dz = vec![0.0f32; zs.len()];
+        dz.par_chunks_mut(vocab).zip(zs.par_chunks(vocab)).zip(gs.par_iter()).zip(lse.par_iter()).zip(ids.par_iter()).for_each(|((((d, z), g), l), &t)| {
+            if *g == 0.0 {
+                return; // masked positions: the whole row's gradient is zero
+            }
+            d.iter_mut().zip(z).for_each(|(d, z)| *d = -g * (z - l).exp());
+            d[t.min(vocab - 1)] += g;
+        });
+        grads.register::<Flex>(node.id, from_vec(dz, &logits));
+    }
+}
+
+fn target_tracked(logits: FloatTensor<AutodiffFlex>, ids: Vec<usize>, vocab: usize) -> FloatTensor<AutodiffFlex> {
+    match TargetBackward.prepare::<NoCheckpointing>([logits.node()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let zp = dense(logits.into_primitive());
+            let (out, lse) = target_forward(&zp, &ids, vocab);
+            prep.finish((zp, ids, lse), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(target_forward(&dense(logits.into_primitive()), &ids, vocab).0),
     }
 }

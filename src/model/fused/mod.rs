@@ -7,4 +7,4 @@ pub mod attention;
 pub mod elementwise;
 
 pub use attention::{fuses, grouped_attention};
-pub use elementwise::{rms_norm, rope, swiglu};
+pub use elementwise::{rms_norm, rope, swiglu, target_logps};
