@@ -30,20 +30,25 @@ struct Config {
     logits_chunk: Option<usize>,
     /// LoRA r=16 on every projection; the reference is the frozen base (no copy).
     lora: bool,
+    /// burn's op-by-op autodiff instead of prefhost's fused ops (PREFHOST_UNFUSED=1).
+    unfused: bool,
 }
 
-const PLAIN: Config = Config { name: "", data: "metamath", model: "model", rust_loss: false, prefix_sharing: false, precomputed_ref: false, logits_chunk: None, lora: false };
+const PLAIN: Config = Config { name: "", data: "metamath", model: "model", rust_loss: false, prefix_sharing: false, precomputed_ref: false, logits_chunk: None, lora: false, unfused: false };
 
-const CONFIGS: [Config; 13] = [
+const CONFIGS: [Config; 16] = [
     Config { name: "metamath/script-loss", ..PLAIN },
     Config { name: "metamath/rust-loss", rust_loss: true, ..PLAIN },
+    Config { name: "metamath/unfused", unfused: true, ..PLAIN },
     Config { name: "metamath/prefix-sharing", prefix_sharing: true, ..PLAIN },
     Config { name: "metamath/precomputed-ref", precomputed_ref: true, ..PLAIN },
     Config { name: "metamath/prefix+precomputed", prefix_sharing: true, precomputed_ref: true, ..PLAIN },
     Config { name: "long-prompt/script-loss", data: "long_prompt", ..PLAIN },
     Config { name: "long-prompt/prefix-sharing", data: "long_prompt", prefix_sharing: true, ..PLAIN },
+    Config { name: "long-prompt/unfused", data: "long_prompt", unfused: true, ..PLAIN },
     Config { name: "vocab-32k/full-logits", model: "model_large_vocab", ..PLAIN },
     Config { name: "vocab-32k/chunked-logits", model: "model_large_vocab", logits_chunk: Some(128), ..PLAIN },
+    Config { name: "vocab-32k/unfused", model: "model_large_vocab", unfused: true, ..PLAIN },
     // Memory of LoRA against full fine-tuning with its resident reference copy.
     Config { name: "memory/full+resident-ref", ..PLAIN },
     Config { name: "memory/lora-r16", lora: true, ..PLAIN },
@@ -162,6 +167,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
                 .args(["bench", "--child", config.name, "--out"])
                 .arg(&opts.out)
                 .args(["--steps", &opts.steps.to_string(), "--warmup", &opts.warmup.to_string(), "--round", &round.to_string()])
+                .env("PREFHOST_UNFUSED", if config.unfused { "1" } else { "0" })
                 .stdout(std::process::Stdio::null())
                 .status()?;
             if !status.success() {
@@ -354,6 +360,7 @@ fn render(results: &[Timing], opts: &BenchOptions) -> String {
             out.push_str(&format!("- {label}: {:.3}x\n", x / y));
         }
     };
+    let rss = |name: &str| results.iter().find(|r| r.name == name).map(|r| r.peak_rss_mb);
     let find = |name: &str| results.iter().find(|r| r.name == name);
     if let (Some(script), Some(rust)) = (find("metamath/script-loss"), find("metamath/rust-loss")) {
         let (in_script, in_rust) = (median(&script.loss_call_seconds), median(&rust.loss_call_seconds));
@@ -363,12 +370,18 @@ fn render(results: &[Timing], opts: &BenchOptions) -> String {
             (script.median() - rust.median()) / script.median() * 100.0
         ));
     }
+    for (what, group) in [("MetaMath-style", "metamath/script-loss"), ("long prompt", "long-prompt/script-loss"), ("32k vocabulary", "vocab-32k/full-logits")] {
+        let unfused = format!("{}/unfused", group.split('/').next().unwrap_or(""));
+        ratio(&format!("fused ops vs burn's op-by-op autodiff speed-up, {what}"), &unfused, group, &mut out);
+        if let (Some(u), Some(f)) = (rss(&unfused), rss(group)) {
+            out.push_str(&format!("- fused ops vs op-by-op peak RSS, {what}: {:.3}x\n", f / u));
+        }
+    }
     ratio("prefix sharing speed-up, MetaMath-style pairs", "metamath/script-loss", "metamath/prefix-sharing", &mut out);
     ratio("prefix sharing speed-up, long-prompt pairs", "long-prompt/script-loss", "long-prompt/prefix-sharing", &mut out);
     ratio("precomputed vs resident reference speed-up", "metamath/script-loss", "metamath/precomputed-ref", &mut out);
     ratio("prefix sharing + precomputed reference speed-up", "metamath/script-loss", "metamath/prefix+precomputed", &mut out);
     ratio("chunked vs full logits speed-up, 32k vocabulary", "vocab-32k/full-logits", "vocab-32k/chunked-logits", &mut out);
-    let rss = |name: &str| results.iter().find(|r| r.name == name).map(|r| r.peak_rss_mb);
     if let (Some(full), Some(chunked)) = (rss("vocab-32k/full-logits"), rss("vocab-32k/chunked-logits")) {
         out.push_str(&format!("- chunked vs full logits peak RSS, 32k vocabulary: {:.3}x ({:.0} MB less)\n", chunked / full, full - chunked));
     }

@@ -12,10 +12,10 @@ fn bench_times_every_configuration_and_reports_ratios() {
     let run = run_host(&args);
     assert!(run.status.success(), "{}", text(&run));
     let report = std::fs::read_to_string(out.join("bench.md")).unwrap();
-    for name in ["metamath/script-loss", "metamath/rust-loss", "metamath/prefix-sharing", "metamath/precomputed-ref", "long-prompt/script-loss", "long-prompt/prefix-sharing", "memory/full+resident-ref", "memory/lora-r16"] {
+    for name in ["metamath/script-loss", "metamath/rust-loss", "metamath/unfused", "long-prompt/unfused", "metamath/prefix-sharing", "metamath/precomputed-ref", "long-prompt/script-loss", "long-prompt/prefix-sharing", "memory/full+resident-ref", "memory/lora-r16"] {
         assert!(report.contains(&format!("| {name} |")), "{name} missing:\n{report}");
     }
-    for ratio in ["script overhead", "prefix sharing speed-up, MetaMath-style", "prefix sharing speed-up, long-prompt", "precomputed vs resident reference", "LoRA (r=16, all projections) vs full fine-tuning"] {
+    for ratio in ["script overhead", "fused ops vs burn's op-by-op autodiff speed-up, MetaMath-style", "prefix sharing speed-up, MetaMath-style", "prefix sharing speed-up, long-prompt", "precomputed vs resident reference", "LoRA (r=16, all projections) vs full fine-tuning"] {
         assert!(report.contains(ratio), "{ratio} missing:\n{report}");
     }
     let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("bench.json")).unwrap()).unwrap();

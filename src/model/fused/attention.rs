@@ -29,7 +29,7 @@ type AutodiffFlex = Autodiff<Flex, NoCheckpointing>;
 pub fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<4> {
     let f32s = [q.dtype(), k.dtype(), v.dtype()].iter().all(|d| *d == DType::F32);
     // Self-attention only: a decoding step (one query, cached keys) takes burn's path.
-    if f32s && q.dims()[2] == k.dims()[2] {
+    if f32s && q.dims()[2] == k.dims()[2] && super::enabled() {
         let mask = match hidden.clone().map(|m| m.try_into_primitive::<Flex>()) {
             None => Some(None),
             Some(Ok(m)) => Some(Some(m)),
@@ -51,7 +51,7 @@ pub fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Optio
 /// Whether `grouped_attention` takes the fused path for tensors like `t` (f32 on burn-flex,
 /// with or without autodiff).
 pub fn fuses(t: &Tensor<4>) -> bool {
-    t.dtype() == DType::F32 && (t.clone().try_into_primitive::<AutodiffFlex>().is_ok() || t.clone().try_into_primitive::<Flex>().is_ok())
+    super::enabled() && t.dtype() == DType::F32 && (t.clone().try_into_primitive::<AutodiffFlex>().is_ok() || t.clone().try_into_primitive::<Flex>().is_ok())
 }
 
 /// burn's attention, after repeating each KV head for its query heads.

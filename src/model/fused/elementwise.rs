@@ -25,7 +25,7 @@ enum On<const N: usize> {
 }
 
 fn locate<const N: usize, const D: usize>(tensors: [&Tensor<D>; N]) -> Option<On<N>> {
-    if tensors.iter().any(|t| t.dtype() != DType::F32) {
+    if !super::enabled() || tensors.iter().any(|t| t.dtype() != DType::F32) {
         return None;
     }
     let tracked: Vec<_> = tensors.iter().filter_map(|t| (*t).clone().try_into_primitive::<AutodiffFlex>().ok()).collect();
