@@ -30,10 +30,9 @@ pub fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Optio
     let f32s = [q.dtype(), k.dtype(), v.dtype()].iter().all(|d| *d == DType::F32);
     // Self-attention only: a decoding step (one query, cached keys) takes burn's path.
     if f32s && q.dims()[2] == k.dims()[2] && super::enabled() {
-        let mask = match hidden.clone().map(|m| m.try_into_primitive::<Flex>()) {
+        let mask = match &hidden {
             None => Some(None),
-            Some(Ok(m)) => Some(Some(m)),
-            Some(Err(_)) => None,
+            Some(m) => flex_mask(m).map(Some),
         };
         if let Some(mask) = mask {
             let p = Plan::new(&q, &k, mask, is_causal);
@@ -48,10 +47,18 @@ pub fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Optio
     fallback(q, k, v, hidden, is_causal)
 }
 
-/// Whether `grouped_attention` takes the fused path for tensors like `t` (f32 on burn-flex,
-/// with or without autodiff).
-pub fn fuses(t: &Tensor<4>) -> bool {
-    super::enabled() && t.dtype() == DType::F32 && (t.clone().try_into_primitive::<AutodiffFlex>().is_ok() || t.clone().try_into_primitive::<Flex>().is_ok())
+/// A bool mask's burn-flex storage, on the autodiff device or the plain one.
+fn flex_mask(m: &Tensor<4, Bool>) -> Option<FlexTensor> {
+    m.clone().try_into_primitive::<AutodiffFlex>().or_else(|_| m.clone().try_into_primitive::<Flex>()).ok()
+}
+
+/// Whether `grouped_attention` takes the fused path for a query like `q` and this mask
+/// (f32 on burn-flex, with or without autodiff).
+pub fn fuses(q: &Tensor<4>, hidden: Option<&Tensor<4, Bool>>) -> bool {
+    super::enabled()
+        && q.dtype() == DType::F32
+        && (q.clone().try_into_primitive::<AutodiffFlex>().is_ok() || q.clone().try_into_primitive::<Flex>().is_ok())
+        && hidden.is_none_or(|m| flex_mask(m).is_some())
 }
 
 /// burn's attention, after repeating each KV head for its query heads.
