@@ -18,11 +18,16 @@
 #                              the classic functions (they differ only in parsing a "0b" prefix);
 #                              always ours, so the binary also runs where glibc is older than 2.38
 #   bin/llvm-config            a script answering what the bundler asks (Debian's binary needs glibc 2.38)
+# Only the NVPTX target is kept: cubecl-cuda compiles for nothing else, and llvm-sys's "initialise
+# all targets" wrappers would otherwise link every backend Debian built (X86, AMDGPU, ... : 20 MB of
+# the binary). The target lists in include/llvm/Config/*.def name NVPTX alone, and no native target
+# is declared, so LLVMInitializeNativeTarget reports failure instead of pulling in X86.
 # Idempotent: a folder with a matching .prefhost-llvm stamp is left alone.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
 LLVM_MAJOR=23
+LAYOUT=nvptx-only                    # bump when the folder's layout changes: older installs are redone
 BUNDLE=tracel-llvm-23.1.0-4          # the folder name tracel-llvm-bundler 23.1.0-4 looks for
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
@@ -31,7 +36,7 @@ target="$data_home/tracel/$BUNDLE"
 stamp="$target/.prefhost-llvm"
 sentinel="$target/.tracel-llvm-installed"
 
-if [ -f "$stamp" ] && [ -f "$sentinel" ] && [ -x "$target/bin/llvm-config" ] && [ -f "$target/lib/libLLVMCore.a" ] \
+if [ -f "$stamp" ] && grep -q "layout $LAYOUT\$" "$stamp" && [ -f "$sentinel" ] && [ -x "$target/bin/llvm-config" ] && [ -f "$target/lib/libLLVMCore.a" ] \
         && [ -f "$target/include/llvm-c/Core.h" ]; then
     echo "LLVM $(cat "$stamp") already installed in $target" >&2
     exit 0
@@ -82,6 +87,27 @@ mkdir -p "$stage/bin" "$stage/lib"
 cp -rL "$src/include" "$stage/include"   # Debian links include/llvm{,-c} to /usr/include/llvm-23
 cp "$src"/lib/libLLVM*.a "$stage/lib/"
 rm -f "$stage/lib/libLLVM.a" "$stage/lib/libLLVM-$LLVM_MAJOR.a"
+# Every target but NVPTX goes, with the tools built on them (exegesis, BOLT).
+for t in AArch64 AMDGPU ARM AVR BPF Hexagon Lanai LoongArch M68k MSP430 Mips PowerPC RISCV SPIRV Sparc \
+         SystemZ VE WebAssembly X86 XCore Xtensa Exegesis BOLT; do
+    rm -f "$stage/lib/libLLVM$t"*.a
+done
+"$PYTHON" - "$stage/include/llvm/Config" <<'PY'
+import pathlib, re, sys
+config = pathlib.Path(sys.argv[1])
+for name in ["Targets", "AsmPrinters", "AsmParsers", "Disassemblers", "TargetMCAs", "TargetExegesis"]:
+    path = config / f"{name}.def"
+    text = path.read_text()
+    path.write_text(re.sub(r"^LLVM_[A-Z_]+\((?!NVPTX\))\w+\)\n", "", text, flags=re.M))
+if "LLVM_TARGET(NVPTX)" not in (config / "Targets.def").read_text():
+    sys.exit("error: llvm-23-dev's Targets.def has no NVPTX target")
+header = config / "llvm-config.h"
+text, count = re.subn(r"^#define (LLVM_NATIVE_(?:ASMPARSER|ASMPRINTER|DISASSEMBLER|TARGET|TARGETINFO|TARGETMC)) .*$",
+                      r"/* \1: no native target, see setup/llvm-cuda.sh */", header.read_text(), flags=re.M)
+if count != 6:
+    sys.exit(f"error: expected 6 LLVM_NATIVE_* definitions in {header}, found {count}")
+header.write_text(text)
+PY
 cp "$tmp/zstd/usr/lib/x86_64-linux-gnu/libzstd.a" "$stage/lib/"
 
 cat > "$tmp/compat.c" <<'C'
@@ -142,7 +168,7 @@ for arg in "\$@"; do
 done
 EOF
 chmod +x "$stage/bin/llvm-config"
-echo "llvm-$LLVM_MAJOR-dev $llvm_version + libzstd-dev $zstd_version" > "$stage/.prefhost-llvm"
+echo "llvm-$LLVM_MAJOR-dev $llvm_version + libzstd-dev $zstd_version, layout $LAYOUT" > "$stage/.prefhost-llvm"
 touch "$stage/.tracel-llvm-installed"
 
 rm -rf "$target"
