@@ -1,9 +1,11 @@
 //! Global gradient norm and clipping across all parameters (torch's clip_grad_norm_, as
 //! TRL uses through max_grad_norm; burn's built-in clipping works per tensor).
 
+use burn::backend::Flex;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
+use rayon::prelude::*;
 
 struct SquaredNorm<'a> {
     grads: &'a GradientsParams,
@@ -13,8 +15,7 @@ struct SquaredNorm<'a> {
 impl ModuleVisitor for SquaredNorm<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(g) = self.grads.get::<D>(param.id) {
-            let sq: f32 = g.square().sum().into_scalar::<f32>();
-            self.total += sq as f64;
+            self.total += squared_sum(g);
         }
     }
 }
@@ -30,6 +31,21 @@ impl ModuleVisitor for Scale<'_> {
             self.grads.register::<D>(param.id, g.mul_scalar(self.factor));
         }
     }
+}
+
+/// Σ g². On the CPU default one pass over the gradient in f64, summed in fixed blocks so the
+/// result does not depend on the thread split; elsewhere burn's square().sum() in f32.
+fn squared_sum<const D: usize>(g: Tensor<D>) -> f64 {
+    if crate::model::fused::enabled() && g.dtype() == DType::F32 {
+        if let Ok(t) = g.clone().try_into_primitive::<Flex>() {
+            let t = t.to_contiguous();
+            if let Some(values) = t.as_slice::<f32>() {
+                let partials: Vec<f64> = values.par_chunks(1 << 15).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum()).collect();
+                return partials.iter().sum();
+            }
+        }
+    }
+    g.square().sum().into_scalar::<f32>() as f64
 }
 
 pub fn global_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {

@@ -11,6 +11,7 @@ pub mod grads;
 pub mod logps;
 pub mod loss_call;
 pub mod metrics;
+pub mod optimizer;
 pub mod reference;
 pub mod trainer;
 

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use super::optimizer::FusedAdamW;
 use burn::prelude::Module;
 use burn::tensor::{Device, Tensor};
 use rhai::{Dynamic, INT, Map};
@@ -125,12 +126,8 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
     let mut trainer = Trainer::new(config, options.max_steps)?;
     set_script_device(trainer.device.clone());
 
-    let mut optimizer = AdamWConfig::new()
-        .with_beta_1(trainer.config.adam_beta1 as f32)
-        .with_beta_2(trainer.config.adam_beta2 as f32)
-        .with_epsilon(trainer.config.adam_epsilon as f32)
-        .with_weight_decay(trainer.config.weight_decay as f32)
-        .init();
+    let c = &trainer.config;
+    let mut optimizer = FusedAdamW::new(c.adam_beta1, c.adam_beta2, c.adam_epsilon, c.weight_decay).init();
     let metrics_path;
     let (run_dir, start, mut log) = match &options.resume {
         Some(run_dir) => {

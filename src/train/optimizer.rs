@@ -1,0 +1,162 @@
+//! AdamW (torch.optim.AdamW / burn's AdamW maths) with the update of each parameter as
+//! one pass on the CPU default. burn's AdamW runs about 14 element-wise tensor ops per
+//! parameter, each a pass over a model-sized buffer with a fresh allocation; on burn-flex
+//! f32 this does moments, bias correction, decay and update in one loop, in place where the
+//! buffers are not shared. Each value is rounded exactly as burn's op chain rounds it, so
+//! both paths give bit-identical weights (tests/optimizer.rs). Other backends and dtypes run
+//! the same maths in burn ops. The state is burn's `AdamWState`, so checkpoints are the same.
+
+use burn::backend::Flex;
+use burn::backend::flex::FlexTensor;
+use burn::optim::{AdamWState, AdaptiveMomentumState, LearningRate, ModuleOptimizer, Optimizer};
+use burn::tensor::{DType, Device, Tensor};
+use rayon::prelude::*;
+
+/// torch's AdamW defaults are lr-free here: the learning rate comes with each step.
+#[derive(Clone, Debug)]
+pub struct FusedAdamW {
+    pub beta_1: f32,
+    pub beta_2: f32,
+    pub epsilon: f32,
+    pub weight_decay: f32,
+}
+
+impl FusedAdamW {
+    pub fn new(beta_1: f64, beta_2: f64, epsilon: f64, weight_decay: f64) -> Self {
+        Self { beta_1: beta_1 as f32, beta_2: beta_2 as f32, epsilon: epsilon as f32, weight_decay: weight_decay as f32 }
+    }
+
+    /// A whole-module optimizer (burn's type-erased wrapper, with its state records).
+    pub fn init(self) -> ModuleOptimizer {
+        ModuleOptimizer::from(self)
+    }
+
+    /// The per-step scalars, each computed as burn's AdamW computes it (f32 or f64 as there).
+    fn scalars(&self, lr: LearningRate, time: usize) -> Scalars {
+        let t = time as i32;
+        Scalars {
+            beta_1: self.beta_1,
+            beta_2: self.beta_2,
+            factor_1: 1.0 - self.beta_1,
+            factor_2: 1.0 - self.beta_2,
+            correction_1: 1f32 - self.beta_1.powi(t),
+            correction_2: 1f32 - self.beta_2.powi(t),
+            epsilon: self.epsilon,
+            // burn scales by the f64 (1 - lr·wd) and the f64 lr, cast to f32 by mul_scalar.
+            keep: (1.0 - lr * self.weight_decay as f64) as f32,
+            decays: self.weight_decay != 0.0,
+            lr: lr as f32,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Scalars {
+    beta_1: f32,
+    beta_2: f32,
+    factor_1: f32,
+    factor_2: f32,
+    correction_1: f32,
+    correction_2: f32,
+    epsilon: f32,
+    keep: f32,
+    decays: bool,
+    lr: f32,
+}
+
+impl Optimizer for FusedAdamW {
+    type State<const D: usize> = AdamWState<D>;
+
+    fn step<const D: usize>(&self, lr: LearningRate, tensor: Tensor<D>, grad: Tensor<D>, state: Option<Self::State<D>>) -> (Tensor<D>, Option<Self::State<D>>) {
+        let time = state.as_ref().map_or(1, |s| s.momentum.time + 1);
+        let s = self.scalars(lr, time);
+        let on_flex = crate::model::fused::enabled()
+            && tensor.dtype() == DType::F32
+            && grad.dtype() == DType::F32
+            && state.as_ref().is_none_or(|st| st.momentum.max_moment_2.is_none());
+        if on_flex && [&tensor, &grad].iter().all(|t| is_flex(t)) && state.as_ref().is_none_or(|st| is_flex(&st.momentum.moment_1) && is_flex(&st.momentum.moment_2)) {
+            let first = state.is_none();
+            let (m, v) = match state {
+                Some(st) => (st.momentum.moment_1, st.momentum.moment_2),
+                None => (tensor.zeros_like(), tensor.zeros_like()),
+            };
+            // Moved, not cloned, so that unshared buffers are updated in place.
+            let (p, m, v) = fused_update(flex(tensor), &flex(grad), flex(m), flex(v), s, first);
+            let momentum = AdaptiveMomentumState { time, moment_1: Tensor::from_primitive::<Flex>(m), moment_2: Tensor::from_primitive::<Flex>(v), max_moment_2: None };
+            return (Tensor::from_primitive::<Flex>(p), Some(AdamWState { momentum }));
+        }
+        self.step_in_tensor_ops(s, time, tensor, grad, state)
+    }
+
+    fn to_device<const D: usize>(mut state: Self::State<D>, device: &Device) -> Self::State<D> {
+        state.momentum = state.momentum.to_device(device);
+        state
+    }
+}
+
+impl FusedAdamW {
+    /// burn's AdamW op chain, for backends without the fused loop.
+    fn step_in_tensor_ops<const D: usize>(&self, s: Scalars, time: usize, tensor: Tensor<D>, grad: Tensor<D>, state: Option<AdamWState<D>>) -> (Tensor<D>, Option<AdamWState<D>>) {
+        let (m, v) = match state {
+            Some(st) => (
+                st.momentum.moment_1.mul_scalar(s.beta_1).add(grad.clone().mul_scalar(s.factor_1)),
+                st.momentum.moment_2.mul_scalar(s.beta_2).add(grad.square().mul_scalar(s.factor_2)),
+            ),
+            None => (grad.clone().mul_scalar(s.factor_1), grad.square().mul_scalar(s.factor_2)),
+        };
+        let update = m.clone().div_scalar(s.correction_1).div(v.clone().div_scalar(s.correction_2).sqrt().add_scalar(s.epsilon));
+        let decayed = if s.decays { tensor.mul_scalar(s.keep) } else { tensor };
+        let tensor = decayed - update.mul_scalar(s.lr);
+        (tensor, Some(AdamWState { momentum: AdaptiveMomentumState { time, moment_1: m, moment_2: v, max_moment_2: None } }))
+    }
+}
+
+/// Elements per rayon task: large enough to amortise the task, small enough to split a
+/// 1M-element matrix over both cores.
+const CHUNK: usize = 1 << 15;
+
+/// One pass: new moments in place in `m`/`v`, the new weights in place in `p` (each copied
+/// first only if shared). `first`: the moments start at zero (burn then skips the β terms;
+/// with zeros they add exact zeros, so the values are the same).
+fn fused_update(p: FlexTensor, g: &FlexTensor, m: FlexTensor, v: FlexTensor, s: Scalars, first: bool) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let (mut p, mut m, mut v) = (contiguous(p), contiguous(m), contiguous(v));
+    let g = contiguous(g.clone());
+    let gs = g.storage::<f32>();
+    let (ps, ms, vs) = (p.storage_mut::<f32>(), m.storage_mut::<f32>(), v.storage_mut::<f32>());
+    assert!(ps.len() == gs.len() && ms.len() == gs.len() && vs.len() == gs.len(), "AdamW: parameter, gradient and moments differ in size");
+    ps.par_chunks_mut(CHUNK)
+        .zip(ms.par_chunks_mut(CHUNK))
+        .zip(vs.par_chunks_mut(CHUNK))
+        .zip(gs.par_chunks(CHUNK))
+        .for_each(|(((pc, mc), vc), gc)| {
+            for (((p, m), v), &g) in pc.iter_mut().zip(mc.iter_mut()).zip(vc.iter_mut()).zip(gc) {
+                // The same roundings, in the same order, as burn's AdamW op chain.
+                let (gm, gv) = (g * s.factor_1, (g * g) * s.factor_2);
+                if first {
+                    (*m, *v) = (gm, gv);
+                } else {
+                    *m = *m * s.beta_1 + gm;
+                    *v = *v * s.beta_2 + gv;
+                }
+                let update = (*m / s.correction_1) / ((*v / s.correction_2).sqrt() + s.epsilon);
+                let decayed = if s.decays { *p * s.keep } else { *p };
+                *p = decayed - update * s.lr;
+            }
+        });
+    (p, m, v)
+}
+
+fn is_flex<const D: usize>(t: &Tensor<D>) -> bool {
+    t.clone().try_into_primitive::<Flex>().is_ok()
+}
+
+fn flex<const D: usize>(t: Tensor<D>) -> FlexTensor {
+    t.try_into_primitive::<Flex>().unwrap_or_else(|_| unreachable!("checked by is_flex"))
+}
+
+/// The tensor with its own dense buffer starting at offset 0 (a view is copied).
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    let n = t.layout().shape().num_elements();
+    let whole = t.layout().contiguous_offsets() == Some((0, n)) && t.storage::<f32>().len() == n;
+    if whole { t } else { t.to_contiguous() }
+}

@@ -1,0 +1,115 @@
+//! prefhost's one-pass AdamW (src/train/optimizer.rs) against burn's AdamW: the same
+//! weights bit for bit over several steps, on the fused CPU path and on the op-by-op
+//! fallback, through the whole-module optimizer too; a parameter shared elsewhere is not
+//! changed under its other owner; optimizer states load across the two (checkpoints).
+
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use prefhost::model::values;
+use prefhost::train::optimizer::FusedAdamW;
+
+const BETAS: (f64, f64) = (0.9, 0.999);
+const EPS: f64 = 1e-8;
+
+fn burn_config(weight_decay: f64) -> AdamWConfig {
+    AdamWConfig::new().with_beta_1(BETAS.0 as f32).with_beta_2(BETAS.1 as f32).with_epsilon(EPS as f32).with_weight_decay(weight_decay as f32)
+}
+
+fn burn_adamw(weight_decay: f64) -> burn::optim::AdamW {
+    burn_config(weight_decay).build()
+}
+
+fn ours(weight_decay: f64) -> FusedAdamW {
+    FusedAdamW::new(BETAS.0, BETAS.1, EPS, weight_decay)
+}
+
+/// Runs `steps` updates of both optimizers from the same start and gradients.
+fn compare(device: &Device, shape: [usize; 2], weight_decay: f64, transposed: bool) {
+    let start = Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), device);
+    let start = if transposed { start.transpose() } else { start };
+    let (burn_opt, our_opt) = (burn_adamw(weight_decay), ours(weight_decay));
+    let (mut a, mut b) = (start.clone(), start.clone());
+    let (mut sa, mut sb) = (None, None);
+    for step in 0..5 {
+        let grad = Tensor::<2>::random(a.dims(), Distribution::Normal(0.0, 0.1 * (step + 1) as f64), device);
+        let lr = 1e-3 / (step + 1) as f64;
+        (a, sa) = burn_opt.step(lr, a, grad.clone(), sa);
+        (b, sb) = our_opt.step(lr, b, grad, sb);
+        assert_eq!(values(a.clone()), values(b.clone()), "{shape:?} wd {weight_decay}: weights differ after step {}", step + 1);
+        let (ma, mb) = (sa.as_ref().unwrap(), sb.as_ref().unwrap());
+        assert_eq!(ma.momentum.time, mb.momentum.time);
+        assert_eq!(values(ma.momentum.moment_1.clone()), values(mb.momentum.moment_1.clone()), "first moments differ");
+        assert_eq!(values(ma.momentum.moment_2.clone()), values(mb.momentum.moment_2.clone()), "second moments differ");
+    }
+    assert_ne!(values(start), values(b), "the weights never moved");
+}
+
+#[test]
+fn one_pass_update_equals_burns_adamw_bit_for_bit() {
+    let cpu = Device::default();
+    for wd in [0.0, 0.01] {
+        compare(&cpu, [37, 53], wd, false);
+        compare(&cpu, [300, 1000], wd, false); // several rayon chunks
+        compare(&cpu, [20, 30], wd, true); // a strided view as the parameter
+    }
+}
+
+#[test]
+fn op_by_op_fallback_equals_burns_adamw() {
+    // Tensors on the autodiff device are not burn-flex primitives: the fallback runs.
+    compare(&Device::default().autodiff(), [37, 53], 0.01, false);
+}
+
+#[test]
+fn a_shared_parameter_keeps_its_values_for_its_other_owner() {
+    let cpu = Device::default();
+    let param = Tensor::<2>::random([64, 64], Distribution::Normal(0.0, 1.0), &cpu);
+    let kept = values(param.clone());
+    let other_owner = param.clone();
+    let grad = Tensor::<2>::ones([64, 64], &cpu);
+    let (updated, state) = ours(0.01).step(1e-2, param, grad.clone(), None);
+    assert_eq!(values(other_owner.clone()), kept, "the update wrote into a buffer another tensor holds");
+    assert_ne!(values(updated.clone()), kept);
+    // The state's moments are shared with nobody here, and a second step still works.
+    let moment = state.as_ref().unwrap().momentum.moment_1.clone();
+    let moment_before = values(moment.clone());
+    let (_, state) = ours(0.01).step(1e-2, updated, grad, state);
+    assert_eq!(values(moment), moment_before, "a moment held elsewhere was changed in place");
+    assert_eq!(state.unwrap().momentum.time, 2);
+}
+
+fn train(optimizer: &mut burn::optim::ModuleOptimizer, model: Linear, device: &Device, steps: usize) -> Linear {
+    let mut model = model;
+    for step in 0..steps {
+        // Fixed inputs (no RNG): both optimizers see the same gradients.
+        let x: Vec<f32> = (0..8 * 16).map(|i| ((i * 7 + step * 13) % 23) as f32 / 11.0 - 1.0).collect();
+        let x = Tensor::<2>::from_data(TensorData::new(x, [8, 16]), device);
+        let loss = model.forward(x).powi_scalar(2).mean().mul_scalar((step + 1) as f64);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optimizer.step(1e-2, model, grads);
+    }
+    model
+}
+
+#[test]
+fn module_optimizer_and_checkpoints_match_burns_adamw() {
+    let device = Device::default().autodiff();
+    let model = LinearConfig::new(16, 12).init(&device);
+    let weights = |m: &Linear| values(m.weight.val().inner());
+
+    let mut burns = burn_config(0.01).init();
+    let mut ours_opt = ours(0.01).init();
+    let a = train(&mut burns, model.clone(), &device, 3);
+    let b = train(&mut ours_opt, model.clone(), &device, 3);
+    assert_eq!(weights(&a), weights(&b), "whole-module steps differ");
+
+    // A state saved by either optimizer resumes in the other (same record layout).
+    let saved = ours_opt.into_bytes().expect("save");
+    let mut resumed_in_burn = burn_config(0.01).init().from_bytes(saved).expect("burn loads our state");
+    let saved = burns.into_bytes().expect("save");
+    let mut resumed_in_ours = ours(0.01).init().from_bytes(saved).expect("we load burn's state");
+    let a = train(&mut resumed_in_burn, b.clone(), &device, 2);
+    let b = train(&mut resumed_in_ours, b, &device, 2);
+    assert_eq!(weights(&a), weights(&b), "steps after a resume differ");
+}
