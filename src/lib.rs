@@ -3,6 +3,7 @@
 //! Data flows one way: script (Rhai) → host API (`script`) → trainer (`train`) → burn
 //! (`model`), with `data` feeding the trainer.
 
+pub mod allocator;
 pub mod bench;
 pub mod bench_gpu;
 pub mod cli;

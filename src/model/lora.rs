@@ -151,15 +151,12 @@ impl Projection {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let y = match self.precision {
-            MixedPrecision::No => self.base.forward(x.clone()),
-            precision => {
-                let y = precision.matmul3(x.clone(), self.base.weight.val());
-                match &self.base.bias {
-                    Some(bias) => y + bias.val().unsqueeze::<3>(),
-                    None => y,
-                }
-            }
+        // Always one [batch·seq, in] × [in, out] product: burn's Linear keeps narrow outputs
+        // (the K/V projections) as one small product per sequence, each repacking the weight.
+        let y = self.precision.matmul3(x.clone(), self.base.weight.val());
+        let y = match &self.base.bias {
+            Some(bias) => y + bias.val().unsqueeze::<3>(),
+            None => y,
         };
         match &self.lora {
             None => y,
