@@ -368,8 +368,8 @@ fn render(results: &[Timing], opts: &BenchOptions) -> String {
             out.push_str(&format!("- {label}: {:.3}x\n", x / y));
         }
     };
-    let rss = |name: &str| results.iter().find(|r| r.name == name).map(|r| r.peak_rss_mb);
     let find = |name: &str| results.iter().find(|r| r.name == name);
+    let rss = |name: &str| find(name).map(|r| r.peak_rss_mb);
     if let (Some(script), Some(rust)) = (find("metamath/script-loss"), find("metamath/rust-loss")) {
         let (in_script, in_rust) = (median(&script.loss_call_seconds), median(&rust.loss_call_seconds));
         out.push_str(&format!(

@@ -70,11 +70,11 @@ impl Optimizer for FusedAdamW {
     fn step<const D: usize>(&self, lr: LearningRate, tensor: Tensor<D>, grad: Tensor<D>, state: Option<Self::State<D>>) -> (Tensor<D>, Option<Self::State<D>>) {
         let time = state.as_ref().map_or(1, |s| s.momentum.time + 1);
         let s = self.scalars(lr, time);
-        let on_flex = crate::model::fused::enabled()
-            && tensor.dtype() == DType::F32
-            && grad.dtype() == DType::F32
-            && state.as_ref().is_none_or(|st| st.momentum.max_moment_2.is_none());
-        if on_flex && [&tensor, &grad].iter().all(|t| is_flex(t)) && state.as_ref().is_none_or(|st| is_flex(&st.momentum.moment_1) && is_flex(&st.momentum.moment_2)) {
+        let fused = crate::model::fused::enabled()
+            && is_flex_f32(&tensor)
+            && is_flex_f32(&grad)
+            && state.as_ref().is_none_or(|st| st.momentum.max_moment_2.is_none() && is_flex_f32(&st.momentum.moment_1) && is_flex_f32(&st.momentum.moment_2));
+        if fused {
             let first = state.is_none();
             let (m, v) = match state {
                 Some(st) => (st.momentum.moment_1, st.momentum.moment_2),
@@ -146,17 +146,17 @@ fn fused_update(p: FlexTensor, g: &FlexTensor, m: FlexTensor, v: FlexTensor, s: 
     (p, m, v)
 }
 
-fn is_flex<const D: usize>(t: &Tensor<D>) -> bool {
-    t.clone().try_into_primitive::<Flex>().is_ok()
+fn is_flex_f32<const D: usize>(t: &Tensor<D>) -> bool {
+    t.dtype() == DType::F32 && t.clone().try_into_primitive::<Flex>().is_ok()
 }
 
 fn flex<const D: usize>(t: Tensor<D>) -> FlexTensor {
-    t.try_into_primitive::<Flex>().unwrap_or_else(|_| unreachable!("checked by is_flex"))
+    t.try_into_primitive::<Flex>().unwrap_or_else(|_| unreachable!("checked by is_flex_f32"))
 }
 
-/// The tensor with its own dense buffer starting at offset 0 (a view is copied).
+/// The tensor as one dense buffer of exactly its elements from offset 0 (burn-flex copies
+/// only views). Takes `t` by value so that, when no copy is made, the buffer is not left
+/// shared with the argument and `storage_mut` can write in place.
 fn contiguous(t: FlexTensor) -> FlexTensor {
-    let n = t.layout().shape().num_elements();
-    let whole = t.layout().contiguous_offsets() == Some((0, n)) && t.storage::<f32>().len() == n;
-    if whole { t } else { t.to_contiguous() }
+    t.to_contiguous()
 }

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
-use super::optimizer::FusedAdamW;
 use burn::prelude::Module;
 use burn::tensor::{Device, Tensor};
 use rhai::{Dynamic, INT, Map};
@@ -21,6 +20,7 @@ use super::grads::clip_global_norm;
 use super::chunked::ChunkedHead;
 use super::logps::{batch_logps, row_sums};
 use super::loss_call::{LossOutput, loss_params, put1, put2, read_loss_output, rust_dpo_loss};
+use super::optimizer::FusedAdamW;
 use super::metrics::{MetricsLog, format_line};
 use super::reference::PrecomputedReference;
 use crate::data::packed::PackedLayout;
