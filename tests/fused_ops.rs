@@ -9,7 +9,7 @@ use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData};
 use burn::tensor::activation::silu;
 use burn::tensor::Int;
 use burn::tensor::activation::log_softmax;
-use prefhost::model::fused::{fuses, grouped_attention, rms_norm, rope, swiglu, target_logps};
+use prefhost::model::fused::{fuses, grouped_attention, linear, rms_norm, rope, swiglu, target_logps};
 use prefhost::model::values;
 
 fn repeat(t: Tensor<4>, heads: usize) -> Tensor<4> {
@@ -44,24 +44,30 @@ fn mask(b: usize, s: usize, device: &Device) -> Tensor<4, Bool> {
 #[test]
 fn fused_attention_matches_burn_attention_and_its_gradients() {
     let device = Device::default().autodiff();
-    for (heads, kv, causal, masked) in [(4, 4, true, false), (6, 2, true, false), (6, 3, false, true), (4, 2, true, true)] {
-        let (b, s, d) = (2, 9, 8);
-        let make = |h: usize| Tensor::<4>::random([b, h, s, d], Distribution::Normal(0.0, 1.0), &device).require_grad();
-        let (q, k, v) = (make(heads), make(kv), make(kv));
+    // s = 150 spans three blocks of 64 queries (the last one partial), read through the
+    // strides of a [b, s, heads, d] projection as the model passes them.
+    for (heads, kv, causal, masked, s) in [(4, 4, true, false, 9), (6, 2, true, false, 9), (6, 3, false, true, 9), (4, 2, true, true, 9), (6, 2, true, false, 150), (4, 2, true, true, 150), (6, 3, false, true, 150)] {
+        let (b, d) = (2, 8);
+        let strided = s > 9;
+        let make = |h: usize| Tensor::<4>::random(if strided { [b, s, h, d] } else { [b, h, s, d] }, Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let (q_leaf, k_leaf, v_leaf) = (make(heads), make(kv), make(kv));
+        let heads_view = |t: &Tensor<4>| if strided { t.clone().swap_dims(1, 2) } else { t.clone() };
+        let (q, k, v) = (heads_view(&q_leaf), heads_view(&k_leaf), heads_view(&v_leaf));
         let hidden = masked.then(|| mask(b, s, &device));
         let plain_mask = masked.then(|| mask(b, s, &Device::default()));
         assert!(fuses(&q, hidden.as_ref()) && fuses(&q.clone().inner(), plain_mask.as_ref()), "the CPU default must take the fused path");
         let weights = Tensor::<4>::random([b, heads, s, d], Distribution::Normal(0.0, 1.0), &device);
 
         let fused = grouped_attention(q.clone(), k.clone(), v.clone(), hidden.clone(), causal);
-        let plain = reference(q.clone(), k.clone(), v.clone(), hidden.clone(), causal);
-        let case = format!("heads {heads}, kv {kv}, causal {causal}, masked {masked}");
+        // Its own views: one backward consumes the graph nodes it passes through.
+        let plain = reference(heads_view(&q_leaf), heads_view(&k_leaf), heads_view(&v_leaf), hidden.clone(), causal);
+        let case = format!("heads {heads}, kv {kv}, causal {causal}, masked {masked}, seq {s}");
         let d_out = worst(fused.clone().inner(), plain.clone().inner());
         assert!(d_out < 1e-5, "{case}: outputs differ by {d_out}");
 
         let gf = (fused * weights.clone()).sum().backward();
         let gp = (plain * weights).sum().backward();
-        for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
+        for (name, t) in [("q", &q_leaf), ("k", &k_leaf), ("v", &v_leaf)] {
             let (a, b) = (t.grad(&gf).expect("fused grad"), t.grad(&gp).expect("burn grad"));
             let scale = values(b.clone()).iter().fold(0.0f32, |m, x| m.max(x.abs()));
             let diff = worst(a, b);
@@ -183,4 +189,15 @@ fn fused_target_logps_match_log_softmax_and_gather() {
     let inner = target_logps(logits.clone().inner(), targets.clone().inner());
     let (diff, _) = worst_n(inner, log_softmax(logits.inner(), 2).gather(2, targets.inner().unsqueeze_dim::<3>(2)).squeeze_dim::<2>(2));
     assert!(diff < 1e-5, "plain device differs by {diff}");
+}
+
+#[test]
+fn fused_projection_product_matches_burn_matmul_and_its_gradients() {
+    let device = Device::default().autodiff();
+    let normal = |dims: [usize; 2]| Tensor::<2>::random(dims, Distribution::Normal(0.0, 1.0), &device);
+    // Large enough for gemm's threaded path (m·n·k ≥ 192³), and a small one.
+    check("matmul 300x200x150", [normal([300, 200]), normal([200, 150])], |t| linear::matmul(t[0].clone(), t[1].clone()), |t| t[0].clone().matmul(t[1].clone()));
+    check("matmul 7x5x3", [normal([7, 5]), normal([5, 3])], |t| linear::matmul(t[0].clone(), t[1].clone()), |t| t[0].clone().matmul(t[1].clone()));
+    // A transposed weight (tied embeddings as the vocabulary head) is read through its strides.
+    check("matmul by a transposed view", [normal([9, 6]), normal([11, 6])], |t| linear::matmul(t[0].clone(), t[1].clone().transpose()), |t| t[0].clone().matmul(t[1].clone().transpose()));
 }

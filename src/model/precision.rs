@@ -34,7 +34,7 @@ impl MixedPrecision {
     /// x [rows, in] · w [in, out] -> [rows, out] in f32.
     pub fn matmul(self, x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
         match self {
-            Self::No => x.matmul(w),
+            Self::No => super::fused::linear::matmul(x, w),
             Self::Bf16 => x.cast(FloatDType::BF16).matmul(w.cast(FloatDType::BF16)).cast(FloatDType::F32),
         }
     }

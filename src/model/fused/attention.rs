@@ -1,19 +1,22 @@
 //! Attention as one autodiff op on the CPU default (burn-flex, f32).
 //!
 //! burn's autodiff runs `attention` as its decomposition: matmul, scale, mask fills, max,
-//! subtract, exp, sum, divide, matmul. Each is a pass over [batch, heads, seq, seq] with
-//! its own buffer and its own backward step. Here the forward is two batched matmuls
-//! around one masked-softmax pass, keeping only the probabilities P for the backward:
+//! subtract, exp, sum, divide, matmul, each a pass over [batch, heads, seq, seq] with its
+//! own buffer and backward step. Here the work is cut into blocks of 64 queries per head:
+//! each block multiplies its queries by the keys up to the last one any of them may see
+//! (so a causal mask skips the upper triangle), takes a vectorised masked softmax, and
+//! multiplies by the values, keeping only the probabilities P for the backward:
 //!   dV = Pᵀ·dO,  dP = dO·Vᵀ,  dS = scale · P ⊙ (dP − rowsum(dP ⊙ P)),  dQ = dS·K,  dK = dSᵀ·Q.
-//! Grouped-query heads need no repeated K/V: the G query heads of one KV head are laid out
-//! as G·seq rows, [b, kv, G·s, d], so one batched matmul serves the group and dK, dV sum
-//! over it by themselves. Other backends, dtypes and layouts use burn's `attention`.
+//! dV and dK are summed per block of 64 keys, so every task writes its own rows and all of
+//! them run in parallel. Grouped-query heads read their KV head directly (no repeated K/V).
+//! Inputs are read through their strides, and the output is stored as [b, s, heads, d], the
+//! layout the output projection reads, so no operand is copied into another layout.
+//! Other backends and dtypes use burn's `attention`.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::ops::FloatTensorOps;
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Flex};
@@ -21,6 +24,8 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Shape, Tensor};
 use rayon::prelude::*;
+
+use super::kernels::{self, Buffer, Out, View, contiguous, gemm, tensor};
 
 type AutodiffFlex = Autodiff<Flex, NoCheckpointing>;
 
@@ -40,7 +45,7 @@ pub fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Optio
                 return Tensor::from_primitive::<AutodiffFlex>(tracked(qp, kp, vp, p));
             }
             if let (Ok(qp), Ok(kp), Ok(vp)) = (q.clone().try_into_primitive::<Flex>(), k.clone().try_into_primitive::<Flex>(), v.clone().try_into_primitive::<Flex>()) {
-                return Tensor::from_primitive::<Flex>(forward(qp, kp, vp, &p).0);
+                return Tensor::from_primitive::<Flex>(forward(&Heads::new(qp), &Heads::new(kp), &Heads::new(vp), &p, false).0);
             }
         }
     }
@@ -74,6 +79,9 @@ fn fallback(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Option<Tensor<4, B
     attention(q, k, v, hidden, None, AttentionModuleOptions { scale: None, softcap: None, is_causal })
 }
 
+/// Queries (and keys) per block: the unit of parallel work and of causal skipping.
+const BLOCK: usize = 64;
+
 /// Shapes, scale and mask of one call.
 #[derive(Clone, Debug)]
 struct Plan {
@@ -86,6 +94,9 @@ struct Plan {
     causal: bool,
     /// [mask_batch, seq, seq] bytes, nonzero = masked; mask_batch is 1 or `batch`.
     mask: Option<(Vec<u8>, usize)>,
+    /// Per mask row (one when there is no mask) and query block: one past the last key any
+    /// query of the block may see. Keys from there on are skipped.
+    limits: Vec<usize>,
 }
 
 impl Plan {
@@ -98,115 +109,220 @@ impl Plan {
             assert!(dims[1] == 1 && dims[2] == seq && dims[3] == seq, "attention mask must be [b or 1, 1, s, s]");
             (m.storage::<u8>().to_vec(), dims[0])
         });
-        Self { batch, heads, kv_heads, seq, head_dim, scale: 1.0 / (head_dim as f32).sqrt(), causal, mask }
+        let blocks = seq.div_ceil(BLOCK);
+        let visible_end = |i: usize| if causal { i + 1 } else { seq };
+        let limits = match &mask {
+            None => (0..blocks).map(|blk| visible_end((blk * BLOCK + BLOCK).min(seq) - 1)).collect(),
+            Some((m, rows)) => (0..rows * blocks)
+                .map(|task| {
+                    let (r, blk) = (task / blocks, task % blocks);
+                    let last_seen = |i: usize| m[(r * seq + i) * seq..][..visible_end(i)].iter().rposition(|h| *h == 0).map_or(0, |j| j + 1);
+                    (blk * BLOCK..(blk * BLOCK + BLOCK).min(seq)).map(last_seen).max().unwrap_or(0)
+                })
+                .collect(),
+        };
+        Self { batch, heads, kv_heads, seq, head_dim, scale: 1.0 / (head_dim as f32).sqrt(), causal, mask, limits }
     }
 
     fn groups(&self) -> usize {
         self.heads / self.kv_heads
     }
 
-    /// [b, heads, s, d] <-> [b, kv, G·s, d]: the same contiguous memory.
-    fn grouped(&self) -> Shape {
-        Shape::new([self.batch, self.kv_heads, self.groups() * self.seq, self.head_dim])
+    fn blocks(&self) -> usize {
+        self.seq.div_ceil(BLOCK)
     }
 
+    /// First query (or key) and length of block `blk`.
+    fn block(&self, blk: usize) -> (usize, usize) {
+        (blk * BLOCK, BLOCK.min(self.seq - blk * BLOCK))
+    }
+
+    /// Keys `limit..` are hidden from every query of block `blk` in batch row `b`.
+    fn limit(&self, b: usize, blk: usize) -> usize {
+        match &self.mask {
+            Some((_, rows)) if *rows > 1 => self.limits[b * self.blocks() + blk],
+            _ => self.limits[blk],
+        }
+    }
+
+    /// Scores of query i (batch row b) over keys 0..row.len() -> softmax probabilities in
+    /// place; hidden keys get 0, and so does every key of a query that sees none.
+    fn softmax_row(&self, b: usize, i: usize, row: &mut [f32]) {
+        let visible = if self.causal { (i + 1).min(row.len()) } else { row.len() };
+        let (live, dead) = row.split_at_mut(visible);
+        match &self.mask {
+            None => kernels::scale(live, self.scale),
+            Some((m, rows)) => kernels::scale_unhidden(live, &m[((if *rows == 1 { 0 } else { b }) * self.seq + i) * self.seq..][..visible], self.scale),
+        }
+        let max = kernels::max(live);
+        if max == f32::NEG_INFINITY {
+            live.fill(0.0);
+        } else {
+            let sum = kernels::exp_shifted_sum(live, max);
+            kernels::scale(live, 1.0 / sum);
+        }
+        dead.fill(0.0);
+    }
+}
+
+/// A [b, heads, s, d] tensor read through its strides (the last one 1): head (b, h) is an
+/// s × d matrix.
+#[derive(Clone, Debug)]
+struct Heads {
+    tensor: FlexTensor,
+    strides: [usize; 3],
+}
+
+impl Heads {
+    fn new(t: FlexTensor) -> Self {
+        let st = t.layout().strides();
+        let tensor = if st[3] == 1 && st.iter().all(|s| *s >= 0) { t } else { t.to_contiguous() };
+        let st = tensor.layout().strides();
+        let strides = [st[0] as usize, st[1] as usize, st[2] as usize];
+        Self { tensor, strides }
+    }
+
+    fn view(&self, b: usize, h: usize) -> View {
+        let base = self.tensor.storage::<f32>().as_ptr().wrapping_add(self.tensor.layout().start_offset());
+        View::rows(base.wrapping_add(b * self.strides[0] + h * self.strides[1]), self.strides[2])
+    }
+}
+
+/// The output ([b, heads, s, d], stored as [b, s, heads, d]) and, when `keep`, the
+/// probabilities P ([b, heads, s, s], zero past each block's last visible key).
+fn forward(q: &Heads, k: &Heads, v: &Heads, p: &Plan, keep: bool) -> (FlexTensor, Option<Vec<f32>>) {
+    let (b, h, s, d, g) = (p.batch, p.heads, p.seq, p.head_dim, p.groups());
+    let mut out = Buffer::new(b * s * h * d);
+    let mut probs = keep.then(|| Buffer::new(b * h * s * s));
+    let (o, kept) = (out.out(), probs.as_mut().map(Buffer::out));
+    (0..b * h * p.blocks()).into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, task| {
+        let (bh, blk) = (task / p.blocks(), task % p.blocks());
+        let (bi, hi) = (bh / h, bh % h);
+        let ((i0, rows), keys) = (p.block(blk), p.limit(bi, blk));
+        // Scores go straight into P's rows when P is kept.
+        let (scores, stride, width) = match kept {
+            Some(kept) => (kept.at((bh * s + i0) * s), s, s),
+            None => {
+                scratch.resize(rows * keys, 0.0);
+                (scratch.as_mut_ptr(), keys, keys)
+            }
+        };
+        unsafe {
+            gemm(rows, keys, d, scores, stride, false, q.view(bi, hi).down(i0), k.view(bi, hi / g).t());
+            for r in 0..rows {
+                let row = std::slice::from_raw_parts_mut(scores.add(r * stride), width);
+                p.softmax_row(bi, i0 + r, &mut row[..keys]);
+                row[keys..].fill(0.0);
+            }
+            gemm(rows, d, keys, o.at(((bi * s + i0) * h + hi) * d), h * d, false, View::rows(scores, stride), v.view(bi, hi / g));
+        }
+    });
+    // SAFETY: every task wrote its block's rows of the output and of P, all of them.
+    let out = tensor(unsafe { out.filled() }, p.per_head(), vec![(s * h * d) as isize, d as isize, (h * d) as isize, 1]);
+    (out, probs.map(|b| unsafe { b.filled() }))
+}
+
+impl Plan {
     fn per_head(&self) -> Shape {
         Shape::new([self.batch, self.heads, self.seq, self.head_dim])
     }
 
-    /// Whether key j is hidden from query i of batch row `b`.
-    fn masked(&self, b: usize, i: usize, j: usize) -> bool {
-        (self.causal && j > i) || self.mask.as_ref().is_some_and(|(m, mb)| m[((if *mb == 1 { 0 } else { b }) * self.seq + i) * self.seq + j] != 0)
+    /// Σ over the query heads and blocks that see keys j0..j0+cols of (b, kv head) of
+    /// weightsᵀ·rows, where `weights` ([b, heads, s, s], rows s apart) are P or dS and `rows`
+    /// are dO or Q: dV or dK for those keys, written into `dst` (rows `dst_stride` apart).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn key_block_sum(&self, bi: usize, kv: usize, kb: usize, weights: *const f32, rows: &Heads, dst: *mut f32, dst_stride: usize) {
+        let (s, d, g) = (self.seq, self.head_dim, self.groups());
+        let (j0, cols) = self.block(kb);
+        for r in 0..cols {
+            unsafe { std::ptr::write_bytes(dst.add(r * dst_stride), 0, d) };
+        }
+        for hi in kv * g..(kv + 1) * g {
+            for qb in 0..self.blocks() {
+                let keys = self.limit(bi, qb).min(j0 + cols);
+                if keys <= j0 {
+                    continue;
+                }
+                let (i0, n) = self.block(qb);
+                let w = View { ptr: weights.wrapping_add(((bi * self.heads + hi) * s + i0) * s + j0), row_stride: 1, col_stride: s as isize };
+                unsafe { gemm(keys - j0, d, n, dst, dst_stride, true, w, rows.view(bi, hi).down(i0)) };
+            }
+        }
     }
-}
-
-/// The output and the attention probabilities P ([b, kv, G·s, s]).
-fn forward(q: FlexTensor, k: FlexTensor, v: FlexTensor, p: &Plan) -> (FlexTensor, FlexTensor) {
-    let q = Flex::float_reshape(q.to_contiguous(), p.grouped());
-    let scores = Flex::float_matmul(q, Flex::float_swap_dims(k, 2, 3));
-    let probs = masked_softmax(scores, p);
-    let out = Flex::float_matmul(probs.clone(), v);
-    (Flex::float_reshape(out.to_contiguous(), p.per_head()), probs)
-}
-
-/// Rows of [b, kv, G·s, s] scores: scale, mask, softmax in place. Fully masked rows become 0.
-fn masked_softmax(scores: FlexTensor, p: &Plan) -> FlexTensor {
-    let mut scores = scores.to_contiguous();
-    let (s, rows_per_batch) = (p.seq, p.kv_heads * p.groups() * p.seq);
-    scores.storage_mut::<f32>().par_chunks_mut(s).enumerate().for_each(|(row, values)| {
-        let (b, i) = (row / rows_per_batch, row % s);
-        let mut max = f32::NEG_INFINITY;
-        for (j, x) in values.iter_mut().enumerate() {
-            *x = if p.masked(b, i, j) { f32::NEG_INFINITY } else { *x * p.scale };
-            max = max.max(*x);
-        }
-        if max == f32::NEG_INFINITY {
-            values.fill(0.0);
-            return;
-        }
-        let mut sum = 0.0;
-        for x in values.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
-        values.iter_mut().for_each(|x| *x *= inv);
-    });
-    scores
 }
 
 #[derive(Debug)]
 struct AttentionBackward;
 
 impl Backward<Flex, 3> for AttentionBackward {
-    /// q (grouped layout), k, v, P, plan.
-    type State = (FlexTensor, FlexTensor, FlexTensor, FlexTensor, Plan);
+    /// q, k, v, P, plan.
+    type State = (Heads, Heads, Heads, Vec<f32>, Plan);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_q, node_k, node_v] = ops.parents;
-        let (q, k, v, probs, p) = ops.state;
-        let d_out = Flex::float_reshape(grads.consume::<Flex>(&ops.node).to_contiguous(), p.grouped());
+        let (q, k, v, mut probs, p) = ops.state;
+        let d_out = Heads::new(grads.consume::<Flex>(&ops.node));
+        let (b, h, kvh, s, d, g) = (p.batch, p.heads, p.kv_heads, p.seq, p.head_dim, p.groups());
+        let key_tasks = b * kvh * p.blocks();
         if let Some(node) = node_v {
-            grads.register::<Flex>(node.id, Flex::float_matmul(Flex::float_swap_dims(probs.clone(), 2, 3), d_out.clone()));
+            // dV is stored as [b, s, kv, d], the layout of the value projection it flows back to.
+            let mut dv = Buffer::new(b * s * kvh * d);
+            let (dst, weights) = (dv.out(), Out(probs.as_mut_ptr()));
+            (0..key_tasks).into_par_iter().for_each(|task| {
+                let (bkv, kb) = (task / p.blocks(), task % p.blocks());
+                let (bi, kv) = (bkv / kvh, bkv % kvh);
+                unsafe { p.key_block_sum(bi, kv, kb, weights.ptr(), &d_out, dst.at(((bi * s + kb * BLOCK) * kvh + kv) * d), kvh * d) };
+            });
+            let strides = vec![(s * kvh * d) as isize, d as isize, (kvh * d) as isize, 1];
+            grads.register::<Flex>(node.id, tensor(unsafe { dv.filled() }, Shape::new([b, kvh, s, d]), strides));
         }
         if node_q.is_none() && node_k.is_none() {
             return;
         }
-        let d_probs = Flex::float_matmul(d_out, Flex::float_swap_dims(v, 2, 3)).to_contiguous();
-        let d_scores = softmax_backward(probs, d_probs, p.scale, p.seq);
-        if let Some(node) = node_q {
-            let dq = Flex::float_matmul(d_scores.clone(), k);
-            grads.register::<Flex>(node.id, Flex::float_reshape(dq.to_contiguous(), p.per_head()));
-        }
+        // dS in place of P, and dQ, per block of queries.
+        let mut dq = Buffer::new(b * h * s * d);
+        let (dq_out, ds) = (dq.out(), Out(probs.as_mut_ptr()));
+        (0..b * h * p.blocks()).into_par_iter().for_each_init(Vec::new, |dp: &mut Vec<f32>, task| {
+            let (bh, blk) = (task / p.blocks(), task % p.blocks());
+            let (bi, hi) = (bh / h, bh % h);
+            let ((i0, rows), keys) = (p.block(blk), p.limit(bi, blk));
+            dp.resize(rows * keys, 0.0);
+            unsafe {
+                gemm(rows, keys, d, dp.as_mut_ptr(), keys, false, d_out.view(bi, hi).down(i0), v.view(bi, hi / g).t());
+                for r in 0..rows {
+                    let pr = std::slice::from_raw_parts_mut(ds.at((bh * s + i0 + r) * s), keys);
+                    let dpr = &dp[r * keys..][..keys];
+                    kernels::softmax_grad(pr, dpr, kernels::dot(dpr, pr), p.scale);
+                }
+                gemm(rows, d, keys, dq_out.at((bh * s + i0) * d), d, false, View::rows(ds.at((bh * s + i0) * s), s), k.view(bi, hi / g));
+            }
+        });
         if let Some(node) = node_k {
-            grads.register::<Flex>(node.id, Flex::float_matmul(Flex::float_swap_dims(d_scores, 2, 3), q));
+            let mut dk = Buffer::new(b * kvh * s * d);
+            let dst = dk.out();
+            (0..key_tasks).into_par_iter().for_each(|task| {
+                let (bkv, kb) = (task / p.blocks(), task % p.blocks());
+                let (bi, kv) = (bkv / kvh, bkv % kvh);
+                unsafe { p.key_block_sum(bi, kv, kb, ds.ptr(), &q, dst.at((bkv * s + kb * BLOCK) * d), d) };
+            });
+            grads.register::<Flex>(node.id, contiguous(unsafe { dk.filled() }, Shape::new([b, kvh, s, d])));
+        }
+        if let Some(node) = node_q {
+            grads.register::<Flex>(node.id, contiguous(unsafe { dq.filled() }, p.per_head()));
         }
     }
-}
-
-/// dS = scale · P ⊙ (dP − rowsum(dP ⊙ P)), row by row, into dP's buffer.
-fn softmax_backward(probs: FlexTensor, d_probs: FlexTensor, scale: f32, seq: usize) -> FlexTensor {
-    let probs = probs.to_contiguous();
-    let mut d = d_probs;
-    let pv = probs.storage::<f32>();
-    d.storage_mut::<f32>().par_chunks_mut(seq).zip(pv.par_chunks(seq)).for_each(|(dp, pr)| {
-        let dot: f32 = dp.iter().zip(pr).map(|(a, b)| a * b).sum();
-        dp.iter_mut().zip(pr).for_each(|(a, b)| *a = scale * b * (*a - dot));
-    });
-    d
 }
 
 fn tracked(q: FloatTensor<AutodiffFlex>, k: FloatTensor<AutodiffFlex>, v: FloatTensor<AutodiffFlex>, p: Plan) -> FloatTensor<AutodiffFlex> {
     match AttentionBackward.prepare::<NoCheckpointing>([q.node(), k.node(), v.node()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let (qp, kp, vp) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-            let q_grouped = Flex::float_reshape(qp.to_contiguous(), p.grouped());
-            let (out, probs) = forward(q_grouped.clone(), kp.clone(), vp.clone(), &p);
-            prep.finish((q_grouped, kp, vp, probs, p), out)
+            let (q, k, v) = (Heads::new(q.into_primitive()), Heads::new(k.into_primitive()), Heads::new(v.into_primitive()));
+            let (out, probs) = forward(&q, &k, &v, &p, true);
+            prep.finish((q, k, v, probs.expect("kept"), p), out)
         }
         OpsKind::UnTracked(prep) => {
-            let (out, _) = forward(q.into_primitive(), k.into_primitive(), v.into_primitive(), &p);
-            prep.finish(out)
+            let (q, k, v) = (Heads::new(q.into_primitive()), Heads::new(k.into_primitive()), Heads::new(v.into_primitive()));
+            prep.finish(forward(&q, &k, &v, &p, false).0)
         }
     }
 }

@@ -16,6 +16,8 @@ use burn::tensor::activation::silu;
 use burn::tensor::{DType, Int, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::kernels::{self, sigmoid, vectorised};
+
 type AutodiffFlex = Autodiff<Flex, NoCheckpointing>;
 
 /// Where a set of tensors lives, as far as the fused kernels care.
@@ -45,7 +47,7 @@ fn dense(t: FlexTensor) -> FlexTensor {
 }
 
 fn from_vec(values: Vec<f32>, like: &FlexTensor) -> FlexTensor {
-    FlexTensor::new(burn::tensor::Bytes::from_elems(values), burn::backend::flex::Layout::contiguous(like.layout().shape().clone()), DType::F32)
+    kernels::contiguous(values, like.layout().shape().clone())
 }
 
 // ---------------------------------------------------------------- RMSNorm
@@ -145,16 +147,38 @@ pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     }
 }
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+vectorised! {
+    fn swiglu_chunk(y: &mut [f32], g: &[f32], u: &[f32]) {
+        y.iter_mut().zip(g).zip(u).for_each(|((y, g), u)| *y = g * sigmoid(*g) * u);
+    }
+}
+
+vectorised! {
+    /// dg = dy·u·σ(g)·(1 + g·(1 − σ(g))) and du = dy·g·σ(g); either may be empty.
+    fn swiglu_grad_chunk(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
+        if !dg.is_empty() && !du.is_empty() {
+            for i in 0..g.len() {
+                let s = sigmoid(g[i]);
+                dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                du[i] = dy[i] * g[i] * s;
+            }
+        } else if !dg.is_empty() {
+            for i in 0..g.len() {
+                let s = sigmoid(g[i]);
+                dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+            }
+        } else if !du.is_empty() {
+            for i in 0..g.len() {
+                du[i] = dy[i] * g[i] * sigmoid(g[i]);
+            }
+        }
+    }
 }
 
 fn swiglu_forward(g: &FlexTensor, u: &FlexTensor) -> FlexTensor {
     let (gs, us) = (g.storage::<f32>(), u.storage::<f32>());
     let mut y = vec![0.0f32; gs.len()];
-    y.par_chunks_mut(4096).zip(gs.par_chunks(4096)).zip(us.par_chunks(4096)).for_each(|((y, g), u)| {
-        y.iter_mut().zip(g).zip(u).for_each(|((y, g), u)| *y = g * sigmoid(*g) * u);
-    });
+    y.par_chunks_mut(4096).zip(gs.par_chunks(4096)).zip(us.par_chunks(4096)).for_each(|((y, g), u)| swiglu_chunk(y, g, u));
     from_vec(y, g)
 }
 
@@ -174,24 +198,9 @@ impl Backward<Flex, 2> for SwigluBackward {
         const C: usize = 4096;
         let chunks = gs.par_chunks(C).zip(us.par_chunks(C)).zip(dys.par_chunks(C));
         match (node_g.is_some(), node_u.is_some()) {
-            (true, true) => chunks.zip(dg.par_chunks_mut(C)).zip(du.par_chunks_mut(C)).for_each(|((((g, u), dy), dg), du)| {
-                for i in 0..g.len() {
-                    let s = sigmoid(g[i]);
-                    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                    du[i] = dy[i] * g[i] * s;
-                }
-            }),
-            (true, false) => chunks.zip(dg.par_chunks_mut(C)).for_each(|(((g, u), dy), dg)| {
-                for i in 0..g.len() {
-                    let s = sigmoid(g[i]);
-                    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                }
-            }),
-            (false, true) => chunks.zip(du.par_chunks_mut(C)).for_each(|(((g, _), dy), du)| {
-                for i in 0..g.len() {
-                    du[i] = dy[i] * g[i] * sigmoid(g[i]);
-                }
-            }),
+            (true, true) => chunks.zip(dg.par_chunks_mut(C)).zip(du.par_chunks_mut(C)).for_each(|((((g, u), dy), dg), du)| swiglu_grad_chunk(dg, du, g, u, dy)),
+            (true, false) => chunks.zip(dg.par_chunks_mut(C)).for_each(|(((g, u), dy), dg)| swiglu_grad_chunk(dg, &mut [], g, u, dy)),
+            (false, true) => chunks.zip(du.par_chunks_mut(C)).for_each(|(((g, u), dy), du)| swiglu_grad_chunk(&mut [], du, g, u, dy)),
             (false, false) => {}
         }
         if let Some(node) = node_g {
@@ -314,11 +323,11 @@ fn target_forward(logits: &FlexTensor, ids: &[usize], vocab: usize) -> (FlexTens
     let mut lse = vec![0.0f32; ids.len()];
     let mut picked = vec![0.0f32; ids.len()];
     zs.par_chunks(vocab).zip(lse.par_iter_mut()).zip(picked.par_iter_mut()).zip(ids.par_iter()).for_each(|(((z, l), p), &t)| {
-        let max = z.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
-        *l = max + z.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+        let max = kernels::max(z);
+        *l = max + kernels::sum_exp_shifted(z, max).ln();
         *p = z[t.min(vocab - 1)] - *l;
     });
-    let out = FlexTensor::new(burn::tensor::Bytes::from_elems(picked), burn::backend::flex::Layout::contiguous(Shape::new([ids.len()])), DType::F32);
+    let out = kernels::contiguous(picked, Shape::new([ids.len()]));
     (out, lse)
 }
 
@@ -340,7 +349,7 @@ impl Backward<Flex, 1> for TargetBackward {
             if *g == 0.0 {
                 return; // masked positions: the whole row's gradient is zero
             }
-            d.iter_mut().zip(z).for_each(|(d, z)| *d = -g * (z - l).exp());
+            kernels::scaled_exp_shifted(d, z, *l, -g);
             d[t.min(vocab - 1)] += g;
         });
         grads.register::<Flex>(node.id, from_vec(dz, &logits));

@@ -7,6 +7,8 @@ use std::sync::OnceLock;
 
 pub mod attention;
 pub mod elementwise;
+mod kernels;
+pub mod linear;
 
 pub use attention::{fuses, grouped_attention};
 pub use elementwise::{rms_norm, rope, swiglu, target_logps};
