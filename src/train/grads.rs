@@ -28,7 +28,7 @@ struct Scale<'a> {
 impl ModuleVisitor for Scale<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(g) = self.grads.remove::<D>(param.id) {
-            self.grads.register::<D>(param.id, g.mul_scalar(self.factor));
+            self.grads.register::<D>(param.id, scaled(g, self.factor));
         }
     }
 }
@@ -40,12 +40,44 @@ fn squared_sum<const D: usize>(g: Tensor<D>) -> f64 {
         if let Ok(t) = g.clone().try_into_primitive::<Flex>() {
             let t = t.to_contiguous();
             if let Some(values) = t.as_slice::<f32>() {
-                let partials: Vec<f64> = values.par_chunks(1 << 15).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum()).collect();
+                let partials: Vec<f64> = values.par_chunks(1 << 15).map(sum_of_squares).collect();
                 return partials.iter().sum();
             }
         }
     }
     g.square().sum().into_scalar::<f32>() as f64
+}
+
+crate::model::fused::vectorised! {
+    /// Σ x² in f64, in eight fixed lanes (the same order on every CPU).
+    fn sum_of_squares(xs: &[f32]) -> f64 {
+        let mut lanes = [0.0f64; 8];
+        let chunks = xs.chunks_exact(8);
+        let tail: f64 = chunks.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum();
+        for c in chunks {
+            for (l, &x) in lanes.iter_mut().zip(c) {
+                *l += (x as f64) * (x as f64);
+            }
+        }
+        lanes.iter().sum::<f64>() + tail
+    }
+}
+
+crate::model::fused::vectorised! {
+    fn scale_in_place(xs: &mut [f32], factor: f32) {
+        xs.iter_mut().for_each(|x| *x *= factor);
+    }
+}
+
+/// g · factor; on the CPU default in place (a gradient has no other owner), else burn's op.
+fn scaled<const D: usize>(g: Tensor<D>, factor: f64) -> Tensor<D> {
+    let flex_f32 = crate::model::fused::enabled() && g.dtype() == DType::F32 && g.clone().try_into_primitive::<Flex>().is_ok();
+    if !flex_f32 {
+        return g.mul_scalar(factor);
+    }
+    let mut t = g.try_into_primitive::<Flex>().map(|t| t.to_contiguous()).unwrap_or_else(|_| unreachable!("checked above"));
+    t.storage_mut::<f32>().par_chunks_mut(1 << 15).for_each(|c| scale_in_place(c, factor as f32));
+    Tensor::from_primitive::<Flex>(t)
 }
 
 pub fn global_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {

@@ -128,22 +128,26 @@ fn fused_update(p: FlexTensor, g: &FlexTensor, m: FlexTensor, v: FlexTensor, s: 
         .zip(ms.par_chunks_mut(CHUNK))
         .zip(vs.par_chunks_mut(CHUNK))
         .zip(gs.par_chunks(CHUNK))
-        .for_each(|(((pc, mc), vc), gc)| {
-            for (((p, m), v), &g) in pc.iter_mut().zip(mc.iter_mut()).zip(vc.iter_mut()).zip(gc) {
-                // The same roundings, in the same order, as burn's AdamW op chain.
-                let (gm, gv) = (g * s.factor_1, (g * g) * s.factor_2);
-                if first {
-                    (*m, *v) = (gm, gv);
-                } else {
-                    *m = *m * s.beta_1 + gm;
-                    *v = *v * s.beta_2 + gv;
-                }
-                let update = (*m / s.correction_1) / ((*v / s.correction_2).sqrt() + s.epsilon);
-                let decayed = if s.decays { *p * s.keep } else { *p };
-                *p = decayed - update * s.lr;
-            }
-        });
+        .for_each(|(((pc, mc), vc), gc)| adamw_chunk(pc, mc, vc, gc, &s, first));
     (p, m, v)
+}
+
+crate::model::fused::vectorised! {
+    /// One AdamW update of a chunk, in burn's AdamW's order of operations (same bits).
+    fn adamw_chunk(pc: &mut [f32], mc: &mut [f32], vc: &mut [f32], gc: &[f32], s: &Scalars, first: bool) {
+        for (((p, m), v), &g) in pc.iter_mut().zip(mc.iter_mut()).zip(vc.iter_mut()).zip(gc) {
+            let (gm, gv) = (g * s.factor_1, (g * g) * s.factor_2);
+            if first {
+                (*m, *v) = (gm, gv);
+            } else {
+                *m = *m * s.beta_1 + gm;
+                *v = *v * s.beta_2 + gv;
+            }
+            let update = (*m / s.correction_1) / ((*v / s.correction_2).sqrt() + s.epsilon);
+            let decayed = if s.decays { *p * s.keep } else { *p };
+            *p = decayed - update * s.lr;
+        }
+    }
 }
 
 fn is_flex_f32<const D: usize>(t: &Tensor<D>) -> bool {

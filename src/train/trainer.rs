@@ -70,7 +70,10 @@ fn install_interrupt_handler() {
 struct Trainer {
     config: TrainConfig,
     device: Device,
-    policy: Llama,
+    /// Always Some between steps; the update takes it out so that the optimizer holds the
+    /// only handle on the weights and can update them in place (a second handle would make
+    /// it copy every parameter first).
+    policy: Option<Llama>,
     /// The frozen reference: a resident copy of the starting model, the policy's own frozen
     /// weights (LoRA), or log-probs read from `ref_logps`. None in SFT mode.
     reference: Option<Reference>,
@@ -235,14 +238,14 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
             trainer.config = config;
             let scaled = output.loss.loss.clone().div_scalar(trainer.config.grad_accum as f64);
             let grads = match output.head.take() {
-                Some(head) => head.gradients(&scaled.backward(), &trainer.policy),
-                None => GradientsParams::from_grads(scaled.backward(), &trainer.policy),
+                Some(head) => head.gradients(&scaled.backward(), trainer.policy()),
+                None => GradientsParams::from_grads(scaled.backward(), trainer.policy()),
             };
-            accumulator.accumulate(&trainer.policy, grads);
+            accumulator.accumulate(trainer.policy(), grads);
             outputs.push(output);
         }
         let mut grads = accumulator.grads();
-        let norm = clip_global_norm(&trainer.policy, &mut grads, trainer.config.max_grad_norm);
+        let norm = clip_global_norm(trainer.policy(), &mut grads, trainer.config.max_grad_norm);
 
         // ---- a NaN/inf loss or gradient: skip the update; too many in a row end the run
         if !norm.is_finite() || outputs.iter().any(|o| !o.loss_value.is_finite()) {
@@ -267,7 +270,8 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
             }
             trainer.record(&mut log, output);
         }
-        trainer.policy = optimizer.step(lr, trainer.policy.clone(), grads);
+        let policy = trainer.policy.take().expect("the policy is in place between steps");
+        trainer.policy = Some(optimizer.step(lr, policy, grads));
         step_seconds.push(step_start.elapsed().as_secs_f64());
         loss_call_seconds.push(outputs.iter().map(|o| o.loss_call_seconds).sum());
         log.add("grad_norm", norm);
@@ -293,7 +297,7 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
     console::finish_bar();
     let final_dir = trainer.save_checkpoint(&run_dir, total, &optimizer, &current)?;
     if let Some(target) = trainer.config.save_model_to.clone() {
-        save_model(&trainer.policy.valid(), &trainer.model_config, &trainer.tokenizer.path, Path::new(&target))?;
+        save_model(&trainer.policy().valid(), &trainer.model_config, &trainer.tokenizer.path, Path::new(&target))?;
         console::line(&format!("model written to {target}"));
     }
     if trainer.skipped_steps > 0 {
@@ -419,6 +423,10 @@ struct StepResult {
 }
 
 impl Trainer {
+    fn policy(&self) -> &Llama {
+        self.policy.as_ref().expect("the policy is in place between steps")
+    }
+
     fn new(config: TrainConfig, max_steps_override: Option<usize>) -> Result<Self> {
         let device = backend_device(&config.backend)?;
         device.seed(config.seed);
@@ -465,17 +473,17 @@ impl Trainer {
         let mut order: Vec<usize> = (0..examples.len()).collect();
         rng.shuffle(&mut order);
         Ok(Self {
-            config, device: train_device, policy, reference, model_config, tokenizer, examples, order,
+            config, device: train_device, policy: Some(policy), reference, model_config, tokenizer, examples, order,
             cursor: 0, epoch: 0, rng, total_steps, loss_state: Map::new(), skipped_steps: 0, restored_step: 0, skipped_rows: report.skipped,
         })
     }
 
     /// "N params", or with LoRA "N params, M trainable (LoRA r=…)".
     fn describe_params(&self) -> String {
-        let total = self.policy.num_params();
+        let total = self.policy().num_params();
         match &self.config.lora {
             None => format!("{total} params"),
-            Some(lora) => format!("{total} params, {} trainable (LoRA r={} on {})", self.policy.num_trainable_params(), lora.r, lora.modules().unwrap_or_default().join(",")),
+            Some(lora) => format!("{total} params, {} trainable (LoRA r={} on {})", self.policy().num_trainable_params(), lora.r, lora.modules().unwrap_or_default().join(",")),
         }
     }
 
@@ -510,13 +518,13 @@ impl Trainer {
                 let batch = collate_pairs(&refs, pad, &self.device);
                 let packed = config.prefix_sharing.then(|| PackedLayout::new(&refs, pad, true));
                 let chunk = config.logits_chunk();
-                let (tokens, chunked) = batch_logps(&self.policy, &batch, packed.as_ref(), chunk);
+                let (tokens, chunked) = batch_logps(self.policy(), &batch, packed.as_ref(), chunk);
                 head = chunked;
                 let plain = self.device.clone().without_autodiff();
                 let ref_tokens = match reference {
                     Reference::Resident(model) => batch_logps(model, &collate_pairs(&refs, pad, &plain), packed.as_ref(), chunk).0,
                     Reference::FrozenBase => {
-                        let base = self.policy.valid().without_adapters();
+                        let base = self.policy().valid().without_adapters();
                         batch_logps(&base, &collate_pairs(&refs, pad, &plain), packed.as_ref(), chunk).0
                     }
                     Reference::Precomputed(rows) => rows.token_logps(&refs, batch.mask.dims()[1], &plain),
@@ -533,7 +541,7 @@ impl Trainer {
             }
             None => {
                 let batch = collate_sft(&refs, pad, &self.device);
-                let (tokens, chunked) = batch_logps(&self.policy, &batch, None, config.logits_chunk());
+                let (tokens, chunked) = batch_logps(self.policy(), &batch, None, config.logits_chunk());
                 head = chunked;
                 let lengths = Tensor::<1>::from_floats(batch.lengths.as_slice(), &self.device);
                 let count: f32 = batch.lengths.iter().sum();
@@ -581,7 +589,7 @@ impl Trainer {
     fn evaluate(&self) -> Result<Option<EvalResult>> {
         let Some(eval) = &self.config.heldout else { return Ok(None) };
         let rows = load_eval_rows(Path::new(&eval.data), eval.rows)?;
-        evaluate(&self.policy.valid(), &self.tokenizer, &rows, eval.max_new_tokens).map(Some)
+        evaluate(&self.policy().valid(), &self.tokenizer, &rows, eval.max_new_tokens).map(Some)
     }
 
     fn record(&self, log: &mut MetricsLog, out: &StepResult) {
@@ -632,8 +640,8 @@ impl Trainer {
         let extra: [(&str, &[u8]); 3] = [(STATE_FILE, &state_json), (OPTIMIZER_FILE, &optimizer_bytes), (SOURCES_FILE, &sources_json)];
         match &self.config.lora {
             // LoRA checkpoints hold the adapters only (PEFT's layout); the base is config.model.
-            Some(lora) => save_adapter(&self.policy.valid(), lora, &self.config.model, &self.tokenizer.path, &dir, &extra)?,
-            None => save_model_with(&self.policy.valid(), &self.model_config, &self.tokenizer.path, &dir, &extra)?,
+            Some(lora) => save_adapter(&self.policy().valid(), lora, &self.config.model, &self.tokenizer.path, &dir, &extra)?,
+            None => save_model_with(&self.policy().valid(), &self.model_config, &self.tokenizer.path, &dir, &extra)?,
         }
         Ok(dir)
     }
@@ -654,10 +662,10 @@ impl Trainer {
                 if files.lora.r != lora.r || files.lora.modules()? != lora.modules()? {
                     bail!("{}: adapters of rank {} on {:?}, the script asks for rank {} on {:?}; resume needs the same lora setting", ckpt.display(), files.lora.r, files.lora.modules()?, lora.r, lora.modules()?);
                 }
-                self.policy = self.policy.clone().set_adapters(&mut files.tensors, &self.device).with_context(|| ckpt.display().to_string())?;
+                self.policy = Some(self.policy().clone().set_adapters(&mut files.tensors, &self.device).with_context(|| ckpt.display().to_string())?);
             }
             None if is_adapter => bail!("{}: a LoRA adapter checkpoint, but the script has no lora setting; resume needs the same lora setting", ckpt.display()),
-            None => self.policy = load_model(ckpt, &self.device)?.1.with_precision(self.config.mixed_precision),
+            None => self.policy = Some(load_model(ckpt, &self.device)?.1.with_precision(self.config.mixed_precision)),
         }
         let bytes = std::fs::read(ckpt.join(OPTIMIZER_FILE)).with_context(|| format!("cannot read {}", ckpt.join(OPTIMIZER_FILE).display()))?;
         let optimizer = optimizer
