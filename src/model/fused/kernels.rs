@@ -5,6 +5,7 @@
 
 use burn::backend::flex::{FlexTensor, Layout};
 use burn::tensor::{Bytes, DType, Shape};
+use rayon::prelude::*;
 
 /// A row-major view into f32 memory: element (r, c) is at `ptr + r·row_stride + c·col_stride`.
 #[derive(Clone, Copy, Debug)]
@@ -22,6 +23,11 @@ impl View {
     /// The same memory read as the transpose.
     pub fn t(self) -> Self {
         Self { ptr: self.ptr, row_stride: self.col_stride, col_stride: self.row_stride }
+    }
+
+    /// The view starting `cols` columns further right.
+    pub fn right(self, cols: usize) -> Self {
+        Self { ptr: self.ptr.wrapping_offset(cols as isize * self.col_stride), ..self }
     }
 
     /// The view starting `rows` rows further down.
@@ -60,14 +66,33 @@ pub unsafe fn gemm(m: usize, n: usize, k: usize, dst: *mut f32, dst_stride: usiz
     unsafe { gemm_on(gemm::Parallelism::None, m, n, k, dst, dst_stride, accumulate, a, b) }
 }
 
+
 /// `gemm` on all of rayon's threads when the product is large enough to split (burn-flex's
-/// threshold, 192³ multiply-adds).
+/// threshold, 192³ multiply-adds): the longer side of dst is cut into one band per thread,
+/// each a single-threaded product that packs its own operands. (gemm's own threading packs
+/// part of the operands on the calling thread, which is not one of rayon's, while the pool
+/// waits.)
 ///
 /// # Safety
 /// As for `gemm`.
 pub unsafe fn gemm_parallel(m: usize, n: usize, k: usize, dst: *mut f32, dst_stride: usize, accumulate: bool, a: View, b: View) {
-    let parallelism = if m * n * k >= 192 * 192 * 192 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
-    unsafe { gemm_on(parallelism, m, n, k, dst, dst_stride, accumulate, a, b) }
+    let threads = rayon::current_num_threads();
+    if m * n * k < 192 * 192 * 192 || threads == 1 {
+        return unsafe { gemm(m, n, k, dst, dst_stride, accumulate, a, b) };
+    }
+    let (long, bands) = (m.max(n), threads);
+    let band = long.div_ceil(bands).next_multiple_of(16);
+    let out = Out(dst);
+    (0..long.div_ceil(band)).into_par_iter().for_each(|i| {
+        let (start, len) = (i * band, band.min(long - i * band));
+        unsafe {
+            if m >= n {
+                gemm(len, n, k, out.at(start * dst_stride), dst_stride, accumulate, a.down(start), b);
+            } else {
+                gemm(m, len, k, out.at(start), dst_stride, accumulate, a, b.right(start));
+            }
+        }
+    });
 }
 
 #[allow(clippy::too_many_arguments)]
