@@ -151,15 +151,17 @@ fn fused_norm_swiglu_and_rope_match_burn_ops_and_their_gradients() {
 
     check("swiglu", [normal([2, 7, 33]), normal([2, 7, 33])], |t| swiglu(t[0].clone(), t[1].clone()), |t| silu(t[0].clone()) * t[1].clone());
 
-    // RoPE with per-row tables (packed rows) and with one table for all rows.
-    for table_batch in [1, 2] {
+    // RoPE with per-row tables (packed rows) and with one table for all rows, on a contiguous
+    // input and on the [b, heads, s, d] view of a [b, s, heads, d] projection.
+    for (table_batch, strided) in [(1, false), (2, false), (1, true), (2, true)] {
         let (b, h, s, d) = (2, 3, 6, 8);
         let angles = Tensor::<4>::random([table_batch, 1, s, d], Distribution::Uniform(-3.0, 3.0), &device);
         let (cos, sin) = (angles.clone().cos(), angles.sin());
-        let x = Tensor::<4>::random([b, h, s, d], Distribution::Normal(0.0, 1.0), &device);
+        let x = Tensor::<4>::random(if strided { [b, s, h, d] } else { [b, h, s, d] }, Distribution::Normal(0.0, 1.0), &device);
+        let view = move |t: &Tensor<4>| if strided { t.clone().swap_dims(1, 2) } else { t.clone() };
         let (c2, s2) = (cos.clone(), sin.clone());
-        check(&format!("rope (tables for {table_batch} rows)"), [x], move |t| rope(t[0].clone(), &cos, &sin), move |t| {
-            let x = t[0].clone();
+        check(&format!("rope (tables for {table_batch} rows, strided {strided})"), [x], move |t| rope(view(&t[0]), &cos, &sin), move |t| {
+            let x = view(&t[0]);
             let half = d / 2;
             let rotated = Tensor::cat(vec![x.clone().narrow(3, half, half).neg(), x.clone().narrow(3, 0, half)], 3);
             x * c2.clone() + rotated * s2.clone()

@@ -24,6 +24,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use super::kernels::{self, Buffer, Out, View, contiguous, gemm, tensor};
 
@@ -210,9 +211,8 @@ fn forward(q: &Heads, k: &Heads, v: &Heads, p: &Plan, keep: bool) -> (FlexTensor
         unsafe {
             gemm(rows, keys, d, scores, stride, false, q.view(bi, hi).down(i0), k.view(bi, hi / g).t());
             for r in 0..rows {
-                let row = std::slice::from_raw_parts_mut(scores.add(r * stride), width);
-                p.softmax_row(bi, i0 + r, &mut row[..keys]);
-                row[keys..].fill(0.0);
+                p.softmax_row(bi, i0 + r, std::slice::from_raw_parts_mut(scores.add(r * stride), keys));
+                kernels::to_write(scores.add(r * stride + keys), width - keys).fill(MaybeUninit::new(0.0));
             }
             gemm(rows, d, keys, o.at(((bi * s + i0) * h + hi) * d), h * d, false, View::rows(scores, stride), v.view(bi, hi / g));
         }

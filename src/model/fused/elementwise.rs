@@ -15,6 +15,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::activation::silu;
 use burn::tensor::{DType, Int, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use super::kernels::{self, sigmoid, vectorised};
 
@@ -68,14 +69,36 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Ten
 fn rms_forward(x: &FlexTensor, gamma: &FlexTensor, eps: f64) -> (FlexTensor, Vec<f32>) {
     let (xs, gs) = (x.storage::<f32>(), gamma.storage::<f32>());
     let d = gs.len();
-    let mut y = vec![0.0f32; xs.len()];
-    let mut rstd = vec![0.0f32; xs.len() / d];
-    y.par_chunks_mut(d).zip(xs.par_chunks(d)).zip(rstd.par_iter_mut()).for_each(|((yr, xr), r)| {
-        let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        *r = 1.0 / (ms + eps as f32).sqrt();
-        yr.iter_mut().zip(xr).zip(gs).for_each(|((y, x), g)| *y = x * *r * g);
-    });
+    let rstd: Vec<f32> = xs.par_chunks(d).map(|xr| 1.0 / (kernels::dot(xr, xr) / d as f32 + eps as f32).sqrt()).collect();
+    let y = kernels::par_fill(xs.len(), d, |row, yr| rms_row(yr, &xs[row * d..][..d], gs, rstd[row]));
     (from_vec(y, x), rstd)
+}
+
+vectorised! {
+    fn rms_row(y: &mut [MaybeUninit<f32>], x: &[f32], gamma: &[f32], r: f32) {
+        y.iter_mut().zip(x).zip(gamma).for_each(|((y, x), g)| {
+            y.write(x * r * g);
+        });
+    }
+}
+
+vectorised! {
+    /// dx = r·(dy·g − x·r²·mean(dy·g·x)) for one row.
+    fn rms_grad_row(dx: &mut [MaybeUninit<f32>], x: &[f32], dy: &[f32], gamma: &[f32], r: f32) {
+        let mut lanes = [0.0f32; 16];
+        let (cx, cdy, cg) = (x.chunks_exact(16), dy.chunks_exact(16), gamma.chunks_exact(16));
+        let tail: f32 = cx.remainder().iter().zip(cdy.remainder()).zip(cg.remainder()).map(|((x, dy), g)| dy * g * x).sum();
+        for ((x, dy), g) in cx.zip(cdy).zip(cg) {
+            for i in 0..16 {
+                lanes[i] += dy[i] * g[i] * x[i];
+            }
+        }
+        let mean = (lanes.iter().sum::<f32>() + tail) / x.len() as f32;
+        let k = r * r * mean;
+        dx.iter_mut().zip(dy).zip(gamma).zip(x).for_each(|(((dx, dy), g), x)| {
+            dx.write(r * (dy * g - x * k));
+        });
+    }
 }
 
 #[derive(Debug)]
@@ -91,13 +114,7 @@ impl Backward<Flex, 2> for RmsNormBackward {
         let (xs, gs, dys) = (x.storage::<f32>(), gamma.storage::<f32>(), dy.storage::<f32>());
         let d = gs.len();
         if let Some(node) = node_x {
-            let mut dx = vec![0.0f32; xs.len()];
-            dx.par_chunks_mut(d).zip(xs.par_chunks(d)).zip(dys.par_chunks(d)).zip(rstd.par_iter()).for_each(|(((dxr, xr), dyr), r)| {
-                // dx = r·(dy·g − x·r²·mean(dy·g·x))
-                let mean = dyr.iter().zip(gs).zip(xr).map(|((dy, g), x)| dy * g * x).sum::<f32>() / d as f32;
-                let k = r * r * mean;
-                dxr.iter_mut().zip(dyr).zip(gs).zip(xr).for_each(|(((dx, dy), g), x)| *dx = r * (dy * g - x * k));
-            });
+            let dx = kernels::par_fill(xs.len(), d, |row, dxr| rms_grad_row(dxr, &xs[row * d..][..d], &dys[row * d..][..d], gs, rstd[row]));
             grads.register::<Flex>(node.id, from_vec(dx, &x));
         }
         if let Some(node) = node_g {
@@ -148,28 +165,30 @@ pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
 }
 
 vectorised! {
-    fn swiglu_chunk(y: &mut [f32], g: &[f32], u: &[f32]) {
-        y.iter_mut().zip(g).zip(u).for_each(|((y, g), u)| *y = g * sigmoid(*g) * u);
+    fn swiglu_chunk(y: &mut [MaybeUninit<f32>], g: &[f32], u: &[f32]) {
+        y.iter_mut().zip(g).zip(u).for_each(|((y, g), u)| {
+            y.write(g * sigmoid(*g) * u);
+        });
     }
 }
 
 vectorised! {
     /// dg = dy·u·σ(g)·(1 + g·(1 − σ(g))) and du = dy·g·σ(g); either may be empty.
-    fn swiglu_grad_chunk(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
+    fn swiglu_grad_chunk(dg: &mut [MaybeUninit<f32>], du: &mut [MaybeUninit<f32>], g: &[f32], u: &[f32], dy: &[f32]) {
         if !dg.is_empty() && !du.is_empty() {
             for i in 0..g.len() {
                 let s = sigmoid(g[i]);
-                dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                du[i] = dy[i] * g[i] * s;
+                dg[i].write(dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s)));
+                du[i].write(dy[i] * g[i] * s);
             }
         } else if !dg.is_empty() {
             for i in 0..g.len() {
                 let s = sigmoid(g[i]);
-                dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                dg[i].write(dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s)));
             }
         } else if !du.is_empty() {
             for i in 0..g.len() {
-                du[i] = dy[i] * g[i] * sigmoid(g[i]);
+                du[i].write(dy[i] * g[i] * sigmoid(g[i]));
             }
         }
     }
@@ -177,8 +196,8 @@ vectorised! {
 
 fn swiglu_forward(g: &FlexTensor, u: &FlexTensor) -> FlexTensor {
     let (gs, us) = (g.storage::<f32>(), u.storage::<f32>());
-    let mut y = vec![0.0f32; gs.len()];
-    y.par_chunks_mut(4096).zip(gs.par_chunks(4096)).zip(us.par_chunks(4096)).for_each(|((y, g), u)| swiglu_chunk(y, g, u));
+    const C: usize = 4096;
+    let y = kernels::par_fill(gs.len(), C, |i, y| swiglu_chunk(y, &gs[i * C..][..y.len()], &us[i * C..][..y.len()]));
     from_vec(y, g)
 }
 
@@ -194,15 +213,19 @@ impl Backward<Flex, 2> for SwigluBackward {
         let dy = dense(grads.consume::<Flex>(&ops.node));
         let (gs, us, dys) = (g.storage::<f32>(), u.storage::<f32>(), dy.storage::<f32>());
         let n = gs.len();
-        let (mut dg, mut du) = (vec![0.0f32; if node_g.is_some() { n } else { 0 }], vec![0.0f32; if node_u.is_some() { n } else { 0 }]);
+        // Both gradients in one pass where both are needed (the usual case).
         const C: usize = 4096;
-        let chunks = gs.par_chunks(C).zip(us.par_chunks(C)).zip(dys.par_chunks(C));
-        match (node_g.is_some(), node_u.is_some()) {
-            (true, true) => chunks.zip(dg.par_chunks_mut(C)).zip(du.par_chunks_mut(C)).for_each(|((((g, u), dy), dg), du)| swiglu_grad_chunk(dg, du, g, u, dy)),
-            (true, false) => chunks.zip(dg.par_chunks_mut(C)).for_each(|(((g, u), dy), dg)| swiglu_grad_chunk(dg, &mut [], g, u, dy)),
-            (false, true) => chunks.zip(du.par_chunks_mut(C)).for_each(|(((g, u), dy), du)| swiglu_grad_chunk(&mut [], du, g, u, dy)),
-            (false, false) => {}
-        }
+        let (mut dg, mut du) = (kernels::Buffer::new(if node_g.is_some() { n } else { 0 }), kernels::Buffer::new(if node_u.is_some() { n } else { 0 }));
+        let (dg_out, du_out) = (dg.out(), du.out());
+        let (want_g, want_u) = (node_g.is_some(), node_u.is_some());
+        (0..n.div_ceil(C)).into_par_iter().for_each(|i| {
+            let len = C.min(n - i * C);
+            // SAFETY: chunk i of each buffer belongs to this task, and is written in full.
+            let (dgc, duc) = unsafe { (kernels::to_write(dg_out.at(i * C), if want_g { len } else { 0 }), kernels::to_write(du_out.at(i * C), if want_u { len } else { 0 })) };
+            swiglu_grad_chunk(dgc, duc, &gs[i * C..][..len], &us[i * C..][..len], &dys[i * C..][..len]);
+        });
+        // SAFETY: every chunk of a wanted buffer was written.
+        let (dg, du) = unsafe { (dg.filled(), du.filled()) };
         if let Some(node) = node_g {
             grads.register::<Flex>(node.id, from_vec(dg, &g));
         }
@@ -233,7 +256,7 @@ pub fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
         let (c, s) = (dense(c), dense(s));
         return match on {
             On::Tracked([xp]) => Tensor::from_primitive::<AutodiffFlex>(rope_tracked(xp, c, s)),
-            On::Plain([xp]) => Tensor::from_primitive::<Flex>(rope_apply(&dense(xp), &c, &s, false)),
+            On::Plain([xp]) => Tensor::from_primitive::<Flex>(rope_apply(&xp, &c, &s, false, dense_like(&xp))),
         };
     }
     let half = x.dims()[3] / 2;
@@ -242,44 +265,77 @@ pub fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
 }
 
 /// Forward (y = x·cos + rot(x)·sin) or its transpose for the backward
-/// (dx = dy·cos + rotᵀ(dy·sin), rotᵀ(z) = [z₂, −z₁]).
-fn rope_apply(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, transpose: bool) -> FlexTensor {
+/// (dx = dy·cos + rotᵀ(dy·sin), rotᵀ(z) = [z₂, −z₁]). x is read through its strides (rows of
+/// d contiguous, else it is copied first); the result is stored with strides `out`.
+fn rope_apply(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, transpose: bool, out: [usize; 4]) -> FlexTensor {
+    let x = if x.layout().strides()[3] == 1 && x.layout().strides().iter().all(|s| *s >= 0) { x.clone() } else { x.to_contiguous() };
     let dims = x.layout().shape().clone();
-    let (heads, seq, d) = (dims[1], dims[2], dims[3]);
+    let (batch, heads, seq, d) = (dims[0], dims[1], dims[2], dims[3]);
+    let st: Vec<usize> = x.layout().strides().iter().map(|s| *s as usize).collect();
     let table_batch = cos.layout().shape()[0];
-    let (xs, cs, ss) = (x.storage::<f32>(), cos.storage::<f32>(), sin.storage::<f32>());
-    let half = d / 2;
-    let mut y = vec![0.0f32; xs.len()];
-    y.par_chunks_mut(d).zip(xs.par_chunks(d)).enumerate().for_each(|(row, (yr, xr))| {
-        let (b, pos) = (row / (heads * seq), row % seq);
+    let (xs, cs, ss) = (&x.storage::<f32>()[x.layout().start_offset()..], cos.storage::<f32>(), sin.storage::<f32>());
+    let mut y = kernels::Buffer::new(batch * heads * seq * d);
+    let y_out = y.out();
+    (0..batch * heads * seq).into_par_iter().with_min_len(64).for_each(|row| {
+        let (b, h, pos) = (row / (heads * seq), row / seq % heads, row % seq);
         let t = ((if table_batch == 1 { 0 } else { b }) * seq + pos) * d;
-        let (c, s) = (&cs[t..t + d], &ss[t..t + d]);
+        let xr = &xs[b * st[0] + h * st[1] + pos * st[2]..][..d];
+        // SAFETY: each (b, h, pos) row of the output is written by this task alone, in full.
+        let yr = unsafe { kernels::to_write(y_out.at(b * out[0] + h * out[1] + pos * out[2]), d) };
+        rope_row(yr, xr, &cs[t..t + d], &ss[t..t + d], transpose);
+    });
+    // SAFETY: the rows cover the whole output.
+    kernels::tensor(unsafe { y.filled() }, dims, out.iter().map(|s| *s as isize).collect())
+}
+
+vectorised! {
+    fn rope_row(y: &mut [MaybeUninit<f32>], x: &[f32], c: &[f32], s: &[f32], transpose: bool) {
+        let half = x.len() / 2;
+        let (y1, y2) = y.split_at_mut(half);
+        let (x1, x2) = x.split_at(half);
+        let (c1, c2) = c.split_at(half);
+        let (s1, s2) = s.split_at(half);
         for i in 0..half {
-            let (x1, x2) = (xr[i], xr[i + half]);
             if transpose {
-                yr[i] = x1 * c[i] + x2 * s[i + half];
-                yr[i + half] = x2 * c[i + half] - x1 * s[i];
+                y1[i].write(x1[i] * c1[i] + x2[i] * s2[i]);
+                y2[i].write(x2[i] * c2[i] - x1[i] * s1[i]);
             } else {
-                yr[i] = x1 * c[i] - x2 * s[i];
-                yr[i + half] = x2 * c[i + half] + x1 * s[i + half];
+                y1[i].write(x1[i] * c1[i] - x2[i] * s1[i]);
+                y2[i].write(x2[i] * c2[i] + x1[i] * s2[i]);
             }
         }
-    });
-    from_vec(y, x)
+    }
+}
+
+/// Strides of a dense tensor with `t`'s shape that orders its dimensions as `t` does: for the
+/// [b, heads, s, d] view of a [b, s, heads, d] projection, that projection's own layout.
+fn dense_like(t: &FlexTensor) -> [usize; 4] {
+    let (shape, st) = (t.layout().shape(), t.layout().strides());
+    let mut order = [0usize, 1, 2, 3];
+    order.sort_by_key(|&i| (std::cmp::Reverse(st[i]), i));
+    let mut out = [0usize; 4];
+    let mut size = 1;
+    for &i in order.iter().rev() {
+        out[i] = size;
+        size *= shape[i];
+    }
+    out
 }
 
 #[derive(Debug)]
 struct RopeBackward;
 
 impl Backward<Flex, 1> for RopeBackward {
-    type State = (FlexTensor, FlexTensor);
+    /// cos, sin, and the layout of x (the gradient takes it, so the projection it flows back
+    /// to reads it without a copy).
+    type State = (FlexTensor, FlexTensor, [usize; 4]);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x] = ops.parents;
-        let (cos, sin) = ops.state;
-        let dy = dense(grads.consume::<Flex>(&ops.node));
+        let (cos, sin, layout) = ops.state;
+        let dy = grads.consume::<Flex>(&ops.node);
         if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, rope_apply(&dy, &cos, &sin, true));
+            grads.register::<Flex>(node.id, rope_apply(&dy, &cos, &sin, true, layout));
         }
     }
 }
@@ -287,10 +343,15 @@ impl Backward<Flex, 1> for RopeBackward {
 fn rope_tracked(x: FloatTensor<AutodiffFlex>, cos: FlexTensor, sin: FlexTensor) -> FloatTensor<AutodiffFlex> {
     match RopeBackward.prepare::<NoCheckpointing>([x.node()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let y = rope_apply(&dense(x.into_primitive()), &cos, &sin, false);
-            prep.finish((cos, sin), y)
+            let x = x.into_primitive();
+            let layout = dense_like(&x);
+            let y = rope_apply(&x, &cos, &sin, false, layout);
+            prep.finish((cos, sin, layout), y)
         }
-        OpsKind::UnTracked(prep) => prep.finish(rope_apply(&dense(x.into_primitive()), &cos, &sin, false)),
+        OpsKind::UnTracked(prep) => {
+            let x = x.into_primitive();
+            prep.finish(rope_apply(&x, &cos, &sin, false, dense_like(&x)))
+        }
     }
 }
 
@@ -344,13 +405,16 @@ impl Backward<Flex, 1> for TargetBackward {
         let Some(node) = node else { return };
         let (zs, gs) = (logits.storage::<f32>(), g.storage::<f32>());
         let vocab = zs.len() / ids.len();
-        let mut dz = vec![0.0f32; zs.len()];
-        dz.par_chunks_mut(vocab).zip(zs.par_chunks(vocab)).zip(gs.par_iter()).zip(lse.par_iter()).zip(ids.par_iter()).for_each(|((((d, z), g), l), &t)| {
-            if *g == 0.0 {
-                return; // masked positions: the whole row's gradient is zero
+        let dz = kernels::par_fill(zs.len(), vocab, |row, d| {
+            let g = gs[row];
+            if g == 0.0 {
+                d.fill(MaybeUninit::new(0.0)); // masked positions: the whole row's gradient is zero
+                return;
             }
-            kernels::scaled_exp_shifted(d, z, *l, -g);
-            d[t.min(vocab - 1)] += g;
+            let t = ids[row].min(vocab - 1);
+            kernels::scaled_exp_shifted(d, &zs[row * vocab..][..vocab], lse[row], -g);
+            // SAFETY: the line above wrote the whole row.
+            unsafe { *d[t].assume_init_mut() += g };
         });
         grads.register::<Flex>(node.id, from_vec(dz, &logits));
     }

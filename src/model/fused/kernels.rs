@@ -6,6 +6,7 @@
 use burn::backend::flex::{FlexTensor, Layout};
 use burn::tensor::{Bytes, DType, Shape};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// A row-major view into f32 memory: element (r, c) is at `ptr + r·row_stride + c·col_stride`.
 #[derive(Clone, Copy, Debug)]
@@ -120,7 +121,8 @@ unsafe fn gemm_on(parallelism: gemm::Parallelism, m: usize, n: usize, k: usize, 
     }
 }
 
-/// A buffer of `n` f32 that the caller fills completely before reading.
+/// A buffer of `n` f32 that the caller fills completely before reading (a fresh `vec![0.0; n]`
+/// would be zeroed first, on the calling thread while the pool waits).
 pub struct Buffer(Vec<f32>);
 
 impl Buffer {
@@ -139,6 +141,24 @@ impl Buffer {
         unsafe { self.0.set_len(n) };
         self.0
     }
+}
+
+/// `len` not yet written f32 from `ptr`, to be written.
+///
+/// # Safety
+/// The range is inside one allocation, and no one else touches it while the slice lives.
+pub unsafe fn to_write<'a>(ptr: *mut f32, len: usize) -> &'a mut [MaybeUninit<f32>] {
+    unsafe { std::slice::from_raw_parts_mut(ptr.cast(), len) }
+}
+
+/// A new vector of `n` values, written by `fill(index, chunk)` over chunks of `chunk` values
+/// in parallel; `fill` must write every value of its chunk.
+pub fn par_fill(n: usize, chunk: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send) -> Vec<f32> {
+    let mut values = Vec::with_capacity(n);
+    values.spare_capacity_mut()[..n].par_chunks_mut(chunk).enumerate().for_each(|(i, c)| fill(i, c));
+    // SAFETY: `fill` wrote every chunk, and the chunks cover 0..n.
+    unsafe { values.set_len(n) };
+    values
 }
 
 /// A 2-D flex tensor read as a matrix view (any strides).
@@ -295,8 +315,10 @@ vectorised! {
 
 vectorised! {
     /// dst[i] = factor·e^(xs[i] − shift).
-    pub fn scaled_exp_shifted(dst: &mut [f32], xs: &[f32], shift: f32, factor: f32) {
-        dst.iter_mut().zip(xs).for_each(|(d, x)| *d = factor * exp(*x - shift));
+    pub fn scaled_exp_shifted(dst: &mut [MaybeUninit<f32>], xs: &[f32], shift: f32, factor: f32) {
+        dst.iter_mut().zip(xs).for_each(|(d, x)| {
+            d.write(factor * exp(*x - shift));
+        });
     }
 }
 
