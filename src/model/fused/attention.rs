@@ -41,6 +41,7 @@ pub fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Optio
             Some(m) => flex_mask(m).map(Some),
         };
         if let Some(mask) = mask {
+            assert_eq!(v.dims(), k.dims(), "attention: v and k differ in shape");
             let p = Plan::new(&q, &k, mask, is_causal);
             if let (Ok(qp), Ok(kp), Ok(vp)) = (q.clone().try_into_primitive::<AutodiffFlex>(), k.clone().try_into_primitive::<AutodiffFlex>(), v.clone().try_into_primitive::<AutodiffFlex>()) {
                 return Tensor::from_primitive::<AutodiffFlex>(tracked(qp, kp, vp, p));
@@ -104,6 +105,8 @@ impl Plan {
     fn new(q: &Tensor<4>, k: &Tensor<4>, mask: Option<FlexTensor>, causal: bool) -> Self {
         let [batch, heads, seq, head_dim] = q.dims();
         let kv_heads = k.dims()[1];
+        // The kernels index k and v through raw pointers: shapes must agree.
+        assert!(k.dims() == [batch, kv_heads, seq, head_dim] && kv_heads > 0 && heads % kv_heads == 0, "attention: q {:?} and k {:?} do not fit grouped heads", q.dims(), k.dims());
         let mask = mask.map(|m| {
             let m = m.to_contiguous();
             let dims = m.layout().shape().clone();

@@ -271,6 +271,7 @@ fn rope_apply(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, transpose: boo
     let x = if x.layout().strides()[3] == 1 && x.layout().strides().iter().all(|s| *s >= 0) { x.clone() } else { x.to_contiguous() };
     let dims = x.layout().shape().clone();
     let (batch, heads, seq, d) = (dims[0], dims[1], dims[2], dims[3]);
+    assert!(d % 2 == 0, "RoPE needs an even head dimension, got {d}");
     let st: Vec<usize> = x.layout().strides().iter().map(|s| *s as usize).collect();
     let table_batch = cos.layout().shape()[0];
     let (xs, cs, ss) = (&x.storage::<f32>()[x.layout().start_offset()..], cos.storage::<f32>(), sin.storage::<f32>());
@@ -309,8 +310,13 @@ vectorised! {
 
 /// Strides of a dense tensor with `t`'s shape that orders its dimensions as `t` does: for the
 /// [b, heads, s, d] view of a [b, s, heads, d] projection, that projection's own layout.
+/// Anything else (broadcast or reversed dimensions) gets contiguous strides.
 fn dense_like(t: &FlexTensor) -> [usize; 4] {
     let (shape, st) = (t.layout().shape(), t.layout().strides());
+    let contiguous = [shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1];
+    if st[3] != 1 || st.iter().zip(shape.iter()).any(|(s, n)| *s <= 0 && *n > 1) {
+        return contiguous;
+    }
     let mut order = [0usize, 1, 2, 3];
     order.sort_by_key(|&i| (std::cmp::Reverse(st[i]), i));
     let mut out = [0usize; 4];
@@ -319,7 +325,7 @@ fn dense_like(t: &FlexTensor) -> [usize; 4] {
         out[i] = size;
         size *= shape[i];
     }
-    out
+    if out[3] == 1 { out } else { contiguous }
 }
 
 #[derive(Debug)]

@@ -34,6 +34,7 @@ pub fn matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
 /// a [m, k] · b [k, n] into a new contiguous [m, n] tensor.
 fn product(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
     let (m, k, n) = (a.layout().shape()[0], a.layout().shape()[1], b.layout().shape()[1]);
+    assert_eq!(k, b.layout().shape()[0], "matmul: inner dimensions differ");
     let mut out = Buffer::new(m * n);
     // SAFETY: the views come from live tensors of these shapes; gemm writes all m·n outputs.
     unsafe {
