@@ -200,9 +200,8 @@ impl Llama {
 
     /// Final projection to the vocabulary: lm_head, or the tied embeddings.
     fn head(&self, x: Tensor<3>) -> Tensor<3> {
-        match (&self.lm_head, self.precision) {
-            (Some(head), MixedPrecision::No) => head.forward(x),
-            _ => self.precision.matmul3(x, self.head_weight()),
-        }
+        // lm_head has no bias (built with bias false), so it is the plain product, which
+        // takes the fused path on the CPU default.
+        self.precision.matmul3(x, self.head_weight())
     }
 }
