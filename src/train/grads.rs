@@ -7,6 +7,8 @@ use burn::optim::GradientsParams;
 use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
+use super::optimizer::is_flex_f32;
+
 struct SquaredNorm<'a> {
     grads: &'a GradientsParams,
     total: f64,
@@ -63,20 +65,13 @@ crate::model::fused::vectorised! {
     }
 }
 
-crate::model::fused::vectorised! {
-    fn scale_in_place(xs: &mut [f32], factor: f32) {
-        xs.iter_mut().for_each(|x| *x *= factor);
-    }
-}
-
 /// g · factor; on the CPU default in place (a gradient has no other owner), else burn's op.
 fn scaled<const D: usize>(g: Tensor<D>, factor: f64) -> Tensor<D> {
-    let flex_f32 = crate::model::fused::enabled() && g.dtype() == DType::F32 && g.clone().try_into_primitive::<Flex>().is_ok();
-    if !flex_f32 {
+    if !(crate::model::fused::enabled() && is_flex_f32(&g)) {
         return g.mul_scalar(factor);
     }
     let mut t = g.try_into_primitive::<Flex>().map(|t| t.to_contiguous()).unwrap_or_else(|_| unreachable!("checked above"));
-    t.storage_mut::<f32>().par_chunks_mut(1 << 15).for_each(|c| scale_in_place(c, factor as f32));
+    t.storage_mut::<f32>().par_chunks_mut(1 << 15).for_each(|c| crate::model::fused::scale(c, factor as f32));
     Tensor::from_primitive::<Flex>(t)
 }
 

@@ -150,7 +150,8 @@ crate::model::fused::vectorised! {
     }
 }
 
-fn is_flex_f32<const D: usize>(t: &Tensor<D>) -> bool {
+/// f32 on burn-flex without autodiff: where the one-pass updates can run.
+pub(super) fn is_flex_f32<const D: usize>(t: &Tensor<D>) -> bool {
     t.dtype() == DType::F32 && t.clone().try_into_primitive::<Flex>().is_ok()
 }
 

@@ -179,8 +179,7 @@ struct Heads {
 
 impl Heads {
     fn new(t: FlexTensor) -> Self {
-        let st = t.layout().strides();
-        let tensor = if st[3] == 1 && st.iter().all(|s| *s >= 0) { t } else { t.to_contiguous() };
+        let tensor = kernels::rows_readable(t);
         let st = tensor.layout().strides();
         let strides = [st[0] as usize, st[1] as usize, st[2] as usize];
         Self { tensor, strides }

@@ -22,12 +22,14 @@ use super::kernels::{self, sigmoid, vectorised};
 type AutodiffFlex = Autodiff<Flex, NoCheckpointing>;
 
 /// Where a set of tensors lives, as far as the fused kernels care.
-enum On<const N: usize> {
+pub(super) enum On<const N: usize> {
     Tracked([FloatTensor<AutodiffFlex>; N]),
     Plain([FlexTensor; N]),
 }
 
-fn locate<const N: usize, const D: usize>(tensors: [&Tensor<D>; N]) -> Option<On<N>> {
+/// All f32 on burn-flex, with autodiff or all without (None otherwise, or when the fused ops
+/// are off).
+pub(super) fn locate<const N: usize, const D: usize>(tensors: [&Tensor<D>; N]) -> Option<On<N>> {
     if !super::enabled() || tensors.iter().any(|t| t.dtype() != DType::F32) {
         return None;
     }
@@ -268,7 +270,7 @@ pub fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
 /// (dx = dy·cos + rotᵀ(dy·sin), rotᵀ(z) = [z₂, −z₁]). x is read through its strides (rows of
 /// d contiguous, else it is copied first); the result is stored with strides `out`.
 fn rope_apply(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, transpose: bool, out: [usize; 4]) -> FlexTensor {
-    let x = if x.layout().strides()[3] == 1 && x.layout().strides().iter().all(|s| *s >= 0) { x.clone() } else { x.to_contiguous() };
+    let x = kernels::rows_readable(x.clone());
     let dims = x.layout().shape().clone();
     let (batch, heads, seq, d) = (dims[0], dims[1], dims[2], dims[3]);
     assert!(d % 2 == 0, "RoPE needs an even head dimension, got {d}");

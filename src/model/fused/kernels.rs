@@ -161,6 +161,13 @@ pub fn par_fill(n: usize, chunk: usize, fill: impl Fn(usize, &mut [MaybeUninit<f
     values
 }
 
+/// `t`, or a contiguous copy where its last dimension is not unit-stride or a stride is
+/// negative: what the kernels need to read rows through the remaining strides.
+pub fn rows_readable(t: FlexTensor) -> FlexTensor {
+    let st = t.layout().strides();
+    if st[st.len() - 1] == 1 && st.iter().all(|s| *s >= 0) { t } else { t.to_contiguous() }
+}
+
 /// A 2-D flex tensor read as a matrix view (any strides).
 pub fn matrix(t: &FlexTensor) -> View {
     let st = t.layout().strides();

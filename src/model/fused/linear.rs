@@ -11,24 +11,20 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::{DType, Shape, Tensor};
+use burn::tensor::{Shape, Tensor};
 
-use super::kernels::{Buffer, gemm_parallel, matrix, tensor};
+use super::elementwise::{On, locate};
+use super::kernels::{Buffer, contiguous, gemm_parallel, matrix};
 
 type AutodiffFlex = Autodiff<Flex, NoCheckpointing>;
 
 /// x [n, in] · w [in, out] -> [n, out].
 pub fn matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
-    let f32s = x.dtype() == DType::F32 && w.dtype() == DType::F32;
-    if f32s && super::enabled() {
-        if let (Ok(xp), Ok(wp)) = (x.clone().try_into_primitive::<AutodiffFlex>(), w.clone().try_into_primitive::<AutodiffFlex>()) {
-            return Tensor::from_primitive::<AutodiffFlex>(tracked(xp, wp));
-        }
-        if let (Ok(xp), Ok(wp)) = (x.clone().try_into_primitive::<Flex>(), w.clone().try_into_primitive::<Flex>()) {
-            return Tensor::from_primitive::<Flex>(product(&xp, &wp));
-        }
+    match locate([&x, &w]) {
+        Some(On::Tracked([xp, wp])) => Tensor::from_primitive::<AutodiffFlex>(tracked(xp, wp)),
+        Some(On::Plain([xp, wp])) => Tensor::from_primitive::<Flex>(product(&xp, &wp)),
+        None => x.matmul(w),
     }
-    x.matmul(w)
 }
 
 /// a [m, k] · b [k, n] into a new contiguous [m, n] tensor.
@@ -39,7 +35,7 @@ fn product(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
     // SAFETY: the views come from live tensors of these shapes; gemm writes all m·n outputs.
     unsafe {
         gemm_parallel(m, n, k, out.out().ptr(), n, false, matrix(a), matrix(b));
-        tensor(out.filled(), Shape::new([m, n]), vec![n as isize, 1])
+        contiguous(out.filled(), Shape::new([m, n]))
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 pub mod attention;
 pub mod elementwise;
 mod kernels;
-pub(crate) use kernels::vectorised;
+pub(crate) use kernels::{scale, vectorised};
 pub mod linear;
 
 pub use attention::{fuses, grouped_attention};
