@@ -98,6 +98,7 @@ impl ScriptEngine {
         });
 
         tensor::register(&mut engine);
+        super::random::register(&mut engine);
 
         let captured = Rc::new(RefCell::new(Captured::default()));
         let slot = captured.clone();

@@ -1,8 +1,9 @@
-//! Rhai side: the sandboxed engine, the Tensor type, compiled script versions, file
+//! Rhai side: the sandboxed engine, the Tensor type, seeded random draws, compiled script versions, file
 //! watching for hot reload, and the pure-Rhai test runner.
 
 pub mod engine;
 pub mod program;
+pub mod random;
 pub mod tensor;
 pub mod testing;
 pub mod watch;

@@ -1,7 +1,10 @@
 //! `host test`: runs every `fn test_*()` in Rhai test files, so plugins can be unit-tested
-//! in pure Rhai with object-map batches.
+//! in pure Rhai with object-map batches. Test files (only they) may also call
+//! `load_json("relative/path.json")` to read reference numbers a fixture script wrote.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use rhai::{Dynamic, EvalAltResult};
 
 use super::program::ScriptHost;
 
@@ -11,6 +14,8 @@ pub struct TestReport {
 }
 
 pub fn run_test_file(host: &mut ScriptHost, file: &Path, report: &mut TestReport) {
+    let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    host.scripts.engine.register_fn("load_json", move |path: &str| load_json(&dir, path));
     let version = match host.load(file) {
         Ok(v) => v,
         Err(e) => {
@@ -37,4 +42,13 @@ pub fn run_test_file(host: &mut ScriptHost, file: &Path, report: &mut TestReport
             }
         }
     }
+}
+
+/// `load_json(path)`: a JSON file, relative to the test file's folder, as Rhai values.
+fn load_json(dir: &Path, path: &str) -> Result<Dynamic, Box<EvalAltResult>> {
+    let file: PathBuf = dir.join(path);
+    let fail = |e: String| -> Box<EvalAltResult> { format!("load_json({path}): {}: {e}", file.display()).into() };
+    let text = std::fs::read_to_string(&file).map_err(|e| fail(e.to_string()))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| fail(e.to_string()))?;
+    rhai::serde::to_dynamic(value).map_err(|e| fail(e.to_string()))
 }

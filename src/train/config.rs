@@ -195,6 +195,7 @@ impl TrainConfig {
             None => Map::new(),
             Some(p) => p.try_cast::<Map>().ok_or_else(|| anyhow!("config.params must be a map"))?,
         };
+        check_reserved(&params, "train(config): params")?;
         let compare = match map.remove("compare") {
             None => Vec::new(),
             Some(list) => parse_arms(list)?,
@@ -314,6 +315,7 @@ fn parse_arms(list: Dynamic) -> Result<Vec<Arm>> {
             None => Map::new(),
             Some(p) => p.try_cast::<Map>().ok_or_else(|| anyhow!("{at}.params must be a map"))?,
         };
+        check_reserved(&params, &format!("{at}.params"))?;
         if let Some(key) = map.keys().next() {
             return Err(anyhow!("{at}: unknown field `{key}` (expected name, loss, params)"));
         }
@@ -323,4 +325,15 @@ fn parse_arms(list: Dynamic) -> Result<Vec<Arm>> {
         return Err(anyhow!("train(config): compare needs at least two arms"));
     }
     Ok(arms)
+}
+
+/// The host sets these keys of the loss's `params` on every call; a config that set them
+/// would be silently overwritten.
+fn check_reserved(params: &Map, at: &str) -> Result<()> {
+    for key in crate::train::loss_call::RESERVED_PARAMS {
+        if params.contains_key(key) {
+            return Err(anyhow!("{at}.{key}: reserved (the host sets {} on every loss call)", crate::train::loss_call::RESERVED_PARAMS.join(", ")));
+        }
+    }
+    Ok(())
 }

@@ -23,12 +23,17 @@ pub fn put2(map: &mut Map, name: &str, t: Tensor<2>) {
     map.insert(name.into(), Dynamic::from(ScriptTensor::Rank2(t)));
 }
 
-/// `params` as the loss sees them: the config's params plus step, total_steps and state.
-pub fn loss_params(params: &Map, step: usize, total: usize, state: &Map) -> Map {
+/// Keys the host sets in the `params` a loss sees; the config's `params` may not use them.
+pub const RESERVED_PARAMS: [&str; 4] = ["step", "total_steps", "state", "rng_seed"];
+
+/// `params` as the loss sees them: the config's params plus step, total_steps, state and
+/// rng_seed (for the script's seeded draws: `random_normal`, `sample_without_replacement`).
+pub fn loss_params(params: &Map, step: usize, total: usize, state: &Map, rng_seed: INT) -> Map {
     let mut p = params.clone();
     p.insert("step".into(), Dynamic::from_int(step as INT));
     p.insert("total_steps".into(), Dynamic::from_int(total as INT));
     p.insert("state".into(), Dynamic::from_map(state.clone()));
+    p.insert("rng_seed".into(), Dynamic::from_int(rng_seed));
     p
 }
 

@@ -19,6 +19,7 @@ use super::evaluate::{EvalResult, evaluate, load_eval_rows};
 use super::grads::clip_global_norm;
 use super::chunked::ChunkedHead;
 use super::logps::{batch_logps, row_sums};
+use crate::script::random::loss_call_seed;
 use super::loss_call::{LossOutput, loss_params, put1, put2, read_loss_output, rust_dpo_loss};
 use super::optimizer::FusedAdamW;
 use super::metrics::{MetricsLog, format_line};
@@ -229,13 +230,20 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
         // ---- forward + backward over grad_accum micro-batches
         let mut accumulator = GradientsAccumulator::<Llama>::new();
         let mut outputs = Vec::with_capacity(trainer.config.grad_accum);
-        for _ in 0..trainer.config.grad_accum {
+        // The loss state each micro-batch returns is the next one's input (γ-PO's queue grows
+        // per forward, as in its reference); it is kept only if the step's update is applied.
+        let mut step_state = trainer.loss_state.clone();
+        for micro in 0..trainer.config.grad_accum {
             let examples = trainer.next_batch();
             let mut config = trainer.config.clone();
+            let call = LossCall { step, micro_batch: micro, state: &step_state };
             let mut output = with_fallback(&mut current, &mut previous, &mut config, &mut log, step, "loss", |version, config| {
-                trainer.loss(host, version, config, &examples, step)
+                trainer.loss(host, version, config, &examples, &call)
             })?;
             trainer.config = config;
+            if let Some(state) = output.loss.state.clone() {
+                step_state = state;
+            }
             let scaled = output.loss.loss.clone().div_scalar(trainer.config.grad_accum as f64);
             let grads = match output.head.take() {
                 Some(head) => head.gradients(&scaled.backward(), trainer.policy()),
@@ -264,10 +272,8 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
             continue;
         }
         nonfinite_in_a_row = 0;
+        trainer.loss_state = step_state;
         for output in &outputs {
-            if let Some(state) = output.loss.state.clone() {
-                trainer.loss_state = state;
-            }
             trainer.record(&mut log, output);
         }
         let policy = trainer.policy.take().expect("the policy is in place between steps");
@@ -359,7 +365,7 @@ fn try_reload(host: &mut ScriptHost, script: &Path, trainer: &Trainer) -> Result
     let config = config_of(&version, trainer.config.arm.as_deref()).map_err(|e| format!("{e:#}"))?;
     require_loss(&version, &config.loss_fn).map_err(|e| e.to_string())?;
     let batch = synthetic_batch(&trainer.device, trainer.config.mode == Mode::Preference);
-    let params = loss_params(&config.params, 0, trainer.total_steps, &trainer.loss_state);
+    let params = loss_params(&config.params, 0, trainer.total_steps, &trainer.loss_state, loss_call_seed(trainer.config.seed, 0, 0));
     let value = host.call(&version, &config.loss_fn, vec![Dynamic::from_map(batch), Dynamic::from_map(params)]).map_err(|e| e.to_string())?;
     let out = read_loss_output(value, 2).map_err(|e| format!("{}: {e}", version.fn_location(&config.loss_fn)))?;
     let dry_loss = crate::model::values(out.loss)[0];
@@ -405,6 +411,14 @@ fn fill_sequences(map: &mut Map, side: &str, tokens: Tensor<2>, mask: Tensor<2>,
     put2(map, &format!("ref_{side}_token_logps"), reference);
     put2(map, &format!("{side}_mask"), mask);
     put1(map, &format!("{side}_lengths"), lengths);
+}
+
+/// Which loss call this is: the step, the micro-batch within it, and the loss state it
+/// starts from.
+struct LossCall<'a> {
+    step: usize,
+    micro_batch: usize,
+    state: &'a Map,
 }
 
 struct StepResult {
@@ -507,7 +521,7 @@ impl Trainer {
     }
 
     /// Forward passes, the batch map, and the script's loss.
-    fn loss(&self, host: &ScriptHost, version: &ScriptVersion, config: &TrainConfig, examples: &[Example], step: usize) -> Result<StepResult, String> {
+    fn loss(&self, host: &ScriptHost, version: &ScriptVersion, config: &TrainConfig, examples: &[Example], call: &LossCall) -> Result<StepResult, String> {
         let refs: Vec<&Example> = examples.iter().collect();
         let b = examples.len();
         let pad = self.tokenizer.pad_id;
@@ -563,7 +577,8 @@ impl Trainer {
         } else {
             Vec::new()
         };
-        let params = loss_params(&config.params, step, self.total_steps, &self.loss_state);
+        let seed = loss_call_seed(config.seed, call.step, call.micro_batch);
+        let params = loss_params(&config.params, call.step, self.total_steps, call.state, seed);
         let call_start = std::time::Instant::now();
         let mut loss = if config.rust_dpo_loss {
             rust_dpo_loss(&map, config.beta())?
