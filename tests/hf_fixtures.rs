@@ -76,7 +76,7 @@ fn sliding_window_holds_in_packed_rows_and_decoding() {
             let mut rejected = chosen.clone();
             let last = rejected.len() - 1;
             rejected[last / 2] = 3 + (rejected[last / 2] + 1) % 90;
-            Example { prompt: r.ids[..r.prompt_length].to_vec(), chosen, rejected, line: 1 }
+            Example { prompt: r.ids[..r.prompt_length].to_vec(), chosen, rejected, line: 1, label: None }
         })
         .collect();
     let refs: Vec<&Example> = examples.iter().collect();

@@ -180,3 +180,36 @@ fn faulty_loss_edits_are_each_rejected_with_file_and_line() {
     let mut child = child;
     assert!(child.0.try_wait().unwrap().is_none(), "the run must still be going");
 }
+
+/// The objectives from papers reload like any loss: a γ-PO edit keeps its queue (the pool
+/// goes on growing), and switching the loss to AMaPO, then to robust DPO, takes effect at
+/// the next step.
+#[test]
+fn new_objectives_reload_and_gamma_po_keeps_its_queue() {
+    let sb = Sandbox::new();
+    let source = |body: &str, params: &str| {
+        format!(
+            "import \"losses/gamma_po\" as gamma_po;\nimport \"losses/amapo\" as amapo;\nimport \"losses/robust_dpo\" as robust_dpo;\n\nfn loss(b, p) {{ {body} }}\n\ntrain({});\n",
+            small_config(&format!("max_steps: 4000, params: #{{ {params} }},"))
+        )
+    };
+    let path = sb.write("scripts/exp.rhai", &source("gamma_po::loss(b, p)", "beta: 2.5, tau: 10.0"));
+    let run_dir = sb.path("run");
+    let mut child = start_run(&path, &run_dir, std::process::Stdio::null());
+    let metrics = run_dir.join("metrics.jsonl");
+    wait_for(&metrics, "first steps", |l| last_step(l) >= 3);
+
+    sb.write("scripts/exp.rhai", &source("gamma_po::loss(b, p)", "beta: 2.5, tau: 5.0"));
+    let lines = wait_for(&metrics, "the τ edit", |l| events(l, "reload").len() == 1 && last_step(l) > events(l, "reload")[0]["step"].as_u64().unwrap() + 1);
+    let pool: Vec<u64> = lines.iter().filter_map(|l| l["gamma_po/pool_size"].as_u64()).collect();
+    // 8 initial draws + 8 gaps per step, drawn up to pool_size 256.
+    assert!(pool.windows(2).all(|w| w[1] == (w[0] + 8).min(256)), "the queue grows by a batch each step across the reload: {pool:?}");
+
+    sb.write("scripts/exp.rhai", &source("amapo::loss(b, p)", "beta: 2.0"));
+    let lines = wait_for(&metrics, "AMaPO", |l| l.iter().any(|x| x.get("loss/margin").is_some()));
+    assert_eq!(events(&lines, "reload").len(), 2);
+
+    sb.write("scripts/exp.rhai", &source("robust_dpo::loss(b, p)", "beta: 0.1, label_smoothing: 0.2"));
+    wait_for(&metrics, "robust DPO", |l| events(l, "reload").len() == 3 && last_step(l) > events(l, "reload")[2]["step"].as_u64().unwrap());
+    assert!(child.0.try_wait().unwrap().is_none(), "the run must still be going");
+}

@@ -30,3 +30,18 @@ fn a_failing_rhai_test_fails_the_run() {
     assert!(!out.status.success());
     assert!(text(&out).contains("0 passed, 1 failed"), "{}", text(&out));
 }
+
+/// The committed reference numbers (tests/fixtures/losses/*.json) are what the fixture
+/// script computes: a rerun with --check must give the same files byte for byte.
+#[test]
+fn loss_fixtures_are_what_their_script_computes() {
+    let script = repo().join("tests/fixtures/make_loss_fixtures.py");
+    let out = match std::process::Command::new("python3").arg(&script).arg("--check").output() {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("skipped: python3 is not available ({e}); run {} --check by hand", script.display());
+            return;
+        }
+    };
+    assert!(out.status.success(), "{}", text(&out));
+}

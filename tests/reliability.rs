@@ -5,9 +5,7 @@
 mod common;
 use common::*;
 
-use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
 
 fn script(steps: usize, loss_body: &str, extra: &str) -> String {
     format!(
@@ -16,43 +14,10 @@ fn script(steps: usize, loss_body: &str, extra: &str) -> String {
     )
 }
 
-fn loss_lines(dir: &Path) -> Vec<serde_json::Value> {
-    read_lines(&dir.join("metrics.jsonl")).into_iter().filter(|l| l.get("loss").is_some()).collect()
-}
-
-fn wait_until(what: &str, cond: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < Duration::from_secs(120), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn resume_after_sigkill_reproduces_the_uninterrupted_run() {
     let sb = Sandbox::new();
-    let path = sb.write("scripts/exp.rhai", &script(16, "    dpo::loss(b, p)", ""));
-    let (whole, killed) = (sb.path("whole"), sb.path("killed"));
-    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", whole.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", text(&out));
-
-    let mut child = host()
-        .args(["run", path.to_str().unwrap(), "--no-watch", "--run-dir", killed.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("the first checkpoint", || killed.join("checkpoint-4/trainer_state.json").is_file());
-    child.kill().unwrap(); // SIGKILL: no chance to clean up
-    child.wait().unwrap();
-    let before = loss_lines(&killed).len();
-    assert!(before < 16, "the run finished before it was killed");
-
-    let out = run_host(&["run", "--resume", killed.to_str().unwrap(), "--no-watch"]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("resuming"), "{}", text(&out));
-    let (a, b) = (loss_lines(&whole), loss_lines(&killed));
-    assert_eq!(a.len(), 16);
-    assert_eq!(a, b, "the resumed run must reproduce the uninterrupted one step for step");
+    let killed = assert_resume_reproduces(&sb, "exp", &script(16, "    dpo::loss(b, p)", ""), 16, 4);
     assert!(killed.join("checkpoint-16/optimizer.bpk").is_file());
     let sources: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(killed.join("checkpoint-16/script_sources.json")).unwrap()).unwrap();
     let texts: Vec<&str> = sources.as_object().unwrap().values().filter_map(|v| v.as_str()).collect();

@@ -55,3 +55,36 @@ pub fn collate_sft(examples: &[&Example], pad_id: u32, device: &Device) -> Seque
     let seqs: Vec<(&[u32], &[u32])> = examples.iter().map(|e| (e.prompt.as_slice(), e.chosen.as_slice())).collect();
     collate(&seqs, pad_id, device)
 }
+
+/// Unpaired (KTO) batch: each row's prompt + completion, and the KL rows TRL builds for
+/// the same batch: row i's prompt with row i−1's completion (row 0 takes the last one's),
+/// mismatched pairs whose log-ratio estimates the policy's KL from the reference.
+pub fn collate_unpaired(examples: &[&Example], pad_id: u32, device: &Device) -> (SequenceBatch, SequenceBatch) {
+    let n = examples.len();
+    let rows: Vec<(&[u32], &[u32])> = examples.iter().map(|e| (e.prompt.as_slice(), e.chosen.as_slice())).collect();
+    let kl_rows: Vec<(&[u32], &[u32])> = (0..n).map(|i| (examples[i].prompt.as_slice(), examples[(i + n - 1) % n].chosen.as_slice())).collect();
+    (collate(&rows, pad_id, device), collate(&kl_rows, pad_id, device))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(prompt: &[u32], completion: &[u32]) -> Example {
+        Example { prompt: prompt.to_vec(), chosen: completion.to_vec(), rejected: Vec::new(), line: 1, label: Some(true) }
+    }
+
+    #[test]
+    fn kl_rows_take_the_previous_rows_completion_as_trl_does() {
+        // TRL: KL_completion_ids = [c[-1]] + c[:-1], each with its own row's prompt.
+        let rows = [row(&[1, 2], &[10]), row(&[3], &[20, 21]), row(&[4, 5, 6], &[30])];
+        let refs: Vec<&Example> = rows.iter().collect();
+        let device = Device::flex();
+        let (plain, kl) = collate_unpaired(&refs, 0, &device);
+        let targets = |b: &SequenceBatch| b.targets.clone().into_data().convert::<i64>().try_into_vec::<i64>().unwrap();
+        let expected_kl = collate(&[(&[1u32, 2][..], &[30u32][..]), (&[3], &[10]), (&[4, 5, 6], &[20, 21])], 0, &device);
+        assert_eq!(targets(&kl), targets(&expected_kl));
+        assert_eq!(kl.lengths, vec![1.0, 1.0, 2.0]);
+        assert_eq!(plain.lengths, vec![1.0, 2.0, 1.0]);
+    }
+}

@@ -9,6 +9,6 @@ pub mod pairs;
 pub mod parquet;
 pub mod tokenizer;
 
-pub use batch::{SequenceBatch, collate_pairs, collate_sft};
-pub use pairs::{Example, LoadReport, Truncation, load_examples};
+pub use batch::{SequenceBatch, collate_pairs, collate_sft, collate_unpaired};
+pub use pairs::{Example, LoadReport, Truncation, load_examples, load_unpaired_examples};
 pub use tokenizer::TextTokenizer;

@@ -1,5 +1,5 @@
 //! Training rows from JSONL or Parquet. Preference rows: {"prompt", "chosen", "rejected"};
-//! SFT rows: {"prompt", "completion"}. Rows are tokenized once, truncated like TRL (prompt
+//! SFT rows: {"prompt", "completion"}; unpaired rows (KTO): {"prompt", "completion", "label"}. Rows are tokenized once, truncated like TRL (prompt
 //! keeps its end, completions keep their start), and every unusable row is named by
 //! file:line (Parquet: file: row N).
 
@@ -10,13 +10,15 @@ use serde::Deserialize;
 
 use super::tokenizer::TextTokenizer;
 
-/// One tokenized example. For SFT rows `rejected` is empty.
+/// One tokenized example. For SFT and unpaired rows `rejected` is empty and `chosen` holds
+/// the completion; unpaired rows carry their label (true = desirable).
 #[derive(Clone, Debug)]
 pub struct Example {
     pub prompt: Vec<u32>,
     pub chosen: Vec<u32>,
     pub rejected: Vec<u32>,
     pub line: usize,
+    pub label: Option<bool>,
 }
 
 impl Example {
@@ -81,6 +83,14 @@ struct SftRow {
     completion: String,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnpairedRow {
+    prompt: String,
+    completion: String,
+    label: bool,
+}
+
 pub const NOT_UTF8: &str = "not valid UTF-8";
 
 /// One raw row and where it came from ("file:line" for JSONL, "file: row N" for Parquet).
@@ -115,12 +125,52 @@ pub fn read_rows(path: &Path) -> Result<Vec<RawRow>> {
 /// Loads and tokenizes every row. A row that cannot be used stops the load with its
 /// file:line, or, with `skip_bad_rows`, is left out and listed in the report.
 pub fn load_examples(path: &Path, tokenizer: &TextTokenizer, preference: bool, limits: Truncation, skip_bad_rows: bool) -> Result<(Vec<Example>, LoadReport)> {
+    load_with(path, skip_bad_rows, |value, line, report| {
+        example_from_row(value, line, tokenizer, preference, limits, report).map(|e| vec![e])
+    })
+}
+
+/// Unpaired rows for KTO: {prompt, completion, label}. With `unpair`, a preference row
+/// (plain or conversational) becomes a desirable row with its chosen completion and an
+/// undesirable one with its rejected completion, as TRL's `unpair_preference_dataset`
+/// does; without it a preference row is an error, so a paired file is never read as
+/// something else by accident.
+pub fn load_unpaired_examples(path: &Path, tokenizer: &TextTokenizer, limits: Truncation, skip_bad_rows: bool, unpair: bool) -> Result<(Vec<Example>, LoadReport)> {
+    load_with(path, skip_bad_rows, |value, line, report| {
+        let value = value?;
+        if let Some(label) = value.get("label") {
+            if !label.is_boolean() {
+                return Err(format!("`label` must be true (desirable) or false (undesirable), got {label}"));
+            }
+            let row: UnpairedRow = serde_json::from_value(value).map_err(|e| e.to_string())?;
+            let mut example = tokenize_row(&row.prompt, &row.completion, None, false, line, tokenizer, limits, report)?;
+            example.label = Some(row.label);
+            return Ok(vec![example]);
+        }
+        if value.get("rejected").is_none() {
+            return Err("an unpaired row needs `prompt`, `completion` and `label` (true = desirable)".into());
+        }
+        if !unpair {
+            return Err("a preference row {prompt, chosen, rejected} in mode \"unpaired\": set `unpair: true` in the config to split each pair into a desirable and an undesirable row (TRL's unpair_preference_dataset)".into());
+        }
+        let pair = example_from_row(Ok(value), line, tokenizer, true, limits, report)?;
+        let side = |completion: &Vec<u32>, label: bool| Example { prompt: pair.prompt.clone(), chosen: completion.clone(), rejected: Vec::new(), line, label: Some(label) };
+        Ok(vec![side(&pair.chosen, true), side(&pair.rejected, false)])
+    })
+}
+
+/// Reads every row of `path` through `parse`, which gives the examples of one row.
+fn load_with(
+    path: &Path,
+    skip_bad_rows: bool,
+    mut parse: impl FnMut(Result<serde_json::Value, String>, usize, &mut LoadReport) -> Result<Vec<Example>, String>,
+) -> Result<(Vec<Example>, LoadReport)> {
     let mut examples = Vec::new();
     let mut report = LoadReport::default();
     for row in read_rows(path)? {
-        match example_from_row(row.value, row.line, tokenizer, preference, limits, &mut report) {
-            Ok(example) => {
-                examples.push(example);
+        match parse(row.value, row.line, &mut report) {
+            Ok(parsed) => {
+                examples.extend(parsed);
                 report.rows += 1;
             }
             Err(reason) if skip_bad_rows => report.skipped.push((row.at, reason)),
@@ -155,14 +205,29 @@ fn example_from_row(
         let row: SftRow = serde_json::from_value(value).map_err(|e| e.to_string())?;
         (row.prompt, row.completion, None, false)
     };
-    if chosen.is_empty() || rejected.as_deref() == Some("") {
+    tokenize_row(&prompt, &chosen, rejected.as_deref(), templated, line, tokenizer, limits, report)
+}
+
+/// Tokenizes one row's texts and truncates them like TRL.
+#[allow(clippy::too_many_arguments)]
+fn tokenize_row(
+    prompt: &str,
+    chosen: &str,
+    rejected: Option<&str>,
+    templated: bool,
+    line: usize,
+    tokenizer: &TextTokenizer,
+    limits: Truncation,
+    report: &mut LoadReport,
+) -> Result<Example, String> {
+    if chosen.is_empty() || rejected == Some("") {
         return Err("empty completion".into());
     }
     let text = |e: anyhow::Error| format!("{e:#}");
-    let mut prompt = if templated { tokenizer.encode_templated_prompt(&prompt) } else { tokenizer.encode_prompt(&prompt) }.map_err(text)?;
-    let mut chosen = tokenizer.encode_completion(&chosen).map_err(text)?;
+    let mut prompt = if templated { tokenizer.encode_templated_prompt(prompt) } else { tokenizer.encode_prompt(prompt) }.map_err(text)?;
+    let mut chosen = tokenizer.encode_completion(chosen).map_err(text)?;
     let mut rejected = match rejected {
-        Some(r) => tokenizer.encode_completion(&r).map_err(text)?,
+        Some(r) => tokenizer.encode_completion(r).map_err(text)?,
         None => Vec::new(),
     };
     let longest = chosen.len().max(rejected.len());
@@ -178,7 +243,7 @@ fn example_from_row(
         rejected.truncate(room);
         report.truncated += 1;
     }
-    Ok(Example { prompt, chosen, rejected, line })
+    Ok(Example { prompt, chosen, rejected, line, label: None })
 }
 
 #[cfg(test)]
@@ -186,7 +251,7 @@ mod tests {
     use super::Example;
 
     fn pair(chosen: &[u32], rejected: &[u32]) -> Example {
-        Example { prompt: vec![0], chosen: chosen.to_vec(), rejected: rejected.to_vec(), line: 1 }
+        Example { prompt: vec![0], chosen: chosen.to_vec(), rejected: rejected.to_vec(), line: 1, label: None }
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct TrainerState {
     /// `params.state` of the loss (plain values only).
     pub loss_state: serde_json::Value,
     pub skipped_steps: usize,
+    /// With `replay` > 1: the rows of each micro-batch of the batch being replayed.
+    #[serde(default)]
+    pub replayed: Vec<Vec<usize>>,
 }
 
 /// What `--resume` needs to know about a run folder.

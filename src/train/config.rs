@@ -12,6 +12,9 @@ pub enum Mode {
     Preference,
     /// Rows {prompt, completion}; no reference.
     Sft,
+    /// Rows {prompt, completion, label} (KTO, TRL's unpaired format); policy vs frozen
+    /// reference, plus each row's prompt with another row's completion for the KL term.
+    Unpaired,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -123,6 +126,14 @@ pub struct TrainConfig {
     /// Leave out (and list) data rows that cannot be used instead of stopping.
     #[serde(default)]
     pub skip_bad_rows: bool,
+    /// Train each batch this many times in a row (LoRR's replay number) before drawing the
+    /// next; every replay is a full step (forward, backward, update).
+    #[serde(default = "d_one")]
+    pub replay: usize,
+    /// In mode "unpaired": split preference rows into a desirable and an undesirable row,
+    /// as TRL's unpair_preference_dataset does (without it they are errors).
+    #[serde(default)]
+    pub unpair: bool,
     /// Compute each pair's prompt and the completions' common prefix once (one packed
     /// row per pair); the log-probs equal the plain path's.
     #[serde(default)]
@@ -235,7 +246,7 @@ impl TrainConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        let positive = [("batch_size", self.batch_size), ("grad_accum", self.grad_accum), ("epochs", self.epochs), ("log_every", self.log_every), ("max_length", self.max_length)];
+        let positive = [("batch_size", self.batch_size), ("grad_accum", self.grad_accum), ("replay", self.replay), ("epochs", self.epochs), ("log_every", self.log_every), ("max_length", self.max_length)];
         for (field, value) in positive {
             if value == 0 {
                 return Err(anyhow!("train(config): {field} must be at least 1"));
@@ -250,6 +261,19 @@ impl TrainConfig {
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             return Err(anyhow!("train(config): lr must be a non-negative number, got {}", self.lr));
         }
+        if self.unpair && self.mode != Mode::Unpaired {
+            return Err(anyhow!("train(config): unpair applies to mode \"unpaired\" only"));
+        }
+        if self.mode == Mode::Unpaired {
+            // The KL rows pair each prompt with another row's completion: one row has none.
+            if self.batch_size < 2 {
+                return Err(anyhow!("train(config): batch_size must be at least 2 in mode \"unpaired\" (the KL term pairs each row's prompt with another row's completion)"));
+            }
+            let pair_only = [("prefix_sharing", self.prefix_sharing), ("ref_logps", self.ref_logps.is_some()), ("compare", !self.compare.is_empty())];
+            if let Some((field, _)) = pair_only.iter().find(|(_, set)| *set) {
+                return Err(anyhow!("train(config): {field} is not supported in mode \"unpaired\""));
+            }
+        }
         Ok(())
     }
 
@@ -261,7 +285,7 @@ impl TrainConfig {
         }
         // AdamW's settings are fixed when the optimizer is built, so they need a restart too.
         check!(name, mode, model, init, data, backend, mixed_precision, seed, batch_size, grad_accum, epochs, max_steps,
-               max_length, max_prompt_length, skip_bad_rows, ref_logps, lora, max_nonfinite_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon, output_dir, save_model_to);
+               max_length, max_prompt_length, skip_bad_rows, unpair, replay, ref_logps, lora, max_nonfinite_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon, output_dir, save_model_to);
         changed
     }
 

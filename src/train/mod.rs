@@ -13,6 +13,7 @@ pub mod loss_call;
 pub mod metrics;
 pub mod optimizer;
 pub mod reference;
+pub mod reset;
 pub mod trainer;
 
 pub use config::TrainConfig;

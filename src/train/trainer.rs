@@ -24,8 +24,9 @@ use super::loss_call::{LossOutput, loss_params, put1, put2, read_loss_output, ru
 use super::optimizer::FusedAdamW;
 use super::metrics::{MetricsLog, format_line};
 use super::reference::PrecomputedReference;
+use super::reset::{requested_reset, shrink_toward_initial};
 use crate::data::packed::PackedLayout;
-use crate::data::{Example, TextTokenizer, Truncation, collate_pairs, collate_sft, load_examples};
+use crate::data::{Example, TextTokenizer, Truncation, collate_pairs, collate_sft, collate_unpaired, load_examples, load_unpaired_examples};
 use crate::model::weights::ADAPTER_CONFIG;
 use crate::model::{Llama, LlamaConfig, RandomInit, load_model, read_adapter, save_adapter, save_model, save_model_with};
 use crate::rng::SplitMix64;
@@ -91,6 +92,8 @@ struct Trainer {
     restored_step: usize,
     /// Data rows left out by skip_bad_rows: (file:line, reason).
     skipped_rows: Vec<(String, String)>,
+    /// Row indices of each micro-batch of the current batch (what `replay` trains again).
+    replayed: Vec<Vec<usize>>,
 }
 
 enum Reference {
@@ -218,6 +221,11 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
             }
         }
 
+        // ---- the script's on_step hook: a reset of chosen weights toward their initial values
+        if current.has_fn("on_step", 2) {
+            trainer.on_step(host, &current, step, &mut log)?;
+        }
+
         // ---- random draws (LoRA dropout) seeded by step, so a resumed run makes the same ones
         trainer.device.seed(trainer.config.seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
 
@@ -234,7 +242,7 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
         // per forward, as in its reference); it is kept only if the step's update is applied.
         let mut step_state = trainer.loss_state.clone();
         for micro in 0..trainer.config.grad_accum {
-            let examples = trainer.next_batch();
+            let examples = trainer.batch_for(step, micro);
             let mut config = trainer.config.clone();
             let call = LossCall { step, micro_batch: micro, state: &step_state };
             let mut output = with_fallback(&mut current, &mut previous, &mut config, &mut log, step, "loss", |version, config| {
@@ -364,7 +372,7 @@ fn try_reload(host: &mut ScriptHost, script: &Path, trainer: &Trainer) -> Result
     let version = host.load(script).map_err(|e| e.to_string())?;
     let config = config_of(&version, trainer.config.arm.as_deref()).map_err(|e| format!("{e:#}"))?;
     require_loss(&version, &config.loss_fn).map_err(|e| e.to_string())?;
-    let batch = synthetic_batch(&trainer.device, trainer.config.mode == Mode::Preference);
+    let batch = synthetic_batch(&trainer.device, &trainer.config.mode);
     let params = loss_params(&config.params, 0, trainer.total_steps, &trainer.loss_state, loss_call_seed(trainer.config.seed, 0, 0));
     let value = host.call(&version, &config.loss_fn, vec![Dynamic::from_map(batch), Dynamic::from_map(params)]).map_err(|e| e.to_string())?;
     let out = read_loss_output(value, 2).map_err(|e| format!("{}: {e}", version.fn_location(&config.loss_fn)))?;
@@ -383,8 +391,29 @@ fn require_loss(version: &ScriptVersion, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Two pairs of made-up log-probs with a gradient path, shaped like a real batch.
-fn synthetic_batch(device: &Device, preference: bool) -> Map {
+/// The starting policy: the model folder's weights (or a seeded random init), LoRA
+/// adapters with their seeded initial values, and the mixed-precision setting. Seeds the
+/// device first, so building it again gives the same weights.
+fn build_policy(config: &TrainConfig, device: &Device) -> Result<(LlamaConfig, Llama)> {
+    device.seed(config.seed);
+    let model_dir = PathBuf::from(&config.model);
+    let (model_config, mut policy) = match config.init {
+        Init::Pretrained => load_model(&model_dir, device)?,
+        Init::Random => {
+            let mc = LlamaConfig::from_file(&model_dir.join("config.json"))?;
+            let model = Llama::build(&mc, &mut RandomInit { std: 0.02 }, device)?;
+            (mc, model)
+        }
+    };
+    if let Some(lora) = &config.lora {
+        policy = policy.with_lora(lora, device)?;
+    }
+    // The resident and frozen-base references inherit it: TRL's reference forward runs under the same autocast.
+    Ok((model_config, policy.with_precision(config.mixed_precision)))
+}
+
+/// Two pairs (or rows) of made-up log-probs with a gradient path, shaped like a real batch.
+fn synthetic_batch(device: &Device, mode: &Mode) -> Map {
     let token = |vals: [f32; 6]| Tensor::<1>::from_floats(vals, device).reshape([2, 3]).require_grad();
     let mask = Tensor::<1>::from_floats([1.0, 1.0, 0.0, 1.0, 1.0, 1.0], device).reshape([2, 3]);
     let chosen = token([-0.5, -1.0, 0.0, -0.2, -0.7, -1.1]);
@@ -393,13 +422,20 @@ fn synthetic_batch(device: &Device, preference: bool) -> Map {
     let ref_rejected = rejected.clone().detach() + 0.1;
     let lengths = Tensor::<1>::from_floats([2.0, 3.0], device);
     let mut map = Map::new();
+    map.insert("batch_size".into(), Dynamic::from_int(2));
+    if *mode == Mode::Unpaired {
+        put1(&mut map, "labels", Tensor::<1>::from_floats([1.0, 0.0], device));
+        put1(&mut map, "kl_logps", row_sums(rejected.detach()));
+        put1(&mut map, "ref_kl_logps", row_sums(ref_rejected));
+        fill_sequences(&mut map, "completion", chosen, mask, ref_chosen, lengths);
+        return map;
+    }
     let nll = row_sums(chosen.clone()).sum().neg() / 5.0;
     fill_sequences(&mut map, "chosen", chosen, mask.clone(), ref_chosen, lengths.clone());
-    if preference {
+    if *mode == Mode::Preference {
         fill_sequences(&mut map, "rejected", rejected, mask, ref_rejected, lengths);
     }
     put1(&mut map, "chosen_nll", nll);
-    map.insert("batch_size".into(), Dynamic::from_int(2));
     map
 }
 
@@ -442,30 +478,19 @@ impl Trainer {
     }
 
     fn new(config: TrainConfig, max_steps_override: Option<usize>) -> Result<Self> {
-        let device = backend_device(&config.backend)?;
-        device.seed(config.seed);
-        let train_device = device.clone().autodiff();
+        let train_device = backend_device(&config.backend)?.autodiff();
+        let (model_config, policy) = build_policy(&config, &train_device)?;
         let model_dir = PathBuf::from(&config.model);
-        let (model_config, mut policy) = match config.init {
-            Init::Pretrained => load_model(&model_dir, &train_device)?,
-            Init::Random => {
-                let mc = LlamaConfig::from_file(&model_dir.join("config.json"))?;
-                let model = Llama::build(&mc, &mut RandomInit { std: 0.02 }, &train_device)?;
-                (mc, model)
-            }
-        };
-        if let Some(lora) = &config.lora {
-            policy = policy.with_lora(lora, &train_device)?;
-        }
-        // The resident and frozen-base references inherit it: TRL's reference forward runs under the same autocast.
-        policy = policy.with_precision(config.mixed_precision);
         let tokenizer = TextTokenizer::load(&model_dir.join("tokenizer.json"), model_config.eos_token_id, model_config.pad_token_id)?;
         if tokenizer.vocab_size() > model_config.vocab_size {
             bail!("{}: tokenizer has {} tokens, the model's vocab_size is {}", model_dir.display(), tokenizer.vocab_size(), model_config.vocab_size);
         }
-        let preference = config.mode == Mode::Preference;
         let limits = Truncation { max_length: config.max_length.min(model_config.max_positions()), max_prompt_length: config.max_prompt_length };
-        let (examples, report) = load_examples(Path::new(&config.data), &tokenizer, preference, limits, config.skip_bad_rows)?;
+        let data = Path::new(&config.data);
+        let (examples, report) = match config.mode {
+            Mode::Unpaired => load_unpaired_examples(data, &tokenizer, limits, config.skip_bad_rows, config.unpair)?,
+            _ => load_examples(data, &tokenizer, config.mode == Mode::Preference, limits, config.skip_bad_rows)?,
+        };
         if report.truncated > 0 {
             console::line(&format!("note: {} of {} rows truncated to max_length {}", report.truncated, report.rows, limits.max_length));
         }
@@ -475,20 +500,21 @@ impl Trainer {
                 console::line(&format!("  {at}: {reason}"));
             }
         }
-        let reference = match (&config.ref_logps, preference) {
+        let reference = match (&config.ref_logps, config.mode != Mode::Sft) {
             (_, false) => None,
             (Some(path), true) => Some(Reference::Precomputed(PrecomputedReference::load(Path::new(path), &examples)?)),
             (None, true) if config.lora.is_some() => Some(Reference::FrozenBase),
             (None, true) => Some(Reference::Resident(policy.valid())),
         };
         let per_step = config.batch_size * config.grad_accum;
-        let total_steps = max_steps_override.or(config.max_steps).unwrap_or(config.epochs * examples.len().div_ceil(per_step));
+        let total_steps = max_steps_override.or(config.max_steps).unwrap_or(config.epochs * examples.len().div_ceil(per_step) * config.replay);
         let mut rng = SplitMix64::new(config.seed);
         let mut order: Vec<usize> = (0..examples.len()).collect();
         rng.shuffle(&mut order);
         Ok(Self {
             config, device: train_device, policy: Some(policy), reference, model_config, tokenizer, examples, order,
             cursor: 0, epoch: 0, rng, total_steps, loss_state: Map::new(), skipped_steps: 0, restored_step: 0, skipped_rows: report.skipped,
+            replayed: Vec::new(),
         })
     }
 
@@ -501,19 +527,61 @@ impl Trainer {
         }
     }
 
-    /// The next batch_size examples in shuffled order, reshuffling at each epoch.
-    fn next_batch(&mut self) -> Vec<Example> {
-        let mut batch = Vec::with_capacity(self.config.batch_size);
-        while batch.len() < self.config.batch_size {
+    /// Micro-batch `micro` of `step`: the next batch_size rows in shuffled order
+    /// (reshuffling at each epoch), or with `replay` k the rows this micro-batch had at the
+    /// first step of its group of k.
+    fn batch_for(&mut self, step: usize, micro: usize) -> Vec<Example> {
+        let fresh = step % self.config.replay == 0 || self.replayed.len() <= micro;
+        if fresh {
+            let rows = self.next_rows();
+            self.replayed.truncate(micro);
+            self.replayed.push(rows);
+        }
+        self.replayed[micro].iter().map(|&i| self.examples[i].clone()).collect()
+    }
+
+    /// Indices of the next batch_size rows in shuffled order, reshuffling at each epoch.
+    fn next_rows(&mut self) -> Vec<usize> {
+        let mut rows = Vec::with_capacity(self.config.batch_size);
+        while rows.len() < self.config.batch_size {
             if self.cursor == self.order.len() {
                 self.cursor = 0;
                 self.epoch += 1;
                 self.rng.shuffle(&mut self.order);
             }
-            batch.push(self.examples[self.order[self.cursor]].clone());
+            rows.push(self.order[self.cursor]);
             self.cursor += 1;
         }
-        batch
+        rows
+    }
+
+    /// Calls the script's `on_step(step, total)` and applies the reset it asks for. A failing
+    /// hook or a bad request is reported and logged; the run goes on without the reset.
+    fn on_step(&mut self, host: &ScriptHost, version: &ScriptVersion, step: usize, log: &mut MetricsLog) -> Result<()> {
+        let asked = host
+            .call(version, "on_step", vec![Dynamic::from_int(step as INT), Dynamic::from_int(self.total_steps as INT)])
+            .map_err(|e| e.to_string())
+            .and_then(|value| requested_reset(&value).map_err(|e| format!("{}: {e}", version.fn_location("on_step"))));
+        match asked {
+            Ok(None) => Ok(()),
+            Ok(Some(request)) => {
+                let initial = self.initial_policy()?;
+                let policy = self.policy.take().expect("the policy is in place between steps");
+                let (policy, moved) = shrink_toward_initial(policy, &initial, &request);
+                self.policy = Some(policy);
+                console::line(&format!("step {step}: reset {moved} parameter tensors of {} toward their initial values (factor {})", request.modules.join(", "), request.factor));
+                log.event(step, "reset", request.describe(moved))
+            }
+            Err(error) => {
+                console::line(&format!("on_step hook failed at step {step} (run goes on, nothing reset):\n{error}"));
+                log.event(step, "on_step_failed", json!({"error": error}))
+            }
+        }
+    }
+
+    /// The policy as this run built it at the start (same weights, same LoRA initial draws).
+    fn initial_policy(&self) -> Result<Llama> {
+        Ok(build_policy(&self.config, &self.device)?.1)
     }
 
     fn epoch_progress(&self) -> f64 {
@@ -528,6 +596,10 @@ impl Trainer {
         let mut map = Map::new();
         let head;
         let rejected = match &self.reference {
+            Some(_) if config.mode == Mode::Unpaired => {
+                head = self.fill_unpaired(&mut map, &refs, config);
+                false
+            }
             Some(reference) => {
                 let batch = collate_pairs(&refs, pad, &self.device);
                 let packed = config.prefix_sharing.then(|| PackedLayout::new(&refs, pad, true));
@@ -569,8 +641,15 @@ impl Trainer {
         };
         map.insert("batch_size".into(), Dynamic::from_int(b as INT));
         let values = |name: &str| map.get(name).map(|v| v.clone().cast::<ScriptTensor>().values()).unwrap_or_default();
-        let (chosen_logps, rejected_logps) = (values("chosen_logps"), values("rejected_logps"));
-        let (ref_chosen, ref_rejected) = (values("ref_chosen_logps"), values("ref_rejected_logps"));
+        let (mut chosen_logps, mut rejected_logps) = (values("chosen_logps"), values("rejected_logps"));
+        let (mut ref_chosen, ref_rejected) = (values("ref_chosen_logps"), values("ref_rejected_logps"));
+        if config.mode == Mode::Unpaired {
+            // TRL's KTO logs logps/chosen over the desirable rows, logps/rejected over the others.
+            let (logps, ref_logps) = (values("completion_logps"), values("ref_completion_logps"));
+            let desirable: Vec<bool> = examples.iter().map(|e| e.label == Some(true)).collect();
+            let pick = |v: &[f32], want: bool| v.iter().zip(&desirable).filter(|(_, d)| **d == want).map(|(x, _)| *x).collect::<Vec<f32>>();
+            (chosen_logps, rejected_logps, ref_chosen) = (pick(&logps, true), pick(&logps, false), pick(&ref_logps, true));
+        }
         let diagnostics = if rejected {
             let width = map.get("chosen_mask").map_or(0, |m| m.clone().cast::<ScriptTensor>().shape()[1]);
             failure_mode_diagnostics(examples, &values("chosen_token_logps"), &values("ref_chosen_token_logps"), width, &chosen_logps, &ref_chosen)
@@ -600,6 +679,37 @@ impl Trainer {
         Ok(StepResult { loss, loss_value, chosen_logps, rejected_logps, ref_chosen, diagnostics, head, loss_call_seconds })
     }
 
+    /// The unpaired (KTO) batch map: `completion_*` fields (policy with gradient, reference),
+    /// `labels` (1 = desirable), and the summed log-probs of the KL rows under the policy and
+    /// the reference, without gradient (TRL computes them under no_grad).
+    fn fill_unpaired(&self, map: &mut Map, refs: &[&Example], config: &TrainConfig) -> Option<ChunkedHead> {
+        let pad = self.tokenizer.pad_id;
+        let chunk = config.logits_chunk();
+        let plain = self.device.clone().without_autodiff();
+        let (batch, _) = collate_unpaired(refs, pad, &self.device);
+        let (rows, kl_rows) = collate_unpaired(refs, pad, &plain);
+        let (tokens, head) = batch_logps(self.policy(), &batch, None, chunk);
+        let frozen_base;
+        let reference = match &self.reference {
+            Some(Reference::Resident(model)) => model,
+            Some(Reference::FrozenBase) => {
+                frozen_base = self.policy().valid().without_adapters();
+                &frozen_base
+            }
+            _ => unreachable!("mode unpaired has a model reference (the config refuses ref_logps)"),
+        };
+        let ref_tokens = batch_logps(reference, &rows, None, chunk).0.autodiff();
+        let kl = row_sums(batch_logps(&self.policy().valid(), &kl_rows, None, chunk).0).autodiff();
+        let ref_kl = row_sums(batch_logps(reference, &kl_rows, None, chunk).0).autodiff();
+        let labels: Vec<f32> = refs.iter().map(|e| if e.label == Some(true) { 1.0 } else { 0.0 }).collect();
+        let lengths = Tensor::<1>::from_floats(batch.lengths.as_slice(), &self.device);
+        fill_sequences(map, "completion", tokens, batch.mask.clone(), ref_tokens, lengths);
+        put1(map, "labels", Tensor::<1>::from_floats(labels.as_slice(), &self.device));
+        put1(map, "kl_logps", kl);
+        put1(map, "ref_kl_logps", ref_kl);
+        head
+    }
+
     /// Held-out accuracy of the current policy, when the config has `heldout`.
     fn evaluate(&self) -> Result<Option<EvalResult>> {
         let Some(eval) = &self.config.heldout else { return Ok(None) };
@@ -618,9 +728,13 @@ impl Trainer {
             let margins: Vec<f32> = c.iter().zip(r).map(|(c, r)| c - r).collect();
             log.add("rewards/margins", mean(&margins));
         }
-        log.add("logps/chosen", mean(&out.chosen_logps));
+        if !out.chosen_logps.is_empty() {
+            log.add("logps/chosen", mean(&out.chosen_logps));
+        }
         if !out.rejected_logps.is_empty() {
             log.add("logps/rejected", mean(&out.rejected_logps));
+        }
+        if !out.rejected_logps.is_empty() && !out.chosen_logps.is_empty() {
             // How far the policy's log p(chosen) moved from the reference: DPO's failure mode.
             let delta: Vec<f32> = out.chosen_logps.iter().zip(&out.ref_chosen).map(|(p, r)| p - r).collect();
             log.add("logps/chosen_minus_ref", mean(&delta));
@@ -645,6 +759,7 @@ impl Trainer {
             loss_state: serde_json::to_value(Dynamic::from_map(self.loss_state.clone()))
                 .context("the loss state must hold plain values (numbers, strings, arrays, maps) to be saved")?,
             skipped_steps: self.skipped_steps,
+            replayed: self.replayed.clone(),
         };
         let state_json = serde_json::to_vec_pretty(&state)?;
         let optimizer_bytes = optimizer.into_bytes().map_err(|e| anyhow::anyhow!("saving the optimizer state: {e:?}"))?;
@@ -691,6 +806,10 @@ impl Trainer {
         self.order = state.order;
         self.rng = state.rng;
         self.skipped_steps = state.skipped_steps;
+        if state.replayed.iter().flatten().any(|&i| i >= self.examples.len()) {
+            bail!("{}: the replayed batch names rows the data does not have; resume needs the same data", ckpt.display());
+        }
+        self.replayed = state.replayed;
         self.restored_step = state.step;
         let loss_state: Dynamic = serde_json::from_value(state.loss_state).context("loss state in the checkpoint")?;
         self.loss_state = loss_state.try_cast::<Map>().unwrap_or_default();

@@ -78,6 +78,46 @@ pub fn small_config(extra: &str) -> String {
     )
 }
 
+/// The metrics.jsonl lines of a run folder that are step metrics (not events).
+pub fn loss_lines(dir: &Path) -> Vec<serde_json::Value> {
+    read_lines(&dir.join("metrics.jsonl")).into_iter().filter(|l| l.get("loss").is_some()).collect()
+}
+
+/// Polls `cond` every 20 ms for up to two minutes.
+pub fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(120), "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Runs `script` whole, and again killed with SIGKILL after its first checkpoint (saved at
+/// `first_save`) and resumed: the metrics must be the same step for step. Returns the
+/// resumed run's folder.
+pub fn assert_resume_reproduces(sb: &Sandbox, name: &str, script: &str, steps: usize, first_save: usize) -> PathBuf {
+    let path = sb.write(&format!("scripts/{name}.rhai"), script);
+    let (whole, killed) = (sb.path(&format!("{name}-whole")), sb.path(&format!("{name}-killed")));
+    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", whole.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut child = host()
+        .args(["run", path.to_str().unwrap(), "--no-watch", "--run-dir", killed.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the first checkpoint", || killed.join(format!("checkpoint-{first_save}/trainer_state.json")).is_file());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(loss_lines(&killed).len() < steps, "{name}: the run finished before it was killed");
+    let out = run_host(&["run", "--resume", killed.to_str().unwrap(), "--no-watch"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("resuming"), "{}", text(&out));
+    let (a, b) = (loss_lines(&whole), loss_lines(&killed));
+    assert_eq!(a.len(), steps);
+    assert_eq!(a, b, "{name}: the resumed run must reproduce the uninterrupted one step for step");
+    killed
+}
+
 pub fn read_lines(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
