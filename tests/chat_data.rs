@@ -5,7 +5,7 @@
 
 mod common;
 
-use prefhost::data::{TextTokenizer, Truncation, load_examples};
+use prefhost::data::{TextTokenizer, Truncation, load_examples, load_unpaired_examples};
 
 const LIMITS: Truncation = Truncation { max_length: 256, max_prompt_length: 128 };
 
@@ -48,6 +48,36 @@ fn every_conversational_layout_renders_like_trl() {
         assert_eq!(example.chosen, tok.encode_completion("4<|end|>\n").unwrap());
         assert_eq!(example.rejected, tok.encode_completion("5<|end|>\n").unwrap());
     }
+}
+
+#[test]
+fn conversational_unpaired_rows_render_like_trl() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let rows = [
+        serde_json::json!({ "prompt": [msg("user", "What is 2+2?")], "completion": [msg("assistant", "4")], "label": true }),
+        serde_json::json!({ "prompt": [msg("user", "What is 2+2?")], "completion": [msg("assistant", "5")], "label": false }),
+        serde_json::json!({ "prompt": [msg("user", "What is 2+2?")], "completion": [msg("assistant", "5")], "label": false, "score": 1 }),
+    ];
+    let data = dir.path().join("kto.jsonl");
+    std::fs::write(&data, rows.iter().map(|r| format!("{r}\n")).collect::<String>()).unwrap();
+    let err = format!("{:#}", load_unpaired_examples(&data, &tok, LIMITS, false, false).unwrap_err());
+    assert!(err.contains("kto.jsonl:3") && err.contains("`score`"), "{err}");
+    std::fs::write(&data, rows[..2].iter().map(|r| format!("{r}\n")).collect::<String>()).unwrap();
+    let (examples, _) = load_unpaired_examples(&data, &tok, LIMITS, false, false).unwrap();
+    let prompt = tok.encode_templated_prompt("<s><|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n").unwrap();
+    for (example, (answer, label)) in examples.iter().zip([("4", true), ("5", false)]) {
+        assert_eq!(example.prompt, prompt);
+        assert_eq!(example.chosen, tok.encode_completion(&format!("{answer}<|end|>\n")).unwrap());
+        assert_eq!(example.label, Some(label));
+    }
+    // Paired conversational rows split the same way with unpair.
+    let pair = serde_json::json!({ "prompt": [msg("user", "What is 2+2?")], "chosen": [msg("assistant", "4")], "rejected": [msg("assistant", "5")] });
+    std::fs::write(&data, format!("{pair}\n")).unwrap();
+    let (split, _) = load_unpaired_examples(&data, &tok, LIMITS, false, true).unwrap();
+    assert_eq!(split.len(), 2);
+    assert_eq!((split[0].chosen.clone(), split[0].label), (examples[0].chosen.clone(), Some(true)));
+    assert_eq!((split[1].chosen.clone(), split[1].label), (examples[1].chosen.clone(), Some(false)));
 }
 
 #[test]

@@ -201,9 +201,10 @@ fn new_objectives_reload_and_gamma_po_keeps_its_queue() {
 
     sb.write("scripts/exp.rhai", &source("gamma_po::loss(b, p)", "beta: 2.5, tau: 5.0"));
     let lines = wait_for(&metrics, "the τ edit", |l| events(l, "reload").len() == 1 && last_step(l) > events(l, "reload")[0]["step"].as_u64().unwrap() + 1);
-    let pool: Vec<u64> = lines.iter().filter_map(|l| l["gamma_po/pool_size"].as_u64()).collect();
+    let pool: Vec<f64> = lines.iter().filter(|l| l.get("loss").is_some()).map(|l| l["gamma_po/pool_size"].as_f64().unwrap()).collect();
+    assert!(pool.len() >= 5, "{pool:?}");
     // 8 initial draws + 8 gaps per step, drawn up to pool_size 256.
-    assert!(pool.windows(2).all(|w| w[1] == (w[0] + 8).min(256)), "the queue grows by a batch each step across the reload: {pool:?}");
+    assert!(pool.windows(2).all(|w| w[1] == (w[0] + 8.0).min(256.0)), "the queue grows by a batch each step across the reload: {pool:?}");
 
     sb.write("scripts/exp.rhai", &source("amapo::loss(b, p)", "beta: 2.0"));
     let lines = wait_for(&metrics, "AMaPO", |l| l.iter().any(|x| x.get("loss/margin").is_some()));

@@ -234,4 +234,15 @@ fn a_bad_reset_is_reported_and_the_run_goes_on() {
     assert!(events.iter().any(|l| l["event"] == "on_step_failed" && l["step"] == 1), "{events:?}");
     assert!(!events.iter().any(|l| l["event"] == "reset"));
     assert_eq!(loss_lines(&run).len(), 8);
+
+    // With LoRA the embeddings do not train: a reset of them moves nothing and says so.
+    let path = sb.write("scripts/frozen.rhai", &replay_script("if step == 1 { #{ reset: #{ factor: 0.5, modules: [\"embed_tokens\"] } } }", "lora: #{ r: 4 },"));
+    let run = sb.path("run-frozen");
+    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", run.to_str().unwrap()]);
+    assert!(out.status.success() && text(&out).contains("selects no trainable parameter"), "{}", text(&out));
+
+    // A hook with other parameters than the host passes would never run: refused up front.
+    let path = sb.write("scripts/arity.rhai", &replay_script("", "").replace("fn on_step(step, total)", "fn on_step(step)"));
+    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", sb.path("run-arity").to_str().unwrap()]);
+    assert!(!out.status.success() && text(&out).contains("on_step(step, total)") && text(&out).contains("arity.rhai"), "{}", text(&out));
 }

@@ -38,10 +38,12 @@ fn loss_fixtures_are_what_their_script_computes() {
     let script = repo().join("tests/fixtures/make_loss_fixtures.py");
     let out = match std::process::Command::new("python3").arg(&script).arg("--check").output() {
         Ok(out) => out,
-        Err(e) => {
+        // CI has Python; elsewhere the check is skipped with a note.
+        Err(e) if std::env::var_os("CI").is_none() => {
             eprintln!("skipped: python3 is not available ({e}); run {} --check by hand", script.display());
             return;
         }
+        Err(e) => panic!("python3 is needed to check the loss fixtures: {e}"),
     };
     assert!(out.status.success(), "{}", text(&out));
 }

@@ -27,9 +27,10 @@ fn resume_after_sigkill_reproduces_the_uninterrupted_run() {
 #[test]
 fn nonfinite_steps_are_skipped_and_too_many_in_a_row_stop_the_run() {
     let sb = Sandbox::new();
-    // One NaN step: skipped, counted, the run completes.
-    let once = "    let out = dpo::loss(b, p);\n    if p.step == 2 { out.loss = out.loss + log(tensor(-1.0)); }\n    out";
-    let path = sb.write("scripts/once.rhai", &script(6, once, ""));
+    // One NaN step: skipped, counted, the run completes. The loss records each call in its
+    // state: both micro-batches of a step chain, and the skipped step's calls are dropped.
+    let once = "    let out = dpo::loss(b, p);\n    let seen = if \"seen\" in p.state { p.state.seen } else { [] };\n    seen.push(p.step);\n    out.state = #{ seen: seen };\n    if p.step == 2 { out.loss = out.loss + log(tensor(-1.0)); }\n    out";
+    let path = sb.write("scripts/once.rhai", &script(6, once, "grad_accum: 2,"));
     let dir = sb.path("once");
     let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
@@ -39,6 +40,8 @@ fn nonfinite_steps_are_skipped_and_too_many_in_a_row_stop_the_run() {
     assert_eq!(skipped[0]["step"], 3);
     assert!(lines.iter().filter(|l| l.get("loss").is_some()).all(|l| l["loss"].as_f64().unwrap().is_finite()));
     assert!(text(&out).contains("1 step(s) skipped"), "{}", text(&out));
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint-6/trainer_state.json")).unwrap()).unwrap();
+    assert_eq!(state["loss_state"]["seen"], serde_json::json!([0, 0, 1, 1, 3, 3, 4, 4, 5, 5]));
 
     // From step 5 on every loss is NaN: three in a row stop the run; checkpoint-4 stays.
     let always = "    let out = dpo::loss(b, p);\n    if p.step >= 4 { out.loss = out.loss * tensor(0.0) / 0.0; }\n    out";

@@ -74,6 +74,27 @@ mod tests {
         Example { prompt: prompt.to_vec(), chosen: completion.to_vec(), rejected: Vec::new(), line: 1, label: Some(true) }
     }
 
+    /// POET's shared mask (plugins/transforms/poet.rhai) needs what TRL's concatenated
+    /// batch gives: a pair's chosen and rejected rows start their completions at one column.
+    #[test]
+    fn a_pairs_completions_start_at_the_same_column() {
+        let pair = |prompt: &[u32], chosen: &[u32], rejected: &[u32]| Example { prompt: prompt.to_vec(), chosen: chosen.to_vec(), rejected: rejected.to_vec(), line: 1, label: None };
+        let pairs = [pair(&[1, 2, 3], &[10, 11], &[20, 21, 22, 23]), pair(&[4], &[12, 13, 14], &[24])];
+        let refs: Vec<&Example> = pairs.iter().collect();
+        let batch = collate_pairs(&refs, 0, &Device::flex());
+        let width = batch.mask.dims()[1];
+        let mask = crate::model::values(batch.mask.clone());
+        let row = |r: usize| mask[r * width..(r + 1) * width].to_vec();
+        let first = |r: usize| row(r).iter().position(|&m| m == 1.0).unwrap();
+        let count = |r: usize| row(r).iter().filter(|&&m| m == 1.0).count();
+        for (i, e) in pairs.iter().enumerate() {
+            let (chosen, rejected) = (i, i + pairs.len());
+            assert_eq!(first(chosen), e.prompt.len() - 1);
+            assert_eq!(first(rejected), first(chosen));
+            assert_eq!((count(chosen), count(rejected)), (e.chosen.len(), e.rejected.len()));
+        }
+    }
+
     #[test]
     fn kl_rows_take_the_previous_rows_completion_as_trl_does() {
         // TRL: KL_completion_ids = [c[-1]] + c[:-1], each with its own row's prompt.

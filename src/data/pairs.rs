@@ -88,6 +88,7 @@ struct SftRow {
 struct UnpairedRow {
     prompt: String,
     completion: String,
+    #[allow(dead_code)] // read (and checked) before this row is parsed; listed so the field is known
     label: bool,
 }
 
@@ -142,9 +143,16 @@ pub fn load_unpaired_examples(path: &Path, tokenizer: &TextTokenizer, limits: Tr
             if !label.is_boolean() {
                 return Err(format!("`label` must be true (desirable) or false (undesirable), got {label}"));
             }
-            let row: UnpairedRow = serde_json::from_value(value).map_err(|e| e.to_string())?;
-            let mut example = tokenize_row(&row.prompt, &row.completion, None, false, line, tokenizer, limits, report)?;
-            example.label = Some(row.label);
+            let label = label.as_bool();
+            let (prompt, completion, templated) = if value.get("prompt").is_some_and(|p| p.is_array()) {
+                let (prompt, completion) = chat_unpaired_row(&value, tokenizer)?;
+                (prompt, completion, true)
+            } else {
+                let row: UnpairedRow = serde_json::from_value(value).map_err(|e| e.to_string())?;
+                (row.prompt, row.completion, false)
+            };
+            let mut example = tokenize_row(&prompt, &completion, None, templated, line, tokenizer, limits, report)?;
+            example.label = label;
             return Ok(vec![example]);
         }
         if value.get("rejected").is_none() {
@@ -153,9 +161,16 @@ pub fn load_unpaired_examples(path: &Path, tokenizer: &TextTokenizer, limits: Tr
         if !unpair {
             return Err("a preference row {prompt, chosen, rejected} in mode \"unpaired\": set `unpair: true` in the config to split each pair into a desirable and an undesirable row (TRL's unpair_preference_dataset)".into());
         }
-        let pair = example_from_row(Ok(value), line, tokenizer, true, limits, report)?;
-        let side = |completion: &Vec<u32>, label: bool| Example { prompt: pair.prompt.clone(), chosen: completion.clone(), rejected: Vec::new(), line, label: Some(label) };
-        Ok(vec![side(&pair.chosen, true), side(&pair.rejected, false)])
+        // Split first, then tokenize and truncate each row on its own, as TRL does.
+        let (prompt, chosen, rejected, templated) = row_texts(value, tokenizer, true)?;
+        let rejected = rejected.expect("preference rows have a rejected completion");
+        let mut rows = Vec::with_capacity(2);
+        for (completion, label) in [(chosen, true), (rejected, false)] {
+            let mut example = tokenize_row(&prompt, &completion, None, templated, line, tokenizer, limits, report)?;
+            example.label = Some(label);
+            rows.push(example);
+        }
+        Ok(rows)
     })
 }
 
@@ -194,8 +209,13 @@ fn example_from_row(
     limits: Truncation,
     report: &mut LoadReport,
 ) -> Result<Example, String> {
-    let value = value?;
-    let (prompt, chosen, rejected, templated) = if preference && is_chat_row(&value) {
+    let (prompt, chosen, rejected, templated) = row_texts(value?, tokenizer, preference)?;
+    tokenize_row(&prompt, &chosen, rejected.as_deref(), templated, line, tokenizer, limits, report)
+}
+
+/// A row's (prompt, chosen or completion, rejected, rendered by the chat template) texts.
+fn row_texts(value: serde_json::Value, tokenizer: &TextTokenizer, preference: bool) -> Result<(String, String, Option<String>, bool), String> {
+    Ok(if preference && is_chat_row(&value) {
         let (prompt, chosen, rejected) = chat_row(&value, tokenizer)?;
         (prompt, chosen, Some(rejected), true)
     } else if preference {
@@ -204,8 +224,7 @@ fn example_from_row(
     } else {
         let row: SftRow = serde_json::from_value(value).map_err(|e| e.to_string())?;
         (row.prompt, row.completion, None, false)
-    };
-    tokenize_row(&prompt, &chosen, rejected.as_deref(), templated, line, tokenizer, limits, report)
+    })
 }
 
 /// Tokenizes one row's texts and truncates them like TRL.
@@ -289,9 +308,7 @@ fn is_chat_row(row: &serde_json::Value) -> bool {
 /// these datasets (ids, scores) are ignored, as TRL ignores them.
 fn chat_row(row: &serde_json::Value, tokenizer: &TextTokenizer) -> Result<(String, String, String), String> {
     use super::chat::{Message, messages};
-    let template = tokenizer.chat.as_ref().ok_or_else(|| {
-        format!("this row is conversational, but {} has no chat_template", tokenizer.path.with_file_name("tokenizer_config.json").display())
-    })?;
+    let template = chat_template(tokenizer)?;
     let text_field = |key: &str| row.get(key).and_then(|v| v.as_str()).map(str::to_string);
     let (prompt, chosen, rejected) = if let Some(question) = text_field("question") {
         // orca_dpo_pairs: an optional system message, the question, two answers.
@@ -323,4 +340,28 @@ fn chat_row(row: &serde_json::Value, tokenizer: &TextTokenizer) -> Result<(Strin
     let (prompt_text, completions) = template.prompt_and_completions(&prompt, &[&chosen, &rejected])?;
     let [chosen_text, rejected_text]: [String; 2] = completions.try_into().expect("two completions");
     Ok((prompt_text, chosen_text, rejected_text))
+}
+
+fn chat_template(tokenizer: &TextTokenizer) -> Result<&super::chat::ChatTemplate, String> {
+    tokenizer.chat.as_ref().ok_or_else(|| {
+        format!("this row is conversational, but {} has no chat_template", tokenizer.path.with_file_name("tokenizer_config.json").display())
+    })
+}
+
+/// (prompt, completion) text of TRL's conversational unpaired row
+/// {"prompt": [messages], "completion": [messages], "label"}, as the chat template renders
+/// them: the prompt with the generation prompt, the completion as what it adds after that.
+fn chat_unpaired_row(row: &serde_json::Value, tokenizer: &TextTokenizer) -> Result<(String, String), String> {
+    use super::chat::messages;
+    if let Some(extra) = row.as_object().and_then(|o| o.keys().find(|k| !["prompt", "completion", "label"].contains(&k.as_str()))) {
+        return Err(format!("unknown field `{extra}`, expected `prompt`, `completion`, `label`"));
+    }
+    let template = chat_template(tokenizer)?;
+    let prompt = messages(row.get("prompt").unwrap_or(&serde_json::Value::Null), "prompt")?;
+    let completion = messages(row.get("completion").ok_or("missing field `completion`")?, "completion")?;
+    if completion.is_empty() {
+        return Err("empty completion".into());
+    }
+    let (prompt_text, completions) = template.prompt_and_completions(&prompt, &[&completion])?;
+    Ok((prompt_text, completions.into_iter().next().expect("one completion rendered")))
 }

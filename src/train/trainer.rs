@@ -94,6 +94,8 @@ struct Trainer {
     skipped_rows: Vec<(String, String)>,
     /// Row indices of each micro-batch of the current batch (what `replay` trains again).
     replayed: Vec<Vec<usize>>,
+    /// With LoRA: the adapters' initial values, what a reset moves them back toward.
+    initial_adapters: Option<std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>>,
 }
 
 enum Reference {
@@ -384,9 +386,16 @@ fn try_reload(host: &mut ScriptHost, script: &Path, trainer: &Trainer) -> Result
     Ok((version, config))
 }
 
+/// The loss function exists, and every hook the script defines has the parameters the
+/// host calls it with (a hook with other parameters would silently never run).
 fn require_loss(version: &ScriptVersion, name: &str) -> Result<()> {
     if !version.has_fn(name, 2) {
         bail!("{}: the script defines no fn {name}(batch, params)", version.display_path());
+    }
+    for (hook, call) in [("lr", "lr(step, total)"), ("on_log", "on_log(step, metrics)"), ("on_step", "on_step(step, total)")] {
+        if version.fn_names().any(|n| n == hook) && !version.has_fn(hook, 2) {
+            bail!("{}: fn {hook} has other parameters than the host calls it with: {call}", version.fn_location(hook));
+        }
     }
     Ok(())
 }
@@ -511,10 +520,12 @@ impl Trainer {
         let mut rng = SplitMix64::new(config.seed);
         let mut order: Vec<usize> = (0..examples.len()).collect();
         rng.shuffle(&mut order);
+        let initial_adapters = config.lora.is_some().then(|| policy.adapter_tensors());
         Ok(Self {
             config, device: train_device, policy: Some(policy), reference, model_config, tokenizer, examples, order,
             cursor: 0, epoch: 0, rng, total_steps, loss_state: Map::new(), skipped_steps: 0, restored_step: 0, skipped_rows: report.skipped,
             replayed: Vec::new(),
+            initial_adapters,
         })
     }
 
@@ -569,6 +580,11 @@ impl Trainer {
                 let policy = self.policy.take().expect("the policy is in place between steps");
                 let (policy, moved) = shrink_toward_initial(policy, &initial, &request);
                 self.policy = Some(policy);
+                if moved == 0 {
+                    let error = format!("{}: reset.modules {:?} selects no trainable parameter (with LoRA only adapter targets train)", version.fn_location("on_step"), request.modules);
+                    console::line(&format!("on_step at step {step}: nothing reset:\n{error}"));
+                    return log.event(step, "on_step_failed", json!({"error": error}));
+                }
                 console::line(&format!("step {step}: reset {moved} parameter tensors of {} toward their initial values (factor {})", request.modules.join(", "), request.factor));
                 log.event(step, "reset", request.describe(moved))
             }
@@ -580,8 +596,13 @@ impl Trainer {
     }
 
     /// The policy as this run built it at the start (same weights, same LoRA initial draws).
+    /// With LoRA only the adapters train, so it is the policy with its initial adapters
+    /// (the frozen base shared); otherwise the model is built again.
     fn initial_policy(&self) -> Result<Llama> {
-        Ok(build_policy(&self.config, &self.device)?.1)
+        match &self.initial_adapters {
+            Some(adapters) => self.policy().clone().set_adapters(&mut adapters.clone(), &self.device),
+            None => Ok(build_policy(&self.config, &self.device)?.1),
+        }
     }
 
     fn epoch_progress(&self) -> f64 {
