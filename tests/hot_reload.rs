@@ -182,8 +182,8 @@ fn faulty_loss_edits_are_each_rejected_with_file_and_line() {
 }
 
 /// The objectives from papers reload like any loss: a γ-PO edit keeps its queue (the pool
-/// goes on growing), and switching the loss to AMaPO, then to robust DPO, takes effect at
-/// the next step.
+/// goes on growing), and switching the loss to AMaPO, robust DPO, then DPO with POET,
+/// takes effect at the next step; so does an edit of a KTO run's β.
 #[test]
 fn new_objectives_reload_and_gamma_po_keeps_its_queue() {
     let sb = Sandbox::new();
@@ -212,5 +212,26 @@ fn new_objectives_reload_and_gamma_po_keeps_its_queue() {
 
     sb.write("scripts/exp.rhai", &source("robust_dpo::loss(b, p)", "beta: 0.1, label_smoothing: 0.2"));
     wait_for(&metrics, "robust DPO", |l| events(l, "reload").len() == 3 && last_step(l) > events(l, "reload")[2]["step"].as_u64().unwrap());
+
+    sb.write("scripts/exp.rhai", &source("dpo::loss(poet::truncate(b), p)", "beta: 0.1").replace("import \"losses/amapo\"", "import \"losses/dpo\" as dpo;\nimport \"transforms/poet\" as poet;\nimport \"losses/amapo\""));
+    wait_for(&metrics, "POET", |l| events(l, "reload").len() == 4 && last_step(l) > events(l, "reload")[3]["step"].as_u64().unwrap());
+    assert!(events(&read_lines(&metrics), "reload_failed").is_empty());
+    assert!(child.0.try_wait().unwrap().is_none(), "the run must still be going");
+    drop(child);
+
+    // KTO (mode "unpaired"): an edit of β takes effect without a restart.
+    let kto = |beta: &str| {
+        format!(
+            "import \"losses/kto\" as kto;\nfn loss(b, p) {{ let out = kto::loss(b, p); out.metrics.beta = p.beta; out }}\ntrain({});\n",
+            small_config(&format!("max_steps: 4000, mode: \"unpaired\", unpair: true, params: #{{ beta: {beta} }},"))
+        )
+    };
+    let path = sb.write("scripts/kto.rhai", &kto("0.1"));
+    let run_dir = sb.path("run-kto");
+    let mut child = start_run(&path, &run_dir, std::process::Stdio::null());
+    let metrics = run_dir.join("metrics.jsonl");
+    wait_for(&metrics, "KTO steps", |l| last_step(l) >= 2);
+    sb.write("scripts/kto.rhai", &kto("0.3"));
+    wait_for(&metrics, "KTO with β 0.3", |l| l.iter().any(|x| x["beta"].as_f64() == Some(0.3)));
     assert!(child.0.try_wait().unwrap().is_none(), "the run must still be going");
 }

@@ -125,10 +125,12 @@ fn gamma_po_resumes_with_its_queue_and_grows_it_per_micro_batch() {
 }
 
 #[test]
-fn kto_resumes_to_the_same_metrics() {
+fn each_objective_resumes_after_sigkill_to_the_same_metrics() {
     let sb = Sandbox::new();
-    let config = "max_steps: 10, seed: 4, save_every: 4, mode: \"unpaired\", unpair: true, params: #{ beta: 0.1 },";
-    assert_resume_reproduces(&sb, "kto", &script("import \"losses/kto\" as kto;", "kto::loss(b, p)", config), 10, 4);
+    for (i, objective) in OBJECTIVES.iter().enumerate() {
+        let config = format!("max_steps: 8, seed: 4, save_every: 4, {}", objective.config);
+        assert_resume_reproduces(&sb, &format!("objective{i}"), &script(objective.imports, objective.body, &config), 8, 4);
+    }
 }
 
 #[test]
