@@ -47,6 +47,54 @@ fn completion_log_probs_match_transformers_for_every_family() {
     }
 }
 
+/// The same checkpoints saved by transformers 5.24 (config.json with `rope_parameters`
+/// instead of `rope_theta`/`rope_scaling`; log-probs computed by 5.24, with a 120-token
+/// row that crosses the fused attention's 64-query blocks).
+const FAMILIES_5: [&str; 5] = ["llama", "llama_rope_scaled_tied", "llama_linear_rope", "mistral", "qwen2"];
+
+#[test]
+fn transformers_5_checkpoints_load_with_their_rope_parameters() {
+    for name in FAMILIES_5 {
+        let dir = common::repo().join("tests/fixtures/hf5").join(name);
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        assert!(config.get("rope_parameters").is_some() && config.get("rope_theta").is_none(), "{name}: a 5.x layout");
+        let rows = common::fixture_rows(&dir);
+        assert!(rows.iter().any(|r| r.ids.len() > 64), "{name}: a row longer than one attention block");
+        for (row, got) in rows.iter().zip(prefhost_logps(&dir, &rows)) {
+            let worst = got.iter().zip(row.floats("token_logps")).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+            assert!(worst < 2e-5, "{name}: per-token log-probs differ from transformers 5 by {worst}");
+        }
+        // The 4.x checkpoint of the same weights reads the same RoPE.
+        let (four, _) = load_model(&fixture(name), &Device::default()).unwrap();
+        let (five, _) = load_model(&dir, &Device::default()).unwrap();
+        assert_eq!((five.rope_theta, five.rope_scaling().unwrap()), (four.rope_theta, four.rope_scaling().unwrap()), "{name}");
+    }
+}
+
+#[test]
+fn config_keys_that_change_the_maths_are_refused_with_file_and_key() {
+    let base: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(common::repo().join("tests/fixtures/hf5/llama_rope_scaled_tied/config.json")).unwrap()).unwrap();
+    let cases: [(&str, serde_json::Value, &str); 9] = [
+        ("rope_parameters", serde_json::json!({ "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 16 }), "rope_parameters.rope_type \"yarn\""),
+        ("rope_parameters", serde_json::json!({ "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5 }), "rope_parameters.partial_rotary_factor"),
+        ("rope_parameters", serde_json::json!({ "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0 }), "rope_parameters.low_freq_factor"),
+        ("rope_parameters", serde_json::json!({ "rope_type": "default" }), "rope_parameters.rope_theta"),
+        ("rope_parameters", serde_json::json!({ "full_attention": { "rope_type": "default", "rope_theta": 1e4 } }), "per-layer-type"),
+        ("rope_theta", serde_json::json!(10000.0), "disagree"),
+        ("hidden_act", serde_json::json!("gelu"), "hidden_act"),
+        ("quantization_config", serde_json::json!({ "quant_method": "bitsandbytes" }), "quantization_config"),
+        ("layer_types", serde_json::json!(["full_attention", "sliding_attention"]), "layer_types"),
+    ];
+    for (key, value, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = base.clone();
+        config[key] = value;
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let err = format!("{:#}", prefhost::model::LlamaConfig::from_file(&dir.path().join("config.json")).unwrap_err());
+        assert!(err.contains("config.json") && err.contains(expected), "{key}: expected an error naming {expected}, got {err}");
+    }
+}
+
 #[test]
 fn saved_checkpoints_of_every_family_load_back_the_same() {
     let tokenizer = common::repo().join("models/tiny-math/tokenizer.json");

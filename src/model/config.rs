@@ -46,6 +46,11 @@ pub struct LlamaConfig {
     /// HF's rope_scaling map (linear and llama3 are supported).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
+    /// transformers 5's layout: rope_theta, rope_type and the scaling fields in one map.
+    /// Read into `rope_theta` and `rope_scaling` when the file is loaded; checkpoints are
+    /// written in the 4.x layout, which both 4.x and 5.x read.
+    #[serde(default, skip_serializing)]
+    pub rope_parameters: Option<serde_json::Value>,
     /// Mistral: each token attends to at most this many tokens (itself included).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<usize>,
@@ -67,11 +72,37 @@ pub enum RopeScaling {
 impl LlamaConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let config: Self = serde_json::from_str(&text).map_err(|e| {
+        let mut config: Self = serde_json::from_str(&text).map_err(|e| {
             anyhow::anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column())
         })?;
+        let raw: serde_json::Value = serde_json::from_str(&text)?;
+        refuse_unsupported_keys(&raw).with_context(|| format!("{}: invalid model config", path.display()))?;
+        config.read_rope_parameters(&raw).with_context(|| format!("{}: invalid model config", path.display()))?;
         config.validate().with_context(|| format!("{}: invalid model config", path.display()))?;
         Ok(config)
+    }
+
+    /// Moves transformers 5's `rope_parameters` into `rope_theta` and `rope_scaling`. A file
+    /// that also sets the 4.x keys to something else is refused: which one applies would be
+    /// a guess.
+    fn read_rope_parameters(&mut self, raw: &serde_json::Value) -> Result<()> {
+        let Some(params) = self.rope_parameters.take().filter(|v| !v.is_null()) else { return Ok(()) };
+        let map = params.as_object().context("rope_parameters: expected a map")?;
+        if !map.contains_key("rope_type") && !map.contains_key("rope_theta") {
+            bail!("rope_parameters: per-layer-type rope settings ({}) are not supported", map.keys().cloned().collect::<Vec<_>>().join(", "));
+        }
+        let theta = map.get("rope_theta").and_then(|v| v.as_f64()).context("rope_parameters.rope_theta: missing or not a number")?;
+        if let Some(top) = raw.get("rope_theta").filter(|v| !v.is_null()) {
+            if top.as_f64() != Some(theta) {
+                bail!("rope_theta ({top}) and rope_parameters.rope_theta ({theta}) disagree");
+            }
+        }
+        if raw.get("rope_scaling").is_some_and(|v| !v.is_null()) {
+            bail!("rope_scaling and rope_parameters are both set; a config has one or the other");
+        }
+        self.rope_theta = theta;
+        self.rope_scaling = Some(params.clone());
+        Ok(())
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -114,10 +145,27 @@ impl LlamaConfig {
 
     pub fn rope_scaling(&self) -> Result<RopeScaling> {
         let Some(map) = self.rope_scaling.as_ref().filter(|v| !v.is_null()) else { return Ok(RopeScaling::None) };
+        // The same fields arrive as 4.x's rope_scaling or inside 5.x's rope_parameters.
+        let at = if map.get("rope_theta").is_some() { "rope_parameters" } else { "rope_scaling" };
         let kind = map.get("rope_type").or_else(|| map.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
         let num = |key: &str| -> Result<f64> {
-            map.get(key).and_then(|v| v.as_f64()).with_context(|| format!("rope_scaling.{key}: missing or not a number"))
+            map.get(key).and_then(|v| v.as_f64()).with_context(|| format!("{at}.{key}: missing or not a number"))
         };
+        // A field the rope type does not read would change transformers' frequencies
+        // (e.g. partial_rotary_factor) or be a typo: refused, never ignored.
+        let fields: &[&str] = match kind {
+            "default" => &[],
+            "linear" => &["factor"],
+            "llama3" => &["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"],
+            _ => &[],
+        };
+        if let Some(obj) = map.as_object() {
+            for key in obj.keys() {
+                if !["rope_type", "type", "rope_theta"].contains(&key.as_str()) && !fields.contains(&key.as_str()) && ["default", "linear", "llama3"].contains(&kind) {
+                    bail!("{at}.{key}: not supported with rope_type \"{kind}\" (it reads {})", if fields.is_empty() { "no other field".to_string() } else { fields.join(", ") });
+                }
+            }
+        }
         match kind {
             "default" => Ok(RopeScaling::None),
             "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
@@ -127,7 +175,7 @@ impl LlamaConfig {
                 high_freq_factor: num("high_freq_factor")?,
                 original_max_positions: num("original_max_position_embeddings")?,
             }),
-            other => bail!("rope_scaling.rope_type \"{other}\" is not supported (supported: linear, llama3)"),
+            other => bail!("{at}.rope_type \"{other}\" is not supported (supported: default, linear, llama3)"),
         }
     }
 
@@ -142,4 +190,32 @@ impl LlamaConfig {
     pub fn max_positions(&self) -> usize {
         self.max_position_embeddings.unwrap_or(2048)
     }
+}
+
+/// Keys that transformers' llama, mistral and qwen2 configs read and that would change the
+/// computation in a way prefhost does not implement: refused with the key named, never
+/// ignored. (Keys transformers itself does not read for these families change nothing
+/// there either; dropout settings are off in training, as TRL's disable_dropout does.)
+fn refuse_unsupported_keys(raw: &serde_json::Value) -> Result<()> {
+    let get = |key: &str| raw.get(key).filter(|v| !v.is_null());
+    if let Some(act) = get("hidden_act") {
+        if act.as_str() != Some("silu") {
+            bail!("hidden_act: {act} is not supported (the supported families use \"silu\")");
+        }
+    }
+    if get("quantization_config").is_some() {
+        bail!("quantization_config: quantized checkpoints are not supported");
+    }
+    if let Some(types) = get("layer_types") {
+        let list = types.as_array().context("layer_types: expected a list")?;
+        if let Some(other) = list.iter().find(|t| t.as_str() != Some("full_attention")) {
+            bail!("layer_types: {other} layers are not supported (only \"full_attention\"; mistral's sliding_window applies to every layer)");
+        }
+    }
+    if let Some(factor) = get("partial_rotary_factor") {
+        if factor.as_f64() != Some(1.0) {
+            bail!("partial_rotary_factor: {factor} is not supported (RoPE on the whole head)");
+        }
+    }
+    Ok(())
 }
