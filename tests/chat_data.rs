@@ -80,6 +80,32 @@ fn conversational_unpaired_rows_render_like_trl() {
     assert_eq!((split[1].chosen.clone(), split[1].label), (examples[1].chosen.clone(), Some(false)));
 }
 
+/// Tokenizer folders as transformers 4.57 and 5.24 save them: the template in
+/// chat_template.jinja, none in tokenizer_config.json. prefhost must render what their
+/// apply_chat_template rendered (tests/fixtures/make_chat_fixtures.py --saved).
+#[test]
+fn chat_templates_saved_by_transformers_4_and_5_are_read() {
+    for version in ["tf4", "tf5"] {
+        let dir = common::repo().join("tests/fixtures/chat_saved").join(version);
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();
+        assert!(config.get("chat_template").is_none() && dir.join("chat_template.jinja").is_file(), "{version}: the template is in its own file");
+        let tok = TextTokenizer::load(&dir.join("tokenizer.json"), Some(1), Some(2)).unwrap();
+        let chat = tok.chat.as_ref().unwrap_or_else(|| panic!("{version}: chat_template.jinja was not read"));
+        let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        for case in expected["cases"].as_array().unwrap() {
+            let messages: Vec<prefhost::data::chat::Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+            let got = chat.render(&messages, case["add_generation_prompt"].as_bool().unwrap()).unwrap();
+            assert_eq!(got, case["expected"].as_str().unwrap(), "{version}");
+        }
+    }
+    // Two different templates in one folder: refused, naming both files.
+    let dir = tempfile::tempdir().unwrap();
+    let _ = tokenizer(dir.path());
+    std::fs::write(dir.path().join("chat_template.jinja"), "{{ messages[0]['content'] }}").unwrap();
+    let err = format!("{:#}", TextTokenizer::load(&dir.path().join("tokenizer.json"), Some(1), Some(2)).err().unwrap());
+    assert!(err.contains("tokenizer_config.json") && err.contains("chat_template.jinja") && err.contains("different"), "{err}");
+}
+
 #[test]
 fn bad_conversational_rows_are_named_by_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
@@ -134,4 +160,11 @@ fn saved_models_keep_the_chat_template() {
     let reloaded = TextTokenizer::load(&out.join("tokenizer.json"), Some(1), Some(2)).unwrap();
     let messages = [prefhost::data::chat::Message { role: "user".into(), content: "Hi".into() }];
     assert_eq!(reloaded.chat.expect("the template is saved").render(&messages, true).unwrap(), "<s><|user|>\nHi<|end|>\n<|assistant|>\n");
+
+    // A transformers 5 tokenizer folder: its chat_template.jinja travels with the model too.
+    let five = common::repo().join("tests/fixtures/chat_saved/tf5/tokenizer.json");
+    let out = dir.path().join("saved5");
+    prefhost::model::save_model(&model, &config, &five, &out).unwrap();
+    let reloaded = TextTokenizer::load(&out.join("tokenizer.json"), Some(1), Some(2)).unwrap();
+    assert!(out.join("chat_template.jinja").is_file() && reloaded.chat.is_some());
 }

@@ -5,10 +5,10 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Message {
     pub role: String,
     pub content: String,
@@ -21,6 +21,22 @@ pub struct ChatTemplate {
     source: String,
 }
 
+/// The `chat_template` of tokenizer_config.json: a string, or several named templates of
+/// which chat uses "default".
+fn config_template(json: &Value, config: &Path) -> Result<Option<String>> {
+    Ok(match json.get("chat_template") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Array(list)) => Some(
+            list.iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(str::to_string))
+                .with_context(|| format!("{}: chat_template has no \"default\" entry", config.display()))?,
+        ),
+        Some(_) => bail!("{}: chat_template must be a string or a list of named templates", config.display()),
+    })
+}
+
 /// A special token in tokenizer_config.json: a string or `{"content": ...}`.
 fn token_text(v: Option<&Value>) -> String {
     match v {
@@ -31,24 +47,38 @@ fn token_text(v: Option<&Value>) -> String {
 }
 
 impl ChatTemplate {
-    /// The template in `tokenizer_config.json`, if the file exists and has one.
+    /// The chat template of the tokenizer folder holding `config` (tokenizer_config.json):
+    /// its `chat_template` key (transformers before 4.5x), or `chat_template.jinja` beside it
+    /// (what transformers 4.5x and 5.x save), or a legacy `chat_template.json`. Two of them
+    /// with different templates are refused: which one transformers picks is not ours to guess.
     pub fn load(config: &Path) -> Result<Option<Self>> {
-        if !config.is_file() {
-            return Ok(None);
-        }
-        let text = std::fs::read_to_string(config).with_context(|| format!("{}: cannot read", config.display()))?;
-        let json: Value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", config.display(), e.line(), e.column()))?;
-        let template = match json.get("chat_template") {
-            None | Some(Value::Null) => return Ok(None),
-            Some(Value::String(s)) => s.clone(),
-            // Several named templates: the "default" one is for chat.
-            Some(Value::Array(list)) => list
-                .iter()
-                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-                .and_then(|t| t.get("template")?.as_str().map(str::to_string))
-                .with_context(|| format!("{}: chat_template has no \"default\" entry", config.display()))?,
-            Some(_) => bail!("{}: chat_template must be a string or a list of named templates", config.display()),
+        let dir = config.parent().unwrap_or(Path::new("."));
+        let json: Value = if config.is_file() {
+            let text = std::fs::read_to_string(config).with_context(|| format!("{}: cannot read", config.display()))?;
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", config.display(), e.line(), e.column()))?
+        } else {
+            Value::Null
         };
+        let mut found: Vec<(String, String)> = Vec::new();
+        if let Some(template) = config_template(&json, config)? {
+            found.push((format!("{}: chat_template", config.display()), template));
+        }
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.is_file() {
+            let text = std::fs::read_to_string(&jinja).with_context(|| format!("{}: cannot read", jinja.display()))?;
+            found.push((jinja.display().to_string(), text));
+        }
+        let legacy = dir.join("chat_template.json");
+        if legacy.is_file() {
+            let text = std::fs::read_to_string(&legacy).with_context(|| format!("{}: cannot read", legacy.display()))?;
+            let value: Value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", legacy.display(), e.line(), e.column()))?;
+            let template = value.get("chat_template").and_then(|t| t.as_str()).with_context(|| format!("{}: no string chat_template", legacy.display()))?;
+            found.push((legacy.display().to_string(), template.to_string()));
+        }
+        let Some((source, template)) = found.first().cloned() else { return Ok(None) };
+        if let Some((other, _)) = found.iter().find(|(_, t)| *t != template) {
+            bail!("{source} and {other} hold different chat templates; keep one");
+        }
         let mut env = minijinja::Environment::new();
         // transformers compiles chat templates with these two Jinja settings.
         env.set_trim_blocks(true);
@@ -58,13 +88,8 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
-        env.add_template_owned("chat", template).map_err(|e| anyhow::anyhow!("{}: chat_template: {e:#}", config.display()))?;
-        Ok(Some(Self {
-            env,
-            bos_token: token_text(json.get("bos_token")),
-            eos_token: token_text(json.get("eos_token")),
-            source: config.display().to_string(),
-        }))
+        env.add_template_owned("chat", template).map_err(|e| anyhow::anyhow!("{source}: {e:#}"))?;
+        Ok(Some(Self { env, bos_token: token_text(json.get("bos_token")), eos_token: token_text(json.get("eos_token")), source }))
     }
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
@@ -76,7 +101,7 @@ impl ChatTemplate {
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
             })
-            .map_err(|e| format!("{}: chat_template: {e}", self.source))
+            .map_err(|e| format!("{}: {e}", self.source))
     }
 
     /// TRL's rule: the prompt is rendered with the generation prompt; each completion is

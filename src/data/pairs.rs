@@ -344,7 +344,7 @@ fn chat_row(row: &serde_json::Value, tokenizer: &TextTokenizer) -> Result<(Strin
 
 fn chat_template(tokenizer: &TextTokenizer) -> Result<&super::chat::ChatTemplate, String> {
     tokenizer.chat.as_ref().ok_or_else(|| {
-        format!("this row is conversational, but {} has no chat_template", tokenizer.path.with_file_name("tokenizer_config.json").display())
+        format!("this row is conversational, but {} has no chat_template (nor is there a chat_template.jinja beside it)", tokenizer.path.with_file_name("tokenizer_config.json").display())
     })
 }
 

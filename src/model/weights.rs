@@ -308,7 +308,7 @@ fn write_safetensors(tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>, path: &P
 /// travel with the model.
 fn copy_tokenizer_files(tokenizer_json: &Path, staging: &Path) -> Result<()> {
     std::fs::copy(tokenizer_json, staging.join("tokenizer.json")).with_context(|| format!("copying {}", tokenizer_json.display()))?;
-    for name in ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
+    for name in ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja", "chat_template.json"] {
         let source = tokenizer_json.with_file_name(name);
         if source.is_file() {
             std::fs::copy(&source, staging.join(name)).with_context(|| format!("copying {}", source.display()))?;
