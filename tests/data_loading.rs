@@ -6,11 +6,11 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 
-use parquet::data_type::{ByteArray, ByteArrayType};
+use parquet::data_type::{BoolType, ByteArray, ByteArrayType};
 use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::parser::parse_message_type;
-use prefhost::data::{TextTokenizer, Truncation, load_examples};
+use prefhost::data::{TextTokenizer, Truncation, load_examples, load_unpaired_examples};
 
 fn tokenizer() -> TextTokenizer {
     TextTokenizer::load(&common::repo().join("models/tiny-math/tokenizer.json"), Some(1), Some(2)).unwrap()
@@ -20,7 +20,15 @@ const LIMITS: Truncation = Truncation { max_length: 256, max_prompt_length: 128 
 
 /// Writes string columns to a Parquet file (snappy-compressed, as HF datasets are).
 fn write_parquet(path: &Path, columns: &[(&str, Vec<String>)]) {
-    let fields: Vec<String> = columns.iter().map(|(name, _)| format!("REQUIRED BYTE_ARRAY {name} (UTF8);")).collect();
+    write_parquet_with_labels(path, columns, None);
+}
+
+/// The same, plus a boolean `label` column (KTO's unpaired rows) when given.
+fn write_parquet_with_labels(path: &Path, columns: &[(&str, Vec<String>)], labels: Option<&[bool]>) {
+    let mut fields: Vec<String> = columns.iter().map(|(name, _)| format!("REQUIRED BYTE_ARRAY {name} (UTF8);")).collect();
+    if labels.is_some() {
+        fields.push("REQUIRED BOOLEAN label;".into());
+    }
     let schema = Arc::new(parse_message_type(&format!("message rows {{ {} }}", fields.join(" "))).unwrap());
     let props = Arc::new(WriterProperties::builder().set_compression(parquet::basic::Compression::SNAPPY).build());
     let mut writer = SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
@@ -29,6 +37,11 @@ fn write_parquet(path: &Path, columns: &[(&str, Vec<String>)]) {
         let mut column = group.next_column().unwrap().unwrap();
         let data: Vec<ByteArray> = values.iter().map(|v| ByteArray::from(v.as_str())).collect();
         column.typed::<ByteArrayType>().write_batch(&data, None, None).unwrap();
+        column.close().unwrap();
+    }
+    if let Some(labels) = labels {
+        let mut column = group.next_column().unwrap().unwrap();
+        column.typed::<BoolType>().write_batch(labels, None, None).unwrap();
         column.close().unwrap();
     }
     group.close().unwrap();
@@ -74,6 +87,32 @@ fn parquet_rows_load_like_the_same_jsonl_rows() {
         let err = format!("{:#}", result.expect("no panic").expect_err(name));
         assert!(err.contains(name), "{err}");
     }
+}
+
+#[test]
+fn unpaired_parquet_rows_load_like_the_same_jsonl_rows() {
+    let pairs: Vec<serde_json::Value> = common::read_lines(&common::repo().join("data/arithmetic/pairs.jsonl")).into_iter().take(20).collect();
+    let rows: Vec<(String, String, bool)> = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r["prompt"].as_str().unwrap().to_string(), r[if i % 3 == 0 { "rejected" } else { "chosen" }].as_str().unwrap().to_string(), i % 3 != 0))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let parquet = dir.path().join("kto.parquet");
+    let labels: Vec<bool> = rows.iter().map(|r| r.2).collect();
+    write_parquet_with_labels(&parquet, &[("prompt", rows.iter().map(|r| r.0.clone()).collect()), ("completion", rows.iter().map(|r| r.1.clone()).collect())], Some(&labels));
+    let jsonl = dir.path().join("kto.jsonl");
+    let lines: String = rows.iter().map(|(p, c, l)| format!("{}\n", serde_json::json!({ "prompt": p, "completion": c, "label": l }))).collect();
+    std::fs::write(&jsonl, lines).unwrap();
+
+    let tok = tokenizer();
+    let (from_parquet, _) = load_unpaired_examples(&parquet, &tok, LIMITS, false, false).unwrap();
+    let (from_jsonl, _) = load_unpaired_examples(&jsonl, &tok, LIMITS, false, false).unwrap();
+    assert_eq!(from_parquet.len(), 20);
+    for (a, b) in from_parquet.iter().zip(&from_jsonl) {
+        assert_eq!((&a.prompt, &a.chosen, a.label, a.line), (&b.prompt, &b.chosen, b.label, b.line));
+    }
+    assert_eq!(from_parquet.iter().filter(|e| e.label == Some(false)).count(), 7);
 }
 
 #[test]
