@@ -1,6 +1,7 @@
 #![cfg(any(feature = "tch", feature = "cuda"))]
 //! Every backend built into this binary against "cpu" (burn-flex): the same seed, model and
-//! batches give the same training curve, in f32 and with `mixed_precision: "bf16"`. Backends
+//! batches give the same training curve, in f32 and with `mixed_precision: "bf16"`, and
+//! masked forwards outside autodiff (the reference's) give transformers' log-probs. Backends
 //! whose device this machine lacks (tch-cuda, cuda without a GPU) must stop with a message,
 //! not a panic. Only built with `--features tch` and/or `--features cuda` (see setup/).
 
@@ -84,6 +85,52 @@ fn every_built_backend_trains_in_bf16_like_f32() {
         // bf16 must actually be in use: its log-probs cannot match f32 to f32's tolerance.
         let d = (value(&flex[0], "logps/chosen") - value(&mixed[0], "logps/chosen")).abs();
         assert!(d > F32_TOLERANCE, "{backend}: bf16 log-probs equal f32 ones ({d:e})");
+    }
+}
+
+/// The reference forward runs outside autodiff, where libtorch's attention got burn's mask
+/// inverted: mistral's sliding window (shorter than the rows, one of them 120 tokens) and
+/// prefix sharing's packed rows must give transformers' and cpu's log-probs on every backend.
+#[test]
+fn masked_forwards_outside_autodiff_match_transformers_and_cpu() {
+    use prefhost::data::packed::PackedLayout;
+    use prefhost::data::{Example, collate_pairs};
+    use prefhost::model::{load_model, values};
+    use prefhost::train::logps::{packed_pair_logps, token_logps};
+
+    let dir = common::repo().join("tests/fixtures/hf5/mistral");
+    let rows = common::fixture_rows(&dir);
+    // Pairs whose rejected completion differs in one token, for the packed (prefix-shared) rows.
+    let examples: Vec<Example> = rows
+        .iter()
+        .map(|r| {
+            let chosen = r.ids[r.prompt_length..].to_vec();
+            let mut rejected = chosen.clone();
+            let middle = rejected.len() / 2;
+            rejected[middle] = 3 + (rejected[middle] + 1) % 90;
+            Example { prompt: r.ids[..r.prompt_length].to_vec(), chosen, rejected, line: 1, label: None }
+        })
+        .collect();
+    let refs: Vec<&Example> = examples.iter().collect();
+    let packed = |device: &burn::tensor::Device| {
+        let (_, model) = load_model(&dir, device).unwrap();
+        let batch = collate_pairs(&refs, 2, device);
+        (values(token_logps(&model, &batch)), values(packed_pair_logps(&model, &PackedLayout::new(&refs, 2, true), batch.mask.clone())))
+    };
+    let cpu = backend_device("cpu").unwrap();
+    let (cpu_plain, cpu_packed) = packed(&cpu);
+    let worst = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    assert!(worst(&cpu_plain, &cpu_packed) < 2e-5);
+    for backend in runnable() {
+        let device = backend_device(backend).unwrap();
+        let (_, model) = load_model(&dir, &device).unwrap();
+        for (row, got) in rows.iter().zip(common::completion_logps(&model, &rows, &device)) {
+            let off = got.iter().zip(row.floats("token_logps")).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+            assert!(off < 1e-4, "{backend}: sliding-window log-probs differ from transformers by {off}");
+        }
+        let (plain, packed_rows) = packed(&device);
+        assert!(worst(&plain, &cpu_plain) < 1e-4, "{backend}: plain rows differ from cpu by {}", worst(&plain, &cpu_plain));
+        assert!(worst(&packed_rows, &cpu_packed) < 1e-4, "{backend}: packed rows differ from cpu by {}", worst(&packed_rows, &cpu_packed));
     }
 }
 

@@ -68,17 +68,34 @@ pub fn fuses(q: &Tensor<4>, hidden: Option<&Tensor<4, Bool>>) -> bool {
         && hidden.is_none_or(|m| flex_mask(m).is_some())
 }
 
-/// burn's attention, after repeating each KV head for its query heads.
+/// burn's attention, after repeating each KV head for its query heads. With a mask the
+/// scores are masked and normalised here instead: burn-tch hands burn's bool mask (true =
+/// masked) to torch's scaled_dot_product_attention unchanged, where true means "may
+/// attend", so masked forwards outside autodiff came out wrong on libtorch.
 fn fallback(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<4> {
-    let [b, heads, s, _] = q.dims();
+    let [b, heads, s, d] = q.dims();
     let repeat = |t: Tensor<4>| {
         let [b, kv, s, d] = t.dims();
         let groups = heads / kv;
         if groups == 1 { t } else { t.unsqueeze_dim::<5>(2).expand([b, kv, groups, s, d]).reshape([b, kv * groups, s, d]) }
     };
     let (k, v) = (repeat(k), repeat(v));
-    let hidden = hidden.map(|m| m.expand([b, heads, s, k.dims()[2]]));
-    attention(q, k, v, hidden, None, AttentionModuleOptions { scale: None, softcap: None, is_causal })
+    let sk = k.dims()[2];
+    let Some(hidden) = hidden else {
+        return attention(q, k, v, None, None, AttentionModuleOptions { scale: None, softcap: None, is_causal });
+    };
+    let mut hidden = hidden.expand([b, heads, s, sk]);
+    if is_causal {
+        // Query i sees keys up to i + (sk − s): the last s keys line up with the queries.
+        let shift = sk - s;
+        let upper: Vec<bool> = (0..s * sk).map(|n| n % sk > n / sk + shift).collect();
+        let causal = Tensor::<2, Bool>::from_data(burn::tensor::TensorData::new(upper, [s, sk]), &q.device());
+        hidden = hidden.bool_or(causal.reshape([1, 1, s, sk]).expand([b, heads, s, sk]));
+    }
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt());
+    // The lowest finite value rather than −inf: a row with every key masked stays finite.
+    let weights = burn::tensor::activation::softmax(scores.mask_fill(hidden, f32::MIN), 3);
+    weights.matmul(v)
 }
 
 /// Queries (and keys) per block: the unit of parallel work and of causal skipping.
