@@ -157,26 +157,21 @@ impl LlamaConfig {
             "default" => &[],
             "linear" => &["factor"],
             "llama3" => &["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"],
-            _ => &[],
+            other => bail!("{at}.rope_type \"{other}\" is not supported (supported: default, linear, llama3)"),
         };
-        if let Some(obj) = map.as_object() {
-            for key in obj.keys() {
-                if !["rope_type", "type", "rope_theta"].contains(&key.as_str()) && !fields.contains(&key.as_str()) && ["default", "linear", "llama3"].contains(&kind) {
-                    bail!("{at}.{key}: not supported with rope_type \"{kind}\" (it reads {})", if fields.is_empty() { "no other field".to_string() } else { fields.join(", ") });
-                }
-            }
+        if let Some(key) = map.as_object().and_then(|o| o.keys().find(|k| !["rope_type", "type", "rope_theta"].contains(&k.as_str()) && !fields.contains(&k.as_str()))) {
+            bail!("{at}.{key}: not supported with rope_type \"{kind}\" (it reads {})", if fields.is_empty() { "no other field".to_string() } else { fields.join(", ") });
         }
-        match kind {
-            "default" => Ok(RopeScaling::None),
-            "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
-            "llama3" => Ok(RopeScaling::Llama3 {
+        Ok(match kind {
+            "linear" => RopeScaling::Linear { factor: num("factor")? },
+            "llama3" => RopeScaling::Llama3 {
                 factor: num("factor")?,
                 low_freq_factor: num("low_freq_factor")?,
                 high_freq_factor: num("high_freq_factor")?,
                 original_max_positions: num("original_max_position_embeddings")?,
-            }),
-            other => bail!("{at}.rope_type \"{other}\" is not supported (supported: default, linear, llama3)"),
-        }
+            },
+            _ => RopeScaling::None,
+        })
     }
 
     pub fn kv_heads(&self) -> usize {
