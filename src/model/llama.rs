@@ -8,7 +8,7 @@ use super::precision::MixedPrecision;
 use super::attention::{Attention, KvCache};
 use super::block::{DecoderLayer, norm};
 use super::config::LlamaConfig;
-use super::lora::Projection;
+use super::lora::{Projection, peft_key};
 use super::mlp::Mlp;
 use super::rope::{Rope, RotaryTables};
 
@@ -51,10 +51,14 @@ impl WeightSource for RandomInit {
 /// model built twice (e.g. from a checkpoint) has the same ids and optimizer state saved
 /// for one applies to the other.
 pub(crate) fn named_param<const D: usize>(name: &str, value: Tensor<D>) -> Param<Tensor<D>> {
-    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
     let mut param = Param::from_tensor(value);
-    param.id = ParamId::from(hash);
+    param.id = param_id(name);
     param
+}
+
+/// The id of the parameter with this HF (or PEFT) name.
+pub fn param_id(name: &str) -> ParamId {
+    ParamId::from(name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)))
 }
 
 fn projection(src: &mut dyn WeightSource, name: &str, d_in: usize, d_out: usize, bias: bool, device: &Device) -> anyhow::Result<Projection> {
@@ -121,6 +125,30 @@ impl Llama {
             rope: Rope::new(hd, config.max_positions(), config.rope_theta, &config.rope_scaling()?),
             precision: MixedPrecision::No,
         })
+    }
+
+    /// Every parameter's name as a checkpoint spells it: HF names, and PEFT's for adapters
+    /// (`base_model.model.<module>.lora_A.weight`).
+    pub fn parameter_names(&self) -> Vec<String> {
+        let mut names = vec!["model.embed_tokens.weight".to_string()];
+        for i in 0..self.layers.len() {
+            names.push(format!("model.layers.{i}.input_layernorm.weight"));
+            names.push(format!("model.layers.{i}.post_attention_layernorm.weight"));
+        }
+        for (path, _, projection) in self.projections() {
+            names.push(format!("{path}.weight"));
+            if projection.base.bias.is_some() {
+                names.push(format!("{path}.bias"));
+            }
+            if projection.lora.is_some() {
+                names.extend(["A", "B"].map(|factor| peft_key(&path, factor)));
+            }
+        }
+        names.push("model.norm.weight".to_string());
+        if self.lm_head.is_some() {
+            names.push("lm_head.weight".to_string());
+        }
+        names
     }
 
     /// tokens: [batch, seq] -> logits [batch, seq, vocab]

@@ -8,8 +8,9 @@
 //! model with its adapters left out, and no second copy is ever made.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::tensor::{Device, Distribution, Tensor};
@@ -40,6 +41,11 @@ pub struct LoraConfig {
     /// Scale by alpha / √r instead of alpha / r (rank-stabilised LoRA).
     #[serde(default)]
     pub use_rslora: bool,
+    /// A PEFT adapter folder the adapters start from instead of a fresh initialisation
+    /// (PEFT's `PeftModel.from_pretrained(..., is_trainable=True)`); its r, lora_alpha,
+    /// target_modules and use_rslora must be these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_adapter: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -175,7 +181,7 @@ impl Projection {
 
 /// PEFT's tensor names: `base_model.model.<module path>.lora_A.weight` ([r, in]) and
 /// `...lora_B.weight` ([out, r]).
-fn peft_key(module: &str, factor: &str) -> String {
+pub(crate) fn peft_key(module: &str, factor: &str) -> String {
     format!("base_model.model.{module}.lora_{factor}.weight")
 }
 
@@ -284,6 +290,23 @@ impl Llama {
             }
         }
         out
+    }
+
+    /// Starts the adapters from the PEFT folder `dir`, whose settings must equal `config`'s.
+    pub fn with_adapters_from(self, dir: &Path, config: &LoraConfig, device: &Device) -> Result<Self> {
+        let mut files = super::read_adapter(dir)?;
+        let at = dir.join(super::weights::ADAPTER_CONFIG);
+        let (theirs, ours) = (&files.lora, config);
+        let differing = [
+            ("r", theirs.r.to_string(), ours.r.to_string()),
+            ("lora_alpha", theirs.lora_alpha.to_string(), ours.lora_alpha.to_string()),
+            ("target_modules", format!("{:?}", theirs.modules()?), format!("{:?}", ours.modules()?)),
+            ("use_rslora", theirs.use_rslora.to_string(), ours.use_rslora.to_string()),
+        ];
+        if let Some((key, theirs, ours)) = differing.into_iter().find(|(_, a, b)| a != b) {
+            bail!("{}: {key} is {theirs}, but the script's lora.{key} is {ours} (lora.init_adapter must match the adapter)", at.display());
+        }
+        self.set_adapters(&mut files.tensors, device).with_context(|| dir.join(super::weights::ADAPTER_WEIGHTS).display().to_string())
     }
 
     /// Replaces the adapters' values with `tensors` (PEFT names and layout), which must hold

@@ -109,6 +109,10 @@ pub struct TrainConfig {
     pub adam_epsilon: f64,
     #[serde(default = "d_log_every")]
     pub log_every: usize,
+    /// Also log each parameter's gradient norm (before clipping, by checkpoint name) at
+    /// every logged step, as a "param_grad_norms" event.
+    #[serde(default)]
+    pub log_param_grad_norms: bool,
     /// Save a resumable checkpoint every N steps (the final one is always saved).
     #[serde(default = "d_save_every")]
     pub save_every: Option<usize>,
@@ -295,6 +299,7 @@ impl TrainConfig {
         self.lr = newer.lr;
         self.max_grad_norm = newer.max_grad_norm;
         self.log_every = newer.log_every;
+        self.log_param_grad_norms = newer.log_param_grad_norms;
         self.save_every = newer.save_every;
         self.params = newer.params.clone();
         self.progress = newer.progress;

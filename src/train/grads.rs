@@ -2,12 +2,16 @@
 //! TRL uses through max_grad_norm; burn's built-in clipping works per tensor).
 
 use burn::backend::Flex;
-use burn::module::{Module, ModuleVisitor, Param};
+use std::collections::BTreeMap;
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
 use super::optimizer::is_flex_f32;
+use crate::model::Llama;
+use crate::model::llama::param_id;
 
 struct SquaredNorm<'a> {
     grads: &'a GradientsParams,
@@ -73,6 +77,27 @@ fn scaled<const D: usize>(g: Tensor<D>, factor: f64) -> Tensor<D> {
     let mut t = g.try_into_primitive::<Flex>().map(|t| t.to_contiguous()).unwrap_or_else(|_| unreachable!("checked above"));
     t.storage_mut::<f32>().par_chunks_mut(1 << 15).for_each(|c| crate::model::fused::scale(c, factor as f32));
     Tensor::from_primitive::<Flex>(t)
+}
+
+struct NormsById<'a> {
+    grads: &'a GradientsParams,
+    norms: std::collections::HashMap<ParamId, f64>,
+}
+
+impl ModuleVisitor for NormsById<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.get::<D>(param.id) {
+            self.norms.insert(param.id, squared_sum(g).sqrt());
+        }
+    }
+}
+
+/// Each parameter's gradient norm under its checkpoint name (parameters without a
+/// gradient, the frozen ones, are left out).
+pub fn norms_by_name(model: &Llama, grads: &GradientsParams) -> BTreeMap<String, f64> {
+    let mut visitor = NormsById { grads, norms: Default::default() };
+    model.visit(&mut visitor);
+    model.parameter_names().into_iter().filter_map(|name| visitor.norms.get(&param_id(&name)).map(|&norm| (name, norm))).collect()
 }
 
 pub fn global_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {

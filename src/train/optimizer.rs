@@ -8,9 +8,26 @@
 
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
+use burn::module::{ParamGroup, ParamId};
 use burn::optim::{AdamWState, AdaptiveMomentumState, LearningRate, ModuleOptimizer, Optimizer};
 use burn::tensor::{DType, Device, Tensor};
 use rayon::prelude::*;
+
+use crate::model::Llama;
+use crate::model::llama::param_id;
+
+/// Whether the parameter with this HF name gets weight decay, by transformers' rule
+/// (Trainer.get_decay_parameter_names, which TRL's trainers inherit): not when its module's
+/// lower-cased name matches "bias", "layernorm", "rmsnorm", "(^|\.)norm($|\.)" or
+/// "_norm($|\.)", nor when the parameter itself is a bias.
+pub fn decays(name: &str) -> bool {
+    let (module, param) = name.rsplit_once('.').unwrap_or(("", name));
+    let module = module.to_lowercase();
+    let dotted_norm = module == "norm" || module.starts_with("norm.") || module.ends_with(".norm") || module.contains(".norm.");
+    let suffixed_norm = module.ends_with("_norm") || module.contains("_norm.");
+    let norm_or_bias = ["bias", "layernorm", "rmsnorm"].iter().any(|word| module.contains(word)) || dotted_norm || suffixed_norm;
+    !norm_or_bias && !param.contains("bias")
+}
 
 /// torch's AdamW defaults are lr-free here: the learning rate comes with each step.
 #[derive(Clone, Debug)]
@@ -29,6 +46,15 @@ impl FusedAdamW {
     /// A whole-module optimizer (burn's type-erased wrapper, with its state records).
     pub fn init(self) -> ModuleOptimizer {
         ModuleOptimizer::from(self)
+    }
+
+    /// The optimizer for `model` as transformers' Trainer builds it: weight decay on every
+    /// parameter except biases and norm weights (see [`decays`]).
+    pub fn for_model(self, model: &Llama) -> ModuleOptimizer {
+        let undecayed: Vec<ParamId> = model.parameter_names().iter().filter(|name| !decays(name)).map(|name| param_id(name)).collect();
+        let without_decay = Self { weight_decay: 0.0, ..self.clone() };
+        let optimizer = self.init();
+        if undecayed.is_empty() { optimizer } else { optimizer.with_group(ParamGroup::from_ids(undecayed), without_decay, None) }
     }
 
     /// The per-step scalars, each computed as burn's AdamW computes it (f32 or f64 as there).
@@ -164,4 +190,21 @@ fn flex<const D: usize>(t: Tensor<D>) -> FlexTensor {
 /// shared with the argument and `storage_mut` can write in place.
 fn contiguous(t: FlexTensor) -> FlexTensor {
     t.to_contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decays;
+
+    #[test]
+    fn biases_and_norm_weights_are_not_decayed() {
+        for name in ["model.layers.0.input_layernorm.weight", "model.layers.3.post_attention_layernorm.weight", "model.norm.weight",
+                     "model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.q_proj.bias"] {
+            assert!(!decays(name), "{name}");
+        }
+        for name in ["model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
+                     "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "model.normalizer.weight"] {
+            assert!(decays(name), "{name}");
+        }
+    }
 }

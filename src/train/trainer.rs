@@ -16,7 +16,7 @@ use super::checkpoint::{self, OPTIMIZER_FILE, SOURCES_FILE, STATE_FILE, TrainerS
 use super::config::{Init, Mode, TrainConfig};
 use super::console;
 use super::evaluate::{EvalResult, evaluate, load_eval_rows};
-use super::grads::clip_global_norm;
+use super::grads::{clip_global_norm, norms_by_name};
 use super::chunked::ChunkedHead;
 use super::logps::{batch_logps, row_sums};
 use crate::script::random::loss_call_seed;
@@ -136,7 +136,7 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
     set_script_device(trainer.device.clone());
 
     let c = &trainer.config;
-    let mut optimizer = FusedAdamW::new(c.adam_beta1, c.adam_beta2, c.adam_epsilon, c.weight_decay).init();
+    let mut optimizer = FusedAdamW::new(c.adam_beta1, c.adam_beta2, c.adam_epsilon, c.weight_decay).for_model(trainer.policy());
     let metrics_path;
     let (run_dir, start, mut log) = match &options.resume {
         Some(run_dir) => {
@@ -263,6 +263,10 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
             outputs.push(output);
         }
         let mut grads = accumulator.grads();
+        let logs_now = (step + 1) % trainer.config.log_every == 0 || step + 1 == total;
+        if trainer.config.log_param_grad_norms && logs_now {
+            log.event(step + 1, "param_grad_norms", json!(norms_by_name(trainer.policy(), &grads)))?;
+        }
         let norm = clip_global_norm(trainer.policy(), &mut grads, trainer.config.max_grad_norm);
 
         // ---- a NaN/inf loss or gradient: skip the update; too many in a row end the run
@@ -416,6 +420,9 @@ fn build_policy(config: &TrainConfig, device: &Device) -> Result<(LlamaConfig, L
     };
     if let Some(lora) = &config.lora {
         policy = policy.with_lora(lora, device)?;
+        if let Some(dir) = &lora.init_adapter {
+            policy = policy.with_adapters_from(Path::new(dir), lora, device)?;
+        }
     }
     // The resident and frozen-base references inherit it: TRL's reference forward runs under the same autocast.
     Ok((model_config, policy.with_precision(config.mixed_precision)))
