@@ -96,6 +96,9 @@ enum Command {
         max_length: usize,
         #[arg(long, default_value_t = 128)]
         max_prompt_length: usize,
+        /// Must match the run's prompt_special_tokens.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        prompt_special_tokens: bool,
     },
     /// Fold LoRA adapters (a PEFT folder, e.g. a LoRA run's checkpoint) into their base
     /// model's weights and write a plain Hugging Face model folder.
@@ -251,9 +254,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             println!("{} passed, {} failed", report.passed, report.failed.len());
             Ok(if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Logps { model, data, out, batch_size, max_length, max_prompt_length } => {
+        Command::Logps { model, data, out, batch_size, max_length, max_prompt_length, prompt_special_tokens } => {
             let limits = crate::data::Truncation { max_length, max_prompt_length };
-            let rows = crate::train::reference::precompute(&model, &data, &out, batch_size, limits, &crate::train::backend_device("cpu")?)?;
+            let rows = crate::train::reference::precompute(&model, &data, &out, batch_size, limits, prompt_special_tokens, &crate::train::backend_device("cpu")?)?;
             println!("wrote reference log-probs of {rows} rows to {}", out.display());
             Ok(ExitCode::SUCCESS)
         }

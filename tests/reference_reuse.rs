@@ -53,7 +53,7 @@ fn prefix_sharing_and_precomputed_reference_train_the_same_model() {
 #[test]
 fn a_reference_file_for_other_data_is_refused() {
     let sb = Sandbox::new();
-    let refs = sb.write("ref.jsonl", "{\"line\": 1, \"chosen_logps\": -1.0, \"rejected_logps\": -2.0, \"chosen_tokens\": 1, \"rejected_tokens\": 1, \"chosen_token_logps\": [-1.0], \"rejected_token_logps\": [-2.0]}\n");
+    let refs = sb.write("ref.jsonl", "{\"line\": 1, \"prompt_tokens\": 3, \"chosen_logps\": -1.0, \"rejected_logps\": -2.0, \"chosen_tokens\": 1, \"rejected_tokens\": 1, \"chosen_token_logps\": [-1.0], \"rejected_token_logps\": [-2.0]}\n");
     let path = sb.write("scripts/r.rhai", &script(&format!("ref_logps: \"{}\",", refs.display())));
     let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", sb.path("runs/r").to_str().unwrap()]);
     assert!(!out.status.success());

@@ -66,6 +66,10 @@ pub struct LoadReport {
     pub truncated: usize,
     /// Rows left out (with `skip_bad_rows`): where, and why.
     pub skipped: Vec<(String, String)>,
+    /// Plain-text rows whose prompt and completion tokenize differently as one text (see
+    /// `TextTokenizer::splits_at_boundary`): the first few places, and how many.
+    pub merged_at_boundary: Vec<String>,
+    pub merged_at_boundary_count: usize,
 }
 
 #[derive(Deserialize)]
@@ -243,6 +247,17 @@ fn tokenize_row(
         return Err("empty completion".into());
     }
     let text = |e: anyhow::Error| format!("{e:#}");
+    if !templated {
+        for completion in std::iter::once(chosen).chain(rejected) {
+            if !tokenizer.splits_at_boundary(prompt, completion).map_err(text)? {
+                report.merged_at_boundary_count += 1;
+                if report.merged_at_boundary.len() < 5 {
+                    report.merged_at_boundary.push(format!("line {line}"));
+                }
+                break;
+            }
+        }
+    }
     let mut prompt = if templated { tokenizer.encode_templated_prompt(prompt) } else { tokenizer.encode_prompt(prompt) }.map_err(text)?;
     let mut chosen = tokenizer.encode_completion(chosen).map_err(text)?;
     let mut rejected = match rejected {

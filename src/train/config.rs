@@ -93,6 +93,10 @@ pub struct TrainConfig {
     pub max_length: usize,
     #[serde(default = "d_max_prompt")]
     pub max_prompt_length: usize,
+    /// Plain-text prompts get the tokenizer's special tokens (e.g. BOS), as TRL before 0.12
+    /// and from 0.29 and the SimPO-family repositories do; false: none, as TRL 0.12 to 0.28.
+    #[serde(default = "d_true")]
+    pub prompt_special_tokens: bool,
     /// Learning rate when the script defines no `lr(step, total)`.
     #[serde(default = "d_lr")]
     pub lr: f64,
@@ -289,7 +293,7 @@ impl TrainConfig {
         }
         // AdamW's settings are fixed when the optimizer is built, so they need a restart too.
         check!(name, mode, model, init, data, backend, mixed_precision, seed, batch_size, grad_accum, epochs, max_steps,
-               max_length, max_prompt_length, skip_bad_rows, unpair, replay, ref_logps, lora, max_nonfinite_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon, output_dir, save_model_to);
+               max_length, max_prompt_length, prompt_special_tokens, skip_bad_rows, unpair, replay, ref_logps, lora, max_nonfinite_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon, output_dir, save_model_to);
         changed
     }
 

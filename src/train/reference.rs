@@ -20,6 +20,8 @@ use crate::model::{Llama, values};
 pub struct RefRow {
     /// The data file's line (row for Parquet) this belongs to.
     pub line: usize,
+    /// The prompt's token count: the reference saw the completions after this many tokens.
+    pub prompt_tokens: usize,
     pub chosen_logps: f32,
     pub rejected_logps: f32,
     pub chosen_tokens: usize,
@@ -51,6 +53,7 @@ pub fn compute_ref_rows(model: &Llama, examples: &[Example], pad_id: u32, batch_
             let rejected = completion(b + i, e, e.rejected.len());
             rows.push(RefRow {
                 line: e.line,
+                prompt_tokens: e.prompt.len(),
                 chosen_logps: chosen.iter().sum(),
                 rejected_logps: rejected.iter().sum(),
                 chosen_tokens: chosen.len(),
@@ -98,6 +101,12 @@ impl PrecomputedReference {
             let Some(row) = rows.get(&e.line) else {
                 bail!("{}: no reference log-probs for data row {} (run host logps on the same data)", path.display(), e.line);
             };
+            if row.prompt_tokens != e.prompt.len() {
+                bail!(
+                    "{}: data row {} has a {}-token prompt, the file {} (written with another tokenizer, max_prompt_length or prompt_special_tokens?)",
+                    path.display(), e.line, e.prompt.len(), row.prompt_tokens
+                );
+            }
             if row.chosen_tokens != e.chosen.len() || row.rejected_tokens != e.rejected.len() {
                 bail!(
                     "{}: data row {} has {}/{} chosen/rejected tokens, the file {}/{} (written for another tokenizer or max_length?)",
@@ -124,12 +133,13 @@ impl PrecomputedReference {
 
 /// `host logps`: loads the model and data as a run would, computes the reference
 /// log-probs of every pair, and writes them to `out`. Returns the number of rows.
-pub fn precompute(model_dir: &Path, data: &Path, out: &Path, batch_size: usize, limits: crate::data::Truncation, device: &Device) -> Result<usize> {
+pub fn precompute(model_dir: &Path, data: &Path, out: &Path, batch_size: usize, limits: crate::data::Truncation, prompt_special_tokens: bool, device: &Device) -> Result<usize> {
     if out.canonicalize().ok().is_some_and(|o| data.canonicalize().ok() == Some(o)) {
         bail!("{}: the output would overwrite the data", out.display());
     }
     let (config, model) = crate::model::load_model(model_dir, device)?;
-    let tokenizer = crate::data::TextTokenizer::load(&model_dir.join("tokenizer.json"), config.eos_token_id, config.pad_token_id)?;
+    let mut tokenizer = crate::data::TextTokenizer::load(&model_dir.join("tokenizer.json"), config.eos_token_id, config.pad_token_id)?;
+    tokenizer.prompt_special_tokens = prompt_special_tokens;
     let limits = crate::data::Truncation { max_length: limits.max_length.min(config.max_positions()), ..limits };
     let (examples, _) = crate::data::load_examples(data, &tokenizer, true, limits, false)?;
     let rows = compute_ref_rows(&model, &examples, tokenizer.pad_id, batch_size, true, device);

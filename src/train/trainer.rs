@@ -497,7 +497,8 @@ impl Trainer {
         let train_device = backend_device(&config.backend)?.autodiff();
         let (model_config, policy) = build_policy(&config, &train_device)?;
         let model_dir = PathBuf::from(&config.model);
-        let tokenizer = TextTokenizer::load(&model_dir.join("tokenizer.json"), model_config.eos_token_id, model_config.pad_token_id)?;
+        let mut tokenizer = TextTokenizer::load(&model_dir.join("tokenizer.json"), model_config.eos_token_id, model_config.pad_token_id)?;
+        tokenizer.prompt_special_tokens = config.prompt_special_tokens;
         if tokenizer.vocab_size() > model_config.vocab_size {
             bail!("{}: tokenizer has {} tokens, the model's vocab_size is {}", model_dir.display(), tokenizer.vocab_size(), model_config.vocab_size);
         }
@@ -509,6 +510,12 @@ impl Trainer {
         };
         if report.truncated > 0 {
             console::line(&format!("note: {} of {} rows truncated to max_length {}", report.truncated, report.rows, limits.max_length));
+        }
+        if report.merged_at_boundary_count > 0 {
+            console::line(&format!(
+                "note: in {} row(s) of {} ({}{}) the prompt and a completion tokenize differently as one text; prefhost tokenizes them apart, as TRL 0.12 to 0.28 does (TRL before 0.12 and from 0.29 tokenize the joined text)",
+                report.merged_at_boundary_count, config.data, report.merged_at_boundary.join(", "), if report.merged_at_boundary_count > report.merged_at_boundary.len() { ", ..." } else { "" }
+            ));
         }
         if !report.skipped.is_empty() {
             console::line(&format!("note: {} row(s) of {} left out (skip_bad_rows):", report.skipped.len(), config.data));
