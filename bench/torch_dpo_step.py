@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""PyTorch eager reference for one prefhost DPO training step (CPU or CUDA; f32, or bf16 autocast).
+"""PyTorch reference for one prefhost DPO training step (CPU or CUDA; f32, or bf16 autocast;
+eager, or with --compile torch.compile).
 
 Standard library + torch only, so the comparison does not depend on
 transformers/safetensors versions. Prints one JSON line to stdout.
@@ -97,10 +98,9 @@ class Layer(nn.Module):
         k = a.k_proj(y).view(B, T, self.nkv, self.hd).transpose(1, 2)
         v = a.v_proj(y).view(B, T, self.nkv, self.hd).transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        rep = self.nh // self.nkv  # GQA: each kv head serves `rep` query heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        # Right padding only, so a plain causal mask is exact for real tokens.
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # Right padding only, so a plain causal mask is exact for real tokens. Grouped-query
+        # attention through SDPA's own path (each kv head serves nh/nkv query heads).
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.nh != self.nkv)
         x = x + a.o_proj(o.transpose(1, 2).reshape(B, T, -1))
         m, y = self.mlp, self.post_attention_layernorm(x)
         return x + m.down_proj(F.silu(m.gate_proj(y)) * m.up_proj(y))
@@ -181,6 +181,15 @@ def seq_logps(model, inp, tgt, mask):
     return (logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
 
 
+def current_rss_mb():
+    """Resident memory now (VmRSS), in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", required=True)
@@ -192,7 +201,10 @@ def main():
     ap.add_argument("--threads", type=int)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--bf16", action="store_true", help="torch.autocast to bf16 around both forwards (f32 master weights)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the policy and the reference (default mode)")
     a = ap.parse_args()
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5):
+        fail(f"torch {torch.__version__}: needs 2.5 or later (scaled_dot_product_attention's enable_gqa)")
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
@@ -207,6 +219,8 @@ def main():
         fail(f"{a.batch}: token id out of range for vocab {policy.lm_head.weight.shape[0]}")
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    baseline_rss_mb = current_rss_mb()  # torch imported, both models and the batch loaded
+    policy_forward, reference_forward = (torch.compile(policy), torch.compile(reference)) if a.compile else (policy, reference)
 
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16)
     if cuda:
@@ -217,9 +231,9 @@ def main():
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         with autocast():
-            lp = seq_logps(policy, inp, tgt, mask)
+            lp = seq_logps(policy_forward, inp, tgt, mask)
         with torch.no_grad(), autocast():
-            lr_ = seq_logps(reference, inp, tgt, mask)
+            lr_ = seq_logps(reference_forward, inp, tgt, mask)
         margin = (lp[:B] - lr_[:B]) - (lp[B:] - lr_[B:])
         loss = -F.logsigmoid(a.beta * margin).mean()
         loss.backward()
@@ -240,7 +254,8 @@ def main():
         "steps": a.steps, "step_seconds": times, "step_seconds_median": med,
         "tokens_per_step": tokens, "tokens_per_second": tokens / med if times else None,
         "params": sum(p.numel() for p in policy.parameters()), "first_step": first,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "baseline_rss_mb": baseline_rss_mb,
+        "compiled": a.compile, "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "device": torch.cuda.get_device_name(device) if cuda else "cpu", "bf16_autocast": a.bf16,
         "peak_gpu_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
     }))

@@ -1,8 +1,10 @@
 //! `host bench`: times a DPO training step on one model and one batch in several
 //! configurations, side by side in one run, and prints ratios. Each configuration runs in
-//! its own child process (`host bench --child NAME`) so its peak RSS is its own. When
-//! Python with torch is found, a PyTorch eager DPO step on the same weights and batch
-//! (bench/torch_dpo_step.py) runs beside them.
+//! its own child process (`host bench --child NAME`) so its peak RSS is its own, and the
+//! rounds are interleaved. When Python with torch is given or found, PyTorch's DPO step on
+//! the same weights and batch (bench/torch_dpo_step.py, eager and torch.compile) runs
+//! beside them, with prefhost's allocator settings; a failed PyTorch run, or first-step
+//! log-probs that differ from prefhost's, fails the bench.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -66,10 +68,21 @@ pub struct BenchOptions {
     pub warmup: usize,
     pub rounds: usize,
     pub batch_size: usize,
+    /// Python with torch for the PyTorch rows; when given, any failure there is an error.
     pub python: Option<String>,
+    /// Leave the PyTorch rows out even when a Python with torch is found.
+    pub no_pytorch: bool,
     /// Run only the configurations whose name starts with this.
     pub only: Option<String>,
 }
+
+/// How far PyTorch's first-step log-probs (summed per sequence) may be from prefhost's:
+/// relative 1e-5, at least 1e-4 (f32 on both sides; 3e-5 is typical at ~100 tokens).
+const LOGPS_RELATIVE_TOLERANCE: f64 = 1e-5;
+const LOGPS_ABSOLUTE_TOLERANCE: f64 = 1e-4;
+
+/// The PyTorch peers: (row name suffix, torch.compile).
+const TORCH_PEERS: [(&str, bool); 2] = [("pytorch-eager", false), ("pytorch-compile", true)];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ModelSize {
@@ -84,11 +97,18 @@ pub enum ModelSize {
 pub struct Timing {
     pub name: String,
     pub step_seconds: Vec<f64>,
+    /// The median step of each round, in round order (min–max shows the spread between rounds).
+    #[serde(default)]
+    pub round_medians: Vec<f64>,
     /// Time inside the loss call of each step (prefhost configurations only).
     #[serde(default)]
     pub loss_call_seconds: Vec<f64>,
     pub tokens_per_step: usize,
     pub peak_rss_mb: f64,
+    /// PyTorch only: resident memory with torch imported and both models loaded, before
+    /// the first step (the runtime's share of its peak).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_rss_mb: Option<f64>,
     pub params: usize,
     /// PyTorch only: largest |log p| difference from prefhost's on the first step
     /// (same weights, same batch): the check that both compute the same thing.
@@ -158,7 +178,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
     }
 
     let exe = std::env::current_exe()?;
-    let python = opts.python.clone().or_else(find_python_with_torch);
+    let python = if opts.no_pytorch { None } else { opts.python.clone().or_else(find_python_with_torch) };
     let mut results: Vec<Timing> = Vec::new();
     for round in 0..opts.rounds {
         for config in CONFIGS.iter().filter(|c| opts.only.as_ref().is_none_or(|p| c.name.starts_with(p.as_str()))) {
@@ -178,21 +198,22 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
         }
         if let Some(python) = python.as_ref() {
             for data in ["metamath", "long_prompt"] {
-                let name = format!("{}/pytorch-eager", data.replace('_', "-"));
-                if opts.only.as_ref().is_some_and(|p| !name.starts_with(p.as_str())) {
-                    continue;
-                }
-                eprintln!("round {}/{}: {name}", round + 1, opts.rounds);
-                let reference = opts.out.join(format!("{data}.ref.jsonl"));
-                match run_torch(python, &model_dir, &opts.out.join(format!("{data}.batch.json")), &reference, opts, &name) {
-                    Ok(t) => merge(&mut results, t),
-                    Err(e) => eprintln!("PyTorch reference skipped: {e:#}"),
+                for (peer, compile) in TORCH_PEERS {
+                    let name = format!("{}/{peer}", data.replace('_', "-"));
+                    if opts.only.as_ref().is_some_and(|p| !name.starts_with(p.as_str())) {
+                        continue;
+                    }
+                    eprintln!("round {}/{}: {name}", round + 1, opts.rounds);
+                    let reference = opts.out.join(format!("{data}.ref.jsonl"));
+                    let timing = run_torch(python, &model_dir, &opts.out.join(format!("{data}.batch.json")), &reference, opts, &name, compile)
+                        .with_context(|| format!("PyTorch row {name} (leave the PyTorch rows out with --no-pytorch)"))?;
+                    merge(&mut results, timing);
                 }
             }
         }
     }
-    if python.is_none() {
-        eprintln!("no Python with torch found (set --python); the PyTorch reference was not run");
+    if python.is_none() && !opts.no_pytorch {
+        eprintln!("no Python with torch found (set --python); the PyTorch rows were not run");
     }
     let report = render(&results, opts);
     std::fs::write(opts.out.join("bench.json"), serde_json::to_string_pretty(&json!({"results": results}))?)?;
@@ -205,6 +226,7 @@ fn merge(results: &mut Vec<Timing>, t: Timing) {
     match results.iter_mut().find(|r| r.name == t.name) {
         Some(r) => {
             r.step_seconds.extend(t.step_seconds);
+            r.round_medians.extend(t.round_medians);
             r.loss_call_seconds.extend(t.loss_call_seconds);
             r.peak_rss_mb = r.peak_rss_mb.max(t.peak_rss_mb);
         }
@@ -277,12 +299,15 @@ pub fn run_child(name: &str, out: &Path, steps: usize, warmup: usize, round: usi
         }
     }
     let (examples, _) = load_examples(&data, &TextTokenizer::load(&out.join("model/tokenizer.json"), Some(1), Some(2))?, true, LIMITS, false)?;
+    let step_seconds = summary.step_seconds[warmup.min(summary.step_seconds.len())..].to_vec();
     let timing = Timing {
         name: name.to_string(),
-        step_seconds: summary.step_seconds[warmup.min(summary.step_seconds.len())..].to_vec(),
+        round_medians: vec![median(&step_seconds)],
+        step_seconds,
         loss_call_seconds: summary.loss_call_seconds[warmup.min(summary.loss_call_seconds.len())..].to_vec(),
         tokens_per_step: pair_tokens(&examples),
         peak_rss_mb: peak_rss_mb(),
+        baseline_rss_mb: None,
         params: crate::model::load_model(&out.join(config.model), &crate::train::backend_device("cpu")?)?.1.num_params(),
         logps_max_diff_vs_prefhost: None,
     };
@@ -310,15 +335,22 @@ fn find_python_with_torch() -> Option<String> {
     })
 }
 
-fn run_torch(python: &str, model: &Path, batch: &Path, reference: &Path, opts: &BenchOptions, name: &str) -> Result<Timing> {
+/// One round of a PyTorch peer; its first-step log-probs must be prefhost's (`reference`:
+/// the `host logps` file of the same rows under the same starting weights).
+fn run_torch(python: &str, model: &Path, batch: &Path, reference: &Path, opts: &BenchOptions, name: &str, compile: bool) -> Result<Timing> {
     let script = std::env::current_dir()?.join("bench/torch_dpo_step.py");
-    let out = Command::new(python)
+    let mut command = Command::new(python);
+    command
         .arg(&script)
         .arg("--model").arg(model)
         .arg("--batch").arg(batch)
         .args(["--steps", &opts.steps.to_string(), "--warmup", &opts.warmup.max(1).to_string()])
-        .output()
-        .with_context(|| format!("running {python} {}", script.display()))?;
+        // The allocator settings prefhost gives itself (src/allocator.rs).
+        .env("GLIBC_TUNABLES", crate::allocator::glibc_tunables());
+    if compile {
+        command.arg("--compile");
+    }
+    let out = command.output().with_context(|| format!("running {python} {}", script.display()))?;
     if !out.status.success() {
         bail!("{}: {}", script.display(), String::from_utf8_lossy(&out.stderr));
     }
@@ -334,38 +366,65 @@ fn run_torch(python: &str, model: &Path, batch: &Path, reference: &Path, opts: &
         .flat_map(|k| v["first_step"][*k].as_array().cloned().unwrap_or_default())
         .filter_map(|x| x.as_f64())
         .collect();
+    if theirs.len() != ours.len() {
+        bail!("{}: first-step log-probs of {} sequences, prefhost has {}", script.display(), theirs.len(), ours.len());
+    }
     let b = theirs.len() / 2;
     let ours_ordered: Vec<f64> = (0..b).map(|i| ours[2 * i]).chain((0..b).map(|i| ours[2 * i + 1])).collect();
-    let logps_diff = (theirs.len() == ours.len()).then(|| ours_ordered.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max));
+    for (i, (a, t)) in ours_ordered.iter().zip(&theirs).enumerate() {
+        if (a - t).abs() > LOGPS_RELATIVE_TOLERANCE * a.abs() + LOGPS_ABSOLUTE_TOLERANCE {
+            let which = if i < b { format!("chosen of pair {}", i + 1) } else { format!("rejected of pair {}", i - b + 1) };
+            bail!("{}: first-step log-prob of the {which} is {t}, prefhost's {a}: not the same computation", script.display());
+        }
+    }
+    let logps_diff = ours_ordered.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
     let seconds: Vec<f64> = v["step_seconds"].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default();
+    if seconds.len() != opts.steps {
+        bail!("{}: {} timed steps reported, {} asked for", script.display(), seconds.len(), opts.steps);
+    }
     Ok(Timing {
         name: format!("{name} (torch {}, {} threads)", v["torch"].as_str().unwrap_or("?"), v["threads"]),
+        round_medians: vec![median(&seconds)],
         step_seconds: seconds,
         loss_call_seconds: Vec::new(),
         tokens_per_step: v["tokens_per_step"].as_u64().unwrap_or(0) as usize,
         peak_rss_mb: v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
+        baseline_rss_mb: v["baseline_rss_mb"].as_f64(),
         params: v["params"].as_u64().unwrap_or(0) as usize,
-        logps_max_diff_vs_prefhost: logps_diff,
+        logps_max_diff_vs_prefhost: Some(logps_diff),
     })
 }
 
-/// The table and the ratios the issue asks for, from medians of all timed steps.
+/// The smallest and largest value.
+fn min_max(values: &[f64]) -> (f64, f64) {
+    values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+}
+
+/// The table and the ratios: medians of all timed steps, and for each ratio the median of
+/// the per-round ratios with their min–max (rounds are interleaved, so each round's pair of
+/// medians was measured under the same conditions).
 fn render(results: &[Timing], opts: &BenchOptions) -> String {
-    let median_of = |name: &str| results.iter().find(|r| r.name.starts_with(name)).map(Timing::median);
+    let by_prefix = |name: &str| results.iter().find(|r| r.name.starts_with(name));
     let mut out = format!(
-        "host bench: batch {} pairs, {} timed steps x {} rounds per configuration (after {} warm-up), {} CPU threads\n\n",
+        "host bench: batch {} pairs, {} timed steps x {} interleaved rounds per configuration (after {} warm-up), {} CPU threads\n\n",
         opts.batch_size, opts.steps, opts.rounds, opts.warmup,
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    out.push_str("| configuration | params | median step (ms) | tokens/s | peak RSS (MB) |\n|---|---|---|---|---|\n");
+    out.push_str("| configuration | params | median step (ms) | round medians, min–max (ms) | tokens/s | peak RSS (MB) | RSS before step 1 (MB) |\n|---|---|---|---|---|---|---|\n");
     for r in results {
-        let m = r.median();
-        out.push_str(&format!("| {} | {:.2}M | {:.1} | {:.0} | {:.0} |\n", r.name, r.params as f64 / 1e6, m * 1e3, r.tokens_per_step as f64 / m, r.peak_rss_mb));
+        let (m, (lo, hi)) = (r.median(), min_max(&r.round_medians));
+        let baseline = r.baseline_rss_mb.map_or("–".to_string(), |b| format!("{b:.0}"));
+        out.push_str(&format!(
+            "| {} | {:.2}M | {:.1} | {:.1}–{:.1} | {:.0} | {:.0} | {baseline} |\n",
+            r.name, r.params as f64 / 1e6, m * 1e3, lo * 1e3, hi * 1e3, r.tokens_per_step as f64 / m, r.peak_rss_mb
+        ));
     }
-    out.push_str("\nRatios (medians, same run):\n");
+    out.push_str("\nRatios (median of the per-round ratios, min–max over rounds):\n");
     let ratio = |label: &str, a: &str, b: &str, out: &mut String| {
-        if let (Some(x), Some(y)) = (median_of(a), median_of(b)) {
-            out.push_str(&format!("- {label}: {:.3}x\n", x / y));
+        if let (Some(x), Some(y)) = (by_prefix(a), by_prefix(b)) {
+            let per_round: Vec<f64> = x.round_medians.iter().zip(&y.round_medians).map(|(x, y)| x / y).collect();
+            let (lo, hi) = min_max(&per_round);
+            out.push_str(&format!("- {label}: {:.3}x ({lo:.3}–{hi:.3}x)\n", median(&per_round)));
         }
     };
     let find = |name: &str| results.iter().find(|r| r.name == name);
@@ -402,7 +461,17 @@ fn render(results: &[Timing], opts: &BenchOptions) -> String {
     for r in results.iter().filter_map(|r| r.logps_max_diff_vs_prefhost.map(|d| (&r.name, d))) {
         out.push_str(&format!("- {}: first-step log-probs differ from prefhost's by at most {:.2e}\n", r.0, r.1));
     }
-    ratio("prefhost vs PyTorch eager, MetaMath-style (PyTorch time / prefhost time)", "metamath/pytorch-eager", "metamath/script-loss", &mut out);
-    ratio("prefhost vs PyTorch eager, long prompt (PyTorch time / prefhost time)", "long-prompt/pytorch-eager", "long-prompt/script-loss", &mut out);
+    for (what, group) in [("MetaMath-style", "metamath"), ("long prompt", "long-prompt")] {
+        for peer in ["eager", "compile"] {
+            let label = format!("prefhost vs PyTorch {peer}, {what} (PyTorch time / prefhost time)");
+            ratio(&label, &format!("{group}/pytorch-{peer}"), &format!("{group}/script-loss"), &mut out);
+            if let (Some(torch), Some(ours)) = (by_prefix(&format!("{group}/pytorch-{peer}")), by_prefix(&format!("{group}/script-loss"))) {
+                out.push_str(&format!(
+                    "- prefhost vs PyTorch {peer} peak RSS, {what}: {:.3}x ({:.0} vs {:.0} MB; PyTorch holds {:.0} MB before its first step)\n",
+                    ours.peak_rss_mb / torch.peak_rss_mb, ours.peak_rss_mb, torch.peak_rss_mb, torch.baseline_rss_mb.unwrap_or(f64::NAN)
+                ));
+            }
+        }
+    }
     out
 }

@@ -125,13 +125,17 @@ enum Command {
         steps: usize,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 3)]
         rounds: usize,
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
-        /// Python with torch for the PyTorch reference (default: $PREFHOST_PYTHON, python3).
+        /// Python with torch for the PyTorch rows (default: $PREFHOST_PYTHON or python3, when
+        /// either imports torch). A failed PyTorch run or a log-prob mismatch fails the bench.
         #[arg(long)]
         python: Option<String>,
+        /// Leave the PyTorch rows out.
+        #[arg(long, conflicts_with = "python")]
+        no_pytorch: bool,
         /// Run only the configurations whose name starts with this (e.g. vocab-32k; the
         /// PyTorch rows run when their name matches too, e.g. metamath).
         #[arg(long)]
@@ -270,12 +274,12 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             println!("merged {} into {} and wrote {}", adapter.display(), base.display(), out.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { out, size, steps, warmup, rounds, batch_size, python, only, child, round } => {
+        Command::Bench { out, size, steps, warmup, rounds, batch_size, python, no_pytorch, only, child, round } => {
             let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/bench-{}", crate::train::trainer::timestamp())));
             match child {
                 Some(name) => crate::bench::run_child(&name, &out, steps, warmup, round)?,
                 None => {
-                    crate::bench::run_bench(&crate::bench::BenchOptions { out, size, steps, warmup, rounds: rounds.max(1), batch_size, python, only })?;
+                    crate::bench::run_bench(&crate::bench::BenchOptions { out, size, steps, warmup, rounds: rounds.max(1), batch_size, python, no_pytorch, only })?;
                 }
             }
             Ok(ExitCode::SUCCESS)

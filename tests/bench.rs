@@ -8,7 +8,7 @@ use common::*;
 fn bench_times_every_configuration_and_reports_ratios() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("bench");
-    let args = ["bench", "--size", "tiny", "--steps", "1", "--warmup", "0", "--rounds", "1", "--python", "/nonexistent/python", "--out", out.to_str().unwrap()];
+    let args = ["bench", "--size", "tiny", "--steps", "1", "--warmup", "0", "--rounds", "1", "--no-pytorch", "--out", out.to_str().unwrap()];
     let run = run_host(&args);
     assert!(run.status.success(), "{}", text(&run));
     let report = std::fs::read_to_string(out.join("bench.md")).unwrap();
@@ -26,6 +26,58 @@ fn bench_times_every_configuration_and_reports_ratios() {
     // The same output folder is never overwritten.
     let again = run_host(&args);
     assert!(!again.status.success() && text(&again).contains("already exists"), "{}", text(&again));
+}
+
+/// A Python that is missing, fails, or computes other log-probs than prefhost's fails
+/// `host bench` instead of losing its row (`--only metamath/pytorch`: the PyTorch rows only).
+#[test]
+fn a_failed_or_disagreeing_pytorch_peer_fails_the_bench() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = |name: &str, body: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let report = r#"{"torch": "fake", "threads": 1, "step_seconds": [0.1], "tokens_per_step": 10, "peak_rss_mb": 1, "baseline_rss_mb": 1, "params": 1, "first_step": {"chosen_logps": [-1.0, -1.0], "rejected_logps": [-1.0, -1.0]}}"#;
+    let peers = [
+        ("missing", dir.path().join("no-such-python").to_str().unwrap().to_string(), "PyTorch row metamath/pytorch-eager"),
+        ("crashing", fake("crashing", "echo 'Traceback: boom' >&2; exit 3"), "Traceback: boom"),
+        ("disagreeing", fake("disagreeing", &format!("echo '{report}'")), "not the same computation"),
+    ];
+    for (what, python, says) in peers {
+        let out = dir.path().join(format!("{what}-bench"));
+        let args = ["bench", "--size", "tiny", "--steps", "1", "--warmup", "0", "--rounds", "1", "--batch-size", "2", "--only", "metamath/pytorch", "--python", &python, "--out", out.to_str().unwrap()];
+        let run = run_host(&args);
+        assert!(!run.status.success(), "{what}: the bench succeeded:\n{}", text(&run));
+        assert!(text(&run).contains(says), "{what}: {}", text(&run));
+    }
+}
+
+/// The PyTorch peer for real (bench/torch_dpo_step.py, eager and torch.compile) when a
+/// Python with torch is at hand ($PREFHOST_PYTHON, else python3); CI installs one.
+#[test]
+fn the_pytorch_peer_runs_and_agrees_with_prefhost() {
+    let python = std::env::var("PREFHOST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_torch = std::process::Command::new(&python).args(["-c", "import torch"]).output().is_ok_and(|o| o.status.success());
+    if !has_torch {
+        assert!(std::env::var_os("CI").is_none(), "CI: {python} has no torch (.ci/run installs it and sets PREFHOST_PYTHON)");
+        eprintln!("skipped: {python} has no torch (set PREFHOST_PYTHON)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bench");
+    let args = ["bench", "--size", "tiny", "--steps", "2", "--warmup", "1", "--rounds", "1", "--batch-size", "2", "--only", "metamath/pytorch", "--python", &python, "--out", out.to_str().unwrap()];
+    let run = run_host(&args);
+    assert!(run.status.success(), "{}", text(&run));
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("bench.json")).unwrap()).unwrap();
+    let rows = results["results"].as_array().unwrap();
+    for peer in ["metamath/pytorch-eager", "metamath/pytorch-compile"] {
+        let row = rows.iter().find(|r| r["name"].as_str().unwrap().starts_with(peer)).unwrap_or_else(|| panic!("no {peer} row: {results}"));
+        assert_eq!(row["step_seconds"].as_array().unwrap().len(), 2, "{row}");
+        assert!(row["logps_max_diff_vs_prefhost"].as_f64().unwrap() < 1e-4, "{row}");
+        assert!(row["baseline_rss_mb"].as_f64().unwrap() > 1.0 && row["peak_rss_mb"].as_f64().unwrap() >= row["baseline_rss_mb"].as_f64().unwrap(), "{row}");
+    }
 }
 
 #[test]
