@@ -8,8 +8,7 @@ use burn::tensor::Device;
 use prefhost::data::packed::PackedLayout;
 use prefhost::data::{Example, TextTokenizer, Truncation, collate_pairs, load_examples};
 use prefhost::model::{load_model, values};
-use burn::optim::GradientsParams;
-use prefhost::train::logps::{batch_logps, packed_pair_logps, token_logps};
+use prefhost::train::logps::{packed_pair_logps, token_logps};
 
 fn examples() -> Vec<Example> {
     let root = common::repo();
@@ -63,23 +62,13 @@ fn packed_and_chunked_give_the_same_values_and_gradients() {
     let rows = examples();
     let refs: Vec<&Example> = rows.iter().collect();
     let batch = collate_pairs(&refs, 2, &device);
-    let [n, w] = batch.mask.dims();
-    let ramp: Vec<f32> = (0..n * w).map(|i| 1.0 + (i % 5) as f32 * 0.25).collect();
-    let weights = burn::tensor::Tensor::<1>::from_floats(ramp.as_slice(), &device).reshape([n, w]);
     let layout = PackedLayout::new(&refs, 2, true);
-    // A loss that weighs every token differently, so a misplaced log-prob would show.
     // (values, gradient of one attention weight, gradient of lm_head) for one way of computing.
+    let params = [model.layers[1].self_attn.q_proj.base.weight.id, model.lm_head.as_ref().unwrap().weight.id];
     let run = |packed: Option<&PackedLayout>, chunk: Option<usize>| {
-        let (logps, head) = batch_logps(&model, &batch, packed, chunk);
-        let vals = values(logps.clone());
-        let loss = (logps * weights.clone()).sum();
-        let grads = match head {
-            Some(head) => head.gradients(&loss.backward(), &model),
-            None => GradientsParams::from_grads(loss.backward(), &model),
-        };
-        let q = values(grads.get::<2>(model.layers[1].self_attn.q_proj.base.weight.id).unwrap());
-        let lm = values(grads.get::<2>(model.lm_head.as_ref().unwrap().weight.id).unwrap());
-        (vals, q, lm)
+        let (vals, mut grads) = common::weighted_logps_and_grads(&model, &batch, packed, chunk, &params);
+        let lm = grads.pop().unwrap();
+        (vals, grads.pop().unwrap(), lm)
     };
     let (plain, plain_q, plain_lm) = run(None, None);
     for (packed, chunk) in [(Some(&layout), None), (None, Some(7)), (None, Some(1000)), (Some(&layout), Some(13))] {

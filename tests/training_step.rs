@@ -1,5 +1,5 @@
-//! Whole training steps against PyTorch: `host run` trains the tiny llama and qwen2
-//! checkpoints (and LoRA adapters on llama) with DPO, gradient accumulation 2, AdamW with
+//! Whole training steps against PyTorch: `host run` trains the tiny llama, qwen2, qwen3
+//! and gemma2 checkpoints (and LoRA adapters on llama) with DPO, gradient accumulation 2, AdamW with
 //! weight decay and a gradient clip that clips every step, and must reproduce what
 //! tests/fixtures/make_train_fixtures.py computed with torch, transformers and PEFT for the
 //! same weights, rows and hyper-parameters: per step the TRL metrics (loss, grad_norm before
@@ -149,6 +149,14 @@ fn dpo_steps_match_pytorch_on_llama() {
 fn dpo_steps_match_pytorch_on_qwen2_with_biases_and_tied_embeddings() {
     let sb = Sandbox::new();
     compare("qwen2", &as_published(&sb, "qwen2")).unwrap();
+}
+
+#[test]
+fn dpo_steps_match_pytorch_on_qwen3_and_gemma2() {
+    let sb = Sandbox::new();
+    for name in ["qwen3", "gemma2"] {
+        compare(name, &as_published(&sb, name)).unwrap();
+    }
 }
 
 #[test]

@@ -3,7 +3,8 @@
 use burn::module::Module;
 use burn::tensor::{Bool, Tensor};
 
-use super::fused::grouped_attention;
+use super::norm::RmsNorm;
+use super::fused::attention::scaled_attention;
 use super::lora::Projection;
 use super::rope::{Rope, RotaryTables};
 
@@ -16,8 +17,18 @@ pub struct Attention {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
-    /// Mistral's sliding window: a token sees at most this many tokens (0: no window).
+    /// Mistral's (every layer) or gemma2's (sliding layers) window: a token sees at most
+    /// this many tokens (0: no window).
     pub window: usize,
+    /// Qwen3: RMSNorm of each query and key head (over head_dim) before RoPE.
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    /// Scores are q·kᵀ times this (1/√head_dim, or gemma2's query_pre_attn_scalar^-1/2).
+    #[module(skip)]
+    pub scale: f64,
+    /// Gemma2: scores become c·tanh(scores / c) before the mask and softmax.
+    #[module(skip)]
+    pub softcap: Option<f64>,
 }
 
 impl Attention {
@@ -68,16 +79,23 @@ impl Attention {
     /// Query, key and value heads ([batch, heads, seq, head_dim]), RoPE applied.
     fn project(&self, x: Tensor<3>, rotary: &RotaryTables) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let [batch, seq, _] = x.dims();
-        let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
-        let q = rotary.rotate(heads(self.q_proj.forward(x.clone()), self.num_heads));
-        let k = rotary.rotate(heads(self.k_proj.forward(x.clone()), self.num_kv_heads));
-        let v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        let heads = |t: Tensor<3>, n: usize, head_norm: Option<&RmsNorm>| {
+            let t = t.reshape([batch, seq, n, self.head_dim]);
+            let t = match head_norm {
+                Some(layer) => layer.forward(t),
+                None => t,
+            };
+            t.swap_dims(1, 2)
+        };
+        let q = rotary.rotate(heads(self.q_proj.forward(x.clone()), self.num_heads, self.q_norm.as_ref()));
+        let k = rotary.rotate(heads(self.k_proj.forward(x.clone()), self.num_kv_heads, self.k_norm.as_ref()));
+        let v = heads(self.v_proj.forward(x), self.num_kv_heads, None);
         (q, k, v)
     }
 
     fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
         let [batch, _, seq, _] = q.dims();
-        let out = grouped_attention(q, k, v, hidden, is_causal);
+        let out = scaled_attention(q, k, v, hidden, is_causal, self.scale, self.softcap);
         let out = out.swap_dims(1, 2).reshape([batch, seq, self.num_heads * self.head_dim]);
         self.o_proj.forward(out)
     }

@@ -1,35 +1,66 @@
-//! One pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(x)).
+//! One decoder layer. Pre-norm (llama, mistral, qwen): x + attn(norm(x)), then
+//! + mlp(norm(x)). Gemma2 also normalises each block's output before the residual add:
+//! x + norm(attn(norm(x))), then x + norm(mlp(norm(x))).
 
 use burn::module::Module;
-use burn::nn::RmsNorm;
 use burn::tensor::{Bool, Tensor};
 
 use super::attention::{Attention, KvCache};
-use super::fused::rms_norm;
 use super::mlp::Mlp;
+use super::norm::RmsNorm;
 use super::rope::{Rope, RotaryTables};
 
 #[derive(Module, Debug)]
 pub struct DecoderLayer {
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
+    /// Pre-norm families: the MLP's input norm. Gemma2: the attention output's norm.
     pub post_attention_layernorm: RmsNorm,
+    /// Gemma2 only: the MLP's input norm and its output's norm.
+    pub pre_feedforward_layernorm: Option<RmsNorm>,
+    pub post_feedforward_layernorm: Option<RmsNorm>,
     pub mlp: Mlp,
 }
 
 impl DecoderLayer {
     pub fn forward(&self, x: Tensor<3>, rotary: &RotaryTables, hidden: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
-        let x = x.clone() + self.self_attn.forward(norm(&self.input_layernorm, x), rotary, hidden, is_causal);
-        x.clone() + self.mlp.forward(norm(&self.post_attention_layernorm, x))
+        self.around(x, |y| self.self_attn.forward(y, rotary, hidden, is_causal))
     }
 
     pub fn forward_cached(&self, x: Tensor<3>, rope: &Rope, cache: &mut KvCache) -> Tensor<3> {
-        let x = x.clone() + self.self_attn.forward_cached(norm(&self.input_layernorm, x), rope, cache);
-        x.clone() + self.mlp.forward(norm(&self.post_attention_layernorm, x))
+        self.around(x, |y| self.self_attn.forward_cached(y, rope, cache))
     }
-}
 
-/// burn's RmsNorm parameters through the fused op.
-pub fn norm<const D: usize>(layer: &RmsNorm, x: Tensor<D>) -> Tensor<D> {
-    rms_norm(x, layer.gamma.val(), layer.epsilon)
+    /// This layer's norms by HF module name (relative to the layer), in checkpoint order.
+    pub fn norm_names(&self) -> Vec<(&'static str, &RmsNorm)> {
+        let mut out = vec![("input_layernorm", &self.input_layernorm), ("post_attention_layernorm", &self.post_attention_layernorm)];
+        if let Some(n) = &self.pre_feedforward_layernorm {
+            out.push(("pre_feedforward_layernorm", n));
+        }
+        if let Some(n) = &self.post_feedforward_layernorm {
+            out.push(("post_feedforward_layernorm", n));
+        }
+        if let Some(n) = &self.self_attn.q_norm {
+            out.push(("self_attn.q_norm", n));
+        }
+        if let Some(n) = &self.self_attn.k_norm {
+            out.push(("self_attn.k_norm", n));
+        }
+        out
+    }
+
+    /// The residual structure around the attention `attend` and the MLP.
+    fn around(&self, x: Tensor<3>, attend: impl FnOnce(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
+        let attended = attend(self.input_layernorm.forward(x.clone()));
+        match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
+            (Some(pre), Some(post)) => {
+                let x = x + self.post_attention_layernorm.forward(attended);
+                x.clone() + post.forward(self.mlp.forward(pre.forward(x)))
+            }
+            _ => {
+                let x = x + attended;
+                x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+            }
+        }
+    }
 }

@@ -1,4 +1,7 @@
-//! Llama-family architecture settings, read from a Hugging Face `config.json`.
+//! Llama-family architecture settings, read from a Hugging Face `config.json`: llama,
+//! mistral, qwen2, qwen3 (per-head q/k norms) and gemma2 (scaled embeddings, (1 + w) norms
+//! around attention and MLP, GeGLU, soft-capped scores and logits, alternating sliding
+//! window layers).
 
 use std::path::Path;
 
@@ -57,6 +60,58 @@ pub struct LlamaConfig {
     /// Qwen2: whether `sliding_window` is used at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_sliding_window: Option<bool>,
+    /// Each layer's attention: "full_attention", or "sliding_attention" (gemma2's
+    /// alternating window layers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
+    /// Gemma 2's MLP activation ("gelu_pytorch_tanh").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_activation: Option<String>,
+    /// Gemma 2: scores are scaled by query_pre_attn_scalar^-1/2 instead of head_dim^-1/2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 2: scores become c·tanh(scores / c) before the softmax.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attn_logit_softcapping: Option<f64>,
+    /// Gemma 2: logits become c·tanh(logits / c).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_logit_softcapping: Option<f64>,
+}
+
+/// The families prefhost implements, each as transformers computes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+    Gemma2,
+}
+
+impl Family {
+    pub const NAMES: [&'static str; 5] = ["llama", "mistral", "qwen2", "qwen3", "gemma2"];
+
+    fn parse(model_type: &str) -> Option<Self> {
+        Some(match model_type {
+            "llama" => Self::Llama,
+            "mistral" => Self::Mistral,
+            "qwen2" => Self::Qwen2,
+            "qwen3" => Self::Qwen3,
+            "gemma2" => Self::Gemma2,
+            _ => return None,
+        })
+    }
+
+    /// transformers' class for a saved config.json's `architectures`.
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Self::Llama => "LlamaForCausalLM",
+            Self::Mistral => "MistralForCausalLM",
+            Self::Qwen2 => "Qwen2ForCausalLM",
+            Self::Qwen3 => "Qwen3ForCausalLM",
+            Self::Gemma2 => "Gemma2ForCausalLM",
+        }
+    }
 }
 
 /// How RoPE frequencies are rescaled for long contexts (HF's rope_scaling).
@@ -76,7 +131,10 @@ impl LlamaConfig {
             anyhow::anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column())
         })?;
         let raw: serde_json::Value = serde_json::from_str(&text)?;
-        refuse_unsupported_keys(&raw).with_context(|| format!("{}: invalid model config", path.display()))?;
+        if let Some(family) = Family::parse(&config.model_type) {
+            config.fill_family_defaults(family, &raw);
+        }
+        refuse_unsupported_keys(&raw, Family::parse(&config.model_type)).with_context(|| format!("{}: invalid model config", path.display()))?;
         config.read_rope_parameters(&raw).with_context(|| format!("{}: invalid model config", path.display()))?;
         config.validate().with_context(|| format!("{}: invalid model config", path.display()))?;
         Ok(config)
@@ -105,13 +163,78 @@ impl LlamaConfig {
         Ok(())
     }
 
-    pub fn validate(&self) -> Result<()> {
-        if !["llama", "mistral", "qwen2"].contains(&self.model_type.as_str()) {
-            bail!("model_type \"{}\" is not supported (supported: llama, mistral, qwen2)", self.model_type);
+    /// What transformers' config class fills in when a key is absent and prefhost's
+    /// defaults would differ (gemma2's softcaps, scalar, window pattern, tied head).
+    fn fill_family_defaults(&mut self, family: Family, raw: &serde_json::Value) {
+        if family != Family::Gemma2 {
+            return;
         }
+        let absent = |key: &str| raw.get(key).is_none();
+        if absent("query_pre_attn_scalar") {
+            self.query_pre_attn_scalar = Some(256.0);
+        }
+        if absent("attn_logit_softcapping") {
+            self.attn_logit_softcapping = Some(50.0);
+        }
+        if absent("final_logit_softcapping") {
+            self.final_logit_softcapping = Some(30.0);
+        }
+        if absent("sliding_window") {
+            self.sliding_window = Some(4096);
+        }
+        if absent("tie_word_embeddings") {
+            self.tie_word_embeddings = true;
+        }
+        if absent("hidden_activation") {
+            self.hidden_activation = Some("gelu_pytorch_tanh".into());
+        }
+        if self.layer_types.is_none() {
+            // Gemma2Config: even layers slide, odd ones see everything.
+            self.layer_types = Some((0..self.num_hidden_layers).map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" }.to_string()).collect());
+        }
+    }
+
+    pub fn family(&self) -> Family {
+        Family::parse(&self.model_type).expect("validated when the config was read")
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let Some(family) = Family::parse(&self.model_type) else {
+            bail!("model_type \"{}\" is not supported (supported: {})", self.model_type, Family::NAMES.join(", "));
+        };
         self.rope_scaling()?;
-        if self.model_type == "qwen2" && self.use_sliding_window == Some(true) {
-            bail!("use_sliding_window: qwen2's per-layer sliding window is not supported");
+        if matches!(family, Family::Qwen2 | Family::Qwen3) && self.use_sliding_window == Some(true) {
+            bail!("use_sliding_window: {}'s per-layer sliding window is not supported", self.model_type);
+        }
+        if let Some(types) = &self.layer_types {
+            if types.len() != self.num_hidden_layers {
+                bail!("layer_types: {} entries for {} layers", types.len(), self.num_hidden_layers);
+            }
+            let sliding_allowed = family == Family::Gemma2;
+            if let Some(other) = types.iter().find(|t| !(t.as_str() == "full_attention" || sliding_allowed && t.as_str() == "sliding_attention")) {
+                bail!(
+                    "layer_types: \"{other}\" layers are not supported for {} (only \"full_attention\"{}{})",
+                    self.model_type,
+                    if sliding_allowed { " and \"sliding_attention\"" } else { "" },
+                    if family == Family::Mistral { "; mistral's sliding_window applies to every layer" } else { "" }
+                );
+            }
+            if sliding_allowed && types.iter().any(|t| t == "sliding_attention") && self.sliding_window.is_none() {
+                bail!("layer_types: sliding_attention layers need a sliding_window");
+            }
+        }
+        let gemma_only = [("query_pre_attn_scalar", self.query_pre_attn_scalar), ("attn_logit_softcapping", self.attn_logit_softcapping), ("final_logit_softcapping", self.final_logit_softcapping)];
+        if family != Family::Gemma2 {
+            if let Some((key, _)) = gemma_only.iter().find(|(_, v)| v.is_some()) {
+                bail!("{key}: not part of a {} model (gemma2 only)", self.model_type);
+            }
+        } else {
+            if let Some((key, v)) = gemma_only.iter().find(|(_, v)| v.is_some_and(|x| !(x.is_finite() && x > 0.0))) {
+                bail!("{key}: {v:?} must be a positive number");
+            }
+            if self.hidden_activation.as_deref() != Some("gelu_pytorch_tanh") {
+                bail!("hidden_activation: {:?} is not supported (gemma2's \"gelu_pytorch_tanh\")", self.hidden_activation);
+            }
         }
         if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 && self.head_dim.is_none() {
             bail!("hidden_size {} is not divisible by num_attention_heads {}", self.hidden_size, self.num_attention_heads);
@@ -125,20 +248,22 @@ impl LlamaConfig {
         Ok(())
     }
 
-    /// q/k/v biases: qwen2 always, llama and mistral when `attention_bias` says so.
+    /// q/k/v biases: qwen2 always, the others when `attention_bias` says so.
     pub fn qkv_bias(&self) -> bool {
         self.model_type == "qwen2" || self.attention_bias
     }
 
-    /// o_proj bias: only llama's `attention_bias` adds it (qwen2's o_proj has none).
+    /// o_proj bias: `attention_bias` adds it, except in qwen2 (whose o_proj has none).
     pub fn o_bias(&self) -> bool {
         self.model_type != "qwen2" && self.attention_bias
     }
 
-    /// The attention window, when the model uses one.
-    pub fn attention_window(&self) -> Option<usize> {
-        match self.model_type.as_str() {
-            "mistral" => self.sliding_window,
+    /// Layer `layer`'s attention window, when it has one: mistral's on every layer,
+    /// gemma2's on its "sliding_attention" layers.
+    pub fn attention_window(&self, layer: usize) -> Option<usize> {
+        match self.family() {
+            Family::Mistral => self.sliding_window,
+            Family::Gemma2 => self.layer_types.as_ref().filter(|t| t[layer] == "sliding_attention").and(self.sliding_window),
             _ => None,
         }
     }
@@ -191,21 +316,23 @@ impl LlamaConfig {
 /// computation in a way prefhost does not implement: refused with the key named, never
 /// ignored. (Keys transformers itself does not read for these families change nothing
 /// there either; dropout settings are off in training, as TRL's disable_dropout does.)
-fn refuse_unsupported_keys(raw: &serde_json::Value) -> Result<()> {
+fn refuse_unsupported_keys(raw: &serde_json::Value, family: Option<Family>) -> Result<()> {
     let get = |key: &str| raw.get(key).filter(|v| !v.is_null());
+    // Gemma 2's MLP reads hidden_activation; transformers 4.x also wrote a matching hidden_act.
+    let activation = if family == Some(Family::Gemma2) { "gelu_pytorch_tanh" } else { "silu" };
     if let Some(act) = get("hidden_act") {
-        if act.as_str() != Some("silu") {
-            bail!("hidden_act: {act} is not supported (the supported families use \"silu\")");
+        if act.as_str() != Some(activation) {
+            bail!("hidden_act: {act} is not supported (\"{activation}\" for this family)");
         }
+    }
+    if family != Some(Family::Gemma2) && get("hidden_activation").is_some() {
+        bail!("hidden_activation: not part of this family (gemma2 only)");
     }
     if get("quantization_config").is_some() {
         bail!("quantization_config: quantized checkpoints are not supported");
     }
-    if let Some(types) = get("layer_types") {
-        let list = types.as_array().context("layer_types: expected a list")?;
-        if let Some(other) = list.iter().find(|t| t.as_str() != Some("full_attention")) {
-            bail!("layer_types: {other} layers are not supported (only \"full_attention\"; mistral's sliding_window applies to every layer)");
-        }
+    if get("use_bidirectional_attention").is_some_and(|v| v != &serde_json::json!(false)) {
+        bail!("use_bidirectional_attention: only causal attention is supported");
     }
     if let Some(factor) = get("partial_rotary_factor") {
         if factor.as_f64() != Some(1.0) {

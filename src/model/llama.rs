@@ -1,15 +1,16 @@
 //! The decoder-only language model: embeddings, decoder layers, final norm, LM head.
 
 use burn::module::{Module, Param, ParamId};
-use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::nn::{Embedding, Linear};
 use burn::tensor::{Bool, Device, Distribution, Int, Tensor};
 
 use super::precision::MixedPrecision;
 use super::attention::{Attention, KvCache};
-use super::block::{DecoderLayer, norm};
-use super::config::LlamaConfig;
+use super::block::DecoderLayer;
+use super::norm::RmsNorm;
+use super::config::{Family, LlamaConfig};
 use super::lora::{Projection, peft_key};
-use super::mlp::Mlp;
+use super::mlp::{Activation, Mlp};
 use super::rope::{Rope, RotaryTables};
 
 #[derive(Module, Debug)]
@@ -24,6 +25,14 @@ pub struct Llama {
     /// How weight products run; the projections carry the same setting (`with_precision`).
     #[module(skip)]
     pub precision: MixedPrecision,
+    #[module(skip)]
+    pub family: Family,
+    /// Gemma2: embeddings are multiplied by √hidden_size.
+    #[module(skip)]
+    pub embed_scale: Option<f64>,
+    /// Gemma2: logits become c·tanh(logits / c).
+    #[module(skip)]
+    pub final_softcap: Option<f64>,
 }
 
 /// Supplies each parameter by its Hugging Face name, in HF layout ([out, in] for linear
@@ -31,6 +40,11 @@ pub struct Llama {
 pub trait WeightSource {
     fn tensor(&mut self, name: &str, hf_shape: &[usize], device: &Device) -> anyhow::Result<Tensor<2>>;
     fn vector(&mut self, name: &str, len: usize, device: &Device) -> anyhow::Result<Tensor<1>>;
+    /// A norm's weight as stored, where the applied gain is weight + `offset` (gemma2 stores
+    /// w for a gain of 1 + w, the others the gain itself).
+    fn norm_weight(&mut self, name: &str, len: usize, _offset: f64, device: &Device) -> anyhow::Result<Tensor<1>> {
+        self.vector(name, len, device)
+    }
 }
 
 /// HF's default initialisation (normal, std = initializer_range), norms at one, biases at zero.
@@ -44,6 +58,10 @@ impl WeightSource for RandomInit {
     }
     fn vector(&mut self, name: &str, len: usize, device: &Device) -> anyhow::Result<Tensor<1>> {
         Ok(if name.ends_with(".bias") { Tensor::zeros([len], device) } else { Tensor::ones([len], device) })
+    }
+    /// A gain of one in every family (gemma2 initialises its stored w at zero).
+    fn norm_weight(&mut self, _: &str, len: usize, offset: f64, device: &Device) -> anyhow::Result<Tensor<1>> {
+        Ok(Tensor::ones([len], device).sub_scalar(offset))
     }
 }
 
@@ -78,21 +96,32 @@ fn linear(src: &mut dyn WeightSource, name: &str, d_in: usize, d_out: usize, bia
     Ok(Linear { weight: named_param(&key, weight), bias })
 }
 
-fn rms_norm(src: &mut dyn WeightSource, name: &str, size: usize, eps: f64, device: &Device) -> anyhow::Result<RmsNorm> {
+fn rms_norm(src: &mut dyn WeightSource, name: &str, size: usize, config: &LlamaConfig, device: &Device) -> anyhow::Result<RmsNorm> {
     let key = format!("{name}.weight");
-    Ok(RmsNorm { gamma: named_param(&key, src.vector(&key, size, device)?), epsilon: eps })
+    // Gemma2's norms apply 1 + w to the w they store.
+    let offset = if config.family() == Family::Gemma2 { 1.0 } else { 0.0 };
+    let weight = src.norm_weight(&key, size, offset, device)?;
+    Ok(RmsNorm { weight: named_param(&key, weight), epsilon: config.rms_norm_eps, offset })
 }
 
 impl Llama {
     pub fn build(config: &LlamaConfig, src: &mut dyn WeightSource, device: &Device) -> anyhow::Result<Self> {
         let (d, heads, kv, hd) = (config.hidden_size, config.num_attention_heads, config.kv_heads(), config.head_dim());
+        let family = config.family();
+        let gemma = family == Family::Gemma2;
         let embed = src.tensor("model.embed_tokens.weight", &[config.vocab_size, d], device)?;
         let qkv_bias = config.qkv_bias();
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
+            let head_norm = |src: &mut dyn WeightSource, which: &str| -> anyhow::Result<Option<RmsNorm>> {
+                (family == Family::Qwen3).then(|| rms_norm(src, &format!("{p}.self_attn.{which}"), hd, config, device)).transpose()
+            };
+            let gemma_norm = |src: &mut dyn WeightSource, which: &str| -> anyhow::Result<Option<RmsNorm>> {
+                gemma.then(|| rms_norm(src, &format!("{p}.{which}"), d, config, device)).transpose()
+            };
             layers.push(DecoderLayer {
-                input_layernorm: rms_norm(src, &format!("{p}.input_layernorm"), d, config.rms_norm_eps, device)?,
+                input_layernorm: rms_norm(src, &format!("{p}.input_layernorm"), d, config, device)?,
                 self_attn: Attention {
                     q_proj: projection(src, &format!("{p}.self_attn.q_proj"), d, heads * hd, qkv_bias, device)?,
                     k_proj: projection(src, &format!("{p}.self_attn.k_proj"), d, kv * hd, qkv_bias, device)?,
@@ -101,17 +130,24 @@ impl Llama {
                     num_heads: heads,
                     num_kv_heads: kv,
                     head_dim: hd,
-                    window: config.attention_window().unwrap_or(0),
+                    window: config.attention_window(i).unwrap_or(0),
+                    q_norm: head_norm(src, "q_norm")?,
+                    k_norm: head_norm(src, "k_norm")?,
+                    scale: 1.0 / config.query_pre_attn_scalar.unwrap_or(hd as f64).sqrt(),
+                    softcap: config.attn_logit_softcapping,
                 },
-                post_attention_layernorm: rms_norm(src, &format!("{p}.post_attention_layernorm"), d, config.rms_norm_eps, device)?,
+                post_attention_layernorm: rms_norm(src, &format!("{p}.post_attention_layernorm"), d, config, device)?,
+                pre_feedforward_layernorm: gemma_norm(src, "pre_feedforward_layernorm")?,
+                post_feedforward_layernorm: gemma_norm(src, "post_feedforward_layernorm")?,
                 mlp: Mlp {
                     gate_proj: projection(src, &format!("{p}.mlp.gate_proj"), d, config.intermediate_size, config.mlp_bias, device)?,
                     up_proj: projection(src, &format!("{p}.mlp.up_proj"), d, config.intermediate_size, config.mlp_bias, device)?,
                     down_proj: projection(src, &format!("{p}.mlp.down_proj"), config.intermediate_size, d, config.mlp_bias, device)?,
+                    activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
                 },
             });
         }
-        let norm = rms_norm(src, "model.norm", d, config.rms_norm_eps, device)?;
+        let norm = rms_norm(src, "model.norm", d, config, device)?;
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
@@ -124,6 +160,9 @@ impl Llama {
             lm_head,
             rope: Rope::new(hd, config.max_positions(), config.rope_theta, &config.rope_scaling()?),
             precision: MixedPrecision::No,
+            family,
+            embed_scale: gemma.then(|| (d as f64).sqrt()),
+            final_softcap: config.final_logit_softcapping,
         })
     }
 
@@ -131,9 +170,8 @@ impl Llama {
     /// (`base_model.model.<module>.lora_A.weight`).
     pub fn parameter_names(&self) -> Vec<String> {
         let mut names = vec!["model.embed_tokens.weight".to_string()];
-        for i in 0..self.layers.len() {
-            names.push(format!("model.layers.{i}.input_layernorm.weight"));
-            names.push(format!("model.layers.{i}.post_attention_layernorm.weight"));
+        for (i, layer) in self.layers.iter().enumerate() {
+            names.extend(layer.norm_names().into_iter().map(|(norm, _)| format!("model.layers.{i}.{norm}.weight")));
         }
         for (path, _, projection) in self.projections() {
             names.push(format!("{path}.weight"));
@@ -162,8 +200,7 @@ impl Llama {
         let [_, seq] = tokens.dims();
         let positions: Vec<usize> = (0..seq).collect();
         let device = tokens.device();
-        let window = self.window_mask(&positions, 1, &device);
-        self.layers_forward(tokens, &self.rope.tables(&positions, 1, seq, &device), window, true)
+        self.layers_forward(tokens, &self.rope.tables(&positions, 1, seq, &device), &positions, 1, None, true)
     }
 
     /// Packed rows: tokens [batch, seq] at their own `positions` ([batch * seq]),
@@ -175,25 +212,37 @@ impl Llama {
     pub fn hidden_packed(&self, tokens: Tensor<2, Int>, positions: &[usize], hidden: Tensor<4, Bool>) -> Tensor<3> {
         let [batch, seq] = tokens.dims();
         let device = tokens.device();
-        let hidden = match self.window_mask(positions, batch, &device) {
-            Some(window) => hidden.bool_or(window),
-            None => hidden,
-        };
-        self.layers_forward(tokens, &self.rope.tables(positions, batch, seq, &device), Some(hidden), false)
+        self.layers_forward(tokens, &self.rope.tables(positions, batch, seq, &device), positions, batch, Some(hidden), false)
     }
 
-    /// Embedding, every layer (RoPE tables and masks built once for all), final norm.
-    fn layers_forward(&self, tokens: Tensor<2, Int>, rotary: &RotaryTables, hidden: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
-        let mut x = self.embed_tokens.forward(tokens);
+    /// Embedding, every layer (RoPE tables and each window's mask built once for all),
+    /// final norm. A layer with a sliding window attends where neither `hidden` nor its
+    /// window masks a key.
+    fn layers_forward(&self, tokens: Tensor<2, Int>, rotary: &RotaryTables, positions: &[usize], batch: usize, hidden: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
+        let mut x = self.embed(tokens);
+        let mut masks: Vec<(usize, Option<Tensor<4, Bool>>)> = Vec::new();
         for layer in &self.layers {
-            x = layer.forward(x, rotary, hidden.clone(), is_causal);
+            let window = layer.self_attn.window;
+            if !masks.iter().any(|(w, _)| *w == window) {
+                let mask = match (layer.self_attn.window_mask(positions, positions, batch, &x.device()), hidden.clone()) {
+                    (Some(w), Some(h)) => Some(h.bool_or(w)),
+                    (w, h) => w.or(h),
+                };
+                masks.push((window, mask));
+            }
+            let mask = masks.iter().find(|(w, _)| *w == window).and_then(|(_, m)| m.clone());
+            x = layer.forward(x, rotary, mask, is_causal);
         }
-        norm(&self.norm, x)
+        self.norm.forward(x)
     }
 
-    /// Mistral's sliding window as a mask over `positions` (all layers share it).
-    fn window_mask(&self, positions: &[usize], batch: usize, device: &Device) -> Option<Tensor<4, Bool>> {
-        self.layers.first().and_then(|l| l.self_attn.window_mask(positions, positions, batch, device))
+    /// Token embeddings (scaled by √hidden in gemma2).
+    fn embed(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        let x = self.embed_tokens.forward(tokens);
+        match self.embed_scale {
+            Some(scale) => x.mul_scalar(scale),
+            None => x,
+        }
     }
 
     /// The vocabulary projection as one [hidden, vocab] matrix (lm_head's weight, or the
@@ -205,16 +254,25 @@ impl Llama {
         }
     }
 
+    /// Whether the vocabulary projection takes gradients: its own weight's flag, or the
+    /// embeddings' when tied (a transposed view is not a leaf, so it does not say).
+    pub fn head_trains(&self) -> bool {
+        match &self.lm_head {
+            Some(head) => head.weight.val().is_require_grad(),
+            None => self.embed_tokens.weight.val().is_require_grad(),
+        }
+    }
+
     /// Decoding step: tokens [batch, seq] continue the cached ones; returns the logits of
     /// the last position only, [batch, vocab] (all greedy decoding needs).
     pub fn forward_last(&self, tokens: Tensor<2, Int>, cache: &mut [KvCache]) -> Tensor<2> {
         assert_eq!(cache.len(), self.layers.len(), "one KV cache per layer");
-        let mut x = self.embed_tokens.forward(tokens);
+        let mut x = self.embed(tokens);
         for (layer, layer_cache) in self.layers.iter().zip(cache.iter_mut()) {
             x = layer.forward_cached(x, &self.rope, layer_cache);
         }
         let [b, s, _] = x.dims();
-        let last = norm(&self.norm, x.narrow(1, s - 1, 1));
+        let last = self.norm.forward(x.narrow(1, s - 1, 1));
         self.head(last).reshape([b, self.vocab_size()])
     }
 
@@ -230,6 +288,15 @@ impl Llama {
     fn head(&self, x: Tensor<3>) -> Tensor<3> {
         // lm_head has no bias (built with bias false), so it is the plain product, which
         // takes the fused path on the CPU default.
-        self.precision.matmul3(x, self.head_weight())
+        let logits = self.precision.matmul3(x, self.head_weight());
+        match self.final_softcap {
+            Some(cap) => softcap(logits, cap),
+            None => logits,
+        }
     }
+}
+
+/// c·tanh(x / c): gemma2's soft cap of logits.
+pub fn softcap<const D: usize>(x: Tensor<D>, cap: f64) -> Tensor<D> {
+    x.div_scalar(cap).tanh().mul_scalar(cap)
 }

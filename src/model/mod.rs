@@ -8,6 +8,7 @@ pub mod generate;
 pub mod llama;
 pub mod lora;
 pub mod mlp;
+pub mod norm;
 pub mod precision;
 pub mod rope;
 pub mod weights;

@@ -118,14 +118,14 @@ pub fn hf_tensors(model: &Llama) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     };
     out.insert("model.embed_tokens.weight".to_string(), values(model.embed_tokens.weight.val()));
     for (i, layer) in model.layers.iter().enumerate() {
-        let p = format!("model.layers.{i}");
-        out.insert(format!("{p}.input_layernorm.weight"), values(layer.input_layernorm.gamma.val()));
-        out.insert(format!("{p}.post_attention_layernorm.weight"), values(layer.post_attention_layernorm.gamma.val()));
+        for (name, norm) in layer.norm_names() {
+            out.insert(format!("model.layers.{i}.{name}.weight"), values(norm.weight.val()));
+        }
     }
     for (path, _, projection) in model.projections() {
         put_linear(&mut out, path, projection.merged_weight(), projection.base.bias.as_ref());
     }
-    out.insert("model.norm.weight".to_string(), values(model.norm.gamma.val()));
+    out.insert("model.norm.weight".to_string(), values(model.norm.weight.val()));
     if let Some(head) = &model.lm_head {
         put_linear(&mut out, "lm_head".to_string(), head.weight.val(), head.bias.as_ref());
     }
@@ -144,12 +144,7 @@ pub fn save_model_with(model: &Llama, config: &LlamaConfig, tokenizer_json: &Pat
     write_folder(dir, |staging| {
         write_safetensors(hf_tensors(model), &staging.join("model.safetensors"))?;
         let mut json = serde_json::to_value(config)?;
-        let architecture = match config.model_type.as_str() {
-            "mistral" => "MistralForCausalLM",
-            "qwen2" => "Qwen2ForCausalLM",
-            _ => "LlamaForCausalLM",
-        };
-        json["architectures"] = serde_json::json!([architecture]);
+        json["architectures"] = serde_json::json!([config.family().architecture()]);
         json["torch_dtype"] = serde_json::json!("float32");
         std::fs::write(staging.join("config.json"), serde_json::to_string_pretty(&json)? + "\n")?;
         copy_tokenizer_files(tokenizer_json, staging)?;

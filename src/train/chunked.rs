@@ -4,7 +4,8 @@
 //! The backward then does by hand what autodiff would have done for the projection:
 //! d logits = g · (onehot(target) − softmax), chunk by chunk, giving the gradients of the
 //! hidden states and of the projection weight, which a surrogate ⟨h, dh⟩ + ⟨W, dW⟩ carries
-//! into the model's own backward pass. With mixed precision the four products run in bf16,
+//! into the model's own backward pass (through gemma2's final soft cap too, when the model
+//! has one). With mixed precision the four products run in bf16,
 //! as autodiff would run them through the model's own head.
 
 use burn::optim::GradientsParams;
@@ -34,7 +35,8 @@ pub fn chunked_target_logps(model: &Llama, hidden: Tensor<3>, targets: Vec<Tenso
     let mut pieces: Vec<Vec<Tensor<1>>> = vec![Vec::new(); targets.len()];
     for start in (0..n * l).step_by(chunk) {
         let len = chunk.min(n * l - start);
-        let logp = log_softmax(precision.matmul(flat.clone().narrow(0, start, len), weight.clone()), 1);
+        let (logits, _) = capped(precision.matmul(flat.clone().narrow(0, start, len), weight.clone()), model.final_softcap);
+        let logp = log_softmax(logits, 1);
         for (k, t) in flat_targets.iter().enumerate() {
             let at = t.clone().narrow(0, start, len).unsqueeze_dim::<2>(1);
             pieces[k].push(logp.clone().gather(1, at).reshape([len]));
@@ -65,18 +67,23 @@ impl ChunkedHead {
             .collect();
         let flat_targets: Vec<Tensor<1, Int>> = self.targets.iter().map(|t| t.clone().inner().reshape([n * l])).collect();
         // A frozen head (LoRA) needs only the hidden states' gradient.
-        let train_head = model.head_weight().is_require_grad();
+        let train_head = model.head_trains();
         let mut hidden_grads = Vec::new();
         let mut weight_grad: Tensor<2> = Tensor::zeros([d, vocab], &device);
         for start in (0..n * l).step_by(self.chunk) {
             let len = self.chunk.min(n * l - start);
             let h = flat.clone().narrow(0, start, len);
-            let probs = softmax(precision.matmul(h.clone(), weight.clone()), 1);
+            let (logits, slope) = capped(precision.matmul(h.clone(), weight.clone()), model.final_softcap);
+            let probs = softmax(logits, 1);
             let mut dlogits = Tensor::zeros([len, vocab], &device);
             for (g, t) in upstream.iter().zip(&flat_targets) {
                 let g = g.clone().narrow(0, start, len).unsqueeze_dim::<2>(1);
                 let onehot = t.clone().narrow(0, start, len).one_hot::<2>(vocab).float();
                 dlogits = dlogits + (onehot - probs.clone()) * g;
+            }
+            // Through gemma2's cap c·tanh(z/c), whose derivative is 1 − tanh²(z/c).
+            if let Some(slope) = slope {
+                dlogits = dlogits * slope;
             }
             hidden_grads.push(precision.matmul(dlogits.clone(), weight.clone().transpose()));
             if train_head {
@@ -92,3 +99,14 @@ impl ChunkedHead {
     }
 }
 
+
+/// The logits after the model's final soft cap, if it has one, with the cap's derivative.
+fn capped(z: Tensor<2>, cap: Option<f64>) -> (Tensor<2>, Option<Tensor<2>>) {
+    match cap {
+        None => (z, None),
+        Some(c) => {
+            let t = z.div_scalar(c).tanh();
+            (t.clone().mul_scalar(c), Some(t.clone().mul(t).neg().add_scalar(1.0)))
+        }
+    }
+}

@@ -12,8 +12,9 @@ use rhai::{Dynamic, Map};
 use crate::model::Llama;
 
 /// Module names a reset may select: HF's, as the parameters are named in checkpoints.
-pub const RESETTABLE: [&str; 11] = [
+pub const RESETTABLE: [&str; 15] = [
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head", "input_layernorm", "post_attention_layernorm",
+    "pre_feedforward_layernorm", "post_feedforward_layernorm", "q_norm", "k_norm",
 ];
 
 /// `#{ factor: α, modules: [...] }` from the script's `on_step`, checked.

@@ -162,3 +162,26 @@ pub fn completion_logps(model: &prefhost::model::Llama, rows: &[FixtureRow], dev
     let flat = prefhost::model::values(prefhost::train::logps::token_logps(model, &batch));
     rows.iter().enumerate().map(|(i, r)| flat[i * width + r.prompt_length - 1..i * width + r.ids.len() - 1].to_vec()).collect()
 }
+
+/// log-probs of `batch` as `batch_logps` computes them (packed rows and/or chunked logits),
+/// and the gradients of the 2-D parameters `params` under a loss that weighs every token
+/// differently (so a misplaced log-prob would show): (values, one gradient per param).
+pub fn weighted_logps_and_grads(
+    model: &prefhost::model::Llama,
+    batch: &prefhost::data::batch::SequenceBatch,
+    packed: Option<&prefhost::data::packed::PackedLayout>,
+    chunk: Option<usize>,
+    params: &[burn::module::ParamId],
+) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let [n, w] = batch.mask.dims();
+    let ramp: Vec<f32> = (0..n * w).map(|i| 1.0 + (i % 5) as f32 * 0.25).collect();
+    let weights = burn::tensor::Tensor::<1>::from_floats(ramp.as_slice(), &batch.mask.device()).reshape([n, w]);
+    let (logps, head) = prefhost::train::logps::batch_logps(model, batch, packed, chunk);
+    let values = prefhost::model::values(logps.clone());
+    let loss = (logps * weights).sum();
+    let grads = match head {
+        Some(head) => head.gradients(&loss.backward(), model),
+        None => burn::optim::GradientsParams::from_grads(loss.backward(), model),
+    };
+    (values, params.iter().map(|id| prefhost::model::values(grads.get::<2>(*id).expect("a gradient for each asked parameter"))).collect())
+}

@@ -30,6 +30,19 @@ use super::kernels::{self, Buffer, Out, View, contiguous, gemm, tensor};
 
 type AutodiffFlex = Autodiff<Flex, NoCheckpointing>;
 
+/// Attention with another score scale than 1/√d and optionally soft-capped scores,
+/// c·tanh(s/c) before the mask (gemma2's query_pre_attn_scalar and
+/// attn_logit_softcapping). Without a cap the queries are pre-scaled and the fused op
+/// runs; with one, the scores are computed with plain tensor ops.
+pub fn scaled_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Option<Tensor<4, Bool>>, is_causal: bool, scale: f64, softcap: Option<f64>) -> Tensor<4> {
+    let d = q.dims()[3] as f64;
+    match softcap {
+        None if scale == 1.0 / d.sqrt() => grouped_attention(q, k, v, hidden, is_causal),
+        None => grouped_attention(q.mul_scalar(scale * d.sqrt()), k, v, hidden, is_causal),
+        Some(cap) => plain(q, k, v, hidden, is_causal, scale, Some(cap)),
+    }
+}
+
 /// softmax(q·kᵀ/√d, masked)·v for q [b, heads, s, d] and k, v [b, kv_heads, s, d];
 /// `hidden` ([b or 1, 1, s, s], true = masked) and/or causal. Returns [b, heads, s, d].
 pub fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<4> {
@@ -73,7 +86,14 @@ pub fn fuses(q: &Tensor<4>, hidden: Option<&Tensor<4, Bool>>) -> bool {
 /// masked) to torch's scaled_dot_product_attention unchanged, where true means "may
 /// attend", so masked forwards outside autodiff came out wrong on libtorch.
 fn fallback(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<4> {
-    let [b, heads, s, d] = q.dims();
+    let scale = 1.0 / (q.dims()[3] as f64).sqrt();
+    plain(q, k, v, hidden, is_causal, scale, None)
+}
+
+/// softmax(cap(scale·q·kᵀ), masked)·v in burn ops: burn's `attention` when nothing but a
+/// causal mask applies, else the scores written out.
+fn plain(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Option<Tensor<4, Bool>>, is_causal: bool, scale: f64, softcap: Option<f64>) -> Tensor<4> {
+    let [b, heads, s, _] = q.dims();
     let repeat = |t: Tensor<4>| {
         let [b, kv, s, d] = t.dims();
         let groups = heads / kv;
@@ -81,21 +101,34 @@ fn fallback(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Option<Tensor<4, B
     };
     let (k, v) = (repeat(k), repeat(v));
     let sk = k.dims()[2];
-    let Some(hidden) = hidden else {
-        return attention(q, k, v, None, None, AttentionModuleOptions { scale: None, softcap: None, is_causal });
-    };
-    let mut hidden = hidden.expand([b, heads, s, sk]);
+    if hidden.is_none() && softcap.is_none() {
+        return attention(q, k, v, None, None, AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal });
+    }
+    let mut hidden = hidden.map(|h| h.expand([b, heads, s, sk]));
     if is_causal {
         // Query i sees keys up to i + (sk − s): the last s keys line up with the queries.
         let shift = sk - s;
         let upper: Vec<bool> = (0..s * sk).map(|n| n % sk > n / sk + shift).collect();
         let causal = Tensor::<2, Bool>::from_data(burn::tensor::TensorData::new(upper, [s, sk]), &q.device());
-        hidden = hidden.bool_or(causal.reshape([1, 1, s, sk]).expand([b, heads, s, sk]));
+        let causal = causal.reshape([1, 1, s, sk]).expand([b, heads, s, sk]);
+        hidden = Some(match hidden {
+            Some(h) => h.bool_or(causal),
+            None => causal,
+        });
     }
-    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt());
+    let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+    if let Some(cap) = softcap {
+        scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
+    }
     // The lowest finite value rather than −inf: a row with every key masked stays finite.
-    let weights = burn::tensor::activation::softmax(scores.mask_fill(hidden, f32::MIN), 3);
-    weights.matmul(v)
+    let scores = match hidden {
+        Some(h) => scores.mask_fill(h, f32::MIN),
+        None => scores,
+    };
+    // Written out rather than burn's softmax, whose autodiff and plain versions round
+    // differently: a policy and its frozen copy must agree bit for bit before any update.
+    let exp = (scores.clone() - scores.max_dim(3)).exp();
+    (exp.clone() / exp.sum_dim(3)).matmul(v)
 }
 
 /// Queries (and keys) per block: the unit of parallel work and of causal skipping.
