@@ -135,7 +135,7 @@ fn sliding_window_holds_in_packed_rows_and_decoding() {
     assert!(worst < 2e-5, "packed vs plain differ by {worst}");
 
     let prompt = rows[2].ids[..3].to_vec();
-    let generated = prefhost::model::generate::greedy(&model, &[prompt.clone()], 24, u32::MAX, 1);
+    let generated = prefhost::model::generate::greedy(&model, &[prompt.clone()], 24, &[], 1);
     let mut sequence: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
     for _ in 0..24 {
         let n = sequence.len();

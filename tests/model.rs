@@ -113,7 +113,7 @@ fn cached_greedy_decoding_matches_full_recomputation() {
     let model = Llama::build(&tiny_config(), &mut RandomInit { std: 0.3 }, &device).unwrap();
     let prompts = vec![vec![3u32, 7, 11], vec![5, 2, 9], vec![8, 8, 1, 4], vec![6]];
     let steps = 12;
-    let cached = prefhost::model::generate::greedy(&model, &prompts, steps, u32::MAX, 2);
+    let cached = prefhost::model::generate::greedy(&model, &prompts, steps, &[], 2);
     for (prompt, got) in prompts.iter().zip(&cached) {
         let mut sequence: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
         for _ in 0..steps {
@@ -126,8 +126,8 @@ fn cached_greedy_decoding_matches_full_recomputation() {
     }
     // Stops at EOS (not included) and never runs past the model's positions.
     let eos = cached[0][2];
-    let stopped = prefhost::model::generate::greedy(&model, &prompts[..1], steps, eos, 8);
+    let stopped = prefhost::model::generate::greedy(&model, &prompts[..1], steps, &[eos], 8);
     assert_eq!(stopped[0], cached[0][..cached[0].iter().position(|&t| t == eos).unwrap()].to_vec());
-    let long = prefhost::model::generate::greedy(&model, &[vec![1; 60]], 100, u32::MAX, 8);
+    let long = prefhost::model::generate::greedy(&model, &[vec![1; 60]], 100, &[], 8);
     assert_eq!(long[0].len(), 4);
 }

@@ -80,3 +80,29 @@ fn the_choice_reaches_a_run_and_a_reference_file_written_with_the_other_is_refus
     assert!(!out.status.success());
     assert!(text(&out).contains("ref.jsonl: data row 1 has a 64-token prompt, the file 65"), "{}", text(&out));
 }
+
+/// config.json's eos_token_id may list several ids (Llama 3.1, Gemma 2 instruct): the EOS
+/// appended to completions is the tokenizer's eos_token, which must be listed; generation
+/// stops at any listed id; with several ids and no eos_token the load stops.
+#[test]
+fn a_list_of_eos_ids_takes_the_tokenizers_eos_token_and_never_guesses() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = dir.path().join("tokenizer.json");
+    std::fs::copy(repo().join("models/tiny-math/tokenizer.json"), &tokenizer).unwrap();
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(repo().join("models/tiny-math/config.json")).unwrap()).unwrap();
+    config["eos_token_id"] = serde_json::json!([1, 5]);
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let model_config = prefhost::model::LlamaConfig::from_file(&dir.path().join("config.json")).unwrap();
+    assert_eq!(model_config.eos_ids(), vec![1, 5]);
+
+    let err = TextTokenizer::load_with(&tokenizer, &model_config.eos_ids(), None).err().expect("two EOS ids and no eos_token");
+    assert!(format!("{err:#}").contains("eos_token_id lists [1, 5]"), "{err:#}");
+
+    std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"eos_token": "</s>"}"#).unwrap();
+    let tok = TextTokenizer::load_with(&tokenizer, &model_config.eos_ids(), None).unwrap();
+    assert_eq!((tok.eos_id, tok.stop_ids.clone()), (1, vec![1, 5]));
+    assert_eq!(tok.encode_completion("1").unwrap().last(), Some(&1));
+
+    let err = TextTokenizer::load_with(&tokenizer, &[4, 5], None).err().expect("eos_token not among the ids");
+    assert!(format!("{err:#}").contains("tokenizer_config.json: eos_token is token 1"), "{err:#}");
+}

@@ -38,7 +38,7 @@ fn config_template(json: &Value, config: &Path) -> Result<Option<String>> {
 }
 
 /// A special token in tokenizer_config.json: a string or `{"content": ...}`.
-fn token_text(v: Option<&Value>) -> String {
+pub(crate) fn token_text(v: Option<&Value>) -> String {
     match v {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).unwrap_or_default().to_string(),

@@ -15,7 +15,10 @@ use super::chat::ChatTemplate;
 pub struct TextTokenizer {
     inner: Tokenizer,
     pub path: PathBuf,
+    /// The EOS appended to every completion.
     pub eos_id: u32,
+    /// Where generation stops: `eos_id` and every id config.json lists as eos_token_id.
+    pub stop_ids: Vec<u32>,
     pub pad_id: u32,
     /// The chat template of tokenizer_config.json beside tokenizer.json, if any.
     pub chat: Option<ChatTemplate>,
@@ -24,20 +27,45 @@ pub struct TextTokenizer {
 }
 
 impl TextTokenizer {
-    /// `eos_id`/`pad_id` come from the model config when it has them, else from the
-    /// usual token names in the vocabulary.
+    /// `eos_id`/`pad_id` come from the model config when it has them; see `load_with`.
     pub fn load(path: &Path, eos_id: Option<u32>, pad_id: Option<u32>) -> Result<Self> {
+        Self::load_with(path, eos_id.as_slice(), pad_id)
+    }
+
+    /// `eos_ids`: config.json's eos_token_id, one id or several (Llama 3.1 and Gemma 2
+    /// instruct models list every token that ends a turn). The EOS appended to completions
+    /// is tokenizer_config.json's `eos_token` when the folder has one, as TRL appends the
+    /// tokenizer's; it must then be one of `eos_ids`. Otherwise the one config id, or with
+    /// none the usual token names; several config ids and no eos_token is an error, since
+    /// which one ends a completion would be a guess.
+    pub fn load_with(path: &Path, eos_ids: &[u32], pad_id: Option<u32>) -> Result<Self> {
         if !path.is_file() {
             bail!("{}: tokenizer.json not found", path.display());
         }
         let inner = Tokenizer::from_file(path).map_err(|e| anyhow!("{}: invalid tokenizer: {e}", path.display()))?;
         let by_name = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
-        let eos_id = eos_id
-            .or_else(|| by_name(&["</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>"]))
-            .ok_or_else(|| anyhow!("{}: no EOS token (set eos_token_id in config.json)", path.display()))?;
+        let tokenizer_config = path.with_file_name("tokenizer_config.json");
+        let named = tokenizer_eos(&tokenizer_config, &inner)?;
+        let eos_id = match (named, eos_ids) {
+            (Some(id), []) => id,
+            (Some(id), ids) if ids.contains(&id) => id,
+            (Some(id), ids) => bail!(
+                "{}: eos_token is token {id}, which config.json's eos_token_id {ids:?} does not list; which one ends a completion would be a guess",
+                tokenizer_config.display()
+            ),
+            (None, [id]) => *id,
+            (None, []) => by_name(&["</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>"])
+                .ok_or_else(|| anyhow!("{}: no EOS token (set eos_token_id in config.json)", path.display()))?,
+            (None, ids) => bail!(
+                "{}: config.json's eos_token_id lists {ids:?} and the folder has no tokenizer_config.json eos_token to say which ends a completion",
+                path.display()
+            ),
+        };
+        let mut stop_ids = vec![eos_id];
+        stop_ids.extend(eos_ids.iter().filter(|id| **id != eos_id));
         let pad_id = pad_id.or_else(|| by_name(&["<pad>", "<|pad|>"])).unwrap_or(eos_id);
-        let chat = ChatTemplate::load(&path.with_file_name("tokenizer_config.json"))?;
-        Ok(Self { inner, path: path.to_path_buf(), eos_id, pad_id, chat, prompt_special_tokens: true })
+        let chat = ChatTemplate::load(&tokenizer_config)?;
+        Ok(Self { inner, path: path.to_path_buf(), eos_id, stop_ids, pad_id, chat, prompt_special_tokens: true })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -74,4 +102,15 @@ impl TextTokenizer {
     pub fn decode(&self, ids: &[u32]) -> String {
         self.inner.decode(ids, true).unwrap_or_default()
     }
+}
+
+/// tokenizer_config.json's `eos_token` as an id, when the file names one.
+fn tokenizer_eos(config: &Path, inner: &Tokenizer) -> Result<Option<u32>> {
+    let Ok(text) = std::fs::read_to_string(config) else { return Ok(None) };
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}:{}:{}: {e}", config.display(), e.line(), e.column()))?;
+    let name = super::chat::token_text(json.get("eos_token"));
+    if name.is_empty() {
+        return Ok(None);
+    }
+    inner.token_to_id(&name).map(Some).ok_or_else(|| anyhow!("{}: eos_token \"{name}\" is not in tokenizer.json's vocabulary", config.display()))
 }

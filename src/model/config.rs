@@ -37,8 +37,9 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     #[serde(default)]
     pub bos_token_id: Option<u32>,
+    /// One id, or several (Llama 3.1 and Gemma 2 instruct models list every turn end).
     #[serde(default)]
-    pub eos_token_id: Option<u32>,
+    pub eos_token_id: Option<TokenIds>,
     #[serde(default)]
     pub pad_token_id: Option<u32>,
     /// Biases on q/k/v/o (llama's `attention_bias`; qwen2 always has q/k/v biases).
@@ -110,6 +111,23 @@ impl Family {
             Self::Qwen2 => "Qwen2ForCausalLM",
             Self::Qwen3 => "Qwen3ForCausalLM",
             Self::Gemma2 => "Gemma2ForCausalLM",
+        }
+    }
+}
+
+/// A token id field that may hold one id or a list.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn ids(&self) -> Vec<u32> {
+        match self {
+            Self::One(id) => vec![*id],
+            Self::Many(ids) => ids.clone(),
         }
     }
 }
@@ -297,6 +315,11 @@ impl LlamaConfig {
             },
             _ => RopeScaling::None,
         })
+    }
+
+    /// config.json's EOS ids (none, one or several).
+    pub fn eos_ids(&self) -> Vec<u32> {
+        self.eos_token_id.as_ref().map_or_else(Vec::new, TokenIds::ids)
     }
 
     pub fn kv_heads(&self) -> usize {

@@ -8,10 +8,10 @@ use burn::tensor::{Int, Tensor, TensorData};
 use super::attention::KvCache;
 use super::llama::Llama;
 
-/// Up to `max_new_tokens` greedy tokens after each prompt, stopping at `eos` (not
+/// Up to `max_new_tokens` greedy tokens after each prompt, stopping at any of `eos` (not
 /// included) or at the model's last position. `model` should be on a plain (non-autodiff)
 /// device. Returns the new tokens of each prompt, in the prompts' order.
-pub fn greedy(model: &Llama, prompts: &[Vec<u32>], max_new_tokens: usize, eos: u32, group_size: usize) -> Vec<Vec<u32>> {
+pub fn greedy(model: &Llama, prompts: &[Vec<u32>], max_new_tokens: usize, eos: &[u32], group_size: usize) -> Vec<Vec<u32>> {
     let mut by_length: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for (i, p) in prompts.iter().enumerate() {
         by_length.entry(p.len()).or_default().push(i);
@@ -29,7 +29,7 @@ pub fn greedy(model: &Llama, prompts: &[Vec<u32>], max_new_tokens: usize, eos: u
     out
 }
 
-fn greedy_same_length(model: &Llama, prompts: &[&[u32]], length: usize, max_new_tokens: usize, eos: u32) -> Vec<Vec<u32>> {
+fn greedy_same_length(model: &Llama, prompts: &[&[u32]], length: usize, max_new_tokens: usize, eos: &[u32]) -> Vec<Vec<u32>> {
     let n = prompts.len();
     let mut out = vec![Vec::new(); n];
     if length == 0 {
@@ -46,7 +46,7 @@ fn greedy_same_length(model: &Llama, prompts: &[&[u32]], length: usize, max_new_
         let next: Vec<i64> = next.into_data().iter::<i64>().collect();
         for (row, &token) in next.iter().enumerate() {
             if !finished[row] {
-                if token as u32 == eos {
+                if eos.contains(&(token as u32)) {
                     finished[row] = true;
                 } else {
                     out[row].push(token as u32);

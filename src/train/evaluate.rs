@@ -72,7 +72,7 @@ pub fn evaluate(model: &Llama, tokenizer: &TextTokenizer, rows: &[EvalRow], max_
     for row in rows {
         prompts.push(tokenizer.encode_prompt(&row.prompt).with_context(|| format!("eval row at line {}", row.line))?);
     }
-    let generated = greedy(model, &prompts, max_new_tokens, tokenizer.eos_id, 64);
+    let generated = greedy(model, &prompts, max_new_tokens, &tokenizer.stop_ids, 64);
     let mut correct = 0;
     let mut samples = Vec::new();
     for (row, tokens) in rows.iter().zip(&generated) {

@@ -497,7 +497,7 @@ impl Trainer {
         let train_device = backend_device(&config.backend)?.autodiff();
         let (model_config, policy) = build_policy(&config, &train_device)?;
         let model_dir = PathBuf::from(&config.model);
-        let mut tokenizer = TextTokenizer::load(&model_dir.join("tokenizer.json"), model_config.eos_token_id, model_config.pad_token_id)?;
+        let mut tokenizer = TextTokenizer::load_with(&model_dir.join("tokenizer.json"), &model_config.eos_ids(), model_config.pad_token_id)?;
         tokenizer.prompt_special_tokens = config.prompt_special_tokens;
         if tokenizer.vocab_size() > model_config.vocab_size {
             bail!("{}: tokenizer has {} tokens, the model's vocab_size is {}", model_dir.display(), tokenizer.vocab_size(), model_config.vocab_size);
