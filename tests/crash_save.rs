@@ -132,6 +132,28 @@ fn a_crash_inside_a_lora_save_keeps_the_previous_adapters() {
     }
 }
 
+/// Resuming a finished run saves its last checkpoint again, replacing it in place (as
+/// does Ctrl-C right after a save): a crash in between must not lose it.
+#[test]
+fn a_crash_while_a_checkpoint_is_replaced_keeps_it() {
+    let sb = Sandbox::new();
+    let path = sb.write("scripts/exp.rhai", &script(STEPS, ""));
+    let whole = run_whole(&sb, &path, "whole");
+    for point in ["file:optimizer.bpk", "staged", "moved-aside", "renamed"] {
+        let failpoint = format!("checkpoint-{STEPS}:{point}");
+        let dir = sb.path(&format!("again-{}", point.replace(':', "-")));
+        copy_dir(&whole, &dir);
+        crash_at(&["run", "--resume", dir.to_str().unwrap()], &failpoint);
+        if point == "moved-aside" {
+            // The window this test is for: the checkpoint only under its hidden name.
+            assert!(!dir.join(format!("checkpoint-{STEPS}")).exists() && dir.join(format!(".checkpoint-{STEPS}.old/trainer_state.json")).is_file(), "{failpoint}: {:?}", hidden(&dir));
+        }
+        assert_latest_loads(&dir, STEPS, false, &failpoint);
+        assert_eq!(hidden(&dir), Vec::<String>::new(), "{failpoint}: latest_checkpoint tidies what the crash left");
+        assert_resume_reproduces(&dir, STEPS, &whole, &failpoint);
+    }
+}
+
 /// SplitMix64, for the seeded kill delays.
 fn next(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);

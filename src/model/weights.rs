@@ -291,7 +291,8 @@ impl Staging<'_> {
 }
 
 /// Builds `dir` in a staging folder and renames it into place, so a crash leaves either
-/// the old folder or the new one, never a half-written one.
+/// the old folder or the new one, never a half-written one. A crash while replacing an
+/// existing `dir` can leave it moved aside; `recover_folder` puts it back.
 fn write_folder(dir: &Path, fill: impl FnOnce(&Staging) -> Result<()>) -> Result<()> {
     let (staging, old, parent) = side_folders(dir);
     std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
@@ -318,6 +319,30 @@ fn write_folder(dir: &Path, fill: impl FnOnce(&Staging) -> Result<()>) -> Result
     sync_path(&parent)?;
     if old.exists() {
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    }
+    Ok(())
+}
+
+/// The folder whose save left `name` (a staging or moved-aside folder of `side_folders`).
+pub fn interrupted_save_of(name: &str) -> Option<&str> {
+    name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp").or_else(|| n.strip_suffix(".old")))
+}
+
+/// Tidies what a crash inside `write_folder(dir, ..)` left. A folder moved aside with
+/// nothing renamed in its place is put back (it was complete: only a folder in place is
+/// ever moved aside); one superseded by a new `dir`, and any staging folder, are removed.
+pub fn recover_folder(dir: &Path) -> Result<()> {
+    let (staging, old, parent) = side_folders(dir);
+    if old.exists() {
+        if dir.exists() {
+            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        } else {
+            std::fs::rename(&old, dir).with_context(|| format!("putting {} back as {}", old.display(), dir.display()))?;
+            sync_path(&parent)?;
+        }
+    }
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).with_context(|| format!("removing {}", staging.display()))?;
     }
     Ok(())
 }
