@@ -21,10 +21,12 @@ const SIGKILL: i32 = 9;
 const STEPS: usize = 3;
 const FILES: [&str; 6] = ["model.safetensors", "config.json", "tokenizer.json", "trainer_state.json", "optimizer.bpk", "script_sources.json"];
 
+/// Two rows a step: these tests' time goes into steps (in debug builds, ~1 s each at 8 rows).
 fn script(steps: usize, extra: &str) -> String {
+    let config = small_config(&format!("max_steps: {steps}, seed: 3, save_every: 1, params: #{{ beta: 0.1 }}, {extra}"));
     format!(
         "import \"losses/dpo\" as dpo;\nfn loss(b, p) {{ dpo::loss(b, p) }}\ntrain({});\n",
-        small_config(&format!("max_steps: {steps}, seed: 3, save_every: 1, params: #{{ beta: 0.1 }}, {extra}"))
+        config.replace("batch_size: 8", "batch_size: 2")
     )
 }
 
@@ -200,7 +202,7 @@ fn sigkill_at_random_moments_of_a_save_keeps_a_checkpoint_that_resumes() {
     let span = (2.0 * save.as_secs_f64().min(0.075) / 0.0002).max(10.0).ln();
     let mut state = 22;
     let (mut before, mut during, mut after) = (0, 0, 0);
-    for i in 0..12 {
+    for i in 0..10 {
         let delay = Duration::from_secs_f64(0.0002 * (span * (next(&mut state) >> 11) as f64 / (1u64 << 53) as f64).exp());
         let dir = sb.path(&format!("kill-{i}"));
         let mut child = spawn(&dir);
