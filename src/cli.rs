@@ -220,6 +220,7 @@ fn host_for(script: &Path, plugins: Option<&Path>, limits: &Limits) -> Result<Sc
 }
 
 fn dispatch(command: Command) -> Result<ExitCode> {
+    crate::failpoint::check()?;
     match command {
         Command::Run { script, resume, no_watch, plugins, run_dir, max_steps, max_operations } => {
             let script = match (script, &resume) {

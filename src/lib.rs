@@ -8,6 +8,7 @@ pub mod bench;
 pub mod bench_gpu;
 pub mod cli;
 pub mod data;
+pub mod failpoint;
 pub mod model;
 pub mod report;
 pub mod rng;

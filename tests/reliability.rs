@@ -77,4 +77,10 @@ fn ctrl_c_saves_a_checkpoint_and_the_run_can_continue() {
     let out = run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch", "--max-steps", &target]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(loss_lines(&dir).len(), step + 2);
+
+    // Fewer steps than the checkpoint has: refused, the log kept.
+    let out = run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch", "--max-steps", "2"]);
+    let want = format!("checkpoint-{}: the checkpoint is at step {}, past the 2 steps asked for", step + 2, step + 2);
+    assert!(!out.status.success() && text(&out).contains(&want), "{}", text(&out));
+    assert_eq!(loss_lines(&dir).len(), step + 2);
 }

@@ -12,6 +12,7 @@ use safetensors::{Dtype, SafeTensors};
 use super::config::LlamaConfig;
 use super::llama::{Llama, WeightSource};
 use super::lora::LoraConfig;
+use crate::failpoint;
 
 /// All tensors of a checkpoint, converted to f32, with the file each came from.
 pub struct SafetensorsWeights {
@@ -142,11 +143,11 @@ pub fn save_model(model: &Llama, config: &LlamaConfig, tokenizer_json: &Path, di
 /// `save_model` plus extra files (trainer state, optimizer state) in the same atomic step.
 pub fn save_model_with(model: &Llama, config: &LlamaConfig, tokenizer_json: &Path, dir: &Path, extra: &[(&str, &[u8])]) -> Result<()> {
     write_folder(dir, |staging| {
-        write_safetensors(hf_tensors(model), &staging.join("model.safetensors"))?;
+        staging.safetensors("model.safetensors", hf_tensors(model))?;
         let mut json = serde_json::to_value(config)?;
         json["architectures"] = serde_json::json!([config.family().architecture()]);
         json["torch_dtype"] = serde_json::json!("float32");
-        std::fs::write(staging.join("config.json"), serde_json::to_string_pretty(&json)? + "\n")?;
+        staging.write("config.json", (serde_json::to_string_pretty(&json)? + "\n").as_bytes())?;
         copy_tokenizer_files(tokenizer_json, staging)?;
         write_extra(staging, extra)
     })
@@ -160,7 +161,7 @@ pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// model folder the adapters were trained on.
 pub fn save_adapter(model: &Llama, lora: &LoraConfig, base_model: &str, tokenizer_json: &Path, dir: &Path, extra: &[(&str, &[u8])]) -> Result<()> {
     write_folder(dir, |staging| {
-        write_safetensors(model.adapter_tensors(), &staging.join(ADAPTER_WEIGHTS))?;
+        staging.safetensors(ADAPTER_WEIGHTS, model.adapter_tensors())?;
         let config = serde_json::json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -180,7 +181,7 @@ pub fn save_adapter(model: &Llama, lora: &LoraConfig, base_model: &str, tokenize
             "rank_pattern": {},
             "alpha_pattern": {},
         });
-        std::fs::write(staging.join(ADAPTER_CONFIG), serde_json::to_string_pretty(&config)? + "\n")?;
+        staging.write(ADAPTER_CONFIG, (serde_json::to_string_pretty(&config)? + "\n").as_bytes())?;
         copy_tokenizer_files(tokenizer_json, staging)?;
         write_extra(staging, extra)
     })
@@ -252,33 +253,91 @@ pub fn load_adapter_model(adapter_dir: &Path, base: Option<&Path>, device: &Devi
     Ok((config, model, base))
 }
 
+/// Where `write_folder(dir, ..)` builds the new folder and moves a replaced one aside:
+/// hidden siblings (leading dot), which are never taken for checkpoints.
+fn side_folders(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model");
+    (parent.join(format!(".{name}.tmp")), parent.join(format!(".{name}.old")), parent)
+}
+
+/// The staging folder of a save in progress. Every file goes through it, so the
+/// `file:NAME` failpoint can stop the save after any one of them.
+struct Staging<'a> {
+    path: PathBuf,
+    target: &'a Path,
+}
+
+impl Staging<'_> {
+    fn write(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        std::fs::write(self.path.join(name), bytes).with_context(|| format!("writing {name}"))?;
+        failpoint::file_written(self.target, name)
+    }
+
+    fn copy(&self, source: &Path, name: &str) -> Result<()> {
+        std::fs::copy(source, self.path.join(name)).with_context(|| format!("copying {}", source.display()))?;
+        failpoint::file_written(self.target, name)
+    }
+
+    fn safetensors(&self, name: &str, tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<()> {
+        write_safetensors(tensors, &self.path.join(name))?;
+        failpoint::file_written(self.target, name)
+    }
+}
+
 /// Builds `dir` in a staging folder and renames it into place, so a crash leaves either
-/// the old folder or the new one, never a half-written one.
-fn write_folder(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let staging = parent.join(format!(".{}.tmp", dir.file_name().and_then(|n| n.to_str()).unwrap_or("model")));
+/// the old folder or the new one, never a half-written one. A crash while replacing an
+/// existing `dir` can leave it moved aside; `recover_folder` puts it back.
+fn write_folder(dir: &Path, fill: impl FnOnce(&Staging) -> Result<()>) -> Result<()> {
+    let (staging, old, parent) = side_folders(dir);
+    std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
     if staging.exists() {
         std::fs::remove_dir_all(&staging)?;
     }
     std::fs::create_dir_all(&staging)?;
-    fill(&staging)?;
+    fill(&Staging { path: staging.clone(), target: dir })?;
 
     // On disk before the rename makes them visible: a power loss never leaves a
     // checkpoint folder with missing or empty files.
     sync_dir_and_files(&staging)?;
+    failpoint::hit(dir, "staged")?;
     // An existing folder is moved aside first and removed only once the new one is in place.
-    let old = parent.join(format!(".{}.old", dir.file_name().and_then(|n| n.to_str()).unwrap_or("model")));
     if dir.exists() {
         if old.exists() {
             std::fs::remove_dir_all(&old)?;
         }
         std::fs::rename(dir, &old).with_context(|| format!("replacing {}", dir.display()))?;
+        failpoint::hit(dir, "moved-aside")?;
     }
     std::fs::rename(&staging, dir).with_context(|| format!("moving the checkpoint to {}", dir.display()))?;
-    sync_path(parent)?;
+    failpoint::hit(dir, "renamed")?;
+    sync_path(&parent)?;
     if old.exists() {
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    }
+    Ok(())
+}
+
+/// The folder whose save left `name` (a staging or moved-aside folder of `side_folders`).
+pub fn interrupted_save_of(name: &str) -> Option<&str> {
+    name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp").or_else(|| n.strip_suffix(".old")))
+}
+
+/// Tidies what a crash inside `write_folder(dir, ..)` left. A folder moved aside with
+/// nothing renamed in its place is put back (it was complete: only a folder in place is
+/// ever moved aside); one superseded by a new `dir`, and any staging folder, are removed.
+pub fn recover_folder(dir: &Path) -> Result<()> {
+    let (staging, old, parent) = side_folders(dir);
+    if old.exists() {
+        if dir.exists() {
+            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        } else {
+            std::fs::rename(&old, dir).with_context(|| format!("putting {} back as {}", old.display(), dir.display()))?;
+            sync_path(&parent)?;
+        }
+    }
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).with_context(|| format!("removing {}", staging.display()))?;
     }
     Ok(())
 }
@@ -301,20 +360,20 @@ fn write_safetensors(tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>, path: &P
 
 /// tokenizer.json and the rest of the tokenizer (chat template, special tokens), which
 /// travel with the model.
-fn copy_tokenizer_files(tokenizer_json: &Path, staging: &Path) -> Result<()> {
-    std::fs::copy(tokenizer_json, staging.join("tokenizer.json")).with_context(|| format!("copying {}", tokenizer_json.display()))?;
+fn copy_tokenizer_files(tokenizer_json: &Path, staging: &Staging) -> Result<()> {
+    staging.copy(tokenizer_json, "tokenizer.json")?;
     for name in ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja", "chat_template.json"] {
         let source = tokenizer_json.with_file_name(name);
         if source.is_file() {
-            std::fs::copy(&source, staging.join(name)).with_context(|| format!("copying {}", source.display()))?;
+            staging.copy(&source, name)?;
         }
     }
     Ok(())
 }
 
-fn write_extra(staging: &Path, extra: &[(&str, &[u8])]) -> Result<()> {
+fn write_extra(staging: &Staging, extra: &[(&str, &[u8])]) -> Result<()> {
     for (name, bytes) in extra {
-        std::fs::write(staging.join(name), bytes).with_context(|| format!("writing {name}"))?;
+        staging.write(name, bytes)?;
     }
     Ok(())
 }

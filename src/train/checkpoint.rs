@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::model::weights::{interrupted_save_of, recover_folder};
 use crate::rng::SplitMix64;
 
 pub const STATE_FILE: &str = "trainer_state.json";
@@ -53,8 +54,17 @@ pub fn read_run_info(run_dir: &Path) -> Result<RunInfo> {
 }
 
 /// The checkpoint with the most steps (`checkpoint-N/` holding a trainer state). Staging
-/// folders of interrupted saves start with a dot and are never picked.
+/// folders of interrupted saves start with a dot and are never picked. What a crash
+/// during a save left is tidied first: a checkpoint it left moved aside while being
+/// replaced is put back, so that one is found too.
 pub fn latest_checkpoint(run_dir: &Path) -> Result<(usize, PathBuf)> {
+    for entry in std::fs::read_dir(run_dir).with_context(|| format!("cannot read {}", run_dir.display()))? {
+        let name = entry?.file_name();
+        let name = name.to_str().unwrap_or_default();
+        if let Some(checkpoint) = interrupted_save_of(name).filter(|n| n.starts_with("checkpoint-")) {
+            recover_folder(&run_dir.join(checkpoint))?;
+        }
+    }
     let mut best: Option<(usize, PathBuf)> = None;
     for entry in std::fs::read_dir(run_dir).with_context(|| format!("cannot read {}", run_dir.display()))? {
         let path = entry?.path();

@@ -144,6 +144,9 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
             let state = checkpoint::read_state(&ckpt)?;
             optimizer = trainer.restore(&ckpt, state, optimizer)?;
             let start = trainer.restored_step;
+            if start > trainer.total_steps {
+                bail!("{}: the checkpoint is at step {start}, past the {} steps asked for (max_steps or --max-steps)", ckpt.display(), trainer.total_steps);
+            }
             metrics_path = run_dir.join("metrics.jsonl");
             checkpoint::truncate_metrics(&metrics_path, start)?;
             console::line(&format!("resuming {} from {} (step {start})", run_dir.display(), ckpt.display()));
