@@ -44,7 +44,10 @@ impl SafetensorsWeights {
             for (name, view) in st.tensors() {
                 let values = to_f32(view.dtype(), view.data())
                     .with_context(|| format!("{}: tensor {name}", file.display()))?;
-                tensors.insert(name.to_string(), (view.shape().to_vec(), values, file.clone()));
+                // Which copy applies would be a guess (the later shard silently won before).
+                if let Some((_, _, first)) = tensors.insert(name.to_string(), (view.shape().to_vec(), values, file.clone())) {
+                    bail!("tensor \"{name}\" is in both {} and {}", first.display(), file.display());
+                }
             }
         }
         Ok(Self { tensors, used: Vec::new() })
@@ -61,9 +64,10 @@ impl SafetensorsWeights {
         Ok(values)
     }
 
-    /// Names the checkpoint had that the model did not use.
+    /// Names the checkpoint had that the model did not use, each with its file.
     pub fn unused(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.tensors.keys().cloned().collect();
+        let file_name = |f: &PathBuf| f.file_name().map_or_else(|| f.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let mut names: Vec<String> = self.tensors.iter().map(|(name, (_, _, file))| format!("{name} (in {})", file_name(file))).collect();
         names.sort();
         names
     }
