@@ -262,3 +262,33 @@ fn fresh_adapter_a_is_distributed_as_peft_initialises_it() {
     let critical = 1.95 * ((n + m) as f64 / (n * m) as f64).sqrt();
     assert!(ks < critical, "prefhost's A and PEFT's differ in distribution: KS {ks:.4} ≥ {critical:.4}");
 }
+
+/// An adapter_config.json field that turns on a variant prefhost does not implement is
+/// refused by name, including fields PEFT 0.21 added (activated LoRA, block-diagonal LoRA,
+/// Arrow routing) and fields a later PEFT may add; PEFT's own files load.
+#[test]
+fn adapter_variants_prefhost_does_not_implement_are_refused_by_field() {
+    let source = rslora_fixture();
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(source.join("adapter_config.json")).unwrap()).unwrap();
+    let cases = [
+        ("alora_invocation_tokens", serde_json::json!([5, 6])),
+        ("use_bdlora", serde_json::json!({ "target_modules_bd_a": ["q_proj"], "nblocks": 2 })),
+        ("arrow_config", serde_json::json!({ "top_k": 2 })),
+        ("use_dora", serde_json::json!(true)),
+        ("init_lora_weights", serde_json::json!("pissa")),
+        ("layers_to_transform", serde_json::json!([0])),
+        ("a_field_from_a_later_peft", serde_json::json!(1)),
+    ];
+    for (key, value) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut edited = config.clone();
+        edited[key] = value;
+        std::fs::write(dir.path().join("adapter_config.json"), edited.to_string()).unwrap();
+        std::fs::copy(source.join("adapter_model.safetensors"), dir.path().join("adapter_model.safetensors")).unwrap();
+        let err = format!("{:#}", read_adapter(dir.path()).err().unwrap_or_else(|| panic!("{key} was accepted")));
+        assert!(err.contains("adapter_config.json") && err.contains(&format!("\"{key}\"")), "{key}: {err}");
+    }
+    for dir in [source, fixture("llama_lora"), repo().join("tests/fixtures/train/llama_lora/init_adapter")] {
+        read_adapter(&dir).unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
+    }
+}
