@@ -184,7 +184,7 @@ fn long_rows_cross_attention_blocks_like_transformers() {
             assert!(worst < TOLERANCE, "{name}: per-token log-probs differ by {worst:e}");
         }
         // Packed: each row's prompt once, then its completion and a rejected one differing in
-        // one token, so the packed mask is block-diagonal across block boundaries.
+        // one token; the mask that hides each from the other spans several blocks.
         let device = Device::default();
         let (_, model) = load_model(&dir, &device).unwrap();
         let examples: Vec<Example> = rows
