@@ -102,9 +102,12 @@ fn a_bf16_run_starts_at_ln2_and_trains_like_the_f32_run() {
     // decomposition, the reference's may be flash attention, and bf16 rounding magnifies that
     // 1e-7 difference to about 1e-5 in log-probs (f32: exact to 1e-7).
     assert!((mixed[0] - std::f64::consts::LN_2).abs() < 1e-4, "step 1 loss {}", mixed[0]);
-    assert!(mixed[7] < mixed[0] - 0.05, "bf16 run did not learn: {mixed:?}");
+    // Measured: step 8's loss is 0.124 below ln 2 in f32 and 0.125 in bf16, and the two curves
+    // are at most 0.0053 apart; bf16 products whose weights take no gradient leave step 8 at
+    // 0.014 below ln 2. Each step's batch differs, so the curve is not monotone.
+    assert!(mixed[7] < mixed[0] - 0.1, "bf16 run did not learn: {mixed:?}");
     for (step, (a, b)) in full.iter().zip(&mixed).enumerate() {
-        assert!((a - b).abs() < 0.02, "step {}: f32 loss {a}, bf16 loss {b}", step + 1);
+        assert!((a - b).abs() < 0.01, "step {}: f32 loss {a}, bf16 loss {b}", step + 1);
     }
     assert_ne!(full, mixed, "the two runs are identical: bf16 was not used");
 }

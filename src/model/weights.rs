@@ -45,7 +45,10 @@ impl SafetensorsWeights {
             for (name, view) in st.tensors() {
                 let values = to_f32(view.dtype(), view.data())
                     .with_context(|| format!("{}: tensor {name}", file.display()))?;
-                tensors.insert(name.to_string(), (view.shape().to_vec(), values, file.clone()));
+                // Which copy applies would be a guess (the later shard silently won before).
+                if let Some((_, _, first)) = tensors.insert(name.to_string(), (view.shape().to_vec(), values, file.clone())) {
+                    bail!("tensor \"{name}\" is in both {} and {}", first.display(), file.display());
+                }
             }
         }
         Ok(Self { tensors, used: Vec::new() })
@@ -62,9 +65,10 @@ impl SafetensorsWeights {
         Ok(values)
     }
 
-    /// Names the checkpoint had that the model did not use.
+    /// Names the checkpoint had that the model did not use, each with its file.
     pub fn unused(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.tensors.keys().cloned().collect();
+        let file_name = |f: &PathBuf| f.file_name().map_or_else(|| f.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let mut names: Vec<String> = self.tensors.iter().map(|(name, (_, _, file))| format!("{name} (in {})", file_name(file))).collect();
         names.sort();
         names
     }
@@ -203,18 +207,27 @@ pub fn read_adapter(dir: &Path) -> Result<AdapterFiles> {
     if json["peft_type"].as_str() != Some("LORA") {
         bail!("{at}: peft_type is {}, only \"LORA\" adapters are supported", json["peft_type"]);
     }
-    // Variants this trainer does not implement: refuse rather than load them wrongly.
+    // Variants this trainer does not implement: refuse rather than load them wrongly. Every
+    // field but those read below and PEFT's bookkeeping must be off, so variants newer PEFT
+    // versions add (aLoRA's alora_invocation_tokens, use_bdlora, arrow_config, ...) are
+    // refused too instead of loading as plain LoRA.
     let off = |key: &str, v: &serde_json::Value| match key {
-        "use_dora" | "fan_in_fan_out" | "lora_bias" | "use_qalora" => v.is_null() || v == &serde_json::json!(false),
         "bias" => v.is_null() || v == "none",
-        _ => v.is_null() || v.as_object().is_some_and(|m| m.is_empty()) || v.as_array().is_some_and(|a| a.is_empty()),
+        // Only how PEFT initialised the adapters, which are stored trained; other values
+        // (pissa, olora, loftq, ...) also change the base weights.
+        "init_lora_weights" => v.is_null() || v.is_boolean(),
+        _ => v.is_null() || v == &serde_json::json!(false) || v.as_object().is_some_and(|m| m.is_empty()) || v.as_array().is_some_and(|a| a.is_empty()),
     };
-    for key in [
-        "use_dora", "fan_in_fan_out", "lora_bias", "use_qalora", "bias", "modules_to_save", "layers_to_transform", "rank_pattern",
-        "alpha_pattern", "exclude_modules", "layer_replication", "trainable_token_indices", "target_parameters",
-    ] {
-        if !off(key, &json[key]) {
-            bail!("{at}: field \"{key}\" is {}, which prefhost does not support", json[key]);
+    const READ_OR_BOOKKEEPING: [&str; 15] = [
+        "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "base_model_name_or_path", "revision",
+        "task_type", "inference_mode", "peft_version", "auto_mapping",
+        // Read by PEFT only with use_qalora / layers_to_transform / megatron_config, which must be off.
+        "qalora_group_size", "layers_pattern", "megatron_core",
+    ];
+    let object = json.as_object().with_context(|| format!("{at}: expected a JSON object"))?;
+    for (key, value) in object {
+        if !READ_OR_BOOKKEEPING.contains(&key.as_str()) && !off(key, value) {
+            bail!("{at}: field \"{key}\" is {value}, which prefhost does not support");
         }
     }
     let mut fields = serde_json::Map::new();
