@@ -58,14 +58,20 @@ struct Run {
     dir: std::path::PathBuf,
 }
 
+impl Run {
+    /// A finished run folder: its logged steps and its param_grad_norms events.
+    fn read(dir: std::path::PathBuf) -> Self {
+        let (grad_norms, steps) = read_lines(&dir.join("metrics.jsonl")).into_iter().partition(|l| l["event"] == "param_grad_norms");
+        Run { steps, grad_norms, dir }
+    }
+}
+
 fn train(sb: &Sandbox, name: &str, hp: &Value, loss: &str, label: &str) -> Run {
     let path = sb.write(&format!("scripts/{label}.rhai"), &script(name, hp, loss));
     let dir = sb.path(&format!("runs/{label}"));
     let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap()]);
     assert!(out.status.success(), "{name}: {}", text(&out));
-    let lines = read_lines(&dir.join("metrics.jsonl"));
-    let (grad_norms, steps) = lines.into_iter().partition(|l| l["event"] == "param_grad_norms");
-    Run { steps, grad_norms, dir }
+    Run::read(dir)
 }
 
 fn close(got: f64, want: f64, rel: f64, abs: f64) -> bool {
@@ -204,6 +210,5 @@ fn a_resumed_run_still_matches_pytorch() {
     assert!(first.status.success(), "{}", text(&first));
     let resumed = run_host(&["run", "--resume", run_dir, script_path, "--no-watch"]);
     assert!(resumed.status.success(), "{}", text(&resumed));
-    let (grad_norms, steps) = read_lines(&dir.join("metrics.jsonl")).into_iter().partition(|l| l["event"] == "param_grad_norms");
-    compare("llama", &Run { steps, grad_norms, dir }).unwrap();
+    compare("llama", &Run::read(dir)).unwrap();
 }

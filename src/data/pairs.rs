@@ -247,15 +247,10 @@ fn tokenize_row(
         return Err("empty completion".into());
     }
     let text = |e: anyhow::Error| format!("{e:#}");
-    if !templated {
-        for completion in std::iter::once(chosen).chain(rejected) {
-            if !tokenizer.splits_at_boundary(prompt, completion).map_err(text)? {
-                report.merged_at_boundary_count += 1;
-                if report.merged_at_boundary.len() < 5 {
-                    report.merged_at_boundary.push(format!("line {line}"));
-                }
-                break;
-            }
+    if !templated && !tokenizer.splits_at_boundary(prompt, std::iter::once(chosen).chain(rejected)).map_err(text)? {
+        report.merged_at_boundary_count += 1;
+        if report.merged_at_boundary.len() < 5 {
+            report.merged_at_boundary.push(format!("line {line}"));
         }
     }
     let mut prompt = if templated { tokenizer.encode_templated_prompt(prompt) } else { tokenizer.encode_prompt(prompt) }.map_err(text)?;

@@ -76,15 +76,20 @@ impl TextTokenizer {
         Ok(self.inner.encode(text, self.prompt_special_tokens).map_err(|e| anyhow!("tokenizing prompt: {e}"))?.get_ids().to_vec())
     }
 
-    /// Whether `prompt` + `completion` tokenized as one text splits where the two meet (the
-    /// prompt's tokens, then the completion's). TRL before 0.12 and from 0.29 tokenize the
-    /// joined text; prefhost, like TRL 0.12 to 0.28, tokenizes the two apart, which gives
-    /// other ids exactly when this is false.
-    pub fn splits_at_boundary(&self, prompt: &str, completion: &str) -> Result<bool> {
+    /// Whether `prompt` + each of `completions` tokenized as one text splits where the two
+    /// meet (the prompt's tokens, then the completion's). TRL before 0.12 and from 0.29
+    /// tokenize the joined text; prefhost, like TRL 0.12 to 0.28, tokenizes the two apart,
+    /// which gives other ids exactly when this is false.
+    pub fn splits_at_boundary<'a>(&self, prompt: &str, completions: impl IntoIterator<Item = &'a str>) -> Result<bool> {
         let ids = |text: &str| -> Result<Vec<u32>> { Ok(self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().to_vec()) };
-        let mut apart = ids(prompt)?;
-        apart.extend(ids(completion)?);
-        Ok(apart == ids(&format!("{prompt}{completion}"))?)
+        let prompt_ids = ids(prompt)?;
+        for completion in completions {
+            let joined = ids(&format!("{prompt}{completion}"))?;
+            if !(joined.starts_with(&prompt_ids) && joined[prompt_ids.len()..] == ids(completion)?) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// A prompt rendered by the chat template: it already holds whatever special tokens

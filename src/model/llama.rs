@@ -25,8 +25,6 @@ pub struct Llama {
     /// How weight products run; the projections carry the same setting (`with_precision`).
     #[module(skip)]
     pub precision: MixedPrecision,
-    #[module(skip)]
-    pub family: Family,
     /// Gemma2: embeddings are multiplied by √hidden_size.
     #[module(skip)]
     pub embed_scale: Option<f64>,
@@ -160,7 +158,6 @@ impl Llama {
             lm_head,
             rope: Rope::new(hd, config.max_positions(), config.rope_theta, &config.rope_scaling()?),
             precision: MixedPrecision::No,
-            family,
             embed_scale: gemma.then(|| (d as f64).sqrt()),
             final_softcap: config.final_logit_softcapping,
         })

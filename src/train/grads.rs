@@ -13,17 +13,25 @@ use super::optimizer::is_flex_f32;
 use crate::model::Llama;
 use crate::model::llama::param_id;
 
-struct SquaredNorm<'a> {
+/// Σ g² of each parameter with a gradient, in the module's visiting order (a fixed order,
+/// so the global sum is the same bits every time).
+struct SquaredNorms<'a> {
     grads: &'a GradientsParams,
-    total: f64,
+    per_param: Vec<(ParamId, f64)>,
 }
 
-impl ModuleVisitor for SquaredNorm<'_> {
+impl ModuleVisitor for SquaredNorms<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(g) = self.grads.get::<D>(param.id) {
-            self.total += squared_sum(g);
+            self.per_param.push((param.id, squared_sum(g)));
         }
     }
+}
+
+fn squared_norms<M: Module>(model: &M, grads: &GradientsParams) -> Vec<(ParamId, f64)> {
+    let mut visitor = SquaredNorms { grads, per_param: Vec::new() };
+    model.visit(&mut visitor);
+    visitor.per_param
 }
 
 struct Scale<'a> {
@@ -79,31 +87,15 @@ fn scaled<const D: usize>(g: Tensor<D>, factor: f64) -> Tensor<D> {
     Tensor::from_primitive::<Flex>(t)
 }
 
-struct NormsById<'a> {
-    grads: &'a GradientsParams,
-    norms: std::collections::HashMap<ParamId, f64>,
-}
-
-impl ModuleVisitor for NormsById<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if let Some(g) = self.grads.get::<D>(param.id) {
-            self.norms.insert(param.id, squared_sum(g).sqrt());
-        }
-    }
-}
-
 /// Each parameter's gradient norm under its checkpoint name (parameters without a
 /// gradient, the frozen ones, are left out).
 pub fn norms_by_name(model: &Llama, grads: &GradientsParams) -> BTreeMap<String, f64> {
-    let mut visitor = NormsById { grads, norms: Default::default() };
-    model.visit(&mut visitor);
-    model.parameter_names().into_iter().filter_map(|name| visitor.norms.get(&param_id(&name)).map(|&norm| (name, norm))).collect()
+    let squared: std::collections::HashMap<ParamId, f64> = squared_norms(model, grads).into_iter().collect();
+    model.parameter_names().into_iter().filter_map(|name| squared.get(&param_id(&name)).map(|s| (name, s.sqrt()))).collect()
 }
 
 pub fn global_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
-    let mut visitor = SquaredNorm { grads, total: 0.0 };
-    model.visit(&mut visitor);
-    visitor.total.sqrt()
+    squared_norms(model, grads).iter().map(|(_, s)| s).sum::<f64>().sqrt()
 }
 
 pub fn scale<M: Module>(model: &M, grads: &mut GradientsParams, factor: f64) {
