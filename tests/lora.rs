@@ -160,6 +160,7 @@ fn bad_lora_settings_are_refused_by_field() {
         ("lora: #{ lora_dropout: 1.5 }", "lora.lora_dropout must be in [0, 1)"),
         ("lora: #{ rank: 8 }", "unknown field `rank`"),
         ("lora: #{ target_modules: [] }", "lora.target_modules: no modules named"),
+        ("lora: #{ lora_dropout: 0.1 }, gradient_checkpointing: true", "gradient_checkpointing needs lora.lora_dropout 0"),
     ];
     for (i, (setting, message)) in cases.iter().enumerate() {
         let body = format!("fn loss(b, p) {{ b.chosen_logps.mean() }}\ntrain({});\n", small_config(setting));

@@ -131,3 +131,39 @@ fn cached_greedy_decoding_matches_full_recomputation() {
     let long = prefhost::model::generate::greedy(&model, &[vec![1; 60]], 100, &[], 8);
     assert_eq!(long[0].len(), 4);
 }
+
+/// Per-layer gradient checkpointing: each layer is run again in the backward pass, and
+/// every parameter's gradient equals the one from kept activations.
+#[test]
+fn recomputed_layers_give_the_same_gradients() {
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::tensor::{Distribution, Gradients};
+    struct Grads<'a>(&'a Gradients, Vec<Vec<f32>>);
+    impl ModuleVisitor for Grads<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.1.push(param.val().grad(self.0).map(values).expect("every parameter has a gradient"));
+        }
+    }
+    let device = Device::flex().autodiff();
+    device.seed(3);
+    let mut model = Llama::build(&tiny_config(), &mut RandomInit { std: 0.2 }, &device).unwrap();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![3i64, 7, 11, 19, 23, 5, 9, 2, 4, 8, 16, 31], [2, 6]), &device);
+    let weights = Tensor::<3>::random([2, 6, 50], Distribution::Normal(0.0, 1.0), &device);
+    let gradients = |model: &Llama| {
+        let grads = (model.forward(ids.clone()) * weights.clone()).sum().backward();
+        let mut visitor = Grads(&grads, Vec::new());
+        model.visit(&mut visitor);
+        visitor.1
+    };
+    let kept = gradients(&model);
+    model.recompute_layers = true;
+    let before = prefhost::model::checkpoint::layers_recomputed();
+    let recomputed = gradients(&model);
+    assert_eq!(prefhost::model::checkpoint::layers_recomputed() - before, 2, "one recomputation per layer");
+    assert_eq!(kept.len(), recomputed.len());
+    for (a, b) in kept.iter().zip(&recomputed) {
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(worst <= 1e-6 * scale.max(1e-3), "gradient differs by {worst} (largest element {scale})");
+    }
+}

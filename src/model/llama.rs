@@ -7,6 +7,7 @@ use burn::tensor::{Bool, Device, Distribution, Int, Tensor};
 use super::precision::MixedPrecision;
 use super::attention::{Attention, KvCache};
 use super::block::DecoderLayer;
+use super::checkpoint::recomputed_layer;
 use super::norm::RmsNorm;
 use super::config::{Family, LlamaConfig};
 use super::lora::{Projection, peft_key};
@@ -31,6 +32,10 @@ pub struct Llama {
     /// Gemma2: logits become c·tanh(logits / c).
     #[module(skip)]
     pub final_softcap: Option<f64>,
+    /// Under autodiff, recompute each decoder layer in the backward pass instead of
+    /// keeping its intermediates (`gradient_checkpointing`).
+    #[module(skip)]
+    pub recompute_layers: bool,
 }
 
 /// Supplies each parameter by its Hugging Face name, in HF layout ([out, in] for linear
@@ -160,6 +165,7 @@ impl Llama {
             precision: MixedPrecision::No,
             embed_scale: gemma.then(|| (d as f64).sqrt()),
             final_softcap: config.final_logit_softcapping,
+            recompute_layers: false,
         })
     }
 
@@ -228,7 +234,10 @@ impl Llama {
                 masks.push((window, mask));
             }
             let mask = masks.iter().find(|(w, _)| *w == window).and_then(|(_, m)| m.clone());
-            x = layer.forward(x, rotary, mask, is_causal);
+            x = match self.recompute_layers {
+                true => recomputed_layer(layer, x, rotary, mask, is_causal),
+                false => layer.forward(x, rotary, mask, is_causal),
+            };
         }
         self.norm.forward(x)
     }

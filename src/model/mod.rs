@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod block;
+pub mod checkpoint;
 pub mod config;
 pub mod fused;
 pub mod generate;

@@ -76,6 +76,11 @@ pub struct RotaryTables {
 }
 
 impl RotaryTables {
+    /// The same tables after `f` (e.g. moved on or off the autodiff device).
+    pub fn map(&self, f: impl Fn(Tensor<4>) -> Tensor<4>) -> Self {
+        Self { cos: f(self.cos.clone()), sin: f(self.sin.clone()) }
+    }
+
     /// x: [batch, heads, seq, head_dim], rotated in the rotate_half layout.
     pub fn rotate(&self, x: Tensor<4>) -> Tensor<4> {
         super::fused::rope(x, &self.cos, &self.sin)

@@ -150,6 +150,10 @@ pub struct TrainConfig {
     /// so the full [rows, length, vocab] logits never exist at once (none: all at once).
     #[serde(default)]
     pub logits_chunk_size: Option<usize>,
+    /// Recompute each decoder layer's activations in the backward pass instead of keeping
+    /// them (transformers' name); the gradients equal those without it.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// Reference log-probs written by `host logps` for this data, used instead of a
     /// resident reference model.
     #[serde(default)]
@@ -265,6 +269,10 @@ impl TrainConfig {
         }
         if let Some(lora) = &self.lora {
             lora.validate("train(config): lora")?;
+            // The recomputed forward would draw a second, different dropout mask.
+            if self.gradient_checkpointing && lora.lora_dropout > 0.0 {
+                return Err(anyhow!("train(config): gradient_checkpointing needs lora.lora_dropout 0 (got {}): the recomputed layers would draw different dropout masks", lora.lora_dropout));
+            }
         }
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             return Err(anyhow!("train(config): lr must be a non-negative number, got {}", self.lr));
@@ -311,6 +319,7 @@ impl TrainConfig {
         self.heldout = newer.heldout.clone();
         self.prefix_sharing = newer.prefix_sharing;
         self.logits_chunk_size = newer.logits_chunk_size;
+        self.gradient_checkpointing = newer.gradient_checkpointing;
     }
 
     /// Positions per logits chunk, when chunking is on (0 means off, like none).

@@ -240,7 +240,9 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
             script_lr(host, version, step, total, config.lr)
         })?;
 
-        // ---- forward + backward over grad_accum micro-batches
+        // ---- forward + backward over grad_accum micro-batches (gradient_checkpointing may
+        // have been switched by a reload)
+        trainer.policy.as_mut().expect("the policy is in place between steps").recompute_layers = trainer.config.gradient_checkpointing;
         let mut accumulator = GradientsAccumulator::<Llama>::new();
         let mut outputs = Vec::with_capacity(trainer.config.grad_accum);
         // The loss state each micro-batch returns is the next one's input (γ-PO's queue grows
