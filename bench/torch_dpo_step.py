@@ -106,6 +106,36 @@ class Layer(nn.Module):
         return x + m.down_proj(F.silu(m.gate_proj(y)) * m.up_proj(y))
 
 
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus PEFT's LoRA update s * B(A(x)): A Kaiming-uniform (a = sqrt 5),
+    B zero, s = alpha / r. `enabled` False gives the frozen base (the reference)."""
+
+    def __init__(self, base, r, alpha):
+        super().__init__()
+        self.base, self.scale, self.enabled = base.requires_grad_(False), alpha / r, True
+        self.lora_A = nn.Linear(base.in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):
+        y = self.base(x)
+        return y + self.lora_B(self.lora_A(x)) * self.scale if self.enabled else y
+
+
+def add_lora(model, r, alpha):
+    """Freezes the model and puts an adapter on every projection (PEFT's all-linear)."""
+    model.requires_grad_(False)
+    adapters = []
+    for layer in model.model.layers:
+        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for n in names:
+                wrapped = LoRALinear(getattr(parent, n), r, alpha)
+                setattr(parent, n, wrapped)
+                adapters.append(wrapped)
+    return adapters
+
+
 class Llama(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -117,6 +147,7 @@ class Llama(nn.Module):
         if c["tie"]:
             self.lm_head.weight = self.model.embed_tokens.weight
         d = c["head_dim"]
+        self.gradient_checkpointing = False
         self.register_buffer("inv_freq", 1.0 / c["theta"] ** (torch.arange(0, d, 2).float() / d), persistent=False)
 
     def forward(self, ids):
@@ -125,7 +156,11 @@ class Llama(nn.Module):
         cos, sin = emb.cos()[None, None], emb.sin()[None, None]
         x = self.model.embed_tokens(ids)
         for layer in self.model.layers:
-            x = layer(x, cos, sin)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                # transformers' gradient_checkpointing_enable(): each decoder layer recomputed
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
         return self.lm_head(self.model.norm(x))
 
 
@@ -202,6 +237,9 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--bf16", action="store_true", help="torch.autocast to bf16 around both forwards (f32 master weights)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the policy and the reference (default mode)")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute each decoder layer in the backward pass (torch.utils.checkpoint)")
+    ap.add_argument("--lora-r", type=int, help="train LoRA adapters of this rank on every projection; the reference is the frozen base")
+    ap.add_argument("--lora-alpha", type=float, default=32.0)
     a = ap.parse_args()
     if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5):
         fail(f"torch {torch.__version__}: needs 2.5 or later (scaled_dot_product_attention's enable_gqa)")
@@ -213,12 +251,29 @@ def main():
     cuda = device.type == "cuda"
 
     policy = load_model(a.model).to(device)
+    n_params = sum(p.numel() for p in policy.parameters())  # the model's, without adapters
     inp, tgt, mask, tokens, B = collate(a.batch)
     inp, tgt, mask = inp.to(device), tgt.to(device), mask.to(device)
     if int(max(inp.max(), tgt.max())) >= policy.lm_head.weight.shape[0] or int(min(inp.min(), tgt.min())) < 0:
         fail(f"{a.batch}: token id out of range for vocab {policy.lm_head.weight.shape[0]}")
-    reference = copy.deepcopy(policy).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    if a.lora_r:
+        # PEFT's DPO setup: one model; the reference forward runs with the adapters off.
+        adapters = add_lora(policy, a.lora_r, a.lora_alpha)
+        policy.to(device)
+
+        def reference(ids):
+            for m in adapters:
+                m.enabled = False
+            try:
+                return policy(ids)
+            finally:
+                for m in adapters:
+                    m.enabled = True
+    else:
+        reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    policy.gradient_checkpointing = a.gradient_checkpointing
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     baseline_rss_mb = current_rss_mb()  # torch imported, both models and the batch loaded
     policy_forward, reference_forward = (torch.compile(policy), torch.compile(reference)) if a.compile else (policy, reference)
 
@@ -237,7 +292,7 @@ def main():
         margin = (lp[:B] - lr_[:B]) - (lp[B:] - lr_[B:])
         loss = -F.logsigmoid(a.beta * margin).mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         opt.zero_grad()
         if cuda:
@@ -253,7 +308,8 @@ def main():
         "framework": "pytorch", "torch": torch.__version__, "threads": torch.get_num_threads(),
         "steps": a.steps, "step_seconds": times, "step_seconds_median": med,
         "tokens_per_step": tokens, "tokens_per_second": tokens / med if times else None,
-        "params": sum(p.numel() for p in policy.parameters()), "first_step": first,
+        "params": n_params, "first_step": first,
+        "gradient_checkpointing": a.gradient_checkpointing, "lora_r": a.lora_r,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "baseline_rss_mb": baseline_rss_mb,
         "compiled": a.compile, "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "device": torch.cuda.get_device_name(device) if cuda else "cpu", "bf16_autocast": a.bf16,

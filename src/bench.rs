@@ -34,9 +34,11 @@ struct Config {
     lora: bool,
     /// burn's op-by-op autodiff instead of prefhost's fused ops (PREFHOST_UNFUSED=1).
     unfused: bool,
+    /// Each decoder layer recomputed in the backward pass (`gradient_checkpointing`).
+    gradient_checkpointing: bool,
 }
 
-const PLAIN: Config = Config { name: "", data: "metamath", model: "model", rust_loss: false, prefix_sharing: false, precomputed_ref: false, logits_chunk: None, lora: false, unfused: false };
+const PLAIN: Config = Config { name: "", data: "metamath", model: "model", rust_loss: false, prefix_sharing: false, precomputed_ref: false, logits_chunk: None, lora: false, unfused: false, gradient_checkpointing: false };
 
 const CONFIGS: [Config; 16] = [
     Config { name: "metamath/script-loss", ..PLAIN },
@@ -61,6 +63,32 @@ const CONFIGS: [Config; 16] = [
 /// The large-vocabulary variant: where full-vocabulary logits dominate memory.
 const LARGE_VOCAB: usize = 32768;
 
+/// `--size smollm-135m`: full fine-tuning and LoRA, with and without gradient
+/// checkpointing, on 512-token sequences, and full fine-tuning on 1024-token ones.
+const REAL: Config = Config { data: "seq512", ..PLAIN };
+const REAL_SIZE_CONFIGS: [Config; 6] = [
+    Config { name: "135m-512/full", ..REAL },
+    Config { name: "135m-512/full+gc", gradient_checkpointing: true, ..REAL },
+    Config { name: "135m-512/lora-r16", lora: true, ..REAL },
+    Config { name: "135m-512/lora-r16+gc", lora: true, gradient_checkpointing: true, ..REAL },
+    Config { name: "135m-1024/full", data: "seq1024", ..REAL },
+    Config { name: "135m-1024/full+gc", data: "seq1024", gradient_checkpointing: true, ..REAL },
+];
+
+/// The PyTorch rows beside the real-size configurations: (row, data, gradient
+/// checkpointing, LoRA).
+const REAL_SIZE_TORCH: [(&str, &str, bool, bool); 6] = [
+    ("135m-512/pytorch-eager", "seq512", false, false),
+    ("135m-512/pytorch-eager+gc", "seq512", true, false),
+    ("135m-512/pytorch-lora-r16", "seq512", false, true),
+    ("135m-512/pytorch-lora-r16+gc", "seq512", true, true),
+    ("135m-1024/pytorch-eager", "seq1024", false, false),
+    ("135m-1024/pytorch-eager+gc", "seq1024", true, false),
+];
+
+/// Tokens per sequence (prompt and completion) of the real-size data sets.
+const REAL_SIZE_LENGTHS: [(&str, usize); 2] = [("seq512", 512), ("seq1024", 1024)];
+
 pub struct BenchOptions {
     pub out: PathBuf,
     pub size: ModelSize,
@@ -81,8 +109,32 @@ pub struct BenchOptions {
 const LOGPS_RELATIVE_TOLERANCE: f64 = 1e-5;
 const LOGPS_ABSOLUTE_TOLERANCE: f64 = 1e-4;
 
-/// The PyTorch peers: (row name suffix, torch.compile).
-const TORCH_PEERS: [(&str, bool); 2] = [("pytorch-eager", false), ("pytorch-compile", true)];
+/// One PyTorch row: bench/torch_dpo_step.py on a data set's batch, with its options.
+struct TorchRow {
+    name: String,
+    data: &'static str,
+    compile: bool,
+    gradient_checkpointing: bool,
+    lora: bool,
+}
+
+/// The PyTorch rows of a bench: eager and torch.compile on both data sets, or at real size
+/// eager with and without LoRA and gradient checkpointing.
+fn torch_rows(size: ModelSize) -> Vec<TorchRow> {
+    if size == ModelSize::Smollm135m {
+        return REAL_SIZE_TORCH
+            .iter()
+            .map(|&(name, data, gradient_checkpointing, lora)| TorchRow { name: name.to_string(), data, compile: false, gradient_checkpointing, lora })
+            .collect();
+    }
+    let mut rows = Vec::new();
+    for data in ["metamath", "long_prompt"] {
+        for (peer, compile) in [("pytorch-eager", false), ("pytorch-compile", true)] {
+            rows.push(TorchRow { name: format!("{}/{peer}", data.replace('_', "-")), data, compile, gradient_checkpointing: false, lora: false });
+        }
+    }
+    rows
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ModelSize {
@@ -90,6 +142,11 @@ pub enum ModelSize {
     M10,
     /// ~0.2M parameters, for a quick check that the bench runs.
     Tiny,
+    /// SmolLM2-135M's shape (30 layers, hidden 576, 9 query / 3 KV heads, 49,152-token
+    /// vocabulary, tied embeddings), random init: full fine-tuning and LoRA r=16, gradient
+    /// checkpointing on and off, 512- and 1024-token sequences (batch 2 pairs recommended).
+    #[value(name = "smollm-135m")]
+    Smollm135m,
 }
 
 /// What a child (or the PyTorch script) reports.
@@ -132,17 +189,32 @@ fn model_config(size: ModelSize, vocab: usize) -> LlamaConfig {
     let (hidden, inter, layers, heads, kv) = match size {
         ModelSize::M10 => (384, 1024, 6, 6, 2),
         ModelSize::Tiny => (64, 128, 2, 4, 2),
+        ModelSize::Smollm135m => (576, 1536, 30, 9, 3),
     };
+    let real = size == ModelSize::Smollm135m;
     serde_json::from_value(json!({
-        "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+        "model_type": "llama", "vocab_size": if real { 49152 } else { vocab }, "hidden_size": hidden, "intermediate_size": inter,
         "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
-        "max_position_embeddings": 1024, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-        "tie_word_embeddings": false, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2
+        "max_position_embeddings": if real { 2048 } else { 1024 }, "rms_norm_eps": if real { 1e-5 } else { 1e-6 }, "rope_theta": if real { 100000.0 } else { 10000.0 },
+        "tie_word_embeddings": real, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2
     }))
     .expect("a valid config")
 }
 
 const LIMITS: Truncation = Truncation { max_length: 1024, max_prompt_length: 896 };
+
+/// The real-size data sets' prompts are longer than their sequences and cut from the left
+/// (as TRL does) to the length less 32 tokens, the room the completions take.
+fn limits(data: &str) -> Truncation {
+    match REAL_SIZE_LENGTHS.iter().find(|(name, _)| *name == data) {
+        Some(&(_, length)) => Truncation { max_length: length, max_prompt_length: length - 32 },
+        None => LIMITS,
+    }
+}
+
+fn configs(size: ModelSize) -> &'static [Config] {
+    if size == ModelSize::Smollm135m { &REAL_SIZE_CONFIGS } else { &CONFIGS }
+}
 
 /// The parent: model, data, reference file, then every configuration in each round.
 pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
@@ -167,13 +239,23 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
     let model = Llama::build(&config, &mut RandomInit { std: 0.02 }, &device)?;
     let model_dir = opts.out.join("model");
     save_model(&model, &config, &tokenizer_json, &model_dir)?;
-    let large = model_config(opts.size, LARGE_VOCAB);
-    save_model(&Llama::build(&large, &mut RandomInit { std: 0.02 }, &device)?, &large, &tokenizer_json, &opts.out.join("model_large_vocab"))?;
-    write_data(&pairs, &sft, &opts.out, opts.batch_size)?;
-    for data in ["metamath", "long_prompt"] {
+    drop(model);
+    let real_size = opts.size == ModelSize::Smollm135m;
+    let data_sets: Vec<&str> = if real_size {
+        for (name, length) in REAL_SIZE_LENGTHS {
+            write_long_data(&tokenizer, &pairs, &sft, &opts.out.join(format!("{name}.jsonl")), length, opts.batch_size)?;
+        }
+        REAL_SIZE_LENGTHS.iter().map(|(name, _)| *name).collect()
+    } else {
+        let large = model_config(opts.size, LARGE_VOCAB);
+        save_model(&Llama::build(&large, &mut RandomInit { std: 0.02 }, &device)?, &large, &tokenizer_json, &opts.out.join("model_large_vocab"))?;
+        write_data(&pairs, &sft, &opts.out, opts.batch_size)?;
+        vec!["metamath", "long_prompt"]
+    };
+    for data in &data_sets {
         let file = opts.out.join(format!("{data}.jsonl"));
-        reference::precompute(&model_dir, &file, &opts.out.join(format!("{data}.ref.jsonl")), opts.batch_size, LIMITS, true, &device)?;
-        let (examples, _) = load_examples(&file, &tokenizer, true, LIMITS, false)?;
+        reference::precompute(&model_dir, &file, &opts.out.join(format!("{data}.ref.jsonl")), opts.batch_size, limits(data), true, &device)?;
+        let (examples, _) = load_examples(&file, &tokenizer, true, limits(data), false)?;
         write_torch_batch(&examples, tokenizer.pad_id, &opts.out.join(format!("{data}.batch.json")))?;
     }
 
@@ -181,7 +263,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
     let python = if opts.no_pytorch { None } else { opts.python.clone().or_else(find_python_with_torch) };
     let mut results: Vec<Timing> = Vec::new();
     for round in 0..opts.rounds {
-        for config in CONFIGS.iter().filter(|c| opts.only.as_ref().is_none_or(|p| c.name.starts_with(p.as_str()))) {
+        for config in configs(opts.size).iter().filter(|c| opts.only.as_ref().is_none_or(|p| c.name.starts_with(p.as_str()))) {
             eprintln!("round {}/{}: {}", round + 1, opts.rounds, config.name);
             let status = Command::new(&exe)
                 .args(["bench", "--child", config.name, "--out"])
@@ -197,18 +279,14 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
             merge(&mut results, serde_json::from_str(&std::fs::read_to_string(&file)?)?);
         }
         if let Some(python) = python.as_ref() {
-            for data in ["metamath", "long_prompt"] {
-                for (peer, compile) in TORCH_PEERS {
-                    let name = format!("{}/{peer}", data.replace('_', "-"));
-                    if opts.only.as_ref().is_some_and(|p| !name.starts_with(p.as_str())) {
-                        continue;
-                    }
-                    eprintln!("round {}/{}: {name}", round + 1, opts.rounds);
-                    let reference = opts.out.join(format!("{data}.ref.jsonl"));
-                    let timing = run_torch(python, &model_dir, &opts.out.join(format!("{data}.batch.json")), &reference, opts, &name, compile)
-                        .with_context(|| format!("PyTorch row {name} (leave the PyTorch rows out with --no-pytorch)"))?;
-                    merge(&mut results, timing);
+            for row in torch_rows(opts.size) {
+                if opts.only.as_ref().is_some_and(|p| !row.name.starts_with(p.as_str())) {
+                    continue;
                 }
+                eprintln!("round {}/{}: {}", round + 1, opts.rounds, row.name);
+                let timing = run_torch(python, &model_dir, &opts.out, opts, &row)
+                    .with_context(|| format!("PyTorch row {} (leave the PyTorch rows out with --no-pytorch)", row.name))?;
+                merge(&mut results, timing);
             }
         }
     }
@@ -257,6 +335,31 @@ fn write_data(pairs: &Path, sft: &Path, out: &Path, batch: usize) -> Result<()> 
     Ok(())
 }
 
+/// `batch` pairs behind a few-shot prompt of worked examples longer than `length` tokens
+/// (`limits` cuts it to fit).
+fn write_long_data(tokenizer: &TextTokenizer, pairs: &Path, sft: &Path, out: &Path, length: usize, batch: usize) -> Result<()> {
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(pairs)?.lines().take(batch).map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let shots: Vec<String> = std::fs::read_to_string(sft)?
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).map(|s| format!("{}{}\n\n", s["prompt"].as_str().unwrap_or(""), s["completion"].as_str().unwrap_or(""))))
+        .collect::<Result<_, _>>()?;
+    let mut text = String::new();
+    for row in &rows {
+        let mut prompt = row["prompt"].as_str().unwrap_or("").to_string();
+        for shot in shots.iter().cycle().take(10_000) {
+            if tokenizer.encode_prompt(&prompt)?.len() > length {
+                break;
+            }
+            prompt = format!("{shot}{prompt}");
+        }
+        let mut with_shots = row.clone();
+        with_shots["prompt"] = json!(prompt);
+        text.push_str(&format!("{with_shots}\n"));
+    }
+    std::fs::write(out, text)?;
+    Ok(())
+}
+
 fn write_torch_batch(examples: &[Example], pad_id: u32, path: &Path) -> Result<()> {
     let batch = json!({
         "pad_id": pad_id,
@@ -270,15 +373,16 @@ fn write_torch_batch(examples: &[Example], pad_id: u32, path: &Path) -> Result<(
 /// The child: trains `warmup + steps` steps of one configuration through the real
 /// trainer (script host, reload checks, metrics) and writes its timings.
 pub fn run_child(name: &str, out: &Path, steps: usize, warmup: usize, round: usize) -> Result<()> {
-    let config = CONFIGS.iter().find(|c| c.name == name).with_context(|| format!("no bench configuration {name}"))?;
+    let config = CONFIGS.iter().chain(&REAL_SIZE_CONFIGS).find(|c| c.name == name).with_context(|| format!("no bench configuration {name}"))?;
     let data = out.join(format!("{}.jsonl", config.data));
+    let limits = limits(config.data);
     let chunk = config.logits_chunk.map_or(String::new(), |n| format!(" logits_chunk_size: {n},"));
     let ref_logps = if config.precomputed_ref { format!("ref_logps: \"{}\",", out.join(format!("{}.ref.jsonl", config.data)).display()) } else { String::new() };
     let lora = if config.lora { "lora: #{ r: 16, lora_alpha: 32, target_modules: \"all-linear\" }," } else { "" };
     let batch = std::fs::read_to_string(&data)?.lines().count();
     let script = format!(
-        "import \"losses/dpo\" as dpo;\nfn loss(batch, params) {{ dpo::loss(batch, params) }}\ntrain(#{{\n  model: \"{}\", data: \"{}\", batch_size: {batch},\n  max_length: {}, max_prompt_length: {}, lr: 1e-4, max_grad_norm: 1.0,\n  log_every: 1000, progress: false, seed: 1, prefix_sharing: {}, {ref_logps}{chunk}{lora}\n  params: #{{ beta: 0.1 }},\n}});\n",
-        out.join(config.model).display(), data.display(), LIMITS.max_length, LIMITS.max_prompt_length, config.prefix_sharing
+        "import \"losses/dpo\" as dpo;\nfn loss(batch, params) {{ dpo::loss(batch, params) }}\ntrain(#{{\n  model: \"{}\", data: \"{}\", batch_size: {batch},\n  max_length: {}, max_prompt_length: {}, lr: 1e-4, max_grad_norm: 1.0,\n  log_every: 1000, progress: false, seed: 1, prefix_sharing: {}, gradient_checkpointing: {}, {ref_logps}{chunk}{lora}\n  params: #{{ beta: 0.1 }},\n}});\n",
+        out.join(config.model).display(), data.display(), limits.max_length, limits.max_prompt_length, config.prefix_sharing, config.gradient_checkpointing
     );
     let script_path = out.join(format!("{}.rhai", name.replace('/', "_")));
     std::fs::write(&script_path, script)?;
@@ -298,7 +402,7 @@ pub fn run_child(name: &str, out: &Path, steps: usize, warmup: usize, round: usi
             std::fs::remove_dir_all(&path)?;
         }
     }
-    let (examples, _) = load_examples(&data, &TextTokenizer::load(&out.join("model/tokenizer.json"), Some(1), Some(2))?, true, LIMITS, false)?;
+    let (examples, _) = load_examples(&data, &TextTokenizer::load(&out.join("model/tokenizer.json"), Some(1), Some(2))?, true, limits, false)?;
     let step_seconds = summary.step_seconds[warmup.min(summary.step_seconds.len())..].to_vec();
     let timing = Timing {
         name: name.to_string(),
@@ -322,10 +426,7 @@ fn pair_tokens(examples: &[Example]) -> usize {
 
 /// Peak resident memory of this process (VmHWM), in MB.
 fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+    crate::train::memory::peak_rss_bytes().map_or(f64::NAN, |bytes| bytes / 1048576.0)
 }
 
 fn find_python_with_torch() -> Option<String> {
@@ -337,18 +438,25 @@ fn find_python_with_torch() -> Option<String> {
 
 /// One round of a PyTorch peer; its first-step log-probs must be prefhost's (`reference`:
 /// the `host logps` file of the same rows under the same starting weights).
-fn run_torch(python: &str, model: &Path, batch: &Path, reference: &Path, opts: &BenchOptions, name: &str, compile: bool) -> Result<Timing> {
+fn run_torch(python: &str, model: &Path, out: &Path, opts: &BenchOptions, row: &TorchRow) -> Result<Timing> {
+    let (batch, reference, name) = (out.join(format!("{}.batch.json", row.data)), out.join(format!("{}.ref.jsonl", row.data)), &row.name);
     let script = std::env::current_dir()?.join("bench/torch_dpo_step.py");
     let mut command = Command::new(python);
     command
         .arg(&script)
         .arg("--model").arg(model)
-        .arg("--batch").arg(batch)
+        .arg("--batch").arg(&batch)
         .args(["--steps", &opts.steps.to_string(), "--warmup", &opts.warmup.max(1).to_string()])
         // The allocator settings prefhost gives itself (src/allocator.rs).
         .env("GLIBC_TUNABLES", crate::allocator::glibc_tunables());
-    if compile {
+    if row.compile {
         command.arg("--compile");
+    }
+    if row.gradient_checkpointing {
+        command.arg("--gradient-checkpointing");
+    }
+    if row.lora {
+        command.args(["--lora-r", "16", "--lora-alpha", "32"]);
     }
     let out = command.output().with_context(|| format!("running {python} {}", script.display()))?;
     if !out.status.success() {
@@ -356,7 +464,7 @@ fn run_torch(python: &str, model: &Path, batch: &Path, reference: &Path, opts: &
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| format!("{}: output is not JSON", script.display()))?;
     // prefhost's log-probs of the same rows under the same (starting) weights.
-    let ours: Vec<f64> = std::fs::read_to_string(reference)?
+    let ours: Vec<f64> = std::fs::read_to_string(&reference)?
         .lines()
         .map(|l| serde_json::from_str::<reference::RefRow>(l).map(|r| [r.chosen_logps as f64, r.rejected_logps as f64]))
         .collect::<Result<Vec<_>, _>>()?
@@ -460,6 +568,26 @@ fn render(results: &[Timing], opts: &BenchOptions) -> String {
     }
     for r in results.iter().filter_map(|r| r.logps_max_diff_vs_prefhost.map(|d| (&r.name, d))) {
         out.push_str(&format!("- {}: first-step log-probs differ from prefhost's by at most {:.2e}\n", r.0, r.1));
+    }
+    for length in ["512", "1024"] {
+        for (ours, theirs) in [("full", "pytorch-eager"), ("full+gc", "pytorch-eager+gc"), ("lora-r16", "pytorch-lora-r16"), ("lora-r16+gc", "pytorch-lora-r16+gc")] {
+            let (ours, theirs) = (format!("135m-{length}/{ours}"), format!("135m-{length}/{theirs}"));
+            ratio(&format!("{ours} vs {theirs} speed (PyTorch time / prefhost time)"), &format!("{theirs} "), &ours, &mut out);
+            if let (Some(t), Some(o)) = (by_prefix(&format!("{theirs} ")), find(&ours)) {
+                out.push_str(&format!("- {ours} vs {theirs} peak RSS: {:.3}x ({:.0} vs {:.0} MB)\n", o.peak_rss_mb / t.peak_rss_mb, o.peak_rss_mb, t.peak_rss_mb));
+            }
+        }
+        for who in ["full", "lora-r16", "pytorch-eager", "pytorch-lora-r16"] {
+            let (plain, checkpointed) = (format!("135m-{length}/{who} "), format!("135m-{length}/{who}+gc "));
+            let pick = |n: &str| results.iter().find(|r| format!("{} ", r.name).starts_with(n));
+            if let (Some(p), Some(c)) = (pick(&plain), pick(&checkpointed)) {
+                let per_round: Vec<f64> = p.round_medians.iter().zip(&c.round_medians).map(|(p, c)| c / p).collect();
+                out.push_str(&format!(
+                    "- gradient checkpointing, {}: peak RSS {:.3}x ({:.0} -> {:.0} MB), step time {:.3}x\n",
+                    plain.trim(), c.peak_rss_mb / p.peak_rss_mb, p.peak_rss_mb, c.peak_rss_mb, median(&per_round)
+                ));
+            }
+        }
     }
     for (what, group) in [("MetaMath-style", "metamath"), ("long prompt", "long-prompt")] {
         for peer in ["eager", "compile"] {

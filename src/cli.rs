@@ -44,6 +44,10 @@ enum Command {
         /// Script operation limit per call (stops runaway loops).
         #[arg(long, default_value_t = Limits::default().max_operations)]
         max_operations: u64,
+        /// Print the run's estimated peak memory and what is available, then stop (exit 1
+        /// if it would not fit); loads no weights and writes nothing.
+        #[arg(long, conflicts_with = "resume")]
+        dry_run: bool,
     },
     /// Compile scripts and every plugin they import, check their config; no training.
     Check {
@@ -222,7 +226,7 @@ fn host_for(script: &Path, plugins: Option<&Path>, limits: &Limits) -> Result<Sc
 fn dispatch(command: Command) -> Result<ExitCode> {
     crate::failpoint::check()?;
     match command {
-        Command::Run { script, resume, no_watch, plugins, run_dir, max_steps, max_operations } => {
+        Command::Run { script, resume, no_watch, plugins, run_dir, max_steps, max_operations, dry_run } => {
             let script = match (script, &resume) {
                 (Some(script), _) => script,
                 (None, Some(dir)) => crate::train::checkpoint::read_run_info(dir)?.script,
@@ -230,6 +234,10 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             };
             let limits = Limits { max_operations, ..Limits::default() };
             let mut host = host_for(&script, plugins.as_deref(), &limits)?;
+            if dry_run {
+                crate::train::trainer::dry_run(&mut host, &script)?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let summary = crate::train::run(&mut host, RunOptions { script, watch: !no_watch, run_dir, max_steps, resume })?;
             // 130 = stopped by SIGINT, as shells report it; the checkpoint is written.
             Ok(if summary.interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS })

@@ -59,9 +59,12 @@ struct Run {
 }
 
 impl Run {
-    /// A finished run folder: its logged steps and its param_grad_norms events.
+    /// A finished run folder: its logged steps and its param_grad_norms events (other
+    /// events left out).
     fn read(dir: std::path::PathBuf) -> Self {
-        let (grad_norms, steps) = read_lines(&dir.join("metrics.jsonl")).into_iter().partition(|l| l["event"] == "param_grad_norms");
+        let lines = read_lines(&dir.join("metrics.jsonl"));
+        let grad_norms = lines.iter().filter(|l| l["event"] == "param_grad_norms").cloned().collect();
+        let steps = lines.into_iter().filter(|l| l.get("event").is_none()).collect();
         Run { steps, grad_norms, dir }
     }
 }

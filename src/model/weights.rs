@@ -145,7 +145,7 @@ pub fn save_model(model: &Llama, config: &LlamaConfig, tokenizer_json: &Path, di
 }
 
 /// `save_model` plus extra files (trainer state, optimizer state) in the same atomic step.
-pub fn save_model_with(model: &Llama, config: &LlamaConfig, tokenizer_json: &Path, dir: &Path, extra: &[(&str, &[u8])]) -> Result<()> {
+pub fn save_model_with(model: &Llama, config: &LlamaConfig, tokenizer_json: &Path, dir: &Path, extra: &[ExtraFile]) -> Result<()> {
     write_folder(dir, |staging| {
         staging.safetensors("model.safetensors", hf_tensors(model))?;
         let mut json = serde_json::to_value(config)?;
@@ -163,7 +163,7 @@ pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// Writes a PEFT adapter folder (adapter_config.json, adapter_model.safetensors, the
 /// tokenizer files) plus `extra`, atomically like `save_model_with`. `base_model` is the
 /// model folder the adapters were trained on.
-pub fn save_adapter(model: &Llama, lora: &LoraConfig, base_model: &str, tokenizer_json: &Path, dir: &Path, extra: &[(&str, &[u8])]) -> Result<()> {
+pub fn save_adapter(model: &Llama, lora: &LoraConfig, base_model: &str, tokenizer_json: &Path, dir: &Path, extra: &[ExtraFile]) -> Result<()> {
     write_folder(dir, |staging| {
         staging.safetensors(ADAPTER_WEIGHTS, model.adapter_tensors())?;
         let config = serde_json::json!({
@@ -356,19 +356,32 @@ pub fn recover_folder(dir: &Path) -> Result<()> {
 }
 
 fn write_safetensors(tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>, path: &Path) -> Result<()> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .into_iter()
-        .map(|(name, (shape, values))| (name, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
-        .iter()
-        .map(|(name, shape, data)| {
-            (name.clone(), safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data).expect("consistent view"))
-        })
-        .collect();
+    let views = tensors.into_iter().map(|(name, (shape, values))| (name, F32View { shape, values }));
     let mut metadata = HashMap::new();
     metadata.insert("format".to_string(), "pt".to_string());
     safetensors::serialize_to_file(views, Some(metadata), path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// An f32 tensor whose little-endian bytes are made when the writer asks for them, one
+/// tensor at a time, so saving never holds a byte copy of the whole model.
+struct F32View {
+    shape: Vec<usize>,
+    values: Vec<f32>,
+}
+
+impl safetensors::View for F32View {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Owned(self.values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+    fn data_len(&self) -> usize {
+        self.values.len() * 4
+    }
 }
 
 /// tokenizer.json and the rest of the tokenizer (chat template, special tokens), which
@@ -384,9 +397,17 @@ fn copy_tokenizer_files(tokenizer_json: &Path, staging: &Staging) -> Result<()> 
     Ok(())
 }
 
-fn write_extra(staging: &Staging, extra: &[(&str, &[u8])]) -> Result<()> {
-    for (name, bytes) in extra {
-        staging.write(name, bytes)?;
+/// A file saved beside the weights in the same atomic step: its name, and what writes it
+/// to the path it is given (so a large state can stream to disk instead of into a buffer).
+pub struct ExtraFile<'a> {
+    pub name: &'a str,
+    pub write: &'a dyn Fn(&Path) -> Result<()>,
+}
+
+fn write_extra(staging: &Staging, extra: &[ExtraFile]) -> Result<()> {
+    for file in extra {
+        (file.write)(&staging.path.join(file.name)).with_context(|| format!("writing {}", file.name))?;
+        failpoint::file_written(staging.target, file.name)?;
     }
     Ok(())
 }

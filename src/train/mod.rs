@@ -10,6 +10,7 @@ pub mod evaluate;
 pub mod grads;
 pub mod logps;
 pub mod loss_call;
+pub mod memory;
 pub mod metrics;
 pub mod optimizer;
 pub mod reference;

@@ -26,8 +26,9 @@ use super::metrics::{MetricsLog, format_line};
 use super::reference::PrecomputedReference;
 use super::reset::{requested_reset, shrink_toward_initial};
 use crate::data::packed::PackedLayout;
-use crate::data::{Example, TextTokenizer, Truncation, collate_pairs, collate_sft, collate_unpaired, load_examples, load_unpaired_examples};
-use crate::model::weights::ADAPTER_CONFIG;
+use super::memory::{self, BatchShape, Estimate};
+use crate::data::{Example, LoadReport, TextTokenizer, Truncation, collate_pairs, collate_sft, collate_unpaired, load_examples, load_unpaired_examples};
+use crate::model::weights::{ADAPTER_CONFIG, ExtraFile};
 use crate::model::{Llama, LlamaConfig, RandomInit, load_model, read_adapter, save_adapter, save_model, save_model_with};
 use crate::rng::SplitMix64;
 use crate::script::{ScriptHost, ScriptTensor, ScriptVersion, ScriptWatcher, set_script_device};
@@ -96,6 +97,8 @@ struct Trainer {
     replayed: Vec<Vec<usize>>,
     /// With LoRA: the adapters' initial values, what a reset moves them back toward.
     initial_adapters: Option<std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>>,
+    /// The preflight's estimate of the run's peak memory.
+    memory: Estimate,
 }
 
 enum Reference {
@@ -321,6 +324,11 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
     }
     console::finish_bar();
     let final_dir = trainer.save_checkpoint(&run_dir, total, &optimizer, &current)?;
+    // The preflight's estimate beside what the run took (its checkpoint saves included).
+    if let Some(peak) = memory::peak_rss_bytes() {
+        console::line(&format!("peak memory {:.0} MB (estimated {:.0} MB)", peak / 1048576.0, trainer.memory.total() / 1048576.0));
+        trainer.memory.write_report(&run_dir.join("memory.json"), peak)?;
+    }
     if let Some(target) = trainer.config.save_model_to.clone() {
         save_model(&trainer.policy().valid(), &trainer.model_config, &trainer.tokenizer.path, Path::new(&target))?;
         console::line(&format!("model written to {target}"));
@@ -407,6 +415,56 @@ fn require_loss(version: &ScriptVersion, name: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What a run is made of before any weight is loaded: the model's config, the tokenizer
+/// and the tokenized data, and the memory estimate for its largest batch.
+pub struct RunPlan {
+    pub model_config: LlamaConfig,
+    pub tokenizer: TextTokenizer,
+    pub examples: Vec<Example>,
+    pub report: LoadReport,
+    pub memory: Estimate,
+    pub batch: BatchShape,
+}
+
+impl RunPlan {
+    /// With `preflight`, a run that would not fit in the memory available is an error.
+    pub fn new(config: &TrainConfig, preflight: bool) -> Result<Self> {
+        let model_dir = PathBuf::from(&config.model);
+        let model_config = LlamaConfig::from_file(&model_dir.join("config.json"))?;
+        let mut tokenizer = TextTokenizer::load_with(&model_dir.join("tokenizer.json"), &model_config.eos_ids(), model_config.pad_token_id)?;
+        tokenizer.prompt_special_tokens = config.prompt_special_tokens;
+        if tokenizer.vocab_size() > model_config.vocab_size {
+            bail!("{}: tokenizer has {} tokens, the model's vocab_size is {}", model_dir.display(), tokenizer.vocab_size(), model_config.vocab_size);
+        }
+        let limits = Truncation { max_length: config.max_length.min(model_config.max_positions()), max_prompt_length: config.max_prompt_length };
+        let data = Path::new(&config.data);
+        let (examples, report) = match config.mode {
+            Mode::Unpaired => load_unpaired_examples(data, &tokenizer, limits, config.skip_bad_rows, config.unpair)?,
+            _ => load_examples(data, &tokenizer, config.mode == Mode::Preference, limits, config.skip_bad_rows)?,
+        };
+        let batch = BatchShape::worst(config, &examples);
+        let memory = if preflight { memory::preflight(&model_config, config, batch)? } else { memory::estimate(&model_config, config, batch) };
+        Ok(Self { model_config, tokenizer, examples, report, memory, batch })
+    }
+}
+
+/// `host run --dry-run`: the run's memory estimate and what is available, without
+/// loading the model or writing anything. Err when it would not fit.
+pub fn dry_run(host: &mut ScriptHost, script: &Path) -> Result<()> {
+    let version = host.load(script).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = config_of(&version, None)?;
+    let plan = RunPlan::new(&config, false)?;
+    println!(
+        "{}: {} rows; largest batch {} rows of {} tokens; estimated peak memory:\n{}",
+        version.display_path(), plan.examples.len(), plan.batch.rows, plan.batch.length, plan.memory.describe()
+    );
+    match memory::available_bytes() {
+        Some(available) => println!("available: {:.0} MB (MemAvailable or the cgroup's limit)", available / 1048576.0),
+        None => println!("available: unknown (no /proc/meminfo or cgroup limit to read)"),
+    }
+    memory::preflight(&plan.model_config, &config, plan.batch).map(|_| ())
 }
 
 /// The starting policy: the model folder's weights (or a seeded random init), LoRA
@@ -500,19 +558,9 @@ impl Trainer {
 
     fn new(config: TrainConfig, max_steps_override: Option<usize>) -> Result<Self> {
         let train_device = backend_device(&config.backend)?.autodiff();
+        let RunPlan { tokenizer, examples, report, memory, .. } = RunPlan::new(&config, true)?;
         let (model_config, policy) = build_policy(&config, &train_device)?;
-        let model_dir = PathBuf::from(&config.model);
-        let mut tokenizer = TextTokenizer::load_with(&model_dir.join("tokenizer.json"), &model_config.eos_ids(), model_config.pad_token_id)?;
-        tokenizer.prompt_special_tokens = config.prompt_special_tokens;
-        if tokenizer.vocab_size() > model_config.vocab_size {
-            bail!("{}: tokenizer has {} tokens, the model's vocab_size is {}", model_dir.display(), tokenizer.vocab_size(), model_config.vocab_size);
-        }
         let limits = Truncation { max_length: config.max_length.min(model_config.max_positions()), max_prompt_length: config.max_prompt_length };
-        let data = Path::new(&config.data);
-        let (examples, report) = match config.mode {
-            Mode::Unpaired => load_unpaired_examples(data, &tokenizer, limits, config.skip_bad_rows, config.unpair)?,
-            _ => load_examples(data, &tokenizer, config.mode == Mode::Preference, limits, config.skip_bad_rows)?,
-        };
         if report.truncated > 0 {
             console::line(&format!("note: {} of {} rows truncated to max_length {}", report.truncated, report.rows, limits.max_length));
         }
@@ -545,6 +593,7 @@ impl Trainer {
             cursor: 0, epoch: 0, rng, total_steps, loss_state: Map::new(), skipped_steps: 0, restored_step: 0, skipped_rows: report.skipped,
             replayed: Vec::new(),
             initial_adapters,
+            memory,
         })
     }
 
@@ -802,12 +851,18 @@ impl Trainer {
             replayed: self.replayed.clone(),
         };
         let state_json = serde_json::to_vec_pretty(&state)?;
-        let optimizer_bytes = optimizer.into_bytes().map_err(|e| anyhow::anyhow!("saving the optimizer state: {e:?}"))?;
         let sources: serde_json::Map<String, serde_json::Value> =
             script.sources.iter().map(|(path, text)| (relative(path), json!(text))).collect();
         let sources_json = serde_json::to_vec_pretty(&sources)?;
         let dir = run_dir.join(format!("checkpoint-{step}"));
-        let extra: [(&str, &[u8]); 3] = [(STATE_FILE, &state_json), (OPTIMIZER_FILE, &optimizer_bytes), (SOURCES_FILE, &sources_json)];
+        // AdamW's moments (twice the trainable weights) stream to the file tensor by tensor.
+        let write_optimizer = |path: &Path| optimizer.save(path).map_err(|e| anyhow::anyhow!("saving the optimizer state: {e:?}"));
+        let (write_state, write_sources) = (|path: &Path| Ok(std::fs::write(path, &state_json)?), |path: &Path| Ok(std::fs::write(path, &sources_json)?));
+        let extra = [
+            ExtraFile { name: STATE_FILE, write: &write_state },
+            ExtraFile { name: OPTIMIZER_FILE, write: &write_optimizer },
+            ExtraFile { name: SOURCES_FILE, write: &write_sources },
+        ];
         match &self.config.lora {
             // LoRA checkpoints hold the adapters only (PEFT's layout); the base is config.model.
             Some(lora) => save_adapter(&self.policy().valid(), lora, &self.config.model, &self.tokenizer.path, &dir, &extra)?,

@@ -1,0 +1,236 @@
+//! Memory preflight: before any weight is loaded, an estimate of a run's peak resident
+//! memory from the model's shape, the longest batch the data can make and the settings,
+//! checked against what this machine (or its cgroup) has available. A run that would not
+//! fit stops with the estimate and the settings that would fit, instead of being killed
+//! part-way; `host run --dry-run` prints the estimate.
+//!
+//! The estimate counts what the CPU default (burn-flex with the fused ops) keeps alive at
+//! the peak of a step: weights, the reference, gradients (twice with accumulation), AdamW's
+//! two moments, one micro-batch's activations (or with gradient checkpointing each layer's
+//! input plus one layer's), the logits of the policy and the reference, and the runtime.
+//! It is checked against measured peak RSS in tests/memory.rs and BENCHMARKS.md.
+
+use anyhow::{Result, bail};
+
+use super::config::{Mode, TrainConfig};
+use crate::data::Example;
+use crate::model::LlamaConfig;
+
+const F32: f64 = 4.0;
+const MB: f64 = 1024.0 * 1024.0;
+
+/// The binary, its allocator arenas, tokenizer and data (a run of a 0.1M-parameter model
+/// peaks at about 20 MB).
+const RUNTIME_BYTES: f64 = 30.0 * MB;
+
+/// The shape of the largest micro-batch: sequences per forward pass and their padded length.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchShape {
+    pub rows: usize,
+    pub length: usize,
+    /// Packed rows (prefix sharing): attention over the whole row, not the causal half.
+    pub packed: bool,
+}
+
+impl BatchShape {
+    /// The worst batch the data can make: `batch_size` rows (pairs count twice, or once
+    /// packed) all as long as the longest.
+    pub fn worst(config: &TrainConfig, examples: &[Example]) -> Self {
+        let longest = |e: &Example| e.prompt.len() + e.chosen.len().max(e.rejected.len());
+        let packed_length = |e: &Example| {
+            let common = e.chosen.iter().zip(&e.rejected).take_while(|(a, b)| a == b).count();
+            e.prompt.len() + e.chosen.len() + e.rejected.len() - common
+        };
+        let packed = config.prefix_sharing && config.mode == Mode::Preference;
+        let length = examples.iter().map(if packed { packed_length } else { longest }).max().unwrap_or(1);
+        let rows = match config.mode {
+            Mode::Preference if !packed => 2 * config.batch_size,
+            // Unpaired rows bring as many KL rows (mismatched completions).
+            Mode::Unpaired => 2 * config.batch_size,
+            _ => config.batch_size,
+        };
+        Self { rows, length, packed }
+    }
+}
+
+/// A run's estimated peak, by part.
+#[derive(Clone, Debug)]
+pub struct Estimate {
+    pub parts: Vec<(&'static str, f64)>,
+}
+
+impl Estimate {
+    pub fn total(&self) -> f64 {
+        self.parts.iter().map(|(_, b)| b).sum()
+    }
+
+    /// `memory.json` of a finished run: the measured peak beside the estimate and its parts.
+    pub fn write_report(&self, path: &std::path::Path, peak_bytes: f64) -> Result<()> {
+        let parts: serde_json::Map<String, serde_json::Value> = self.parts.iter().map(|(part, bytes)| (part.to_string(), serde_json::json!(bytes / MB))).collect();
+        let report = serde_json::json!({ "peak_rss_mb": peak_bytes / MB, "estimated_mb": self.total() / MB, "estimated_parts_mb": parts });
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n").map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+    }
+
+    /// One line per part, in MB.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        for (part, bytes) in &self.parts {
+            out.push_str(&format!("  {part:<34} {:>9.0} MB\n", bytes / MB));
+        }
+        out.push_str(&format!("  {:<34} {:>9.0} MB", "total", self.total() / MB));
+        out
+    }
+}
+
+/// Parameter counts of a model: all of them, and those that train under `config`.
+fn parameters(model: &LlamaConfig, config: &TrainConfig) -> (f64, f64) {
+    let (d, heads, kv, hd, inter) = (model.hidden_size, model.num_attention_heads, model.kv_heads(), model.head_dim(), model.intermediate_size);
+    let projections = [("q_proj", d, heads * hd), ("k_proj", d, kv * hd), ("v_proj", d, kv * hd), ("o_proj", heads * hd, d), ("gate_proj", d, inter), ("up_proj", d, inter), ("down_proj", inter, d)];
+    let mut layer: usize = projections.iter().map(|(_, i, o)| i * o).sum();
+    layer += if model.family() == crate::model::config::Family::Gemma2 { 4 * d } else { 2 * d };
+    if model.family() == crate::model::config::Family::Qwen3 {
+        layer += 2 * hd;
+    }
+    if model.qkv_bias() {
+        layer += (heads + 2 * kv) * hd;
+    }
+    if model.o_bias() {
+        layer += d;
+    }
+    if model.mlp_bias {
+        layer += 2 * inter + d;
+    }
+    let embeddings = model.vocab_size * d * if model.tie_word_embeddings { 1 } else { 2 };
+    let all = (model.num_hidden_layers * layer + embeddings + d) as f64;
+    let trainable = match &config.lora {
+        None => all,
+        Some(lora) => {
+            let targets = lora.modules().unwrap_or_default();
+            let per_layer: usize = projections.iter().filter(|(name, _, _)| targets.iter().any(|t| t == name)).map(|(_, i, o)| lora.r * (i + o)).sum();
+            (model.num_hidden_layers * per_layer) as f64
+        }
+    };
+    (all, trainable)
+}
+
+/// Floats one decoder layer keeps for the backward pass of one micro-batch: the layer's
+/// input, both norms' outputs, queries/keys/values after RoPE, attention probabilities,
+/// attention output, the residual, and the MLP's gate, up and activation.
+fn layer_activations(model: &LlamaConfig, batch: BatchShape) -> f64 {
+    let (d, heads, kv, hd, inter) = (model.hidden_size, model.num_attention_heads, model.kv_heads(), model.head_dim(), model.intermediate_size);
+    let tokens = (batch.rows * batch.length) as f64;
+    let per_token = (4 * d + 2 * heads * hd + 2 * kv * hd + 3 * inter) as f64;
+    let s = batch.length as f64;
+    // Causal attention keeps the lower triangle (in blocks of 64 queries); packed rows
+    // keep every score.
+    let scores = if batch.packed { s * s } else { s * s / 2.0 + 32.0 * s };
+    tokens * per_token + (batch.rows * heads) as f64 * scores
+}
+
+/// The estimate for `config` on `model` with its worst micro-batch.
+pub fn estimate(model: &LlamaConfig, config: &TrainConfig, batch: BatchShape) -> Estimate {
+    let (all, trainable) = parameters(model, config);
+    let layers = model.num_hidden_layers as f64;
+    let tokens = (batch.rows * batch.length) as f64;
+    let layer = layer_activations(model, batch) * F32;
+    let activations = if config.gradient_checkpointing {
+        // Every layer's input, plus one layer recomputed and its gradients.
+        layers * tokens * model.hidden_size as f64 * F32 + 2.0 * layer
+    } else {
+        layers * layer
+    };
+    // The policy's logits and, at once, the reference's logits or the policy's logits'
+    // gradient; chunked, one chunk of positions at a time.
+    let positions = config.logits_chunk().map_or(tokens, |chunk| (batch.rows * chunk.min(batch.length)) as f64);
+    let logits = 2.0 * positions * model.vocab_size as f64 * F32;
+    let resident_reference = config.mode != Mode::Sft && config.ref_logps.is_none() && config.lora.is_none();
+    let gradients = if config.grad_accum > 1 { 2.0 } else { 1.0 } * trainable * F32;
+    Estimate {
+        parts: vec![
+            ("weights (f32)", all * F32),
+            ("reference copy", if resident_reference { all * F32 } else { 0.0 }),
+            ("gradients", gradients),
+            ("AdamW moments", 2.0 * trainable * F32),
+            (if config.gradient_checkpointing { "activations (checkpointed)" } else { "activations" }, activations),
+            ("logits", logits),
+            ("runtime", RUNTIME_BYTES),
+        ],
+    }
+}
+
+/// This process's peak resident memory so far (VmHWM), in bytes.
+pub fn peak_rss_bytes() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|kb| kb * 1024.0)
+}
+
+/// Bytes this process may still use: the smaller of MemAvailable and the cgroup's limit
+/// less its usage (None when neither can be read).
+pub fn available_bytes() -> Option<f64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|kb| kb * 1024.0)
+    });
+    let read = |path: &str| std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse::<f64>().ok());
+    // cgroup v2, then v1 (whose "no limit" is a huge number, which min() ignores).
+    let cgroup = match (read("/sys/fs/cgroup/memory.max"), read("/sys/fs/cgroup/memory.current")) {
+        (Some(max), Some(used)) => Some(max - used),
+        _ => match (read("/sys/fs/cgroup/memory/memory.limit_in_bytes"), read("/sys/fs/cgroup/memory/memory.usage_in_bytes")) {
+            (Some(max), Some(used)) => Some(max - used),
+            _ => None,
+        },
+    };
+    match (meminfo, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Settings that lower the estimate, each with its estimate (those that fit first).
+fn alternatives(model: &LlamaConfig, config: &TrainConfig, batch: BatchShape) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    let mut try_with = |label: String, changed: TrainConfig, batch: BatchShape| {
+        out.push((label, estimate(model, &changed, batch).total()));
+    };
+    if !config.gradient_checkpointing && config.lora.as_ref().is_none_or(|l| l.lora_dropout == 0.0) {
+        try_with("gradient_checkpointing: true".into(), TrainConfig { gradient_checkpointing: true, ..config.clone() }, batch);
+    }
+    if config.lora.is_none() {
+        let lora: crate::model::LoraConfig = serde_json::from_value(serde_json::json!({ "r": 16, "lora_alpha": 32, "target_modules": "all-linear" })).expect("a valid LoRA config");
+        try_with("lora: #{ r: 16, lora_alpha: 32, target_modules: \"all-linear\" }".into(), TrainConfig { lora: Some(lora), ..config.clone() }, batch);
+    }
+    if config.mode != Mode::Sft && config.ref_logps.is_none() && config.lora.is_none() {
+        try_with("ref_logps (reference log-probs from `host logps`)".into(), TrainConfig { ref_logps: Some(String::new()), ..config.clone() }, batch);
+    }
+    if config.logits_chunk().is_none() {
+        try_with("logits_chunk_size: 128".into(), TrainConfig { logits_chunk_size: Some(128), ..config.clone() }, batch);
+    }
+    if config.batch_size > 1 {
+        let smaller = config.batch_size / 2;
+        let accum = config.grad_accum * config.batch_size.div_ceil(smaller);
+        let rows = batch.rows * smaller / config.batch_size;
+        try_with(format!("batch_size: {smaller}, grad_accum: {accum}"), TrainConfig { batch_size: smaller, grad_accum: accum, ..config.clone() }, BatchShape { rows, ..batch });
+    }
+    out.sort_by(|a, b| a.1.total_cmp(&b.1));
+    out
+}
+
+/// Stops a run whose estimate exceeds the memory available, naming what would fit.
+pub fn preflight(model: &LlamaConfig, config: &TrainConfig, batch: BatchShape) -> Result<Estimate> {
+    let estimate = estimate(model, config, batch);
+    let Some(available) = available_bytes() else { return Ok(estimate) };
+    if estimate.total() <= available {
+        return Ok(estimate);
+    }
+    let mut options = String::new();
+    for (label, bytes) in alternatives(model, config, batch) {
+        let verdict = if bytes <= available { "fits" } else { "still too much" };
+        options.push_str(&format!("\n  {label}: {:.0} MB ({verdict})", bytes / MB));
+    }
+    bail!(
+        "training {} on {} needs about {:.0} MB at its peak and {:.0} MB are available (MemAvailable or the cgroup's limit); \
+         stopping before loading the model. Estimate for batches of {} rows of {} tokens:\n{}\nSettings that lower it:{options}",
+        config.model, config.data, estimate.total() / MB, available / MB, batch.rows, batch.length, estimate.describe()
+    )
+}
