@@ -172,7 +172,8 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
     write_data(&pairs, &sft, &opts.out, opts.batch_size)?;
     for data in ["metamath", "long_prompt"] {
         let file = opts.out.join(format!("{data}.jsonl"));
-        reference::precompute(&model_dir, &file, &opts.out.join(format!("{data}.ref.jsonl")), opts.batch_size, LIMITS, true, &device)?;
+        let out = opts.out.join(format!("{data}.ref.jsonl"));
+        reference::precompute(&reference::LogpsJob { model_dir: &model_dir, data: &file, out: &out, batch_size: opts.batch_size, limits: LIMITS, prompt_special_tokens: true, backend: "cpu", shard: None })?;
         let (examples, _) = load_examples(&file, &tokenizer, true, LIMITS, false)?;
         write_torch_batch(&examples, tokenizer.pad_id, &opts.out.join(format!("{data}.batch.json")))?;
     }
