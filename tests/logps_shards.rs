@@ -1,6 +1,6 @@
 //! `host logps --shard K/N` and `--merge`: reference log-probs computed in parts (on several
 //! machines) and merged equal the one-pass file byte for byte; a missing, repeated or foreign
-//! shard is refused, naming the file, and nothing is written then.
+//! shard is refused, naming the file, and nothing is written then, nor after a failed write.
 
 mod common;
 use common::*;
@@ -117,6 +117,11 @@ fn missing_overlapping_and_foreign_shards_are_refused_naming_the_file() {
     let text1 = std::fs::read_to_string(p1).unwrap();
     std::fs::write(&cut, text1.lines().take(3).collect::<Vec<_>>().join("\n") + "\n").unwrap();
     refused(&[p0, &cut, p2], &["cut.jsonl: holds 2 rows, its header says 16"]);
+    let folder = sb.path("a-folder");
+    std::fs::create_dir(&folder).unwrap();
+    let run = merge(&[p0, p1, p2], &folder);
+    assert!(!run.status.success() && text(&run).contains("a-folder: not written"), "{}", text(&run));
+    assert!(!sb.path("a-folder.partial").exists(), "a failed write leaves no partial file");
     let run = merge(&[p0, p1, p2], p2);
     assert!(!run.status.success() && text(&run).contains("part2.jsonl: the output would overwrite a shard"), "{}", text(&run));
 

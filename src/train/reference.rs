@@ -80,17 +80,24 @@ fn write_jsonl<'a>(header: Option<&ShardHeader>, rows: impl IntoIterator<Item = 
     let mut name = out.file_name().with_context(|| format!("{}: not a file name", out.display()))?.to_os_string();
     name.push(".partial");
     let tmp = out.with_file_name(name);
-    let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?);
-    if let Some(header) = header {
-        serde_json::to_writer(&mut file, &serde_json::json!({ SHARD_KEY: header }))?;
-        file.write_all(b"\n")?;
+    let write = || -> Result<()> {
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?);
+        if let Some(header) = header {
+            serde_json::to_writer(&mut file, &serde_json::json!({ SHARD_KEY: header }))?;
+            file.write_all(b"\n")?;
+        }
+        for row in rows {
+            serde_json::to_writer(&mut file, row)?;
+            file.write_all(b"\n")?;
+        }
+        file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))
+    };
+    let written = write();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp); // a failed write leaves no partial file either
     }
-    for row in rows {
-        serde_json::to_writer(&mut file, row)?;
-        file.write_all(b"\n")?;
-    }
-    file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))
+    written.with_context(|| format!("{}: not written", out.display()))
 }
 
 /// The key of a shard file's first line.
