@@ -83,14 +83,15 @@ enum Command {
         bins: usize,
     },
     /// Reference log-probs of every pair in a data file, for a run's `ref_logps`
-    /// (one JSON line per row: summed and per-token log-probs, token counts).
+    /// (one JSON line per row: summed and per-token log-probs, token counts); or one shard
+    /// of them (--shard K/N), or the merge of every shard's file (--merge).
     Logps {
         /// Hugging Face model folder (the reference).
-        #[arg(long)]
-        model: PathBuf,
+        #[arg(long, required_unless_present = "merge")]
+        model: Option<PathBuf>,
         /// Preference rows (JSONL or Parquet), as the run will read them.
-        #[arg(long)]
-        data: PathBuf,
+        #[arg(long, required_unless_present = "merge")]
+        data: Option<PathBuf>,
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value_t = 8)]
@@ -103,6 +104,16 @@ enum Command {
         /// Must match the run's prompt_special_tokens.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         prompt_special_tokens: bool,
+        /// Where to compute: cpu, or tch-cpu, tch-cuda, cuda when built with their feature.
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        /// Only shard K of N (counted from 0): a contiguous run of whole batches; the file
+        /// records the shard and the data, model and settings it was computed from.
+        #[arg(long)]
+        shard: Option<crate::train::reference::Shard>,
+        /// Merge the files of shards 0/N .. N-1/N (any order) into the one-pass file at --out.
+        #[arg(long, num_args = 1.., conflicts_with_all = ["model", "data", "shard", "backend", "batch_size", "max_length", "max_prompt_length", "prompt_special_tokens"])]
+        merge: Vec<PathBuf>,
     },
     /// Fold LoRA adapters (a PEFT folder, e.g. a LoRA run's checkpoint) into their base
     /// model's weights and write a plain Hugging Face model folder.
@@ -267,10 +278,19 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             println!("{} passed, {} failed", report.passed, report.failed.len());
             Ok(if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Logps { model, data, out, batch_size, max_length, max_prompt_length, prompt_special_tokens } => {
+        Command::Logps { model, data, out, batch_size, max_length, max_prompt_length, prompt_special_tokens, backend, shard, merge } => {
+            use crate::train::reference::{LogpsJob, merge_shards, precompute};
+            if !merge.is_empty() {
+                let rows = merge_shards(&merge, &out)?;
+                println!("merged {} shards ({rows} rows) into {}", merge.len(), out.display());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let (Some(model), Some(data)) = (model, data) else { bail!("give --model and --data, or --merge SHARD...") };
             let limits = crate::data::Truncation { max_length, max_prompt_length };
-            let rows = crate::train::reference::precompute(&model, &data, &out, batch_size, limits, prompt_special_tokens, &crate::train::backend_device("cpu")?)?;
-            println!("wrote reference log-probs of {rows} rows to {}", out.display());
+            let job = LogpsJob { model_dir: &model, data: &data, out: &out, batch_size, limits, prompt_special_tokens, backend: &backend, shard };
+            let rows = precompute(&job)?;
+            let part = shard.map(|s| format!(" (shard {s})")).unwrap_or_default();
+            println!("wrote reference log-probs of {rows} rows{part} to {} (backend {backend})", out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Merge { adapter, base, out } => {

@@ -57,7 +57,7 @@ pub struct RandomInit {
 
 impl WeightSource for RandomInit {
     fn tensor(&mut self, _: &str, shape: &[usize], device: &Device) -> anyhow::Result<Tensor<2>> {
-        Ok(Tensor::random([shape[0], shape[1]], Distribution::Normal(0.0, self.std), device))
+        Ok(random_from_cpu([shape[0], shape[1]], Distribution::Normal(0.0, self.std), device))
     }
     fn vector(&mut self, name: &str, len: usize, device: &Device) -> anyhow::Result<Tensor<1>> {
         Ok(if name.ends_with(".bias") { Tensor::zeros([len], device) } else { Tensor::ones([len], device) })
@@ -66,6 +66,21 @@ impl WeightSource for RandomInit {
     fn norm_weight(&mut self, _: &str, len: usize, offset: f64, device: &Device) -> anyhow::Result<Tensor<1>> {
         Ok(Tensor::ones([len], device).sub_scalar(offset))
     }
+}
+
+/// Seeds the random draws of model building: burn-flex's RNG, which `random_from_cpu` draws
+/// from, and `device`'s own (LoRA dropout masks).
+pub fn seed_model_draws(device: &Device, seed: u64) {
+    Device::flex().seed(seed);
+    device.seed(seed);
+}
+
+/// A random tensor drawn by burn-flex's seeded RNG on the CPU and moved to `device`: each
+/// backend's own RNG draws other values for the same seed, so a random init or fresh LoRA
+/// adapters drawn on the device would make runs on different backends start apart.
+pub(crate) fn random_from_cpu<const D: usize>(shape: [usize; D], distribution: Distribution, device: &Device) -> Tensor<D> {
+    let drawn = Tensor::<D>::random(shape, distribution, &Device::flex());
+    Tensor::from_data(drawn.into_data(), device)
 }
 
 /// A trainable parameter whose id is derived from its HF name (FNV-1a), so the same

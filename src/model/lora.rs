@@ -229,7 +229,7 @@ impl Llama {
             }
             let [d_in, d_out] = projection.base.weight.val().dims();
             let bound = 1.0 / (d_in as f64).sqrt();
-            let a = Tensor::random([d_in, config.r], Distribution::Uniform(-bound, bound), device);
+            let a = super::llama::random_from_cpu([d_in, config.r], Distribution::Uniform(-bound, bound), device);
             let b = Tensor::zeros([config.r, d_out], device);
             projection.lora = Some(Adapter {
                 a: named_param(&peft_key(&path, "A"), a),

@@ -20,7 +20,7 @@ pub use config::LlamaConfig;
 pub fn values<const D: usize>(t: burn::tensor::Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_into_vec::<f32>().expect("tensor converted to f32")
 }
-pub use llama::{Llama, RandomInit, WeightSource};
+pub use llama::{Llama, RandomInit, WeightSource, seed_model_draws};
 pub use lora::LoraConfig;
 pub use precision::MixedPrecision;
 pub use weights::{load_adapter_model, load_model, read_adapter, save_adapter, save_model, save_model_with};

@@ -471,7 +471,7 @@ pub fn dry_run(host: &mut ScriptHost, script: &Path) -> Result<()> {
 /// adapters with their seeded initial values, and the mixed-precision setting. Seeds the
 /// device first, so building it again gives the same weights.
 fn build_policy(config: &TrainConfig, device: &Device) -> Result<(LlamaConfig, Llama)> {
-    device.seed(config.seed);
+    crate::model::seed_model_draws(device, config.seed);
     let model_dir = PathBuf::from(&config.model);
     let (model_config, mut policy) = match config.init {
         Init::Pretrained => load_model(&model_dir, device)?,

@@ -4,12 +4,19 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The repository: where the test was built, or `PREFHOST_TEST_REPO` when a built test
+/// binary runs elsewhere (setup/gpu-check.sh on a GPU machine).
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("PREFHOST_TEST_REPO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
+/// The `host` binary built with the tests, or `PREFHOST_TEST_HOST` (as `repo`).
+pub fn host_binary() -> PathBuf {
+    std::env::var_os("PREFHOST_TEST_HOST").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_host")))
 }
 
 pub fn host() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_host"));
+    let mut cmd = Command::new(host_binary());
     cmd.current_dir(repo());
     cmd
 }
