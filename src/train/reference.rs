@@ -137,7 +137,7 @@ pub fn precompute(model_dir: &Path, data: &Path, out: &Path, batch_size: usize, 
     if out.canonicalize().ok().is_some_and(|o| data.canonicalize().ok() == Some(o)) {
         bail!("{}: the output would overwrite the data", out.display());
     }
-    let (config, model) = crate::model::load_model(model_dir, device)?;
+    let (config, model) = crate::model::load_frozen_model(model_dir, device)?;
     let mut tokenizer = crate::data::TextTokenizer::load_with(&model_dir.join("tokenizer.json"), &config.eos_ids(), config.pad_token_id)?;
     tokenizer.prompt_special_tokens = prompt_special_tokens;
     let limits = crate::data::Truncation { max_length: limits.max_length.min(config.max_positions()), ..limits };

@@ -28,7 +28,7 @@ use super::reset::{requested_reset, shrink_toward_initial};
 use crate::data::packed::PackedLayout;
 use crate::data::{Example, TextTokenizer, Truncation, collate_pairs, collate_sft, collate_unpaired, load_examples, load_unpaired_examples};
 use crate::model::weights::ADAPTER_CONFIG;
-use crate::model::{Llama, LlamaConfig, RandomInit, load_model, read_adapter, save_adapter, save_model, save_model_with};
+use crate::model::{Llama, LlamaConfig, RandomInit, load_frozen_model, load_model, read_adapter, save_adapter, save_model, save_model_with};
 use crate::rng::SplitMix64;
 use crate::script::{ScriptHost, ScriptTensor, ScriptVersion, ScriptWatcher, set_script_device};
 
@@ -410,10 +410,12 @@ fn require_loss(version: &ScriptVersion, name: &str) -> Result<()> {
 /// The starting policy: the model folder's weights (or a seeded random init), LoRA
 /// adapters with their seeded initial values, and the mixed-precision setting. Seeds the
 /// device first, so building it again gives the same weights.
-fn build_policy(config: &TrainConfig, device: &Device) -> Result<(LlamaConfig, Llama)> {
+pub fn build_policy(config: &TrainConfig, device: &Device) -> Result<(LlamaConfig, Llama)> {
     device.seed(config.seed);
     let model_dir = PathBuf::from(&config.model);
     let (model_config, mut policy) = match config.init {
+        // A LoRA base never trains: its matrices stay in the checkpoint's dtype.
+        Init::Pretrained if config.lora.is_some() => load_frozen_model(&model_dir, device)?,
         Init::Pretrained => load_model(&model_dir, device)?,
         Init::Random => {
             let mc = LlamaConfig::from_file(&model_dir.join("config.json"))?;
@@ -429,6 +431,17 @@ fn build_policy(config: &TrainConfig, device: &Device) -> Result<(LlamaConfig, L
     }
     // The resident and frozen-base references inherit it: TRL's reference forward runs under the same autocast.
     Ok((model_config, policy.with_precision(config.mixed_precision)))
+}
+
+/// The frozen reference kept beside a fully trained policy (no LoRA, no `ref_logps`), on
+/// the plain device: the checkpoint's weights in their stored dtype rather than the
+/// policy's f32 copy, which the first update would leave behind as a second f32 model. A
+/// random init has no stored form; its reference is the policy's starting weights.
+pub fn resident_reference(config: &TrainConfig, policy: &Llama, device: &Device) -> Result<Llama> {
+    Ok(match config.init {
+        Init::Pretrained => load_frozen_model(Path::new(&config.model), &device.clone().without_autodiff())?.1.with_precision(config.mixed_precision),
+        Init::Random => policy.valid(),
+    })
 }
 
 /// Two pairs (or rows) of made-up log-probs with a gradient path, shaped like a real batch.
@@ -530,7 +543,7 @@ impl Trainer {
             (_, false) => None,
             (Some(path), true) => Some(Reference::Precomputed(PrecomputedReference::load(Path::new(path), &examples)?)),
             (None, true) if config.lora.is_some() => Some(Reference::FrozenBase),
-            (None, true) => Some(Reference::Resident(policy.valid())),
+            (None, true) => Some(Reference::Resident(resident_reference(&config, &policy, &train_device)?)),
         };
         let per_step = config.batch_size * config.grad_accum;
         let total_steps = max_steps_override.or(config.max_steps).unwrap_or(config.epochs * examples.len().div_ceil(per_step) * config.replay);
