@@ -2,7 +2,7 @@
 
 use burn::module::{Module, Param, ParamId};
 use burn::nn::{Embedding, Linear};
-use burn::tensor::{Bool, Device, Distribution, Int, Tensor};
+use burn::tensor::{Bool, DType, Device, Distribution, FloatDType, Int, Tensor};
 
 use super::precision::MixedPrecision;
 use super::attention::{Attention, KvCache};
@@ -260,6 +260,9 @@ impl Llama {
     /// Token embeddings (scaled by √hidden in gemma2).
     fn embed(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
         let x = self.embed_tokens.forward(tokens);
+        // Frozen embeddings may be kept in the checkpoint's bf16/f16; the rows picked are
+        // widened, exactly, and everything after them is f32.
+        let x = if x.dtype() == DType::F32 { x } else { x.cast(FloatDType::F32) };
         match self.embed_scale {
             Some(scale) => x.mul_scalar(scale),
             None => x,

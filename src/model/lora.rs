@@ -174,7 +174,8 @@ impl Projection {
     pub fn merged_weight(&self) -> Tensor<2> {
         match &self.lora {
             None => self.base.weight.val(),
-            Some(adapter) => self.base.weight.val() + adapter.delta(),
+            // A frozen base may be stored in bf16/f16; the merged weight is f32.
+            Some(adapter) => self.base.weight.val().cast(burn::tensor::FloatDType::F32) + adapter.delta(),
         }
     }
 }

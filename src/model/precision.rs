@@ -31,7 +31,9 @@ impl MixedPrecision {
         }
     }
 
-    /// x [rows, in] · w [in, out] -> [rows, out] in f32.
+    /// x [rows, in] · w [in, out] -> [rows, out] in f32. `w` may be a frozen weight in its
+    /// stored bf16/f16: under "no" it is widened to f32 for the product (exactly), under
+    /// "bf16" a bf16 one is used as it is.
     pub fn matmul(self, x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
         match self {
             Self::No => super::fused::linear::matmul(x, w),

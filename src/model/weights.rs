@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
 use super::config::LlamaConfig;
@@ -14,14 +14,108 @@ use super::llama::{Llama, WeightSource};
 use super::lora::LoraConfig;
 use crate::failpoint;
 
-/// All tensors of a checkpoint, converted to f32, with the file each came from.
+/// Where one tensor of a checkpoint lies: its file, dtype, shape and byte range.
+struct Stored {
+    file: PathBuf,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Absolute byte offsets in the file.
+    start: u64,
+    end: u64,
+}
+
+/// The tensors of a checkpoint, read from their files one at a time as the model takes
+/// them. Only the headers are read up front; each tensor's bytes are read once, by
+/// position, straight into its own buffer, so a checkpoint is never held whole in memory.
+///
+/// Positional reads rather than a memory map: burn's tensors own their storage, so a map
+/// would only be another way to read the bytes, and one that a file truncated or rewritten
+/// while mapped turns into SIGBUS or changed weights. Each file's size and modification
+/// time are checked when it is opened and again after the model is built; a change in
+/// between is an error.
 pub struct SafetensorsWeights {
-    tensors: HashMap<String, (Vec<usize>, Vec<f32>, PathBuf)>,
-    used: Vec<String>,
+    tensors: HashMap<String, Stored>,
+    /// (file, size, modified) when the header was read.
+    files: Vec<(PathBuf, u64, Option<std::time::SystemTime>)>,
+    /// Matrices (embeddings, projections, lm_head) keep the file's dtype (bf16, f16 or f32)
+    /// instead of becoming f32: for weights that never train (a LoRA base, a reference).
+    keep_stored_dtype: bool,
+}
+
+/// The dtypes prefhost reads.
+fn element_size(dtype: Dtype) -> Option<usize> {
+    match dtype {
+        Dtype::F32 => Some(4),
+        Dtype::F16 | Dtype::BF16 => Some(2),
+        _ => None,
+    }
+}
+
+/// A file's size and modification time, to tell whether it changed while being read.
+fn file_stamp(file: &Path) -> Result<(u64, Option<std::time::SystemTime>)> {
+    let meta = std::fs::metadata(file).with_context(|| format!("{}: cannot read weights", file.display()))?;
+    Ok((meta.len(), meta.modified().ok()))
+}
+
+/// Reads a safetensors header and checks every tensor's entry against the file: a dtype
+/// prefhost reads, a byte range that fits its shape, and data that the file really holds.
+fn read_header(file: &Path) -> Result<Vec<(String, Stored)>> {
+    use std::os::unix::fs::FileExt;
+    let at = file.display();
+    let handle = std::fs::File::open(file).with_context(|| format!("{at}: cannot read weights"))?;
+    let file_len = handle.metadata().with_context(|| format!("{at}: cannot read weights"))?.len();
+    let mut len_bytes = [0u8; 8];
+    handle.read_exact_at(&mut len_bytes, 0).map_err(|e| anyhow::anyhow!("{at}: not a valid safetensors file: cannot read its header length ({e})"))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    // safetensors' own limit (100 MB): a larger value is a corrupt file, not a header to allocate.
+    if header_len > 100_000_000 || 8 + header_len > file_len {
+        bail!("{at}: not a valid safetensors file: header length {header_len} with a file of {file_len} bytes (truncated?)");
+    }
+    let mut header = vec![0u8; header_len as usize];
+    handle.read_exact_at(&mut header, 8).map_err(|e| anyhow::anyhow!("{at}: not a valid safetensors file: {e}"))?;
+    // Entry by entry rather than through safetensors' Metadata, whose errors do not name the tensor.
+    let entries: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| anyhow::anyhow!("{at}: not a valid safetensors file: header: {e}"))?;
+    let data_start = 8 + header_len;
+    let data_len = file_len - data_start;
+    let mut infos = Vec::new();
+    for (name, entry) in entries {
+        if name == "__metadata__" {
+            continue;
+        }
+        let info: safetensors::tensor::TensorInfo =
+            serde_json::from_value(entry).map_err(|e| anyhow::anyhow!("{at}: tensor \"{name}\": not a valid safetensors header entry: {e}"))?;
+        infos.push((name, info));
+    }
+    // In file order, so a truncated file names the first tensor it cuts.
+    infos.sort_by_key(|(_, info)| info.data_offsets);
+    let mut out = Vec::new();
+    for (name, info) in infos {
+        let Some(size) = element_size(info.dtype) else {
+            bail!("{at}: tensor \"{name}\" has dtype {:?}, which prefhost does not read (supported: F32, F16, BF16)", info.dtype);
+        };
+        let (start, end) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
+        let needs = info.shape.iter().try_fold(size as u64, |n, &d| n.checked_mul(d as u64));
+        if end < start || needs != Some(end - start) {
+            let needs = needs.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string());
+            bail!("{at}: not a valid safetensors file: tensor \"{name}\": shape {:?} in {:?} needs {needs} bytes, its data offsets [{start}, {end}) hold {}", info.shape, info.dtype, end.saturating_sub(start));
+        }
+        if end > data_len {
+            bail!("{at}: not a valid safetensors file: tensor \"{name}\" ends at byte {} of a {file_len}-byte file (truncated?)", data_start + end);
+        }
+        out.push((name, Stored { file: file.to_path_buf(), dtype: info.dtype, shape: info.shape.clone(), start: data_start + start, end: data_start + end }));
+    }
+    Ok(out)
 }
 
 impl SafetensorsWeights {
+    /// Every matrix as f32: what a model that trains them starts from.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, false)
+    }
+
+    /// `keep_stored_dtype`: matrices stay in the file's dtype (see the field).
+    pub fn open_with(dir: &Path, keep_stored_dtype: bool) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.is_file() {
             let text = std::fs::read_to_string(&index).with_context(|| format!("{}: cannot read", index.display()))?;
@@ -37,38 +131,62 @@ impl SafetensorsWeights {
         } else {
             vec![dir.join("model.safetensors")]
         };
-        let mut tensors = HashMap::new();
+        let mut tensors: HashMap<String, Stored> = HashMap::new();
+        let mut stamps = Vec::new();
         for file in files {
-            let bytes = std::fs::read(&file).with_context(|| format!("{}: cannot read weights", file.display()))?;
-            let st = SafeTensors::deserialize(&bytes)
-                .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", file.display()))?;
-            for (name, view) in st.tensors() {
-                let values = to_f32(view.dtype(), view.data())
-                    .with_context(|| format!("{}: tensor {name}", file.display()))?;
+            let (len, modified) = file_stamp(&file)?;
+            stamps.push((file.clone(), len, modified));
+            for (name, stored) in read_header(&file)? {
                 // Which copy applies would be a guess (the later shard silently won before).
-                if let Some((_, _, first)) = tensors.insert(name.to_string(), (view.shape().to_vec(), values, file.clone())) {
-                    bail!("tensor \"{name}\" is in both {} and {}", first.display(), file.display());
+                if let Some(first) = tensors.get(&name) {
+                    bail!("tensor \"{name}\" is in both {} and {}", first.file.display(), file.display());
                 }
+                tensors.insert(name, stored);
             }
         }
-        Ok(Self { tensors, used: Vec::new() })
+        Ok(Self { tensors, files: stamps, keep_stored_dtype })
     }
 
-    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let Some((found, values, file)) = self.tensors.remove(name) else {
+    /// The tensor's bytes as stored (little-endian), checked against the expected shape.
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<(Dtype, Vec<u8>, PathBuf)> {
+        use std::os::unix::fs::FileExt;
+        let Some(stored) = self.tensors.get(name) else {
             bail!("checkpoint has no tensor \"{name}\" (expected shape {shape:?})");
         };
-        if found != shape {
-            bail!("{}: tensor \"{name}\" has shape {found:?}, the config expects {shape:?}", file.display());
+        let at = stored.file.display();
+        if stored.shape != shape {
+            bail!("{at}: tensor \"{name}\" has shape {:?}, the config expects {shape:?}", stored.shape);
         }
-        self.used.push(name.to_string());
-        Ok(values)
+        let mut bytes = vec![0u8; (stored.end - stored.start) as usize];
+        std::fs::File::open(&stored.file)
+            .and_then(|f| f.read_exact_at(&mut bytes, stored.start))
+            .map_err(|e| anyhow::anyhow!("{at}: tensor \"{name}\": cannot read its data ({e}); was the file truncated?"))?;
+        let stored = self.tensors.remove(name).expect("looked up above");
+        Ok((stored.dtype, bytes, stored.file))
+    }
+
+    /// Errors if a file changed since its header was read: the tensors read from it may
+    /// mix two versions.
+    pub fn check_unchanged(&self) -> Result<()> {
+        for (file, len, modified) in &self.files {
+            if file_stamp(file)? != (*len, *modified) {
+                bail!("{}: the file changed while the model was being loaded; load it again", file.display());
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes per element of the checkpoint's tensors as stored (4 for f32, 2 for bf16/f16):
+    /// what a frozen copy kept in the stored dtype costs per parameter.
+    pub fn stored_bytes_per_element(&self) -> f64 {
+        let (bytes, elements) = self.tensors.values().fold((0u64, 0u64), |(b, n), t| (b + t.end - t.start, n + t.shape.iter().product::<usize>() as u64));
+        if elements == 0 { 4.0 } else { bytes as f64 / elements as f64 }
     }
 
     /// Names the checkpoint had that the model did not use, each with its file.
     pub fn unused(&self) -> Vec<String> {
         let file_name = |f: &PathBuf| f.file_name().map_or_else(|| f.display().to_string(), |n| n.to_string_lossy().into_owned());
-        let mut names: Vec<String> = self.tensors.iter().map(|(name, (_, _, file))| format!("{name} (in {})", file_name(file))).collect();
+        let mut names: Vec<String> = self.tensors.iter().map(|(name, stored)| format!("{name} (in {})", file_name(&stored.file))).collect();
         names.sort();
         names
     }
@@ -84,26 +202,58 @@ fn to_f32(dtype: Dtype, data: &[u8]) -> Result<Vec<f32>> {
     })
 }
 
+/// A tensor in the file's own dtype: bf16 and f16 keep their bits, f32 is read as f32.
+fn stored_data(dtype: Dtype, bytes: &[u8], shape: Vec<usize>) -> Result<(TensorData, DType)> {
+    let bits = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
+    Ok(match dtype {
+        Dtype::BF16 => (TensorData::new(bytes.chunks_exact(2).map(|b| half::bf16::from_bits(bits(b))).collect::<Vec<_>>(), shape), DType::BF16),
+        Dtype::F16 => (TensorData::new(bytes.chunks_exact(2).map(|b| half::f16::from_bits(bits(b))).collect::<Vec<_>>(), shape), DType::F16),
+        _ => (TensorData::new(to_f32(dtype, bytes)?, shape), DType::F32),
+    })
+}
+
 impl WeightSource for SafetensorsWeights {
     fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor<2>> {
-        let values = self.take(name, shape)?;
+        let (dtype, bytes, file) = self.take(name, shape)?;
+        let in_file = || format!("{}: tensor {name}", file.display());
+        if self.keep_stored_dtype {
+            let (data, dtype) = stored_data(dtype, &bytes, shape.to_vec()).with_context(in_file)?;
+            return Ok(Tensor::from_data(data, (device, dtype)));
+        }
+        let values = to_f32(dtype, &bytes).with_context(in_file)?;
         Ok(Tensor::from_data(TensorData::new(values, [shape[0], shape[1]]), device))
     }
+    /// Norm weights and biases stay f32 (a few thousand values per layer).
     fn vector(&mut self, name: &str, len: usize, device: &Device) -> Result<Tensor<1>> {
-        let values = self.take(name, &[len])?;
+        let (dtype, bytes, file) = self.take(name, &[len])?;
+        let values = to_f32(dtype, &bytes).with_context(|| format!("{}: tensor {name}", file.display()))?;
         Ok(Tensor::from_data(TensorData::new(values, [len]), device))
     }
 }
 
-/// Loads `dir/config.json` + safetensors into a model on `device`.
+/// Loads `dir/config.json` + safetensors into a model on `device`, every weight f32 (a
+/// model that trains them).
 pub fn load_model(dir: &Path, device: &Device) -> Result<(LlamaConfig, Llama)> {
+    load_model_with(dir, device, false)
+}
+
+/// Loads a model whose weights will not train (a LoRA base, a reference): its matrices
+/// keep the checkpoint's dtype (bf16/f16 take half of f32's memory) and are widened to f32
+/// only for each product that reads them. Norms and biases are f32. Gives the same
+/// log-probs as `load_model`: bf16 and f16 convert to f32 exactly.
+pub fn load_frozen_model(dir: &Path, device: &Device) -> Result<(LlamaConfig, Llama)> {
+    load_model_with(dir, device, true)
+}
+
+fn load_model_with(dir: &Path, device: &Device, keep_stored_dtype: bool) -> Result<(LlamaConfig, Llama)> {
     let config = LlamaConfig::from_file(&dir.join("config.json"))?;
-    let mut weights = SafetensorsWeights::open(dir)?;
+    let mut weights = SafetensorsWeights::open_with(dir, keep_stored_dtype)?;
     let model = Llama::build(&config, &mut weights, device).with_context(|| format!("loading {}", dir.display()))?;
     let unused = weights.unused();
     if !unused.is_empty() {
         bail!("{}: checkpoint tensors not used by a {} model: {}", dir.display(), config.model_type, unused.join(", "));
     }
+    weights.check_unchanged()?;
     Ok((config, model))
 }
 

@@ -127,9 +127,12 @@ fn layer_activations(model: &LlamaConfig, batch: BatchShape) -> f64 {
     tokens * per_token + (batch.rows * heads) as f64 * scores
 }
 
-/// The estimate for `config` on `model` with its worst micro-batch.
-pub fn estimate(model: &LlamaConfig, config: &TrainConfig, batch: BatchShape) -> Estimate {
+/// The estimate for `config` on `model` with its worst micro-batch. `stored` is the
+/// checkpoint's bytes per parameter as stored (2 for bf16): frozen copies (a LoRA base, a
+/// resident reference) keep that dtype.
+pub fn estimate(model: &LlamaConfig, config: &TrainConfig, batch: BatchShape, stored: f64) -> Estimate {
     let (all, trainable) = parameters(model, config);
+    let weights = if config.lora.is_some() { all * stored + trainable * F32 } else { all * F32 };
     let layers = model.num_hidden_layers as f64;
     let tokens = (batch.rows * batch.length) as f64;
     let layer = layer_activations(model, batch) * F32;
@@ -147,8 +150,8 @@ pub fn estimate(model: &LlamaConfig, config: &TrainConfig, batch: BatchShape) ->
     let gradients = if config.grad_accum > 1 { 2.0 } else { 1.0 } * trainable * F32;
     Estimate {
         parts: vec![
-            ("weights (f32)", all * F32),
-            ("reference copy", if resident_reference { all * F32 } else { 0.0 }),
+            ("weights", weights),
+            ("reference copy", if resident_reference { all * stored } else { 0.0 }),
             ("gradients", gradients),
             ("AdamW moments", 2.0 * trainable * F32),
             (if config.gradient_checkpointing { "activations (checkpointed)" } else { "activations" }, activations),
@@ -188,10 +191,10 @@ pub fn available_bytes() -> Option<f64> {
 }
 
 /// Settings that lower the estimate, each with its estimate (those that fit first).
-fn alternatives(model: &LlamaConfig, config: &TrainConfig, batch: BatchShape) -> Vec<(String, f64)> {
+fn alternatives(model: &LlamaConfig, config: &TrainConfig, batch: BatchShape, stored: f64) -> Vec<(String, f64)> {
     let mut out = Vec::new();
     let mut try_with = |label: String, changed: TrainConfig, batch: BatchShape| {
-        out.push((label, estimate(model, &changed, batch).total()));
+        out.push((label, estimate(model, &changed, batch, stored).total()));
     };
     if !config.gradient_checkpointing && config.lora.as_ref().is_none_or(|l| l.lora_dropout == 0.0) {
         try_with("gradient_checkpointing: true".into(), TrainConfig { gradient_checkpointing: true, ..config.clone() }, batch);
@@ -217,14 +220,14 @@ fn alternatives(model: &LlamaConfig, config: &TrainConfig, batch: BatchShape) ->
 }
 
 /// Stops a run whose estimate exceeds the memory available, naming what would fit.
-pub fn preflight(model: &LlamaConfig, config: &TrainConfig, batch: BatchShape) -> Result<Estimate> {
-    let estimate = estimate(model, config, batch);
+pub fn preflight(model: &LlamaConfig, config: &TrainConfig, batch: BatchShape, stored: f64) -> Result<Estimate> {
+    let estimate = estimate(model, config, batch, stored);
     let Some(available) = available_bytes() else { return Ok(estimate) };
     if estimate.total() <= available {
         return Ok(estimate);
     }
     let mut options = String::new();
-    for (label, bytes) in alternatives(model, config, batch) {
+    for (label, bytes) in alternatives(model, config, batch, stored) {
         let verdict = if bytes <= available { "fits" } else { "still too much" };
         options.push_str(&format!("\n  {label}: {:.0} MB ({verdict})", bytes / MB));
     }

@@ -378,7 +378,7 @@ pub fn precompute(job: &LogpsJob) -> Result<usize> {
         bail!("{}: the output would overwrite the data", out.display());
     }
     let device = super::backend_device(job.backend)?;
-    let (config, model) = crate::model::load_model(model_dir, &device)?;
+    let (config, model) = crate::model::load_frozen_model(model_dir, &device)?;
     let mut tokenizer = crate::data::TextTokenizer::load_with(&model_dir.join("tokenizer.json"), &config.eos_ids(), config.pad_token_id)?;
     tokenizer.prompt_special_tokens = job.prompt_special_tokens;
     let limits = crate::data::Truncation { max_length: job.limits.max_length.min(config.max_positions()), ..job.limits };

@@ -29,7 +29,7 @@ use crate::data::packed::PackedLayout;
 use super::memory::{self, BatchShape, Estimate};
 use crate::data::{Example, LoadReport, TextTokenizer, Truncation, collate_pairs, collate_sft, collate_unpaired, load_examples, load_unpaired_examples};
 use crate::model::weights::{ADAPTER_CONFIG, ExtraFile};
-use crate::model::{Llama, LlamaConfig, RandomInit, load_model, read_adapter, save_adapter, save_model, save_model_with};
+use crate::model::{Llama, LlamaConfig, RandomInit, load_frozen_model, load_model, read_adapter, save_adapter, save_model, save_model_with};
 use crate::rng::SplitMix64;
 use crate::script::{ScriptHost, ScriptTensor, ScriptVersion, ScriptWatcher, set_script_device};
 
@@ -426,6 +426,8 @@ pub struct RunPlan {
     pub report: LoadReport,
     pub memory: Estimate,
     pub batch: BatchShape,
+    /// The checkpoint's bytes per parameter as stored.
+    pub stored: f64,
 }
 
 impl RunPlan {
@@ -445,8 +447,13 @@ impl RunPlan {
             _ => load_examples(data, &tokenizer, config.mode == Mode::Preference, limits, config.skip_bad_rows)?,
         };
         let batch = BatchShape::worst(config, &examples);
-        let memory = if preflight { memory::preflight(&model_config, config, batch)? } else { memory::estimate(&model_config, config, batch) };
-        Ok(Self { model_config, tokenizer, examples, report, memory, batch })
+        // Frozen copies keep the checkpoint's dtype; the headers say which (and are checked).
+        let stored = match config.init {
+            Init::Pretrained => crate::model::weights::SafetensorsWeights::open(&model_dir)?.stored_bytes_per_element(),
+            Init::Random => 4.0,
+        };
+        let memory = if preflight { memory::preflight(&model_config, config, batch, stored)? } else { memory::estimate(&model_config, config, batch, stored) };
+        Ok(Self { model_config, tokenizer, examples, report, memory, batch, stored })
     }
 }
 
@@ -464,16 +471,18 @@ pub fn dry_run(host: &mut ScriptHost, script: &Path) -> Result<()> {
         Some(available) => println!("available: {:.0} MB (MemAvailable or the cgroup's limit)", available / 1048576.0),
         None => println!("available: unknown (no /proc/meminfo or cgroup limit to read)"),
     }
-    memory::preflight(&plan.model_config, &config, plan.batch).map(|_| ())
+    memory::preflight(&plan.model_config, &config, plan.batch, plan.stored).map(|_| ())
 }
 
 /// The starting policy: the model folder's weights (or a seeded random init), LoRA
 /// adapters with their seeded initial values, and the mixed-precision setting. Seeds the
 /// device first, so building it again gives the same weights.
-fn build_policy(config: &TrainConfig, device: &Device) -> Result<(LlamaConfig, Llama)> {
+pub fn build_policy(config: &TrainConfig, device: &Device) -> Result<(LlamaConfig, Llama)> {
     crate::model::seed_model_draws(device, config.seed);
     let model_dir = PathBuf::from(&config.model);
     let (model_config, mut policy) = match config.init {
+        // A LoRA base never trains: its matrices stay in the checkpoint's dtype.
+        Init::Pretrained if config.lora.is_some() => load_frozen_model(&model_dir, device)?,
         Init::Pretrained => load_model(&model_dir, device)?,
         Init::Random => {
             let mc = LlamaConfig::from_file(&model_dir.join("config.json"))?;
@@ -489,6 +498,17 @@ fn build_policy(config: &TrainConfig, device: &Device) -> Result<(LlamaConfig, L
     }
     // The resident and frozen-base references inherit it: TRL's reference forward runs under the same autocast.
     Ok((model_config, policy.with_precision(config.mixed_precision)))
+}
+
+/// The frozen reference kept beside a fully trained policy (no LoRA, no `ref_logps`), on
+/// the plain device: the checkpoint's weights in their stored dtype rather than the
+/// policy's f32 copy, which the first update would leave behind as a second f32 model. A
+/// random init has no stored form; its reference is the policy's starting weights.
+pub fn resident_reference(config: &TrainConfig, policy: &Llama, device: &Device) -> Result<Llama> {
+    Ok(match config.init {
+        Init::Pretrained => load_frozen_model(Path::new(&config.model), &device.clone().without_autodiff())?.1.with_precision(config.mixed_precision),
+        Init::Random => policy.valid(),
+    })
 }
 
 /// Two pairs (or rows) of made-up log-probs with a gradient path, shaped like a real batch.
@@ -580,7 +600,7 @@ impl Trainer {
             (_, false) => None,
             (Some(path), true) => Some(Reference::Precomputed(PrecomputedReference::load(Path::new(path), &examples)?)),
             (None, true) if config.lora.is_some() => Some(Reference::FrozenBase),
-            (None, true) => Some(Reference::Resident(policy.valid())),
+            (None, true) => Some(Reference::Resident(resident_reference(&config, &policy, &train_device)?)),
         };
         let per_step = config.batch_size * config.grad_accum;
         let total_steps = max_steps_override.or(config.max_steps).unwrap_or(config.epochs * examples.len().div_ceil(per_step) * config.replay);

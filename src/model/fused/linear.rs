@@ -3,6 +3,11 @@
 //! copied once more to align it; here gemm writes straight into the output, and the backward
 //! runs the two products it needs (dx = dy·wᵀ, dw = xᵀ·dy) the same way, reading the
 //! transposes through strides. Other backends and dtypes use burn's `matmul`.
+//!
+//! A frozen weight kept in its checkpoint's bf16/f16 (`load_frozen_model`) is widened to f32
+//! for each product and the f32 copy dropped right after, in the backward too: only the
+//! stored copy stays resident, and the product is the one an f32 copy of it would give
+//! (the widening is exact and gemm sees the same layout).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -11,15 +16,20 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::{Shape, Tensor};
+use burn::tensor::{DType, FloatDType, Shape, Tensor};
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
 
 use super::elementwise::{On, locate};
-use super::kernels::{Buffer, contiguous, gemm_parallel, matrix};
+use super::kernels::{Buffer, View, contiguous, gemm_parallel, matrix};
 
 type AutodiffFlex = Autodiff<Flex, NoCheckpointing>;
 
 /// x [n, in] · w [in, out] -> [n, out].
 pub fn matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    if w.dtype() != DType::F32 {
+        return frozen(x, w);
+    }
     match locate([&x, &w]) {
         Some(On::Tracked([xp, wp])) => Tensor::from_primitive::<AutodiffFlex>(tracked(xp, wp)),
         Some(On::Plain([xp, wp])) => Tensor::from_primitive::<Flex>(product(&xp, &wp)),
@@ -67,5 +77,157 @@ fn tracked(x: FloatTensor<AutodiffFlex>, w: FloatTensor<AutodiffFlex>) -> FloatT
             prep.finish((xp, wp), y)
         }
         OpsKind::UnTracked(prep) => prep.finish(product(&x.into_primitive(), &w.into_primitive())),
+    }
+}
+
+/// x (f32) · w stored in bf16 or f16 and frozen -> f32.
+fn frozen(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    if super::enabled() && x.dtype() == DType::F32 && matches!(w.dtype(), DType::BF16 | DType::F16) && !w.is_require_grad() {
+        if let (Ok(xp), Ok(wp)) = (x.clone().try_into_primitive::<AutodiffFlex>(), w.clone().try_into_primitive::<AutodiffFlex>()) {
+            return Tensor::from_primitive::<AutodiffFlex>(frozen_tracked(xp, wp.into_primitive()));
+        }
+        if let (Ok(xp), Ok(wp)) = (x.clone().try_into_primitive::<Flex>(), w.clone().try_into_primitive::<Flex>()) {
+            return Tensor::from_primitive::<Flex>(frozen_product(&xp, &wp, WIDEN_BLOCK));
+        }
+    }
+    // Elsewhere burn's ops: the f32 copy lives as long as autodiff keeps the product's inputs.
+    x.matmul(w.cast(FloatDType::F32))
+}
+
+/// How many elements of a frozen weight are widened to f32 at a time (8 MB): a larger
+/// weight (a vocabulary projection) is multiplied a block of output columns at a time.
+const WIDEN_BLOCK: usize = 1 << 21;
+/// The narrowest band of columns `frozen_product` multiplies at once.
+const MIN_BAND: usize = 64;
+
+/// a [m, k] (f32) · b [k, n] (bf16/f16, any strides) into a new contiguous [m, n] f32
+/// tensor, widening at most `block` elements of b at a time. Each block is a band of whole
+/// columns of b, so every output still sums over all of k in one gemm call.
+fn frozen_product(a: &FlexTensor, b: &FlexTensor, block: usize) -> FlexTensor {
+    let (m, k, n) = (a.layout().shape()[0], a.layout().shape()[1], b.layout().shape()[1]);
+    assert_eq!(k, b.layout().shape()[0], "matmul: inner dimensions differ");
+    // Bands of at least 64 columns, a multiple of 16: gemm's narrow-product paths sum in
+    // another order (bands of 1 to 4 columns were measured to differ, 8 and more not).
+    let cols = (block / k.max(1)).max(MIN_BAND) / 16 * 16;
+    let mut out = Buffer::new(m * n);
+    let dst = out.out();
+    let mut start = 0;
+    while start < n {
+        // A narrow remainder joins the last band.
+        let width = if n - start < cols + MIN_BAND { n - start } else { cols };
+        let (values, view) = widen_columns(b, start, width);
+        // SAFETY: `a` is a live [m, k] tensor, `values` holds the [k, width] block `view`
+        // reads, and the block's columns start..start+width of dst are in bounds of m·n.
+        unsafe { gemm_parallel(m, width, k, dst.at(start), n, false, matrix(a), view) };
+        drop(values);
+        start += width;
+    }
+    // SAFETY: the column blocks cover all n columns of all m rows.
+    unsafe { contiguous(out.filled(), Shape::new([m, n])) }
+}
+
+/// Columns start..start+width of a 2-D bf16/f16 flex tensor as f32, laid out as the tensor
+/// is (column-major stays column-major), and the view that reads them.
+fn widen_columns(t: &FlexTensor, start: usize, width: usize) -> (Vec<f32>, View) {
+    let rows = t.layout().shape()[0];
+    let st = t.layout().strides();
+    let (rs, cs) = (st[0], st[1]);
+    let column_major = rs.unsigned_abs() < cs.unsigned_abs();
+    // The block is written line by line along its smaller stride: columns if column-major, else rows.
+    let (len, line_stride, step) = if column_major { (rows, cs, rs) } else { (width, rs, cs) };
+    let base = t.layout().start_offset() as isize + start as isize * cs;
+    let mut values = vec![0f32; rows * width];
+    fn fill<E: Copy + Sync + Into<f32>>(src: &[E], dst: &mut [f32], len: usize, base: isize, line_stride: isize, step: isize, convert: fn(&[E], &mut [f32])) {
+        dst.par_chunks_mut(len).enumerate().for_each(|(line, out)| {
+            let first = base + line as isize * line_stride;
+            if step == 1 {
+                convert(&src[first as usize..first as usize + len], out);
+            } else {
+                out.iter_mut().enumerate().for_each(|(i, o)| *o = src[(first + i as isize * step) as usize].into());
+            }
+        });
+    }
+    match t.dtype() {
+        DType::BF16 => fill(t.storage::<half::bf16>(), &mut values, len, base, line_stride, step, |s, d| s.convert_to_f32_slice(d)),
+        DType::F16 => fill(t.storage::<half::f16>(), &mut values, len, base, line_stride, step, |s, d| s.convert_to_f32_slice(d)),
+        other => unreachable!("widen: {other:?} is not a 16-bit float"),
+    }
+    let view = if column_major {
+        View { ptr: values.as_ptr(), row_stride: 1, col_stride: rows as isize }
+    } else {
+        View { ptr: values.as_ptr(), row_stride: width as isize, col_stride: 1 }
+    };
+    (values, view)
+}
+
+/// dx = dy · wᵀ, w widened again a block at a time: the backward keeps only the stored weight.
+#[derive(Debug)]
+struct FrozenMatmulBackward;
+
+impl Backward<Flex, 1> for FrozenMatmulBackward {
+    /// w as stored.
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node);
+        if let Some(node) = node_x {
+            grads.register::<Flex>(node.id, frozen_product(&dy, &ops.state.transpose(0, 1), WIDEN_BLOCK));
+        }
+    }
+}
+
+fn frozen_tracked(x: FloatTensor<AutodiffFlex>, w: FlexTensor) -> FloatTensor<AutodiffFlex> {
+    match FrozenMatmulBackward.prepare::<NoCheckpointing>([x.node()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let y = frozen_product(&x.into_primitive(), &w, WIDEN_BLOCK);
+            prep.finish(w, y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(frozen_product(&x.into_primitive(), &w, WIDEN_BLOCK)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    fn flex(t: Tensor<2>) -> FlexTensor {
+        t.try_into_primitive::<Flex>().ok().expect("a flex tensor")
+    }
+
+    /// Widening a band of columns at a time gives the product of the f32 weight, bit for
+    /// bit: each output still sums over all of k in one gemm call. Row- and column-major
+    /// weights (a transposed checkpoint matrix is column-major), forward and transposed
+    /// (the backward's wᵀ), bf16 and f16, bands of 64 columns up to the whole weight. (Bands
+    /// of 1 to 4 columns were measured to differ: gemm's narrow paths sum in another order.)
+    #[test]
+    fn blockwise_widening_gives_the_f32_product_bit_for_bit() {
+        let device = burn::tensor::Device::flex();
+        let (m, k, n) = (37, 160, 300);
+        let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
+        let xt = Tensor::<2>::random([m, n], Distribution::Normal(0.0, 1.0), &device);
+        for (dtype, float) in [(DType::BF16, FloatDType::BF16), (DType::F16, FloatDType::F16)] {
+            let stored = Tensor::<2>::random([n, k], Distribution::Normal(0.0, 0.1), &device).cast(float);
+            // Column-major [k, n], as a checkpoint's [out, in] transposed, and row-major.
+            let row_major = |t: Tensor<2>, dtype: DType| Tensor::<2>::from_data(t.transpose().into_data(), (&device, dtype));
+            let wide = stored.clone().cast(FloatDType::F32);
+            let layouts = [(stored.clone().transpose(), wide.clone().transpose()), (row_major(stored.clone(), dtype), row_major(wide.clone(), DType::F32))];
+            for (w16, w32) in layouts {
+                assert_eq!((w16.dtype(), w32.dtype()), (dtype, DType::F32));
+                let want = product(&flex(x.clone()), &flex(w32.clone())).into_data();
+                let want_t = product(&flex(xt.clone()), &flex(w32.clone().transpose())).into_data();
+                // Forward: bands of 64 (64, 64, 64, 108) and 96 columns, and whole; the
+                // transpose's 160 columns: 64 + 96, and whole.
+                for block in [1, 64 * k, 96 * k, k * n] {
+                    let got = frozen_product(&flex(x.clone()), &flex(w16.clone()), block).into_data();
+                    assert!(got.as_slice::<f32>().unwrap() == want.as_slice::<f32>().unwrap(), "{dtype:?}, block {block}: differs");
+                }
+                for block in [1, 64 * n, n * k] {
+                    let got = frozen_product(&flex(xt.clone()), &flex(w16.clone().transpose()), block).into_data();
+                    assert!(got.as_slice::<f32>().unwrap() == want_t.as_slice::<f32>().unwrap(), "{dtype:?} transposed, block {block}: differs");
+                }
+            }
+        }
     }
 }
