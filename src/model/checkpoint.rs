@@ -45,6 +45,7 @@ pub fn recomputed_layer(layer: &DecoderLayer, x: Tensor<3>, rotary: &RotaryTable
         return y;
     }
     #[cfg(feature = "tch")]
+    #[allow(deprecated)] // burn-tch: the libtorch backend this project builds offline
     if let Some(y) = recomputed::<burn::backend::LibTorch>(layer, &input) {
         return y;
     }
@@ -91,6 +92,7 @@ trait Native: Backend {
 
 macro_rules! native {
     ($backend:ty) => {
+        #[allow(deprecated)] // burn-tch's LibTorch is deprecated; it is the libtorch backend we build
         impl Native for $backend {
             fn tracked<const D: usize>(t: Tensor<D>) -> Option<FloatTensor<Autodiff<Self>>> {
                 t.try_into_primitive::<Autodiff<Self>>().ok()
