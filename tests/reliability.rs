@@ -84,3 +84,86 @@ fn ctrl_c_saves_a_checkpoint_and_the_run_can_continue() {
     assert!(!out.status.success() && text(&out).contains(&want), "{}", text(&out));
     assert_eq!(loss_lines(&dir).len(), step + 2);
 }
+
+/// `--resume` checks the run's inputs against the fingerprints recorded when it started:
+/// edited data and changed weights are refused, naming the file; `--resume-anyway` goes
+/// on (and records the new inputs); a moved but identical model folder, and an older run
+/// folder without fingerprints, resume as before.
+#[test]
+fn resume_refuses_changed_data_or_model_unless_asked_to_go_on() {
+    let sb = Sandbox::new();
+    copy_dir(&repo().join("models/tiny-math"), &sb.path("model"));
+    let data = sb.path("data/pairs.jsonl");
+    std::fs::create_dir_all(data.parent().unwrap()).unwrap();
+    let original = std::fs::read_to_string(repo().join("data/arithmetic/pairs.jsonl")).unwrap();
+    std::fs::write(&data, &original).unwrap();
+    let model = sb.path("model");
+    let config = |model: &str| {
+        small_config("seed: 3, save_every: 1, params: #{ beta: 0.1 },")
+            .replace("models/tiny-math", model)
+            .replace("data/arithmetic/pairs.jsonl", data.to_str().unwrap())
+    };
+    let write_script = |model: &str| sb.write("scripts/exp.rhai", &format!("import \"losses/dpo\" as dpo;\nfn loss(b, p) {{ dpo::loss(b, p) }}\ntrain({});\n", config(model)));
+    let path = write_script(model.to_str().unwrap());
+    let dir = sb.path("run");
+    let run = |args: &[&str]| {
+        let mut all = vec!["run", "--resume", dir.to_str().unwrap(), "--no-watch"];
+        all.extend_from_slice(args);
+        run_host(&all)
+    };
+    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap(), "--max-steps", "2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let identity: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("identity.json")).unwrap()).unwrap();
+    for role in ["data", "model config.json", "tokenizer tokenizer.json", "weights model.safetensors"] {
+        assert!(identity["inputs"][role]["sha256"].as_str().is_some_and(|s| s.len() == 64), "{role}: {identity}");
+    }
+
+    // Unchanged: resumes.
+    let out = run(&["--max-steps", "3"]);
+    assert!(out.status.success() && text(&out).contains("resuming"), "{}", text(&out));
+
+    // Edited data (two rows swapped: same size, same row count): refused, nothing written.
+    let mut lines: Vec<&str> = original.lines().collect();
+    lines.swap(0, 1);
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let out = run(&["--max-steps", "4"]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains(&format!("data ({}): sha256", data.display())) && said.contains("--resume-anyway") && said.contains("new run"), "{said}");
+    assert!(!said.contains("weights"), "only the data changed: {said}");
+    assert_eq!(loss_lines(&dir).len(), 3);
+    assert!(!dir.join("checkpoint-4").exists());
+    std::fs::write(&data, &original).unwrap();
+
+    // Other weights (one mantissa bit of the last value): refused, naming the weights file.
+    let weights = model.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let at = bytes.len() - 4;
+    bytes[at] ^= 1;
+    std::fs::write(&weights, &bytes).unwrap();
+    let out = run(&["--max-steps", "4"]);
+    assert!(!out.status.success() && text(&out).contains(&format!("weights model.safetensors ({})", weights.display())), "{}", text(&out));
+    assert_eq!(loss_lines(&dir).len(), 3);
+
+    // --resume-anyway goes on, logs what changed, and records the new inputs.
+    let out = run(&["--max-steps", "4", "--resume-anyway"]);
+    assert!(out.status.success() && text(&out).contains("resuming anyway"), "{}", text(&out));
+    assert_eq!(loss_lines(&dir).len(), 4);
+    let events = read_lines(&dir.join("metrics.jsonl"));
+    assert!(events.iter().any(|l| l["event"] == "resumed_anyway" && l["changed"].to_string().contains("model.safetensors")), "{events:?}");
+    let out = run(&["--max-steps", "5"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // The same model in another folder is the same model.
+    let moved = sb.path("moved-model");
+    copy_dir(&model, &moved);
+    write_script(moved.to_str().unwrap());
+    let out = run(&["--max-steps", "6"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // A run folder from before fingerprints were recorded resumes unchecked, with a note.
+    std::fs::remove_file(dir.join("identity.json")).unwrap();
+    let out = run(&["--max-steps", "7"]);
+    assert!(out.status.success() && text(&out).contains("no identity.json"), "{}", text(&out));
+    assert_eq!(loss_lines(&dir).len(), 7);
+}

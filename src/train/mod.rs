@@ -8,6 +8,7 @@ pub mod config;
 pub mod console;
 pub mod evaluate;
 pub mod grads;
+pub mod identity;
 pub mod logps;
 pub mod loss_call;
 pub mod memory;
