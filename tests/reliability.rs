@@ -167,3 +167,71 @@ fn resume_refuses_changed_data_or_model_unless_asked_to_go_on() {
     assert!(out.status.success() && text(&out).contains("no identity.json"), "{}", text(&out));
     assert_eq!(loss_lines(&dir).len(), 7);
 }
+
+/// One writer per run folder: `run.lock` held by a live process refuses a second
+/// `--resume` with its PID (and one of another host names that host); a lock whose PID is
+/// gone is taken over; the lock is removed when a run ends, with success or an error.
+#[test]
+fn a_second_writer_is_refused_and_a_stale_lock_is_taken_over() {
+    let sb = Sandbox::new();
+    let path = sb.write("scripts/exp.rhai", &script(2, "    dpo::loss(b, p)", ""));
+    let dir = sb.path("run");
+    let lock = dir.join(prefhost::train::lock::LOCK_FILE);
+    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!lock.exists(), "the lock outlived the run");
+    let resume = |steps: &str| run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch", "--max-steps", steps]);
+    let host = prefhost::train::lock::hostname();
+
+    // Held by a live process (this test): refused with its PID, nothing written.
+    let me = std::process::id();
+    std::fs::write(&lock, format!("{{\"pid\": {me}, \"host\": \"{host}\"}}\n")).unwrap();
+    let out = resume("3");
+    assert!(!out.status.success() && text(&out).contains(&format!("run.lock: held by PID {me} on this host")), "{}", text(&out));
+    assert_eq!(loss_lines(&dir).len(), 2);
+    assert!(lock.exists(), "a refused run removed the holder's lock");
+
+    // Held on another host: refused, naming it.
+    std::fs::write(&lock, "{\"pid\": 1, \"host\": \"elsewhere.example\"}\n").unwrap();
+    let out = resume("3");
+    assert!(!out.status.success() && text(&out).contains("held by PID 1 on host elsewhere.example"), "{}", text(&out));
+
+    // A cut-short lock: refused, naming the file.
+    std::fs::write(&lock, "").unwrap();
+    let out = resume("3");
+    assert!(!out.status.success() && text(&out).contains("run.lock: a lock file that is not"), "{}", text(&out));
+
+    // Stale (no such PID on this host): taken over with a note; the run goes on and
+    // removes the lock when it ends.
+    std::fs::write(&lock, format!("{{\"pid\": 999999999, \"host\": \"{host}\"}}\n")).unwrap();
+    let out = resume("3");
+    assert!(out.status.success() && text(&out).contains("taking over a stale lock of PID 999999999"), "{}", text(&out));
+    assert_eq!(loss_lines(&dir).len(), 3);
+    assert!(!lock.exists());
+
+    // An error exit (fewer steps than the checkpoint has) removes it too.
+    let out = resume("1");
+    assert!(!out.status.success() && text(&out).contains("past the 1 steps"), "{}", text(&out));
+    assert!(!lock.exists(), "the lock outlived a failed run");
+}
+
+/// While a run writes, a second `--resume` of its folder is refused with the first's PID.
+#[test]
+fn a_resume_of_a_running_run_is_refused_with_its_pid() {
+    let sb = Sandbox::new();
+    let path = sb.write("scripts/exp.rhai", &script(4000, "    dpo::loss(b, p)", ""));
+    let dir = sb.path("run");
+    let mut child = host()
+        .args(["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the first checkpoint", || dir.join("checkpoint-4/trainer_state.json").is_file());
+    let out = run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch"]);
+    let said = text(&out);
+    let _ = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let status = child.wait().unwrap();
+    assert!(!out.status.success() && said.contains(&format!("held by PID {} on this host", child.id())), "{said}");
+    assert_eq!(status.code(), Some(130), "the first run went on and stopped at Ctrl-C");
+    assert!(!dir.join(prefhost::train::lock::LOCK_FILE).exists(), "Ctrl-C left the lock");
+}

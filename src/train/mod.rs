@@ -10,6 +10,7 @@ pub mod evaluate;
 pub mod grads;
 pub mod identity;
 pub mod logps;
+pub mod lock;
 pub mod loss_call;
 pub mod memory;
 pub mod metrics;

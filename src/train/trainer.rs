@@ -137,6 +137,11 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
     let mut current = version;
     let mut previous: Option<ScriptVersion> = None;
     require_loss(&current, &config.loss_fn)?;
+    // Held until this function returns (a result, an error or Ctrl-C): one writer per folder.
+    let mut _lock = match &options.resume {
+        Some(run_dir) => Some(super::lock::RunLock::acquire(run_dir)?),
+        None => None,
+    };
     // Before any weight is loaded: a resume onto other inputs is refused at once.
     let (changed_inputs, inputs_now) = match &options.resume {
         Some(run_dir) => super::identity::check_resume(run_dir, &config, options.resume_anyway)?,
@@ -174,6 +179,7 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
             // After the loaders checked the inputs, so that their errors come first.
             let identity = super::identity::RunIdentity::of(&trainer.config)?;
             std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+            _lock = Some(super::lock::RunLock::acquire(&run_dir)?);
             checkpoint::write_run_info(&run_dir, &options.script, trainer.config.arm.as_deref())?;
             identity.write(&run_dir)?;
             metrics_path = run_dir.join("metrics.jsonl");
