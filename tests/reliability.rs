@@ -54,16 +54,22 @@ fn nonfinite_steps_are_skipped_and_too_many_in_a_row_stop_the_run() {
     assert!(!dir.join("checkpoint-8").exists() && !dir.join("checkpoint-20").exists());
 }
 
-#[test]
-fn ctrl_c_saves_a_checkpoint_and_the_run_can_continue() {
-    let sb = Sandbox::new();
+/// A run of 4000 steps into `run/`, in the background (stopped by the test).
+fn start_long_run(sb: &Sandbox) -> (std::process::Child, std::path::PathBuf) {
     let path = sb.write("scripts/exp.rhai", &script(4000, "    dpo::loss(b, p)", ""));
     let dir = sb.path("run");
-    let mut child = host()
+    let child = host()
         .args(["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap()])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
+    (child, dir)
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_the_run_can_continue() {
+    let sb = Sandbox::new();
+    let (mut child, dir) = start_long_run(&sb);
     wait_until("a few steps", || loss_lines(&dir).len() >= 3);
     let sent = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(sent.success());
@@ -219,13 +225,7 @@ fn a_second_writer_is_refused_and_a_stale_lock_is_taken_over() {
 #[test]
 fn a_resume_of_a_running_run_is_refused_with_its_pid() {
     let sb = Sandbox::new();
-    let path = sb.write("scripts/exp.rhai", &script(4000, "    dpo::loss(b, p)", ""));
-    let dir = sb.path("run");
-    let mut child = host()
-        .args(["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut child, dir) = start_long_run(&sb);
     wait_until("the first checkpoint", || dir.join("checkpoint-4/trainer_state.json").is_file());
     let out = run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch"]);
     let said = text(&out);
