@@ -235,3 +235,51 @@ fn a_resume_of_a_running_run_is_refused_with_its_pid() {
     assert_eq!(status.code(), Some(130), "the first run went on and stopped at Ctrl-C");
     assert!(!dir.join(prefhost::train::lock::LOCK_FILE).exists(), "Ctrl-C left the lock");
 }
+
+/// Each checkpoint has a manifest (size and SHA-256 of each file); a latest checkpoint
+/// damaged after it was written (a flipped byte, a truncated file) is passed over for the
+/// previous good one, and the resumed run's metrics are those of the undamaged run.
+#[test]
+fn a_damaged_latest_checkpoint_falls_back_to_the_previous_one() {
+    let sb = Sandbox::new();
+    let path = sb.write("scripts/exp.rhai", &script(8, "    dpo::loss(b, p)", ""));
+    let dir = sb.path("run");
+    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let whole = loss_lines(&dir);
+    assert_eq!(whole.len(), 8);
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint-8/manifest.json")).unwrap()).unwrap();
+    for file in ["model.safetensors", "optimizer.bpk", "trainer_state.json", "script_sources.json", "config.json", "tokenizer.json"] {
+        assert!(manifest["files"][file]["size"].as_u64().is_some(), "{file}: {manifest}");
+    }
+
+    // One flipped byte in the middle of the weights.
+    let weights = dir.join("checkpoint-8/model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    std::fs::write(&weights, &bytes).unwrap();
+    let out = run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("falling back to") && said.contains("checkpoint-4") && said.contains("model.safetensors: sha256"), "{said}");
+    assert_eq!(loss_lines(&dir), whole, "the run resumed from checkpoint-4 must reproduce steps 5-8");
+    assert!(prefhost::model::weights::verify_manifest(&dir.join("checkpoint-8")).unwrap(), "checkpoint-8 was saved again");
+
+    // A truncated optimizer state.
+    let optimizer = dir.join("checkpoint-8/optimizer.bpk");
+    let len = std::fs::metadata(&optimizer).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&optimizer).unwrap().set_len(len / 2).unwrap();
+    let out = run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch"]);
+    let said = text(&out);
+    assert!(out.status.success() && said.contains("optimizer.bpk") && said.contains("truncated?"), "{said}");
+    assert_eq!(loss_lines(&dir), whole);
+
+    // Every checkpoint damaged: refused, naming each.
+    for step in [4, 8] {
+        std::fs::write(dir.join(format!("checkpoint-{step}/config.json")), "{}").unwrap();
+    }
+    let out = run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch"]);
+    let said = text(&out);
+    assert!(!out.status.success() && said.contains("every checkpoint is damaged") && said.contains("checkpoint-4/config.json"), "{said}");
+}

@@ -47,7 +47,7 @@ fn hex(hasher: sha2::Sha256) -> String {
 /// The whole file: data files, configs and tokenizers are small to medium, and SHA-256
 /// takes a few seconds per GB, little next to tokenizing the data, which a run start
 /// does anyway.
-fn whole(path: &Path) -> Result<Fingerprint> {
+pub fn whole(path: &Path) -> Result<Fingerprint> {
     let mut file = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let mut hasher = sha2::Sha256::default();
     let mut buffer = vec![0u8; 1 << 20];
