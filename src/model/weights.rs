@@ -528,6 +528,10 @@ pub fn verify_manifest(dir: &Path) -> Result<bool> {
         let (Some(size), Some(sha)) = (want["size"].as_u64(), want["sha256"].as_str()) else {
             bail!("{}: files.{name}: needs \"size\" (a number) and \"sha256\" (a string)", path.display());
         };
+        // A name from a damaged manifest must not lead outside the checkpoint.
+        if name.is_empty() || name.contains('/') || name == ".." || name == "." {
+            bail!("{}: files.{name:?}: not the name of a file in the checkpoint", path.display());
+        }
         let file = dir.join(name);
         if !file.is_file() {
             bail!("{}: missing (the manifest lists it)", file.display());

@@ -192,8 +192,9 @@ pub fn check_resume(run_dir: &Path, config: &TrainConfig, anyway: bool) -> Resul
     Ok((changes, Some(now)))
 }
 
+/// The first 12 characters (a hash read from a damaged file may be anything).
 fn short(sha: &str) -> &str {
-    &sha[..sha.len().min(12)]
+    sha.char_indices().nth(12).map_or(sha, |(end, _)| &sha[..end])
 }
 
 fn sorted_files(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<String>> {
