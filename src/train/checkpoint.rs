@@ -96,6 +96,15 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<(usize, PathBuf)> {
     bail!("{}: every checkpoint is damaged:\n  {}", run_dir.display(), damaged.join("\n  "))
 }
 
+/// Whether `run_dir` holds a `checkpoint-N/` with a trainer state, sound or not.
+pub fn has_checkpoint_folder(run_dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(run_dir) else { return false };
+    entries.filter_map(|e| e.ok()).any(|e| {
+        let name = e.file_name();
+        name.to_str().and_then(|n| n.strip_prefix("checkpoint-")).is_some_and(|s| s.parse::<usize>().is_ok()) && e.path().join(STATE_FILE).is_file()
+    })
+}
+
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let path = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
