@@ -393,7 +393,7 @@ pub fn run_child(name: &str, out: &Path, steps: usize, warmup: usize, round: usi
     let mut train_config = trainer::config_of(&version, None)?;
     train_config.rust_dpo_loss = config.rust_loss;
     let run_dir = out.join("runs").join(format!("{}-round{round}", name.replace('/', "_")));
-    let options = RunOptions { script: script_path, watch: false, run_dir: Some(run_dir.clone()), max_steps: Some(warmup + steps), resume: None };
+    let options = RunOptions { script: script_path, watch: false, run_dir: Some(run_dir.clone()), max_steps: Some(warmup + steps), resume: None, resume_anyway: false };
     let summary = trainer::train_one(&mut host, options, version, train_config, false)?;
     // The run's metrics stay; its checkpoints (weights and AdamW state, ~100 MB each on the
     // 34.6M model) would fill the disk over a full bench.

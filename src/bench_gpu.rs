@@ -315,7 +315,7 @@ pub fn run_child(out: &Path) -> Result<()> {
     let version = host.load(&script_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let config = trainer::config_of(&version, None)?;
     let run_dir = out.join("run");
-    let options = RunOptions { script: script_path, watch: false, run_dir: Some(run_dir.clone()), max_steps: Some(opts.warmup + opts.steps), resume: None };
+    let options = RunOptions { script: script_path, watch: false, run_dir: Some(run_dir.clone()), max_steps: Some(opts.warmup + opts.steps), resume: None, resume_anyway: false };
     let summary = trainer::train_one(&mut host, options, version, config, false)?;
     let (examples, _) = load_examples(&data, &TextTokenizer::load(&out.join("model/tokenizer.json"), Some(1), Some(2))?, true, limits(&opts), false)?;
     let first_loss = std::fs::read_to_string(run_dir.join("metrics.jsonl"))?

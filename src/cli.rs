@@ -29,6 +29,10 @@ enum Command {
         /// Continue a run folder from its latest checkpoint (after a crash, kill or Ctrl-C).
         #[arg(long, conflicts_with = "run_dir")]
         resume: Option<PathBuf>,
+        /// With --resume: go on although the data, model weights, tokenizer or ref_logps
+        /// differ from what the run started with (the data order and position are kept).
+        #[arg(long, requires = "resume")]
+        resume_anyway: bool,
         /// Do not watch the script and plugins for edits.
         #[arg(long)]
         no_watch: bool,
@@ -237,7 +241,7 @@ fn host_for(script: &Path, plugins: Option<&Path>, limits: &Limits) -> Result<Sc
 fn dispatch(command: Command) -> Result<ExitCode> {
     crate::failpoint::check()?;
     match command {
-        Command::Run { script, resume, no_watch, plugins, run_dir, max_steps, max_operations, dry_run } => {
+        Command::Run { script, resume, resume_anyway, no_watch, plugins, run_dir, max_steps, max_operations, dry_run } => {
             let script = match (script, &resume) {
                 (Some(script), _) => script,
                 (None, Some(dir)) => crate::train::checkpoint::read_run_info(dir)?.script,
@@ -249,7 +253,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 crate::train::trainer::dry_run(&mut host, &script)?;
                 return Ok(ExitCode::SUCCESS);
             }
-            let summary = crate::train::run(&mut host, RunOptions { script, watch: !no_watch, run_dir, max_steps, resume })?;
+            let summary = crate::train::run(&mut host, RunOptions { script, watch: !no_watch, run_dir, max_steps, resume, resume_anyway })?;
             // 130 = stopped by SIGINT, as shells report it; the checkpoint is written.
             Ok(if summary.interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS })
         }

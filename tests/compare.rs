@@ -68,3 +68,21 @@ fn a_bad_compare_list_is_refused_naming_the_field() {
         assert!(text(&out).contains(expected), "{arms}: {}", text(&out));
     }
 }
+
+/// An arm whose only checkpoint is damaged is not cleared and started over: the resume
+/// of the comparison is refused, naming the damaged file, and the arm's folder is kept.
+#[test]
+fn an_arm_with_only_damaged_checkpoints_is_refused_not_cleared() {
+    let sb = Sandbox::new();
+    let script = sb.write("scripts/cmp.rhai", &compare_script("#{ name: \"a\", loss: \"dpo_loss\" }, #{ name: \"b\", loss: \"dpop_loss\" }"));
+    let run_dir = sb.path("runs/cmp");
+    let out = run_host(&["run", script.to_str().unwrap(), "--no-watch", "--run-dir", run_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    // Arm b as a crash before its end would leave it: no result yet, its checkpoint damaged.
+    std::fs::remove_file(run_dir.join("b/arm_result.json")).unwrap();
+    let damaged = run_dir.join("b/checkpoint-3/config.json");
+    std::fs::write(&damaged, "{}").unwrap();
+    let out = run_host(&["run", "--resume", run_dir.to_str().unwrap(), "--no-watch"]);
+    assert!(!out.status.success() && text(&out).contains("every checkpoint is damaged") && text(&out).contains("checkpoint-3/config.json"), "{}", text(&out));
+    assert_eq!(std::fs::read_to_string(&damaged).unwrap(), "{}", "the arm's checkpoint was replaced");
+}

@@ -127,3 +127,64 @@ fn arbitrary_tensor_calls_never_panic() {
     }
     assert!(ok >= 150 && failed >= 150, "degenerate expressions: {ok} evaluated, {failed} refused");
 }
+
+/// A valid file of each kind the run folder holds, to be cut short or mutated.
+const RUN_FILES: &[(&str, &str)] = &[
+    ("run.json", r#"{"script": "scripts/x.rhai", "arm": "a"}"#),
+    ("trainer_state.json", r#"{"step": 2, "epoch": 0, "cursor": 4, "order": [1, 0], "rng": {"state": 5}, "loss_state": {}, "skipped_steps": 0, "replayed": [[0]]}"#),
+    ("identity.json", r#"{"inputs": {"data": {"path": "d.jsonl", "size": 3, "sha256": "abcdef0123456789", "sampled": true}}}"#),
+    ("manifest.json", r#"{"files": {"config.json": {"size": 2, "sha256": "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"}}}"#),
+    ("run.lock", r#"{"pid": 999999999, "host": "HOST"}"#),
+];
+
+fn mutate(rng: &mut SplitMix64, valid: &str) -> String {
+    match rng.range(0, 4) {
+        0 => valid.to_string(),
+        1 => valid[..rng.range(0, valid.len() as i64) as usize].to_string(),
+        2 => {
+            // A piece of token soup spliced in at a character boundary.
+            let at = rng.range(0, valid.len() as i64) as usize;
+            let at = (0..=at).rev().find(|&i| valid.is_char_boundary(i)).unwrap_or(0);
+            format!("{}{}{}", &valid[..at], rng.pick(PIECES), &valid[at..])
+        }
+        _ => (0..rng.range(0, 25)).map(|_| *rng.pick(PIECES)).collect(),
+    }
+}
+
+/// run.json, trainer_state.json, identity.json, a checkpoint's manifest and the run lock,
+/// valid, cut short, spliced or random: read back as Ok or an error naming the file (or,
+/// for a manifest, the checkpoint file that does not match it).
+#[test]
+fn arbitrary_run_folder_files_never_panic_their_readers() {
+    use prefhost::train::{checkpoint, identity::RunIdentity, lock::RunLock};
+    let mut rng = SplitMix64::new(18);
+    let host = prefhost::train::lock::hostname();
+    for case in 0..400 {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        let (name, valid) = *rng.pick(RUN_FILES);
+        let content = mutate(&mut rng, &valid.replace("HOST", &host));
+        std::fs::write(dir.path().join(name), &content).unwrap();
+        let result = catch_unwind(AssertUnwindSafe(|| -> Result<(), String> {
+            let err = |e: anyhow::Error| format!("{e:#}");
+            match name {
+                "run.json" => checkpoint::read_run_info(dir.path()).map(drop).map_err(err),
+                "trainer_state.json" => checkpoint::read_state(dir.path()).map(drop).map_err(err),
+                "identity.json" => RunIdentity::read(dir.path()).map(|read| {
+                    if let Some(read) = read {
+                        let _ = RunIdentity::default().changes_from(&read);
+                        let _ = read.changes_from(&read);
+                    }
+                }).map_err(err),
+                "manifest.json" => prefhost::model::weights::verify_manifest(dir.path()).map(drop).map_err(err),
+                _ => RunLock::acquire(dir.path()).map(drop).map_err(err),
+            }
+        }));
+        match result {
+            Err(_) => panic!("case {case}: {name} {content:?} panicked its reader"),
+            // The file itself, or (a manifest) the checkpoint file it lists.
+            Ok(Err(message)) => assert!(message.contains(&dir.path().display().to_string()), "case {case}: {name} {content:?}: the error does not name the file: {message}"),
+            Ok(Ok(())) => {}
+        }
+    }
+}

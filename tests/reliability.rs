@@ -54,16 +54,22 @@ fn nonfinite_steps_are_skipped_and_too_many_in_a_row_stop_the_run() {
     assert!(!dir.join("checkpoint-8").exists() && !dir.join("checkpoint-20").exists());
 }
 
-#[test]
-fn ctrl_c_saves_a_checkpoint_and_the_run_can_continue() {
-    let sb = Sandbox::new();
+/// A run of 4000 steps into `run/`, in the background (stopped by the test).
+fn start_long_run(sb: &Sandbox) -> (std::process::Child, std::path::PathBuf) {
     let path = sb.write("scripts/exp.rhai", &script(4000, "    dpo::loss(b, p)", ""));
     let dir = sb.path("run");
-    let mut child = host()
+    let child = host()
         .args(["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap()])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
+    (child, dir)
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_the_run_can_continue() {
+    let sb = Sandbox::new();
+    let (mut child, dir) = start_long_run(&sb);
     wait_until("a few steps", || loss_lines(&dir).len() >= 3);
     let sent = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(sent.success());
@@ -83,4 +89,197 @@ fn ctrl_c_saves_a_checkpoint_and_the_run_can_continue() {
     let want = format!("checkpoint-{}: the checkpoint is at step {}, past the 2 steps asked for", step + 2, step + 2);
     assert!(!out.status.success() && text(&out).contains(&want), "{}", text(&out));
     assert_eq!(loss_lines(&dir).len(), step + 2);
+}
+
+/// `--resume` checks the run's inputs against the fingerprints recorded when it started:
+/// edited data and changed weights are refused, naming the file; `--resume-anyway` goes
+/// on (and records the new inputs); a moved but identical model folder, and an older run
+/// folder without fingerprints, resume as before.
+#[test]
+fn resume_refuses_changed_data_or_model_unless_asked_to_go_on() {
+    let sb = Sandbox::new();
+    copy_dir(&repo().join("models/tiny-math"), &sb.path("model"));
+    let data = sb.path("data/pairs.jsonl");
+    std::fs::create_dir_all(data.parent().unwrap()).unwrap();
+    let original = std::fs::read_to_string(repo().join("data/arithmetic/pairs.jsonl")).unwrap();
+    std::fs::write(&data, &original).unwrap();
+    let model = sb.path("model");
+    let config = |model: &str| {
+        small_config("seed: 3, save_every: 1, params: #{ beta: 0.1 },")
+            .replace("models/tiny-math", model)
+            .replace("data/arithmetic/pairs.jsonl", data.to_str().unwrap())
+    };
+    let write_script = |model: &str| sb.write("scripts/exp.rhai", &format!("import \"losses/dpo\" as dpo;\nfn loss(b, p) {{ dpo::loss(b, p) }}\ntrain({});\n", config(model)));
+    let path = write_script(model.to_str().unwrap());
+    let dir = sb.path("run");
+    let run = |args: &[&str]| {
+        let mut all = vec!["run", "--resume", dir.to_str().unwrap(), "--no-watch"];
+        all.extend_from_slice(args);
+        run_host(&all)
+    };
+    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap(), "--max-steps", "2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let identity: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("identity.json")).unwrap()).unwrap();
+    for role in ["data", "model config.json", "tokenizer tokenizer.json", "weights model.safetensors"] {
+        assert!(identity["inputs"][role]["sha256"].as_str().is_some_and(|s| s.len() == 64), "{role}: {identity}");
+    }
+
+    // Unchanged: resumes.
+    let out = run(&["--max-steps", "3"]);
+    assert!(out.status.success() && text(&out).contains("resuming"), "{}", text(&out));
+
+    // Edited data (two rows swapped: same size, same row count): refused, nothing written.
+    let mut lines: Vec<&str> = original.lines().collect();
+    lines.swap(0, 1);
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let out = run(&["--max-steps", "4"]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains(&format!("data ({}): sha256", data.display())) && said.contains("--resume-anyway") && said.contains("new run"), "{said}");
+    assert!(!said.contains("weights"), "only the data changed: {said}");
+    assert_eq!(loss_lines(&dir).len(), 3);
+    assert!(!dir.join("checkpoint-4").exists());
+    std::fs::write(&data, &original).unwrap();
+
+    // Other weights (one mantissa bit of the last value): refused, naming the weights file.
+    let weights = model.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let at = bytes.len() - 4;
+    bytes[at] ^= 1;
+    std::fs::write(&weights, &bytes).unwrap();
+    let out = run(&["--max-steps", "4"]);
+    assert!(!out.status.success() && text(&out).contains(&format!("weights model.safetensors ({})", weights.display())), "{}", text(&out));
+    assert_eq!(loss_lines(&dir).len(), 3);
+
+    // --resume-anyway goes on, logs what changed, and records the new inputs.
+    let out = run(&["--max-steps", "4", "--resume-anyway"]);
+    assert!(out.status.success() && text(&out).contains("resuming anyway"), "{}", text(&out));
+    assert_eq!(loss_lines(&dir).len(), 4);
+    let events = read_lines(&dir.join("metrics.jsonl"));
+    assert!(events.iter().any(|l| l["event"] == "resumed_anyway" && l["changed"].to_string().contains("model.safetensors")), "{events:?}");
+    let out = run(&["--max-steps", "5"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // The same model in another folder is the same model.
+    let moved = sb.path("moved-model");
+    copy_dir(&model, &moved);
+    write_script(moved.to_str().unwrap());
+    let out = run(&["--max-steps", "6"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // A run folder from before fingerprints were recorded resumes unchecked, with a note.
+    std::fs::remove_file(dir.join("identity.json")).unwrap();
+    let out = run(&["--max-steps", "7"]);
+    assert!(out.status.success() && text(&out).contains("no identity.json"), "{}", text(&out));
+    assert_eq!(loss_lines(&dir).len(), 7);
+}
+
+/// One writer per run folder: `run.lock` held by a live process refuses a second
+/// `--resume` with its PID (and one of another host names that host); a lock whose PID is
+/// gone is taken over; the lock is removed when a run ends, with success or an error.
+#[test]
+fn a_second_writer_is_refused_and_a_stale_lock_is_taken_over() {
+    let sb = Sandbox::new();
+    let path = sb.write("scripts/exp.rhai", &script(2, "    dpo::loss(b, p)", ""));
+    let dir = sb.path("run");
+    let lock = dir.join(prefhost::train::lock::LOCK_FILE);
+    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!lock.exists(), "the lock outlived the run");
+    let resume = |steps: &str| run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch", "--max-steps", steps]);
+    let host = prefhost::train::lock::hostname();
+
+    // Held by a live process (this test): refused with its PID, nothing written.
+    let me = std::process::id();
+    std::fs::write(&lock, format!("{{\"pid\": {me}, \"host\": \"{host}\"}}\n")).unwrap();
+    let out = resume("3");
+    assert!(!out.status.success() && text(&out).contains(&format!("run.lock: held by PID {me} on this host")), "{}", text(&out));
+    assert_eq!(loss_lines(&dir).len(), 2);
+    assert!(lock.exists(), "a refused run removed the holder's lock");
+
+    // Held on another host: refused, naming it.
+    std::fs::write(&lock, "{\"pid\": 1, \"host\": \"elsewhere.example\"}\n").unwrap();
+    let out = resume("3");
+    assert!(!out.status.success() && text(&out).contains("held by PID 1 on host elsewhere.example"), "{}", text(&out));
+
+    // A cut-short lock: refused, naming the file.
+    std::fs::write(&lock, "").unwrap();
+    let out = resume("3");
+    assert!(!out.status.success() && text(&out).contains("run.lock: a lock file that is not"), "{}", text(&out));
+
+    // Stale (no such PID on this host): taken over with a note; the run goes on and
+    // removes the lock when it ends.
+    std::fs::write(&lock, format!("{{\"pid\": 999999999, \"host\": \"{host}\"}}\n")).unwrap();
+    let out = resume("3");
+    assert!(out.status.success() && text(&out).contains("taking over a stale lock of PID 999999999"), "{}", text(&out));
+    assert_eq!(loss_lines(&dir).len(), 3);
+    assert!(!lock.exists());
+
+    // An error exit (fewer steps than the checkpoint has) removes it too.
+    let out = resume("1");
+    assert!(!out.status.success() && text(&out).contains("past the 1 steps"), "{}", text(&out));
+    assert!(!lock.exists(), "the lock outlived a failed run");
+}
+
+/// While a run writes, a second `--resume` of its folder is refused with the first's PID.
+#[test]
+fn a_resume_of_a_running_run_is_refused_with_its_pid() {
+    let sb = Sandbox::new();
+    let (mut child, dir) = start_long_run(&sb);
+    wait_until("the first checkpoint", || dir.join("checkpoint-4/trainer_state.json").is_file());
+    let out = run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch"]);
+    let said = text(&out);
+    let _ = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let status = child.wait().unwrap();
+    assert!(!out.status.success() && said.contains(&format!("held by PID {} on this host", child.id())), "{said}");
+    assert_eq!(status.code(), Some(130), "the first run went on and stopped at Ctrl-C");
+    assert!(!dir.join(prefhost::train::lock::LOCK_FILE).exists(), "Ctrl-C left the lock");
+}
+
+/// Each checkpoint has a manifest (size and SHA-256 of each file); a latest checkpoint
+/// damaged after it was written (a flipped byte, a truncated file) is passed over for the
+/// previous good one, and the resumed run's metrics are those of the undamaged run.
+#[test]
+fn a_damaged_latest_checkpoint_falls_back_to_the_previous_one() {
+    let sb = Sandbox::new();
+    let path = sb.write("scripts/exp.rhai", &script(8, "    dpo::loss(b, p)", ""));
+    let dir = sb.path("run");
+    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let whole = loss_lines(&dir);
+    assert_eq!(whole.len(), 8);
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint-8/manifest.json")).unwrap()).unwrap();
+    for file in ["model.safetensors", "optimizer.bpk", "trainer_state.json", "script_sources.json", "config.json", "tokenizer.json"] {
+        assert!(manifest["files"][file]["size"].as_u64().is_some(), "{file}: {manifest}");
+    }
+
+    // One flipped byte in the middle of the weights.
+    let weights = dir.join("checkpoint-8/model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    std::fs::write(&weights, &bytes).unwrap();
+    let out = run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("falling back to") && said.contains("checkpoint-4") && said.contains("model.safetensors: sha256"), "{said}");
+    assert_eq!(loss_lines(&dir), whole, "the run resumed from checkpoint-4 must reproduce steps 5-8");
+    assert!(prefhost::model::weights::verify_manifest(&dir.join("checkpoint-8")).unwrap(), "checkpoint-8 was saved again");
+
+    // A truncated optimizer state.
+    let optimizer = dir.join("checkpoint-8/optimizer.bpk");
+    let len = std::fs::metadata(&optimizer).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&optimizer).unwrap().set_len(len / 2).unwrap();
+    let out = run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch"]);
+    let said = text(&out);
+    assert!(out.status.success() && said.contains("optimizer.bpk") && said.contains("truncated?"), "{said}");
+    assert_eq!(loss_lines(&dir), whole);
+
+    // Every checkpoint damaged: refused, naming each.
+    for step in [4, 8] {
+        std::fs::write(dir.join(format!("checkpoint-{step}/config.json")), "{}").unwrap();
+    }
+    let out = run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch"]);
+    let said = text(&out);
+    assert!(!out.status.success() && said.contains("every checkpoint is damaged") && said.contains("checkpoint-4/config.json"), "{said}");
 }

@@ -296,7 +296,7 @@ pub fn save_model(model: &Llama, config: &LlamaConfig, tokenizer_json: &Path, di
 
 /// `save_model` plus extra files (trainer state, optimizer state) in the same atomic step.
 pub fn save_model_with(model: &Llama, config: &LlamaConfig, tokenizer_json: &Path, dir: &Path, extra: &[ExtraFile]) -> Result<()> {
-    write_folder(dir, |staging| {
+    write_folder(dir, !extra.is_empty(), |staging| {
         staging.safetensors("model.safetensors", hf_tensors(model))?;
         let mut json = serde_json::to_value(config)?;
         json["architectures"] = serde_json::json!([config.family().architecture()]);
@@ -314,7 +314,7 @@ pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// tokenizer files) plus `extra`, atomically like `save_model_with`. `base_model` is the
 /// model folder the adapters were trained on.
 pub fn save_adapter(model: &Llama, lora: &LoraConfig, base_model: &str, tokenizer_json: &Path, dir: &Path, extra: &[ExtraFile]) -> Result<()> {
-    write_folder(dir, |staging| {
+    write_folder(dir, !extra.is_empty(), |staging| {
         staging.safetensors(ADAPTER_WEIGHTS, model.adapter_tensors())?;
         let config = serde_json::json!({
             "peft_type": "LORA",
@@ -451,7 +451,9 @@ impl Staging<'_> {
 /// Builds `dir` in a staging folder and renames it into place, so a crash leaves either
 /// the old folder or the new one, never a half-written one. A crash while replacing an
 /// existing `dir` can leave it moved aside; `recover_folder` puts it back.
-fn write_folder(dir: &Path, fill: impl FnOnce(&Staging) -> Result<()>) -> Result<()> {
+/// With `manifest` (checkpoints: folders with extra files), `MANIFEST_FILE` is written
+/// last inside the staging folder, so it is in place exactly when the files it lists are.
+fn write_folder(dir: &Path, manifest: bool, fill: impl FnOnce(&Staging) -> Result<()>) -> Result<()> {
     let (staging, old, parent) = side_folders(dir);
     std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
     if staging.exists() {
@@ -459,6 +461,9 @@ fn write_folder(dir: &Path, fill: impl FnOnce(&Staging) -> Result<()>) -> Result
     }
     std::fs::create_dir_all(&staging)?;
     fill(&Staging { path: staging.clone(), target: dir })?;
+    if manifest {
+        write_manifest(&staging)?;
+    }
 
     // On disk before the rename makes them visible: a power loss never leaves a
     // checkpoint folder with missing or empty files.
@@ -479,6 +484,67 @@ fn write_folder(dir: &Path, fill: impl FnOnce(&Staging) -> Result<()>) -> Result
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     }
     Ok(())
+}
+
+/// A checkpoint's list of its files with the size and SHA-256 of each, so that damage
+/// after the save (a truncated or bit-flipped file) is found before a resume loads it.
+/// Every byte is hashed: a sample would miss a flipped bit (a few seconds per GB saved).
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+fn write_manifest(staging: &Path) -> Result<()> {
+    let mut files = serde_json::Map::new();
+    for name in folder_files(staging)? {
+        let print = crate::train::identity::whole(&staging.join(&name))?;
+        files.insert(name, serde_json::json!({"size": print.size, "sha256": print.sha256}));
+    }
+    let text = serde_json::to_string_pretty(&serde_json::json!({ "files": files }))? + "\n";
+    std::fs::write(staging.join(MANIFEST_FILE), text).with_context(|| format!("writing {MANIFEST_FILE}"))
+}
+
+fn folder_files(dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            names.extend(entry.file_name().into_string().ok().filter(|n| n != MANIFEST_FILE));
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Checks `dir` against its manifest: Err naming the first file that is missing or whose
+/// size or checksum differs (or a manifest that does not parse); Ok(false) for a folder
+/// without one (a checkpoint written before manifests existed), Ok(true) when all match.
+pub fn verify_manifest(dir: &Path) -> Result<bool> {
+    let path = dir.join(MANIFEST_FILE);
+    if !path.exists() {
+        return Ok(false);
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let parsed: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))?;
+    let files = parsed["files"].as_object().with_context(|| format!("{}: no \"files\" object", path.display()))?;
+    for (name, want) in files {
+        let (Some(size), Some(sha)) = (want["size"].as_u64(), want["sha256"].as_str()) else {
+            bail!("{}: files.{name}: needs \"size\" (a number) and \"sha256\" (a string)", path.display());
+        };
+        // A name from a damaged manifest must not lead outside the checkpoint.
+        if name.is_empty() || name.contains('/') || name == ".." || name == "." {
+            bail!("{}: files.{name:?}: not the name of a file in the checkpoint", path.display());
+        }
+        let file = dir.join(name);
+        if !file.is_file() {
+            bail!("{}: missing (the manifest lists it)", file.display());
+        }
+        let now = crate::train::identity::whole(&file)?;
+        if now.size != size {
+            bail!("{}: {} bytes, the manifest says {size} (truncated?)", file.display(), now.size);
+        }
+        if now.sha256 != sha {
+            bail!("{}: sha256 {}, the manifest says {sha} (damaged)", file.display(), now.sha256);
+        }
+    }
+    Ok(true)
 }
 
 /// The folder whose save left `name` (a staging or moved-aside folder of `side_folders`).

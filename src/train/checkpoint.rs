@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::model::weights::{interrupted_save_of, recover_folder};
+use crate::model::weights::{interrupted_save_of, recover_folder, verify_manifest};
 use crate::rng::SplitMix64;
 
 pub const STATE_FILE: &str = "trainer_state.json";
@@ -53,10 +53,10 @@ pub fn read_run_info(run_dir: &Path) -> Result<RunInfo> {
     serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))
 }
 
-/// The checkpoint with the most steps (`checkpoint-N/` holding a trainer state). Staging
-/// folders of interrupted saves start with a dot and are never picked. What a crash
-/// during a save left is tidied first: a checkpoint it left moved aside while being
-/// replaced is put back, so that one is found too.
+/// The checkpoint with the most steps (`checkpoint-N/` holding a trainer state) whose
+/// files match its manifest. Staging folders of interrupted saves start with a dot and
+/// are never picked. What a crash during a save left is tidied first: a checkpoint it
+/// left moved aside while being replaced is put back, so that one is found too.
 pub fn latest_checkpoint(run_dir: &Path) -> Result<(usize, PathBuf)> {
     for entry in std::fs::read_dir(run_dir).with_context(|| format!("cannot read {}", run_dir.display()))? {
         let name = entry?.file_name();
@@ -65,19 +65,44 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<(usize, PathBuf)> {
             recover_folder(&run_dir.join(checkpoint))?;
         }
     }
-    let mut best: Option<(usize, PathBuf)> = None;
+    let mut found: Vec<(usize, PathBuf)> = Vec::new();
     for entry in std::fs::read_dir(run_dir).with_context(|| format!("cannot read {}", run_dir.display()))? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
         let Some(step) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()) else { continue };
-        if path.join(STATE_FILE).is_file() && best.as_ref().is_none_or(|(s, _)| step > *s) {
-            best = Some((step, path));
+        if path.join(STATE_FILE).is_file() {
+            found.push((step, path));
         }
     }
-    match best {
-        Some(found) => Ok(found),
-        None => bail!("{}: no checkpoint to resume from (checkpoints are written every save_every steps)", run_dir.display()),
+    if found.is_empty() {
+        bail!("{}: no checkpoint to resume from (checkpoints are written every save_every steps)", run_dir.display());
     }
+    // Newest first; one whose files do not match its manifest (damaged after it was
+    // written) is passed over for the one before. It stays until the run saves that
+    // step again, which replaces it.
+    found.sort_by(|a, b| b.0.cmp(&a.0));
+    let mut damaged = Vec::new();
+    for (step, path) in found {
+        match verify_manifest(&path) {
+            Ok(_) => {
+                if !damaged.is_empty() {
+                    super::console::line(&format!("note: falling back to {}: {}", path.display(), damaged.join("; ")));
+                }
+                return Ok((step, path));
+            }
+            Err(e) => damaged.push(format!("{} is damaged ({e:#})", path.display())),
+        }
+    }
+    bail!("{}: every checkpoint is damaged:\n  {}", run_dir.display(), damaged.join("\n  "))
+}
+
+/// Whether `run_dir` holds a `checkpoint-N/` with a trainer state, sound or not.
+pub fn has_checkpoint_folder(run_dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(run_dir) else { return false };
+    entries.filter_map(|e| e.ok()).any(|e| {
+        let name = e.file_name();
+        name.to_str().and_then(|n| n.strip_prefix("checkpoint-")).is_some_and(|s| s.parse::<usize>().is_ok()) && e.path().join(STATE_FILE).is_file()
+    })
 }
 
 pub fn read_state(dir: &Path) -> Result<TrainerState> {

@@ -63,7 +63,9 @@ pub fn run_comparison(host: &mut ScriptHost, options: RunOptions, config: TrainC
             continue;
         }
         // An arm that started but has no checkpoint yet starts over; one with a checkpoint resumes.
-        let resume = arm_dir.is_dir() && checkpoint::latest_checkpoint(&arm_dir).is_ok();
+        // Damaged checkpoints count as checkpoints: the resume then refuses, naming them,
+        // rather than the arm's folder being cleared.
+        let resume = arm_dir.is_dir() && (checkpoint::latest_checkpoint(&arm_dir).is_ok() || checkpoint::has_checkpoint_folder(&arm_dir));
         if arm_dir.is_dir() && !resume {
             std::fs::remove_dir_all(&arm_dir).with_context(|| format!("cannot clear {}", arm_dir.display()))?;
         }

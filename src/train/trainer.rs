@@ -41,6 +41,8 @@ pub struct RunOptions {
     pub max_steps: Option<usize>,
     /// Continue this run folder from its latest checkpoint.
     pub resume: Option<PathBuf>,
+    /// With `resume`: go on even if the data, model, tokenizer or ref_logps changed.
+    pub resume_anyway: bool,
 }
 
 pub struct RunSummary {
@@ -135,6 +137,16 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
     let mut current = version;
     let mut previous: Option<ScriptVersion> = None;
     require_loss(&current, &config.loss_fn)?;
+    // Held until this function returns (a result, an error or Ctrl-C): one writer per folder.
+    let mut _lock = match &options.resume {
+        Some(run_dir) => Some(super::lock::RunLock::acquire(run_dir)?),
+        None => None,
+    };
+    // Before any weight is loaded: a resume onto other inputs is refused at once.
+    let (changed_inputs, inputs_now) = match &options.resume {
+        Some(run_dir) => super::identity::check_resume(run_dir, &config, options.resume_anyway)?,
+        None => (Vec::new(), None),
+    };
     let mut trainer = Trainer::new(config, options.max_steps)?;
     set_script_device(trainer.device.clone());
 
@@ -150,6 +162,9 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
             if start > trainer.total_steps {
                 bail!("{}: the checkpoint is at step {start}, past the {} steps asked for (max_steps or --max-steps)", ckpt.display(), trainer.total_steps);
             }
+            if let Some(now) = inputs_now.filter(|_| !changed_inputs.is_empty()) {
+                now.write(run_dir)?;
+            }
             metrics_path = run_dir.join("metrics.jsonl");
             checkpoint::truncate_metrics(&metrics_path, start)?;
             console::line(&format!("resuming {} from {} (step {start})", run_dir.display(), ckpt.display()));
@@ -161,13 +176,21 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
             if run_dir.exists() {
                 bail!("{}: run folder already exists; continue it with --resume, or choose another with --run-dir", run_dir.display());
             }
+            // After the loaders checked the inputs, so that their errors come first.
+            let identity = super::identity::RunIdentity::of(&trainer.config)?;
             std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+            _lock = Some(super::lock::RunLock::acquire(&run_dir)?);
             checkpoint::write_run_info(&run_dir, &options.script, trainer.config.arm.as_deref())?;
+            identity.write(&run_dir)?;
             metrics_path = run_dir.join("metrics.jsonl");
             (run_dir, 0, MetricsLog::create(&metrics_path)?)
         }
     };
     save_sources(&run_dir, start, &current)?;
+    if !changed_inputs.is_empty() {
+        console::line(&format!("notice: resuming anyway onto changed inputs:\n  {}", changed_inputs.join("\n  ")));
+        log.event(start, "resumed_anyway", json!({"changed": changed_inputs}))?;
+    }
     if !trainer.skipped_rows.is_empty() && start == 0 {
         let first: Vec<String> = trainer.skipped_rows.iter().take(20).map(|(at, why)| format!("{at}: {why}")).collect();
         log.event(0, "data_rows_skipped", json!({"count": trainer.skipped_rows.len(), "first": first}))?;
