@@ -40,26 +40,32 @@ pub struct RunIdentity {
     pub inputs: BTreeMap<String, Fingerprint>,
 }
 
-fn hex(hasher: sha2::Sha256) -> String {
+/// The digest as lowercase hex.
+pub fn hex(hasher: sha2::Sha256) -> String {
     hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Feeds a whole file to `hasher`, 1 MiB at a time; returns its size in bytes.
+pub fn hash_file(hasher: &mut sha2::Sha256, path: &Path) -> Result<u64> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buffer).with_context(|| format!("{}: cannot read", path.display()))?;
+        if n == 0 {
+            return Ok(size);
+        }
+        size += n as u64;
+        hasher.update(&buffer[..n]);
+    }
 }
 
 /// The whole file: data files, configs and tokenizers are small to medium, and SHA-256
 /// takes a few seconds per GB, little next to tokenizing the data, which a run start
 /// does anyway.
 pub fn whole(path: &Path) -> Result<Fingerprint> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let mut hasher = sha2::Sha256::default();
-    let mut buffer = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buffer).with_context(|| format!("{}: cannot read", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        size += n as u64;
-        hasher.update(&buffer[..n]);
-    }
+    let size = hash_file(&mut hasher, path)?;
     Ok(Fingerprint { path: path.display().to_string(), size, sha256: hex(hasher), sampled: false })
 }
 

@@ -5,7 +5,7 @@
 //! it was computed from, and merged into the one-pass file (`--merge`).
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use super::identity::{hash_file, hex};
 use super::logps::{packed_pair_logps, token_logps};
 use crate::data::packed::PackedLayout;
 use crate::data::{Example, collate_pairs};
@@ -172,28 +173,10 @@ pub struct ShardHeader {
     pub source: LogpsSource,
 }
 
-fn sha256_hex(hasher: sha2::Sha256) -> String {
-    use sha2::Digest;
-    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn hash_file(hasher: &mut sha2::Sha256, path: &Path) -> Result<()> {
-    use sha2::Digest;
-    let mut file = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buffer).with_context(|| format!("{}: cannot read", path.display()))?;
-        if n == 0 {
-            return Ok(());
-        }
-        hasher.update(&buffer[..n]);
-    }
-}
-
 fn file_sha256(path: &Path) -> Result<String> {
     let mut hasher = sha2::Sha256::default();
     hash_file(&mut hasher, path)?;
-    Ok(sha256_hex(hasher))
+    Ok(hex(hasher))
 }
 
 /// The model folder's files that decide the log-probs (config, tokenizer, chat template,
@@ -214,7 +197,7 @@ fn model_sha256(dir: &Path) -> Result<String> {
         hasher.update([0]);
         hash_file(&mut hasher, &dir.join(&name))?;
     }
-    Ok(sha256_hex(hasher))
+    Ok(hex(hasher))
 }
 
 /// One shard file read back: its header and rows.
