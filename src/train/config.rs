@@ -257,7 +257,7 @@ impl TrainConfig {
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let positive = [("batch_size", self.batch_size), ("grad_accum", self.grad_accum), ("replay", self.replay), ("epochs", self.epochs), ("log_every", self.log_every), ("max_length", self.max_length)];
         for (field, value) in positive {
             if value == 0 {

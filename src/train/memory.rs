@@ -161,30 +161,27 @@ pub fn estimate(model: &LlamaConfig, config: &TrainConfig, batch: BatchShape, st
     }
 }
 
+/// A "Key:   N kB" line of a /proc file, in bytes.
+fn proc_kb(path: &str, key: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.strip_prefix(key).is_some_and(|rest| rest.starts_with(':')))?;
+    line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|kb| kb * 1024.0)
+}
+
 /// This process's peak resident memory so far (VmHWM), in bytes.
 pub fn peak_rss_bytes() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|kb| kb * 1024.0)
+    proc_kb("/proc/self/status", "VmHWM")
 }
 
 /// Bytes this process may still use: the smaller of MemAvailable and the cgroup's limit
 /// less its usage (None when neither can be read).
 pub fn available_bytes() -> Option<f64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
-        let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-        line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|kb| kb * 1024.0)
-    });
     let read = |path: &str| std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse::<f64>().ok());
+    let headroom = |limit: &str, usage: &str| Some(read(limit)? - read(usage)?);
     // cgroup v2, then v1 (whose "no limit" is a huge number, which min() ignores).
-    let cgroup = match (read("/sys/fs/cgroup/memory.max"), read("/sys/fs/cgroup/memory.current")) {
-        (Some(max), Some(used)) => Some(max - used),
-        _ => match (read("/sys/fs/cgroup/memory/memory.limit_in_bytes"), read("/sys/fs/cgroup/memory/memory.usage_in_bytes")) {
-            (Some(max), Some(used)) => Some(max - used),
-            _ => None,
-        },
-    };
-    match (meminfo, cgroup) {
+    let cgroup = headroom("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current")
+        .or_else(|| headroom("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"));
+    match (proc_kb("/proc/meminfo", "MemAvailable"), cgroup) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
@@ -193,10 +190,13 @@ pub fn available_bytes() -> Option<f64> {
 /// Settings that lower the estimate, each with its estimate (those that fit first).
 fn alternatives(model: &LlamaConfig, config: &TrainConfig, batch: BatchShape, stored: f64) -> Vec<(String, f64)> {
     let mut out = Vec::new();
+    // Only settings the config accepts (e.g. no checkpointing with LoRA dropout).
     let mut try_with = |label: String, changed: TrainConfig, batch: BatchShape| {
-        out.push((label, estimate(model, &changed, batch, stored).total()));
+        if changed.validate().is_ok() {
+            out.push((label, estimate(model, &changed, batch, stored).total()));
+        }
     };
-    if !config.gradient_checkpointing && config.lora.as_ref().is_none_or(|l| l.lora_dropout == 0.0) {
+    if !config.gradient_checkpointing {
         try_with("gradient_checkpointing: true".into(), TrainConfig { gradient_checkpointing: true, ..config.clone() }, batch);
     }
     if config.lora.is_none() {

@@ -449,6 +449,8 @@ pub struct RunPlan {
     pub report: LoadReport,
     pub memory: Estimate,
     pub batch: BatchShape,
+    /// The lengths rows were cut to (max_length no longer than the model's positions).
+    pub limits: Truncation,
     /// The checkpoint's bytes per parameter as stored.
     pub stored: f64,
 }
@@ -476,7 +478,7 @@ impl RunPlan {
             Init::Random => 4.0,
         };
         let memory = if preflight { memory::preflight(&model_config, config, batch, stored)? } else { memory::estimate(&model_config, config, batch, stored) };
-        Ok(Self { model_config, tokenizer, examples, report, memory, batch, stored })
+        Ok(Self { model_config, tokenizer, examples, report, memory, batch, limits, stored })
     }
 }
 
@@ -601,9 +603,8 @@ impl Trainer {
 
     fn new(config: TrainConfig, max_steps_override: Option<usize>) -> Result<Self> {
         let train_device = backend_device(&config.backend)?.autodiff();
-        let RunPlan { tokenizer, examples, report, memory, .. } = RunPlan::new(&config, true)?;
+        let RunPlan { tokenizer, examples, report, memory, limits, .. } = RunPlan::new(&config, true)?;
         let (model_config, policy) = build_policy(&config, &train_device)?;
-        let limits = Truncation { max_length: config.max_length.min(model_config.max_positions()), max_prompt_length: config.max_prompt_length };
         if report.truncated > 0 {
             console::line(&format!("note: {} of {} rows truncated to max_length {}", report.truncated, report.rows, limits.max_length));
         }
