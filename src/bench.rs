@@ -255,7 +255,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
     for data in &data_sets {
         let file = opts.out.join(format!("{data}.jsonl"));
         let out = opts.out.join(format!("{data}.ref.jsonl"));
-        reference::precompute(&reference::LogpsJob { model_dir: &model_dir, data: &file, out: &out, batch_size: opts.batch_size, limits: limits(data), prompt_special_tokens: true, backend: "cpu", shard: None })?;
+        reference::precompute(&reference::LogpsJob { model_dir: &model_dir, data: &file, out: &out, batch_size: opts.batch_size, limits: limits(data), prompt_special_tokens: true, chat_template: None, backend: "cpu", shard: None })?;
         let (examples, _) = load_examples(&file, &tokenizer, true, limits(data), false)?;
         write_torch_batch(&examples, tokenizer.pad_id, &opts.out.join(format!("{data}.batch.json")))?;
     }

@@ -108,6 +108,9 @@ enum Command {
         /// Must match the run's prompt_special_tokens.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         prompt_special_tokens: bool,
+        /// Must match the run's chat_template (a named template of the tokenizer folder).
+        #[arg(long)]
+        chat_template: Option<String>,
         /// Where to compute: cpu, or tch-cpu, tch-cuda, cuda when built with their feature.
         #[arg(long, default_value = "cpu")]
         backend: String,
@@ -116,7 +119,7 @@ enum Command {
         #[arg(long)]
         shard: Option<crate::train::reference::Shard>,
         /// Merge the files of shards 0/N .. N-1/N (any order) into the one-pass file at --out.
-        #[arg(long, num_args = 1.., conflicts_with_all = ["model", "data", "shard", "backend", "batch_size", "max_length", "max_prompt_length", "prompt_special_tokens"])]
+        #[arg(long, num_args = 1.., conflicts_with_all = ["model", "data", "shard", "backend", "batch_size", "max_length", "max_prompt_length", "prompt_special_tokens", "chat_template"])]
         merge: Vec<PathBuf>,
     },
     /// Fold LoRA adapters (a PEFT folder, e.g. a LoRA run's checkpoint) into their base
@@ -282,7 +285,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             println!("{} passed, {} failed", report.passed, report.failed.len());
             Ok(if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Logps { model, data, out, batch_size, max_length, max_prompt_length, prompt_special_tokens, backend, shard, merge } => {
+        Command::Logps { model, data, out, batch_size, max_length, max_prompt_length, prompt_special_tokens, chat_template, backend, shard, merge } => {
             use crate::train::reference::{LogpsJob, merge_shards, precompute};
             if !merge.is_empty() {
                 let rows = merge_shards(&merge, &out)?;
@@ -291,7 +294,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             }
             let (Some(model), Some(data)) = (model, data) else { bail!("give --model and --data, or --merge SHARD...") };
             let limits = crate::data::Truncation { max_length, max_prompt_length };
-            let job = LogpsJob { model_dir: &model, data: &data, out: &out, batch_size, limits, prompt_special_tokens, backend: &backend, shard };
+            let job = LogpsJob { model_dir: &model, data: &data, out: &out, batch_size, limits, prompt_special_tokens, chat_template: chat_template.as_deref(), backend: &backend, shard };
             let rows = precompute(&job)?;
             let part = shard.map(|s| format!(" (shard {s})")).unwrap_or_default();
             println!("wrote reference log-probs of {rows} rows{part} to {} (backend {backend})", out.display());

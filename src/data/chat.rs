@@ -2,7 +2,8 @@
 //! (Python string methods from minijinja-contrib, as HF templates use them), turning
 //! message lists into the prompt and completion text TRL would train on.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -21,20 +22,104 @@ pub struct ChatTemplate {
     source: String,
 }
 
-/// The `chat_template` of tokenizer_config.json: a string, or several named templates of
-/// which chat uses "default".
-fn config_template(json: &Value, config: &Path) -> Result<Option<String>> {
+/// The `chat_template` of tokenizer_config.json: a string (the default template), or a list
+/// of `{name, template}` entries (transformers' legacy way to save several).
+fn config_templates(json: &Value, config: &Path) -> Result<Vec<(String, String)>> {
     Ok(match json.get("chat_template") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(Value::Array(list)) => Some(
-            list.iter()
-                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-                .and_then(|t| t.get("template")?.as_str().map(str::to_string))
-                .with_context(|| format!("{}: chat_template has no \"default\" entry", config.display()))?,
-        ),
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![(DEFAULT.to_string(), s.clone())],
+        Some(Value::Array(list)) => list
+            .iter()
+            .enumerate()
+            .map(|(i, entry)| {
+                let field = |key: &str| entry.get(key).and_then(|v| v.as_str()).map(str::to_string);
+                match (field("name"), field("template")) {
+                    (Some(name), Some(template)) => Ok((name, template)),
+                    _ => bail!("{}: chat_template[{i}] must have a string \"name\" and \"template\"", config.display()),
+                }
+            })
+            .collect::<Result<_>>()?,
         Some(_) => bail!("{}: chat_template must be a string or a list of named templates", config.display()),
     })
+}
+
+/// The name of the template chat uses unless a run names another (transformers' rule).
+const DEFAULT: &str = "default";
+
+/// transformers' folder for named templates besides the default (`NAME.jinja`), written
+/// by save_pretrained since 4.5x when a tokenizer holds several.
+pub const NAMED_TEMPLATES_DIR: &str = "additional_chat_templates";
+
+/// Every chat template a tokenizer folder holds, by name, with where each was read.
+/// Several sources may hold the same name only with the same text: which one transformers
+/// would pick is not ours to guess.
+fn folder_templates(config: &Path) -> Result<(Value, BTreeMap<String, (String, String)>)> {
+    let dir = config.parent().unwrap_or(Path::new("."));
+    let json: Value = if config.is_file() {
+        let text = std::fs::read_to_string(config).with_context(|| format!("{}: cannot read", config.display()))?;
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", config.display(), e.line(), e.column()))?
+    } else {
+        Value::Null
+    };
+    let read = |path: &Path| std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()));
+    let mut found: Vec<(String, String, String)> = Vec::new(); // (name, source, template)
+    for (name, template) in config_templates(&json, config)? {
+        found.push((name.clone(), format!("{}: chat_template ({name})", config.display()), template));
+    }
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        found.push((DEFAULT.into(), jinja.display().to_string(), read(&jinja)?));
+    }
+    let legacy = dir.join("chat_template.json");
+    if legacy.is_file() {
+        let value: Value = serde_json::from_str(&read(&legacy)?).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", legacy.display(), e.line(), e.column()))?;
+        let template = value.get("chat_template").and_then(|t| t.as_str()).with_context(|| format!("{}: no string chat_template", legacy.display()))?;
+        found.push((DEFAULT.into(), legacy.display().to_string(), template.to_string()));
+    }
+    for path in named_template_files(dir)? {
+        let name = path.file_stem().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        found.push((name, path.display().to_string(), read(&path)?));
+    }
+    let mut by_name: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for (name, source, template) in found {
+        match by_name.get(&name) {
+            Some((first, kept)) if *kept != template => {
+                bail!("{first} and {source} hold different chat templates named \"{name}\"; keep one")
+            }
+            Some(_) => {}
+            None => {
+                by_name.insert(name, (source, template));
+            }
+        }
+    }
+    Ok((json, by_name))
+}
+
+/// `additional_chat_templates/*.jinja` in a tokenizer folder, sorted (none without the folder).
+pub fn named_template_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let folder = dir.join(NAMED_TEMPLATES_DIR);
+    if !folder.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&folder)
+        .with_context(|| format!("{}: cannot list", folder.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "jinja"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// The names of the chat templates a tokenizer folder holds ("default" first when present),
+/// for messages; empty when it holds none or cannot be read.
+pub fn template_names(config: &Path) -> Vec<String> {
+    folder_templates(config).map(|(_, by_name)| default_first(by_name)).unwrap_or_default()
+}
+
+fn default_first(by_name: BTreeMap<String, (String, String)>) -> Vec<String> {
+    let mut names: Vec<String> = by_name.into_keys().collect();
+    names.sort_by_key(|n| n != DEFAULT);
+    names
 }
 
 /// A special token in tokenizer_config.json: a string or `{"content": ...}`.
@@ -47,38 +132,28 @@ pub(crate) fn token_text(v: Option<&Value>) -> String {
 }
 
 impl ChatTemplate {
-    /// The chat template of the tokenizer folder holding `config` (tokenizer_config.json):
-    /// its `chat_template` key (transformers before 4.5x), or `chat_template.jinja` beside it
-    /// (what transformers 4.5x and 5.x save), or a legacy `chat_template.json`. Two of them
-    /// with different templates are refused: which one transformers picks is not ours to guess.
-    pub fn load(config: &Path) -> Result<Option<Self>> {
-        let dir = config.parent().unwrap_or(Path::new("."));
-        let json: Value = if config.is_file() {
-            let text = std::fs::read_to_string(config).with_context(|| format!("{}: cannot read", config.display()))?;
-            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", config.display(), e.line(), e.column()))?
-        } else {
-            Value::Null
+    /// The chat template of the tokenizer folder holding `config` (tokenizer_config.json)
+    /// that chat uses: `name`, or without one the default — tokenizer_config.json's
+    /// `chat_template` (a string, or the "default" entry of a list), `chat_template.jinja`
+    /// (what transformers 4.5x and 5.x save), or a legacy `chat_template.json`. Named
+    /// templates also come from `additional_chat_templates/NAME.jinja`. None when the folder
+    /// has no default and no name is asked for; a name it lacks is an error listing those
+    /// it has.
+    pub fn load(config: &Path, name: Option<&str>) -> Result<Option<Self>> {
+        let (json, mut by_name) = folder_templates(config)?;
+        let wanted = name.unwrap_or(DEFAULT);
+        let Some((source, template)) = by_name.remove(wanted) else {
+            if name.is_none() {
+                return Ok(None);
+            }
+            let dir = config.parent().unwrap_or(Path::new("."));
+            let has = default_first(by_name);
+            bail!(
+                "chat_template: {} has no chat template named \"{wanted}\" (it has: {})",
+                dir.display(),
+                if has.is_empty() { "none".to_string() } else { has.join(", ") }
+            );
         };
-        let mut found: Vec<(String, String)> = Vec::new();
-        if let Some(template) = config_template(&json, config)? {
-            found.push((format!("{}: chat_template", config.display()), template));
-        }
-        let jinja = dir.join("chat_template.jinja");
-        if jinja.is_file() {
-            let text = std::fs::read_to_string(&jinja).with_context(|| format!("{}: cannot read", jinja.display()))?;
-            found.push((jinja.display().to_string(), text));
-        }
-        let legacy = dir.join("chat_template.json");
-        if legacy.is_file() {
-            let text = std::fs::read_to_string(&legacy).with_context(|| format!("{}: cannot read", legacy.display()))?;
-            let value: Value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", legacy.display(), e.line(), e.column()))?;
-            let template = value.get("chat_template").and_then(|t| t.as_str()).with_context(|| format!("{}: no string chat_template", legacy.display()))?;
-            found.push((legacy.display().to_string(), template.to_string()));
-        }
-        let Some((source, template)) = found.first().cloned() else { return Ok(None) };
-        if let Some((other, _)) = found.iter().find(|(_, t)| *t != template) {
-            bail!("{source} and {other} hold different chat templates; keep one");
-        }
         let mut env = minijinja::Environment::new();
         // transformers compiles chat templates with these two Jinja settings.
         env.set_trim_blocks(true);

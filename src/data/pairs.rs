@@ -354,7 +354,14 @@ fn chat_row(row: &serde_json::Value, tokenizer: &TextTokenizer) -> Result<(Strin
 
 fn chat_template(tokenizer: &TextTokenizer) -> Result<&super::chat::ChatTemplate, String> {
     tokenizer.chat.as_ref().ok_or_else(|| {
-        format!("this row is conversational, but {} has no chat_template (nor is there a chat_template.jinja beside it)", tokenizer.path.with_file_name("tokenizer_config.json").display())
+        let config = tokenizer.path.with_file_name("tokenizer_config.json");
+        let named = super::chat::template_names(&config);
+        if named.is_empty() {
+            format!("this row is conversational, but {} has no chat_template (nor is there a chat_template.jinja beside it)", config.display())
+        } else {
+            // transformers refuses this too: several named templates and none called "default".
+            format!("this row is conversational, and {} has named chat templates ({}) but no default; choose one with `chat_template`", config.parent().unwrap_or(&config).display(), named.join(", "))
+        }
     })
 }
 

@@ -20,7 +20,8 @@ pub struct TextTokenizer {
     /// Where generation stops: `eos_id` and every id config.json lists as eos_token_id.
     pub stop_ids: Vec<u32>,
     pub pad_id: u32,
-    /// The chat template of tokenizer_config.json beside tokenizer.json, if any.
+    /// The chat template conversational rows are rendered with: the folder's default (see
+    /// `ChatTemplate::load`), or the one `use_chat_template` named.
     pub chat: Option<ChatTemplate>,
     /// Whether plain-text prompts get the tokenizer's special tokens (true unless set).
     pub prompt_special_tokens: bool,
@@ -64,8 +65,15 @@ impl TextTokenizer {
         let mut stop_ids = vec![eos_id];
         stop_ids.extend(eos_ids.iter().filter(|id| **id != eos_id));
         let pad_id = pad_id.or_else(|| by_name(&["<pad>", "<|pad|>"])).unwrap_or(eos_id);
-        let chat = ChatTemplate::load(&tokenizer_config)?;
+        let chat = ChatTemplate::load(&tokenizer_config, None)?;
         Ok(Self { inner, path: path.to_path_buf(), eos_id, stop_ids, pad_id, chat, prompt_special_tokens: true })
+    }
+
+    /// Renders conversational rows with the folder's template named `name` (transformers'
+    /// `apply_chat_template(chat_template=name)`) instead of the default.
+    pub fn use_chat_template(&mut self, name: &str) -> Result<()> {
+        self.chat = ChatTemplate::load(&self.path.with_file_name("tokenizer_config.json"), Some(name))?;
+        Ok(())
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -107,6 +115,22 @@ impl TextTokenizer {
     pub fn decode(&self, ids: &[u32]) -> String {
         self.inner.decode(ids, true).unwrap_or_default()
     }
+}
+
+/// The files beside tokenizer.json that decide how rows become tokens (special tokens,
+/// chat templates, named ones included), as paths relative to `dir`, those present, sorted.
+/// They travel with a saved model and are part of a run's identity.
+pub fn side_files(dir: &Path) -> Result<Vec<String>> {
+    let mut names: Vec<String> = ["chat_template.jinja", "chat_template.json", "special_tokens_map.json", "tokenizer_config.json"]
+        .into_iter()
+        .filter(|n| dir.join(n).is_file())
+        .map(str::to_string)
+        .collect();
+    for path in super::chat::named_template_files(dir)? {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        names.push(format!("{}/{name}", super::chat::NAMED_TEMPLATES_DIR));
+    }
+    Ok(names)
 }
 
 /// tokenizer_config.json's `eos_token` as an id, when the file names one.

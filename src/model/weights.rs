@@ -501,12 +501,16 @@ fn write_manifest(staging: &Path) -> Result<()> {
     std::fs::write(staging.join(MANIFEST_FILE), text).with_context(|| format!("writing {MANIFEST_FILE}"))
 }
 
+/// Every file under `dir` but the manifest, as paths relative to it ("a/b.jinja"), sorted.
 fn folder_files(dir: &Path) -> Result<Vec<String>> {
     let mut names = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
         let entry = entry?;
-        if entry.file_type()?.is_file() {
-            names.extend(entry.file_name().into_string().ok().filter(|n| n != MANIFEST_FILE));
+        let Ok(name) = entry.file_name().into_string() else { continue };
+        if entry.file_type()?.is_dir() {
+            names.extend(folder_files(&entry.path())?.into_iter().map(|inner| format!("{name}/{inner}")));
+        } else if entry.file_type()?.is_file() && name != MANIFEST_FILE {
+            names.push(name);
         }
     }
     names.sort();
@@ -529,7 +533,8 @@ pub fn verify_manifest(dir: &Path) -> Result<bool> {
             bail!("{}: files.{name}: needs \"size\" (a number) and \"sha256\" (a string)", path.display());
         };
         // A name from a damaged manifest must not lead outside the checkpoint.
-        if name.is_empty() || name.contains('/') || name == ".." || name == "." {
+        let inside = Path::new(name).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+        if name.is_empty() || !inside {
             bail!("{}: files.{name:?}: not the name of a file in the checkpoint", path.display());
         }
         let file = dir.join(name);
@@ -603,12 +608,17 @@ impl safetensors::View for F32View {
 /// tokenizer.json and the rest of the tokenizer (chat template, special tokens), which
 /// travel with the model.
 fn copy_tokenizer_files(tokenizer_json: &Path, staging: &Staging) -> Result<()> {
+    let dir = tokenizer_json.parent().unwrap_or(Path::new("."));
     staging.copy(tokenizer_json, "tokenizer.json")?;
-    for name in ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja", "chat_template.json"] {
-        let source = tokenizer_json.with_file_name(name);
-        if source.is_file() {
-            staging.copy(&source, name)?;
+    let generation = dir.join("generation_config.json");
+    if generation.is_file() {
+        staging.copy(&generation, "generation_config.json")?;
+    }
+    for name in crate::data::tokenizer::side_files(dir)? {
+        if let Some(sub) = Path::new(&name).parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(staging.path.join(sub)).with_context(|| format!("creating {}", sub.display()))?;
         }
+        staging.copy(&dir.join(&name), &name)?;
     }
     Ok(())
 }
@@ -634,7 +644,12 @@ fn sync_path(path: &Path) -> Result<()> {
 
 fn sync_dir_and_files(dir: &Path) -> Result<()> {
     for entry in std::fs::read_dir(dir)? {
-        sync_path(&entry?.path())?;
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            sync_dir_and_files(&entry.path())?;
+        } else {
+            sync_path(&entry.path())?;
+        }
     }
     sync_path(dir)
 }

@@ -97,6 +97,11 @@ pub struct TrainConfig {
     /// and from 0.29 and the SimPO-family repositories do; false: none, as TRL 0.12 to 0.28.
     #[serde(default = "d_true")]
     pub prompt_special_tokens: bool,
+    /// The tokenizer folder's named chat template for conversational rows (a file in
+    /// `additional_chat_templates/`, or an entry of tokenizer_config.json's list), as
+    /// transformers' `apply_chat_template(chat_template=NAME)`; unset: the default one.
+    #[serde(default)]
+    pub chat_template: Option<String>,
     /// Learning rate when the script defines no `lr(step, total)`.
     #[serde(default = "d_lr")]
     pub lr: f64,
@@ -301,7 +306,7 @@ impl TrainConfig {
         }
         // AdamW's settings are fixed when the optimizer is built, so they need a restart too.
         check!(name, mode, model, init, data, backend, mixed_precision, seed, batch_size, grad_accum, epochs, max_steps,
-               max_length, max_prompt_length, prompt_special_tokens, skip_bad_rows, unpair, replay, ref_logps, lora, max_nonfinite_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon, output_dir, save_model_to);
+               max_length, max_prompt_length, prompt_special_tokens, chat_template, skip_bad_rows, unpair, replay, ref_logps, lora, max_nonfinite_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon, output_dir, save_model_to);
         changed
     }
 

@@ -112,12 +112,11 @@ impl RunIdentity {
         }
         let model = Path::new(&config.model);
         inputs.insert("model config.json".to_string(), whole(&model.join("config.json"))?);
-        let tokenizer_files = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json"];
-        for name in tokenizer_files {
-            let path = model.join(name);
-            if path.is_file() {
-                inputs.insert(format!("tokenizer {name}"), whole(&path)?);
+        for name in std::iter::once("tokenizer.json".to_string()).chain(crate::data::tokenizer::side_files(model)?) {
+            if !model.join(&name).is_file() {
+                continue; // tokenizer.json itself: loading the tokenizer names it
             }
+            inputs.insert(format!("tokenizer {name}"), whole(&model.join(&name))?);
         }
         // A random init reads no weights, so they are no part of the run.
         if config.init == Init::Pretrained {

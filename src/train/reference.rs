@@ -157,6 +157,9 @@ pub struct LogpsSource {
     pub max_length: usize,
     pub max_prompt_length: usize,
     pub prompt_special_tokens: bool,
+    /// The named chat template conversational rows were rendered with (none: the default).
+    #[serde(default)]
+    pub chat_template: Option<String>,
     pub backend: String,
 }
 
@@ -179,7 +182,7 @@ fn file_sha256(path: &Path) -> Result<String> {
     Ok(hex(hasher))
 }
 
-/// The model folder's files that decide the log-probs (config, tokenizer, chat template,
+/// The model folder's files that decide the log-probs (config, tokenizer, chat templates,
 /// weights), by name and content: the same folder copied to other machines hashes the same.
 fn model_sha256(dir: &Path) -> Result<String> {
     use sha2::Digest;
@@ -190,6 +193,7 @@ fn model_sha256(dir: &Path) -> Result<String> {
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| n.ends_with(".json") || n.ends_with(".jinja") || n.ends_with(".safetensors"))
         .collect();
+    names.extend(crate::data::tokenizer::side_files(dir)?.into_iter().filter(|n| n.contains('/')));
     names.sort();
     let mut hasher = sha2::Sha256::default();
     for name in names {
@@ -348,6 +352,8 @@ pub struct LogpsJob<'a> {
     pub batch_size: usize,
     pub limits: crate::data::Truncation,
     pub prompt_special_tokens: bool,
+    /// A named chat template of the tokenizer folder (none: its default).
+    pub chat_template: Option<&'a str>,
     pub backend: &'a str,
     pub shard: Option<Shard>,
 }
@@ -364,6 +370,9 @@ pub fn precompute(job: &LogpsJob) -> Result<usize> {
     let (config, model) = crate::model::load_frozen_model(model_dir, &device)?;
     let mut tokenizer = crate::data::TextTokenizer::load_with(&model_dir.join("tokenizer.json"), &config.eos_ids(), config.pad_token_id)?;
     tokenizer.prompt_special_tokens = job.prompt_special_tokens;
+    if let Some(name) = job.chat_template {
+        tokenizer.use_chat_template(name)?;
+    }
     let limits = crate::data::Truncation { max_length: job.limits.max_length.min(config.max_positions()), ..job.limits };
     let (examples, _) = crate::data::load_examples(data, &tokenizer, true, limits, false)?;
     let Some(shard) = job.shard else {
@@ -379,6 +388,7 @@ pub fn precompute(job: &LogpsJob) -> Result<usize> {
         max_length: job.limits.max_length,
         max_prompt_length: job.limits.max_prompt_length,
         prompt_special_tokens: job.prompt_special_tokens,
+        chat_template: job.chat_template.map(str::to_string),
         backend: job.backend.to_string(),
     };
     let range = shard.rows(examples.len(), source.batch_size);

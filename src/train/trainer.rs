@@ -462,6 +462,9 @@ impl RunPlan {
         let model_config = LlamaConfig::from_file(&model_dir.join("config.json"))?;
         let mut tokenizer = TextTokenizer::load_with(&model_dir.join("tokenizer.json"), &model_config.eos_ids(), model_config.pad_token_id)?;
         tokenizer.prompt_special_tokens = config.prompt_special_tokens;
+        if let Some(name) = &config.chat_template {
+            tokenizer.use_chat_template(name)?;
+        }
         if tokenizer.vocab_size() > model_config.vocab_size {
             bail!("{}: tokenizer has {} tokens, the model's vocab_size is {}", model_dir.display(), tokenizer.vocab_size(), model_config.vocab_size);
         }
