@@ -17,7 +17,7 @@ fn metrics_of(sb: &Sandbox, name: &str, extra: &str) -> Vec<serde_json::Value> {
     let run_dir = sb.path(&format!("runs/{name}"));
     let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", run_dir.to_str().unwrap()]);
     assert!(out.status.success(), "{name}: {}", text(&out));
-    read_lines(&run_dir.join("metrics.jsonl"))
+    common::loss_lines(&run_dir)
 }
 
 fn assert_same_training(a: &[serde_json::Value], b: &[serde_json::Value], what: &str) {

@@ -23,7 +23,7 @@ fn a_dpo_run_logs_trl_metrics_and_saves_a_loadable_checkpoint() {
     let sb = Sandbox::new();
     let (out, run_dir) = run(&sb, "dpo", &dpo_script(12));
     assert!(out.status.success(), "{}", text(&out));
-    let lines = read_lines(&run_dir.join("metrics.jsonl"));
+    let lines = loss_lines(&run_dir);
     assert_eq!(lines.len(), 12);
     assert!(text(&out).contains("hook step=12 loss="), "on_log hook not called: {}", text(&out));
     for key in ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "learning_rate"] {
@@ -116,7 +116,7 @@ fn gradient_accumulation_matches_one_large_batch() {
     let (a, dir_a) = run(&sb, "big", &script("batch_size: 8, grad_accum: 1,"));
     let (b, dir_b) = run(&sb, "accum", &script("batch_size: 4, grad_accum: 2,"));
     assert!(a.status.success() && b.status.success(), "{}{}", text(&a), text(&b));
-    let (la, lb) = (read_lines(&dir_a.join("metrics.jsonl")), read_lines(&dir_b.join("metrics.jsonl")));
+    let (la, lb) = (loss_lines(&dir_a), loss_lines(&dir_b));
     assert_eq!(la.len(), 3);
     for (x, y) in la.iter().zip(&lb) {
         for key in ["loss", "grad_norm", "rewards/margins", "logps/chosen"] {

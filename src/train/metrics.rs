@@ -1,17 +1,23 @@
 //! TRL-named metrics, averaged over each logging interval, printed and written as JSON
-//! lines (one per log step, plus event lines such as reloads).
+//! lines (one per log step, plus event lines such as reloads) and as TensorBoard scalars
+//! and text; throughput as HF Trainer reports it.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
+use crate::report::tensorboard::EventWriter;
+
 pub struct MetricsLog {
     file: File,
     sums: BTreeMap<String, (f64, usize)>,
+    /// The same scalars and events for TensorBoard (`RUN_DIR/tb/`).
+    tensorboard: Option<EventWriter>,
 }
 
 /// The order TRL users read them in; script-defined metrics follow.
@@ -23,13 +29,19 @@ pub const TRL_ORDER: &[&str] = &[
 impl MetricsLog {
     pub fn create(path: &Path) -> Result<Self> {
         let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(Self { file, sums: BTreeMap::new() })
+        Ok(Self { file, sums: BTreeMap::new(), tensorboard: None })
     }
 
     /// Continues an existing log (a resumed run).
     pub fn append(path: &Path) -> Result<Self> {
         let file = std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        Ok(Self { file, sums: BTreeMap::new() })
+        Ok(Self { file, sums: BTreeMap::new(), tensorboard: None })
+    }
+
+    /// Also writes every flushed scalar and every event to `writer`.
+    pub fn with_tensorboard(mut self, writer: EventWriter) -> Self {
+        self.tensorboard = Some(writer);
+        self
     }
 
     /// Drops what was added since the last flush (a skipped step).
@@ -54,6 +66,9 @@ impl MetricsLog {
             line.insert(k.clone(), json!(v));
         }
         self.write(Value::Object(line))?;
+        if let Some(tensorboard) = &mut self.tensorboard {
+            tensorboard.scalars(step, &means)?;
+        }
         Ok(means)
     }
 
@@ -64,13 +79,94 @@ impl MetricsLog {
         if let Value::Object(extra) = fields {
             line.extend(extra);
         }
-        self.write(Value::Object(line))
+        let line = Value::Object(line);
+        if let Some(tensorboard) = &mut self.tensorboard {
+            // TensorBoard's text plugin renders markdown: the line as a code block.
+            tensorboard.text(step, &format!("events/{event}"), &format!("```\n{}\n```", serde_json::to_string_pretty(&line)?))?;
+        }
+        self.write(line)
     }
 
     fn write(&mut self, value: Value) -> Result<()> {
         writeln!(self.file, "{value}")?;
         self.file.flush()?;
         Ok(())
+    }
+}
+
+/// The keys whose values are wall-clock measurements, not functions of the run's inputs:
+/// two runs of one script differ in these only.
+pub const WALL_CLOCK_KEYS: &[&str] = &["train_runtime", "train_samples_per_second", "train_steps_per_second", "train_tokens_per_second"];
+
+/// Throughput as HF Trainer reports it (`train_runtime`, `train_samples_per_second`,
+/// `train_steps_per_second`, and `train_tokens_per_second` as with its
+/// `include_tokens_per_second`): per logging interval, and over the steps this process ran.
+/// A sample is a row of the data (a preference pair); its tokens are the prompt's and each
+/// completion's, without padding.
+pub struct Throughput {
+    run_start: Instant,
+    interval_start: Instant,
+    interval: Counts,
+    run: Counts,
+    loss_sum: f64,
+}
+
+#[derive(Default)]
+struct Counts {
+    steps: usize,
+    samples: usize,
+    tokens: usize,
+}
+
+impl Counts {
+    fn add(&mut self, samples: usize, tokens: usize) {
+        self.steps += 1;
+        self.samples += samples;
+        self.tokens += tokens;
+    }
+
+    fn rates(&self, seconds: f64) -> [(&'static str, f64); 3] {
+        let per_second = |n: usize| if seconds > 0.0 { n as f64 / seconds } else { 0.0 };
+        [
+            ("train_samples_per_second", per_second(self.samples)),
+            ("train_steps_per_second", per_second(self.steps)),
+            ("train_tokens_per_second", per_second(self.tokens)),
+        ]
+    }
+}
+
+impl Default for Throughput {
+    fn default() -> Self {
+        let now = Instant::now();
+        Self { run_start: now, interval_start: now, interval: Counts::default(), run: Counts::default(), loss_sum: 0.0 }
+    }
+}
+
+impl Throughput {
+    /// One optimizer step applied over `samples` rows holding `tokens` tokens.
+    pub fn step(&mut self, samples: usize, tokens: usize, loss: f64) {
+        self.interval.add(samples, tokens);
+        self.run.add(samples, tokens);
+        self.loss_sum += loss;
+    }
+
+    /// The rates since the previous call, added to `log` for its coming flush.
+    pub fn add_interval_rates(&mut self, log: &mut MetricsLog) {
+        for (name, rate) in self.interval.rates(self.interval_start.elapsed().as_secs_f64()) {
+            log.add(name, rate);
+        }
+        self.interval = Counts::default();
+        self.interval_start = Instant::now();
+    }
+
+    /// HF Trainer's end-of-training metrics over the steps this process ran (a resumed run:
+    /// since the resume), with `train_loss` their mean loss.
+    pub fn summary(&self) -> BTreeMap<String, f64> {
+        let seconds = self.run_start.elapsed().as_secs_f64();
+        let mut out: BTreeMap<String, f64> = self.run.rates(seconds).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        out.insert("train_runtime".into(), seconds);
+        out.insert("train_loss".into(), if self.run.steps > 0 { self.loss_sum / self.run.steps as f64 } else { 0.0 });
+        out
     }
 }
 

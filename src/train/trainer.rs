@@ -22,7 +22,7 @@ use super::logps::{batch_logps, row_sums};
 use crate::script::random::loss_call_seed;
 use super::loss_call::{LossOutput, loss_params, put1, put2, read_loss_output, rust_dpo_loss};
 use super::optimizer::FusedAdamW;
-use super::metrics::{MetricsLog, format_line};
+use super::metrics::{MetricsLog, Throughput, format_line};
 use super::reference::PrecomputedReference;
 use super::reset::{requested_reset, shrink_toward_initial};
 use crate::data::packed::PackedLayout;
@@ -168,7 +168,7 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
             metrics_path = run_dir.join("metrics.jsonl");
             checkpoint::truncate_metrics(&metrics_path, start)?;
             console::line(&format!("resuming {} from {} (step {start})", run_dir.display(), ckpt.display()));
-            (run_dir.clone(), start, MetricsLog::append(&metrics_path)?)
+            (run_dir.clone(), start, MetricsLog::append(&metrics_path)?.with_tensorboard(tensorboard_writer(run_dir, Some(start + 1))?))
         }
         None => {
             let name = trainer.config.name.clone().unwrap_or_else(|| stem(&options.script));
@@ -183,7 +183,8 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
             checkpoint::write_run_info(&run_dir, &options.script, trainer.config.arm.as_deref())?;
             identity.write(&run_dir)?;
             metrics_path = run_dir.join("metrics.jsonl");
-            (run_dir, 0, MetricsLog::create(&metrics_path)?)
+            let log = MetricsLog::create(&metrics_path)?.with_tensorboard(tensorboard_writer(&run_dir, None)?);
+            (run_dir, 0, log)
         }
     };
     save_sources(&run_dir, start, &current)?;
@@ -214,6 +215,7 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
     let mut reloads = 0;
     let mut nonfinite_in_a_row = 0;
     let mut step_seconds = Vec::with_capacity(total - start);
+    let mut throughput = Throughput::default();
     let mut loss_call_seconds = Vec::with_capacity(total - start);
 
     for step in start..total {
@@ -274,8 +276,11 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
         // The loss state each micro-batch returns is the next one's input (γ-PO's queue grows
         // per forward, as in its reference); it is kept only if the step's update is applied.
         let mut step_state = trainer.loss_state.clone();
+        let (mut step_samples, mut step_tokens) = (0, 0);
         for micro in 0..trainer.config.grad_accum {
             let examples = trainer.batch_for(step, micro);
+            step_samples += examples.len();
+            step_tokens += examples.iter().map(row_tokens).sum::<usize>();
             let mut config = trainer.config.clone();
             let call = LossCall { step, micro_batch: micro, state: &step_state };
             let mut output = with_fallback(&mut current, &mut previous, &mut config, &mut log, step, "loss", |version, config| {
@@ -321,6 +326,7 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
         for output in &outputs {
             trainer.record(&mut log, output);
         }
+        throughput.step(step_samples, step_tokens, outputs.iter().map(|o| o.loss_value).sum::<f64>() / outputs.len().max(1) as f64);
         let policy = trainer.policy.take().expect("the policy is in place between steps");
         trainer.policy = Some(optimizer.step(lr, policy, grads));
         step_seconds.push(step_start.elapsed().as_secs_f64());
@@ -332,6 +338,7 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
         let done = step + 1;
         console::advance(String::new());
         if done % trainer.config.log_every == 0 || done == total {
+            throughput.add_interval_rates(&mut log);
             let means = log.flush(done, trainer.epoch_progress())?;
             console::line(&format_line(done, total, &means));
             if current.has_fn("on_log", 2) {
@@ -364,8 +371,23 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
         console::line(&format!("eval after training: accuracy {:.3} ({}/{})", result.accuracy, result.correct, result.total));
         log.event(total, "eval", json!({"accuracy": result.accuracy, "correct": result.correct, "total": result.total}))?;
     }
+    let summary = throughput.summary();
+    console::line(&format!("train summary: {}", summary.iter().map(|(k, v)| format!("{k}={v:.4}")).collect::<Vec<_>>().join("  ")));
+    log.event(total, "train_summary", json!(summary))?;
     console::line(&format!("done: {total} steps, checkpoint {}", final_dir.display()));
     Ok(RunSummary { run_dir, steps: total, reloads, interrupted: false, eval, eval_before: before, final_checkpoint: Some(final_dir), step_seconds, loss_call_seconds })
+}
+
+/// The tokens a row puts through the policy: the prompt with each completion (no padding).
+fn row_tokens(example: &Example) -> usize {
+    let rejected = if example.rejected.is_empty() { 0 } else { example.prompt.len() + example.rejected.len() };
+    example.prompt.len() + example.chosen.len() + rejected
+}
+
+/// A new TensorBoard events file in `RUN_DIR/tb/`; a resumed run's starts with SessionLog START
+/// at the first step it runs, so TensorBoard drops what the interrupted run logged from there on.
+fn tensorboard_writer(run_dir: &Path, resumed_at: Option<usize>) -> Result<crate::report::tensorboard::EventWriter> {
+    crate::report::tensorboard::EventWriter::create(&run_dir.join("tb"), &super::lock::hostname(), resumed_at)
 }
 
 /// Runs `call` with the current script version; if it fails and an earlier version is

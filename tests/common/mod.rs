@@ -125,11 +125,20 @@ pub fn assert_resume_reproduces(sb: &Sandbox, name: &str, script: &str, steps: u
     killed
 }
 
+/// The JSON lines of a file. Wall-clock values of metrics.jsonl (throughput:
+/// `prefhost::train::metrics::WALL_CLOCK_KEYS`) are left out, so that two runs of one
+/// script compare equal.
 pub fn read_lines(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
+        .map(|mut line: serde_json::Value| {
+            if let Some(fields) = line.as_object_mut() {
+                fields.retain(|k, _| !prefhost::train::metrics::WALL_CLOCK_KEYS.contains(&k.as_str()));
+            }
+            line
+        })
         .collect()
 }
 
