@@ -354,3 +354,30 @@ fn host_verify_names_each_damaged_checkpoint_and_file() {
     let out = run_host(&["verify", sb.path("scripts").to_str().unwrap()]);
     assert!(!out.status.success() && text(&out).contains("not a prefhost run folder"), "{}", text(&out));
 }
+
+/// A reload that points `heldout` at another file records it in identity.json, so that the
+/// run resumes onto it (the script now names it) rather than being refused as changed.
+#[test]
+fn a_reload_of_heldout_is_recorded_and_the_run_resumes() {
+    let sb = Sandbox::new();
+    let rows = std::fs::read_to_string(repo().join("data/arithmetic/eval.jsonl")).unwrap();
+    let (first, second) = (sb.path("data/eval-a.jsonl"), sb.path("data/eval-b.jsonl"));
+    std::fs::create_dir_all(first.parent().unwrap()).unwrap();
+    std::fs::write(&first, &rows).unwrap();
+    std::fs::write(&second, rows.lines().rev().collect::<Vec<_>>().join("\n") + "\n").unwrap();
+    let with_heldout = |file: &std::path::Path| script(4000, "    dpo::loss(b, p)", &format!("heldout: #{{ data: \"{}\", rows: 2, max_new_tokens: 4 }},", file.display()));
+    let path = sb.write("scripts/exp.rhai", &with_heldout(&first));
+    let dir = sb.path("run");
+    let mut child = host().args(["run", path.to_str().unwrap(), "--run-dir", dir.to_str().unwrap()]).stdout(Stdio::null()).spawn().unwrap();
+    wait_until("a few steps", || loss_lines(&dir).len() >= 2);
+    sb.write("scripts/exp.rhai", &with_heldout(&second));
+    wait_until("the reload", || read_lines(&dir.join("metrics.jsonl")).iter().any(|l| l["event"] == "reload"));
+    let _ = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    let identity: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("identity.json")).unwrap()).unwrap();
+    assert_eq!(identity["inputs"]["heldout data"]["path"], second.display().to_string(), "{identity}");
+
+    let step = loss_lines(&dir).len();
+    let out = run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch", "--max-steps", &(step + 1).to_string()]);
+    assert!(out.status.success() && text(&out).contains("resuming"), "{}", text(&out));
+}
