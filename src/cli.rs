@@ -206,6 +206,11 @@ enum Command {
         #[arg(long, hide = true)]
         child: bool,
     },
+    /// Check every checkpoint of a run folder (and of a comparison's arms) against its
+    /// manifest: one line each, ok or damaged (which file, what differs); exit 1 if any is damaged.
+    Verify {
+        run_dir: PathBuf,
+    },
     /// Generate the arithmetic word-problem corpus (and its tokenizer).
     Data {
         /// Output folder.
@@ -329,6 +334,11 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 println!("{}", crate::bench_gpu::run(&opts)?);
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { run_dir } => {
+            let (lines, sound) = crate::train::checkpoint::verify_report(&run_dir)?;
+            println!("{}", lines.join("\n"));
+            Ok(if sound { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Pairs { from, style, out, tokenizer, seed, bins } => pairs(&from, style, &out, tokenizer.as_deref(), seed, bins),
         Command::Data { out, sft_rows, pair_rows, eval_rows, seed, tokenizer_vocab } => {

@@ -46,6 +46,14 @@ fn arms_start_from_the_same_state_and_the_report_is_written() {
         assert_eq!(&bytes[1..4], b"PNG", "{png}");
     }
 
+    // `host verify` checks each arm's checkpoints.
+    let verify = run_host(&["verify", run_dir.to_str().unwrap()]);
+    let lines: Vec<String> = String::from_utf8_lossy(&verify.stdout).lines().map(str::to_string).collect();
+    let expected: Vec<String> = std::iter::once(format!("{}: no checkpoints", run_dir.display()))
+        .chain(["dpo", "dpop", "dpop0"].iter().map(|arm| format!("{}: ok", run_dir.join(arm).join("checkpoint-3").display())))
+        .collect();
+    assert!(verify.status.success() && lines == expected, "{}", text(&verify));
+
     // Resuming a finished comparison trains nothing again and rewrites the report.
     let again = run_host(&["run", "--resume", run_dir.to_str().unwrap(), "--no-watch"]);
     assert!(again.status.success(), "{}", text(&again));
@@ -85,4 +93,43 @@ fn an_arm_with_only_damaged_checkpoints_is_refused_not_cleared() {
     let out = run_host(&["run", "--resume", run_dir.to_str().unwrap(), "--no-watch"]);
     assert!(!out.status.success() && text(&out).contains("every checkpoint is damaged") && text(&out).contains("checkpoint-3/config.json"), "{}", text(&out));
     assert_eq!(std::fs::read_to_string(&damaged).unwrap(), "{}", "the arm's checkpoint was replaced");
+}
+
+/// One writer per comparison: `host run --resume` of a comparison whose folder's lock is
+/// held by a live process is refused with its PID; so is one whose unfinished arm's
+/// folder is held (an arm can be resumed on its own), and the arm's folder is then left
+/// as it is: the save that the holder may have in progress is not tidied away.
+#[test]
+fn a_comparison_and_its_arms_have_one_writer_each() {
+    let sb = Sandbox::new();
+    let script = sb.write("scripts/cmp.rhai", &compare_script("#{ name: \"a\", loss: \"dpo_loss\" }, #{ name: \"b\", loss: \"dpop_loss\" }"));
+    let run_dir = sb.path("runs/cmp");
+    let out = run_host(&["run", script.to_str().unwrap(), "--no-watch", "--run-dir", run_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!run_dir.join("run.lock").exists(), "the comparison's lock outlived it");
+    let me = std::process::id();
+    let held = format!("{{\"pid\": {me}, \"host\": \"{}\"}}\n", prefhost::train::lock::hostname());
+    let resume = || run_host(&["run", "--resume", run_dir.to_str().unwrap(), "--no-watch"]);
+
+    std::fs::write(run_dir.join("run.lock"), &held).unwrap();
+    let out = resume();
+    assert!(!out.status.success() && text(&out).contains(&format!("{}: held by PID {me}", run_dir.join("run.lock").display())), "{}", text(&out));
+    assert!(!text(&out).contains("already finished"), "refused before looking at the arms: {}", text(&out));
+    std::fs::remove_file(run_dir.join("run.lock")).unwrap();
+
+    // Arm b unfinished, with a save in progress by the holder of its lock.
+    std::fs::remove_file(run_dir.join("b/arm_result.json")).unwrap();
+    let staging = run_dir.join("b/.checkpoint-4.tmp");
+    std::fs::create_dir(&staging).unwrap();
+    std::fs::write(run_dir.join("b/run.lock"), &held).unwrap();
+    let out = resume();
+    assert!(!out.status.success() && text(&out).contains(&format!("{}: held by PID {me}", run_dir.join("b/run.lock").display())), "{}", text(&out));
+    assert!(staging.is_dir(), "the holder's save in progress was tidied away");
+    assert!(!run_dir.join("run.lock").exists(), "the refused comparison left its lock");
+
+    // Once the holder is gone, the resume tidies the arm and finishes it from its checkpoint.
+    std::fs::remove_file(run_dir.join("b/run.lock")).unwrap();
+    let out = resume();
+    assert!(out.status.success() && text(&out).contains("arm a: already finished") && text(&out).contains("checkpoint-3 (step 3)"), "{}", text(&out));
+    assert!(!staging.exists() && run_dir.join("b/arm_result.json").is_file());
 }

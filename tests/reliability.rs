@@ -92,7 +92,7 @@ fn ctrl_c_saves_a_checkpoint_and_the_run_can_continue() {
 }
 
 /// `--resume` checks the run's inputs against the fingerprints recorded when it started:
-/// edited data and changed weights are refused, naming the file; `--resume-anyway` goes
+/// edited data, edited held-out data and changed weights are refused, naming the file; `--resume-anyway` goes
 /// on (and records the new inputs); a moved but identical model folder, and an older run
 /// folder without fingerprints, resume as before.
 #[test]
@@ -104,8 +104,11 @@ fn resume_refuses_changed_data_or_model_unless_asked_to_go_on() {
     let original = std::fs::read_to_string(repo().join("data/arithmetic/pairs.jsonl")).unwrap();
     std::fs::write(&data, &original).unwrap();
     let model = sb.path("model");
+    let heldout = sb.path("data/eval.jsonl");
+    let heldout_rows = std::fs::read_to_string(repo().join("data/arithmetic/eval.jsonl")).unwrap();
+    std::fs::write(&heldout, &heldout_rows).unwrap();
     let config = |model: &str| {
-        small_config("seed: 3, save_every: 1, params: #{ beta: 0.1 },")
+        small_config(&format!("seed: 3, save_every: 1, params: #{{ beta: 0.1 }}, heldout: #{{ data: \"{}\", rows: 2, max_new_tokens: 4 }},", heldout.display()))
             .replace("models/tiny-math", model)
             .replace("data/arithmetic/pairs.jsonl", data.to_str().unwrap())
     };
@@ -120,7 +123,7 @@ fn resume_refuses_changed_data_or_model_unless_asked_to_go_on() {
     let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap(), "--max-steps", "2"]);
     assert!(out.status.success(), "{}", text(&out));
     let identity: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("identity.json")).unwrap()).unwrap();
-    for role in ["data", "model config.json", "tokenizer tokenizer.json", "weights model.safetensors"] {
+    for role in ["data", "heldout data", "model config.json", "tokenizer tokenizer.json", "weights model.safetensors"] {
         assert!(identity["inputs"][role]["sha256"].as_str().is_some_and(|s| s.len() == 64), "{role}: {identity}");
     }
 
@@ -140,6 +143,15 @@ fn resume_refuses_changed_data_or_model_unless_asked_to_go_on() {
     assert_eq!(loss_lines(&dir).len(), 3);
     assert!(!dir.join("checkpoint-4").exists());
     std::fs::write(&data, &original).unwrap();
+
+    // Edited held-out rows (the evaluation before and after would score other questions): refused.
+    std::fs::write(&heldout, heldout_rows.replacen("\"answer\"", "\"answer\" ", 1)).unwrap();
+    let out = run(&["--max-steps", "4"]);
+    let said = text(&out);
+    assert!(!out.status.success() && said.contains(&format!("heldout data ({}): size", heldout.display())), "{said}");
+    assert!(!said.contains("\n  data ("), "only the held-out data changed: {said}");
+    assert_eq!(loss_lines(&dir).len(), 3);
+    std::fs::write(&heldout, &heldout_rows).unwrap();
 
     // Other weights (one mantissa bit of the last value): refused, naming the weights file.
     let weights = model.join("model.safetensors");
@@ -282,4 +294,90 @@ fn a_damaged_latest_checkpoint_falls_back_to_the_previous_one() {
     let out = run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch"]);
     let said = text(&out);
     assert!(!out.status.success() && said.contains("every checkpoint is damaged") && said.contains("checkpoint-4/config.json"), "{said}");
+}
+
+/// `host verify RUN_DIR`: one line per checkpoint, ok or damaged (which file, what
+/// differs), exit 0 only when none is damaged; a checkpoint without a manifest (written
+/// before manifests existed) is reported unchecked. Nothing in the folder is changed.
+#[test]
+fn host_verify_names_each_damaged_checkpoint_and_file() {
+    let sb = Sandbox::new();
+    let path = sb.write("scripts/exp.rhai", &script(8, "    dpo::loss(b, p)", ""));
+    let dir = sb.path("run");
+    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let verify = || {
+        let out = run_host(&["verify", dir.to_str().unwrap()]);
+        let lines: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+        (out.status.success(), lines, text(&out))
+    };
+    let (c4, c8) = (dir.join("checkpoint-4"), dir.join("checkpoint-8"));
+
+    let (ok, lines, said) = verify();
+    assert!(ok, "{said}");
+    assert_eq!(lines, [format!("{}: ok", c4.display()), format!("{}: ok", c8.display())], "{said}");
+
+    // A flipped byte in checkpoint-8's weights.
+    let weights = c8.join("model.safetensors");
+    let original = std::fs::read(&weights).unwrap();
+    let mut bytes = original.clone();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&weights, &bytes).unwrap();
+    let (ok, lines, said) = verify();
+    assert!(!ok, "{said}");
+    assert_eq!(lines[0], format!("{}: ok", c4.display()));
+    assert!(lines[1].starts_with(&format!("{}: damaged: {}: sha256 ", c8.display(), weights.display())) && lines[1].contains("the manifest says"), "{said}");
+
+    // And checkpoint-4's optimizer state cut short.
+    let optimizer = c4.join("optimizer.bpk");
+    let len = std::fs::metadata(&optimizer).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&optimizer).unwrap().set_len(len - 1).unwrap();
+    let (ok, lines, said) = verify();
+    assert!(!ok && lines.len() == 2, "{said}");
+    assert_eq!(lines[0], format!("{}: damaged: {}: {} bytes, the manifest says {len} (truncated?)", c4.display(), optimizer.display(), len - 1), "{said}");
+
+    // Checkpoint-4 without a manifest (as before manifests): unchecked, not damaged.
+    std::fs::remove_file(c4.join("manifest.json")).unwrap();
+    std::fs::write(&weights, &original).unwrap();
+    let (ok, lines, said) = verify();
+    assert!(ok, "{said}");
+    assert_eq!(lines, [format!("{}: no manifest, unchecked (written before checkpoints carried one)", c4.display()), format!("{}: ok", c8.display())], "{said}");
+
+    // A staging folder a crash left is listed, not taken for a checkpoint, and left alone.
+    std::fs::create_dir(dir.join(".checkpoint-12.tmp")).unwrap();
+    let (ok, lines, said) = verify();
+    assert!(ok && lines.len() == 3 && lines[2].contains(".checkpoint-12.tmp: left by a save"), "{said}");
+    assert!(dir.join(".checkpoint-12.tmp").is_dir());
+
+    // Not a run folder: refused.
+    let out = run_host(&["verify", sb.path("scripts").to_str().unwrap()]);
+    assert!(!out.status.success() && text(&out).contains("not a prefhost run folder"), "{}", text(&out));
+}
+
+/// A reload that points `heldout` at another file records it in identity.json, so that the
+/// run resumes onto it (the script now names it) rather than being refused as changed.
+#[test]
+fn a_reload_of_heldout_is_recorded_and_the_run_resumes() {
+    let sb = Sandbox::new();
+    let rows = std::fs::read_to_string(repo().join("data/arithmetic/eval.jsonl")).unwrap();
+    let (first, second) = (sb.path("data/eval-a.jsonl"), sb.path("data/eval-b.jsonl"));
+    std::fs::create_dir_all(first.parent().unwrap()).unwrap();
+    std::fs::write(&first, &rows).unwrap();
+    std::fs::write(&second, rows.lines().rev().collect::<Vec<_>>().join("\n") + "\n").unwrap();
+    let with_heldout = |file: &std::path::Path| script(4000, "    dpo::loss(b, p)", &format!("heldout: #{{ data: \"{}\", rows: 2, max_new_tokens: 4 }},", file.display()));
+    let path = sb.write("scripts/exp.rhai", &with_heldout(&first));
+    let dir = sb.path("run");
+    let mut child = host().args(["run", path.to_str().unwrap(), "--run-dir", dir.to_str().unwrap()]).stdout(Stdio::null()).spawn().unwrap();
+    wait_until("a few steps", || loss_lines(&dir).len() >= 2);
+    sb.write("scripts/exp.rhai", &with_heldout(&second));
+    wait_until("the reload", || read_lines(&dir.join("metrics.jsonl")).iter().any(|l| l["event"] == "reload"));
+    let _ = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    let identity: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("identity.json")).unwrap()).unwrap();
+    assert_eq!(identity["inputs"]["heldout data"]["path"], second.display().to_string(), "{identity}");
+
+    let step = loss_lines(&dir).len();
+    let out = run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch", "--max-steps", &(step + 1).to_string()]);
+    assert!(out.status.success() && text(&out).contains("resuming"), "{}", text(&out));
 }

@@ -58,22 +58,8 @@ pub fn read_run_info(run_dir: &Path) -> Result<RunInfo> {
 /// are never picked. What a crash during a save left is tidied first: a checkpoint it
 /// left moved aside while being replaced is put back, so that one is found too.
 pub fn latest_checkpoint(run_dir: &Path) -> Result<(usize, PathBuf)> {
-    for entry in std::fs::read_dir(run_dir).with_context(|| format!("cannot read {}", run_dir.display()))? {
-        let name = entry?.file_name();
-        let name = name.to_str().unwrap_or_default();
-        if let Some(checkpoint) = interrupted_save_of(name).filter(|n| n.starts_with("checkpoint-")) {
-            recover_folder(&run_dir.join(checkpoint))?;
-        }
-    }
-    let mut found: Vec<(usize, PathBuf)> = Vec::new();
-    for entry in std::fs::read_dir(run_dir).with_context(|| format!("cannot read {}", run_dir.display()))? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-        let Some(step) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()) else { continue };
-        if path.join(STATE_FILE).is_file() {
-            found.push((step, path));
-        }
-    }
+    tidy_interrupted_saves(run_dir)?;
+    let mut found: Vec<(usize, PathBuf)> = checkpoint_folders(run_dir)?.into_iter().filter(|(_, path)| path.join(STATE_FILE).is_file()).collect();
     if found.is_empty() {
         bail!("{}: no checkpoint to resume from (checkpoints are written every save_every steps)", run_dir.display());
     }
@@ -96,13 +82,107 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<(usize, PathBuf)> {
     bail!("{}: every checkpoint is damaged:\n  {}", run_dir.display(), damaged.join("\n  "))
 }
 
+/// Puts back a checkpoint a crash during a save left moved aside, and removes staging
+/// folders. Only the run's writer may do this (it holds the run's lock): another run's
+/// save in progress looks the same.
+pub fn tidy_interrupted_saves(run_dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(run_dir).with_context(|| format!("cannot read {}", run_dir.display()))? {
+        let name = entry?.file_name();
+        let name = name.to_str().unwrap_or_default();
+        if let Some(checkpoint) = interrupted_save_of(name).filter(|n| n.starts_with("checkpoint-")) {
+            recover_folder(&run_dir.join(checkpoint))?;
+        }
+    }
+    Ok(())
+}
+
+/// Every `checkpoint-N/` folder in `run_dir` (complete or not), by step.
+pub fn checkpoint_folders(run_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(run_dir).with_context(|| format!("cannot read {}", run_dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if let Some(step) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()).filter(|_| path.is_dir()) {
+            found.push((step, path));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
 /// Whether `run_dir` holds a `checkpoint-N/` with a trainer state, sound or not.
 pub fn has_checkpoint_folder(run_dir: &Path) -> bool {
-    let Ok(entries) = std::fs::read_dir(run_dir) else { return false };
-    entries.filter_map(|e| e.ok()).any(|e| {
-        let name = e.file_name();
-        name.to_str().and_then(|n| n.strip_prefix("checkpoint-")).is_some_and(|s| s.parse::<usize>().is_ok()) && e.path().join(STATE_FILE).is_file()
-    })
+    checkpoint_folders(run_dir).is_ok_and(|found| found.iter().any(|(_, path)| path.join(STATE_FILE).is_file()))
+}
+
+/// One checkpoint as `host verify` finds it.
+pub enum Verdict {
+    /// Every file matches the manifest.
+    Sound,
+    /// Written before checkpoints carried a manifest: nothing to check against.
+    NoManifest,
+    /// The first file that is missing or differs, and how.
+    Damaged(String),
+}
+
+/// Checks every checkpoint of `run_dir` against its manifest, without changing anything
+/// (a save in progress, or one a crash interrupted, is listed apart: `side`).
+pub fn verify_run(run_dir: &Path) -> Result<(Vec<(PathBuf, Verdict)>, Vec<PathBuf>)> {
+    let mut verdicts = Vec::new();
+    for (_, path) in checkpoint_folders(run_dir)? {
+        let verdict = match verify_manifest(&path) {
+            Ok(true) => Verdict::Sound,
+            Ok(false) => Verdict::NoManifest,
+            Err(e) => Verdict::Damaged(format!("{e:#}")),
+        };
+        verdicts.push((path, verdict));
+    }
+    let mut side = Vec::new();
+    for entry in std::fs::read_dir(run_dir).with_context(|| format!("cannot read {}", run_dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if interrupted_save_of(name).is_some_and(|n| n.starts_with("checkpoint-")) {
+            side.push(path);
+        }
+    }
+    side.sort();
+    Ok((verdicts, side))
+}
+
+/// `host verify RUN_DIR`: one line per checkpoint of the run folder and, for a
+/// comparison, of each arm's folder; true when none is damaged (a checkpoint without a
+/// manifest is reported unchecked, not damaged).
+pub fn verify_report(run_dir: &Path) -> Result<(Vec<String>, bool)> {
+    read_run_info(run_dir)?;
+    let mut folders = vec![run_dir.to_path_buf()];
+    let mut arms: Vec<PathBuf> = std::fs::read_dir(run_dir)
+        .with_context(|| format!("cannot read {}", run_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join(RUN_FILE).is_file())
+        .collect();
+    arms.sort();
+    folders.extend(arms);
+    let (mut lines, mut sound) = (Vec::new(), true);
+    for folder in &folders {
+        let (verdicts, side) = verify_run(folder)?;
+        if verdicts.is_empty() {
+            lines.push(format!("{}: no checkpoints", folder.display()));
+        }
+        for (path, verdict) in verdicts {
+            lines.push(match verdict {
+                Verdict::Sound => format!("{}: ok", path.display()),
+                Verdict::NoManifest => format!("{}: no manifest, unchecked (written before checkpoints carried one)", path.display()),
+                Verdict::Damaged(why) => {
+                    sound = false;
+                    format!("{}: damaged: {why}", path.display())
+                }
+            });
+        }
+        for path in side {
+            lines.push(format!("{}: left by a save that was interrupted or is in progress (not a checkpoint; --resume tidies it)", path.display()));
+        }
+    }
+    Ok((lines, sound))
 }
 
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
@@ -125,7 +205,7 @@ pub fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
         .map(|l| format!("{l}\n"))
         .collect();
     let tmp = path.with_extension("jsonl.tmp");
-    std::fs::write(&tmp, kept)?;
-    std::fs::rename(&tmp, path)?;
+    std::fs::write(&tmp, kept).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
     Ok(())
 }

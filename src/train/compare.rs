@@ -12,7 +12,8 @@ use super::checkpoint;
 use super::config::TrainConfig;
 use super::console;
 use super::evaluate::EvalResult;
-use super::trainer::{RunOptions, RunSummary, config_of, train_one};
+use super::lock::RunLock;
+use super::trainer::{RunOptions, RunSummary, config_of, train_one_locked};
 use crate::report::{Chart, Series, line_chart_png};
 use crate::script::ScriptHost;
 
@@ -36,8 +37,14 @@ struct ArmResult {
 }
 
 pub fn run_comparison(host: &mut ScriptHost, options: RunOptions, config: TrainConfig) -> Result<RunSummary> {
+    // The comparison's own folder has one writer too (the report, results.json, the
+    // arms' bookkeeping); held until the comparison returns.
+    let _lock;
     let run_dir = match &options.resume {
-        Some(dir) => dir.clone(),
+        Some(dir) => {
+            _lock = RunLock::acquire(dir)?;
+            dir.clone()
+        }
         None => {
             let name = config.name.clone().unwrap_or_else(|| options.script.file_stem().and_then(|s| s.to_str()).unwrap_or("compare").to_string());
             let dir = options.run_dir.clone().unwrap_or_else(|| Path::new(&config.output_dir).join(format!("{name}-{}", super::trainer::timestamp())));
@@ -45,6 +52,7 @@ pub fn run_comparison(host: &mut ScriptHost, options: RunOptions, config: TrainC
                 bail!("{}: run folder already exists; continue it with --resume, or choose another with --run-dir", dir.display());
             }
             std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            _lock = RunLock::acquire(&dir)?;
             checkpoint::write_run_info(&dir, &options.script, None)?;
             dir
         }
@@ -64,10 +72,22 @@ pub fn run_comparison(host: &mut ScriptHost, options: RunOptions, config: TrainC
         }
         // An arm that started but has no checkpoint yet starts over; one with a checkpoint resumes.
         // Damaged checkpoints count as checkpoints: the resume then refuses, naming them,
-        // rather than the arm's folder being cleared.
-        let resume = arm_dir.is_dir() && (checkpoint::latest_checkpoint(&arm_dir).is_ok() || checkpoint::has_checkpoint_folder(&arm_dir));
-        if arm_dir.is_dir() && !resume {
-            std::fs::remove_dir_all(&arm_dir).with_context(|| format!("cannot clear {}", arm_dir.display()))?;
+        // rather than the arm's folder being cleared. The arm's lock comes first (an arm
+        // folder can be resumed on its own), then a save a crash interrupted is tidied,
+        // so that a checkpoint it left moved aside counts. The resume checks the
+        // checkpoints against their manifests, once.
+        let mut arm_lock = None;
+        let mut resume = false;
+        if arm_dir.is_dir() {
+            let lock = RunLock::acquire(&arm_dir)?;
+            checkpoint::tidy_interrupted_saves(&arm_dir)?;
+            resume = checkpoint::has_checkpoint_folder(&arm_dir);
+            if resume {
+                arm_lock = Some(lock);
+            } else {
+                std::fs::remove_dir_all(&arm_dir).with_context(|| format!("cannot clear {}", arm_dir.display()))?;
+                lock.removed_with_folder();
+            }
         }
         console::line(&format!("---- arm {} ({}/{}): loss fn {}", arm.name, i + 1, names.len(), arm.loss_fn));
         let version = host.load(&options.script).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -78,7 +98,7 @@ pub fn run_comparison(host: &mut ScriptHost, options: RunOptions, config: TrainC
             ..options.clone()
         };
         // Every arm starts from the same model, so the starting accuracy is measured once.
-        let summary = train_one(host, arm_options, version, arm_config, i == 0)?;
+        let summary = train_one_locked(host, arm_options, version, arm_config, i == 0, arm_lock)?;
         reloads += summary.reloads;
         if summary.interrupted {
             console::line(&format!("comparison interrupted in arm {}; continue with: host run --resume {}", arm.name, run_dir.display()));
@@ -86,9 +106,7 @@ pub fn run_comparison(host: &mut ScriptHost, options: RunOptions, config: TrainC
         }
         let eval_before = if i == 0 { summary.eval_before.clone() } else { results.first().and_then(|r| r.eval_before.clone()) };
         let result = ArmResult { name: arm.name.clone(), steps: summary.steps, eval_before, eval_after: summary.eval.clone(), final_checkpoint: summary.final_checkpoint.clone() };
-        let tmp = arm_dir.join(format!(".{ARM_RESULT}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&result)?)?;
-        std::fs::rename(&tmp, arm_dir.join(ARM_RESULT))?;
+        write_whole(&arm_dir.join(ARM_RESULT), &serde_json::to_vec_pretty(&result)?)?;
         results.push(result);
     }
     write_report(&run_dir, &config, &results)?;
@@ -153,13 +171,25 @@ fn write_report(run_dir: &Path, config: &TrainConfig, results: &[ArmResult]) -> 
         config.name.clone().unwrap_or_default(), config.model, config.seed, config.data,
         written.iter().map(|f| format!("![{f}]({f})")).collect::<Vec<_>>().join("\n"),
     );
-    std::fs::write(run_dir.join("report.md"), &report)?;
+    write_whole(&run_dir.join("report.md"), report.as_bytes())?;
     let json_results: Vec<Value> = results
         .iter()
         .zip(&lines_by_arm)
         .map(|(r, (_, lines))| json!({"name": r.name, "steps": r.steps, "eval_after": r.eval_after, "last_metrics": lines.last()}))
         .collect();
-    std::fs::write(run_dir.join("results.json"), serde_json::to_vec_pretty(&json!({"eval_before": before, "arms": json_results}))?)?;
+    write_whole(&run_dir.join("results.json"), &serde_json::to_vec_pretty(&json!({"eval_before": before, "arms": json_results}))?)?;
     console::line(&format!("report: {}\n{md}", run_dir.join("report.md").display()));
     Ok(())
+}
+
+/// Writes `path` through a hidden temporary beside it and a rename, so that a full disk
+/// leaves the previous version (or none), never a cut-short file.
+fn write_whole(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("writing {}", path.display()))
 }

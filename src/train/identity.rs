@@ -1,5 +1,5 @@
-//! What a run was made from: fingerprints of its data file, model weights, model config,
-//! tokenizer files and `ref_logps`, recorded in `identity.json` when the run starts, so
+//! What a run was made from: fingerprints of its data file, held-out evaluation data,
+//! model weights, model config, tokenizer files and `ref_logps`, recorded in `identity.json` when the run starts, so
 //! that `--resume` onto edited data or another model is refused instead of silently
 //! training on other inputs in the same order.
 
@@ -15,6 +15,8 @@ use sha2::Digest;
 use super::config::{Init, TrainConfig};
 
 pub const IDENTITY_FILE: &str = "identity.json";
+/// The role of the held-out evaluation data (`heldout.data`).
+const HELDOUT: &str = "heldout data";
 
 /// Weight files up to this size are hashed whole; larger ones by their header and
 /// `SAMPLES` evenly spaced chunks, so that a multi-GB model takes milliseconds, not minutes.
@@ -101,14 +103,9 @@ impl RunIdentity {
     /// Fingerprints the inputs `config` names, as they are now.
     pub fn of(config: &TrainConfig) -> Result<Self> {
         let mut inputs = BTreeMap::new();
-        let data = Path::new(&config.data);
-        // A data folder (parquet shards) is fingerprinted file by file.
-        if data.is_dir() {
-            for name in sorted_files(data, |_| true)? {
-                inputs.insert(format!("data {name}"), whole(&data.join(&name))?);
-            }
-        } else {
-            inputs.insert("data".to_string(), whole(data)?);
+        insert_data(&mut inputs, "data", Path::new(&config.data))?;
+        if let Some(heldout) = &config.heldout {
+            insert_data(&mut inputs, HELDOUT, Path::new(&heldout.data))?;
         }
         let model = Path::new(&config.model);
         inputs.insert("model config.json".to_string(), whole(&model.join("config.json"))?);
@@ -130,6 +127,18 @@ impl RunIdentity {
             inputs.insert("ref_logps".to_string(), whole(Path::new(path))?);
         }
         Ok(Self { inputs })
+    }
+
+    /// Records the held-out data `config` names now in place of what the run recorded
+    /// (a reload changed `heldout`, a field that may change during a run), so that the
+    /// next resume compares against what the run goes on with.
+    pub fn record_heldout(run_dir: &Path, config: &TrainConfig) -> Result<()> {
+        let Some(mut recorded) = Self::read(run_dir)? else { return Ok(()) };
+        recorded.inputs.retain(|role, _| role != HELDOUT && !role.starts_with(&format!("{HELDOUT} ")));
+        if let Some(heldout) = &config.heldout {
+            insert_data(&mut recorded.inputs, HELDOUT, Path::new(&heldout.data))?;
+        }
+        recorded.write(run_dir)
     }
 
     pub fn write(&self, run_dir: &Path) -> Result<()> {
@@ -195,6 +204,18 @@ pub fn check_resume(run_dir: &Path, config: &TrainConfig, anyway: bool) -> Resul
         );
     }
     Ok((changes, Some(now)))
+}
+
+/// A data file as `role`, or each file of a data folder (parquet shards) as `role NAME`.
+fn insert_data(inputs: &mut BTreeMap<String, Fingerprint>, role: &str, data: &Path) -> Result<()> {
+    if data.is_dir() {
+        for name in sorted_files(data, |_| true)? {
+            inputs.insert(format!("{role} {name}"), whole(&data.join(&name))?);
+        }
+    } else {
+        inputs.insert(role.to_string(), whole(data)?);
+    }
+    Ok(())
 }
 
 /// The first 12 characters (a hash read from a damaged file may be anything).

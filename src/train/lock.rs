@@ -81,8 +81,19 @@ impl RunLock {
     }
 }
 
+impl RunLock {
+    /// For a holder that removed the whole run folder, lock file included: nothing is
+    /// left to remove (and a lock a later run creates there is not this one).
+    pub fn removed_with_folder(mut self) {
+        self.path = PathBuf::new();
+    }
+}
+
 impl Drop for RunLock {
     fn drop(&mut self) {
+        if self.path.as_os_str().is_empty() {
+            return;
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }

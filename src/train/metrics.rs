@@ -1,11 +1,12 @@
 //! TRL-named metrics, averaged over each logging interval, printed and written as JSON
 //! lines (one per log step, plus event lines such as reloads) and as TensorBoard scalars
-//! and text; throughput as HF Trainer reports it.
+//! and text; throughput as HF Trainer reports it. A line the disk cannot take (ENOSPC, EIO,
+//! EFBIG) is taken back whole, so the log always parses line by line.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -15,6 +16,9 @@ use crate::report::tensorboard::EventWriter;
 
 pub struct MetricsLog {
     file: File,
+    path: PathBuf,
+    /// The file's length after the last line written whole.
+    good_len: u64,
     sums: BTreeMap<String, (f64, usize)>,
     /// The same scalars and events for TensorBoard (`RUN_DIR/tb/`).
     tensorboard: Option<EventWriter>,
@@ -28,14 +32,16 @@ pub const TRL_ORDER: &[&str] = &[
 
 impl MetricsLog {
     pub fn create(path: &Path) -> Result<Self> {
-        let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(Self { file, sums: BTreeMap::new(), tensorboard: None })
+        File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        // Appending, so that after a line is taken back the next one starts at the cut.
+        Self::append(path)
     }
 
     /// Continues an existing log (a resumed run).
     pub fn append(path: &Path) -> Result<Self> {
         let file = std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        Ok(Self { file, sums: BTreeMap::new(), tensorboard: None })
+        let good_len = file.metadata().with_context(|| format!("cannot read {}", path.display()))?.len();
+        Ok(Self { file, path: path.to_path_buf(), good_len, sums: BTreeMap::new(), tensorboard: None })
     }
 
     /// Also writes every flushed scalar and every event to `writer`.
@@ -65,7 +71,7 @@ impl MetricsLog {
         for (k, v) in &means {
             line.insert(k.clone(), json!(v));
         }
-        self.write(Value::Object(line))?;
+        self.write(&Value::Object(line))?;
         if let Some(tensorboard) = &mut self.tensorboard {
             tensorboard.scalars(step, &means)?;
         }
@@ -80,17 +86,38 @@ impl MetricsLog {
             line.extend(extra);
         }
         let line = Value::Object(line);
+        self.write(&line)?;
         if let Some(tensorboard) = &mut self.tensorboard {
             // TensorBoard's text plugin renders markdown: the line as a code block.
             tensorboard.text(step, &format!("events/{event}"), &format!("```\n{}\n```", serde_json::to_string_pretty(&line)?))?;
         }
-        self.write(line)
+        Ok(())
     }
 
-    fn write(&mut self, value: Value) -> Result<()> {
-        writeln!(self.file, "{value}")?;
-        self.file.flush()?;
-        Ok(())
+    /// The line and its newline in one `write_all`; if that fails part way (a full disk
+    /// takes what fits, then refuses), the file is cut back to its last whole line.
+    fn write(&mut self, value: &Value) -> Result<()> {
+        let line = format!("{value}\n");
+        match self.file.write_all(line.as_bytes()) {
+            Ok(()) => {
+                self.good_len += line.len() as u64;
+                Ok(())
+            }
+            Err(error) => {
+                let cut = self.file.set_len(self.good_len);
+                let after = match cut {
+                    Ok(()) => "the log was cut back to its last whole line".to_string(),
+                    Err(e) => format!("cutting it back to its last whole line failed too ({e}); the last line may be torn"),
+                };
+                let run_dir = self.path.parent().unwrap_or(Path::new("."));
+                Err(error).with_context(|| {
+                    format!(
+                        "{}: cannot write a metrics line ({after}); the run stops: free space, then continue from its last checkpoint with: host run --resume {}",
+                        self.path.display(), run_dir.display()
+                    )
+                })
+            }
+        }
     }
 }
 

@@ -17,6 +17,7 @@ use super::config::{Init, Mode, TrainConfig};
 use super::console;
 use super::evaluate::{EvalResult, evaluate, load_eval_rows};
 use super::grads::{clip_global_norm, norms_by_name};
+use super::lock::RunLock;
 use super::chunked::ChunkedHead;
 use super::logps::{batch_logps, row_sums};
 use crate::script::random::loss_call_seed;
@@ -28,7 +29,7 @@ use super::reset::{requested_reset, shrink_toward_initial};
 use crate::data::packed::PackedLayout;
 use super::memory::{self, BatchShape, Estimate};
 use crate::data::{Example, LoadReport, TextTokenizer, Truncation, collate_pairs, collate_sft, collate_unpaired, load_examples, load_unpaired_examples};
-use crate::model::weights::{ADAPTER_CONFIG, ExtraFile};
+use crate::model::weights::{ADAPTER_CONFIG, ExtraFile, recover_folder};
 use crate::model::{Llama, LlamaConfig, RandomInit, load_frozen_model, load_model, read_adapter, save_adapter, save_model, save_model_with};
 use crate::rng::SplitMix64;
 use crate::script::{ScriptHost, ScriptTensor, ScriptVersion, ScriptWatcher, set_script_device};
@@ -63,6 +64,14 @@ pub struct RunSummary {
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// A write past the file-size limit (`ulimit -f`) then fails with EFBIG, which a save or
+/// the metrics log reports and survives like a full disk, instead of SIGXFSZ killing the
+/// process mid-write.
+fn ignore_file_size_signal() {
+    // SAFETY: installs the SIG_IGN disposition for one signal; no handler code runs.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+}
 
 /// Ctrl-C asks the loop to save a checkpoint and stop at the next step boundary.
 fn install_interrupt_handler() {
@@ -133,14 +142,22 @@ pub fn config_of(version: &ScriptVersion, arm: Option<&str>) -> Result<TrainConf
 /// One training run into its own run folder. `eval_before`: also score the starting
 /// model when the config has `heldout` (a comparison scores it once for all arms).
 pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVersion, config: TrainConfig, eval_before: bool) -> Result<RunSummary> {
+    train_one_locked(host, options, version, config, eval_before, None)
+}
+
+/// `train_one`, with the lock of the folder `options.resume` names when the caller holds
+/// it already (a comparison, which took it before looking into the arm's folder).
+pub fn train_one_locked(host: &mut ScriptHost, options: RunOptions, version: ScriptVersion, config: TrainConfig, eval_before: bool, held: Option<RunLock>) -> Result<RunSummary> {
     // ---- set-up: script, config, model, data, run folder
+    ignore_file_size_signal();
     let mut current = version;
     let mut previous: Option<ScriptVersion> = None;
     require_loss(&current, &config.loss_fn)?;
     // Held until this function returns (a result, an error or Ctrl-C): one writer per folder.
-    let mut _lock = match &options.resume {
-        Some(run_dir) => Some(super::lock::RunLock::acquire(run_dir)?),
-        None => None,
+    let mut _lock = match (held, &options.resume) {
+        (Some(lock), _) => Some(lock),
+        (None, Some(run_dir)) => Some(RunLock::acquire(run_dir)?),
+        (None, None) => None,
     };
     // Before any weight is loaded: a resume onto other inputs is refused at once.
     let (changed_inputs, inputs_now) = match &options.resume {
@@ -179,7 +196,7 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
             // After the loaders checked the inputs, so that their errors come first.
             let identity = super::identity::RunIdentity::of(&trainer.config)?;
             std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
-            _lock = Some(super::lock::RunLock::acquire(&run_dir)?);
+            _lock = Some(RunLock::acquire(&run_dir)?);
             checkpoint::write_run_info(&run_dir, &options.script, trainer.config.arm.as_deref())?;
             identity.write(&run_dir)?;
             metrics_path = run_dir.join("metrics.jsonl");
@@ -238,7 +255,11 @@ pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVers
                             console::line(&format!("notice: {} changed in the script; these need a restart and are ignored", ignored.join(", ")));
                             log.event(step, "restart_needed", json!({"fields": ignored}))?;
                         }
+                        let heldout_changed = trainer.config.heldout != new_config.heldout;
                         trainer.config.apply_hot(&new_config);
+                        if heldout_changed {
+                            super::identity::RunIdentity::record_heldout(&run_dir, &trainer.config)?;
+                        }
                         console::line(&format!("reloaded {} at step {step}", shown.join(", ")));
                         log.event(step, "reload", json!({"files": shown}))?;
                         save_sources(&run_dir, step, &version)?;
@@ -924,9 +945,27 @@ impl Trainer {
             script.sources.iter().map(|(path, text)| (relative(path), json!(text))).collect();
         let sources_json = serde_json::to_vec_pretty(&sources)?;
         let dir = run_dir.join(format!("checkpoint-{step}"));
+        self.write_checkpoint(&dir, &state_json, &sources_json, optimizer).or_else(|error| {
+            // A full disk (ENOSPC, EFBIG, EIO): the half-written staging folder goes (it
+            // holds space the user needs back) and a checkpoint moved aside to be replaced
+            // comes back; the earlier checkpoints were never touched. The run stops rather
+            // than train on with nothing saved: the space is not coming back by itself.
+            let tidied = recover_folder(&dir).err().map_or(String::new(), |e| format!(" (tidying it failed too: {e:#})"));
+            Err(error).with_context(|| {
+                format!(
+                    "{}: the checkpoint could not be saved{tidied}; the earlier checkpoints are intact and the run stops: free space, then continue with: host run --resume {}",
+                    dir.display(), run_dir.display()
+                )
+            })
+        })?;
+        Ok(dir)
+    }
+
+    /// The files of `save_checkpoint`, through a staging folder renamed into place.
+    fn write_checkpoint(&self, dir: &Path, state_json: &[u8], sources_json: &[u8], optimizer: &ModuleOptimizer) -> Result<()> {
         // AdamW's moments (twice the trainable weights) stream to the file tensor by tensor.
         let write_optimizer = |path: &Path| optimizer.save(path).map_err(|e| anyhow::anyhow!("saving the optimizer state: {e:?}"));
-        let (write_state, write_sources) = (|path: &Path| Ok(std::fs::write(path, &state_json)?), |path: &Path| Ok(std::fs::write(path, &sources_json)?));
+        let (write_state, write_sources) = (|path: &Path| Ok(std::fs::write(path, state_json)?), |path: &Path| Ok(std::fs::write(path, sources_json)?));
         let extra = [
             ExtraFile { name: STATE_FILE, write: &write_state },
             ExtraFile { name: OPTIMIZER_FILE, write: &write_optimizer },
@@ -934,10 +973,9 @@ impl Trainer {
         ];
         match &self.config.lora {
             // LoRA checkpoints hold the adapters only (PEFT's layout); the base is config.model.
-            Some(lora) => save_adapter(&self.policy().valid(), lora, &self.config.model, &self.tokenizer.path, &dir, &extra)?,
-            None => save_model_with(&self.policy().valid(), &self.model_config, &self.tokenizer.path, &dir, &extra)?,
+            Some(lora) => save_adapter(&self.policy().valid(), lora, &self.config.model, &self.tokenizer.path, dir, &extra),
+            None => save_model_with(&self.policy().valid(), &self.model_config, &self.tokenizer.path, dir, &extra),
         }
-        Ok(dir)
     }
 
     /// Puts back the policy, optimizer, data position, RNG and loss state of a checkpoint.
@@ -1033,9 +1071,9 @@ fn save_sources(run_dir: &Path, step: usize, version: &ScriptVersion) -> Result<
     for (path, text) in &version.sources {
         let target = dir.join(relative(path));
         if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)?;
+            std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
         }
-        std::fs::write(&target, text)?;
+        std::fs::write(&target, text).with_context(|| format!("writing {}", target.display()))?;
     }
     Ok(())
 }
