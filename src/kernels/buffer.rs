@@ -5,7 +5,7 @@ use burn::tensor::{Bytes, DType, Shape};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-use super::gemm::Out;
+use super::gemm::SharedOut;
 
 /// A buffer of `n` f32 that the caller fills completely before reading (a fresh `vec![0.0; n]`
 /// would be zeroed first, on the calling thread while the pool waits).
@@ -17,8 +17,8 @@ impl Buffer {
     }
 
     /// The buffer's base pointer, for tasks that write disjoint parts of it.
-    pub fn out(&mut self) -> Out {
-        Out(self.0.as_mut_ptr())
+    pub fn out(&mut self) -> SharedOut {
+        SharedOut(self.0.as_mut_ptr())
     }
 
     /// The values, once written.

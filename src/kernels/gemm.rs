@@ -40,14 +40,14 @@ unsafe impl Sync for View {}
 
 /// A mutable base pointer shared by parallel tasks that write disjoint rows.
 #[derive(Clone, Copy, Debug)]
-pub struct Out(pub *mut f32);
-// SAFETY: an Out is only an address; the callers point it into a buffer that outlives the
-// parallel loop, and each task writes a part of it that no other task reads or writes.
-unsafe impl Send for Out {}
-// SAFETY: as for Send: tasks sharing an Out write disjoint parts of its buffer.
-unsafe impl Sync for Out {}
+pub struct SharedOut(pub *mut f32);
+// SAFETY: a SharedOut is only an address; the callers point it into a buffer that outlives
+// the parallel loop, and the tasks sharing it write disjoint parts of it (or all only read).
+unsafe impl Send for SharedOut {}
+// SAFETY: as for Send.
+unsafe impl Sync for SharedOut {}
 
-impl Out {
+impl SharedOut {
     pub fn ptr(self) -> *mut f32 {
         self.0
     }
@@ -83,7 +83,7 @@ pub unsafe fn gemm_parallel(m: usize, n: usize, k: usize, dst: *mut f32, dst_str
     }
     let (long, bands) = (m.max(n), threads);
     let band = long.div_ceil(bands).next_multiple_of(16);
-    let out = Out(dst);
+    let out = SharedOut(dst);
     (0..long.div_ceil(band)).into_par_iter().for_each(|i| {
         let (start, len) = (i * band, band.min(long - i * band));
         // SAFETY: band i covers rows (or columns) start..start+len of the caller's m×n

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 use super::dispatch::{AutodiffFlex, run_fused};
-use crate::kernels::{self, Buffer, Out, View, contiguous, gemm, strided};
+use crate::kernels::{self, Buffer, SharedOut, View, contiguous, gemm, strided};
 
 /// Attention with another score scale than 1/√d and optionally soft-capped scores,
 /// c·tanh(s/c) before the mask (gemma2's query_pre_attn_scalar and
@@ -334,7 +334,7 @@ impl Backward<Flex, 3> for AttentionBackward {
         if let Some(node) = node_v {
             // dV is stored as [b, s, kv, d], the layout of the value projection it flows back to.
             let mut dv = Buffer::new(b * s * kvh * d);
-            let (dst, weights) = (dv.out(), Out(probs.as_mut_ptr()));
+            let (dst, weights) = (dv.out(), SharedOut(probs.as_mut_ptr()));
             (0..key_tasks).into_par_iter().for_each(|task| {
                 let (bkv, kb) = (task / p.blocks(), task % p.blocks());
                 let (bi, kv) = (bkv / kvh, bkv % kvh);
@@ -351,7 +351,7 @@ impl Backward<Flex, 3> for AttentionBackward {
         }
         // dS in place of P, and dQ, per block of queries.
         let mut dq = Buffer::new(b * h * s * d);
-        let (dq_out, ds) = (dq.out(), Out(probs.as_mut_ptr()));
+        let (dq_out, ds) = (dq.out(), SharedOut(probs.as_mut_ptr()));
         (0..b * h * p.blocks()).into_par_iter().for_each_init(Vec::new, |dp: &mut Vec<f32>, task| {
             let (bh, blk) = (task / p.blocks(), task % p.blocks());
             let (bi, hi) = (bh / h, bh % h);

@@ -24,7 +24,7 @@ use crate::kernels::{Buffer, View, contiguous, gemm_parallel, matrix};
 /// x [n, in] · w [in, out] -> [n, out].
 pub fn matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     if w.dtype() != DType::F32 {
-        return frozen(x, w);
+        return frozen_matmul(x, w);
     }
     let fused = run_fused([&x, &w], MatmulBackward, |[x, w], keep_state| {
         let y = product(&x, &w);
@@ -67,7 +67,7 @@ impl Backward<Flex, 2> for MatmulBackward {
 }
 
 /// x (f32) · w stored in bf16 or f16 and frozen -> f32.
-fn frozen(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+fn frozen_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     if super::enabled() && x.dtype() == DType::F32 && matches!(w.dtype(), DType::BF16 | DType::F16) && !w.is_require_grad() {
         if let (Ok(xp), Ok(wp)) = (x.clone().try_into_primitive::<AutodiffFlex>(), w.clone().try_into_primitive::<AutodiffFlex>()) {
             let w = wp.into_primitive();

@@ -22,7 +22,7 @@ pub fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     if let (Ok(cos), Ok(sin)) = tables {
         let fused = run_fused([&x], RopeBackward, |[x], keep_state| {
             let (cos, sin) = (dense(cos), dense(sin));
-            let layout = dense_like(&x);
+            let layout = dense_strides_like(&x);
             let y = rope_apply(&x, &cos, &sin, false, layout);
             (y, keep_state.then_some((cos, sin, layout)))
         });
@@ -37,8 +37,8 @@ pub fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
 
 /// Forward (y = x·cos + rot(x)·sin) or its transpose for the backward
 /// (dx = dy·cos + rotᵀ(dy·sin), rotᵀ(z) = [z₂, −z₁]). x is read through its strides (rows of
-/// d contiguous, else it is copied first); the result is stored with strides `out`.
-fn rope_apply(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, transpose: bool, out: [usize; 4]) -> FlexTensor {
+/// d contiguous, else it is copied first); the result is stored with strides `out_strides`.
+fn rope_apply(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, transpose: bool, out_strides: [usize; 4]) -> FlexTensor {
     let x = kernels::rows_readable(x.clone());
     let dims = x.layout().shape().clone();
     let (batch, heads, seq, d) = (dims[0], dims[1], dims[2], dims[3]);
@@ -52,14 +52,14 @@ fn rope_apply(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, transpose: boo
         let (b, h, pos) = (row / (heads * seq), row / seq % heads, row % seq);
         let t = ((if table_batch == 1 { 0 } else { b }) * seq + pos) * d;
         let xr = &xs[b * st[0] + h * st[1] + pos * st[2]..][..d];
-        // SAFETY: `out` (from dense_like) lays the [batch, heads, seq, d] elements out
+        // SAFETY: `out_strides` (from dense_strides_like) lays the [batch, heads, seq, d] elements out
         // densely, one to one, in the buffer's batch·heads·seq·d: row (b, h, pos) is d
         // contiguous elements that this task alone writes.
-        let yr = unsafe { kernels::to_write(y_out.at(b * out[0] + h * out[1] + pos * out[2]), d) };
+        let yr = unsafe { kernels::to_write(y_out.at(b * out_strides[0] + h * out_strides[1] + pos * out_strides[2]), d) };
         rope_row(yr, xr, &cs[t..t + d], &ss[t..t + d], transpose);
     });
     // SAFETY: the batch·heads·seq rows of d elements cover the whole buffer, each written in full.
-    kernels::strided(unsafe { y.filled() }, dims, out.iter().map(|s| *s as isize).collect())
+    kernels::strided(unsafe { y.filled() }, dims, out_strides.iter().map(|s| *s as isize).collect())
 }
 
 vectorised! {
@@ -84,7 +84,7 @@ vectorised! {
 /// Strides of a dense tensor with `t`'s shape that orders its dimensions as `t` does: for the
 /// [b, heads, s, d] view of a [b, s, heads, d] projection, that projection's own layout.
 /// Anything else (broadcast or reversed dimensions) gets contiguous strides.
-fn dense_like(t: &FlexTensor) -> [usize; 4] {
+fn dense_strides_like(t: &FlexTensor) -> [usize; 4] {
     let (shape, st) = (t.layout().shape(), t.layout().strides());
     let contiguous = [shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1];
     if st[3] != 1 || st.iter().zip(shape.iter()).any(|(s, n)| *s <= 0 && *n > 1) {
