@@ -242,15 +242,15 @@ impl Heads {
 
 /// The output ([b, heads, s, d], stored as [b, s, heads, d]) and, when `keep`, the
 /// probabilities P ([b, heads, s, s], zero past each block's last visible key).
-fn forward(q: &Heads, k: &Heads, v: &Heads, p: &Plan, keep: bool) -> (FlexTensor, Option<Vec<f32>>) {
-    let (b, h, s, d, g) = (p.batch, p.heads, p.seq, p.head_dim, p.groups());
+fn forward(q: &Heads, k: &Heads, v: &Heads, plan: &Plan, keep: bool) -> (FlexTensor, Option<Vec<f32>>) {
+    let (b, h, s, d, g) = (plan.batch, plan.heads, plan.seq, plan.head_dim, plan.groups());
     let mut out = Buffer::new(b * s * h * d);
     let mut probs = keep.then(|| Buffer::new(b * h * s * s));
     let (o, kept) = (out.out(), probs.as_mut().map(Buffer::out));
-    (0..b * h * p.blocks()).into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, task| {
-        let (bh, blk) = (task / p.blocks(), task % p.blocks());
+    (0..b * h * plan.blocks()).into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, task| {
+        let (bh, blk) = (task / plan.blocks(), task % plan.blocks());
         let (bi, hi) = (bh / h, bh % h);
-        let ((i0, rows), keys) = (p.block(blk), p.limit(bi, blk));
+        let ((i0, rows), keys) = (plan.block(blk), plan.limit(bi, blk));
         // Scores go straight into P's rows when P is kept.
         let (scores, stride, width) = match kept {
             Some(kept) => (kept.at((bh * s + i0) * s), s, s),
@@ -268,7 +268,7 @@ fn forward(q: &Heads, k: &Heads, v: &Heads, p: &Plan, keep: bool) -> (FlexTensor
         unsafe {
             gemm(rows, keys, d, scores, stride, false, q.view(bi, hi).down(i0), k.view(bi, hi / g).t());
             for r in 0..rows {
-                p.softmax_row(bi, i0 + r, std::slice::from_raw_parts_mut(scores.add(r * stride), keys));
+                plan.softmax_row(bi, i0 + r, std::slice::from_raw_parts_mut(scores.add(r * stride), keys));
                 kernels::to_write(scores.add(r * stride + keys), width - keys).fill(MaybeUninit::new(0.0));
             }
             gemm(rows, d, keys, o.at(((bi * s + i0) * h + hi) * d), h * d, false, View::rows(scores, stride), v.view(bi, hi / g));
@@ -276,7 +276,7 @@ fn forward(q: &Heads, k: &Heads, v: &Heads, p: &Plan, keep: bool) -> (FlexTensor
     });
     // SAFETY: the tasks cover every (batch, head, query block), and each wrote its rows of
     // the output, d values per query, and of P, s values per query (scores, then zeros).
-    let out = strided(unsafe { out.filled() }, p.per_head(), vec![(s * h * d) as isize, d as isize, (h * d) as isize, 1]);
+    let out = strided(unsafe { out.filled() }, plan.per_head(), vec![(s * h * d) as isize, d as isize, (h * d) as isize, 1]);
     // SAFETY: as above, for P.
     (out, probs.map(|b| unsafe { b.filled() }))
 }
@@ -327,20 +327,20 @@ impl Backward<Flex, 3> for AttentionBackward {
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_q, node_k, node_v] = ops.parents;
-        let (q, k, v, mut probs, p) = ops.state;
+        let (q, k, v, mut probs, plan) = ops.state;
         let d_out = Heads::new(grads.consume::<Flex>(&ops.node));
-        let (b, h, kvh, s, d, g) = (p.batch, p.heads, p.kv_heads, p.seq, p.head_dim, p.groups());
-        let key_tasks = b * kvh * p.blocks();
+        let (b, h, kvh, s, d, g) = (plan.batch, plan.heads, plan.kv_heads, plan.seq, plan.head_dim, plan.groups());
+        let key_tasks = b * kvh * plan.blocks();
         if let Some(node) = node_v {
             // dV is stored as [b, s, kv, d], the layout of the value projection it flows back to.
             let mut dv = Buffer::new(b * s * kvh * d);
             let (dst, weights) = (dv.out(), SharedOut(probs.as_mut_ptr()));
             (0..key_tasks).into_par_iter().for_each(|task| {
-                let (bkv, kb) = (task / p.blocks(), task % p.blocks());
+                let (bkv, kb) = (task / plan.blocks(), task % plan.blocks());
                 let (bi, kv) = (bkv / kvh, bkv % kvh);
                 // SAFETY: `probs` is P, [b, heads, s, s], only read here; dst is key block kb
                 // of (bi, kv) in dV's [b, s, kv, d] layout, written by this task alone.
-                unsafe { p.key_block_sum(bi, kv, kb, weights.ptr(), &d_out, dst.at(((bi * s + kb * BLOCK) * kvh + kv) * d), kvh * d) };
+                unsafe { plan.key_block_sum(bi, kv, kb, weights.ptr(), &d_out, dst.at(((bi * s + kb * BLOCK) * kvh + kv) * d), kvh * d) };
             });
             let strides = vec![(s * kvh * d) as isize, d as isize, (kvh * d) as isize, 1];
             // SAFETY: the tasks cover every (batch, KV head, key block), and each zeroed its rows before summing into them.
@@ -352,10 +352,10 @@ impl Backward<Flex, 3> for AttentionBackward {
         // dS in place of P, and dQ, per block of queries.
         let mut dq = Buffer::new(b * h * s * d);
         let (dq_out, ds) = (dq.out(), SharedOut(probs.as_mut_ptr()));
-        (0..b * h * p.blocks()).into_par_iter().for_each_init(Vec::new, |dp: &mut Vec<f32>, task| {
-            let (bh, blk) = (task / p.blocks(), task % p.blocks());
+        (0..b * h * plan.blocks()).into_par_iter().for_each_init(Vec::new, |dp: &mut Vec<f32>, task| {
+            let (bh, blk) = (task / plan.blocks(), task % plan.blocks());
             let (bi, hi) = (bh / h, bh % h);
-            let ((i0, rows), keys) = (p.block(blk), p.limit(bi, blk));
+            let ((i0, rows), keys) = (plan.block(blk), plan.limit(bi, blk));
             dp.resize(rows * keys, 0.0);
             // SAFETY: this task alone reads and rewrites its block's rows of P (→ dS) and
             // writes its rows of dQ ([b, heads, s, d]); both buffers outlive the loop. The
@@ -365,7 +365,7 @@ impl Backward<Flex, 3> for AttentionBackward {
                 for r in 0..rows {
                     let pr = std::slice::from_raw_parts_mut(ds.at((bh * s + i0 + r) * s), keys);
                     let dpr = &dp[r * keys..][..keys];
-                    kernels::softmax_grad(pr, dpr, kernels::dot(dpr, pr), p.scale);
+                    kernels::softmax_grad(pr, dpr, kernels::dot(dpr, pr), plan.scale);
                 }
                 gemm(rows, d, keys, dq_out.at((bh * s + i0) * d), d, false, View::rows(ds.at((bh * s + i0) * s), s), k.view(bi, hi / g));
             }
@@ -374,18 +374,18 @@ impl Backward<Flex, 3> for AttentionBackward {
             let mut dk = Buffer::new(b * kvh * s * d);
             let dst = dk.out();
             (0..key_tasks).into_par_iter().for_each(|task| {
-                let (bkv, kb) = (task / p.blocks(), task % p.blocks());
+                let (bkv, kb) = (task / plan.blocks(), task % plan.blocks());
                 let (bi, kv) = (bkv / kvh, bkv % kvh);
                 // SAFETY: dS (in P's buffer) is complete and only read here; dst is key block
                 // kb of (bi, kv) in dK's [b, kv, s, d], written by this task alone.
-                unsafe { p.key_block_sum(bi, kv, kb, ds.ptr(), &q, dst.at((bkv * s + kb * BLOCK) * d), d) };
+                unsafe { plan.key_block_sum(bi, kv, kb, ds.ptr(), &q, dst.at((bkv * s + kb * BLOCK) * d), d) };
             });
             // SAFETY: the tasks cover every (batch, KV head, key block), and each zeroed its rows before summing into them.
             grads.register::<Flex>(node.id, contiguous(unsafe { dk.filled() }, Shape::new([b, kvh, s, d])));
         }
         if let Some(node) = node_q {
             // SAFETY: the dS tasks cover every (batch, head, query block), and each wrote its d values per query.
-            grads.register::<Flex>(node.id, contiguous(unsafe { dq.filled() }, p.per_head()));
+            grads.register::<Flex>(node.id, contiguous(unsafe { dq.filled() }, plan.per_head()));
         }
     }
 }
