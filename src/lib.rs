@@ -9,6 +9,7 @@ pub mod bench_gpu;
 pub mod cli;
 pub mod data;
 pub mod failpoint;
+pub mod kernels;
 pub mod model;
 pub mod report;
 pub mod rng;

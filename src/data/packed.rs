@@ -15,8 +15,8 @@ pub struct PackedLayout {
     pub tokens: Vec<i64>,
     /// RoPE position of each token ([B * L]).
     pub positions: Vec<usize>,
-    /// Key j is hidden from query i ([B * L * L], true = masked).
-    pub hidden: Vec<bool>,
+    /// Key j is masked from query i ([B * L * L], true = masked).
+    pub masked: Vec<bool>,
     /// Next chosen / rejected token at each packed position ([B * L]; pad where none).
     pub chosen_targets: Vec<i64>,
     pub rejected_targets: Vec<i64>,
@@ -56,7 +56,7 @@ impl PackedLayout {
             width,
             tokens: vec![pad_id as i64; batch * width],
             positions: vec![0; batch * width],
-            hidden: vec![true; batch * width * width],
+            masked: vec![true; batch * width * width],
             chosen_targets: vec![pad_id as i64; batch * width],
             rejected_targets: vec![pad_id as i64; batch * width],
             chosen_index: vec![0; batch * plain_width],
@@ -107,7 +107,7 @@ impl PackedLayout {
                     (query, key) => query == key,
                 };
                 if visible {
-                    self.hidden[(b * l + q) * l + k] = false;
+                    self.masked[(b * l + q) * l + k] = false;
                 }
             }
         }
@@ -118,7 +118,8 @@ impl PackedLayout {
 pub struct PackedBatch {
     pub tokens: Tensor<2, Int>,
     pub positions: Vec<usize>,
-    pub hidden: Tensor<4, Bool>,
+    /// [B, 1, L, L], true = masked.
+    pub masked: Tensor<4, Bool>,
     pub chosen_targets: Tensor<2, Int>,
     pub rejected_targets: Tensor<2, Int>,
     pub chosen_index: Tensor<2, Int>,
@@ -132,7 +133,7 @@ impl PackedLayout {
         PackedBatch {
             tokens: ints(&self.tokens, l),
             positions: self.positions.clone(),
-            hidden: Tensor::<4, Bool>::from_data(TensorData::new(self.hidden.clone(), [b, 1, l, l]), device),
+            masked: Tensor::<4, Bool>::from_data(TensorData::new(self.masked.clone(), [b, 1, l, l]), device),
             chosen_targets: ints(&self.chosen_targets, l),
             rejected_targets: ints(&self.rejected_targets, l),
             chosen_index: ints(&self.chosen_index, w),

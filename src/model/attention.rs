@@ -33,11 +33,11 @@ pub struct Attention {
 
 impl Attention {
     /// x: [batch, seq, hidden] -> [batch, seq, hidden], each token rotated by `rotary`,
-    /// attending where `hidden` ([batch or 1, 1, seq, seq], true = masked) is false, and
+    /// attending where `masked` ([batch or 1, 1, seq, seq], true = masked) is false, and
     /// causally when `is_causal` (packed rows carry their own mask instead).
-    pub fn forward(&self, x: Tensor<3>, rotary: &RotaryTables, hidden: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, rotary: &RotaryTables, masked: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
         let (q, k, v) = self.project(x, rotary);
-        self.attend(q, k, v, hidden, is_causal)
+        self.attend(q, k, v, masked, is_causal)
     }
 
     /// Like `forward`, continuing after the tokens in `cache` and appending this call's
@@ -51,9 +51,9 @@ impl Attention {
         let (q, k, v) = self.project(x, &rotary);
         let (k, v) = cache.append(k, v);
         let positions_k: Vec<usize> = (0..offset + seq).collect();
-        let hidden = self.window_mask(&positions, &positions_k, 1, &q.device());
+        let masked = self.window_mask(&positions, &positions_k, 1, &q.device());
         // A single new token may attend to every cached one, so only the first call is causal.
-        self.attend(q, k, v, hidden, offset == 0)
+        self.attend(q, k, v, masked, offset == 0)
     }
 
     /// Keys beyond the sliding window of each query ([batch, 1, q, k], true = masked), or
@@ -65,15 +65,15 @@ impl Attention {
         if window == 0 || !positions_q.iter().any(|&q| positions_k.iter().any(|&k| far(q, k))) {
             return None;
         }
-        let mut hidden = vec![false; batch * sq * sk];
+        let mut masked = vec![false; batch * sq * sk];
         for b in 0..batch {
             for i in 0..sq {
                 for j in 0..sk {
-                    hidden[(b * sq + i) * sk + j] = far(positions_q[b * sq + i], positions_k[b * sk + j]);
+                    masked[(b * sq + i) * sk + j] = far(positions_q[b * sq + i], positions_k[b * sk + j]);
                 }
             }
         }
-        Some(Tensor::from_data(burn::tensor::TensorData::new(hidden, [batch, 1, sq, sk]), device))
+        Some(Tensor::from_data(burn::tensor::TensorData::new(masked, [batch, 1, sq, sk]), device))
     }
 
     /// Query, key and value heads ([batch, heads, seq, head_dim]), RoPE applied.
@@ -93,9 +93,9 @@ impl Attention {
         (q, k, v)
     }
 
-    fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
+    fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
         let [batch, _, seq, _] = q.dims();
-        let out = scaled_attention(q, k, v, hidden, is_causal, self.scale, self.softcap);
+        let out = scaled_attention(q, k, v, masked, is_causal, self.scale, self.softcap);
         let out = out.swap_dims(1, 2).reshape([batch, seq, self.num_heads * self.head_dim]);
         self.o_proj.forward(out)
     }

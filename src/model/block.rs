@@ -23,8 +23,8 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn forward(&self, x: Tensor<3>, rotary: &RotaryTables, hidden: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
-        self.around(x, |y| self.self_attn.forward(y, rotary, hidden, is_causal))
+    pub fn forward(&self, x: Tensor<3>, rotary: &RotaryTables, masked: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
+        self.around(x, |y| self.self_attn.forward(y, rotary, masked, is_causal))
     }
 
     pub fn forward_cached(&self, x: Tensor<3>, rope: &Rope, cache: &mut KvCache) -> Tensor<3> {

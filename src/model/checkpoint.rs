@@ -36,11 +36,11 @@ pub fn layers_recomputed() -> usize {
 
 /// `layer.forward(x, ...)`, recomputed in the backward pass instead of keeping its
 /// intermediates. Outside autodiff it is the plain forward.
-pub fn recomputed_layer(layer: &DecoderLayer, x: Tensor<3>, rotary: &RotaryTables, hidden: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
+pub fn recomputed_layer(layer: &DecoderLayer, x: Tensor<3>, rotary: &RotaryTables, masked: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
     if !x.is_autodiff() {
-        return layer.forward(x, rotary, hidden, is_causal);
+        return layer.forward(x, rotary, masked, is_causal);
     }
-    let input = LayerInput { x, rotary: rotary.clone(), hidden, is_causal };
+    let input = LayerInput { x, rotary: rotary.clone(), masked, is_causal };
     if let Some(y) = recomputed::<burn::backend::Flex>(layer, &input) {
         return y;
     }
@@ -61,23 +61,23 @@ pub fn recomputed_layer(layer: &DecoderLayer, x: Tensor<3>, rotary: &RotaryTable
 struct LayerInput {
     x: Tensor<3>,
     rotary: RotaryTables,
-    hidden: Option<Tensor<4, Bool>>,
+    masked: Option<Tensor<4, Bool>>,
     is_causal: bool,
 }
 
 impl LayerInput {
     /// The same input without autodiff (a plain forward records nothing).
     fn plain(&self) -> Self {
-        Self { x: self.x.clone().inner(), rotary: self.rotary.map(Tensor::inner), hidden: self.hidden.clone().map(Tensor::inner), is_causal: self.is_causal }
+        Self { x: self.x.clone().inner(), rotary: self.rotary.map(Tensor::inner), masked: self.masked.clone().map(Tensor::inner), is_causal: self.is_causal }
     }
 
     /// The plain input on the autodiff device again, as fresh leaves of a new graph.
     fn fresh_leaves(&self) -> Self {
-        Self { x: self.x.clone().autodiff(), rotary: self.rotary.map(Tensor::autodiff), hidden: self.hidden.clone().map(Tensor::autodiff), is_causal: self.is_causal }
+        Self { x: self.x.clone().autodiff(), rotary: self.rotary.map(Tensor::autodiff), masked: self.masked.clone().map(Tensor::autodiff), is_causal: self.is_causal }
     }
 
     fn run(&self, layer: &DecoderLayer) -> Tensor<3> {
-        layer.forward(self.x.clone(), &self.rotary, self.hidden.clone(), self.is_causal)
+        layer.forward(self.x.clone(), &self.rotary, self.masked.clone(), self.is_causal)
     }
 }
 

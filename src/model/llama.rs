@@ -209,12 +209,12 @@ impl Llama {
 
     /// tokens: [batch, seq] -> logits [batch, seq, vocab]
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
-        self.head(self.hidden(tokens))
+        self.head(self.hidden_states(tokens))
     }
 
     /// The final hidden states (after the last norm), [batch, seq, hidden]: what the
     /// vocabulary projection reads.
-    pub fn hidden(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+    pub fn hidden_states(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
         let [_, seq] = tokens.dims();
         let positions: Vec<usize> = (0..seq).collect();
         let device = tokens.device();
@@ -222,29 +222,30 @@ impl Llama {
     }
 
     /// Packed rows: tokens [batch, seq] at their own `positions` ([batch * seq]),
-    /// attending where `hidden` ([batch, 1, seq, seq], true = masked) is false.
-    pub fn forward_packed(&self, tokens: Tensor<2, Int>, positions: &[usize], hidden: Tensor<4, Bool>) -> Tensor<3> {
-        self.head(self.hidden_packed(tokens, positions, hidden))
+    /// attending where `masked` ([batch, 1, seq, seq], true = masked) is false.
+    pub fn forward_packed(&self, tokens: Tensor<2, Int>, positions: &[usize], masked: Tensor<4, Bool>) -> Tensor<3> {
+        self.head(self.hidden_states_packed(tokens, positions, masked))
     }
 
-    pub fn hidden_packed(&self, tokens: Tensor<2, Int>, positions: &[usize], hidden: Tensor<4, Bool>) -> Tensor<3> {
+    /// `hidden_states` for packed rows, as `forward_packed` takes them.
+    pub fn hidden_states_packed(&self, tokens: Tensor<2, Int>, positions: &[usize], masked: Tensor<4, Bool>) -> Tensor<3> {
         let [batch, seq] = tokens.dims();
         let device = tokens.device();
-        self.layers_forward(tokens, &self.rope.tables(positions, batch, seq, &device), positions, batch, Some(hidden), false)
+        self.layers_forward(tokens, &self.rope.tables(positions, batch, seq, &device), positions, batch, Some(masked), false)
     }
 
     /// Embedding, every layer (RoPE tables and each window's mask built once for all),
-    /// final norm. A layer with a sliding window attends where neither `hidden` nor its
+    /// final norm. A layer with a sliding window attends where neither `masked` nor its
     /// window masks a key.
-    fn layers_forward(&self, tokens: Tensor<2, Int>, rotary: &RotaryTables, positions: &[usize], batch: usize, hidden: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
+    fn layers_forward(&self, tokens: Tensor<2, Int>, rotary: &RotaryTables, positions: &[usize], batch: usize, masked: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
         let mut x = self.embed(tokens);
         let mut masks: Vec<(usize, Option<Tensor<4, Bool>>)> = Vec::new();
         for layer in &self.layers {
             let window = layer.self_attn.window;
             if !masks.iter().any(|(w, _)| *w == window) {
-                let mask = match (layer.self_attn.window_mask(positions, positions, batch, &x.device()), hidden.clone()) {
-                    (Some(w), Some(h)) => Some(h.bool_or(w)),
-                    (w, h) => w.or(h),
+                let mask = match (layer.self_attn.window_mask(positions, positions, batch, &x.device()), masked.clone()) {
+                    (Some(w), Some(m)) => Some(m.bool_or(w)),
+                    (w, m) => w.or(m),
                 };
                 masks.push((window, mask));
             }

@@ -62,7 +62,7 @@ fn squared_sum<const D: usize>(g: Tensor<D>) -> f64 {
     g.square().sum().into_scalar::<f32>() as f64
 }
 
-crate::model::fused::vectorised! {
+crate::kernels::vectorised! {
     /// Σ x² in f64, in eight fixed lanes (the same order on every CPU).
     fn sum_of_squares(xs: &[f32]) -> f64 {
         let mut lanes = [0.0f64; 8];
@@ -83,7 +83,7 @@ fn scaled<const D: usize>(g: Tensor<D>, factor: f64) -> Tensor<D> {
         return g.mul_scalar(factor);
     }
     let mut t = g.try_into_primitive::<Flex>().map(|t| t.to_contiguous()).unwrap_or_else(|_| unreachable!("checked above"));
-    t.storage_mut::<f32>().par_chunks_mut(1 << 15).for_each(|c| crate::model::fused::scale(c, factor as f32));
+    t.storage_mut::<f32>().par_chunks_mut(1 << 15).for_each(|c| crate::kernels::scale(c, factor as f32));
     Tensor::from_primitive::<Flex>(t)
 }
 

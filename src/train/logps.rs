@@ -22,7 +22,7 @@ fn pick(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
 /// packed rows that hold each pair's shared prefix once. `mask` is the plain batch's.
 pub fn packed_pair_logps(model: &Llama, layout: &PackedLayout, mask: Tensor<2>) -> Tensor<2> {
     let packed = layout.to_device(&mask.device());
-    let logits = model.forward_packed(packed.tokens.clone(), &packed.positions, packed.hidden.clone());
+    let logits = model.forward_packed(packed.tokens.clone(), &packed.positions, packed.masked.clone());
     let (chosen, rejected) = (pick(logits.clone(), packed.chosen_targets.clone()), pick(logits, packed.rejected_targets.clone()));
     unpack(&packed, chosen, rejected) * mask
 }
@@ -44,13 +44,13 @@ pub fn batch_logps(model: &Llama, batch: &SequenceBatch, packed: Option<&PackedL
         (None, None) => (token_logps(model, batch), None),
         (Some(layout), None) => (packed_pair_logps(model, layout, mask), None),
         (None, Some(chunk)) => {
-            let hidden = model.hidden(batch.inputs.clone());
+            let hidden = model.hidden_states(batch.inputs.clone());
             let (mut picked, head) = chunked_target_logps(model, hidden, vec![batch.targets.clone()], chunk);
             (picked.remove(0) * mask, head)
         }
         (Some(layout), Some(chunk)) => {
             let packed = layout.to_device(&mask.device());
-            let hidden = model.hidden_packed(packed.tokens.clone(), &packed.positions, packed.hidden.clone());
+            let hidden = model.hidden_states_packed(packed.tokens.clone(), &packed.positions, packed.masked.clone());
             let targets = vec![packed.chosen_targets.clone(), packed.rejected_targets.clone()];
             let (picked, head) = chunked_target_logps(model, hidden, targets, chunk);
             let [chosen, rejected]: [Tensor<2>; 2] = picked.try_into().expect("two target sets");

@@ -158,7 +158,7 @@ fn fused_update(p: FlexTensor, g: &FlexTensor, m: FlexTensor, v: FlexTensor, s: 
     (p, m, v)
 }
 
-crate::model::fused::vectorised! {
+crate::kernels::vectorised! {
     /// One AdamW update of a chunk, in burn's AdamW's order of operations (same bits).
     fn adamw_chunk(pc: &mut [f32], mc: &mut [f32], vc: &mut [f32], gc: &[f32], s: &Scalars, first: bool) {
         for (((p, m), v), &g) in pc.iter_mut().zip(mc.iter_mut()).zip(vc.iter_mut()).zip(gc) {

@@ -13,58 +13,57 @@
 //! layout the output projection reads, so no operand is copied into another layout.
 //! Other backends and dtypes use burn's `attention`.
 
+use burn::backend::Flex;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
-use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Flex};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-use super::kernels::{self, Buffer, Out, View, contiguous, gemm, tensor};
-
-type AutodiffFlex = Autodiff<Flex, NoCheckpointing>;
+use super::dispatch::{AutodiffFlex, run_fused};
+use crate::kernels::{self, Buffer, SharedOut, View, contiguous, gemm, strided};
 
 /// Attention with another score scale than 1/√d and optionally soft-capped scores,
 /// c·tanh(s/c) before the mask (gemma2's query_pre_attn_scalar and
 /// attn_logit_softcapping). Without a cap the queries are pre-scaled and the fused op
 /// runs; with one, the scores are computed with plain tensor ops.
-pub fn scaled_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Option<Tensor<4, Bool>>, is_causal: bool, scale: f64, softcap: Option<f64>) -> Tensor<4> {
+pub fn scaled_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Option<Tensor<4, Bool>>, is_causal: bool, scale: f64, softcap: Option<f64>) -> Tensor<4> {
     let d = q.dims()[3] as f64;
     match softcap {
-        None if scale == 1.0 / d.sqrt() => grouped_attention(q, k, v, hidden, is_causal),
-        None => grouped_attention(q.mul_scalar(scale * d.sqrt()), k, v, hidden, is_causal),
-        Some(cap) => plain(q, k, v, hidden, is_causal, scale, Some(cap)),
+        None if scale == 1.0 / d.sqrt() => grouped_attention(q, k, v, masked, is_causal),
+        None => grouped_attention(q.mul_scalar(scale * d.sqrt()), k, v, masked, is_causal),
+        Some(cap) => attention_in_burn_ops(q, k, v, masked, is_causal, scale, Some(cap)),
     }
 }
 
 /// softmax(q·kᵀ/√d, masked)·v for q [b, heads, s, d] and k, v [b, kv_heads, s, d];
-/// `hidden` ([b or 1, 1, s, s], true = masked) and/or causal. Returns [b, heads, s, d].
-pub fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<4> {
+/// `masked` ([b or 1, 1, s, s], true = masked) and/or causal. Returns [b, heads, s, d].
+pub fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<4> {
     let f32s = [q.dtype(), k.dtype(), v.dtype()].iter().all(|d| *d == DType::F32);
     // Self-attention only: a decoding step (one query, cached keys) takes burn's path.
     if f32s && q.dims()[2] == k.dims()[2] && super::enabled() {
-        let mask = match &hidden {
+        let mask = match &masked {
             None => Some(None),
             Some(m) => flex_mask(m).map(Some),
         };
         if let Some(mask) = mask {
             assert_eq!(v.dims(), k.dims(), "attention: v and k differ in shape");
-            let p = Plan::new(&q, &k, mask, is_causal);
-            if let (Ok(qp), Ok(kp), Ok(vp)) = (q.clone().try_into_primitive::<AutodiffFlex>(), k.clone().try_into_primitive::<AutodiffFlex>(), v.clone().try_into_primitive::<AutodiffFlex>()) {
-                return Tensor::from_primitive::<AutodiffFlex>(tracked(qp, kp, vp, p));
-            }
-            if let (Ok(qp), Ok(kp), Ok(vp)) = (q.clone().try_into_primitive::<Flex>(), k.clone().try_into_primitive::<Flex>(), v.clone().try_into_primitive::<Flex>()) {
-                return Tensor::from_primitive::<Flex>(forward(&Heads::new(qp), &Heads::new(kp), &Heads::new(vp), &p, false).0);
+            let plan = Plan::new(&q, &k, mask, is_causal);
+            let fused = run_fused([&q, &k, &v], AttentionBackward, |[q, k, v], keep_state| {
+                let (q, k, v) = (Heads::new(q), Heads::new(k), Heads::new(v));
+                let (out, probs) = forward(&q, &k, &v, &plan, keep_state);
+                (out, probs.map(|probs| (q, k, v, probs, plan)))
+            });
+            if let Some(out) = fused {
+                return out;
             }
         }
     }
-    fallback(q, k, v, hidden, is_causal)
+    unfused(q, k, v, masked, is_causal)
 }
 
 /// A bool mask's burn-flex storage, on the autodiff device or the plain one.
@@ -74,25 +73,25 @@ fn flex_mask(m: &Tensor<4, Bool>) -> Option<FlexTensor> {
 
 /// Whether `grouped_attention` takes the fused path for a query like `q` and this mask
 /// (f32 on burn-flex, with or without autodiff).
-pub fn fuses(q: &Tensor<4>, hidden: Option<&Tensor<4, Bool>>) -> bool {
+pub fn fuses(q: &Tensor<4>, masked: Option<&Tensor<4, Bool>>) -> bool {
     super::enabled()
         && q.dtype() == DType::F32
         && (q.clone().try_into_primitive::<AutodiffFlex>().is_ok() || q.clone().try_into_primitive::<Flex>().is_ok())
-        && hidden.is_none_or(|m| flex_mask(m).is_some())
+        && masked.is_none_or(|m| flex_mask(m).is_some())
 }
 
 /// burn's attention, after repeating each KV head for its query heads. With a mask the
 /// scores are masked and normalised here instead: burn-tch hands burn's bool mask (true =
 /// masked) to torch's scaled_dot_product_attention unchanged, where true means "may
 /// attend", so masked forwards outside autodiff came out wrong on libtorch.
-fn fallback(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<4> {
+fn unfused(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<4> {
     let scale = 1.0 / (q.dims()[3] as f64).sqrt();
-    plain(q, k, v, hidden, is_causal, scale, None)
+    attention_in_burn_ops(q, k, v, masked, is_causal, scale, None)
 }
 
 /// softmax(cap(scale·q·kᵀ), masked)·v in burn ops: burn's `attention` when nothing but a
 /// causal mask applies, else the scores written out.
-fn plain(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Option<Tensor<4, Bool>>, is_causal: bool, scale: f64, softcap: Option<f64>) -> Tensor<4> {
+fn attention_in_burn_ops(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Option<Tensor<4, Bool>>, is_causal: bool, scale: f64, softcap: Option<f64>) -> Tensor<4> {
     let [b, heads, s, _] = q.dims();
     let repeat = |t: Tensor<4>| {
         let [b, kv, s, d] = t.dims();
@@ -101,18 +100,18 @@ fn plain(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Option<Tensor<4, Bool
     };
     let (k, v) = (repeat(k), repeat(v));
     let sk = k.dims()[2];
-    if hidden.is_none() && softcap.is_none() {
+    if masked.is_none() && softcap.is_none() {
         return attention(q, k, v, None, None, AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal });
     }
-    let mut hidden = hidden.map(|h| h.expand([b, heads, s, sk]));
+    let mut masked = masked.map(|m| m.expand([b, heads, s, sk]));
     if is_causal {
         // Query i sees keys up to i + (sk − s): the last s keys line up with the queries.
         let shift = sk - s;
         let upper: Vec<bool> = (0..s * sk).map(|n| n % sk > n / sk + shift).collect();
         let causal = Tensor::<2, Bool>::from_data(burn::tensor::TensorData::new(upper, [s, sk]), &q.device());
         let causal = causal.reshape([1, 1, s, sk]).expand([b, heads, s, sk]);
-        hidden = Some(match hidden {
-            Some(h) => h.bool_or(causal),
+        masked = Some(match masked {
+            Some(m) => m.bool_or(causal),
             None => causal,
         });
     }
@@ -121,8 +120,8 @@ fn plain(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Option<Tensor<4, Bool
         scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
     }
     // The lowest finite value rather than −inf: a row with every key masked stays finite.
-    let scores = match hidden {
-        Some(h) => scores.mask_fill(h, f32::MIN),
+    let scores = match masked {
+        Some(m) => scores.mask_fill(m, f32::MIN),
         None => scores,
     };
     // Written out rather than burn's softmax, whose autodiff and plain versions round
@@ -170,7 +169,7 @@ impl Plan {
             Some((m, rows)) => (0..rows * blocks)
                 .map(|task| {
                     let (r, blk) = (task / blocks, task % blocks);
-                    let last_seen = |i: usize| m[(r * seq + i) * seq..][..visible_end(i)].iter().rposition(|h| *h == 0).map_or(0, |j| j + 1);
+                    let last_seen = |i: usize| m[(r * seq + i) * seq..][..visible_end(i)].iter().rposition(|masked| *masked == 0).map_or(0, |j| j + 1);
                     (blk * BLOCK..(blk * BLOCK + BLOCK).min(seq)).map(last_seen).max().unwrap_or(0)
                 })
                 .collect(),
@@ -191,7 +190,7 @@ impl Plan {
         (blk * BLOCK, BLOCK.min(self.seq - blk * BLOCK))
     }
 
-    /// Keys `limit..` are hidden from every query of block `blk` in batch row `b`.
+    /// Keys `limit..` are masked from every query of block `blk` in batch row `b`.
     fn limit(&self, b: usize, blk: usize) -> usize {
         match &self.mask {
             Some((_, rows)) if *rows > 1 => self.limits[b * self.blocks() + blk],
@@ -200,13 +199,13 @@ impl Plan {
     }
 
     /// Scores of query i (batch row b) over keys 0..row.len() -> softmax probabilities in
-    /// place; hidden keys get 0, and so does every key of a query that sees none.
+    /// place; masked keys get 0, and so does every key of a query that sees none.
     fn softmax_row(&self, b: usize, i: usize, row: &mut [f32]) {
         let visible = if self.causal { (i + 1).min(row.len()) } else { row.len() };
         let (live, dead) = row.split_at_mut(visible);
         match &self.mask {
             None => kernels::scale(live, self.scale),
-            Some((m, rows)) => kernels::scale_unhidden(live, &m[((if *rows == 1 { 0 } else { b }) * self.seq + i) * self.seq..][..visible], self.scale),
+            Some((m, rows)) => kernels::scale_unmasked(live, &m[((if *rows == 1 { 0 } else { b }) * self.seq + i) * self.seq..][..visible], self.scale),
         }
         let max = kernels::max(live);
         if max == f32::NEG_INFINITY {
@@ -243,15 +242,15 @@ impl Heads {
 
 /// The output ([b, heads, s, d], stored as [b, s, heads, d]) and, when `keep`, the
 /// probabilities P ([b, heads, s, s], zero past each block's last visible key).
-fn forward(q: &Heads, k: &Heads, v: &Heads, p: &Plan, keep: bool) -> (FlexTensor, Option<Vec<f32>>) {
-    let (b, h, s, d, g) = (p.batch, p.heads, p.seq, p.head_dim, p.groups());
+fn forward(q: &Heads, k: &Heads, v: &Heads, plan: &Plan, keep: bool) -> (FlexTensor, Option<Vec<f32>>) {
+    let (b, h, s, d, g) = (plan.batch, plan.heads, plan.seq, plan.head_dim, plan.groups());
     let mut out = Buffer::new(b * s * h * d);
     let mut probs = keep.then(|| Buffer::new(b * h * s * s));
     let (o, kept) = (out.out(), probs.as_mut().map(Buffer::out));
-    (0..b * h * p.blocks()).into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, task| {
-        let (bh, blk) = (task / p.blocks(), task % p.blocks());
+    (0..b * h * plan.blocks()).into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, task| {
+        let (bh, blk) = (task / plan.blocks(), task % plan.blocks());
         let (bi, hi) = (bh / h, bh % h);
-        let ((i0, rows), keys) = (p.block(blk), p.limit(bi, blk));
+        let ((i0, rows), keys) = (plan.block(blk), plan.limit(bi, blk));
         // Scores go straight into P's rows when P is kept.
         let (scores, stride, width) = match kept {
             Some(kept) => (kept.at((bh * s + i0) * s), s, s),
@@ -260,17 +259,25 @@ fn forward(q: &Heads, k: &Heads, v: &Heads, p: &Plan, keep: bool) -> (FlexTensor
                 (scratch.as_mut_ptr(), keys, keys)
             }
         };
+        // SAFETY: `scores` has `rows` rows of `width` ≥ keys elements, `stride` apart: this
+        // block's own rows of P ([b, heads, s, s], whose buffer outlives the loop) or the
+        // task's scratch. The first gemm writes the rows × keys scores that softmax_row then
+        // reads; the rest of each row of P is zeroed. The views read rows i0..i0+rows of
+        // head (bi, hi)'s queries and keys 0..keys ≤ s of its KV head, inside the live q, k,
+        // v; the output rows ((bi, i0 + r), head hi) of [b, s, heads, d] are this task's alone.
         unsafe {
             gemm(rows, keys, d, scores, stride, false, q.view(bi, hi).down(i0), k.view(bi, hi / g).t());
             for r in 0..rows {
-                p.softmax_row(bi, i0 + r, std::slice::from_raw_parts_mut(scores.add(r * stride), keys));
+                plan.softmax_row(bi, i0 + r, std::slice::from_raw_parts_mut(scores.add(r * stride), keys));
                 kernels::to_write(scores.add(r * stride + keys), width - keys).fill(MaybeUninit::new(0.0));
             }
             gemm(rows, d, keys, o.at(((bi * s + i0) * h + hi) * d), h * d, false, View::rows(scores, stride), v.view(bi, hi / g));
         }
     });
-    // SAFETY: every task wrote its block's rows of the output and of P, all of them.
-    let out = tensor(unsafe { out.filled() }, p.per_head(), vec![(s * h * d) as isize, d as isize, (h * d) as isize, 1]);
+    // SAFETY: the tasks cover every (batch, head, query block), and each wrote its rows of
+    // the output, d values per query, and of P, s values per query (scores, then zeros).
+    let out = strided(unsafe { out.filled() }, plan.per_head(), vec![(s * h * d) as isize, d as isize, (h * d) as isize, 1]);
+    // SAFETY: as above, for P.
     (out, probs.map(|b| unsafe { b.filled() }))
 }
 
@@ -282,11 +289,16 @@ impl Plan {
     /// Σ over the query heads and blocks that see keys j0..j0+cols of (b, kv head) of
     /// weightsᵀ·rows, where `weights` ([b, heads, s, s], rows s apart) are P or dS and `rows`
     /// are dO or Q: dV or dK for those keys, written into `dst` (rows `dst_stride` apart).
+    ///
+    /// # Safety
+    /// `weights` points at [b, heads, s, s] live values, and `dst` at rows j0..j0+cols
+    /// (`dst_stride` apart, d values each) that no one else touches meanwhile.
     #[allow(clippy::too_many_arguments)]
     unsafe fn key_block_sum(&self, bi: usize, kv: usize, kb: usize, weights: *const f32, rows: &Heads, dst: *mut f32, dst_stride: usize) {
         let (s, d, g) = (self.seq, self.head_dim, self.groups());
         let (j0, cols) = self.block(kb);
         for r in 0..cols {
+            // SAFETY: row r of dst holds d writable values (the caller's contract).
             unsafe { std::ptr::write_bytes(dst.add(r * dst_stride), 0, d) };
         }
         for hi in kv * g..(kv + 1) * g {
@@ -297,6 +309,9 @@ impl Plan {
                 }
                 let (i0, n) = self.block(qb);
                 let w = View { ptr: weights.wrapping_add(((bi * self.heads + hi) * s + i0) * s + j0), row_stride: 1, col_stride: s as isize };
+                // SAFETY: w reads keys j0..keys (≤ s) of queries i0..i0+n of head (bi, hi)
+                // inside `weights`, the rows view those queries of the live `rows`, and dst
+                // rows j0..keys are the caller's.
                 unsafe { gemm(keys - j0, d, n, dst, dst_stride, true, w, rows.view(bi, hi).down(i0)) };
             }
         }
@@ -312,39 +327,45 @@ impl Backward<Flex, 3> for AttentionBackward {
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_q, node_k, node_v] = ops.parents;
-        let (q, k, v, mut probs, p) = ops.state;
+        let (q, k, v, mut probs, plan) = ops.state;
         let d_out = Heads::new(grads.consume::<Flex>(&ops.node));
-        let (b, h, kvh, s, d, g) = (p.batch, p.heads, p.kv_heads, p.seq, p.head_dim, p.groups());
-        let key_tasks = b * kvh * p.blocks();
+        let (b, h, kvh, s, d, g) = (plan.batch, plan.heads, plan.kv_heads, plan.seq, plan.head_dim, plan.groups());
+        let key_tasks = b * kvh * plan.blocks();
         if let Some(node) = node_v {
             // dV is stored as [b, s, kv, d], the layout of the value projection it flows back to.
             let mut dv = Buffer::new(b * s * kvh * d);
-            let (dst, weights) = (dv.out(), Out(probs.as_mut_ptr()));
+            let (dst, weights) = (dv.out(), SharedOut(probs.as_mut_ptr()));
             (0..key_tasks).into_par_iter().for_each(|task| {
-                let (bkv, kb) = (task / p.blocks(), task % p.blocks());
+                let (bkv, kb) = (task / plan.blocks(), task % plan.blocks());
                 let (bi, kv) = (bkv / kvh, bkv % kvh);
-                unsafe { p.key_block_sum(bi, kv, kb, weights.ptr(), &d_out, dst.at(((bi * s + kb * BLOCK) * kvh + kv) * d), kvh * d) };
+                // SAFETY: `probs` is P, [b, heads, s, s], only read here; dst is key block kb
+                // of (bi, kv) in dV's [b, s, kv, d] layout, written by this task alone.
+                unsafe { plan.key_block_sum(bi, kv, kb, weights.ptr(), &d_out, dst.at(((bi * s + kb * BLOCK) * kvh + kv) * d), kvh * d) };
             });
             let strides = vec![(s * kvh * d) as isize, d as isize, (kvh * d) as isize, 1];
-            grads.register::<Flex>(node.id, tensor(unsafe { dv.filled() }, Shape::new([b, kvh, s, d]), strides));
+            // SAFETY: the tasks cover every (batch, KV head, key block), and each zeroed its rows before summing into them.
+            grads.register::<Flex>(node.id, strided(unsafe { dv.filled() }, Shape::new([b, kvh, s, d]), strides));
         }
         if node_q.is_none() && node_k.is_none() {
             return;
         }
         // dS in place of P, and dQ, per block of queries.
         let mut dq = Buffer::new(b * h * s * d);
-        let (dq_out, ds) = (dq.out(), Out(probs.as_mut_ptr()));
-        (0..b * h * p.blocks()).into_par_iter().for_each_init(Vec::new, |dp: &mut Vec<f32>, task| {
-            let (bh, blk) = (task / p.blocks(), task % p.blocks());
+        let (dq_out, ds) = (dq.out(), SharedOut(probs.as_mut_ptr()));
+        (0..b * h * plan.blocks()).into_par_iter().for_each_init(Vec::new, |dp: &mut Vec<f32>, task| {
+            let (bh, blk) = (task / plan.blocks(), task % plan.blocks());
             let (bi, hi) = (bh / h, bh % h);
-            let ((i0, rows), keys) = (p.block(blk), p.limit(bi, blk));
+            let ((i0, rows), keys) = (plan.block(blk), plan.limit(bi, blk));
             dp.resize(rows * keys, 0.0);
+            // SAFETY: this task alone reads and rewrites its block's rows of P (→ dS) and
+            // writes its rows of dQ ([b, heads, s, d]); both buffers outlive the loop. The
+            // views read rows of the live dO, V and K and the task's own dp (rows × keys).
             unsafe {
                 gemm(rows, keys, d, dp.as_mut_ptr(), keys, false, d_out.view(bi, hi).down(i0), v.view(bi, hi / g).t());
                 for r in 0..rows {
                     let pr = std::slice::from_raw_parts_mut(ds.at((bh * s + i0 + r) * s), keys);
                     let dpr = &dp[r * keys..][..keys];
-                    kernels::softmax_grad(pr, dpr, kernels::dot(dpr, pr), p.scale);
+                    kernels::softmax_grad(pr, dpr, kernels::dot(dpr, pr), plan.scale);
                 }
                 gemm(rows, d, keys, dq_out.at((bh * s + i0) * d), d, false, View::rows(ds.at((bh * s + i0) * s), s), k.view(bi, hi / g));
             }
@@ -353,28 +374,18 @@ impl Backward<Flex, 3> for AttentionBackward {
             let mut dk = Buffer::new(b * kvh * s * d);
             let dst = dk.out();
             (0..key_tasks).into_par_iter().for_each(|task| {
-                let (bkv, kb) = (task / p.blocks(), task % p.blocks());
+                let (bkv, kb) = (task / plan.blocks(), task % plan.blocks());
                 let (bi, kv) = (bkv / kvh, bkv % kvh);
-                unsafe { p.key_block_sum(bi, kv, kb, ds.ptr(), &q, dst.at((bkv * s + kb * BLOCK) * d), d) };
+                // SAFETY: dS (in P's buffer) is complete and only read here; dst is key block
+                // kb of (bi, kv) in dK's [b, kv, s, d], written by this task alone.
+                unsafe { plan.key_block_sum(bi, kv, kb, ds.ptr(), &q, dst.at((bkv * s + kb * BLOCK) * d), d) };
             });
+            // SAFETY: the tasks cover every (batch, KV head, key block), and each zeroed its rows before summing into them.
             grads.register::<Flex>(node.id, contiguous(unsafe { dk.filled() }, Shape::new([b, kvh, s, d])));
         }
         if let Some(node) = node_q {
-            grads.register::<Flex>(node.id, contiguous(unsafe { dq.filled() }, p.per_head()));
-        }
-    }
-}
-
-fn tracked(q: FloatTensor<AutodiffFlex>, k: FloatTensor<AutodiffFlex>, v: FloatTensor<AutodiffFlex>, p: Plan) -> FloatTensor<AutodiffFlex> {
-    match AttentionBackward.prepare::<NoCheckpointing>([q.node(), k.node(), v.node()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => {
-            let (q, k, v) = (Heads::new(q.into_primitive()), Heads::new(k.into_primitive()), Heads::new(v.into_primitive()));
-            let (out, probs) = forward(&q, &k, &v, &p, true);
-            prep.finish((q, k, v, probs.expect("kept"), p), out)
-        }
-        OpsKind::UnTracked(prep) => {
-            let (q, k, v) = (Heads::new(q.into_primitive()), Heads::new(k.into_primitive()), Heads::new(v.into_primitive()));
-            prep.finish(forward(&q, &k, &v, &p, false).0)
+            // SAFETY: the dS tasks cover every (batch, head, query block), and each wrote its d values per query.
+            grads.register::<Flex>(node.id, contiguous(unsafe { dq.filled() }, plan.per_head()));
         }
     }
 }

@@ -9,32 +9,28 @@
 //! stored copy stays resident, and the product is the one an f32 copy of it would give
 //! (the widening is exact and gemm sees the same layout).
 
+use burn::backend::Flex;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
-use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Flex};
 use burn::tensor::{DType, FloatDType, Shape, Tensor};
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::elementwise::{On, locate};
-use super::kernels::{Buffer, View, contiguous, gemm_parallel, matrix};
-
-type AutodiffFlex = Autodiff<Flex, NoCheckpointing>;
+use super::dispatch::{AutodiffFlex, record, run_fused};
+use crate::kernels::{Buffer, View, contiguous, gemm_parallel, matrix};
 
 /// x [n, in] · w [in, out] -> [n, out].
 pub fn matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     if w.dtype() != DType::F32 {
-        return frozen(x, w);
+        return frozen_matmul(x, w);
     }
-    match locate([&x, &w]) {
-        Some(On::Tracked([xp, wp])) => Tensor::from_primitive::<AutodiffFlex>(tracked(xp, wp)),
-        Some(On::Plain([xp, wp])) => Tensor::from_primitive::<Flex>(product(&xp, &wp)),
-        None => x.matmul(w),
-    }
+    let fused = run_fused([&x, &w], MatmulBackward, |[x, w], keep_state| {
+        let y = product(&x, &w);
+        (y, keep_state.then_some((x, w)))
+    });
+    fused.unwrap_or_else(|| x.matmul(w))
 }
 
 /// a [m, k] · b [k, n] into a new contiguous [m, n] tensor.
@@ -42,7 +38,8 @@ fn product(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
     let (m, k, n) = (a.layout().shape()[0], a.layout().shape()[1], b.layout().shape()[1]);
     assert_eq!(k, b.layout().shape()[0], "matmul: inner dimensions differ");
     let mut out = Buffer::new(m * n);
-    // SAFETY: the views come from live tensors of these shapes; gemm writes all m·n outputs.
+    // SAFETY: the views read the live tensors a [m, k] and b [k, n] through their strides,
+    // `out` holds m·n elements, and gemm writes all of them before `filled` reads them.
     unsafe {
         gemm_parallel(m, n, k, out.out().ptr(), n, false, matrix(a), matrix(b));
         contiguous(out.filled(), Shape::new([m, n]))
@@ -69,22 +66,13 @@ impl Backward<Flex, 2> for MatmulBackward {
     }
 }
 
-fn tracked(x: FloatTensor<AutodiffFlex>, w: FloatTensor<AutodiffFlex>) -> FloatTensor<AutodiffFlex> {
-    match MatmulBackward.prepare::<NoCheckpointing>([x.node(), w.node()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => {
-            let (xp, wp) = (x.into_primitive(), w.into_primitive());
-            let y = product(&xp, &wp);
-            prep.finish((xp, wp), y)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(product(&x.into_primitive(), &w.into_primitive())),
-    }
-}
-
 /// x (f32) · w stored in bf16 or f16 and frozen -> f32.
-fn frozen(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+fn frozen_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     if super::enabled() && x.dtype() == DType::F32 && matches!(w.dtype(), DType::BF16 | DType::F16) && !w.is_require_grad() {
         if let (Ok(xp), Ok(wp)) = (x.clone().try_into_primitive::<AutodiffFlex>(), w.clone().try_into_primitive::<AutodiffFlex>()) {
-            return Tensor::from_primitive::<AutodiffFlex>(frozen_tracked(xp, wp.into_primitive()));
+            let w = wp.into_primitive();
+            let y = record(FrozenMatmulBackward, [xp], |[x], keep_state| (frozen_product(&x, &w, WIDEN_BLOCK), keep_state.then_some(w)));
+            return Tensor::from_primitive::<AutodiffFlex>(y);
         }
         if let (Ok(xp), Ok(wp)) = (x.clone().try_into_primitive::<Flex>(), w.clone().try_into_primitive::<Flex>()) {
             return Tensor::from_primitive::<Flex>(frozen_product(&xp, &wp, WIDEN_BLOCK));
@@ -117,12 +105,13 @@ fn frozen_product(a: &FlexTensor, b: &FlexTensor, block: usize) -> FlexTensor {
         let width = if n - start < cols + MIN_BAND { n - start } else { cols };
         let (values, view) = widen_columns(b, start, width);
         // SAFETY: `a` is a live [m, k] tensor, `values` holds the [k, width] block `view`
-        // reads, and the block's columns start..start+width of dst are in bounds of m·n.
+        // reads (alive until the drop below), and columns start..start+width of the m rows
+        // of dst (n apart) lie inside its m·n elements.
         unsafe { gemm_parallel(m, width, k, dst.at(start), n, false, matrix(a), view) };
         drop(values);
         start += width;
     }
-    // SAFETY: the column blocks cover all n columns of all m rows.
+    // SAFETY: the bands cover all n columns of all m rows, so every element was written.
     unsafe { contiguous(out.filled(), Shape::new([m, n])) }
 }
 
@@ -174,16 +163,6 @@ impl Backward<Flex, 1> for FrozenMatmulBackward {
         if let Some(node) = node_x {
             grads.register::<Flex>(node.id, frozen_product(&dy, &ops.state.transpose(0, 1), WIDEN_BLOCK));
         }
-    }
-}
-
-fn frozen_tracked(x: FloatTensor<AutodiffFlex>, w: FlexTensor) -> FloatTensor<AutodiffFlex> {
-    match FrozenMatmulBackward.prepare::<NoCheckpointing>([x.node()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => {
-            let y = frozen_product(&x.into_primitive(), &w, WIDEN_BLOCK);
-            prep.finish(w, y)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(frozen_product(&x.into_primitive(), &w, WIDEN_BLOCK)),
     }
 }
 

@@ -2,17 +2,25 @@
 //! hand-written backward where burn would record a chain of small ops. On other backends
 //! and dtypes they run the same maths in burn ops. `tests/fused_ops.rs` checks values and
 //! gradients against burn's own ops.
+//!
+//! One file per op; `dispatch.rs` decides whether an op's inputs can take the fused path
+//! and records it under autodiff. The CPU kernels they share live in `crate::kernels`.
 
 use std::sync::OnceLock;
 
 pub mod attention;
-pub mod elementwise;
-mod kernels;
-pub(crate) use kernels::{scale, vectorised};
+mod dispatch;
 pub mod linear;
+mod rms_norm;
+mod rope;
+mod swiglu;
+mod target_logps;
 
 pub use attention::{fuses, grouped_attention};
-pub use elementwise::{rms_norm, rope, swiglu, target_logps};
+pub use rms_norm::rms_norm;
+pub use rope::rope;
+pub use swiglu::swiglu;
+pub use target_logps::target_logps;
 
 /// The fused ops are on unless `PREFHOST_UNFUSED=1`: `host bench` times both side by side.
 pub fn enabled() -> bool {
