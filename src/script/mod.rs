@@ -1,9 +1,10 @@
-//! Rhai side: the sandboxed engine, the Tensor type, seeded random draws, compiled script versions, file
+//! Rhai side: the sandboxed engine, the Tensor type, seeded random draws, rewards, compiled script versions, file
 //! watching for hot reload, and the pure-Rhai test runner.
 
 pub mod engine;
 pub mod program;
 pub mod random;
+pub mod reward;
 pub mod tensor;
 pub mod testing;
 pub mod watch;
