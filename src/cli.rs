@@ -98,19 +98,9 @@ enum Command {
         data: Option<PathBuf>,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value_t = 8)]
-        batch_size: usize,
-        /// Must match the run's max_length and max_prompt_length.
-        #[arg(long, default_value_t = 256)]
-        max_length: usize,
-        #[arg(long, default_value_t = 128)]
-        max_prompt_length: usize,
-        /// Must match the run's prompt_special_tokens.
-        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-        prompt_special_tokens: bool,
-        /// Must match the run's chat_template (a named template of the tokenizer folder).
-        #[arg(long)]
-        chat_template: Option<String>,
+        /// Must match the run's settings.
+        #[command(flatten)]
+        pairs: PairsFlags,
         /// Where to compute: cpu, or tch-cpu, tch-cuda, cuda when built with their feature.
         #[arg(long, default_value = "cpu")]
         backend: String,
@@ -121,6 +111,26 @@ enum Command {
         /// Merge the files of shards 0/N .. N-1/N (any order) into the one-pass file at --out.
         #[arg(long, num_args = 1.., conflicts_with_all = ["model", "data", "shard", "backend", "batch_size", "max_length", "max_prompt_length", "prompt_special_tokens", "chat_template"])]
         merge: Vec<PathBuf>,
+    },
+    /// What training changed: per-token log-prob differences between two model folders
+    /// (e.g. before and after DPO) on preference data; the largest changes and the mean
+    /// change by position relative to the first chosen/rejected difference.
+    Diff {
+        /// Model folder A (e.g. the starting model).
+        model_a: PathBuf,
+        /// Model folder B (e.g. a checkpoint); the difference is B − A.
+        model_b: PathBuf,
+        /// Preference rows (JSONL or Parquet).
+        #[arg(long)]
+        data: PathBuf,
+        /// Where to write the whole report as JSON (per-row token changes included).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// How many of the most-changed tokens to list.
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+        #[command(flatten)]
+        pairs: PairsFlags,
     },
     /// Fold LoRA adapters (a PEFT folder, e.g. a LoRA run's checkpoint) into their base
     /// model's weights and write a plain Hugging Face model folder.
@@ -290,7 +300,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             println!("{} passed, {} failed", report.passed, report.failed.len());
             Ok(if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Logps { model, data, out, batch_size, max_length, max_prompt_length, prompt_special_tokens, chat_template, backend, shard, merge } => {
+        Command::Logps { model, data, out, pairs, backend, shard, merge } => {
             use crate::train::reference::{LogpsJob, merge_shards, precompute};
             if !merge.is_empty() {
                 let rows = merge_shards(&merge, &out)?;
@@ -298,11 +308,40 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let (Some(model), Some(data)) = (model, data) else { bail!("give --model and --data, or --merge SHARD...") };
-            let limits = crate::data::Truncation { max_length, max_prompt_length };
-            let job = LogpsJob { model_dir: &model, data: &data, out: &out, batch_size, limits, prompt_special_tokens, chat_template: chat_template.as_deref(), backend: &backend, shard };
+            let job = LogpsJob {
+                model_dir: &model,
+                data: &data,
+                out: &out,
+                batch_size: pairs.batch_size,
+                limits: pairs.limits(),
+                prompt_special_tokens: pairs.prompt_special_tokens,
+                chat_template: pairs.chat_template.as_deref(),
+                backend: &backend,
+                shard,
+            };
             let rows = precompute(&job)?;
             let part = shard.map(|s| format!(" (shard {s})")).unwrap_or_default();
             println!("wrote reference log-probs of {rows} rows{part} to {} (backend {backend})", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Diff { model_a, model_b, data, out, top, pairs } => {
+            use crate::train::diff::{DiffJob, diff};
+            let job = DiffJob {
+                model_a: &model_a,
+                model_b: &model_b,
+                data: &data,
+                batch_size: pairs.batch_size,
+                limits: pairs.limits(),
+                prompt_special_tokens: pairs.prompt_special_tokens,
+                chat_template: pairs.chat_template.as_deref(),
+                top,
+            };
+            let report = diff(&job)?;
+            println!("{}", report.describe(10));
+            if let Some(out) = out {
+                report.write(&out)?;
+                println!("report written to {}", out.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Merge { adapter, base, out } => {
@@ -405,4 +444,28 @@ fn pairs(from: &Path, style: PairStyle, out: &Path, tokenizer: Option<&Path>, se
         out.with_extension("stats.json").display(), plot.display(),
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// How `host logps` and `host diff` read and batch preference rows (a run's settings).
+#[derive(clap::Args)]
+struct PairsFlags {
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// The run's max_length and max_prompt_length.
+    #[arg(long, default_value_t = 256)]
+    max_length: usize,
+    #[arg(long, default_value_t = 128)]
+    max_prompt_length: usize,
+    /// The run's prompt_special_tokens.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    prompt_special_tokens: bool,
+    /// The run's chat_template (a named template of the tokenizer folder).
+    #[arg(long)]
+    chat_template: Option<String>,
+}
+
+impl PairsFlags {
+    fn limits(&self) -> crate::data::Truncation {
+        crate::data::Truncation { max_length: self.max_length, max_prompt_length: self.max_prompt_length }
+    }
 }

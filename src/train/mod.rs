@@ -6,6 +6,7 @@ pub mod chunked;
 pub mod compare;
 pub mod config;
 pub mod console;
+pub mod diff;
 pub mod evaluate;
 pub mod grads;
 pub mod identity;

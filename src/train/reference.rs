@@ -358,6 +358,27 @@ pub struct LogpsJob<'a> {
     pub shard: Option<Shard>,
 }
 
+/// A model folder loaded frozen (weights in their stored dtype), its tokenizer, and the
+/// preference rows of `data` as a run with these settings reads them.
+pub(crate) fn frozen_model_and_pairs(
+    model_dir: &Path,
+    data: &Path,
+    limits: crate::data::Truncation,
+    prompt_special_tokens: bool,
+    chat_template: Option<&str>,
+    device: &Device,
+) -> Result<(Llama, crate::data::TextTokenizer, Vec<Example>)> {
+    let (config, model) = crate::model::load_frozen_model(model_dir, device)?;
+    let mut tokenizer = crate::data::TextTokenizer::load_with(&model_dir.join("tokenizer.json"), &config.eos_ids(), config.pad_token_id)?;
+    tokenizer.prompt_special_tokens = prompt_special_tokens;
+    if let Some(name) = chat_template {
+        tokenizer.use_chat_template(name)?;
+    }
+    let limits = crate::data::Truncation { max_length: limits.max_length.min(config.max_positions()), ..limits };
+    let (examples, _) = crate::data::load_examples(data, &tokenizer, true, limits, false)?;
+    Ok((model, tokenizer, examples))
+}
+
 /// `host logps`: loads the model and data as a run would, computes the reference
 /// log-probs of every pair (or of one shard's pairs), and writes them to `out`. Returns the
 /// number of rows written.
@@ -367,14 +388,7 @@ pub fn precompute(job: &LogpsJob) -> Result<usize> {
         bail!("{}: the output would overwrite the data", out.display());
     }
     let device = super::backend_device(job.backend)?;
-    let (config, model) = crate::model::load_frozen_model(model_dir, &device)?;
-    let mut tokenizer = crate::data::TextTokenizer::load_with(&model_dir.join("tokenizer.json"), &config.eos_ids(), config.pad_token_id)?;
-    tokenizer.prompt_special_tokens = job.prompt_special_tokens;
-    if let Some(name) = job.chat_template {
-        tokenizer.use_chat_template(name)?;
-    }
-    let limits = crate::data::Truncation { max_length: job.limits.max_length.min(config.max_positions()), ..job.limits };
-    let (examples, _) = crate::data::load_examples(data, &tokenizer, true, limits, false)?;
+    let (model, tokenizer, examples) = frozen_model_and_pairs(model_dir, data, job.limits, job.prompt_special_tokens, job.chat_template, &device)?;
     let Some(shard) = job.shard else {
         let rows = compute_ref_rows(&model, &examples, tokenizer.pad_id, job.batch_size, true, &device);
         write_ref_rows(&rows, out)?;
