@@ -119,6 +119,44 @@ enum Command {
         #[arg(long, num_args = 1.., conflicts_with_all = ["model", "data", "shard", "backend", "batch_size", "max_length", "max_prompt_length", "prompt_special_tokens"])]
         merge: Vec<PathBuf>,
     },
+    /// Sample completions of every prompt from a model (KV cache, batched): seeded, so the
+    /// same flags give the same samples; one JSON line per sample.
+    Sample {
+        /// Hugging Face model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// JSONL or Parquet rows with a `prompt` (a string, or a list of messages for the chat template).
+        #[arg(long)]
+        prompts: PathBuf,
+        /// Samples per prompt.
+        #[arg(long)]
+        n: usize,
+        /// 0 = greedy decoding.
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
+        /// Nucleus sampling: keep the most likely tokens up to this probability (1 = off).
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Keep the k most likely tokens (0 = off; transformers' generate defaults to 50).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Rows decoded together (samples of prompts of equal token length).
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// Where to compute: cpu, or tch-cpu, tch-cuda, cuda when built with their feature.
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        /// Whether plain-text prompts get the tokenizer's special tokens (as training's prompts).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        prompt_special_tokens: bool,
+        /// Output JSONL: prompt_index, sample_index, prompt, completion, completion_ids, eos.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Fold LoRA adapters (a PEFT folder, e.g. a LoRA run's checkpoint) into their base
     /// model's weights and write a plain Hugging Face model folder.
     Merge {
@@ -295,6 +333,20 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let rows = precompute(&job)?;
             let part = shard.map(|s| format!(" (shard {s})")).unwrap_or_default();
             println!("wrote reference log-probs of {rows} rows{part} to {} (backend {backend})", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sample { model, prompts, n, temperature, top_p, top_k, max_new_tokens, seed, batch_size, backend, prompt_special_tokens, out } => {
+            use crate::model::sampling::{SampleJob, SamplingSettings, run_sample_job};
+            let settings = SamplingSettings { temperature, top_k, top_p, max_new_tokens, seed };
+            let job = SampleJob { model_dir: &model, prompts: &prompts, out: &out, n, settings, batch_size, backend: &backend, prompt_special_tokens };
+            let done = run_sample_job(&job)?;
+            println!(
+                "wrote {} samples ({} new tokens, {:.1} tokens/s) to {} (backend {backend})",
+                done.samples,
+                done.new_tokens,
+                done.new_tokens as f64 / done.seconds.max(1e-9),
+                out.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Merge { adapter, base, out } => {
