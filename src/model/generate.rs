@@ -77,23 +77,24 @@ fn decode_by_length<E>(
     group_size: usize,
     mut choose: impl FnMut(&[usize], Tensor<2>, usize) -> Result<Vec<u32>, E>,
 ) -> Result<Vec<Completion>, E> {
-    let mut by_length: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for (i, p) in prompts.iter().enumerate() {
-        by_length.entry(p.len()).or_default().push(i);
-    }
     let mut out = vec![Completion { tokens: Vec::new(), eos: false }; prompts.len()];
-    for (length, rows) in by_length {
-        if length == 0 {
-            continue;
-        }
-        for group in rows.chunks(group_size.max(1)) {
-            let generated = decode_same_length(model, prompts, group, length, max_new_tokens, eos, &mut choose)?;
-            for (&i, completion) in group.iter().zip(generated) {
-                out[i] = completion;
-            }
+    for group in groups_by_length(prompts, group_size) {
+        let generated = decode_same_length(model, prompts, &group, prompts[group[0]].len(), max_new_tokens, eos, &mut choose)?;
+        for (&i, completion) in group.iter().zip(generated) {
+            out[i] = completion;
         }
     }
     Ok(out)
+}
+
+/// The groups rows are decoded in: indices of non-empty prompts of equal length, shortest
+/// first, in order, at most `group_size` each.
+pub fn groups_by_length(prompts: &[&[u32]], group_size: usize) -> Vec<Vec<usize>> {
+    let mut by_length: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, p) in prompts.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
+        by_length.entry(p.len()).or_default().push(i);
+    }
+    by_length.values().flat_map(|rows| rows.chunks(group_size.max(1)).map(<[usize]>::to_vec)).collect()
 }
 
 fn decode_same_length<E>(

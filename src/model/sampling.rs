@@ -108,14 +108,16 @@ pub fn top_k_filter(scores: &mut [f32], top_k: usize) {
 /// (min_tokens_to_keep = 1). Equal scores sort by index (a stable sort), so of tied tokens
 /// at the cut the lower indices go first.
 pub fn top_p_filter(scores: &mut [f32], top_p: f32) {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
+    // Tokens already filtered out (-inf) add nothing to the cumulative sum, so only the
+    // others are sorted (after top-k, a few dozen of the whole vocabulary).
+    let mut order: Vec<usize> = (0..scores.len()).filter(|&i| scores[i] > f32::NEG_INFINITY).collect();
     order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
     let sorted: Vec<f32> = order.iter().map(|&i| scores[i]).collect();
     let probs = softmax(&sorted);
     let cut = 1.0 - top_p as f64;
     let mut cumulative = 0.0;
     // Every position but the last (the most likely token) may be removed.
-    for (&index, p) in order.iter().zip(&probs).take(scores.len().saturating_sub(1)) {
+    for (&index, p) in order.iter().zip(&probs).take(order.len().saturating_sub(1)) {
         cumulative += p;
         if cumulative > cut {
             break;
