@@ -179,7 +179,7 @@ impl Timing {
     }
 }
 
-fn median(values: &[f64]) -> f64 {
+pub(crate) fn median(values: &[f64]) -> f64 {
     let mut s = values.to_vec();
     s.sort_by(f64::total_cmp);
     if s.is_empty() { f64::NAN } else { s[s.len() / 2] }
@@ -430,7 +430,7 @@ fn peak_rss_mb() -> f64 {
     crate::train::memory::peak_rss_bytes().map_or(f64::NAN, |bytes| bytes / 1048576.0)
 }
 
-fn find_python_with_torch() -> Option<String> {
+pub(crate) fn find_python_with_torch() -> Option<String> {
     let candidates = [std::env::var("PREFHOST_PYTHON").ok(), Some("python3".to_string())];
     candidates.into_iter().flatten().find(|py| {
         Command::new(py).args(["-c", "import torch"]).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())

@@ -132,6 +132,64 @@ enum Command {
         #[command(flatten)]
         pairs: PairsFlags,
     },
+    /// Sample completions of every prompt from a model (KV cache, batched): seeded, so the
+    /// same flags give the same samples; one JSON line per sample.
+    Sample {
+        /// Hugging Face model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// JSONL or Parquet rows with a `prompt` (a string, or a list of messages for the chat template).
+        #[arg(long)]
+        prompts: PathBuf,
+        /// Samples per prompt.
+        #[arg(long)]
+        n: usize,
+        #[command(flatten)]
+        sampling: SamplingFlags,
+        /// Rows decoded together (samples of prompts of equal token length).
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// Where to compute: cpu, or tch-cpu, tch-cuda, cuda when built with their feature.
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        /// Whether plain-text prompts get the tokenizer's special tokens (as training's prompts).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        prompt_special_tokens: bool,
+        /// Output JSONL: prompt_index, sample_index, prompt, completion, completion_ids, eos.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Time `host sample`'s generation against transformers' `generate` on the same model,
+    /// prompts and settings, in interleaved rounds (new tokens/s; see BENCHMARKS.md).
+    BenchSample {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompts: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        n: usize,
+        #[command(flatten)]
+        sampling: SamplingFlags,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Python with torch and transformers (default: $PREFHOST_PYTHON or python3).
+        #[arg(long)]
+        python: Option<String>,
+        /// The dtype transformers loads the weights in: auto (the checkpoint's), float32, bfloat16.
+        #[arg(long, default_value = "auto")]
+        torch_dtype: String,
+        /// CPU threads per side (default: all).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Folder for the report (default runs/bench-sample-<time>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Internal: time prefhost's side once in this process.
+        #[arg(long, hide = true)]
+        child: bool,
+    },
     /// Fold LoRA adapters (a PEFT folder, e.g. a LoRA run's checkpoint) into their base
     /// model's weights and write a plain Hugging Face model folder.
     Merge {
@@ -240,6 +298,30 @@ enum Command {
     },
 }
 
+/// How `host sample` and `host bench-sample` choose tokens.
+#[derive(clap::Args)]
+struct SamplingFlags {
+    /// 0 = greedy decoding.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep the k most likely tokens (0 = off; transformers' generate defaults to 50).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingFlags {
+    fn settings(&self) -> crate::model::sampling::SamplingSettings {
+        crate::model::sampling::SamplingSettings { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, max_new_tokens: self.max_new_tokens, seed: self.seed }
+    }
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match dispatch(cli.command) {
@@ -341,6 +423,37 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             if let Some(out) = out {
                 report.write(&out)?;
                 println!("report written to {}", out.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sample { model, prompts, n, sampling, batch_size, backend, prompt_special_tokens, out } => {
+            use crate::model::sampling::{SampleJob, run_sample_job};
+            let settings = sampling.settings();
+            let job = SampleJob { model_dir: &model, prompts: &prompts, out: &out, n, settings, batch_size, backend: &backend, prompt_special_tokens };
+            let done = run_sample_job(&job)?;
+            println!(
+                "wrote {} samples ({} new tokens, {:.1} tokens/s) to {} (backend {backend})",
+                done.samples,
+                done.new_tokens,
+                done.new_tokens as f64 / done.seconds.max(1e-9),
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BenchSample { model, prompts, n, sampling, batch_size, rounds, python, torch_dtype, threads, out, child } => {
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/bench-sample-{}", crate::train::trainer::timestamp())));
+            let settings = sampling.settings();
+            let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let opts = crate::bench_sample::SampleBenchOptions { model, prompts, n, settings, batch_size, rounds, python, torch_dtype, threads, out };
+            if child {
+                println!("{}", serde_json::to_string(&crate::bench_sample::run_child(&opts)?)?);
+            } else {
+                // The child gets this command's own flags (out included, so it is the same run).
+                let mut args: Vec<String> = std::env::args().skip_while(|a| a != "bench-sample").skip(1).collect();
+                if !args.iter().any(|a| a == "--out" || a.starts_with("--out=")) {
+                    args.extend(["--out".to_string(), opts.out.display().to_string()]);
+                }
+                println!("{}", crate::bench_sample::run(&opts, &args)?);
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -6,6 +6,7 @@
 pub mod allocator;
 pub mod bench;
 pub mod bench_gpu;
+pub mod bench_sample;
 pub mod cli;
 pub mod data;
 pub mod failpoint;

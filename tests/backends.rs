@@ -348,6 +348,30 @@ fn masked_forwards_outside_autodiff_match_transformers_and_cpu() {
     }
 }
 
+/// `host sample` pulls the last position's logits to the host and samples there, so greedy
+/// samples on every backend must be cpu's (the trained tiny-math model's top-2 logit gaps,
+/// 0.02 or more on these prompts in tests/fixtures/sampling/greedy.json, leave rounding no
+/// room to flip a choice).
+#[test]
+fn greedy_host_sample_on_every_backend_is_cpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.jsonl");
+    let eval = std::fs::read_to_string(common::repo().join("data/arithmetic/eval.jsonl")).unwrap();
+    std::fs::write(&prompts, eval.lines().take(8).collect::<Vec<_>>().join("\n")).unwrap();
+    let sample = |backend: &str| -> Vec<serde_json::Value> {
+        let out = dir.path().join(format!("{backend}.jsonl"));
+        let args = ["sample", "--model", "models/tiny-math", "--prompts", prompts.to_str().unwrap(), "--n", "2", "--temperature", "0", "--max-new-tokens", "40", "--batch-size", "5", "--backend", backend, "--out", out.to_str().unwrap()];
+        let result = run_host(&args);
+        assert!(result.status.success(), "{backend}: {}", text(&result));
+        read_lines(&out).iter().map(|l| serde_json::json!([l["prompt_index"], l["sample_index"], l["completion_ids"], l["eos"]])).collect()
+    };
+    let cpu = sample("cpu");
+    assert_eq!(cpu.len(), 16);
+    for backend in runnable() {
+        assert_eq!(sample(backend), cpu, "{backend}: greedy samples differ from cpu's");
+    }
+}
+
 #[test]
 fn gpu_backends_without_a_device_are_an_error_not_a_panic() {
     let sb = Sandbox::new();

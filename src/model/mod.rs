@@ -12,6 +12,7 @@ pub mod mlp;
 pub mod norm;
 pub mod precision;
 pub mod rope;
+pub mod sampling;
 pub mod weights;
 
 pub use config::LlamaConfig;

@@ -77,7 +77,7 @@ pub fn write_ref_rows(rows: &[RefRow], out: &Path) -> Result<()> {
 
 /// JSONL, optionally headed by a shard header, written to a temp file beside `out`, fsynced
 /// and renamed into place: a crash leaves the old file or none, never a half-written one.
-fn write_jsonl<'a>(header: Option<&ShardHeader>, rows: impl IntoIterator<Item = &'a RefRow>, out: &Path) -> Result<()> {
+pub(crate) fn write_jsonl<'a, R: Serialize + 'a>(header: Option<&ShardHeader>, rows: impl IntoIterator<Item = &'a R>, out: &Path) -> Result<()> {
     let mut name = out.file_name().with_context(|| format!("{}: not a file name", out.display()))?.to_os_string();
     name.push(".partial");
     let tmp = out.with_file_name(name);
