@@ -7,6 +7,7 @@ pub mod allocator;
 pub mod bench;
 pub mod bench_gpu;
 pub mod cli;
+pub mod clock;
 pub mod data;
 pub mod failpoint;
 pub mod kernels;

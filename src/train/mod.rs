@@ -9,6 +9,7 @@ pub mod console;
 pub mod evaluate;
 pub mod grads;
 pub mod identity;
+pub mod interrupt;
 pub mod logps;
 pub mod lock;
 pub mod loss_call;
@@ -16,7 +17,10 @@ pub mod memory;
 pub mod metrics;
 pub mod optimizer;
 pub mod reference;
+pub mod reload;
 pub mod reset;
+pub mod sampler;
+pub mod setup;
 pub mod trainer;
 
 pub use config::TrainConfig;
