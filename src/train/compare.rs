@@ -13,7 +13,7 @@ use super::config::TrainConfig;
 use super::console;
 use super::evaluate::EvalResult;
 use super::lock::RunLock;
-use super::trainer::{Interrupt, RunOptions, RunSummary, Start, config_of, train_one_locked};
+use super::trainer::{Interrupt, RunOptions, RunSummary, StartWith, config_of, train_one_locked};
 use crate::report::{Chart, Series, line_chart_png};
 use crate::script::ScriptHost;
 
@@ -98,8 +98,8 @@ pub fn run_comparison(host: &mut ScriptHost, options: RunOptions, config: TrainC
             ..options.clone()
         };
         // Every arm starts from the same model, so the starting accuracy is measured once.
-        let start = Start { eval_before: i == 0, held: arm_lock, interrupt: interrupt.clone() };
-        let summary = train_one_locked(host, arm_options, version, arm_config, start)?;
+        let with = StartWith { eval_before: i == 0, held: arm_lock, interrupt: interrupt.clone() };
+        let summary = train_one_locked(host, arm_options, version, arm_config, with)?;
         reloads += summary.reloads;
         if summary.interrupted {
             console::line(&format!("comparison interrupted in arm {}; continue with: host run --resume {}", arm.name, run_dir.display()));

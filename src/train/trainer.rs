@@ -68,8 +68,8 @@ pub struct RunSummary {
     pub loss_call_seconds: Vec<f64>,
 }
 
-/// How a run is started besides its script and config.
-pub struct Start {
+/// What a run starts with besides its options, script and config.
+pub struct StartWith {
     /// Also score the starting model when the config has `heldout` (a comparison scores
     /// it once for all arms).
     pub eval_before: bool,
@@ -111,17 +111,17 @@ pub fn config_of(version: &ScriptVersion, arm: Option<&str>) -> Result<TrainConf
 /// One training run into its own run folder, stopped by Ctrl-C. `eval_before`: also score
 /// the starting model when the config has `heldout`.
 pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVersion, config: TrainConfig, eval_before: bool) -> Result<RunSummary> {
-    train_one_locked(host, options, version, config, Start { eval_before, held: None, interrupt: Interrupt::ctrl_c() })
+    train_one_locked(host, options, version, config, StartWith { eval_before, held: None, interrupt: Interrupt::ctrl_c() })
 }
 
 /// One training run into its own run folder: set-up, then the step loop.
-pub fn train_one_locked(host: &mut ScriptHost, options: RunOptions, version: ScriptVersion, config: TrainConfig, start_with: Start) -> Result<RunSummary> {
+pub fn train_one_locked(host: &mut ScriptHost, options: RunOptions, version: ScriptVersion, config: TrainConfig, with: StartWith) -> Result<RunSummary> {
     // ---- set-up: script, config, model, data, run folder
     ignore_file_size_signal();
     require_loss(&version, &config.loss_fn)?;
     let mut scripts = Scripts::new(version, &options.script);
     // Held until this function returns (a result, an error or Ctrl-C): one writer per folder.
-    let mut _lock = match (start_with.held, &options.resume) {
+    let mut _lock = match (with.held, &options.resume) {
         (Some(lock), _) => Some(lock),
         (None, Some(run_dir)) => Some(RunLock::acquire(run_dir)?),
         (None, None) => None,
@@ -165,14 +165,14 @@ pub fn train_one_locked(host: &mut ScriptHost, options: RunOptions, version: Scr
     if options.watch {
         scripts.watch()?;
     }
-    let interrupt = start_with.interrupt;
+    let interrupt = with.interrupt;
     interrupt.listen();
     let total = learner.total_steps;
     console::line(&format!(
         "prefhost: {} | {} rows | {} steps | model {} ({}) | run folder {}",
         scripts.current.display_path(), learner.examples.len(), total, learner.config.model, learner.describe_params(), run_dir.display()
     ));
-    let before = if start_with.eval_before && start == 0 { learner.evaluate_into(&mut log, 0, "before")? } else { None };
+    let before = if with.eval_before && start == 0 { learner.evaluate_into(&mut log, 0, "before")? } else { None };
     console::start_bar(total as u64, learner.config.progress);
     let mut nonfinite_in_a_row = 0;
     let mut step_seconds = Vec::with_capacity(total - start);
