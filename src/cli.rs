@@ -468,7 +468,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { out, size, steps, warmup, rounds, batch_size, python, no_pytorch, only, child, round } => {
-            let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/bench-{}", crate::train::trainer::timestamp())));
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/bench-{}", crate::clock::timestamp())));
             match child {
                 Some(name) => crate::bench::run_child(&name, &out, steps, warmup, round)?,
                 None => {
@@ -478,7 +478,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::BenchGpu { out, backend, arch, pairs, prompt_len, completion_len, steps, warmup, mixed_precision, python, torch_device, peak_tflops, child } => {
-            let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/bench-gpu-{}", crate::train::trainer::timestamp())));
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/bench-gpu-{}", crate::clock::timestamp())));
             if child {
                 crate::bench_gpu::run_child(&out)?;
             } else {

@@ -8,6 +8,7 @@ pub mod bench;
 pub mod bench_gpu;
 pub mod bench_sample;
 pub mod cli;
+pub mod clock;
 pub mod data;
 pub mod failpoint;
 pub mod kernels;

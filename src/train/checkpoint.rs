@@ -5,10 +5,15 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use burn::optim::ModuleOptimizer;
+use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 
-use crate::model::weights::{interrupted_save_of, recover_folder, verify_manifest};
+use crate::model::weights::{ADAPTER_CONFIG, ExtraFile, interrupted_save_of, recover_folder, verify_manifest};
+use crate::model::{Llama, LoraConfig, MixedPrecision, load_model, read_adapter};
 use crate::rng::SplitMix64;
+use crate::script::ScriptVersion;
 
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
@@ -208,4 +213,93 @@ pub fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     std::fs::write(&tmp, kept).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
     Ok(())
+}
+
+/// Writes `checkpoint-{state.step}` in `run_dir` through a staging folder renamed into
+/// place: the policy by `write_policy` (HF layout, or a LoRA run's adapters), the optimizer
+/// state, the trainer state and the sources of the script version in use.
+pub fn save(
+    run_dir: &Path,
+    state: &TrainerState,
+    optimizer: &ModuleOptimizer,
+    script: &ScriptVersion,
+    write_policy: impl Fn(&Path, &[ExtraFile]) -> Result<()>,
+) -> Result<PathBuf> {
+    let state_json = serde_json::to_vec_pretty(state)?;
+    let sources: serde_json::Map<String, serde_json::Value> = script.sources.iter().map(|(path, text)| (relative(path), json!(text))).collect();
+    let sources_json = serde_json::to_vec_pretty(&sources)?;
+    let dir = run_dir.join(format!("checkpoint-{}", state.step));
+    // AdamW's moments (twice the trainable weights) stream to the file tensor by tensor.
+    let write_optimizer = |path: &Path| optimizer.save(path).map_err(|e| anyhow::anyhow!("saving the optimizer state: {e:?}"));
+    let (write_state, write_sources) = (|path: &Path| Ok(std::fs::write(path, &state_json)?), |path: &Path| Ok(std::fs::write(path, &sources_json)?));
+    let extra = [
+        ExtraFile { name: STATE_FILE, write: &write_state },
+        ExtraFile { name: OPTIMIZER_FILE, write: &write_optimizer },
+        ExtraFile { name: SOURCES_FILE, write: &write_sources },
+    ];
+    write_policy(&dir, &extra).or_else(|error| {
+        // A full disk (ENOSPC, EFBIG, EIO): the half-written staging folder goes (it
+        // holds space the user needs back) and a checkpoint moved aside to be replaced
+        // comes back; the earlier checkpoints were never touched. The run stops rather
+        // than train on with nothing saved: the space is not coming back by itself.
+        let tidied = recover_folder(&dir).err().map_or(String::new(), |e| format!(" (tidying it failed too: {e:#})"));
+        Err(error).with_context(|| {
+            format!(
+                "{}: the checkpoint could not be saved{tidied}; the earlier checkpoints are intact and the run stops: free space, then continue with: host run --resume {}",
+                dir.display(), run_dir.display()
+            )
+        })
+    })?;
+    Ok(dir)
+}
+
+/// The policy of checkpoint `ckpt`: a LoRA run's adapters set into `policy` (rank and
+/// targets must be the script's), or the full model's weights with `precision`.
+pub fn restore_policy(ckpt: &Path, policy: &Llama, lora: Option<&LoraConfig>, precision: MixedPrecision, device: &Device) -> Result<Llama> {
+    let is_adapter = ckpt.join(ADAPTER_CONFIG).is_file();
+    match lora {
+        Some(lora) => {
+            if !is_adapter {
+                bail!("{}: a full-model checkpoint, but the script trains LoRA adapters; resume needs the same lora setting", ckpt.display());
+            }
+            let mut files = read_adapter(ckpt)?;
+            if files.lora.r != lora.r || files.lora.modules()? != lora.modules()? {
+                bail!("{}: adapters of rank {} on {:?}, the script asks for rank {} on {:?}; resume needs the same lora setting", ckpt.display(), files.lora.r, files.lora.modules()?, lora.r, lora.modules()?);
+            }
+            policy.clone().set_adapters(&mut files.tensors, device).with_context(|| ckpt.display().to_string())
+        }
+        None if is_adapter => bail!("{}: a LoRA adapter checkpoint, but the script has no lora setting; resume needs the same lora setting", ckpt.display()),
+        None => Ok(load_model(ckpt, device)?.1.with_precision(precision)),
+    }
+}
+
+/// `optimizer` with the moments checkpoint `ckpt` saved.
+pub fn restore_optimizer(ckpt: &Path, optimizer: ModuleOptimizer) -> Result<ModuleOptimizer> {
+    let path = ckpt.join(OPTIMIZER_FILE);
+    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    optimizer.from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes)).map_err(|e| anyhow::anyhow!("{}: corrupt optimizer state: {e:?}", path.display()))
+}
+
+/// Copies the exact sources a run used (at start and after each reload) into the run folder.
+pub fn save_sources(run_dir: &Path, step: usize, version: &ScriptVersion) -> Result<()> {
+    let dir = run_dir.join("sources").join(format!("step-{step:06}"));
+    for (path, text) in &version.sources {
+        let target = dir.join(relative(path));
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        std::fs::write(&target, text).with_context(|| format!("writing {}", target.display()))?;
+    }
+    Ok(())
+}
+
+/// The path relative to the working directory, or without its root when it lies
+/// elsewhere, so it can always be placed inside the run folder.
+pub fn relative(path: &Path) -> String {
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let abs = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let rel = abs.strip_prefix(&cwd).map(Path::to_path_buf).unwrap_or_else(|_| {
+        abs.components().filter(|c| matches!(c, std::path::Component::Normal(_))).collect()
+    });
+    rel.display().to_string()
 }

@@ -13,7 +13,7 @@ use super::config::TrainConfig;
 use super::console;
 use super::evaluate::EvalResult;
 use super::lock::RunLock;
-use super::trainer::{RunOptions, RunSummary, config_of, train_one_locked};
+use super::trainer::{Interrupt, RunOptions, RunSummary, StartWith, config_of, train_one_locked};
 use crate::report::{Chart, Series, line_chart_png};
 use crate::script::ScriptHost;
 
@@ -36,7 +36,7 @@ struct ArmResult {
     final_checkpoint: Option<PathBuf>,
 }
 
-pub fn run_comparison(host: &mut ScriptHost, options: RunOptions, config: TrainConfig) -> Result<RunSummary> {
+pub fn run_comparison(host: &mut ScriptHost, options: RunOptions, config: TrainConfig, interrupt: &Interrupt) -> Result<RunSummary> {
     // The comparison's own folder has one writer too (the report, results.json, the
     // arms' bookkeeping); held until the comparison returns.
     let _lock;
@@ -47,7 +47,7 @@ pub fn run_comparison(host: &mut ScriptHost, options: RunOptions, config: TrainC
         }
         None => {
             let name = config.name.clone().unwrap_or_else(|| options.script.file_stem().and_then(|s| s.to_str()).unwrap_or("compare").to_string());
-            let dir = options.run_dir.clone().unwrap_or_else(|| Path::new(&config.output_dir).join(format!("{name}-{}", super::trainer::timestamp())));
+            let dir = options.run_dir.clone().unwrap_or_else(|| Path::new(&config.output_dir).join(format!("{name}-{}", crate::clock::timestamp())));
             if dir.exists() {
                 bail!("{}: run folder already exists; continue it with --resume, or choose another with --run-dir", dir.display());
             }
@@ -98,7 +98,8 @@ pub fn run_comparison(host: &mut ScriptHost, options: RunOptions, config: TrainC
             ..options.clone()
         };
         // Every arm starts from the same model, so the starting accuracy is measured once.
-        let summary = train_one_locked(host, arm_options, version, arm_config, i == 0, arm_lock)?;
+        let with = StartWith { eval_before: i == 0, held: arm_lock, interrupt: interrupt.clone() };
+        let summary = train_one_locked(host, arm_options, version, arm_config, with)?;
         reloads += summary.reloads;
         if summary.interrupted {
             console::line(&format!("comparison interrupted in arm {}; continue with: host run --resume {}", arm.name, run_dir.display()));

@@ -1,9 +1,11 @@
 //! The boundary between the trainer and the script's `loss(batch, params)`: building the
 //! batch map, reading what the loss returned, and checking it before it is used.
 
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor};
 use rhai::{Dynamic, FLOAT, INT, Map};
 
+use super::config::Mode;
+use super::logps::row_sums;
 use crate::script::ScriptTensor;
 
 /// What a loss returned, checked.
@@ -15,12 +17,121 @@ pub struct LossOutput {
     pub metrics: Vec<(String, f64)>,
 }
 
-pub fn put1(map: &mut Map, name: &str, t: Tensor<1>) {
-    map.insert(name.into(), Dynamic::from(ScriptTensor::Rank1(t)));
+/// The batch a loss is called with; [`LossBatch::into_map`] gives the Rhai map it sees.
+pub struct LossBatch {
+    /// B: pairs, SFT rows or KTO completions.
+    pub batch_size: usize,
+    pub rows: BatchRows,
 }
 
-pub fn put2(map: &mut Map, name: &str, t: Tensor<2>) {
-    map.insert(name.into(), Dynamic::from(ScriptTensor::Rank2(t)));
+/// What the rows hold, by mode.
+pub enum BatchRows {
+    /// SFT: the targets (`chosen_*`, no reference) and their mean NLL per token.
+    Sft { chosen: Sequences, chosen_nll: Tensor<1> },
+    /// Preference pairs: row i of `chosen_*` and `rejected_*` share a prompt; `chosen_nll`
+    /// is the mean NLL per chosen token (RPO, SimPER and others add it).
+    Pairs { chosen: Sequences, rejected: Sequences, chosen_nll: Tensor<1> },
+    /// Unpaired (KTO): `completion_*`, `labels` (1 = desirable), and the summed log-probs of
+    /// the KL rows (each prompt with another row's completion) under policy and reference.
+    Unpaired { completion: Sequences, labels: Tensor<1>, kl_logps: Tensor<1>, ref_kl_logps: Tensor<1> },
+}
+
+/// One side's log-probs (`{side}_*` keys of the map): chosen, rejected or completion.
+pub struct Sequences {
+    /// Summed log-probs of each row's completion, [B].
+    pub logps: Tensor<1>,
+    /// Per-token log-probs of the targets, [B, T] (zero off the completion).
+    pub token_logps: Tensor<2>,
+    /// 1 on completion tokens, [B, T].
+    pub mask: Tensor<2>,
+    /// Completion tokens per row, [B].
+    pub lengths: Tensor<1>,
+    /// The frozen reference's `(logps, token_logps)`; none in SFT training.
+    pub reference: Option<(Tensor<1>, Tensor<2>)>,
+}
+
+impl Sequences {
+    /// The policy's per-token log-probs with their mask and lengths, and the reference's
+    /// when there is one; the summed log-probs are taken here.
+    pub fn new(token_logps: Tensor<2>, mask: Tensor<2>, lengths: Tensor<1>, reference: Option<Tensor<2>>) -> Self {
+        let logps = row_sums(token_logps.clone());
+        let reference = reference.map(|tokens| (row_sums(tokens.clone()), tokens));
+        Self { logps, token_logps, mask, lengths, reference }
+    }
+
+    fn insert_into(self, map: &mut Map, side: &str) {
+        if let Some((logps, token_logps)) = self.reference {
+            insert_tensor(map, &format!("ref_{side}_logps"), ScriptTensor::Rank1(logps));
+            insert_tensor(map, &format!("ref_{side}_token_logps"), ScriptTensor::Rank2(token_logps));
+        }
+        insert_tensor(map, &format!("{side}_logps"), ScriptTensor::Rank1(self.logps));
+        insert_tensor(map, &format!("{side}_token_logps"), ScriptTensor::Rank2(self.token_logps));
+        insert_tensor(map, &format!("{side}_mask"), ScriptTensor::Rank2(self.mask));
+        insert_tensor(map, &format!("{side}_lengths"), ScriptTensor::Rank1(self.lengths));
+    }
+}
+
+impl LossBatch {
+    /// Two pairs (or rows) of made-up log-probs with a gradient path, shaped like a real
+    /// batch of `mode`: what an edited loss is dry-run on before it is swapped in.
+    pub fn synthetic(device: &Device, mode: &Mode) -> Self {
+        let token = |vals: [f32; 6]| Tensor::<1>::from_floats(vals, device).reshape([2, 3]).require_grad();
+        let mask = Tensor::<1>::from_floats([1.0, 1.0, 0.0, 1.0, 1.0, 1.0], device).reshape([2, 3]);
+        let chosen = token([-0.5, -1.0, 0.0, -0.2, -0.7, -1.1]);
+        let rejected = token([-0.9, -1.4, 0.0, -0.6, -0.3, -2.0]);
+        let ref_chosen = chosen.clone().detach() - 0.1;
+        let ref_rejected = rejected.clone().detach() + 0.1;
+        let lengths = Tensor::<1>::from_floats([2.0, 3.0], device);
+        let rows = match mode {
+            Mode::Unpaired => BatchRows::Unpaired {
+                labels: Tensor::<1>::from_floats([1.0, 0.0], device),
+                kl_logps: row_sums(rejected.detach()),
+                ref_kl_logps: row_sums(ref_rejected),
+                completion: Sequences::new(chosen, mask, lengths, Some(ref_chosen)),
+            },
+            Mode::Preference => {
+                let chosen_nll = row_sums(chosen.clone()).sum().neg() / 5.0;
+                BatchRows::Pairs {
+                    chosen: Sequences::new(chosen, mask.clone(), lengths.clone(), Some(ref_chosen)),
+                    rejected: Sequences::new(rejected, mask, lengths, Some(ref_rejected)),
+                    chosen_nll,
+                }
+            }
+            Mode::Sft => {
+                let chosen_nll = row_sums(chosen.clone()).sum().neg() / 5.0;
+                BatchRows::Sft { chosen: Sequences::new(chosen, mask, lengths, Some(ref_chosen)), chosen_nll }
+            }
+        };
+        Self { batch_size: 2, rows }
+    }
+
+    /// The one conversion to what the script's `loss(batch, params)` receives.
+    pub fn into_map(self) -> Map {
+        let mut map = Map::new();
+        map.insert("batch_size".into(), Dynamic::from_int(self.batch_size as INT));
+        match self.rows {
+            BatchRows::Sft { chosen, chosen_nll } => {
+                chosen.insert_into(&mut map, "chosen");
+                insert_tensor(&mut map, "chosen_nll", ScriptTensor::Rank1(chosen_nll));
+            }
+            BatchRows::Pairs { chosen, rejected, chosen_nll } => {
+                chosen.insert_into(&mut map, "chosen");
+                rejected.insert_into(&mut map, "rejected");
+                insert_tensor(&mut map, "chosen_nll", ScriptTensor::Rank1(chosen_nll));
+            }
+            BatchRows::Unpaired { completion, labels, kl_logps, ref_kl_logps } => {
+                completion.insert_into(&mut map, "completion");
+                insert_tensor(&mut map, "labels", ScriptTensor::Rank1(labels));
+                insert_tensor(&mut map, "kl_logps", ScriptTensor::Rank1(kl_logps));
+                insert_tensor(&mut map, "ref_kl_logps", ScriptTensor::Rank1(ref_kl_logps));
+            }
+        }
+        map
+    }
+}
+
+fn insert_tensor(map: &mut Map, name: &str, tensor: ScriptTensor) {
+    map.insert(name.into(), Dynamic::from(tensor));
 }
 
 /// Keys the host sets in the `params` a loss sees; the config's `params` may not use them.

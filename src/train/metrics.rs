@@ -12,6 +12,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
+use super::loss_call::LossOutput;
+use crate::data::Example;
 use crate::report::tensorboard::EventWriter;
 
 pub struct MetricsLog {
@@ -215,4 +217,86 @@ pub fn format_line(step: usize, total: usize, means: &BTreeMap<String, f64>) -> 
 
 fn fmt_value(v: f64) -> String {
     if v != 0.0 && (v.abs() < 1e-3 || v.abs() >= 1e5) { format!("{v:.3e}") } else { format!("{v:.4}") }
+}
+
+/// The log-probs a loss call saw, for its metrics: summed per row (TRL's `logps/*`; with
+/// KTO, chosen = the desirable rows, rejected = the others) and the DPOP diagnostics.
+pub struct BatchLogps {
+    pub chosen: Vec<f32>,
+    pub rejected: Vec<f32>,
+    pub ref_chosen: Vec<f32>,
+    /// The reference's rejected log-probs (pairs only), for DPO's implicit rewards.
+    pub ref_rejected: Vec<f32>,
+    /// Host-computed diagnostics of the DPO failure mode (preference pairs only).
+    pub diagnostics: Vec<(&'static str, f64)>,
+}
+
+/// Adds one loss call's metrics: the loss, its rewards (TRL's `rewards/*`), the log-probs,
+/// the diagnostics and what the script reported in `metrics`.
+pub fn record_loss_call(log: &mut MetricsLog, loss_value: f64, loss: &LossOutput, logps: &BatchLogps) {
+    let mean = |v: &[f32]| v.iter().map(|x| *x as f64).sum::<f64>() / v.len().max(1) as f64;
+    log.add("loss", loss_value);
+    if let (Some(c), Some(r)) = (&loss.chosen_rewards, &loss.rejected_rewards) {
+        log.add("rewards/chosen", mean(c));
+        log.add("rewards/rejected", mean(r));
+        let wins: Vec<f32> = c.iter().zip(r).map(|(c, r)| if c > r { 1.0 } else { 0.0 }).collect();
+        log.add("rewards/accuracies", mean(&wins));
+        let margins: Vec<f32> = c.iter().zip(r).map(|(c, r)| c - r).collect();
+        log.add("rewards/margins", mean(&margins));
+    }
+    if !logps.chosen.is_empty() {
+        log.add("logps/chosen", mean(&logps.chosen));
+    }
+    if !logps.rejected.is_empty() {
+        log.add("logps/rejected", mean(&logps.rejected));
+    }
+    if !logps.rejected.is_empty() && !logps.chosen.is_empty() {
+        // How far the policy's log p(chosen) moved from the reference: DPO's failure mode.
+        let delta: Vec<f32> = logps.chosen.iter().zip(&logps.ref_chosen).map(|(p, r)| p - r).collect();
+        log.add("logps/chosen_minus_ref", mean(&delta));
+    }
+    for (k, v) in &logps.diagnostics {
+        log.add(k, *v);
+    }
+    for (k, v) in &loss.metrics {
+        log.add(k, *v);
+    }
+}
+
+/// What the DPOP paper looks at: does log p(chosen) fall below the reference, and do the
+/// chosen tokens at and after the first token where the pair differs lose probability?
+/// `policy`/`reference` are the chosen rows' per-token log-probs ([B, width], flattened).
+pub fn failure_mode_diagnostics(
+    examples: &[Example],
+    policy: &[f32],
+    reference: &[f32],
+    width: usize,
+    chosen_logps: &[f32],
+    ref_chosen: &[f32],
+) -> Vec<(&'static str, f64)> {
+    let b = examples.len() as f64;
+    let fell = chosen_logps.iter().zip(ref_chosen).filter(|(p, r)| p < r).count() as f64 / b;
+    let (mut before, mut at, mut after) = (Vec::new(), Vec::new(), Vec::new());
+    for (row, example) in examples.iter().enumerate() {
+        let Some(first) = example.first_difference() else { continue };
+        // Completion token j of this row is predicted at position prompt_len - 1 + j.
+        let start = row * width + example.prompt.len() - 1;
+        for j in 0..example.chosen.len() {
+            let delta = (policy[start + j] - reference[start + j]) as f64;
+            match j.cmp(&first) {
+                std::cmp::Ordering::Less => before.push(delta),
+                std::cmp::Ordering::Equal => at.push(delta),
+                std::cmp::Ordering::Greater => after.push(delta),
+            }
+        }
+    }
+    let mean = |v: &[f64]| if v.is_empty() { 0.0 } else { v.iter().sum::<f64>() / v.len() as f64 };
+    let distance = examples.iter().map(Example::normalised_edit_distance).sum::<f64>() / b;
+    vec![
+        ("diagnostics/chosen_fell_share", fell),
+        ("diagnostics/token_delta_before_diff", mean(&before)),
+        ("diagnostics/token_delta_at_diff", mean(&at)),
+        ("diagnostics/token_delta_after_diff", mean(&after)),
+        ("diagnostics/edit_distance", distance),
+    ]
 }

@@ -10,6 +10,7 @@ pub mod diff;
 pub mod evaluate;
 pub mod grads;
 pub mod identity;
+pub mod interrupt;
 pub mod logps;
 pub mod lock;
 pub mod loss_call;
@@ -17,7 +18,10 @@ pub mod memory;
 pub mod metrics;
 pub mod optimizer;
 pub mod reference;
+pub mod reload;
 pub mod reset;
+pub mod sampler;
+pub mod setup;
 pub mod trainer;
 
 pub use config::TrainConfig;
