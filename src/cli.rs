@@ -441,7 +441,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::BenchSample { model, prompts, n, sampling, batch_size, rounds, python, torch_dtype, threads, out, child } => {
-            let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/bench-sample-{}", crate::train::trainer::timestamp())));
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/bench-sample-{}", crate::clock::timestamp())));
             let settings = sampling.settings();
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let opts = crate::bench_sample::SampleBenchOptions { model, prompts, n, settings, batch_size, rounds, python, torch_dtype, threads, out };
