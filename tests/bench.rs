@@ -58,13 +58,7 @@ fn a_failed_or_disagreeing_pytorch_peer_fails_the_bench() {
 /// Python with torch is at hand ($PREFHOST_PYTHON, else python3); CI installs one.
 #[test]
 fn the_pytorch_peer_runs_and_agrees_with_prefhost() {
-    let python = std::env::var("PREFHOST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let has_torch = std::process::Command::new(&python).args(["-c", "import torch"]).output().is_ok_and(|o| o.status.success());
-    if !has_torch {
-        assert!(std::env::var_os("CI").is_none(), "CI: {python} has no torch (.ci/run installs it and sets PREFHOST_PYTHON)");
-        eprintln!("skipped: {python} has no torch (set PREFHOST_PYTHON)");
-        return;
-    }
+    let Some(python) = python_with("torch") else { return };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("bench");
     let args = ["bench", "--size", "tiny", "--steps", "2", "--warmup", "1", "--rounds", "1", "--batch-size", "2", "--only", "metamath/pytorch", "--python", &python, "--out", out.to_str().unwrap()];

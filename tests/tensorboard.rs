@@ -170,13 +170,7 @@ fn a_resumed_run_reads_back_as_one_run() {
     assert_eq!(scalars.keys().filter(|(_, tag)| tag == "loss").count(), lines.len());
 
     // TensorBoard's EventAccumulator, where installed.
-    let python = std::env::var("PREFHOST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let has_tensorboard = std::process::Command::new(&python).args(["-c", "import tensorboard"]).output().is_ok_and(|o| o.status.success());
-    if !has_tensorboard {
-        assert!(std::env::var_os("CI").is_none(), "CI: {python} has no tensorboard (.ci/run installs it)");
-        eprintln!("skipped TensorBoard's reader: {python} has no tensorboard");
-        return;
-    }
+    let Some(python) = python_with("tensorboard") else { return };
     let out = std::process::Command::new(&python).arg(repo().join("tests/fixtures/read_tfevents.py")).arg(dir.join("tb")).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let read: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -91,10 +91,16 @@ pub fn diff(job: &DiffJob) -> Result<DiffReport> {
     let rows_a = compute_ref_rows(&model_a, &examples, tokenizer.pad_id, job.batch_size, true, &device);
     drop(model_a);
     let (model_b, _, examples_b) = score(job.model_b)?;
-    // One tokenizer, but each model's max_position_embeddings caps max_length.
+    // One tokenizer, but each config.json decides the EOS appended and caps max_length by
+    // its position limit: the rows are compared as tokenized, not assumed equal.
     let same = |x: &Example, y: &Example| (&x.prompt, &x.chosen, &x.rejected) == (&y.prompt, &y.chosen, &y.rejected);
     if examples_b.len() != examples.len() || !examples.iter().zip(&examples_b).all(|(x, y)| same(x, y)) {
-        bail!("{}: the rows are cut differently under {}'s and {}'s position limits; lower --max-length", job.data.display(), job.model_a.display(), job.model_b.display());
+        bail!(
+            "{}: the rows tokenize differently under {}'s and {}'s config.json (their EOS ids or position limits differ; a lower --max-length may help)",
+            job.data.display(),
+            job.model_a.display(),
+            job.model_b.display()
+        );
     }
     let rows_b = compute_ref_rows(&model_b, &examples, tokenizer.pad_id, job.batch_size, true, &device);
     let per_row: Vec<RowDiff> = examples.iter().zip(rows_a.iter().zip(&rows_b)).map(|(e, (a, b))| row_diff(e, a, b)).collect();

@@ -201,3 +201,16 @@ pub fn weighted_logps_and_grads(
     };
     (values, params.iter().map(|id| prefhost::model::values(grads.get::<2>(*id).expect("a gradient for each asked parameter"))).collect())
 }
+
+/// The Python the tests run helpers with ($PREFHOST_PYTHON, else python3) if it can import
+/// `module`. Without it the caller skips, except under CI, which installs it (.ci/run).
+pub fn python_with(module: &str) -> Option<String> {
+    let python = std::env::var("PREFHOST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let found = std::process::Command::new(&python).args(["-c", &format!("import {module}")]).output().is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(std::env::var_os("CI").is_none(), "CI: {python} has no {module} (.ci/run installs it and sets PREFHOST_PYTHON)");
+        eprintln!("skipped: {python} has no {module} (set PREFHOST_PYTHON)");
+        return None;
+    }
+    Some(python)
+}
