@@ -71,6 +71,41 @@ fn top_k_keeps_the_k_highest_and_their_ties() {
     assert_eq!(top_k(&logits, 7), (0..8).collect(), "the two 1.0s tie for 7th place");
 }
 
+/// Logits run through transformers' own Temperature, TopK and TopP warpers in generate()'s
+/// order (tests/fixtures/make_warper_fixtures.py): the same tokens kept, with the same
+/// scores, ties at the top and lower down included (which of several tokens tied at the
+/// top-p cut go is left to torch's unstable sort there: only their number must agree).
+#[test]
+fn warpers_keep_what_transformers_keeps() {
+    let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(common::repo().join("tests/fixtures/sampling/warpers.json")).unwrap()).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 35);
+    for case in cases {
+        let settings = SamplingSettings {
+            temperature: case["temperature"].as_f64().unwrap() as f32,
+            top_k: case["top_k"].as_u64().unwrap() as usize,
+            top_p: case["top_p"].as_f64().unwrap() as f32,
+            ..SamplingSettings::default()
+        };
+        let mut scores: Vec<f32> = case["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        settings.warp(&mut scores);
+        let want: Vec<usize> = case["kept"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let what = format!("t {} k {} p {} on {:?}", settings.temperature, settings.top_k, settings.top_p, case["logits"]);
+        let (got, want_set) = (kept(&scores), set(&want));
+        // Tokens tied at the top-p cut: transformers sorts with torch.sort, not stable, so
+        // which of them it drops is the sort's implementation detail (here prefhost drops
+        // lower indices first). The count must agree, and only tied tokens may differ.
+        let differing: Vec<usize> = got.symmetric_difference(&want_set).copied().collect();
+        let logits: Vec<f64> = case["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(got.len(), want_set.len(), "{what}: kept {got:?}, transformers {want_set:?}");
+        assert!(differing.iter().all(|&i| logits[i] == logits[differing[0]]), "{what}: kept {got:?}, transformers {want_set:?}");
+        for &i in got.intersection(&want_set) {
+            let expected = case["scores"][i].as_f64().unwrap() as f32;
+            assert!((scores[i] - expected).abs() <= 1e-6 * (1.0 + expected.abs()), "{what}: token {i} {} vs {expected}", scores[i]);
+        }
+    }
+}
+
 #[test]
 fn warpers_run_in_transformers_order() {
     let logits = log_probs(&[0.5, 0.3, 0.2]);
