@@ -18,6 +18,8 @@ use burn::module::Module;
 use crate::data::{Example, TextTokenizer, Truncation, load_examples};
 use crate::model::{Llama, LlamaConfig, RandomInit, save_model};
 use crate::script::{Limits, ScriptEngine, ScriptHost, find_plugins_dir};
+use crate::train::interrupt::Interrupt;
+use crate::train::trainer::StartWith;
 use crate::train::{RunOptions, reference, trainer};
 
 /// One timed configuration.
@@ -231,7 +233,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
         bail!("{}: already exists; choose another --out", opts.out.display());
     }
     std::fs::create_dir_all(&opts.out)?;
-    let device = crate::train::backend_device("cpu")?;
+    let device = crate::backend::backend_device("cpu")?;
     device.seed(1);
 
     let tokenizer = TextTokenizer::load(&tokenizer_json, Some(1), Some(2))?;
@@ -390,11 +392,11 @@ pub fn run_child(name: &str, out: &Path, steps: usize, warmup: usize, round: usi
     let plugins = find_plugins_dir(&std::env::current_dir()?.join("scripts/smaug.rhai"), None)?;
     let mut host = ScriptHost::new(ScriptEngine::new(&plugins, &Limits::default()));
     let version = host.load(&script_path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut train_config = trainer::config_of(&version, None)?;
-    train_config.rust_dpo_loss = config.rust_loss;
+    let train_config = trainer::config_of(&version, None)?;
     let run_dir = out.join("runs").join(format!("{}-round{round}", name.replace('/', "_")));
     let options = RunOptions { script: script_path, watch: false, run_dir: Some(run_dir.clone()), max_steps: Some(warmup + steps), resume: None, resume_anyway: false };
-    let summary = trainer::train_one(&mut host, options, version, train_config, false)?;
+    let with = StartWith { eval_before: false, held: None, interrupt: Interrupt::ctrl_c(), rust_dpo_loss: config.rust_loss };
+    let summary = trainer::train_one_locked(&mut host, options, version, train_config, with)?;
     // The run's metrics stay; its checkpoints (weights and AdamW state, ~100 MB each on the
     // 34.6M model) would fill the disk over a full bench.
     for entry in std::fs::read_dir(&run_dir)? {
@@ -413,7 +415,7 @@ pub fn run_child(name: &str, out: &Path, steps: usize, warmup: usize, round: usi
         tokens_per_step: pair_tokens(&examples),
         peak_rss_mb: peak_rss_mb(),
         baseline_rss_mb: None,
-        params: crate::model::load_model(&out.join(config.model), &crate::train::backend_device("cpu")?)?.1.num_params(),
+        params: crate::model::load_model(&out.join(config.model), &crate::backend::backend_device("cpu")?)?.1.num_params(),
         logps_max_diff_vs_prefhost: None,
     };
     std::fs::write(result_file(out, name, round), serde_json::to_string(&timing)?)?;

@@ -109,7 +109,7 @@ pub fn run(opts: &GpuBenchOptions) -> Result<String> {
         }
     }
     crate::model::MixedPrecision::parse(&opts.mixed_precision)?;
-    crate::train::backend_device(&opts.backend)?;
+    crate::backend::backend_device(&opts.backend)?;
     if opts.out.exists() {
         bail!("{}: already exists; choose another --out", opts.out.display());
     }
@@ -118,7 +118,7 @@ pub fn run(opts: &GpuBenchOptions) -> Result<String> {
 
     eprintln!("writing a random-init {:?} model and the batch to {}", opts.arch, opts.out.display());
     let config = opts.arch.config();
-    let cpu = crate::train::backend_device("cpu")?;
+    let cpu = crate::backend::backend_device("cpu")?;
     cpu.seed(1);
     let model = Llama::build(&config, &mut RandomInit { std: 0.02 }, &cpu)?;
     let linear_params = linear_params(&model);

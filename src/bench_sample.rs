@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::bench::{find_python_with_torch, median};
 use crate::data::TextTokenizer;
 use crate::model::generate::{groups_by_length, sample};
-use crate::model::sampling::{SamplingSettings, load_prompts, stop_ids};
+use crate::data::prompts::load_prompts;
+use crate::model::sampling::{SamplingSettings, stop_ids};
 
 pub struct SampleBenchOptions {
     pub model: PathBuf,
@@ -59,7 +60,7 @@ fn row_groups(opts: &SampleBenchOptions) -> Result<(Vec<Vec<u32>>, Vec<Vec<Vec<u
 
 /// The child: loads the model on the CPU, warms up, and times `sample` over every prompt.
 pub fn run_child(opts: &SampleBenchOptions) -> Result<GenerationTiming> {
-    let device = crate::train::backend_device("cpu")?;
+    let device = crate::backend::backend_device("cpu")?;
     let (config, model) = crate::model::load_frozen_model(&opts.model, &device)?;
     let tokenizer = TextTokenizer::load_with(&opts.model.join("tokenizer.json"), &config.eos_ids(), config.pad_token_id)?;
     let eos = stop_ids(&opts.model, &tokenizer)?;

@@ -427,7 +427,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Sample { model, prompts, n, sampling, batch_size, backend, prompt_special_tokens, out } => {
-            use crate::model::sampling::{SampleJob, run_sample_job};
+            use crate::train::sample::{SampleJob, run_sample_job};
             let settings = sampling.settings();
             let job = SampleJob { model_dir: &model, prompts: &prompts, out: &out, n, settings, batch_size, backend: &backend, prompt_special_tokens };
             let done = run_sample_job(&job)?;
@@ -461,7 +461,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             if out.exists() {
                 bail!("{}: already exists; choose another --out", out.display());
             }
-            let device = crate::train::backend_device("cpu")?;
+            let device = crate::backend::backend_device("cpu")?;
             let (config, model, base) = crate::model::load_adapter_model(&adapter, base.as_deref(), &device)?;
             crate::model::save_model(&model, &config, &base.join("tokenizer.json"), &out)?;
             println!("merged {} into {} and wrote {}", adapter.display(), base.display(), out.display());
@@ -523,7 +523,7 @@ fn check(script: &Path, plugins: Option<&Path>) -> Result<String> {
                     bail!("{}: the script defines no fn {name}(batch, params)", version.display_path());
                 }
             }
-            crate::train::backend_device(&config.backend).map_err(|e| anyhow::anyhow!("{}: {e}", version.display_path()))?;
+            crate::backend::backend_device(&config.backend).map_err(|e| anyhow::anyhow!("{}: {e}", version.display_path()))?;
             Ok(format!("{} ({files} file(s) compiled, mode {:?}, backend {})", version.display_path(), config.mode, config.backend))
         }
         None => Ok(format!("{} ({files} file(s) compiled; no train() call)", version.display_path())),

@@ -4,16 +4,20 @@
 //! (`model`), with `data` feeding the trainer.
 
 pub mod allocator;
+pub mod backend;
 pub mod bench;
 pub mod bench_gpu;
 pub mod bench_sample;
 pub mod cli;
 pub mod clock;
+pub mod console;
 pub mod data;
 pub mod failpoint;
+pub mod files;
 pub mod kernels;
 pub mod model;
 pub mod report;
 pub mod rng;
 pub mod script;
+pub mod tensor;
 pub mod train;

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use common::{Sandbox, read_lines, run_host, small_config, text};
-use prefhost::train::{BUILT_BACKENDS, backend_device};
+use prefhost::backend::{BUILT_BACKENDS, backend_device};
 
 const STEPS: usize = 4;
 
@@ -309,7 +309,8 @@ fn every_built_backend_trains_in_bf16_like_f32() {
 fn masked_forwards_outside_autodiff_match_transformers_and_cpu() {
     use prefhost::data::packed::PackedLayout;
     use prefhost::data::{Example, collate_pairs};
-    use prefhost::model::{load_model, values};
+    use prefhost::model::load_model;
+    use prefhost::tensor::values;
     use prefhost::train::logps::{packed_pair_logps, token_logps};
 
     let dir = common::repo().join("tests/fixtures/hf5/mistral");

@@ -10,7 +10,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::Int;
 use burn::tensor::activation::log_softmax;
 use prefhost::model::fused::{fuses, grouped_attention, linear, rms_norm, rope, swiglu, target_logps};
-use prefhost::model::values;
+use prefhost::tensor::values;
 
 fn repeat(t: Tensor<4>, heads: usize) -> Tensor<4> {
     let [b, kv, s, d] = t.dims();

@@ -14,7 +14,8 @@ use std::path::PathBuf;
 use burn::tensor::Device;
 use prefhost::data::packed::PackedLayout;
 use prefhost::data::{Example, collate_pairs};
-use prefhost::model::{load_model, save_model, values};
+use prefhost::model::{load_model, save_model};
+use prefhost::tensor::values;
 use prefhost::train::logps::{packed_pair_logps, token_logps};
 
 const FAMILIES: [&str; 7] = ["llama", "llama_rope_scaled_tied", "llama_linear_rope", "mistral", "qwen2", "qwen2_f16", "llama_bf16"];

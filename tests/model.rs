@@ -2,7 +2,8 @@
 //! save/load round trip through HF-format safetensors reproduces the log-probs.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use prefhost::model::{Llama, LlamaConfig, RandomInit, load_model, save_model, values};
+use prefhost::model::{Llama, LlamaConfig, RandomInit, load_model, save_model};
+use prefhost::tensor::values;
 
 fn tiny_config() -> LlamaConfig {
     serde_json::from_value(serde_json::json!({

@@ -6,7 +6,7 @@
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
-use prefhost::model::values;
+use prefhost::tensor::values;
 use prefhost::train::optimizer::FusedAdamW;
 
 const BETAS: (f64, f64) = (0.9, 0.999);

@@ -8,7 +8,8 @@ use common::*;
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, Device, Tensor};
 use prefhost::data::batch::collate;
-use prefhost::model::{Llama, MixedPrecision, load_model, values};
+use prefhost::model::{Llama, MixedPrecision, load_model};
+use prefhost::tensor::values;
 use prefhost::train::logps::{batch_logps, token_logps};
 
 fn fixture(name: &str) -> std::path::PathBuf {

@@ -7,7 +7,8 @@ mod common;
 use burn::tensor::Device;
 use prefhost::data::packed::PackedLayout;
 use prefhost::data::{Example, TextTokenizer, Truncation, collate_pairs, load_examples};
-use prefhost::model::{load_model, values};
+use prefhost::model::load_model;
+use prefhost::tensor::values;
 use prefhost::train::logps::{packed_pair_logps, token_logps};
 
 fn examples() -> Vec<Example> {

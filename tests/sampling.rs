@@ -11,7 +11,7 @@ use prefhost::data::TextTokenizer;
 use prefhost::model::generate::{Sample, greedy, sample};
 use prefhost::model::sampling::{SamplingSettings, stop_ids, top_k_filter, top_p_filter, uniform};
 use prefhost::model::{Llama, load_frozen_model};
-use prefhost::train::backend_device;
+use prefhost::backend::backend_device;
 
 fn kept(scores: &[f32]) -> BTreeSet<usize> {
     scores.iter().enumerate().filter(|(_, s)| s.is_finite()).map(|(i, _)| i).collect()

@@ -105,7 +105,7 @@ fn detach_stops_the_gradient() {
     let y = Tensor::<1>::from_data(TensorData::new(vec![0.0f32, 0.0], [2]), &device);
     // d/dx sum(x * detach(x)) = detach(x): only the first factor carries the gradient.
     let out = eval_scalar(&engine(), "sum(x * detach(x))", x.clone(), y);
-    let grad = prefhost::model::values(x.grad(&out.backward()).unwrap());
+    let grad = prefhost::tensor::values(x.grad(&out.backward()).unwrap());
     assert_eq!(grad, xs);
 }
 

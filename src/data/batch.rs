@@ -83,7 +83,7 @@ mod tests {
         let refs: Vec<&Example> = pairs.iter().collect();
         let batch = collate_pairs(&refs, 0, &Device::flex());
         let width = batch.mask.dims()[1];
-        let mask = crate::model::values(batch.mask.clone());
+        let mask = crate::tensor::values(batch.mask.clone());
         let row = |r: usize| mask[r * width..(r + 1) * width].to_vec();
         let first = |r: usize| row(r).iter().position(|&m| m == 1.0).unwrap();
         let count = |r: usize| row(r).iter().filter(|&&m| m == 1.0).count();

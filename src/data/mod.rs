@@ -7,6 +7,7 @@ pub mod chat;
 pub mod packed;
 pub mod pairs;
 pub mod parquet;
+pub mod prompts;
 pub mod tokenizer;
 
 pub use batch::{SequenceBatch, collate_pairs, collate_sft, collate_unpaired};

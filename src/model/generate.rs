@@ -53,7 +53,7 @@ pub fn sample(model: &Llama, prompts: &[Vec<u32>], n: usize, settings: &Sampling
     let vocab = model.vocab_size();
     let decoded = decode_by_length(model, &rows, settings.max_new_tokens, eos, batch_size, |group: &[usize], logits: Tensor<2>, step| {
         // The logits come to the host, so every backend samples with the same code.
-        let logits = super::values(logits);
+        let logits = crate::tensor::values(logits);
         group
             .iter()
             .zip(logits.chunks(vocab))

@@ -286,7 +286,7 @@ impl Llama {
             if let Some(adapter) = &projection.lora {
                 for (factor, t) in [("A", adapter.a.val()), ("B", adapter.b.val())] {
                     let t = t.transpose();
-                    out.insert(peft_key(&path, factor), (t.dims().to_vec(), super::values(t)));
+                    out.insert(peft_key(&path, factor), (t.dims().to_vec(), crate::tensor::values(t)));
                 }
             }
         }

@@ -17,10 +17,6 @@ pub mod weights;
 
 pub use config::LlamaConfig;
 
-/// A tensor's values as f32, whatever its element type.
-pub fn values<const D: usize>(t: burn::tensor::Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("tensor converted to f32")
-}
 pub use llama::{Llama, RandomInit, WeightSource, seed_model_draws};
 pub use lora::LoraConfig;
 pub use precision::MixedPrecision;

@@ -6,13 +6,11 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow, bail};
-use serde::{Deserialize, Serialize};
+use anyhow::{Result, anyhow, bail};
+use serde::Deserialize;
 
 use super::config::TokenIds;
 use crate::data::TextTokenizer;
-use crate::data::chat::messages;
-use crate::data::pairs::read_rows;
 
 /// How each token is chosen. `temperature` 0 is greedy decoding (the first highest logit).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -193,117 +191,4 @@ pub fn stop_ids(model_dir: &Path, tokenizer: &TextTokenizer) -> Result<Vec<u32>>
         }
     }
     Ok(ids)
-}
-
-/// One prompt of a prompts file: as written (a string or a list of messages), its tokens,
-/// and where it was read.
-pub struct PromptRow {
-    pub prompt: serde_json::Value,
-    pub tokens: Vec<u32>,
-    pub at: String,
-}
-
-/// The `prompt` of every row of a JSONL or Parquet file (other fields are ignored, so a
-/// pairs or eval file serves): a string gets the tokenizer's special tokens as training's
-/// prompts do, a list of messages is rendered by the chat template with the generation prompt.
-pub fn load_prompts(path: &Path, tokenizer: &TextTokenizer, max_positions: usize) -> Result<Vec<PromptRow>> {
-    let mut rows = Vec::new();
-    for raw in read_rows(path)? {
-        let at = raw.at;
-        let value = raw.value.map_err(|e| anyhow!("{at}: {e}"))?;
-        let tokens = match value.get("prompt") {
-            Some(serde_json::Value::String(text)) => tokenizer.encode_prompt(text),
-            Some(list @ serde_json::Value::Array(_)) => {
-                let messages = messages(list, "prompt").map_err(|e| anyhow!("{at}: {e}"))?;
-                let template = tokenizer.chat.as_ref().with_context(|| {
-                    format!("{at}: the prompt is a list of messages, but {} has no chat_template", tokenizer.path.with_file_name("tokenizer_config.json").display())
-                })?;
-                let text = template.render(&messages, true).map_err(|e| anyhow!("{at}: {e}"))?;
-                tokenizer.encode_templated_prompt(&text)
-            }
-            _ => bail!("{at}: missing field `prompt` (a string or a list of messages)"),
-        }
-        .with_context(|| at.clone())?;
-        if tokens.is_empty() {
-            bail!("{at}: the prompt has no tokens");
-        }
-        if tokens.len() >= max_positions {
-            bail!("{at}: the prompt has {} tokens, which leaves no room before the model's {max_positions} positions end", tokens.len());
-        }
-        rows.push(PromptRow { prompt: value["prompt"].clone(), tokens, at });
-    }
-    if rows.is_empty() {
-        bail!("{}: no prompts", path.display());
-    }
-    Ok(rows)
-}
-
-/// What `host sample` does: `n` samples of every prompt in `prompts`, written to `out`.
-pub struct SampleJob<'a> {
-    pub model_dir: &'a Path,
-    pub prompts: &'a Path,
-    pub out: &'a Path,
-    pub n: usize,
-    pub settings: SamplingSettings,
-    pub batch_size: usize,
-    pub backend: &'a str,
-    pub prompt_special_tokens: bool,
-}
-
-/// One line of `host sample`'s output.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub struct SampleLine {
-    pub prompt_index: usize,
-    pub sample_index: usize,
-    pub prompt: serde_json::Value,
-    pub completion: String,
-    /// The new tokens, without the stop token.
-    pub completion_ids: Vec<u32>,
-    /// Whether the completion ended at an EOS id (else at --max-new-tokens or the model's last position).
-    pub eos: bool,
-}
-
-/// What a finished `host sample` reports.
-pub struct SampleSummary {
-    pub samples: usize,
-    pub new_tokens: usize,
-    pub seconds: f64,
-}
-
-/// Checks the flags, loads the model and prompts, samples, and writes the JSONL atomically
-/// (a temp file renamed into place), so a failure leaves no output file.
-pub fn run_sample_job(job: &SampleJob) -> Result<SampleSummary> {
-    if job.n == 0 {
-        bail!("--n must be at least 1");
-    }
-    if job.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
-    job.settings.validate()?;
-    if job.out.canonicalize().ok().is_some_and(|o| job.prompts.canonicalize().ok() == Some(o)) {
-        bail!("{}: --out would overwrite the prompts", job.out.display());
-    }
-    let device = crate::train::backend_device(job.backend).context("--backend")?;
-    let (config, model) = crate::model::load_frozen_model(job.model_dir, &device)?;
-    let mut tokenizer = TextTokenizer::load_with(&job.model_dir.join("tokenizer.json"), &config.eos_ids(), config.pad_token_id)?;
-    tokenizer.prompt_special_tokens = job.prompt_special_tokens;
-    let eos = stop_ids(job.model_dir, &tokenizer)?;
-    let prompts = load_prompts(job.prompts, &tokenizer, model.max_positions())?;
-    let tokens: Vec<Vec<u32>> = prompts.iter().map(|p| p.tokens.clone()).collect();
-    let started = std::time::Instant::now();
-    let samples = super::generate::sample(&model, &tokens, job.n, &job.settings, &eos, job.batch_size)?;
-    let seconds = started.elapsed().as_secs_f64();
-    let lines: Vec<SampleLine> = samples
-        .into_iter()
-        .map(|s| SampleLine {
-            prompt_index: s.prompt,
-            sample_index: s.sample,
-            prompt: prompts[s.prompt].prompt.clone(),
-            completion: tokenizer.decode(&s.completion.tokens),
-            completion_ids: s.completion.tokens,
-            eos: s.completion.eos,
-        })
-        .collect();
-    crate::train::reference::write_jsonl(None, &lines, job.out)?;
-    Ok(SampleSummary { samples: lines.len(), new_tokens: lines.iter().map(|l| l.completion_ids.len() + usize::from(l.eos)).sum(), seconds })
 }

@@ -261,7 +261,7 @@ fn load_model_with(dir: &Path, device: &Device, keep_stored_dtype: bool) -> Resu
 pub fn hf_tensors(model: &Llama) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     fn values<const D: usize>(t: Tensor<D>) -> (Vec<usize>, Vec<f32>) {
         let shape = t.dims().to_vec();
-        (shape, super::values(t))
+        (shape, crate::tensor::values(t))
     }
     let mut out = BTreeMap::new();
     // Adapters are folded into their projection's weight: saving a LoRA model merges it.
@@ -494,8 +494,8 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 fn write_manifest(staging: &Path) -> Result<()> {
     let mut files = serde_json::Map::new();
     for name in folder_files(staging)? {
-        let print = crate::train::identity::whole(&staging.join(&name))?;
-        files.insert(name, serde_json::json!({"size": print.size, "sha256": print.sha256}));
+        let (size, sha256) = crate::files::sha256_file(&staging.join(&name))?;
+        files.insert(name, serde_json::json!({"size": size, "sha256": sha256}));
     }
     let text = serde_json::to_string_pretty(&serde_json::json!({ "files": files }))? + "\n";
     std::fs::write(staging.join(MANIFEST_FILE), text).with_context(|| format!("writing {MANIFEST_FILE}"))
@@ -541,12 +541,12 @@ pub fn verify_manifest(dir: &Path) -> Result<bool> {
         if !file.is_file() {
             bail!("{}: missing (the manifest lists it)", file.display());
         }
-        let now = crate::train::identity::whole(&file)?;
-        if now.size != size {
-            bail!("{}: {} bytes, the manifest says {size} (truncated?)", file.display(), now.size);
+        let (now_size, now_sha) = crate::files::sha256_file(&file)?;
+        if now_size != size {
+            bail!("{}: {now_size} bytes, the manifest says {size} (truncated?)", file.display());
         }
-        if now.sha256 != sha {
-            bail!("{}: sha256 {}, the manifest says {sha} (damaged)", file.display(), now.sha256);
+        if now_sha != sha {
+            bail!("{}: sha256 {now_sha}, the manifest says {sha} (damaged)", file.display());
         }
     }
     Ok(true)

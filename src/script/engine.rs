@@ -115,9 +115,9 @@ impl ScriptEngine {
         engine.register_fn("assert_true", |cond: bool, msg: &str| -> Result<(), Box<EvalAltResult>> {
             if cond { Ok(()) } else { Err(runtime_error(format!("assertion failed: {msg}"))) }
         });
-        engine.on_print(|text| crate::train::console::line(text));
+        engine.on_print(|text| crate::console::line(text));
         engine.on_debug(|text, source, pos| {
-            crate::train::console::line(&format!("[debug {}:{}] {text}", source.unwrap_or("script"), pos))
+            crate::console::line(&format!("[debug {}:{}] {text}", source.unwrap_or("script"), pos))
         });
 
         Self { engine, plugins_dir: plugins_dir.to_path_buf(), imported, captured }

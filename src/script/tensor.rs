@@ -71,8 +71,8 @@ impl ScriptTensor {
 
     pub fn values(&self) -> Vec<f32> {
         match self {
-            ScriptTensor::Rank1(t) => crate::model::values(t.clone()),
-            ScriptTensor::Rank2(t) => crate::model::values(t.clone()),
+            ScriptTensor::Rank1(t) => crate::tensor::values(t.clone()),
+            ScriptTensor::Rank2(t) => crate::tensor::values(t.clone()),
         }
     }
 

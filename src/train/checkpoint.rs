@@ -77,7 +77,7 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<(usize, PathBuf)> {
         match verify_manifest(&path) {
             Ok(_) => {
                 if !damaged.is_empty() {
-                    super::console::line(&format!("note: falling back to {}: {}", path.display(), damaged.join("; ")));
+                    crate::console::line(&format!("note: falling back to {}: {}", path.display(), damaged.join("; ")));
                 }
                 return Ok((step, path));
             }

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::checkpoint;
 use super::config::TrainConfig;
-use super::console;
+use crate::console;
 use super::evaluate::EvalResult;
 use super::lock::RunLock;
 use super::trainer::{Interrupt, RunOptions, RunSummary, StartWith, config_of, train_one_locked};
@@ -98,7 +98,7 @@ pub fn run_comparison(host: &mut ScriptHost, options: RunOptions, config: TrainC
             ..options.clone()
         };
         // Every arm starts from the same model, so the starting accuracy is measured once.
-        let with = StartWith { eval_before: i == 0, held: arm_lock, interrupt: interrupt.clone() };
+        let with = StartWith { eval_before: i == 0, held: arm_lock, interrupt: interrupt.clone(), rust_dpo_loss: false };
         let summary = train_one_locked(host, arm_options, version, arm_config, with)?;
         reloads += summary.reloads;
         if summary.interrupted {

@@ -183,9 +183,6 @@ pub struct TrainConfig {
     /// Set when this config is one arm of a comparison.
     #[serde(skip)]
     pub arm: Option<String>,
-    /// DPO computed in Rust instead of calling the script (set by `host bench` only).
-    #[serde(skip)]
-    pub rust_dpo_loss: bool,
 }
 
 fn d_loss_fn() -> String {

@@ -85,7 +85,7 @@ pub fn diff(job: &DiffJob) -> Result<DiffReport> {
     if read(&tokenizer_a)? != read(&tokenizer_b)? {
         bail!("{} and {} differ: token-level changes need one tokenizer", tokenizer_a.display(), tokenizer_b.display());
     }
-    let device = super::backend_device("cpu")?;
+    let device = crate::backend::backend_device("cpu")?;
     let score = |dir: &Path| frozen_model_and_pairs(dir, job.data, job.limits, job.prompt_special_tokens, job.chat_template, &device);
     let (model_a, tokenizer, examples) = score(job.model_a)?;
     let rows_a = compute_ref_rows(&model_a, &examples, tokenizer.pad_id, job.batch_size, true, &device);

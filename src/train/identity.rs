@@ -4,7 +4,6 @@
 //! training on other inputs in the same order.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -13,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 use super::config::{Init, TrainConfig};
+use crate::files::hex;
 
 pub const IDENTITY_FILE: &str = "identity.json";
 /// The role of the held-out evaluation data (`heldout.data`).
@@ -42,33 +42,12 @@ pub struct RunIdentity {
     pub inputs: BTreeMap<String, Fingerprint>,
 }
 
-/// The digest as lowercase hex.
-pub fn hex(hasher: sha2::Sha256) -> String {
-    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Feeds a whole file to `hasher`, 1 MiB at a time; returns its size in bytes.
-pub fn hash_file(hasher: &mut sha2::Sha256, path: &Path) -> Result<u64> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let mut buffer = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buffer).with_context(|| format!("{}: cannot read", path.display()))?;
-        if n == 0 {
-            return Ok(size);
-        }
-        size += n as u64;
-        hasher.update(&buffer[..n]);
-    }
-}
-
 /// The whole file: data files, configs and tokenizers are small to medium, and SHA-256
 /// takes a few seconds per GB, little next to tokenizing the data, which a run start
 /// does anyway.
 pub fn whole(path: &Path) -> Result<Fingerprint> {
-    let mut hasher = sha2::Sha256::default();
-    let size = hash_file(&mut hasher, path)?;
-    Ok(Fingerprint { path: path.display().to_string(), size, sha256: hex(hasher), sampled: false })
+    let (size, sha256) = crate::files::sha256_file(path)?;
+    Ok(Fingerprint { path: path.display().to_string(), size, sha256, sampled: false })
 }
 
 /// A safetensors file: hashed whole when small; otherwise its size, its header (every
@@ -191,7 +170,7 @@ impl RunIdentity {
 /// them). A run folder without `identity.json` (made before it existed) resumes unchecked.
 pub fn check_resume(run_dir: &Path, config: &TrainConfig, anyway: bool) -> Result<(Vec<String>, Option<RunIdentity>)> {
     let Some(recorded) = RunIdentity::read(run_dir)? else {
-        super::console::line(&format!("note: {} has no {IDENTITY_FILE} (an older run folder); the data and model are not checked", run_dir.display()));
+        crate::console::line(&format!("note: {} has no {IDENTITY_FILE} (an older run folder); the data and model are not checked", run_dir.display()));
         return Ok((Vec::new(), None));
     };
     let now = RunIdentity::of(config)?;

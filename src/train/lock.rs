@@ -74,7 +74,7 @@ impl RunLock {
             if alive(holder.pid) {
                 bail!("{}: held by PID {} on this host, which is running; only one run writes into a run folder at a time", path.display(), holder.pid);
             }
-            super::console::line(&format!("note: {}: taking over a stale lock of PID {} (no longer running)", path.display(), holder.pid));
+            crate::console::line(&format!("note: {}: taking over a stale lock of PID {} (no longer running)", path.display(), holder.pid));
             std::fs::remove_file(&path).with_context(|| format!("{}: cannot remove the stale lock", path.display()))?;
         }
         bail!("{}: another run took the lock while a stale one was replaced", path.display())

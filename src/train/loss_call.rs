@@ -221,8 +221,8 @@ pub fn rust_dpo_loss(map: &Map, beta: f64) -> Result<LossOutput, String> {
     let loss = burn::tensor::activation::log_sigmoid(margin).neg().mean();
     Ok(LossOutput {
         loss,
-        chosen_rewards: Some(crate::model::values(chosen.detach().mul_scalar(beta))),
-        rejected_rewards: Some(crate::model::values(rejected.detach().mul_scalar(beta))),
+        chosen_rewards: Some(crate::tensor::values(chosen.detach().mul_scalar(beta))),
+        rejected_rewards: Some(crate::tensor::values(rejected.detach().mul_scalar(beta))),
         state: None,
         metrics: Vec::new(),
     })

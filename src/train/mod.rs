@@ -1,11 +1,9 @@
 //! Training: run config, log-probs, the loss boundary, gradients, metrics, the loop.
 
-pub mod backend;
 pub mod checkpoint;
 pub mod chunked;
 pub mod compare;
 pub mod config;
-pub mod console;
 pub mod diff;
 pub mod evaluate;
 pub mod grads;
@@ -20,10 +18,10 @@ pub mod optimizer;
 pub mod reference;
 pub mod reload;
 pub mod reset;
+pub mod sample;
 pub mod sampler;
 pub mod setup;
 pub mod trainer;
 
 pub use config::TrainConfig;
-pub use backend::{BUILT_BACKENDS, backend_device};
 pub use trainer::{RunOptions, RunSummary, run};

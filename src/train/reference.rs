@@ -13,11 +13,12 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use super::identity::{hash_file, hex};
+use crate::files::{hash_file, hex};
 use super::logps::{packed_pair_logps, token_logps};
 use crate::data::packed::PackedLayout;
 use crate::data::{Example, collate_pairs};
-use crate::model::{Llama, values};
+use crate::model::Llama;
+use crate::tensor::values;
 
 /// One data row's reference log-probs (completion tokens only).
 #[derive(Serialize, Deserialize)]
@@ -387,7 +388,7 @@ pub fn precompute(job: &LogpsJob) -> Result<usize> {
     if out.canonicalize().ok().is_some_and(|o| data.canonicalize().ok() == Some(o)) {
         bail!("{}: the output would overwrite the data", out.display());
     }
-    let device = super::backend_device(job.backend)?;
+    let device = crate::backend::backend_device(job.backend)?;
     let (model, tokenizer, examples) = frozen_model_and_pairs(model_dir, data, job.limits, job.prompt_special_tokens, job.chat_template, &device)?;
     let Some(shard) = job.shard else {
         let rows = compute_ref_rows(&model, &examples, tokenizer.pad_id, job.batch_size, true, &device);

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::checkpoint::{relative, save_sources};
 use super::config::TrainConfig;
-use super::console;
+use crate::console;
 use super::loss_call::{LossBatch, loss_params, read_loss_output};
 use super::metrics::MetricsLog;
 use super::trainer::config_of;
@@ -129,7 +129,7 @@ fn try_reload(host: &mut ScriptHost, script: &Path, running: &TrainConfig, dry_r
     let params = loss_params(&config.params, 0, dry_run.total_steps, dry_run.loss_state, loss_call_seed(running.seed, 0, 0));
     let value = host.call(&version, &config.loss_fn, vec![Dynamic::from_map(batch), Dynamic::from_map(params)]).map_err(|e| e.to_string())?;
     let out = read_loss_output(value, 2).map_err(|e| format!("{}: {e}", version.fn_location(&config.loss_fn)))?;
-    let dry_loss = crate::model::values(out.loss)[0];
+    let dry_loss = crate::tensor::values(out.loss)[0];
     if !dry_loss.is_finite() {
         return Err(format!("{}: gave {dry_loss} on the check batch", version.fn_location(&config.loss_fn)));
     }

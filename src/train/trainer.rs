@@ -12,11 +12,11 @@ use burn::tensor::{Device, Tensor};
 use rhai::{Dynamic, INT, Map};
 use serde_json::json;
 
-use super::backend::backend_device;
+use crate::backend::backend_device;
 use super::checkpoint::{self, TrainerState, save_sources};
 use super::chunked::ChunkedHead;
 use super::config::{Mode, TrainConfig};
-use super::console;
+use crate::console;
 use super::evaluate::{EvalResult, evaluate, load_eval_rows};
 use super::grads::{clip_global_norm, norms_by_name};
 use super::identity::RunIdentity;
@@ -78,6 +78,9 @@ pub struct StartWith {
     pub held: Option<RunLock>,
     /// Asks the loop to save a checkpoint and stop at the next step boundary.
     pub interrupt: Interrupt,
+    /// DPO computed in Rust instead of calling the script's loss: `host bench` measures the
+    /// step without the script this way.
+    pub rust_dpo_loss: bool,
 }
 
 /// A write past the file-size limit (`ulimit -f`) then fails with EFBIG, which a save or
@@ -111,7 +114,7 @@ pub fn config_of(version: &ScriptVersion, arm: Option<&str>) -> Result<TrainConf
 /// One training run into its own run folder, stopped by Ctrl-C. `eval_before`: also score
 /// the starting model when the config has `heldout`.
 pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVersion, config: TrainConfig, eval_before: bool) -> Result<RunSummary> {
-    train_one_locked(host, options, version, config, StartWith { eval_before, held: None, interrupt: Interrupt::ctrl_c() })
+    train_one_locked(host, options, version, config, StartWith { eval_before, held: None, interrupt: Interrupt::ctrl_c(), rust_dpo_loss: false })
 }
 
 /// One training run into its own run folder: set-up, then the step loop.
@@ -131,7 +134,7 @@ pub fn train_one_locked(host: &mut ScriptHost, options: RunOptions, version: Scr
         Some(run_dir) => super::identity::check_resume(run_dir, &config, options.resume_anyway)?,
         None => (Vec::new(), None),
     };
-    let mut learner = Learner::new(config, options.max_steps)?;
+    let mut learner = Learner::new(config, options.max_steps, with.rust_dpo_loss)?;
     set_script_device(learner.device.clone());
     let (run_dir, start, mut log) = match &options.resume {
         Some(run_dir) => {
@@ -361,6 +364,8 @@ struct Learner {
     initial_adapters: Option<std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>>,
     /// The preflight's estimate of the run's peak memory.
     memory: Estimate,
+    /// See `StartWith::rust_dpo_loss`.
+    rust_dpo_loss: bool,
 }
 
 enum Reference {
@@ -407,7 +412,7 @@ impl Learner {
         self.policy.as_ref().expect("the policy is in place between steps")
     }
 
-    fn new(config: TrainConfig, max_steps_override: Option<usize>) -> Result<Self> {
+    fn new(config: TrainConfig, max_steps_override: Option<usize>, rust_dpo_loss: bool) -> Result<Self> {
         let train_device = backend_device(&config.backend)?.autodiff();
         let RunPlan { tokenizer, examples, report, memory, limits, .. } = RunPlan::new(&config, true)?;
         let (model_config, policy) = build_policy(&config, &train_device)?;
@@ -439,7 +444,7 @@ impl Learner {
         let optimizer = new_optimizer(&config, &policy);
         Ok(Self {
             config, device: train_device, policy: Some(policy), optimizer, reference, model_config, tokenizer, examples, sampler,
-            total_steps, loss_state: Map::new(), skipped_steps: 0, skipped_rows: report.skipped, initial_adapters, memory,
+            total_steps, loss_state: Map::new(), skipped_steps: 0, skipped_rows: report.skipped, initial_adapters, memory, rust_dpo_loss,
         })
     }
 
@@ -547,7 +552,7 @@ impl Learner {
         let pairs = matches!(batch.rows, BatchRows::Pairs { .. });
         let map = batch.into_map();
         let call_start = std::time::Instant::now();
-        let mut loss = if config.rust_dpo_loss {
+        let mut loss = if self.rust_dpo_loss {
             rust_dpo_loss(&map, config.beta())?
         } else {
             let value = host
@@ -563,7 +568,7 @@ impl Learner {
             loss.chosen_rewards = Some(reward(&logps.chosen, &logps.ref_chosen));
             loss.rejected_rewards = Some(reward(&logps.rejected, &logps.ref_rejected));
         }
-        let loss_value = crate::model::values(loss.loss.clone())[0] as f64;
+        let loss_value = crate::tensor::values(loss.loss.clone())[0] as f64;
         Ok(StepResult { loss, loss_value, logps, head, loss_call_seconds })
     }
 
@@ -705,7 +710,7 @@ fn new_optimizer(config: &TrainConfig, policy: &Llama) -> ModuleOptimizer {
 /// The summed log-probs the loss will see, read before the call (the batch moves into it),
 /// and with pairs the DPOP diagnostics.
 fn logps_for_metrics(batch: &LossBatch, examples: &[Example]) -> BatchLogps {
-    let row_values = |t: &Tensor<1>| crate::model::values(t.clone());
+    let row_values = |t: &Tensor<1>| crate::tensor::values(t.clone());
     let reference = |s: &Sequences| s.reference.as_ref().map(|(logps, _)| row_values(logps)).unwrap_or_default();
     match &batch.rows {
         BatchRows::Sft { chosen, .. } => {
@@ -714,7 +719,7 @@ fn logps_for_metrics(batch: &LossBatch, examples: &[Example]) -> BatchLogps {
         BatchRows::Pairs { chosen, rejected, .. } => {
             let (chosen_logps, ref_chosen) = (row_values(&chosen.logps), reference(chosen));
             let width = chosen.mask.dims()[1];
-            let tokens = |t: &Tensor<2>| crate::model::values(t.clone());
+            let tokens = |t: &Tensor<2>| crate::tensor::values(t.clone());
             let ref_tokens = chosen.reference.as_ref().map(|(_, t)| tokens(t)).unwrap_or_default();
             let diagnostics = failure_mode_diagnostics(examples, &tokens(&chosen.token_logps), &ref_tokens, width, &chosen_logps, &ref_chosen);
             BatchLogps { chosen: chosen_logps, rejected: row_values(&rejected.logps), ref_chosen, ref_rejected: reference(rejected), diagnostics }

@@ -175,7 +175,7 @@ pub fn completion_logps(model: &prefhost::model::Llama, rows: &[FixtureRow], dev
     let seqs: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (&r.ids[..r.prompt_length], &r.ids[r.prompt_length..])).collect();
     let batch = prefhost::data::batch::collate(&seqs, 2, device);
     let width = batch.mask.dims()[1];
-    let flat = prefhost::model::values(prefhost::train::logps::token_logps(model, &batch));
+    let flat = prefhost::tensor::values(prefhost::train::logps::token_logps(model, &batch));
     rows.iter().enumerate().map(|(i, r)| flat[i * width + r.prompt_length - 1..i * width + r.ids.len() - 1].to_vec()).collect()
 }
 
@@ -193,13 +193,13 @@ pub fn weighted_logps_and_grads(
     let ramp: Vec<f32> = (0..n * w).map(|i| 1.0 + (i % 5) as f32 * 0.25).collect();
     let weights = burn::tensor::Tensor::<1>::from_floats(ramp.as_slice(), &batch.mask.device()).reshape([n, w]);
     let (logps, head) = prefhost::train::logps::batch_logps(model, batch, packed, chunk);
-    let values = prefhost::model::values(logps.clone());
+    let values = prefhost::tensor::values(logps.clone());
     let loss = (logps * weights).sum();
     let grads = match head {
         Some(head) => head.gradients(&loss.backward(), model),
         None => burn::optim::GradientsParams::from_grads(loss.backward(), model),
     };
-    (values, params.iter().map(|id| prefhost::model::values(grads.get::<2>(*id).expect("a gradient for each asked parameter"))).collect())
+    (values, params.iter().map(|id| prefhost::tensor::values(grads.get::<2>(*id).expect("a gradient for each asked parameter"))).collect())
 }
 
 /// The Python the tests run helpers with ($PREFHOST_PYTHON, else python3) if it can import
