@@ -210,7 +210,7 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "m10")]
-        size: crate::bench::ModelSize,
+        size: crate::bench::dpo::ModelSize,
         #[arg(long, default_value_t = 10)]
         steps: usize,
         #[arg(long, default_value_t = 2)]
@@ -246,7 +246,7 @@ enum Command {
         #[arg(long, default_value = "cuda")]
         backend: String,
         #[arg(long, value_enum, default_value = "qwen2-0.5b")]
-        arch: crate::bench_gpu::Arch,
+        arch: crate::bench::gpu::Arch,
         /// Preference pairs per step (two sequences each).
         #[arg(long, default_value_t = 8)]
         pairs: usize,
@@ -444,16 +444,16 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/bench-sample-{}", crate::clock::timestamp())));
             let settings = sampling.settings();
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            let opts = crate::bench_sample::SampleBenchOptions { model, prompts, n, settings, batch_size, rounds, python, torch_dtype, threads, out };
+            let opts = crate::bench::sample::SampleBenchOptions { model, prompts, n, settings, batch_size, rounds, python, torch_dtype, threads, out };
             if child {
-                println!("{}", serde_json::to_string(&crate::bench_sample::run_child(&opts)?)?);
+                println!("{}", serde_json::to_string(&crate::bench::sample::run_child(&opts)?)?);
             } else {
                 // The child gets this command's own flags (out included, so it is the same run).
                 let mut args: Vec<String> = std::env::args().skip_while(|a| a != "bench-sample").skip(1).collect();
                 if !args.iter().any(|a| a == "--out" || a.starts_with("--out=")) {
                     args.extend(["--out".to_string(), opts.out.display().to_string()]);
                 }
-                println!("{}", crate::bench_sample::run(&opts, &args)?);
+                println!("{}", crate::bench::sample::run(&opts, &args)?);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -470,9 +470,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Bench { out, size, steps, warmup, rounds, batch_size, python, no_pytorch, only, child, round } => {
             let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/bench-{}", crate::clock::timestamp())));
             match child {
-                Some(name) => crate::bench::run_child(&name, &out, steps, warmup, round)?,
+                Some(name) => crate::bench::dpo::run_child(&name, &out, steps, warmup, round)?,
                 None => {
-                    crate::bench::run_bench(&crate::bench::BenchOptions { out, size, steps, warmup, rounds: rounds.max(1), batch_size, python, no_pytorch, only })?;
+                    crate::bench::dpo::run_bench(&crate::bench::dpo::BenchOptions { out, size, steps, warmup, rounds: rounds.max(1), batch_size, python, no_pytorch, only })?;
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -480,10 +480,10 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::BenchGpu { out, backend, arch, pairs, prompt_len, completion_len, steps, warmup, mixed_precision, python, torch_device, peak_tflops, child } => {
             let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/bench-gpu-{}", crate::clock::timestamp())));
             if child {
-                crate::bench_gpu::run_child(&out)?;
+                crate::bench::gpu::run_child(&out)?;
             } else {
-                let opts = crate::bench_gpu::GpuBenchOptions { out, backend, arch, pairs, prompt_len, completion_len, steps, warmup, mixed_precision, python, torch_device, peak_tflops };
-                println!("{}", crate::bench_gpu::run(&opts)?);
+                let opts = crate::bench::gpu::GpuBenchOptions { out, backend, arch, pairs, prompt_len, completion_len, steps, warmup, mixed_precision, python, torch_device, peak_tflops };
+                println!("{}", crate::bench::gpu::run(&opts)?);
             }
             Ok(ExitCode::SUCCESS)
         }

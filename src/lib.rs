@@ -6,8 +6,6 @@
 pub mod allocator;
 pub mod backend;
 pub mod bench;
-pub mod bench_gpu;
-pub mod bench_sample;
 pub mod cli;
 pub mod clock;
 pub mod console;

@@ -12,7 +12,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::bench::{find_python_with_torch, median};
+use super::{find_python_with_torch, median};
 use crate::data::TextTokenizer;
 use crate::model::generate::{groups_by_length, sample};
 use crate::data::prompts::load_prompts;

@@ -21,10 +21,9 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::{ModelPreset, median, pair_tokens, train_dpo, write_torch_batch};
 use crate::data::{TextTokenizer, Truncation, load_examples};
-use crate::model::{Llama, LlamaConfig, RandomInit, save_model};
-use crate::script::{Limits, ScriptEngine, ScriptHost, find_plugins_dir};
-use crate::train::{RunOptions, trainer};
+use crate::model::{Llama, RandomInit, save_model};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 pub enum Arch {
@@ -39,20 +38,12 @@ pub enum Arch {
 }
 
 impl Arch {
-    fn config(self) -> LlamaConfig {
-        let c = match self {
-            Arch::Qwen2_0_5b => json!({"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
-                "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "rope_theta": 1000000.0, "tie_word_embeddings": true}),
-            Arch::Llama1b => json!({"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
-                "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0, "tie_word_embeddings": true}),
-            Arch::Tiny => json!({"model_type": "qwen2", "vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128,
-                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0, "tie_word_embeddings": true}),
-        };
-        let mut c = c;
-        for (k, v) in [("max_position_embeddings", json!(4096)), ("rms_norm_eps", json!(1e-6)), ("bos_token_id", json!(0)), ("eos_token_id", json!(1)), ("pad_token_id", json!(2))] {
-            c[k] = v;
+    fn preset(self) -> ModelPreset {
+        match self {
+            Arch::Qwen2_0_5b => super::QWEN2_0_5B,
+            Arch::Llama1b => super::LLAMA_1B,
+            Arch::Tiny => super::QWEN2_TINY,
         }
-        serde_json::from_value(c).expect("a valid config")
     }
 }
 
@@ -92,12 +83,6 @@ struct SideResult {
     first_loss: Option<f64>,
 }
 
-fn median(values: &[f64]) -> f64 {
-    let mut s = values.to_vec();
-    s.sort_by(f64::total_cmp);
-    if s.is_empty() { f64::NAN } else { s[s.len() / 2] }
-}
-
 /// The parent: model, batch, then prefhost (a child process) and PyTorch, each watched by nvidia-smi.
 pub fn run(opts: &GpuBenchOptions) -> Result<String> {
     let root = std::env::current_dir()?;
@@ -117,7 +102,7 @@ pub fn run(opts: &GpuBenchOptions) -> Result<String> {
     std::fs::write(opts.out.join("settings.json"), serde_json::to_string_pretty(opts)?)?;
 
     eprintln!("writing a random-init {:?} model and the batch to {}", opts.arch, opts.out.display());
-    let config = opts.arch.config();
+    let config = opts.arch.preset().config();
     let cpu = crate::backend::backend_device("cpu")?;
     cpu.seed(1);
     let model = Llama::build(&config, &mut RandomInit { std: 0.02 }, &cpu)?;
@@ -127,13 +112,7 @@ pub fn run(opts: &GpuBenchOptions) -> Result<String> {
     write_pairs(&sft, &opts.out.join("pairs.jsonl"), opts)?;
     let tokenizer = TextTokenizer::load(&tokenizer_json, Some(1), Some(2))?;
     let (examples, _) = load_examples(&opts.out.join("pairs.jsonl"), &tokenizer, true, limits(opts), false)?;
-    let batch = json!({
-        "pad_id": tokenizer.pad_id,
-        "prompt": examples.iter().map(|e| &e.prompt).collect::<Vec<_>>(),
-        "chosen": examples.iter().map(|e| &e.chosen).collect::<Vec<_>>(),
-        "rejected": examples.iter().map(|e| &e.rejected).collect::<Vec<_>>(),
-    });
-    std::fs::write(opts.out.join("batch.json"), batch.to_string())?;
+    write_torch_batch(&examples, tokenizer.pad_id, &opts.out.join("batch.json"))?;
     let seq = examples.iter().map(|e| e.prompt.len() + e.chosen.len().max(e.rejected.len())).max().unwrap_or(0);
 
     let mut results = Vec::new();
@@ -303,20 +282,13 @@ fn render(opts: &GpuBenchOptions, results: &[SideResult], gpu: Option<&str>, pea
 pub fn run_child(out: &Path) -> Result<()> {
     let opts: GpuBenchOptions = serde_json::from_str(&std::fs::read_to_string(out.join("settings.json"))?)?;
     let data = out.join("pairs.jsonl");
-    let script = format!(
-        "import \"losses/dpo\" as dpo;\nfn loss(batch, params) {{ dpo::loss(batch, params) }}\ntrain(#{{\n  model: \"{}\", data: \"{}\", backend: \"{}\", mixed_precision: \"{}\",\n  batch_size: {}, max_length: {}, max_prompt_length: {}, lr: 1e-6, max_grad_norm: 1.0,\n  log_every: 1, progress: false, seed: 1, params: #{{ beta: 0.1 }},\n}});\n",
+    let fields = format!(
+        "model: \"{}\", data: \"{}\", backend: \"{}\", mixed_precision: \"{}\",\n  batch_size: {}, max_length: {}, max_prompt_length: {}, lr: 1e-6, max_grad_norm: 1.0,\n  log_every: 1, progress: false, seed: 1,",
         out.join("model").display(), data.display(), opts.backend, opts.mixed_precision, opts.pairs,
         opts.prompt_len + opts.completion_len, opts.prompt_len
     );
-    let script_path = out.join("prefhost.rhai");
-    std::fs::write(&script_path, script)?;
-    let plugins = find_plugins_dir(&std::env::current_dir()?.join("scripts/smaug.rhai"), None)?;
-    let mut host = ScriptHost::new(ScriptEngine::new(&plugins, &Limits::default()));
-    let version = host.load(&script_path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let config = trainer::config_of(&version, None)?;
     let run_dir = out.join("run");
-    let options = RunOptions { script: script_path, watch: false, run_dir: Some(run_dir.clone()), max_steps: Some(opts.warmup + opts.steps), resume: None, resume_anyway: false };
-    let summary = trainer::train_one(&mut host, options, version, config, false)?;
+    let summary = train_dpo(&fields, &out.join("prefhost.rhai"), &run_dir, opts.warmup + opts.steps, false)?;
     let (examples, _) = load_examples(&data, &TextTokenizer::load(&out.join("model/tokenizer.json"), Some(1), Some(2))?, true, limits(&opts), false)?;
     let first_loss = std::fs::read_to_string(run_dir.join("metrics.jsonl"))?
         .lines()
@@ -325,7 +297,7 @@ pub fn run_child(out: &Path) -> Result<()> {
     let result = SideResult {
         name: format!("prefhost {} {}", opts.backend, if opts.mixed_precision == "bf16" { "+ bf16" } else { "f32" }),
         step_seconds: summary.step_seconds[opts.warmup.min(summary.step_seconds.len())..].to_vec(),
-        tokens_per_step: examples.iter().map(|e| 2 * e.prompt.len() + e.chosen.len() + e.rejected.len()).sum(),
+        tokens_per_step: pair_tokens(&examples),
         peak_gpu_mb: None,
         torch_allocated_mb: None,
         first_loss,

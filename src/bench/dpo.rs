@@ -15,12 +15,10 @@ use serde_json::json;
 
 use burn::module::Module;
 
-use crate::data::{Example, TextTokenizer, Truncation, load_examples};
-use crate::model::{Llama, LlamaConfig, RandomInit, save_model};
-use crate::script::{Limits, ScriptEngine, ScriptHost, find_plugins_dir};
-use crate::train::interrupt::Interrupt;
-use crate::train::trainer::StartWith;
-use crate::train::{RunOptions, reference, trainer};
+use super::{ModelPreset, find_python_with_torch, median, pair_tokens, train_dpo, write_torch_batch};
+use crate::data::{TextTokenizer, Truncation, load_examples};
+use crate::model::{Llama, RandomInit, save_model};
+use crate::train::reference;
 
 /// One timed configuration.
 struct Config {
@@ -181,26 +179,15 @@ impl Timing {
     }
 }
 
-pub(crate) fn median(values: &[f64]) -> f64 {
-    let mut s = values.to_vec();
-    s.sort_by(f64::total_cmp);
-    if s.is_empty() { f64::NAN } else { s[s.len() / 2] }
-}
-
-fn model_config(size: ModelSize, vocab: usize) -> LlamaConfig {
-    let (hidden, inter, layers, heads, kv) = match size {
-        ModelSize::M10 => (384, 1024, 6, 6, 2),
-        ModelSize::Tiny => (64, 128, 2, 4, 2),
-        ModelSize::Smollm135m => (576, 1536, 30, 9, 3),
-    };
-    let real = size == ModelSize::Smollm135m;
-    serde_json::from_value(json!({
-        "model_type": "llama", "vocab_size": if real { 49152 } else { vocab }, "hidden_size": hidden, "intermediate_size": inter,
-        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
-        "max_position_embeddings": if real { 2048 } else { 1024 }, "rms_norm_eps": if real { 1e-5 } else { 1e-6 }, "rope_theta": if real { 100000.0 } else { 10000.0 },
-        "tie_word_embeddings": real, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2
-    }))
-    .expect("a valid config")
+impl ModelSize {
+    /// The model shape; the small ones take the bench tokenizer's vocabulary (`vocab`).
+    fn preset(self, vocab: usize) -> ModelPreset {
+        match self {
+            ModelSize::M10 => super::M10.with_vocab(vocab),
+            ModelSize::Tiny => super::TINY.with_vocab(vocab),
+            ModelSize::Smollm135m => super::SMOLLM_135M,
+        }
+    }
 }
 
 const LIMITS: Truncation = Truncation { max_length: 1024, max_prompt_length: 896 };
@@ -237,7 +224,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
     device.seed(1);
 
     let tokenizer = TextTokenizer::load(&tokenizer_json, Some(1), Some(2))?;
-    let config = model_config(opts.size, tokenizer.vocab_size());
+    let config = opts.size.preset(tokenizer.vocab_size()).config();
     let model = Llama::build(&config, &mut RandomInit { std: 0.02 }, &device)?;
     let model_dir = opts.out.join("model");
     save_model(&model, &config, &tokenizer_json, &model_dir)?;
@@ -249,7 +236,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
         }
         REAL_SIZE_LENGTHS.iter().map(|(name, _)| *name).collect()
     } else {
-        let large = model_config(opts.size, LARGE_VOCAB);
+        let large = opts.size.preset(LARGE_VOCAB).config();
         save_model(&Llama::build(&large, &mut RandomInit { std: 0.02 }, &device)?, &large, &tokenizer_json, &opts.out.join("model_large_vocab"))?;
         write_data(&pairs, &sft, &opts.out, opts.batch_size)?;
         vec!["metamath", "long_prompt"]
@@ -363,16 +350,6 @@ fn write_long_data(tokenizer: &TextTokenizer, pairs: &Path, sft: &Path, out: &Pa
     Ok(())
 }
 
-fn write_torch_batch(examples: &[Example], pad_id: u32, path: &Path) -> Result<()> {
-    let batch = json!({
-        "pad_id": pad_id,
-        "prompt": examples.iter().map(|e| &e.prompt).collect::<Vec<_>>(),
-        "chosen": examples.iter().map(|e| &e.chosen).collect::<Vec<_>>(),
-        "rejected": examples.iter().map(|e| &e.rejected).collect::<Vec<_>>(),
-    });
-    Ok(std::fs::write(path, batch.to_string())?)
-}
-
 /// The child: trains `warmup + steps` steps of one configuration through the real
 /// trainer (script host, reload checks, metrics) and writes its timings.
 pub fn run_child(name: &str, out: &Path, steps: usize, warmup: usize, round: usize) -> Result<()> {
@@ -383,20 +360,13 @@ pub fn run_child(name: &str, out: &Path, steps: usize, warmup: usize, round: usi
     let ref_logps = if config.precomputed_ref { format!("ref_logps: \"{}\",", out.join(format!("{}.ref.jsonl", config.data)).display()) } else { String::new() };
     let lora = if config.lora { "lora: #{ r: 16, lora_alpha: 32, target_modules: \"all-linear\" }," } else { "" };
     let batch = std::fs::read_to_string(&data)?.lines().count();
-    let script = format!(
-        "import \"losses/dpo\" as dpo;\nfn loss(batch, params) {{ dpo::loss(batch, params) }}\ntrain(#{{\n  model: \"{}\", data: \"{}\", batch_size: {batch},\n  max_length: {}, max_prompt_length: {}, lr: 1e-4, max_grad_norm: 1.0,\n  log_every: 1000, progress: false, seed: 1, prefix_sharing: {}, gradient_checkpointing: {}, {ref_logps}{chunk}{lora}\n  params: #{{ beta: 0.1 }},\n}});\n",
+    let fields = format!(
+        "model: \"{}\", data: \"{}\", batch_size: {batch},\n  max_length: {}, max_prompt_length: {}, lr: 1e-4, max_grad_norm: 1.0,\n  log_every: 1000, progress: false, seed: 1, prefix_sharing: {}, gradient_checkpointing: {}, {ref_logps}{chunk}{lora}",
         out.join(config.model).display(), data.display(), limits.max_length, limits.max_prompt_length, config.prefix_sharing, config.gradient_checkpointing
     );
     let script_path = out.join(format!("{}.rhai", name.replace('/', "_")));
-    std::fs::write(&script_path, script)?;
-    let plugins = find_plugins_dir(&std::env::current_dir()?.join("scripts/smaug.rhai"), None)?;
-    let mut host = ScriptHost::new(ScriptEngine::new(&plugins, &Limits::default()));
-    let version = host.load(&script_path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let train_config = trainer::config_of(&version, None)?;
     let run_dir = out.join("runs").join(format!("{}-round{round}", name.replace('/', "_")));
-    let options = RunOptions { script: script_path, watch: false, run_dir: Some(run_dir.clone()), max_steps: Some(warmup + steps), resume: None, resume_anyway: false };
-    let with = StartWith { eval_before: false, held: None, interrupt: Interrupt::ctrl_c(), rust_dpo_loss: config.rust_loss };
-    let summary = trainer::train_one_locked(&mut host, options, version, train_config, with)?;
+    let summary = train_dpo(&fields, &script_path, &run_dir, warmup + steps, config.rust_loss)?;
     // The run's metrics stay; its checkpoints (weights and AdamW state, ~100 MB each on the
     // 34.6M model) would fill the disk over a full bench.
     for entry in std::fs::read_dir(&run_dir)? {
@@ -422,21 +392,9 @@ pub fn run_child(name: &str, out: &Path, steps: usize, warmup: usize, round: usi
     Ok(())
 }
 
-/// Tokens of both sequences of every pair: the work a step does, whatever the layout.
-fn pair_tokens(examples: &[Example]) -> usize {
-    examples.iter().map(|e| 2 * e.prompt.len() + e.chosen.len() + e.rejected.len()).sum()
-}
-
 /// Peak resident memory of this process (VmHWM), in MB.
 fn peak_rss_mb() -> f64 {
     crate::train::memory::peak_rss_bytes().map_or(f64::NAN, |bytes| bytes / 1048576.0)
-}
-
-pub(crate) fn find_python_with_torch() -> Option<String> {
-    let candidates = [std::env::var("PREFHOST_PYTHON").ok(), Some("python3".to_string())];
-    candidates.into_iter().flatten().find(|py| {
-        Command::new(py).args(["-c", "import torch"]).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
-    })
 }
 
 /// One round of a PyTorch peer; its first-step log-probs must be prefhost's (`reference`:
