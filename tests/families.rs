@@ -121,7 +121,8 @@ fn configs_that_would_compute_something_else_are_refused_by_key() {
     let base = |name: &str| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(common::repo().join("tests/fixtures/hf5").join(name).join("config.json")).unwrap()).unwrap()
     };
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         ("gemma2", Box::new(|c| c["hidden_activation"] = "gelu".into()), "hidden_activation"),
         ("gemma2", Box::new(|c| c["layer_types"][1] = "chunked_attention".into()), "layer_types"),
         ("gemma2", Box::new(|c| c["use_bidirectional_attention"] = true.into()), "use_bidirectional_attention"),

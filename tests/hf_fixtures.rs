@@ -152,7 +152,7 @@ fn sliding_window_holds_in_packed_rows_and_decoding() {
     assert!(worst < 2e-5, "packed vs plain differ by {worst}");
 
     let prompt = rows[2].ids[..3].to_vec();
-    let generated = prefhost::model::generate::greedy(&model, &[prompt.clone()], 24, &[], 1);
+    let generated = prefhost::model::generate::greedy(&model, std::slice::from_ref(&prompt), 24, &[], 1);
     let mut sequence: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
     for _ in 0..24 {
         let n = sequence.len();
@@ -239,13 +239,13 @@ fn sharded_checkpoint_loads_and_a_missing_shard_is_named() {
 
     let copy = copy_fixture(&dir);
     std::fs::remove_file(copy.path().join("model-00003-of-00004.safetensors")).unwrap();
-    let err = format!("{:#}", load_model(copy.path(), &Device::default()).err().expect("a missing shard must be an error"));
+    let err = format!("{:#}", load_model(copy.path(), &Device::default()).expect_err("a missing shard must be an error"));
     assert!(err.contains("model-00003-of-00004.safetensors"), "{err}");
 
     // A tensor in two shards: which copy applies would be a guess.
     let copy = copy_fixture(&dir);
     add_tensors(&copy.path().join("model-00004-of-00004.safetensors"), &[("model.embed_tokens.weight", vec![96, 32])]);
-    let err = format!("{:#}", load_model(copy.path(), &Device::default()).err().expect("a tensor in two shards must be an error"));
+    let err = format!("{:#}", load_model(copy.path(), &Device::default()).expect_err("a tensor in two shards must be an error"));
     assert!(err.contains("model.embed_tokens.weight") && err.contains("model-00001-of-00004.safetensors") && err.contains("model-00004-of-00004.safetensors"), "{err}");
 }
 
@@ -272,7 +272,7 @@ fn add_tensors(file: &std::path::Path, extra: &[(&str, Vec<usize>)]) {
 /// the config does not declare, a layer it does not have): refused, named with its file.
 #[test]
 fn unused_checkpoint_tensors_are_refused_by_name() {
-    let load_err = |dir: &std::path::Path| format!("{:#}", load_model(dir, &Device::default()).err().expect("an unused tensor must be an error"));
+    let load_err = |dir: &std::path::Path| format!("{:#}", load_model(dir, &Device::default()).expect_err("an unused tensor must be an error"));
     // One extra tensor in a single-file checkpoint.
     let copy = copy_fixture(&common::repo().join("tests/fixtures/hf5/llama"));
     add_tensors(&copy.path().join("model.safetensors"), &[("model.layers.2.mlp.up_proj.weight", vec![64, 32])]);

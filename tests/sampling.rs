@@ -312,7 +312,7 @@ fn host_sample_writes_one_line_per_sample_and_repeats() {
         assert!(line["prompt"].as_str().unwrap().starts_with("Question:"));
         let ids = line["completion_ids"].as_array().unwrap();
         assert!(!ids.is_empty() && ids.len() <= 24);
-        assert!(line["completion"].as_str().unwrap().len() > 0);
+        assert!(!line["completion"].as_str().unwrap().is_empty());
         assert!(line["eos"].is_boolean());
     }
 }

@@ -190,8 +190,8 @@ fn lora_and_reference_logps_equal_those_of_f32_copies() {
 
 fn load_error(dir: &Path) -> String {
     // Both ways of loading read the same headers and bytes.
-    let frozen = format!("{:#}", load_frozen_model(dir, &Device::default()).err().expect("a bad checkpoint must be an error"));
-    let f32 = format!("{:#}", load_model(dir, &Device::default()).err().expect("a bad checkpoint must be an error"));
+    let frozen = format!("{:#}", load_frozen_model(dir, &Device::default()).expect_err("a bad checkpoint must be an error"));
+    let f32 = format!("{:#}", load_model(dir, &Device::default()).expect_err("a bad checkpoint must be an error"));
     assert_eq!(frozen, f32);
     frozen
 }
@@ -242,7 +242,7 @@ fn bad_checkpoint_files_are_refused_naming_file_and_tensor() {
     let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     header[key]["shape"] = serde_json::json!([64]);
     let mut text = header.to_string().into_bytes();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut edited = (text.len() as u64).to_le_bytes().to_vec();

@@ -31,10 +31,12 @@ fn event_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+type ByStepAndTag<T> = BTreeMap<(i64, String), T>;
+
 /// (step, tag) → value of every scalar, and (step, tag) → text of every text summary, after
 /// TensorBoard's rule for a SessionLog START at step s: points of earlier files at steps ≥ s
 /// are dropped.
-fn tensorboard_view(files: &[PathBuf]) -> (BTreeMap<(i64, String), f32>, BTreeMap<(i64, String), String>) {
+fn tensorboard_view(files: &[PathBuf]) -> (ByStepAndTag<f32>, ByStepAndTag<String>) {
     let (mut scalars, mut texts) = (BTreeMap::new(), BTreeMap::new());
     for file in files {
         for event in read_events(file).unwrap() {

@@ -48,8 +48,11 @@ impl GenerationTiming {
     }
 }
 
+/// The token ids of rows decoded together.
+type RowGroup = Vec<Vec<u32>>;
+
 /// The rows both sides decode: every prompt's tokens `n` times, in prefhost's groups.
-fn row_groups(opts: &SampleBenchOptions) -> Result<(Vec<Vec<u32>>, Vec<Vec<Vec<u32>>>)> {
+fn row_groups(opts: &SampleBenchOptions) -> Result<(Vec<Vec<u32>>, Vec<RowGroup>)> {
     let config = crate::model::LlamaConfig::from_file(&opts.model.join("config.json"))?;
     let tokenizer = TextTokenizer::load_with(&opts.model.join("tokenizer.json"), &config.eos_ids(), config.pad_token_id)?;
     let prompts: Vec<Vec<u32>> = load_prompts(&opts.prompts, &tokenizer, config.max_positions())?.into_iter().map(|p| p.tokens).collect();

@@ -50,10 +50,13 @@ const DEFAULT: &str = "default";
 /// by save_pretrained since 4.5x when a tokenizer holds several.
 pub const NAMED_TEMPLATES_DIR: &str = "additional_chat_templates";
 
+/// Template name → (its text, the file it came from).
+type TemplatesBySource = BTreeMap<String, (String, String)>;
+
 /// Every chat template a tokenizer folder holds, by name, with where each was read.
 /// Several sources may hold the same name only with the same text: which one transformers
 /// would pick is not ours to guess.
-fn folder_templates(config: &Path) -> Result<(Value, BTreeMap<String, (String, String)>)> {
+fn folder_templates(config: &Path) -> Result<(Value, TemplatesBySource)> {
     let dir = config.parent().unwrap_or(Path::new("."));
     let json: Value = if config.is_file() {
         let text = std::fs::read_to_string(config).with_context(|| format!("{}: cannot read", config.display()))?;

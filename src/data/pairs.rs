@@ -275,39 +275,6 @@ fn tokenize_row(
     Ok(Example { prompt, chosen, rejected, line, label: None })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::Example;
-
-    fn pair(chosen: &[u32], rejected: &[u32]) -> Example {
-        Example { prompt: vec![0], chosen: chosen.to_vec(), rejected: rejected.to_vec(), line: 1, label: None }
-    }
-
-    #[test]
-    fn one_substituted_token() {
-        // " 6 * 5 = 30." vs " 6 * 5 = 33.": one token of six differs, at index 4.
-        let e = pair(&[10, 11, 12, 13, 30, 14], &[10, 11, 12, 13, 33, 14]);
-        assert_eq!(e.first_difference(), Some(4));
-        assert!((e.normalised_edit_distance() - 1.0 / 6.0).abs() < 1e-12);
-    }
-
-    #[test]
-    fn insertions_deletions_and_identity() {
-        let e = pair(&[1, 2, 3, 4], &[1, 3, 4]);
-        assert_eq!(e.first_difference(), Some(1));
-        assert!((e.normalised_edit_distance() - 0.25).abs() < 1e-12);
-        let e = pair(&[1, 2], &[1, 2, 3]);
-        assert_eq!(e.first_difference(), Some(2));
-        assert!((e.normalised_edit_distance() - 1.0 / 3.0).abs() < 1e-12);
-        let e = pair(&[5, 6], &[5, 6]);
-        assert_eq!(e.first_difference(), None);
-        assert_eq!(e.normalised_edit_distance(), 0.0);
-        // "kitten" -> "sitting": the classic distance 3, over 7 tokens.
-        let e = pair(&[11, 9, 20, 20, 5, 14], &[19, 9, 20, 20, 9, 14, 7]);
-        assert!((e.normalised_edit_distance() - 3.0 / 7.0).abs() < 1e-12);
-    }
-}
-
 /// Rows that need the chat template: message lists (ultrafeedback_binarized, TRL's
 /// conversational format) or orca_dpo_pairs' {system, question, chosen, rejected}.
 fn is_chat_row(row: &serde_json::Value) -> bool {
@@ -381,4 +348,37 @@ fn chat_unpaired_row(row: &serde_json::Value, tokenizer: &TextTokenizer) -> Resu
     }
     let (prompt_text, completions) = template.prompt_and_completions(&prompt, &[&completion])?;
     Ok((prompt_text, completions.into_iter().next().expect("one completion rendered")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Example;
+
+    fn pair(chosen: &[u32], rejected: &[u32]) -> Example {
+        Example { prompt: vec![0], chosen: chosen.to_vec(), rejected: rejected.to_vec(), line: 1, label: None }
+    }
+
+    #[test]
+    fn one_substituted_token() {
+        // " 6 * 5 = 30." vs " 6 * 5 = 33.": one token of six differs, at index 4.
+        let e = pair(&[10, 11, 12, 13, 30, 14], &[10, 11, 12, 13, 33, 14]);
+        assert_eq!(e.first_difference(), Some(4));
+        assert!((e.normalised_edit_distance() - 1.0 / 6.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn insertions_deletions_and_identity() {
+        let e = pair(&[1, 2, 3, 4], &[1, 3, 4]);
+        assert_eq!(e.first_difference(), Some(1));
+        assert!((e.normalised_edit_distance() - 0.25).abs() < 1e-12);
+        let e = pair(&[1, 2], &[1, 2, 3]);
+        assert_eq!(e.first_difference(), Some(2));
+        assert!((e.normalised_edit_distance() - 1.0 / 3.0).abs() < 1e-12);
+        let e = pair(&[5, 6], &[5, 6]);
+        assert_eq!(e.first_difference(), None);
+        assert_eq!(e.normalised_edit_distance(), 0.0);
+        // "kitten" -> "sitting": the classic distance 3, over 7 tokens.
+        let e = pair(&[11, 9, 20, 20, 5, 14], &[19, 9, 20, 20, 9, 14, 7]);
+        assert!((e.normalised_edit_distance() - 3.0 / 7.0).abs() < 1e-12);
+    }
 }

@@ -62,6 +62,7 @@ impl SharedOut {
 ///
 /// # Safety
 /// The views must cover m×k and k×n valid elements, and dst m×n writable ones.
+#[allow(clippy::too_many_arguments)] // BLAS-style: sizes, destination, operands
 pub unsafe fn gemm(m: usize, n: usize, k: usize, dst: *mut f32, dst_stride: usize, accumulate: bool, a: View, b: View) {
     // SAFETY: the caller's contract is this function's.
     unsafe { gemm_on(gemm::Parallelism::None, m, n, k, dst, dst_stride, accumulate, a, b) }
@@ -75,6 +76,7 @@ pub unsafe fn gemm(m: usize, n: usize, k: usize, dst: *mut f32, dst_stride: usiz
 ///
 /// # Safety
 /// As for `gemm`.
+#[allow(clippy::too_many_arguments)] // as `gemm`
 pub unsafe fn gemm_parallel(m: usize, n: usize, k: usize, dst: *mut f32, dst_stride: usize, accumulate: bool, a: View, b: View) {
     let threads = rayon::current_num_threads();
     if m * n * k < 192 * 192 * 192 || threads == 1 {

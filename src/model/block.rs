@@ -1,5 +1,5 @@
-//! One decoder layer. Pre-norm (llama, mistral, qwen): x + attn(norm(x)), then
-//! + mlp(norm(x)). Gemma2 also normalises each block's output before the residual add:
+//! One decoder layer. Pre-norm (llama, mistral, qwen): h = x + attn(norm(x)), then
+//! h + mlp(norm(h)). Gemma2 also normalises each block's output before the residual add:
 //! x + norm(attn(norm(x))), then x + norm(mlp(norm(x))).
 
 use burn::module::Module;

@@ -225,10 +225,9 @@ impl<B: Native, const N: usize> Backward<B, N> for RecomputeLayer {
 
 impl<B: Native> ModuleVisitor for Handover<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if let Some((_, node)) = self.slots.iter().find(|(id, _)| *id == param.id) {
-            if let Some(g) = param.val().grad(self.inner) {
+        if let Some((_, node)) = self.slots.iter().find(|(id, _)| *id == param.id)
+            && let Some(g) = param.val().grad(self.inner) {
                 self.outer.register::<B>(*node, B::plain(g));
             }
-        }
     }
 }

@@ -168,11 +168,10 @@ impl LlamaConfig {
             bail!("rope_parameters: per-layer-type rope settings ({}) are not supported", map.keys().cloned().collect::<Vec<_>>().join(", "));
         }
         let theta = map.get("rope_theta").and_then(|v| v.as_f64()).context("rope_parameters.rope_theta: missing or not a number")?;
-        if let Some(top) = raw.get("rope_theta").filter(|v| !v.is_null()) {
-            if top.as_f64() != Some(theta) {
+        if let Some(top) = raw.get("rope_theta").filter(|v| !v.is_null())
+            && top.as_f64() != Some(theta) {
                 bail!("rope_theta ({top}) and rope_parameters.rope_theta ({theta}) disagree");
             }
-        }
         if raw.get("rope_scaling").is_some_and(|v| !v.is_null()) {
             bail!("rope_scaling and rope_parameters are both set; a config has one or the other");
         }
@@ -254,13 +253,13 @@ impl LlamaConfig {
                 bail!("hidden_activation: {:?} is not supported (gemma2's \"gelu_pytorch_tanh\")", self.hidden_activation);
             }
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 && self.head_dim.is_none() {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) && self.head_dim.is_none() {
             bail!("hidden_size {} is not divisible by num_attention_heads {}", self.hidden_size, self.num_attention_heads);
         }
-        if self.num_attention_heads % self.kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             bail!("num_attention_heads {} is not a multiple of num_key_value_heads {}", self.num_attention_heads, self.kv_heads());
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             bail!("head_dim {} must be even for rotary embeddings", self.head_dim());
         }
         Ok(())
@@ -343,11 +342,10 @@ fn refuse_unsupported_keys(raw: &serde_json::Value, family: Option<Family>) -> R
     let get = |key: &str| raw.get(key).filter(|v| !v.is_null());
     // Gemma 2's MLP reads hidden_activation; transformers 4.x also wrote a matching hidden_act.
     let activation = if family == Some(Family::Gemma2) { "gelu_pytorch_tanh" } else { "silu" };
-    if let Some(act) = get("hidden_act") {
-        if act.as_str() != Some(activation) {
+    if let Some(act) = get("hidden_act")
+        && act.as_str() != Some(activation) {
             bail!("hidden_act: {act} is not supported (\"{activation}\" for this family)");
         }
-    }
     if family != Some(Family::Gemma2) && get("hidden_activation").is_some() {
         bail!("hidden_activation: not part of this family (gemma2 only)");
     }
@@ -357,10 +355,9 @@ fn refuse_unsupported_keys(raw: &serde_json::Value, family: Option<Family>) -> R
     if get("use_bidirectional_attention").is_some_and(|v| v != &serde_json::json!(false)) {
         bail!("use_bidirectional_attention: only causal attention is supported");
     }
-    if let Some(factor) = get("partial_rotary_factor") {
-        if factor.as_f64() != Some(1.0) {
+    if let Some(factor) = get("partial_rotary_factor")
+        && factor.as_f64() != Some(1.0) {
             bail!("partial_rotary_factor: {factor} is not supported (RoPE on the whole head)");
         }
-    }
     Ok(())
 }

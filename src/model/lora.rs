@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::llama::{Llama, named_param};
 use super::precision::MixedPrecision;
+use super::weights::NamedTensors;
 
 /// The projections an adapter can sit on, in PEFT's names.
 pub const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -280,7 +281,7 @@ impl Llama {
     }
 
     /// The adapters under their PEFT names and layout ([r, in] for A, [out, r] for B).
-    pub fn adapter_tensors(&self) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    pub fn adapter_tensors(&self) -> NamedTensors {
         let mut out = BTreeMap::new();
         for (path, _, projection) in self.projections() {
             if let Some(adapter) = &projection.lora {
@@ -312,7 +313,7 @@ impl Llama {
 
     /// Replaces the adapters' values with `tensors` (PEFT names and layout), which must hold
     /// exactly the adapters this model has, in their shapes.
-    pub fn set_adapters(mut self, tensors: &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>, device: &Device) -> Result<Self> {
+    pub fn set_adapters(mut self, tensors: &mut NamedTensors, device: &Device) -> Result<Self> {
         for (path, _, projection) in self.projections_mut() {
             let Some(adapter) = projection.lora.as_mut() else { continue };
             for factor in ["A", "B"] {

@@ -258,7 +258,10 @@ fn load_model_with(dir: &Path, device: &Device, keep_stored_dtype: bool) -> Resu
 }
 
 /// The model's parameters under their HF names and layout.
-pub fn hf_tensors(model: &Llama) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+/// Tensors by HF name: shape and f32 values.
+pub type NamedTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+pub fn hf_tensors(model: &Llama) -> NamedTensors {
     fn values<const D: usize>(t: Tensor<D>) -> (Vec<usize>, Vec<f32>) {
         let shape = t.dims().to_vec();
         (shape, crate::tensor::values(t))
@@ -346,7 +349,7 @@ pub fn save_adapter(model: &Llama, lora: &LoraConfig, base_model: &str, tokenize
 pub struct AdapterFiles {
     pub lora: LoraConfig,
     pub base_model: Option<String>,
-    pub tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    pub tensors: NamedTensors,
 }
 
 pub fn read_adapter(dir: &Path) -> Result<AdapterFiles> {
@@ -442,7 +445,7 @@ impl Staging<'_> {
         failpoint::file_written(self.target, name)
     }
 
-    fn safetensors(&self, name: &str, tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<()> {
+    fn safetensors(&self, name: &str, tensors: NamedTensors) -> Result<()> {
         write_safetensors(tensors, &self.path.join(name))?;
         failpoint::file_written(self.target, name)
     }
@@ -576,7 +579,7 @@ pub fn recover_folder(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn write_safetensors(tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>, path: &Path) -> Result<()> {
+fn write_safetensors(tensors: NamedTensors, path: &Path) -> Result<()> {
     let views = tensors.into_iter().map(|(name, (shape, values))| (name, F32View { shape, values }));
     let mut metadata = HashMap::new();
     metadata.insert("format".to_string(), "pt".to_string());

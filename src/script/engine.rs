@@ -115,7 +115,7 @@ impl ScriptEngine {
         engine.register_fn("assert_true", |cond: bool, msg: &str| -> Result<(), Box<EvalAltResult>> {
             if cond { Ok(()) } else { Err(runtime_error(format!("assertion failed: {msg}"))) }
         });
-        engine.on_print(|text| crate::console::line(text));
+        engine.on_print(crate::console::line);
         engine.on_debug(|text, source, pos| {
             crate::console::line(&format!("[debug {}:{}] {text}", source.unwrap_or("script"), pos))
         });

@@ -74,7 +74,7 @@ mod tests {
 
     #[test]
     fn sampling_is_without_replacement_and_seeded() {
-        let items: Array = (0..50).map(|i| Dynamic::from_int(i)).collect();
+        let items: Array = (0..50).map(Dynamic::from_int).collect();
         let s = sample_without_replacement(items.clone(), 20, 3).unwrap();
         let mut got: Vec<INT> = s.iter().map(|v| v.as_int().unwrap()).collect();
         let again: Vec<INT> = sample_without_replacement(items.clone(), 20, 3).unwrap().iter().map(|v| v.as_int().unwrap()).collect();

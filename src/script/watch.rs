@@ -39,11 +39,10 @@ impl ScriptWatcher {
         })?;
         let mut dirs = HashSet::new();
         for f in files {
-            if let Some(dir) = canonical(f).parent() {
-                if dirs.insert(dir.to_path_buf()) {
+            if let Some(dir) = canonical(f).parent()
+                && dirs.insert(dir.to_path_buf()) {
                     watcher.watch(dir, RecursiveMode::NonRecursive)?;
                 }
-            }
         }
         Ok(Self {
             _watcher: watcher,

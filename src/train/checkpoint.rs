@@ -71,7 +71,7 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<(usize, PathBuf)> {
     // Newest first; one whose files do not match its manifest (damaged after it was
     // written) is passed over for the one before. It stays until the run saves that
     // step again, which replaces it.
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
     let mut damaged = Vec::new();
     for (step, path) in found {
         match verify_manifest(&path) {
@@ -130,9 +130,12 @@ pub enum Verdict {
     Damaged(String),
 }
 
+/// Each checkpoint folder with its verdict, and the staging folders found beside them.
+pub type RunVerdicts = (Vec<(PathBuf, Verdict)>, Vec<PathBuf>);
+
 /// Checks every checkpoint of `run_dir` against its manifest, without changing anything
 /// (a save in progress, or one a crash interrupted, is listed apart: `side`).
-pub fn verify_run(run_dir: &Path) -> Result<(Vec<(PathBuf, Verdict)>, Vec<PathBuf>)> {
+pub fn verify_run(run_dir: &Path) -> Result<RunVerdicts> {
     let mut verdicts = Vec::new();
     for (_, path) in checkpoint_folders(run_dir)? {
         let verdict = match verify_manifest(&path) {

@@ -50,15 +50,14 @@ impl ModuleVisitor for Scale<'_> {
 /// Σ g². On the CPU default one pass over the gradient in f64, summed in fixed blocks so the
 /// result does not depend on the thread split; elsewhere burn's square().sum() in f32.
 fn squared_sum<const D: usize>(g: Tensor<D>) -> f64 {
-    if crate::model::fused::enabled() && g.dtype() == DType::F32 {
-        if let Ok(t) = g.clone().try_into_primitive::<Flex>() {
+    if crate::model::fused::enabled() && g.dtype() == DType::F32
+        && let Ok(t) = g.clone().try_into_primitive::<Flex>() {
             let t = t.to_contiguous();
             if let Some(values) = t.as_slice::<f32>() {
                 let partials: Vec<f64> = values.par_chunks(1 << 15).map(sum_of_squares).collect();
                 return partials.iter().sum();
             }
         }
-    }
     g.square().sum().into_scalar::<f32>() as f64
 }
 

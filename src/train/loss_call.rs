@@ -25,6 +25,8 @@ pub struct LossBatch {
 }
 
 /// What the rows hold, by mode.
+// One per micro-batch, moved not copied: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum BatchRows {
     /// SFT: the targets (`chosen_*`, no reference) and their mean NLL per token.
     Sft { chosen: Sequences, chosen_nll: Tensor<1> },

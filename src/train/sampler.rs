@@ -38,7 +38,7 @@ impl Sampler {
     /// order, or with `replay` k the rows this micro-batch had at the first step of its
     /// group of k.
     pub fn rows_for(&mut self, step: usize, micro: usize) -> &[usize] {
-        let fresh = step % self.replay == 0 || self.replayed.len() <= micro;
+        let fresh = step.is_multiple_of(self.replay) || self.replayed.len() <= micro;
         if fresh {
             let rows = self.next_rows();
             self.replayed.truncate(micro);

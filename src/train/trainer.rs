@@ -289,7 +289,7 @@ pub fn train_one_locked(host: &mut ScriptHost, options: RunOptions, version: Scr
 
 /// Whether `done` steps end a log interval (or the run).
 fn logs_at(done: usize, total: usize, config: &TrainConfig) -> bool {
-    done % config.log_every == 0 || done == total
+    done.is_multiple_of(config.log_every) || done == total
 }
 
 /// The folder a new run writes into: `--run-dir`, or `output_dir/NAME-TIMESTAMP`; created
@@ -361,13 +361,15 @@ struct Learner {
     /// Data rows left out by skip_bad_rows: (file:line, reason).
     skipped_rows: Vec<(String, String)>,
     /// With LoRA: the adapters' initial values, what a reset moves them back toward.
-    initial_adapters: Option<std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>>,
+    initial_adapters: Option<crate::model::weights::NamedTensors>,
     /// The preflight's estimate of the run's peak memory.
     memory: Estimate,
     /// See `StartWith::rust_dpo_loss`.
     rust_dpo_loss: bool,
 }
 
+// Built once per run: the size difference between variants costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 enum Reference {
     Resident(Llama),
     /// LoRA: the policy with its adapters left out (no second model in memory).

@@ -172,7 +172,7 @@ mod tests {
     use burn::tensor::Distribution;
 
     fn flex(t: Tensor<2>) -> FlexTensor {
-        t.try_into_primitive::<Flex>().ok().expect("a flex tensor")
+        t.try_into_primitive::<Flex>().expect("a flex tensor")
     }
 
     /// Widening a band of columns at a time gives the product of the f32 weight, bit for
