@@ -1,6 +1,5 @@
 //! What an experiment leaves behind for people: PNG plots and tables, TensorBoard event files.
 
-pub mod font;
 pub mod plot;
 pub mod tensorboard;
 
