@@ -9,6 +9,7 @@ pub mod bench_gpu;
 pub mod bench_sample;
 pub mod cli;
 pub mod clock;
+pub mod dashboard;
 pub mod data;
 pub mod failpoint;
 pub mod kernels;
