@@ -288,6 +288,7 @@ fn the_live_page_follows_a_run_and_marks_reloads_with_their_diff() {
     browser.wait_js("a reload marker", Duration::from_secs(120), "return document.querySelectorAll('.marker[data-event=\"reload\"]').length > 0;");
     let page_step = last_step(&run_dir);
     let reload_step = read_lines(&run_dir.join("metrics.jsonl")).iter().find(|l| l["event"] == "reload").expect("a reload event")["step"].as_u64().unwrap();
+    println!("the reload marker was on the page {} step(s) after the reload", page_step.saturating_sub(reload_step));
     assert!(page_step <= reload_step + 25, "the marker came {} steps after the reload", page_step - reload_step);
     let counts = browser.js("const all = [...document.querySelectorAll('section.chart')]; return [all.length, all.filter(c => c.querySelector('.marker[data-event=\"reload\"]')).length];");
     let (charts, marked) = (counts[0].as_u64().unwrap(), counts[1].as_u64().unwrap());
