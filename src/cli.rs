@@ -24,7 +24,6 @@ enum Command {
     /// picked up at the next step.
     Run {
         /// The experiment script (with --resume: defaults to the one the run started with).
-        #[arg(required_unless_present = "resume")]
         script: Option<PathBuf>,
         /// Continue a run folder from its latest checkpoint (after a crash, kill or Ctrl-C).
         #[arg(long, conflicts_with = "run_dir")]
@@ -52,6 +51,21 @@ enum Command {
         /// if it would not fit); loads no weights and writes nothing.
         #[arg(long, conflicts_with = "resume")]
         dry_run: bool,
+        /// Serve a live page of the run while it trains: 127.0.0.1:8765 unless ADDR is given
+        /// (PORT, or HOST:PORT; port 0 picks a free one). Put it after SCRIPT, or write --dashboard=ADDR.
+        #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "", conflicts_with = "dry_run")]
+        dashboard: Option<String>,
+    },
+    /// A live page of run folders, finished or running, side by side (read-only): charts of
+    /// every metric with reloads and failures marked, comparison arms overlaid, held-out
+    /// evaluations, the config, progress. Serves until stopped (Ctrl-C).
+    Dashboard {
+        #[arg(required = true, value_name = "RUN_DIR")]
+        run_dirs: Vec<PathBuf>,
+        /// Where to listen: PORT or HOST:PORT (default 127.0.0.1:8765; port 0 picks a free
+        /// one). An address beyond loopback lets anyone who reaches it read the runs.
+        #[arg(long, value_name = "ADDR")]
+        addr: Option<String>,
     },
     /// Compile scripts and every plugin they import, check their config; no training.
     Check {
@@ -341,11 +355,16 @@ fn host_for(script: &Path, plugins: Option<&Path>, limits: &Limits) -> Result<Sc
 fn dispatch(command: Command) -> Result<ExitCode> {
     crate::failpoint::check()?;
     match command {
-        Command::Run { script, resume, resume_anyway, no_watch, plugins, run_dir, max_steps, max_operations, dry_run } => {
+        Command::Run { script, resume, resume_anyway, no_watch, plugins, run_dir, max_steps, max_operations, dry_run, dashboard } => {
             let script = match (script, &resume) {
                 (Some(script), _) => script,
                 (None, Some(dir)) => crate::train::checkpoint::read_run_info(dir)?.script,
-                (None, None) => bail!("give a script, or --resume RUN_DIR"),
+                (None, None) => match dashboard.as_deref() {
+                    Some(taken) if Path::new(taken).is_file() => {
+                        bail!("--dashboard took {taken:?} as its address; put --dashboard after the script, or write --dashboard=ADDR")
+                    }
+                    _ => bail!("give a script, or --resume RUN_DIR"),
+                },
             };
             let limits = Limits { max_operations, ..Limits::default() };
             let mut host = host_for(&script, plugins.as_deref(), &limits)?;
@@ -353,7 +372,13 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 crate::train::trainer::dry_run(&mut host, &script)?;
                 return Ok(ExitCode::SUCCESS);
             }
-            let summary = crate::train::run(&mut host, RunOptions { script, watch: !no_watch, run_dir, max_steps, resume, resume_anyway })?;
+            let mut options = RunOptions { script, watch: !no_watch, run_dir, max_steps, resume, resume_anyway };
+            // Served from threads of its own while the run trains; gone when the run ends.
+            let _dashboard = match &dashboard {
+                Some(addr) => Some(start_run_dashboard(&mut host, &mut options, addr)?),
+                None => None,
+            };
+            let summary = crate::train::run(&mut host, options)?;
             // 130 = stopped by SIGINT, as shells report it; the checkpoint is written.
             Ok(if summary.interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS })
         }
@@ -487,6 +512,10 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Dashboard { run_dirs, addr } => {
+            crate::dashboard::serve_folders(&run_dirs, addr.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Verify { run_dir } => {
             let (lines, sound) = crate::train::checkpoint::verify_report(&run_dir)?;
             println!("{}", lines.join("\n"));
@@ -504,6 +533,33 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `host run --dashboard`: the run folder is decided first (a new run's default name is
+/// fixed here, so the page follows the folder the run then creates), and the page is served
+/// before training starts, so a port in use stops the command before anything is written.
+fn start_run_dashboard(host: &mut ScriptHost, options: &mut RunOptions, addr: &str) -> Result<crate::dashboard::Dashboard> {
+    let parsed = crate::dashboard::parse_address(Some(addr));
+    let addr = match parsed {
+        Ok(addr) => addr,
+        Err(_) if Path::new(addr).is_file() => {
+            bail!("--dashboard took {addr:?} as its address; put --dashboard after the script, or write --dashboard=ADDR")
+        }
+        Err(e) => return Err(e),
+    };
+    let dir = match (&options.resume, &options.run_dir) {
+        (Some(dir), _) | (None, Some(dir)) => dir.clone(),
+        (None, None) => {
+            let version = host.load(&options.script).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let config = crate::train::trainer::config_of(&version, None)?;
+            let dir = crate::train::trainer::run_folder_for(options, &config);
+            options.run_dir = Some(dir.clone());
+            dir
+        }
+    };
+    let dashboard = crate::dashboard::start(addr, vec![crate::dashboard::RunFolder::pending(&dir)])?;
+    println!("dashboard: {} (read-only; run folder {}; served while this run lasts, later with: host dashboard {})", dashboard.url, dir.display(), dir.display());
+    Ok(dashboard)
 }
 
 /// Compiles the script and its plugins, evaluates its top level and checks the config.

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod console;
+pub mod dashboard;
 pub mod data;
 pub mod failpoint;
 pub mod files;

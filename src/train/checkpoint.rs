@@ -285,7 +285,7 @@ pub fn restore_optimizer(ckpt: &Path, optimizer: ModuleOptimizer) -> Result<Modu
 
 /// Copies the exact sources a run used (at start and after each reload) into the run folder.
 pub fn save_sources(run_dir: &Path, step: usize, version: &ScriptVersion) -> Result<()> {
-    let dir = run_dir.join("sources").join(format!("step-{step:06}"));
+    let dir = run_dir.join(SOURCES_DIR).join(format!("step-{step:06}"));
     for (path, text) in &version.sources {
         let target = dir.join(relative(path));
         if let Some(parent) = target.parent() {
@@ -294,6 +294,45 @@ pub fn save_sources(run_dir: &Path, step: usize, version: &ScriptVersion) -> Res
         std::fs::write(&target, text).with_context(|| format!("writing {}", target.display()))?;
     }
     Ok(())
+}
+
+/// Copies the sources of a version an edit tried and a reload rejected (as they are on
+/// disk now: the running version's files, read again) into `rejected_sources/step-N/`, so
+/// the edit that failed can be looked at beside its error (`host dashboard`).
+pub fn save_rejected_sources(run_dir: &Path, step: usize, running: &ScriptVersion) -> Result<()> {
+    let dir = run_dir.join(REJECTED_SOURCES_DIR).join(format!("step-{step:06}"));
+    for (path, _) in &running.sources {
+        // A file the edit removed is left out: the error names what is missing.
+        let Ok(text) = std::fs::read_to_string(path) else { continue };
+        let target = dir.join(relative(path));
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        std::fs::write(&target, text).with_context(|| format!("writing {}", target.display()))?;
+    }
+    Ok(())
+}
+
+/// The sources of every version a run used, by the step it took over (`step-NNNNNN/`).
+pub const SOURCES_DIR: &str = "sources";
+/// The sources of versions a reload rejected, by the step of the attempt.
+pub const REJECTED_SOURCES_DIR: &str = "rejected_sources";
+/// What the run's script asked for: its `train(config)` map as the version in use has it,
+/// the arm, and the steps the run takes; rewritten after each reload.
+pub const CONFIG_FILE: &str = "train_config.json";
+
+/// Writes `RUN_DIR/train_config.json` (through a temporary file and a rename, so a reader
+/// never sees half of it): the script's `train(config)` map, as JSON, at `step`.
+pub fn write_train_config(run_dir: &Path, version: &ScriptVersion, arm: Option<&str>, total_steps: Option<usize>, step: usize) -> Result<()> {
+    let config = version.config.clone().map(|map| {
+        serde_json::to_value(rhai::Dynamic::from_map(map)).unwrap_or_else(|e| json!(format!("(not representable as JSON: {e})")))
+    });
+    let value = json!({"step": step, "arm": arm, "total_steps": total_steps, "script": relative(&version.path), "config": config});
+    let path = run_dir.join(CONFIG_FILE);
+    let tmp = run_dir.join(format!("{CONFIG_FILE}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&value)?)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The path relative to the working directory, or without its root when it lies

@@ -46,14 +46,14 @@ pub fn run_comparison(host: &mut ScriptHost, options: RunOptions, config: TrainC
             dir.clone()
         }
         None => {
-            let name = config.name.clone().unwrap_or_else(|| options.script.file_stem().and_then(|s| s.to_str()).unwrap_or("compare").to_string());
-            let dir = options.run_dir.clone().unwrap_or_else(|| Path::new(&config.output_dir).join(format!("{name}-{}", crate::clock::timestamp())));
+            let dir = super::trainer::run_folder_for(&options, &config);
             if dir.exists() {
                 bail!("{}: run folder already exists; continue it with --resume, or choose another with --run-dir", dir.display());
             }
             std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
             _lock = RunLock::acquire(&dir)?;
             checkpoint::write_run_info(&dir, &options.script, None)?;
+            checkpoint::write_train_config(&dir, &host.load(&options.script).map_err(|e| anyhow::anyhow!("{e}"))?, None, None, 0)?;
             dir
         }
     };

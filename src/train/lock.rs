@@ -81,6 +81,13 @@ impl RunLock {
     }
 }
 
+/// Whether a lock file's text names a live holder: a process running on this host, or one
+/// of another host (which cannot be checked from here). Empty or malformed: not held.
+pub fn names_a_live_holder(lock_text: &str) -> bool {
+    let Ok(holder) = serde_json::from_str::<LockInfo>(lock_text) else { return false };
+    holder.host != hostname() || alive(holder.pid)
+}
+
 impl RunLock {
     /// For a holder that removed the whole run folder, lock file included: nothing is
     /// left to remove (and a lock a later run creates there is not this one).

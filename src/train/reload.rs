@@ -9,7 +9,7 @@ use burn::tensor::Device;
 use rhai::{Dynamic, INT, Map};
 use serde_json::json;
 
-use super::checkpoint::{relative, save_sources};
+use super::checkpoint::{relative, save_rejected_sources, save_sources, write_train_config};
 use super::config::TrainConfig;
 use crate::console;
 use super::loss_call::{LossBatch, loss_params, read_loss_output};
@@ -85,6 +85,7 @@ impl Scripts {
                 console::line(&format!("reloaded {} at step {step}", shown.join(", ")));
                 log.event(step, "reload", json!({"files": shown}))?;
                 save_sources(run_dir, step, &version)?;
+                write_train_config(run_dir, &version, config.arm.as_deref(), Some(dry_run.total_steps), step)?;
                 self.watcher = Some(ScriptWatcher::new(&files_of(&version))?);
                 self.previous = Some(std::mem::replace(&mut self.current, version));
                 self.reloads += 1;
@@ -92,6 +93,7 @@ impl Scripts {
             Err(error) => {
                 console::line(&format!("reload of {} at step {step} failed, keeping the running version:\n{error}", shown.join(", ")));
                 log.event(step, "reload_failed", json!({"files": shown, "error": error}))?;
+                save_rejected_sources(run_dir, step, &self.current)?;
             }
         }
         Ok(())

@@ -157,6 +157,7 @@ pub fn train_one_locked(host: &mut ScriptHost, options: RunOptions, version: Scr
         }
     };
     save_sources(&run_dir, start, &scripts.current)?;
+    checkpoint::write_train_config(&run_dir, &scripts.current, learner.config.arm.as_deref(), Some(learner.total_steps), start)?;
     if !changed_inputs.is_empty() {
         console::line(&format!("notice: resuming anyway onto changed inputs:\n  {}", changed_inputs.join("\n  ")));
         log.event(start, "resumed_anyway", json!({"changed": changed_inputs}))?;
@@ -296,14 +297,20 @@ fn logs_at(done: usize, total: usize, config: &TrainConfig) -> bool {
 /// here, and refused if it exists; with the fingerprints of its inputs, taken before the
 /// folder is made (after the loaders checked the inputs, so that their errors come first).
 fn new_run_folder(options: &RunOptions, config: &TrainConfig) -> Result<(PathBuf, RunIdentity)> {
-    let name = config.name.clone().unwrap_or_else(|| stem(&options.script));
-    let run_dir = options.run_dir.clone().unwrap_or_else(|| Path::new(&config.output_dir).join(format!("{name}-{}", crate::clock::timestamp())));
+    let run_dir = run_folder_for(options, config);
     if run_dir.exists() {
         bail!("{}: run folder already exists; continue it with --resume, or choose another with --run-dir", run_dir.display());
     }
     let identity = RunIdentity::of(config)?;
     std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
     Ok((run_dir, identity))
+}
+
+/// The folder a new run (or comparison) of `options` writes into: `--run-dir`, or
+/// `output_dir/NAME-TIMESTAMP` (NAME: the config's `name`, else the script's file name).
+pub fn run_folder_for(options: &RunOptions, config: &TrainConfig) -> PathBuf {
+    let name = config.name.clone().unwrap_or_else(|| stem(&options.script));
+    options.run_dir.clone().unwrap_or_else(|| Path::new(&config.output_dir).join(format!("{name}-{}", crate::clock::timestamp())))
 }
 
 /// The script's `on_log(step, metrics)` hook, when it has one; a failure is reported and

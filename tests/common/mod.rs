@@ -214,3 +214,19 @@ pub fn python_with(module: &str) -> Option<String> {
     }
     Some(python)
 }
+
+/// Headless Chromium and its WebDriver, for the dashboard's browser tests: chromedriver
+/// ($PREFHOST_CHROMEDRIVER, else `chromedriver`) and the browser ($PREFHOST_CHROMIUM, else
+/// `chromium`), if both run. Without them the caller skips, except under CI, which installs
+/// Debian's `chromium` and `chromium-driver` (.ci/run).
+pub fn chromium_with_driver() -> Option<(String, String)> {
+    let driver = std::env::var("PREFHOST_CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
+    let browser = std::env::var("PREFHOST_CHROMIUM").unwrap_or_else(|_| "chromium".into());
+    let runs = |program: &str| std::process::Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success());
+    if !runs(&driver) || !runs(&browser) {
+        assert!(std::env::var_os("CI").is_none(), "CI: {browser} or {driver} is missing (.ci/run installs Debian's chromium and chromium-driver)");
+        eprintln!("skipped: no {browser} with {driver} (apt-get install chromium chromium-driver, or set PREFHOST_CHROMIUM and PREFHOST_CHROMEDRIVER)");
+        return None;
+    }
+    Some((browser, driver))
+}
