@@ -209,5 +209,10 @@ fn bad_online_settings_are_refused_naming_the_field() {
         assert!(!out.status.success(), "{name}: accepted");
         assert!(text(&out).contains(&says), "{name}: expected {says:?} in:\n{}", text(&out));
         assert!(!dir.exists(), "{name}: a refused run leaves no run folder");
+        // `host check` reads the config too (not the prompts file).
+        if !["empty", "no_prompt"].contains(&name) {
+            let out = run_host(&["check", sb.path(&format!("scripts/{name}.rhai")).to_str().unwrap()]);
+            assert!(!out.status.success() && text(&out).contains(&says), "host check {name}: {}", text(&out));
+        }
     }
 }
