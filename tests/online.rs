@@ -216,3 +216,28 @@ fn bad_online_settings_are_refused_naming_the_field() {
         }
     }
 }
+
+#[test]
+fn a_reward_edit_that_fails_goes_back_to_the_previous_reward() {
+    let sb = Sandbox::new();
+    let path = sb.write("scripts/edited.rhai", &script(REWARD, "every: 2", "max_steps: 4000,"));
+    let dir = sb.path("edited");
+    // Watching, as users run it.
+    let _run = KillOnDrop(host().args(["run", path.to_str().unwrap(), "--run-dir", dir.to_str().unwrap()]).stdout(std::process::Stdio::null()).spawn().unwrap());
+    let metrics = dir.join("metrics.jsonl");
+    let rounds = |l: &[serde_json::Value]| l.iter().filter(|x| x["event"] == "online_round").count();
+    wait_for(&metrics, "the first rounds", |l| rounds(l) >= 2);
+    // Compiles and defines a reward, so the reload takes it; it fails on the next round's samples.
+    sb.write("scripts/edited.rhai", &script("fn reward(prompt, completion, row) {\n    \"high\"\n}", "every: 2", "max_steps: 4000,"));
+    let lines = wait_for(&metrics, "the failing reward", |l| l.iter().any(|x| x["event"] == "reward_failed"));
+    let failed = lines.iter().find(|x| x["event"] == "reward_failed").unwrap();
+    assert!(failed["error"].as_str().unwrap().contains("edited.rhai:4"), "{failed}");
+    assert!(lines.iter().any(|x| x["event"] == "reload" && x["step"].as_u64() <= failed["step"].as_u64()), "the edit was reloaded first");
+    // That round and the next are scored by the previous version, and training goes on.
+    let after = failed["step"].as_u64().unwrap();
+    let lines = wait_for(&metrics, "the next rounds", |l| l.iter().filter(|x| x["event"] == "online_round" && x["step"].as_u64().unwrap() > after).count() >= 2);
+    for round in lines.iter().filter(|x| x["event"] == "online_round" && x["step"].as_u64().unwrap() > after) {
+        assert!(round["online/reward_mean"].is_number(), "{round}");
+    }
+    assert!(lines.iter().any(|x| x.get("loss").is_some() && x["step"].as_u64().unwrap() > after + 1));
+}
