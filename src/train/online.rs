@@ -228,9 +228,11 @@ impl Online {
     fn best_vs_worst(&self, samples: &[ScoredSample], n: usize) -> Vec<RoundPair> {
         let mut pairs = Vec::new();
         for group in samples.chunks(n) {
-            let scored: Vec<(usize, f64)> = group.iter().enumerate().filter_map(|(i, s)| s.score.map(|x| (i, x))).collect();
-            let Some(&(best, high)) = scored.iter().fold(None::<&(usize, f64)>, |acc, x| if acc.is_none_or(|a| x.1 > a.1) { Some(x) } else { acc }) else { continue };
-            let Some(&(worst, low)) = scored.iter().fold(None::<&(usize, f64)>, |acc, x| if acc.is_none_or(|a| x.1 < a.1) { Some(x) } else { acc }) else { continue };
+            let scored = group.iter().enumerate().filter_map(|(i, s)| s.score.map(|x| (i, x)));
+            // Strict comparisons keep the first of equal scores.
+            let best = scored.clone().reduce(|a, b| if b.1 > a.1 { b } else { a });
+            let worst = scored.reduce(|a, b| if b.1 < a.1 { b } else { a });
+            let (Some((best, high)), Some((worst, low))) = (best, worst) else { continue };
             if high == low {
                 continue;
             }
