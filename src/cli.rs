@@ -579,6 +579,7 @@ fn check(script: &Path, plugins: Option<&Path>) -> Result<String> {
                     bail!("{}: the script defines no fn {name}(batch, params)", version.display_path());
                 }
             }
+            crate::train::reload::require_reward(&version, &config)?;
             crate::backend::backend_device(&config.backend).map_err(|e| anyhow::anyhow!("{}: {e}", version.display_path()))?;
             Ok(format!("{} ({files} file(s) compiled, mode {:?}, backend {})", version.display_path(), config.mode, config.backend))
         }

@@ -7,17 +7,6 @@ use common::*;
 
 use std::io::Read;
 use std::path::Path;
-use std::time::{Duration, Instant};
-
-/// A training process that is killed when the test ends, passing or failing.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Starts `host run` (watching, as users run it) in the background.
 fn start_run(script: &Path, run_dir: &Path, stdout: std::process::Stdio) -> KillOnDrop {
@@ -35,18 +24,6 @@ fn script(loss_body: &str, beta: &str) -> String {
         "import \"losses/dpo\" as dpo;\n\nfn loss(batch, params) {{\n{loss_body}\n}}\n\ntrain({});\n",
         small_config(&format!("max_steps: 4000, params: #{{ beta: {beta} }},"))
     )
-}
-
-fn wait_for(metrics: &Path, what: &str, pred: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
-    let start = Instant::now();
-    loop {
-        let lines = read_lines(metrics);
-        if pred(&lines) {
-            return lines;
-        }
-        assert!(start.elapsed() < Duration::from_secs(240), "timed out waiting for {what}; last metrics: {:?}", &lines[lines.len().saturating_sub(3)..]);
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn events<'a>(lines: &'a [serde_json::Value], name: &str) -> Vec<&'a serde_json::Value> {

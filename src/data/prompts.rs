@@ -13,6 +13,8 @@ use super::pairs::read_rows;
 /// and where it was read.
 pub struct PromptRow {
     pub prompt: serde_json::Value,
+    /// The whole row (all its fields), e.g. for a reward that reads its `answer`.
+    pub row: serde_json::Value,
     pub tokens: Vec<u32>,
     pub at: String,
 }
@@ -44,7 +46,7 @@ pub fn load_prompts(path: &Path, tokenizer: &TextTokenizer, max_positions: usize
         if tokens.len() >= max_positions {
             bail!("{at}: the prompt has {} tokens, which leaves no room before the model's {max_positions} positions end", tokens.len());
         }
-        rows.push(PromptRow { prompt: value["prompt"].clone(), tokens, at });
+        rows.push(PromptRow { prompt: value["prompt"].clone(), tokens, at, row: value });
     }
     if rows.is_empty() {
         bail!("{}: no prompts", path.display());

@@ -35,6 +35,17 @@ pub struct TrainerState {
     /// With `replay` > 1: the rows of each micro-batch of the batch being replayed.
     #[serde(default)]
     pub replayed: Vec<Vec<usize>>,
+    /// With `online`: the round whose pairs the run was training on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online_round: Option<RoundMark>,
+}
+
+/// Where in the online rounds a checkpoint was made: the round and how many pairs it had
+/// (checked against `online/round-NNNN.pairs.jsonl` on resume).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+pub struct RoundMark {
+    pub round: usize,
+    pub pairs: usize,
 }
 
 /// What `--resume` needs to know about a run folder.

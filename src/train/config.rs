@@ -71,7 +71,8 @@ pub struct TrainConfig {
     pub model: String,
     #[serde(default = "d_init")]
     pub init: Init,
-    /// Training rows (JSONL).
+    /// Training rows (JSONL or Parquet); none with `online`, whose rounds make the pairs.
+    #[serde(default)]
     pub data: String,
     #[serde(default = "d_backend")]
     pub backend: String,
@@ -174,6 +175,9 @@ pub struct TrainConfig {
     pub heldout: Option<EvalConfig>,
     #[serde(skip)]
     pub params: Map,
+    /// Online rounds: pairs sampled from the current policy and scored by the script's reward.
+    #[serde(skip)]
+    pub online: Option<OnlineConfig>,
     /// Arms of a comparison (`compare: [...]`), each trained from the same start.
     #[serde(skip)]
     pub compare: Vec<Arm>,
@@ -205,6 +209,97 @@ fn d_max_new_tokens() -> usize {
     64
 }
 
+/// `online: #{ prompts, samples_per_prompt, ... }`: each round samples completions of the
+/// round's prompts from the current policy, scores them with the script's reward and
+/// trains on best-vs-worst pairs. Defaults follow TRL's OnlineDPOConfig where it has the
+/// field (temperature 0.9, top_p 1, max_new_tokens 64, two samples a prompt, a round every step).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OnlineConfig {
+    /// JSONL or Parquet rows with a `prompt` (text or a list of messages), as `host sample`
+    /// reads them; the whole row is handed to the reward (e.g. its `answer`).
+    pub prompts: String,
+    #[serde(default = "d_samples_per_prompt")]
+    pub samples_per_prompt: usize,
+    #[serde(default = "d_temperature")]
+    pub temperature: f64,
+    #[serde(default = "d_top_p")]
+    pub top_p: f64,
+    /// 0 = off (transformers' generate defaults to 50; TRL's OnlineDPOConfig to off).
+    #[serde(default)]
+    pub top_k: usize,
+    #[serde(default = "d_max_new_tokens")]
+    pub max_new_tokens: usize,
+    /// Steps each round trains before the next round samples.
+    #[serde(default = "d_one")]
+    pub every: usize,
+    /// Prompts sampled per round [every × batch_size × grad_accum: one pair per row trained].
+    #[serde(default)]
+    pub prompts_per_round: Option<usize>,
+    /// How a prompt's scored samples become a pair: "best_vs_worst" (the only way so far).
+    #[serde(default = "d_pairs")]
+    pub pairs: String,
+    /// Subtracted from the score of a completion that did not end with EOS (TRL's
+    /// missing_eos_penalty); none: no penalty.
+    #[serde(default)]
+    pub missing_eos_penalty: Option<f64>,
+}
+
+fn d_samples_per_prompt() -> usize {
+    2
+}
+fn d_temperature() -> f64 {
+    0.9
+}
+fn d_top_p() -> f64 {
+    1.0
+}
+fn d_pairs() -> String {
+    "best_vs_worst".into()
+}
+
+impl OnlineConfig {
+    fn from_dynamic(value: Dynamic) -> Result<Self> {
+        if !value.is_map() {
+            return Err(anyhow!("train(config): online must be a map, got {}", value.type_name()));
+        }
+        rhai::serde::from_dynamic(&value).map_err(|e| {
+            let text = e.to_string();
+            let text = text.split(" (line").next().unwrap_or(&text);
+            anyhow!("train(config): online: {}", text.strip_prefix("Syntax error: ").unwrap_or(text))
+        })
+    }
+
+    fn validate(&self) -> Result<()> {
+        let at = "train(config): online";
+        if self.prompts.is_empty() {
+            return Err(anyhow!("{at}.prompts must name a prompts file"));
+        }
+        if self.samples_per_prompt < 2 {
+            return Err(anyhow!("{at}.samples_per_prompt must be at least 2 (a pair needs two samples), got {}", self.samples_per_prompt));
+        }
+        for (field, value) in [("every", self.every), ("max_new_tokens", self.max_new_tokens), ("prompts_per_round", self.prompts_per_round.unwrap_or(1))] {
+            if value == 0 {
+                return Err(anyhow!("{at}.{field} must be at least 1"));
+            }
+        }
+        // Greedy samples of one prompt are all the same: no pair could differ.
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(anyhow!("{at}.temperature must be a finite number > 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(anyhow!("{at}.top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if self.pairs != "best_vs_worst" {
+            return Err(anyhow!("{at}.pairs must be \"best_vs_worst\", got \"{}\"", self.pairs));
+        }
+        if self.missing_eos_penalty.is_some_and(|p| !p.is_finite()) {
+            return Err(anyhow!("{at}.missing_eos_penalty must be a finite number"));
+        }
+        Ok(())
+    }
+}
+
 /// One arm of a comparison: its name (a sub-folder of the run), the loss function it
 /// calls, and params that override the shared ones.
 #[derive(Clone, Debug)]
@@ -225,12 +320,14 @@ impl TrainConfig {
             None => Vec::new(),
             Some(list) => parse_arms(list)?,
         };
+        let online = map.remove("online").map(OnlineConfig::from_dynamic).transpose()?;
         let mut config: Self = rhai::serde::from_dynamic(&Dynamic::from_map(map)).map_err(|e| {
             let text = e.to_string();
             anyhow!("train(config): {}", text.split(" (line").next().unwrap_or(&text))
         })?;
         config.params = params;
         config.compare = compare;
+        config.online = online;
         config.validate()?;
         Ok(config)
     }
@@ -282,6 +379,11 @@ impl TrainConfig {
         if self.unpair && self.mode != Mode::Unpaired {
             return Err(anyhow!("train(config): unpair applies to mode \"unpaired\" only"));
         }
+        match &self.online {
+            None if self.data.is_empty() => return Err(anyhow!("train(config): missing field `data`")),
+            None => {}
+            Some(online) => self.validate_online(online)?,
+        }
         if self.mode == Mode::Unpaired {
             // The KL rows pair each prompt with another row's completion: one row has none.
             if self.batch_size < 2 {
@@ -295,6 +397,27 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// What an online run needs besides valid `online` fields: pairs to train and the
+    /// starting model as its reference.
+    fn validate_online(&self, online: &OnlineConfig) -> Result<()> {
+        online.validate()?;
+        if !self.data.is_empty() {
+            return Err(anyhow!("train(config): data and online are both set; an online run trains on the pairs its rounds sample from online.prompts"));
+        }
+        if self.mode != Mode::Preference {
+            return Err(anyhow!("train(config): online needs mode \"preference\" (its rounds build pairs)"));
+        }
+        // Precomputed reference log-probs belong to a fixed data file; online pairs are new each round.
+        let refused = [("ref_logps", self.ref_logps.is_some()), ("compare", !self.compare.is_empty())];
+        if let Some((field, _)) = refused.iter().find(|(_, set)| *set) {
+            return Err(anyhow!("train(config): {field} cannot be used with online (its pairs are sampled during the run)"));
+        }
+        if self.max_steps.is_none() {
+            return Err(anyhow!("train(config): online needs max_steps (a round trains online.every steps)"));
+        }
+        Ok(())
+    }
+
     /// Names of fields that differ from `other` and need a restart to take effect.
     pub fn restart_changes(&self, other: &TrainConfig) -> Vec<&'static str> {
         let mut changed = Vec::new();
@@ -303,7 +426,7 @@ impl TrainConfig {
         }
         // AdamW's settings are fixed when the optimizer is built, so they need a restart too.
         check!(name, mode, model, init, data, backend, mixed_precision, seed, batch_size, grad_accum, epochs, max_steps,
-               max_length, max_prompt_length, prompt_special_tokens, chat_template, skip_bad_rows, unpair, replay, ref_logps, lora, max_nonfinite_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon, output_dir, save_model_to);
+               max_length, max_prompt_length, prompt_special_tokens, chat_template, skip_bad_rows, unpair, replay, ref_logps, lora, online, max_nonfinite_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon, output_dir, save_model_to);
         changed
     }
 

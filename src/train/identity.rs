@@ -82,7 +82,10 @@ impl RunIdentity {
     /// Fingerprints the inputs `config` names, as they are now.
     pub fn of(config: &TrainConfig) -> Result<Self> {
         let mut inputs = BTreeMap::new();
-        insert_data(&mut inputs, "data", Path::new(&config.data))?;
+        match &config.online {
+            Some(online) => insert_data(&mut inputs, "online prompts", Path::new(&online.prompts))?,
+            None => insert_data(&mut inputs, "data", Path::new(&config.data))?,
+        }
         if let Some(heldout) = &config.heldout {
             insert_data(&mut inputs, HELDOUT, Path::new(&heldout.data))?;
         }

@@ -51,6 +51,15 @@ impl BatchShape {
         };
         Self { rows, length, packed }
     }
+
+    /// The worst batch of online pairs: prompts as long as max_prompt_length and both
+    /// completions `completion` tokens, within max_length.
+    pub fn online(config: &TrainConfig, completion: usize, limits: crate::data::Truncation) -> Self {
+        let packed = config.prefix_sharing;
+        let length = if packed { limits.max_prompt_length + 2 * completion } else { limits.max_prompt_length + completion };
+        let rows = if packed { config.batch_size } else { 2 * config.batch_size };
+        Self { rows, length: length.min(if packed { 2 * limits.max_length } else { limits.max_length }), packed }
+    }
 }
 
 /// A run's estimated peak, by part.

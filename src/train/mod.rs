@@ -14,6 +14,7 @@ pub mod lock;
 pub mod loss_call;
 pub mod memory;
 pub mod metrics;
+pub mod online;
 pub mod optimizer;
 pub mod reference;
 pub mod reload;

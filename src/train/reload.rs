@@ -127,6 +127,7 @@ fn try_reload(host: &mut ScriptHost, script: &Path, running: &TrainConfig, dry_r
     let version = host.load(script).map_err(|e| e.to_string())?;
     let config = config_of(&version, running.arm.as_deref()).map_err(|e| format!("{e:#}"))?;
     require_loss(&version, &config.loss_fn).map_err(|e| e.to_string())?;
+    require_reward(&version, &config).map_err(|e| e.to_string())?;
     let batch = LossBatch::synthetic(dry_run.device, &running.mode).into_map();
     let params = loss_params(&config.params, 0, dry_run.total_steps, dry_run.loss_state, loss_call_seed(running.seed, 0, 0));
     let value = host.call(&version, &config.loss_fn, vec![Dynamic::from_map(batch), Dynamic::from_map(params)]).map_err(|e| e.to_string())?;
@@ -161,6 +162,17 @@ pub fn require_loss(version: &ScriptVersion, name: &str) -> Result<()> {
         if version.fn_names().any(|n| n == hook) && !version.has_fn(hook, 2) {
             bail!("{}: fn {hook} has other parameters than the host calls it with: {call}", version.fn_location(hook));
         }
+    }
+    Ok(())
+}
+
+/// An online run scores its samples with the script's reward: the script must define one.
+pub fn require_reward(version: &ScriptVersion, config: &TrainConfig) -> Result<()> {
+    if config.online.is_some() && !crate::script::reward::defines_reward(version) {
+        bail!(
+            "{}: online needs a reward: define fn reward(prompt, completion, row), fn reward(prompt, completion) or fn rewards(prompts, completions, rows)",
+            version.display_path()
+        );
     }
     Ok(())
 }

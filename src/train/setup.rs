@@ -45,10 +45,15 @@ impl RunPlan {
         let limits = Truncation { max_length: config.max_length.min(model_config.max_positions()), max_prompt_length: config.max_prompt_length };
         let data = Path::new(&config.data);
         let (examples, report) = match config.mode {
+            // Online rounds make their pairs as the run goes (src/train/online.rs).
+            _ if config.online.is_some() => (Vec::new(), LoadReport::default()),
             Mode::Unpaired => load_unpaired_examples(data, &tokenizer, limits, config.skip_bad_rows, config.unpair)?,
             _ => load_examples(data, &tokenizer, config.mode == Mode::Preference, limits, config.skip_bad_rows)?,
         };
-        let batch = BatchShape::worst(config, &examples);
+        let batch = match &config.online {
+            Some(online) => BatchShape::online(config, online.max_new_tokens + 1, limits),
+            None => BatchShape::worst(config, &examples),
+        };
         // Frozen copies keep the checkpoint's dtype; the headers say which (and are checked).
         let stored = match config.init {
             Init::Pretrained => crate::model::weights::SafetensorsWeights::open(&model_dir)?.stored_bytes_per_element(),

@@ -25,9 +25,10 @@ use super::logps::{batch_logps, row_sums};
 use super::loss_call::{BatchRows, LossBatch, LossOutput, Sequences, loss_params, read_loss_output, rust_dpo_loss};
 use super::memory::{self, Estimate};
 use super::metrics::{BatchLogps, MetricsLog, Throughput, failure_mode_diagnostics, format_line, record_loss_call};
+use super::online::{Online, read_round_pairs};
 use super::optimizer::FusedAdamW;
 use super::reference::PrecomputedReference;
-use super::reload::{CallSite, DryRun, Scripts, require_loss, script_lr};
+use super::reload::{CallSite, DryRun, Scripts, require_loss, require_reward, script_lr};
 use super::reset::{requested_reset, shrink_toward_initial};
 use super::sampler::Sampler;
 use crate::data::packed::PackedLayout;
@@ -122,6 +123,7 @@ pub fn train_one_locked(host: &mut ScriptHost, options: RunOptions, version: Scr
     // ---- set-up: script, config, model, data, run folder
     ignore_file_size_signal();
     require_loss(&version, &config.loss_fn)?;
+    require_reward(&version, &config)?;
     let mut scripts = Scripts::new(version, &options.script);
     // Held until this function returns (a result, an error or Ctrl-C): one writer per folder.
     let mut _lock = match (with.held, &options.resume) {
@@ -173,8 +175,8 @@ pub fn train_one_locked(host: &mut ScriptHost, options: RunOptions, version: Scr
     interrupt.listen();
     let total = learner.total_steps;
     console::line(&format!(
-        "prefhost: {} | {} rows | {} steps | model {} ({}) | run folder {}",
-        scripts.current.display_path(), learner.examples.len(), total, learner.config.model, learner.describe_params(), run_dir.display()
+        "prefhost: {} | {} | {} steps | model {} ({}) | run folder {}",
+        scripts.current.display_path(), learner.describe_data(), total, learner.config.model, learner.describe_params(), run_dir.display()
     ));
     let before = if with.eval_before && start == 0 { learner.evaluate_into(&mut log, 0, "before")? } else { None };
     console::start_bar(total as u64, learner.config.progress);
@@ -201,6 +203,15 @@ pub fn train_one_locked(host: &mut ScriptHost, options: RunOptions, version: Scr
         // ---- the script's on_step hook: a reset of chosen weights toward their initial values
         if scripts.current.has_fn("on_step", 2) {
             learner.on_step(host, &scripts.current, step, &mut log)?;
+        }
+
+        // ---- online: a round's first step samples from the current policy, scores, pairs
+        learner.start_round_if_due(host, &mut scripts, &mut log, step, &run_dir)?;
+        if learner.online.is_some() && learner.examples.is_empty() {
+            // No prompt of this round gave a usable pair: nothing to train until the next one.
+            console::advance(String::new());
+            learner.save_if_due(&run_dir, step + 1, &scripts.current)?;
+            continue;
         }
 
         // ---- random draws (LoRA dropout) seeded by step, so a resumed run makes the same ones
@@ -259,9 +270,7 @@ pub fn train_one_locked(host: &mut ScriptHost, options: RunOptions, version: Scr
             console::line(&format_line(done, total, &means));
             call_on_log(host, &scripts.current, done, &means);
         }
-        if learner.config.save_every.is_some_and(|n| n > 0 && done % n == 0 && done != total) {
-            learner.save_checkpoint(&run_dir, done, &scripts.current)?;
-        }
+        learner.save_if_due(&run_dir, done, &scripts.current)?;
     }
 
     // ---- the end: final checkpoint, memory report, model, held-out accuracy, summary
@@ -373,6 +382,10 @@ struct Learner {
     memory: Estimate,
     /// See `StartWith::rust_dpo_loss`.
     rust_dpo_loss: bool,
+    /// With `online`: the prompts and how rounds sample them.
+    online: Option<Online>,
+    /// With `online`: the round whose pairs `examples` holds.
+    round: Option<usize>,
 }
 
 // Built once per run: the size difference between variants costs nothing worth a Box.
@@ -423,7 +436,8 @@ impl Learner {
 
     fn new(config: TrainConfig, max_steps_override: Option<usize>, rust_dpo_loss: bool) -> Result<Self> {
         let train_device = backend_device(&config.backend)?.autodiff();
-        let RunPlan { tokenizer, examples, report, memory, limits, .. } = RunPlan::new(&config, true)?;
+        let RunPlan { tokenizer, examples, report, memory, limits, model_config, .. } = RunPlan::new(&config, true)?;
+        let online = config.online.is_some().then(|| Online::load(&config, &tokenizer, model_config.max_positions(), limits)).transpose()?;
         let (model_config, policy) = build_policy(&config, &train_device)?;
         if report.truncated > 0 {
             console::line(&format!("note: {} of {} rows truncated to max_length {}", report.truncated, report.rows, limits.max_length));
@@ -453,8 +467,16 @@ impl Learner {
         let optimizer = new_optimizer(&config, &policy);
         Ok(Self {
             config, device: train_device, policy: Some(policy), optimizer, reference, model_config, tokenizer, examples, sampler,
-            total_steps, loss_state: Map::new(), skipped_steps: 0, skipped_rows: report.skipped, initial_adapters, memory, rust_dpo_loss,
+            total_steps, loss_state: Map::new(), skipped_steps: 0, skipped_rows: report.skipped, initial_adapters, memory, rust_dpo_loss, online, round: None,
         })
+    }
+
+    /// "N rows", or with `online` the prompts its rounds sample.
+    fn describe_data(&self) -> String {
+        match &self.online {
+            Some(online) => format!("online: {} prompts, {} samples each, a round every {} steps", online.prompt_count(), online.config.samples_per_prompt, online.config.every),
+            None => format!("{} rows", self.examples.len()),
+        }
     }
 
     /// "N params", or with LoRA "N params, M trainable (LoRA r=…)".
@@ -464,6 +486,30 @@ impl Learner {
             None => format!("{total} params"),
             Some(lora) => format!("{total} params, {} trainable (LoRA r={} on {})", self.policy().num_trainable_params(), lora.r, lora.modules().unwrap_or_default().join(",")),
         }
+    }
+
+    /// With `online`, at the first step of a round: the round's samples, rewards and pairs
+    /// from the current policy; its pairs become the rows the sampler serves.
+    fn start_round_if_due(&mut self, host: &ScriptHost, scripts: &mut Scripts, log: &mut MetricsLog, step: usize, run_dir: &Path) -> Result<()> {
+        let Some(online) = self.online.as_ref().filter(|o| o.starts_round(step)) else { return Ok(()) };
+        let round = online.round_of(step);
+        let policy = self.policy.as_ref().expect("the policy is in place between steps").valid();
+        let at = CallSite { step, config: &mut self.config, log: &mut *log };
+        let (pairs, stats) = online.run_round(&policy, &self.tokenizer, host, scripts, at, run_dir)?;
+        stats.log(log, round, step)?;
+        self.sampler = Sampler::new(pairs.len(), online.round_seed(round), self.config.batch_size, self.config.replay);
+        self.examples = pairs;
+        self.round = Some(round);
+        Ok(())
+    }
+
+    /// A checkpoint after `done` steps when save_every asks for one (the last step's is
+    /// saved at the end).
+    fn save_if_due(&self, run_dir: &Path, done: usize, script: &ScriptVersion) -> Result<()> {
+        if self.config.save_every.is_some_and(|n| n > 0 && done % n == 0 && done != self.total_steps) {
+            self.save_checkpoint(run_dir, done, script)?;
+        }
+        Ok(())
     }
 
     /// Micro-batch `micro` of `step`: its rows as the sampler picks them.
@@ -676,6 +722,7 @@ impl Learner {
                 .context("the loss state must hold plain values (numbers, strings, arrays, maps) to be saved")?,
             skipped_steps: self.skipped_steps,
             replayed: self.sampler.replayed.clone(),
+            online_round: self.round.map(|round| checkpoint::RoundMark { round, pairs: self.examples.len() }),
         })
     }
 
@@ -696,7 +743,23 @@ impl Learner {
     fn resume(&mut self, run_dir: &Path) -> Result<(usize, PathBuf)> {
         let (_, ckpt) = checkpoint::latest_checkpoint(run_dir)?;
         let state = checkpoint::read_state(&ckpt)?;
-        self.sampler.restore(&ckpt, &state)?;
+        match &self.online {
+            None => self.sampler.restore(&ckpt, &state)?,
+            // At a round's start the next step samples a new round; in its middle, the
+            // round's pairs are read back, since the policy that sampled them has moved on.
+            Some(online) if !online.starts_round(state.step) => {
+                let round = online.round_of(state.step);
+                let pairs = read_round_pairs(run_dir, round)?;
+                if state.online_round != Some(checkpoint::RoundMark { round, pairs: pairs.len() }) {
+                    bail!("{}: the checkpoint was made in round {round} with other pairs than online/ holds ({:?} vs {} pairs)", ckpt.display(), state.online_round, pairs.len());
+                }
+                self.sampler = Sampler::new(pairs.len(), online.round_seed(round), self.config.batch_size, self.config.replay);
+                self.sampler.restore(&ckpt, &state)?;
+                self.examples = pairs;
+                self.round = Some(round);
+            }
+            Some(_) => {}
+        }
         let policy = checkpoint::restore_policy(&ckpt, self.policy(), self.config.lora.as_ref(), self.config.mixed_precision, &self.device)?;
         self.optimizer = checkpoint::restore_optimizer(&ckpt, new_optimizer(&self.config, &policy))?;
         self.policy = Some(policy);

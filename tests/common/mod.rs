@@ -230,3 +230,26 @@ pub fn chromium_with_driver() -> Option<(String, String)> {
     }
     Some((browser, driver))
 }
+
+/// A training process that is killed when the test ends, passing or failing.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls the JSON lines of `metrics` every 50 ms until `pred` holds (up to four minutes).
+pub fn wait_for(metrics: &Path, what: &str, pred: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
+    let start = std::time::Instant::now();
+    loop {
+        let lines = read_lines(metrics);
+        if pred(&lines) {
+            return lines;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(240), "timed out waiting for {what}; last metrics: {:?}", &lines[lines.len().saturating_sub(3)..]);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
