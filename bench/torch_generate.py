@@ -31,6 +31,7 @@ def main():
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -55,6 +56,8 @@ def main():
     do_sample = args.temperature > 0
     # top_k is passed even when 0: generate's own default is 50.
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) if do_sample else dict(do_sample=False)
+    # Applied in greedy decoding too, as prefhost does.
+    sampling["repetition_penalty"] = args.repetition_penalty
 
     def generate(rows, max_new_tokens):
         input_ids = torch.tensor(rows)

@@ -312,18 +312,26 @@ enum Command {
     },
 }
 
-/// How `host sample` and `host bench-sample` choose tokens.
+/// How `host sample` and `host bench-sample` choose tokens. As transformers' `generate`:
+/// a flag not given takes the model folder's generation_config.json value, else
+/// transformers' default.
 #[derive(clap::Args)]
 struct SamplingFlags {
-    /// 0 = greedy decoding.
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f32,
-    /// Nucleus sampling: keep the most likely tokens up to this probability (1 = off).
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// Keep the k most likely tokens (0 = off; transformers' generate defaults to 50).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
+    /// 0 = greedy decoding [default: generation_config.json's, greedy if its do_sample is false, else 1]
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Nucleus sampling: keep the most likely tokens up to this probability, 1 = off [default: generation_config.json's, else 1]
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Keep the k most likely tokens, 0 = off [default: generation_config.json's, else 50]
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Divide (multiply, if negative) the logits of tokens already in the row, 1 = off [default: generation_config.json's, else 1]
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    /// Read no sampling settings from generation_config.json (transformers' defaults instead)
+    #[arg(long)]
+    no_generation_config: bool,
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
     #[arg(long, default_value_t = 0)]
@@ -331,8 +339,28 @@ struct SamplingFlags {
 }
 
 impl SamplingFlags {
-    fn settings(&self) -> crate::model::sampling::SamplingSettings {
-        crate::model::sampling::SamplingSettings { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, max_new_tokens: self.max_new_tokens, seed: self.seed }
+    /// The settings for `model_dir`, and where each came from, for the console.
+    fn settings(&self, model_dir: &Path) -> Result<(crate::model::sampling::SamplingSettings, String)> {
+        use crate::model::sampling::{GenerationDefaults, SamplingSettings, generation_defaults};
+        let file = if self.no_generation_config { GenerationDefaults::default() } else { generation_defaults(model_dir)? };
+        let mut sources = Vec::new();
+        fn pick<T: std::fmt::Display + Copy>(sources: &mut Vec<String>, name: &str, flag: Option<T>, in_file: Option<T>, default: T) -> T {
+            let (value, source) = match (flag, in_file) {
+                (Some(v), _) => (v, "flag"),
+                (None, Some(v)) => (v, "generation_config.json"),
+                (None, None) => (default, "transformers' default"),
+            };
+            sources.push(format!("{name} {value} ({source})"));
+            value
+        }
+        // generate samples only with do_sample; otherwise it is greedy, whatever the temperature.
+        let file_temperature = if file.do_sample == Some(false) { Some(0.0) } else { file.temperature };
+        let temperature = pick(&mut sources, "temperature", self.temperature, file_temperature, 1.0);
+        let top_k = pick(&mut sources, "top_k", self.top_k, file.top_k, 50);
+        let top_p = pick(&mut sources, "top_p", self.top_p, file.top_p, 1.0);
+        let repetition_penalty = pick(&mut sources, "repetition_penalty", self.repetition_penalty, file.repetition_penalty, 1.0);
+        let settings = SamplingSettings { temperature, top_k, top_p, repetition_penalty, max_new_tokens: self.max_new_tokens, seed: self.seed };
+        Ok((settings, sources.join(", ")))
     }
 }
 
@@ -453,7 +481,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         }
         Command::Sample { model, prompts, n, sampling, batch_size, backend, prompt_special_tokens, out } => {
             use crate::train::sample::{SampleJob, run_sample_job};
-            let settings = sampling.settings();
+            let (settings, sources) = sampling.settings(&model)?;
+            eprintln!("sampling: {sources}");
             let job = SampleJob { model_dir: &model, prompts: &prompts, out: &out, n, settings, batch_size, backend: &backend, prompt_special_tokens };
             let done = run_sample_job(&job)?;
             println!(
@@ -467,7 +496,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         }
         Command::BenchSample { model, prompts, n, sampling, batch_size, rounds, python, torch_dtype, threads, out, child } => {
             let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/bench-sample-{}", crate::clock::timestamp())));
-            let settings = sampling.settings();
+            let (settings, sources) = sampling.settings(&model)?;
+            eprintln!("sampling: {sources}");
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let opts = crate::bench::sample::SampleBenchOptions { model, prompts, n, settings, batch_size, rounds, python, torch_dtype, threads, out };
             if child {

@@ -1,6 +1,7 @@
 //! Sampling: the warpers on hand-built distributions, the draw against its distribution
 //! (chi-square), greedy = temperature 0 = top_k 1, seeded repeats, transformers' greedy
-//! `generate` (tests/fixtures/make_sampling_fixtures.py), and `host sample`'s bad inputs.
+//! `generate` (tests/fixtures/make_sampling_fixtures.py), its repetition penalty
+//! (make_repetition_fixtures.py), generation_config.json's defaults, and `host sample`'s bad inputs.
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::path::Path;
 
 use prefhost::data::TextTokenizer;
 use prefhost::model::generate::{Sample, greedy, sample};
-use prefhost::model::sampling::{SamplingSettings, stop_ids, top_k_filter, top_p_filter, uniform};
+use prefhost::model::sampling::{SamplingSettings, penalize_repeats, stop_ids, top_k_filter, top_p_filter, uniform};
 use prefhost::model::{Llama, load_frozen_model};
 use prefhost::backend::backend_device;
 
@@ -141,7 +142,7 @@ fn draws_follow_the_warped_distribution() {
     let draws = 40_000;
     let mut counts = vec![0usize; logits.len()];
     for k in 0..draws {
-        counts[settings.choose(&logits, uniform(settings.seed, 3, k, 0)).unwrap() as usize] += 1;
+        counts[settings.choose(&logits, &[], uniform(settings.seed, 3, k, 0)).unwrap() as usize] += 1;
     }
     for i in dropped {
         assert_eq!(counts[i], 0, "token {i} was filtered out by top_k but drawn");
@@ -214,7 +215,7 @@ fn temperature_zero_and_top_k_one_are_greedy() {
 #[test]
 fn a_seed_repeats_whatever_the_batching_and_other_seeds_differ() {
     let tm = tiny_math(6);
-    let settings = SamplingSettings { temperature: 1.0, top_p: 0.95, top_k: 50, max_new_tokens: 40, seed: 5 };
+    let settings = SamplingSettings { temperature: 1.0, top_p: 0.95, top_k: 50, max_new_tokens: 40, seed: 5, ..SamplingSettings::default() };
     let run = |settings: &SamplingSettings, batch: usize| sample(&tm.model, &tm.prompts, 4, settings, &tm.eos, batch).unwrap();
     let first = run(&settings, 16);
     assert_eq!(first.len(), 24);
@@ -353,4 +354,150 @@ fn host_sample_refuses_bad_input_naming_it() {
     assert_refused(dir.path(), &chat, &["--n", "2"], "chat.jsonl:1: the prompt is a list of messages");
     let missing = dir.path().join("missing.jsonl").display().to_string();
     assert_refused(dir.path(), &missing, &["--n", "2"], "missing.jsonl");
+}
+
+// ---- repetition penalty and generation_config.json ----
+
+fn repetition_fixture() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(common::repo().join("tests/fixtures/sampling/repetition.json")).unwrap()).unwrap()
+}
+
+/// transformers' RepetitionPenaltyLogitsProcessor then its warpers: the same scores kept.
+#[test]
+fn repetition_penalty_matches_transformers_processor() {
+    let fixture = repetition_fixture();
+    let cases = fixture["processor"].as_array().unwrap();
+    assert_eq!(cases.len(), 8);
+    let floats = |v: &serde_json::Value| -> Vec<f32> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect() };
+    for case in cases {
+        let settings = SamplingSettings {
+            temperature: case["temperature"].as_f64().unwrap() as f32,
+            top_k: case["top_k"].as_u64().unwrap() as usize,
+            top_p: case["top_p"].as_f64().unwrap() as f32,
+            repetition_penalty: case["repetition_penalty"].as_f64().unwrap() as f32,
+            ..SamplingSettings::default()
+        };
+        let seen: Vec<u32> = case["seen"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let mut scores = floats(&case["logits"]);
+        penalize_repeats(&mut scores, &seen, settings.repetition_penalty);
+        settings.warp(&mut scores);
+        for (i, want) in case["scores"].as_array().unwrap().iter().enumerate() {
+            match want.as_f64() {
+                None => assert_eq!(scores[i], f32::NEG_INFINITY, "{settings:?}: token {i} should be filtered"),
+                Some(want) => assert!((scores[i] as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "{settings:?}: token {i}: {} vs {want}", scores[i]),
+            }
+        }
+    }
+}
+
+#[test]
+fn greedy_with_repetition_penalty_matches_transformers_generate() {
+    let fixture = repetition_fixture();
+    let case = &fixture["greedy"];
+    let dir = common::repo().join(case["model"].as_str().unwrap());
+    let (config, model) = load_frozen_model(&dir, &backend_device("cpu").unwrap()).unwrap();
+    let tokenizer = TextTokenizer::load_with(&dir.join("tokenizer.json"), &config.eos_ids(), config.pad_token_id).unwrap();
+    let eos = stop_ids(&dir, &tokenizer).unwrap();
+    let rows = case["rows"].as_array().unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+    let prompts: Vec<Vec<u32>> = rows.iter().map(|r| ids(&r["prompt_ids"])).collect();
+    let settings = SamplingSettings {
+        temperature: 0.0,
+        repetition_penalty: case["repetition_penalty"].as_f64().unwrap() as f32,
+        max_new_tokens: case["max_new_tokens"].as_u64().unwrap() as usize,
+        ..SamplingSettings::default()
+    };
+    let got = sample(&model, &prompts, 1, &settings, &eos, 4).unwrap();
+    for (i, (row, s)) in rows.iter().zip(&got).enumerate() {
+        assert_eq!(s.completion.tokens, ids(&row["completion_ids"]), "prompt {i}");
+        assert_eq!(s.completion.eos, row["eos"].as_bool().unwrap(), "prompt {i}: ended at EOS");
+    }
+    // The penalty is what the fixture tests: without it, some of these rows decode otherwise.
+    let plain = sample(&model, &prompts, 1, &SamplingSettings { repetition_penalty: 1.0, ..settings }, &eos, 4).unwrap();
+    assert!(plain.iter().zip(&got).any(|(a, b)| a.completion != b.completion));
+}
+
+/// models/tiny-math copied with a generation_config.json holding `generation`.
+fn model_with_generation_config(dir: &Path, generation: &str) -> String {
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for name in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(common::repo().join("models/tiny-math").join(name), model.join(name)).unwrap();
+    }
+    std::fs::write(model.join("generation_config.json"), generation).unwrap();
+    model.display().to_string()
+}
+
+fn sample_with_model(model: &str, prompts: &str, out: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["sample", "--model", model, "--prompts", prompts, "--out", out, "--max-new-tokens", "24", "--n", "3", "--seed", "9"];
+    args.extend_from_slice(extra);
+    common::run_host(&args)
+}
+
+#[test]
+fn host_sample_takes_generation_config_defaults_as_generate_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = write(dir.path(), "prompts.jsonl", "{\"prompt\": \"Question: Ana has 3 apples and finds 4 more. How many apples does Ana have?\\nAnswer:\"}\n");
+    let out = |name: &str| dir.path().join(name).display().to_string();
+    let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
+    let model = model_with_generation_config(dir.path(), r#"{"do_sample": true, "temperature": 1.7, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.2, "eos_token_id": 1, "transformers_version": "5.24.0"}"#);
+    // The file's values as defaults ...
+    let from_file = sample_with_model(&model, &prompts, &out("file.jsonl"), &[]);
+    assert!(from_file.status.success(), "{}", common::text(&from_file));
+    assert!(common::text(&from_file).contains("temperature 1.7 (generation_config.json)"), "{}", common::text(&from_file));
+    // ... are the same draws as the same values given as flags to a model without the file.
+    let flags = ["--temperature", "1.7", "--top-k", "20", "--top-p", "0.9", "--repetition-penalty", "1.2"];
+    let explicit = sample_with_model("models/tiny-math", &prompts, &out("flags.jsonl"), &flags);
+    assert!(explicit.status.success(), "{}", common::text(&explicit));
+    assert_eq!(read("file.jsonl"), read("flags.jsonl"));
+    // A flag wins over the file; --no-generation-config reads none of it (transformers' top_k 50).
+    let overridden = sample_with_model(&model, &prompts, &out("override.jsonl"), &["--temperature", "0"]);
+    assert!(common::text(&overridden).contains("temperature 0 (flag)"), "{}", common::text(&overridden));
+    let ignored = sample_with_model(&model, &prompts, &out("ignored.jsonl"), &["--no-generation-config"]);
+    assert!(common::text(&ignored).contains("top_k 50 (transformers' default)"), "{}", common::text(&ignored));
+    let defaults = sample_with_model("models/tiny-math", &prompts, &out("defaults.jsonl"), &["--top-k", "50"]);
+    assert!(ignored.status.success() && defaults.status.success());
+    assert_eq!(read("ignored.jsonl"), read("defaults.jsonl"));
+    // do_sample false: greedy, as generate, whatever the file's temperature.
+    let greedy_model = model_with_generation_config(&dir.path().join("g"), r#"{"do_sample": false, "temperature": 0.6}"#);
+    let from_greedy = sample_with_model(&greedy_model, &prompts, &out("greedy_file.jsonl"), &[]);
+    let greedy_flag = sample_with_model("models/tiny-math", &prompts, &out("greedy_flag.jsonl"), &["--temperature", "0"]);
+    assert!(from_greedy.status.success() && greedy_flag.status.success(), "{}", common::text(&from_greedy));
+    assert_eq!(read("greedy_file.jsonl"), read("greedy_flag.jsonl"));
+}
+
+#[test]
+fn generation_config_keys_that_change_sampling_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = write(dir.path(), "prompts.jsonl", "{\"prompt\": \"Question: Ana has 3 apples.\\nAnswer:\"}\n");
+    for (i, (generation, needle)) in [
+        (r#"{"no_repeat_ngram_size": 3}"#, "generation_config.json: no_repeat_ngram_size = 3: changes which tokens"),
+        (r#"{"min_p": 0.05, "do_sample": true}"#, "generation_config.json: min_p = 0.05"),
+        (r#"{"num_beams": 4}"#, "generation_config.json: num_beams = 4"),
+        (r#"{"suppress_tokens": [7]}"#, "generation_config.json: suppress_tokens = [7]"),
+        (r#"{"sampling_magic": 1}"#, "generation_config.json: sampling_magic: not a generation_config.json key prefhost knows"),
+        (r#"{"temperature": "hot"}"#, "generation_config.json: temperature: expected a number"),
+        (r#"{"top_k": 5,"#, "generation_config.json:1:"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let case = dir.path().join(format!("case{i}"));
+        let model = model_with_generation_config(&case, generation);
+        let out = case.join("out.jsonl");
+        let result = sample_with_model(&model, &prompts, &out.display().to_string(), &[]);
+        assert!(!result.status.success(), "{generation} was accepted");
+        assert!(common::text(&result).contains(needle), "{generation}: expected {needle:?} in {}", common::text(&result));
+        assert!(!out.exists(), "{generation}: output written");
+    }
+    // Neutral values of the same keys, and keys that change nothing, pass; so does any file
+    // with --no-generation-config.
+    let neutral = model_with_generation_config(&dir.path().join("neutral"), r#"{"no_repeat_ngram_size": 0, "num_beams": 1, "min_p": null, "max_length": 20, "use_cache": true, "bos_token_id": 0}"#);
+    let ok = sample_with_model(&neutral, &prompts, &dir.path().join("neutral.jsonl").display().to_string(), &[]);
+    assert!(ok.status.success(), "{}", common::text(&ok));
+    let refused = model_with_generation_config(&dir.path().join("skip"), r#"{"no_repeat_ngram_size": 3}"#);
+    let skipped = sample_with_model(&refused, &prompts, &dir.path().join("skip.jsonl").display().to_string(), &["--no-generation-config"]);
+    assert!(skipped.status.success(), "{}", common::text(&skipped));
+    let zero = sample_with_model("models/tiny-math", &prompts, &dir.path().join("zero.jsonl").display().to_string(), &["--repetition-penalty", "0"]);
+    assert!(!zero.status.success() && common::text(&zero).contains("--repetition-penalty must be a finite number > 0"));
 }

@@ -107,7 +107,7 @@ pub fn run(opts: &SampleBenchOptions, child_args: &[String]) -> Result<String> {
     let ratios: Vec<f64> = ours.iter().zip(&theirs).map(|(a, b)| a.tokens_per_second() / b.tokens_per_second()).collect();
     let s = &opts.settings;
     let mut report = format!(
-        "host bench-sample: {} on {} ({} prompts x {} samples, {} groups of up to {} rows), temperature {}, top_k {}, top_p {}, max_new_tokens {}, {} interleaved rounds, {} CPU threads per side\n\n",
+        "host bench-sample: {} on {} ({} prompts x {} samples, {} groups of up to {} rows), temperature {}, top_k {}, top_p {}, repetition_penalty {}, max_new_tokens {}, {} interleaved rounds, {} CPU threads per side\n\n",
         opts.model.display(),
         opts.prompts.display(),
         prompts.len(),
@@ -117,6 +117,7 @@ pub fn run(opts: &SampleBenchOptions, child_args: &[String]) -> Result<String> {
         s.temperature,
         s.top_k,
         s.top_p,
+        s.repetition_penalty,
         s.max_new_tokens,
         opts.rounds,
         opts.threads
@@ -144,6 +145,7 @@ fn run_torch(python: &str, opts: &SampleBenchOptions, groups: &Path) -> Result<(
         .arg("--groups")
         .arg(groups)
         .args(["--temperature", &s.temperature.to_string(), "--top-k", &s.top_k.to_string(), "--top-p", &s.top_p.to_string()])
+        .args(["--repetition-penalty", &s.repetition_penalty.to_string()])
         .args(["--max-new-tokens", &s.max_new_tokens.to_string(), "--seed", &s.seed.to_string(), "--dtype", &opts.torch_dtype])
         .args(["--threads", &opts.threads.to_string()])
         .env("OMP_NUM_THREADS", opts.threads.to_string())

@@ -51,6 +51,9 @@ pub fn sample(model: &Llama, prompts: &[Vec<u32>], n: usize, settings: &Sampling
     let ids: Vec<(usize, usize)> = (0..prompts.len()).flat_map(|p| (0..n).map(move |s| (p, s))).collect();
     let rows: Vec<&[u32]> = ids.iter().map(|&(p, _)| prompts[p].as_slice()).collect();
     let vocab = model.vocab_size();
+    // Each row's tokens so far, for the repetition penalty (a finished row's extra tokens
+    // land here too, unread).
+    let mut seen: Vec<Vec<u32>> = rows.iter().map(|r| r.to_vec()).collect();
     let decoded = decode_by_length(model, &rows, settings.max_new_tokens, eos, batch_size, |group: &[usize], logits: Tensor<2>, step| {
         // The logits come to the host, so every backend samples with the same code.
         let logits = crate::tensor::values(logits);
@@ -59,7 +62,9 @@ pub fn sample(model: &Llama, prompts: &[Vec<u32>], n: usize, settings: &Sampling
             .zip(logits.chunks(vocab))
             .map(|(&row, row_logits)| {
                 let (p, s) = ids[row];
-                settings.choose(row_logits, uniform(settings.seed, p, s, step)).with_context(|| format!("prompt {p}, sample {s}, token {step}"))
+                let token = settings.choose(row_logits, &seen[row], uniform(settings.seed, p, s, step)).with_context(|| format!("prompt {p}, sample {s}, token {step}"))?;
+                seen[row].push(token);
+                Ok::<u32, anyhow::Error>(token)
             })
             .collect()
     })?;

@@ -20,13 +20,17 @@ pub struct SamplingSettings {
     pub top_k: usize,
     /// Keep the smallest set of most likely tokens whose probability reaches `top_p`; 1 = off.
     pub top_p: f32,
+    /// transformers' repetition penalty (CTRL's): the logit of every token already in the
+    /// row (prompt included) is divided by it if positive, multiplied if negative; 1 = off.
+    /// Applied before the warpers, in greedy decoding too, as generate does.
+    pub repetition_penalty: f32,
     pub max_new_tokens: usize,
     pub seed: u64,
 }
 
 impl Default for SamplingSettings {
     fn default() -> Self {
-        Self { temperature: 1.0, top_k: 0, top_p: 1.0, max_new_tokens: 256, seed: 0 }
+        Self { temperature: 1.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, max_new_tokens: 256, seed: 0 }
     }
 }
 
@@ -39,6 +43,9 @@ impl SamplingSettings {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             bail!("--top-p must be in (0, 1], got {}", self.top_p);
         }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            bail!("--repetition-penalty must be a finite number > 0 (1 = off), got {}", self.repetition_penalty);
+        }
         if self.max_new_tokens == 0 {
             bail!("--max-new-tokens must be at least 1");
         }
@@ -49,15 +56,17 @@ impl SamplingSettings {
         self.temperature == 0.0
     }
 
-    /// The next token of one row from its logits [vocab]: greedy, or a draw at `uniform` in [0, 1).
-    pub fn choose(&self, logits: &[f32], uniform: f64) -> Result<u32> {
+    /// The next token of one row from its logits [vocab], `seen` being the row's tokens so
+    /// far (prompt and completion): greedy, or a draw at `uniform` in [0, 1).
+    pub fn choose(&self, logits: &[f32], seen: &[u32], uniform: f64) -> Result<u32> {
         if logits.iter().any(|x| x.is_nan()) {
             bail!("the model's logits hold NaN");
         }
-        if self.is_greedy() {
-            return Ok(argmax(logits));
-        }
         let mut scores = logits.to_vec();
+        penalize_repeats(&mut scores, seen, self.repetition_penalty);
+        if self.is_greedy() {
+            return Ok(argmax(&scores));
+        }
         self.warp(&mut scores);
         draw(&softmax(&scores), uniform)
     }
@@ -72,6 +81,21 @@ impl SamplingSettings {
         }
         if self.top_p < 1.0 {
             top_p_filter(scores, self.top_p);
+        }
+    }
+}
+
+/// transformers' RepetitionPenaltyLogitsProcessor: each distinct token of `seen` has its
+/// score divided by `penalty` when positive and multiplied by it otherwise.
+pub fn penalize_repeats(scores: &mut [f32], seen: &[u32], penalty: f32) {
+    if penalty == 1.0 {
+        return;
+    }
+    let mut done = vec![false; scores.len()];
+    for &token in seen {
+        let Some(score) = scores.get_mut(token as usize) else { continue };
+        if !std::mem::replace(&mut done[token as usize], true) {
+            *score = if *score < 0.0 { *score * penalty } else { *score / penalty };
         }
     }
 }
@@ -191,4 +215,92 @@ pub fn stop_ids(model_dir: &Path, tokenizer: &TextTokenizer) -> Result<Vec<u32>>
         }
     }
     Ok(ids)
+}
+
+/// What a model folder's generation_config.json says about choosing tokens: the defaults
+/// transformers' `generate` takes for whatever its caller does not pass.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GenerationDefaults {
+    pub do_sample: Option<bool>,
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+}
+
+/// Keys of generation_config.json that do not change which tokens are drawn (ids, lengths,
+/// the output's form, caching), so they may be left to transformers.
+const GENERATION_KEYS_WITHOUT_EFFECT: &[&str] = &[
+    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version", "_from_model_config",
+    "max_length", "max_new_tokens", "num_return_sequences", "use_cache", "cache_implementation", "cache_config",
+    "return_dict_in_generate", "output_scores", "output_logits", "output_attentions", "output_hidden_states",
+    "trust_remote_code", "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+    "assistant_early_exit", "assistant_ensemble_weight", "assistant_lookbehind", "target_lookbehind", "max_matching_ngram_size",
+    "speculation_type", "use_mtp", "compile_config", "disable_compile", "continuous_batching_config", "low_memory",
+    "max_cache_len", "prefill_chunk_size",
+    // Beam search only, which `num_beams` > 1 would ask for (refused).
+    "length_penalty", "early_stopping", "diversity_penalty",
+];
+
+/// Reads generation_config.json's sampling defaults (none when the file is absent).
+/// A key that would change the choice of tokens and is not implemented here, with a value
+/// that is not transformers' neutral one (e.g. `no_repeat_ngram_size: 3`, `min_p: 0.1`,
+/// `num_beams: 4`), is an error naming the file and the key, as is a key not known at all.
+pub fn generation_defaults(model_dir: &Path) -> Result<GenerationDefaults> {
+    let path = model_dir.join("generation_config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(GenerationDefaults::default()) };
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))?;
+    let object = value.as_object().ok_or_else(|| anyhow!("{}: not a JSON object", path.display()))?;
+    let mut found = GenerationDefaults::default();
+    let number = |key: &str, v: &serde_json::Value| v.as_f64().ok_or_else(|| anyhow!("{}: {key}: expected a number, got {v}", path.display()));
+    for (key, v) in object {
+        let neutral = match key.as_str() {
+            "do_sample" => {
+                found.do_sample = Some(v.as_bool().ok_or_else(|| anyhow!("{}: do_sample: expected true or false, got {v}", path.display()))?);
+                continue;
+            }
+            "temperature" if !v.is_null() => {
+                found.temperature = Some(number(key, v)? as f32);
+                continue;
+            }
+            "top_k" if !v.is_null() => {
+                found.top_k = Some(v.as_u64().ok_or_else(|| anyhow!("{}: top_k: expected a whole number >= 0, got {v}", path.display()))? as usize);
+                continue;
+            }
+            "top_p" if !v.is_null() => {
+                found.top_p = Some(number(key, v)? as f32);
+                continue;
+            }
+            "repetition_penalty" if !v.is_null() => {
+                found.repetition_penalty = Some(number(key, v)? as f32);
+                continue;
+            }
+            k if GENERATION_KEYS_WITHOUT_EFFECT.contains(&k) => true,
+            // Each as transformers' _get_logits_processor / beam search leaves it off.
+            "num_beams" | "num_beam_groups" => v.is_null() || v.as_u64() == Some(1),
+            "typical_p" => v.is_null() || v.as_f64() == Some(1.0),
+            "epsilon_cutoff" | "eta_cutoff" | "penalty_alpha" | "no_repeat_ngram_size" | "encoder_no_repeat_ngram_size" | "min_length" => {
+                v.is_null() || v.as_f64() == Some(0.0)
+            }
+            "guidance_scale" | "encoder_repetition_penalty" => v.is_null() || v.as_f64() == Some(1.0),
+            "renormalize_logits" | "remove_invalid_values" => v.is_null() || v.as_bool() == Some(false),
+            "temperature" | "top_k" | "top_p" | "repetition_penalty" | "min_p" | "top_h" | "min_new_tokens" | "bad_words_ids" | "force_words_ids"
+            | "suppress_tokens" | "begin_suppress_tokens" | "sequence_bias" | "forced_bos_token_id" | "forced_eos_token_id"
+            | "exponential_decay_length_penalty" | "watermarking_config" | "stop_strings" | "constraints" | "dola_layers" | "max_time"
+            | "token_healing" | "prompt_lookup_num_tokens" => v.is_null(),
+            _ => bail!(
+                "{}: {key}: not a generation_config.json key prefhost knows, so it cannot tell whether it changes sampling \
+                 (--no-generation-config reads none of the file's settings)",
+                path.display()
+            ),
+        };
+        if !neutral {
+            bail!(
+                "{}: {key} = {v}: changes which tokens transformers' generate draws, and prefhost does not implement it \
+                 (--no-generation-config reads none of the file's settings)",
+                path.display()
+            );
+        }
+    }
+    Ok(found)
 }

@@ -177,6 +177,8 @@ impl Online {
             temperature: self.config.temperature as f32,
             top_k: self.config.top_k,
             top_p: self.config.top_p as f32,
+            // As TRL's online DPO, whose generation config sets no repetition penalty.
+            repetition_penalty: 1.0,
             max_new_tokens: self.config.max_new_tokens,
             seed: self.round_seed(round),
         };
