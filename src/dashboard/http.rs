@@ -66,11 +66,13 @@ impl Response {
     }
 }
 
-/// What a route returns: a whole response, or an event stream that writes until the client
-/// goes or the stream ends.
+/// Writes an event stream to the client until it goes or the stream ends.
+pub type StreamWriter = Box<dyn FnOnce(&mut dyn Write) -> io::Result<()> + Send>;
+
+/// What a route returns: a whole response, or an event stream.
 pub enum Reply {
     Whole(Response),
-    Stream(Box<dyn FnOnce(&mut dyn Write) -> io::Result<()> + Send>),
+    Stream(StreamWriter),
 }
 
 /// The application behind the server: maps a request to a reply. Reads only.

@@ -127,7 +127,7 @@ impl Online {
 
     /// Whether a round starts at `step`.
     pub fn starts_round(&self, step: usize) -> bool {
-        step % self.config.every == 0
+        step.is_multiple_of(self.config.every)
     }
 
     /// The round `step` belongs to.

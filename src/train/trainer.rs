@@ -506,7 +506,7 @@ impl Learner {
     /// A checkpoint after `done` steps when save_every asks for one (the last step's is
     /// saved at the end).
     fn save_if_due(&self, run_dir: &Path, done: usize, script: &ScriptVersion) -> Result<()> {
-        if self.config.save_every.is_some_and(|n| n > 0 && done % n == 0 && done != self.total_steps) {
+        if self.config.save_every.is_some_and(|n| n > 0 && done.is_multiple_of(n) && done != self.total_steps) {
             self.save_checkpoint(run_dir, done, script)?;
         }
         Ok(())
