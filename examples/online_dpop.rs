@@ -36,7 +36,14 @@ fn accuracy(dir: &Path) -> Result<f64> {
 /// Trains `script` into `dir`, then (step, accuracy) of the starting model and each checkpoint.
 fn train_and_score(script: &str, dir: &Path) -> Result<Vec<(usize, f64)>> {
     let mut host = ScriptHost::new(ScriptEngine::new(Path::new("plugins"), &Limits::default()));
-    let options = RunOptions { script: PathBuf::from(script), watch: false, run_dir: Some(dir.to_path_buf()), max_steps: None, resume: None, resume_anyway: false };
+    let options = RunOptions {
+        script: PathBuf::from(script),
+        watch: false,
+        run_dir: Some(dir.to_path_buf()),
+        max_steps: None,
+        resume: None,
+        resume_anyway: false,
+    };
     run(&mut host, options)?;
     let mut scored = vec![(0, accuracy(Path::new("models/tiny-math"))?)];
     for (step, ckpt) in checkpoint_folders(dir)? {
@@ -57,7 +64,10 @@ fn round_rewards(dir: &Path) -> Result<Vec<(usize, f64)>> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let out = args.first().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(format!("runs/online-vs-offline-{}", prefhost::clock::timestamp())));
+    let out = args
+        .first()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(format!("runs/online-vs-offline-{}", prefhost::clock::timestamp())));
     let online_script = args.get(1).map_or("scripts/online_dpop.rhai", String::as_str);
     let offline_script = args.get(2).map_or("scripts/offline_dpop.rhai", String::as_str);
     std::fs::create_dir_all(&out)?;
@@ -67,7 +77,8 @@ fn main() -> Result<()> {
     let rewards = round_rewards(&out.join("online"))?;
     let seconds = started.elapsed().as_secs_f64();
 
-    let mut table = String::from("| step | online accuracy | offline accuracy | online round's mean reward |\n|---|---|---|---|\n");
+    let mut table =
+        String::from("| step | online accuracy | offline accuracy | online round's mean reward |\n|---|---|---|---|\n");
     for ((step, on), (_, off)) in online.iter().zip(&offline) {
         let reward = rewards.iter().find(|(s, _)| s == step).map_or("".to_string(), |(_, r)| format!("{r:.3}"));
         table += &format!("| {step} | {on:.3} | {off:.3} | {reward} |\n");

@@ -35,5 +35,8 @@ pub fn tune_for_training() {
 /// The same settings as a GLIBC_TUNABLES value, for another process (the benchmark's
 /// PyTorch peer gets them, so both sides run with the same allocator).
 pub fn glibc_tunables() -> String {
-    format!("glibc.malloc.mmap_threshold={MMAP_THRESHOLD}:glibc.malloc.trim_threshold={TRIM_THRESHOLD}:glibc.malloc.arena_max={}", arenas())
+    format!(
+        "glibc.malloc.mmap_threshold={MMAP_THRESHOLD}:glibc.malloc.trim_threshold={TRIM_THRESHOLD}:glibc.malloc.arena_max={}",
+        arenas()
+    )
 }

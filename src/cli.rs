@@ -290,9 +290,7 @@ enum Command {
     },
     /// Check every checkpoint of a run folder (and of a comparison's arms) against its
     /// manifest: one line each, ok or damaged (which file, what differs); exit 1 if any is damaged.
-    Verify {
-        run_dir: PathBuf,
-    },
+    Verify { run_dir: PathBuf },
     /// Generate the arithmetic word-problem corpus (and its tokenizer).
     Data {
         /// Output folder.
@@ -342,9 +340,16 @@ impl SamplingFlags {
     /// The settings for `model_dir`, and where each came from, for the console.
     fn settings(&self, model_dir: &Path) -> Result<(crate::model::sampling::SamplingSettings, String)> {
         use crate::model::sampling::{GenerationDefaults, SamplingSettings, generation_defaults};
-        let file = if self.no_generation_config { GenerationDefaults::default() } else { generation_defaults(model_dir)? };
+        let file =
+            if self.no_generation_config { GenerationDefaults::default() } else { generation_defaults(model_dir)? };
         let mut sources = Vec::new();
-        fn pick<T: std::fmt::Display + Copy>(sources: &mut Vec<String>, name: &str, flag: Option<T>, in_file: Option<T>, default: T) -> T {
+        fn pick<T: std::fmt::Display + Copy>(
+            sources: &mut Vec<String>,
+            name: &str,
+            flag: Option<T>,
+            in_file: Option<T>,
+            default: T,
+        ) -> T {
             let (value, source) = match (flag, in_file) {
                 (Some(v), _) => (v, "flag"),
                 (None, Some(v)) => (v, "generation_config.json"),
@@ -358,8 +363,16 @@ impl SamplingFlags {
         let temperature = pick(&mut sources, "temperature", self.temperature, file_temperature, 1.0);
         let top_k = pick(&mut sources, "top_k", self.top_k, file.top_k, 50);
         let top_p = pick(&mut sources, "top_p", self.top_p, file.top_p, 1.0);
-        let repetition_penalty = pick(&mut sources, "repetition_penalty", self.repetition_penalty, file.repetition_penalty, 1.0);
-        let settings = SamplingSettings { temperature, top_k, top_p, repetition_penalty, max_new_tokens: self.max_new_tokens, seed: self.seed };
+        let repetition_penalty =
+            pick(&mut sources, "repetition_penalty", self.repetition_penalty, file.repetition_penalty, 1.0);
+        let settings = SamplingSettings {
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            max_new_tokens: self.max_new_tokens,
+            seed: self.seed,
+        };
         Ok((settings, sources.join(", ")))
     }
 }
@@ -383,13 +396,26 @@ fn host_for(script: &Path, plugins: Option<&Path>, limits: &Limits) -> Result<Sc
 fn dispatch(command: Command) -> Result<ExitCode> {
     crate::failpoint::check()?;
     match command {
-        Command::Run { script, resume, resume_anyway, no_watch, plugins, run_dir, max_steps, max_operations, dry_run, dashboard } => {
+        Command::Run {
+            script,
+            resume,
+            resume_anyway,
+            no_watch,
+            plugins,
+            run_dir,
+            max_steps,
+            max_operations,
+            dry_run,
+            dashboard,
+        } => {
             let script = match (script, &resume) {
                 (Some(script), _) => script,
                 (None, Some(dir)) => crate::train::checkpoint::read_run_info(dir)?.script,
                 (None, None) => match dashboard.as_deref() {
                     Some(taken) if Path::new(taken).is_file() => {
-                        bail!("--dashboard took {taken:?} as its address; put --dashboard after the script, or write --dashboard=ADDR")
+                        bail!(
+                            "--dashboard took {taken:?} as its address; put --dashboard after the script, or write --dashboard=ADDR"
+                        )
                     }
                     _ => bail!("give a script, or --resume RUN_DIR"),
                 },
@@ -442,7 +468,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 println!("merged {} shards ({rows} rows) into {}", merge.len(), out.display());
                 return Ok(ExitCode::SUCCESS);
             }
-            let (Some(model), Some(data)) = (model, data) else { bail!("give --model and --data, or --merge SHARD...") };
+            let (Some(model), Some(data)) = (model, data) else {
+                bail!("give --model and --data, or --merge SHARD...")
+            };
             let job = LogpsJob {
                 model_dir: &model,
                 data: &data,
@@ -483,7 +511,16 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             use crate::train::sample::{SampleJob, run_sample_job};
             let (settings, sources) = sampling.settings(&model)?;
             eprintln!("sampling: {sources}");
-            let job = SampleJob { model_dir: &model, prompts: &prompts, out: &out, n, settings, batch_size, backend: &backend, prompt_special_tokens };
+            let job = SampleJob {
+                model_dir: &model,
+                prompts: &prompts,
+                out: &out,
+                n,
+                settings,
+                batch_size,
+                backend: &backend,
+                prompt_special_tokens,
+            };
             let done = run_sample_job(&job)?;
             println!(
                 "wrote {} samples ({} new tokens, {:.1} tokens/s) to {} (backend {backend})",
@@ -494,12 +531,35 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::BenchSample { model, prompts, n, sampling, batch_size, rounds, python, torch_dtype, threads, out, child } => {
+        Command::BenchSample {
+            model,
+            prompts,
+            n,
+            sampling,
+            batch_size,
+            rounds,
+            python,
+            torch_dtype,
+            threads,
+            out,
+            child,
+        } => {
             let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/bench-sample-{}", crate::clock::timestamp())));
             let (settings, sources) = sampling.settings(&model)?;
             eprintln!("sampling: {sources}");
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            let opts = crate::bench::sample::SampleBenchOptions { model, prompts, n, settings, batch_size, rounds, python, torch_dtype, threads, out };
+            let opts = crate::bench::sample::SampleBenchOptions {
+                model,
+                prompts,
+                n,
+                settings,
+                batch_size,
+                rounds,
+                python,
+                torch_dtype,
+                threads,
+                out,
+            };
             if child {
                 println!("{}", serde_json::to_string(&crate::bench::sample::run_child(&opts)?)?);
             } else {
@@ -527,17 +587,54 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             match child {
                 Some(name) => crate::bench::dpo::run_child(&name, &out, steps, warmup, round)?,
                 None => {
-                    crate::bench::dpo::run_bench(&crate::bench::dpo::BenchOptions { out, size, steps, warmup, rounds: rounds.max(1), batch_size, python, no_pytorch, only })?;
+                    crate::bench::dpo::run_bench(&crate::bench::dpo::BenchOptions {
+                        out,
+                        size,
+                        steps,
+                        warmup,
+                        rounds: rounds.max(1),
+                        batch_size,
+                        python,
+                        no_pytorch,
+                        only,
+                    })?;
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::BenchGpu { out, backend, arch, pairs, prompt_len, completion_len, steps, warmup, mixed_precision, python, torch_device, peak_tflops, child } => {
+        Command::BenchGpu {
+            out,
+            backend,
+            arch,
+            pairs,
+            prompt_len,
+            completion_len,
+            steps,
+            warmup,
+            mixed_precision,
+            python,
+            torch_device,
+            peak_tflops,
+            child,
+        } => {
             let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/bench-gpu-{}", crate::clock::timestamp())));
             if child {
                 crate::bench::gpu::run_child(&out)?;
             } else {
-                let opts = crate::bench::gpu::GpuBenchOptions { out, backend, arch, pairs, prompt_len, completion_len, steps, warmup, mixed_precision, python, torch_device, peak_tflops };
+                let opts = crate::bench::gpu::GpuBenchOptions {
+                    out,
+                    backend,
+                    arch,
+                    pairs,
+                    prompt_len,
+                    completion_len,
+                    steps,
+                    warmup,
+                    mixed_precision,
+                    python,
+                    torch_device,
+                    peak_tflops,
+                };
                 println!("{}", crate::bench::gpu::run(&opts)?);
             }
             Ok(ExitCode::SUCCESS)
@@ -551,7 +648,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             println!("{}", lines.join("\n"));
             Ok(if sound { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Pairs { from, style, out, tokenizer, seed, bins } => pairs(&from, style, &out, tokenizer.as_deref(), seed, bins),
+        Command::Pairs { from, style, out, tokenizer, seed, bins } => {
+            pairs(&from, style, &out, tokenizer.as_deref(), seed, bins)
+        }
         Command::Data { out, sft_rows, pair_rows, eval_rows, seed, tokenizer_vocab } => {
             crate::data::arithmetic::write_corpus(&out, sft_rows, pair_rows, eval_rows, seed)?;
             println!("wrote {}/{{sft,pairs,eval,choices}}.jsonl", out.display());
@@ -568,12 +667,18 @@ fn dispatch(command: Command) -> Result<ExitCode> {
 /// `host run --dashboard`: the run folder is decided first (a new run's default name is
 /// fixed here, so the page follows the folder the run then creates), and the page is served
 /// before training starts, so a port in use stops the command before anything is written.
-fn start_run_dashboard(host: &mut ScriptHost, options: &mut RunOptions, addr: &str) -> Result<crate::dashboard::Dashboard> {
+fn start_run_dashboard(
+    host: &mut ScriptHost,
+    options: &mut RunOptions,
+    addr: &str,
+) -> Result<crate::dashboard::Dashboard> {
     let parsed = crate::dashboard::parse_address(Some(addr));
     let addr = match parsed {
         Ok(addr) => addr,
         Err(_) if Path::new(addr).is_file() => {
-            bail!("--dashboard took {addr:?} as its address; put --dashboard after the script, or write --dashboard=ADDR")
+            bail!(
+                "--dashboard took {addr:?} as its address; put --dashboard after the script, or write --dashboard=ADDR"
+            )
         }
         Err(e) => return Err(e),
     };
@@ -588,7 +693,12 @@ fn start_run_dashboard(host: &mut ScriptHost, options: &mut RunOptions, addr: &s
         }
     };
     let dashboard = crate::dashboard::start(addr, vec![crate::dashboard::RunFolder::pending(&dir)])?;
-    println!("dashboard: {} (read-only; run folder {}; served while this run lasts, later with: host dashboard {})", dashboard.url, dir.display(), dir.display());
+    println!(
+        "dashboard: {} (read-only; run folder {}; served while this run lasts, later with: host dashboard {})",
+        dashboard.url,
+        dir.display(),
+        dir.display()
+    );
     Ok(dashboard)
 }
 
@@ -599,7 +709,8 @@ fn check(script: &Path, plugins: Option<&Path>) -> Result<String> {
     let files = version.sources.len();
     match version.config.clone() {
         Some(map) => {
-            let config = TrainConfig::from_map(map).map_err(|e| anyhow::anyhow!("{}: {e:#}", version.display_path()))?;
+            let config =
+                TrainConfig::from_map(map).map_err(|e| anyhow::anyhow!("{}: {e:#}", version.display_path()))?;
             let mut loss_fns: Vec<String> = config.compare.iter().map(|arm| arm.loss_fn.clone()).collect();
             if loss_fns.is_empty() {
                 loss_fns.push(config.loss_fn.clone());
@@ -610,17 +721,33 @@ fn check(script: &Path, plugins: Option<&Path>) -> Result<String> {
                 }
             }
             crate::train::reload::require_reward(&version, &config)?;
-            crate::backend::backend_device(&config.backend).map_err(|e| anyhow::anyhow!("{}: {e}", version.display_path()))?;
-            Ok(format!("{} ({files} file(s) compiled, mode {:?}, backend {})", version.display_path(), config.mode, config.backend))
+            crate::backend::backend_device(&config.backend)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", version.display_path()))?;
+            Ok(format!(
+                "{} ({files} file(s) compiled, mode {:?}, backend {})",
+                version.display_path(),
+                config.mode,
+                config.backend
+            ))
         }
         None => Ok(format!("{} ({files} file(s) compiled; no train() call)", version.display_path())),
     }
 }
 
-fn pairs(from: &Path, style: PairStyle, out: &Path, tokenizer: Option<&Path>, seed: u64, bins: usize) -> Result<ExitCode> {
+fn pairs(
+    from: &Path,
+    style: PairStyle,
+    out: &Path,
+    tokenizer: Option<&Path>,
+    seed: u64,
+    bins: usize,
+) -> Result<ExitCode> {
     check_output(out, from)?;
     let tokenizer = match tokenizer {
-        Some(path) => Some(tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow::anyhow!("{}: invalid tokenizer: {e}", path.display()))?),
+        Some(path) => Some(
+            tokenizers::Tokenizer::from_file(path)
+                .map_err(|e| anyhow::anyhow!("{}: invalid tokenizer: {e}", path.display()))?,
+        ),
         None => None,
     };
     let (pairs, report) = build_pairs(from, style, seed)?;
@@ -635,13 +762,26 @@ fn pairs(from: &Path, style: PairStyle, out: &Path, tokenizer: Option<&Path>, se
     let unit = if tokenizer.is_some() { "tokens" } else { "characters" };
     let stats = write_pairs(out, &pairs, &distances, unit, bins, &report)?;
     let plot = out.with_extension("edit_distance.png");
-    crate::report::histogram_png(&format!("normalised edit distance ({unit}), {} pairs", pairs.len()), "chosen vs rejected", &distances, bins, &plot)?;
+    crate::report::histogram_png(
+        &format!("normalised edit distance ({unit}), {} pairs", pairs.len()),
+        "chosen vs rejected",
+        &distances,
+        bins,
+        &plot,
+    )?;
     let ed = &stats["edit_distance"];
     println!(
         "wrote {} pairs from {} rows to {} ({} skipped)\nnormalised edit distance ({unit}): mean {:.3}, median {:.3}, p10 {:.3}, p90 {:.3}\nstats: {}  histogram: {}",
-        pairs.len(), report.rows, out.display(), report.skipped_count(),
-        ed["mean"].as_f64().unwrap_or(0.0), ed["median"].as_f64().unwrap_or(0.0), ed["p10"].as_f64().unwrap_or(0.0), ed["p90"].as_f64().unwrap_or(0.0),
-        out.with_extension("stats.json").display(), plot.display(),
+        pairs.len(),
+        report.rows,
+        out.display(),
+        report.skipped_count(),
+        ed["mean"].as_f64().unwrap_or(0.0),
+        ed["median"].as_f64().unwrap_or(0.0),
+        ed["p10"].as_f64().unwrap_or(0.0),
+        ed["p90"].as_f64().unwrap_or(0.0),
+        out.with_extension("stats.json").display(),
+        plot.display(),
     );
     Ok(ExitCode::SUCCESS)
 }

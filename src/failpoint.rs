@@ -29,7 +29,8 @@ fn armed() -> &'static Result<Option<(String, String)>, String> {
 
 fn parse(value: &str) -> Result<(String, String), String> {
     let (folder, point) = value.split_once(':').unwrap_or_default();
-    let known = matches!(point, "staged" | "moved-aside" | "renamed") || point.strip_prefix("file:").is_some_and(|f| !f.is_empty());
+    let known = matches!(point, "staged" | "moved-aside" | "renamed")
+        || point.strip_prefix("file:").is_some_and(|f| !f.is_empty());
     if folder.is_empty() || !known {
         return Err(format!("expected FOLDER:POINT, POINT one of {POINTS}"));
     }

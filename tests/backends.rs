@@ -49,10 +49,20 @@ fn train(sb: &Sandbox, name: &str, backend: &str, steps: usize, config: &str) ->
     let dir = sb.path(name);
     let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap()]);
     assert!(out.status.success(), "backend {backend} {config}: {}", text(&out));
-    let (events, steps_logged): (Vec<_>, Vec<_>) = read_lines(&dir.join("metrics.jsonl")).into_iter().partition(|l| l.get("event").is_some());
+    let (events, steps_logged): (Vec<_>, Vec<_>) =
+        read_lines(&dir.join("metrics.jsonl")).into_iter().partition(|l| l.get("event").is_some());
     assert_eq!(steps_logged.len(), steps, "{steps_logged:?}");
-    let norms = events.iter().find(|e| e["event"] == "param_grad_norms" && e["step"] == 1).unwrap_or_else(|| panic!("no step-1 param_grad_norms in {}", dir.display()));
-    let step1_grad_norms = norms.as_object().unwrap().iter().filter_map(|(k, v)| Some((k.clone(), v.as_f64()?))).filter(|(k, _)| k != "step").collect();
+    let norms = events
+        .iter()
+        .find(|e| e["event"] == "param_grad_norms" && e["step"] == 1)
+        .unwrap_or_else(|| panic!("no step-1 param_grad_norms in {}", dir.display()));
+    let step1_grad_norms = norms
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+        .filter(|(k, _)| k != "step")
+        .collect();
     Run { steps: steps_logged, step1_grad_norms }
 }
 
@@ -70,12 +80,14 @@ fn tiny_math_on(data: &str, extra: &str) -> String {
 /// backends it built) must have one: a GPU that fails to come up fails the check instead of
 /// leaving it silently.
 fn runnable() -> Vec<&'static str> {
-    for required in std::env::var("PREFHOST_REQUIRE_BACKENDS").unwrap_or_default().split(',').filter(|b| !b.is_empty()) {
+    for required in std::env::var("PREFHOST_REQUIRE_BACKENDS").unwrap_or_default().split(',').filter(|b| !b.is_empty())
+    {
         if let Err(e) = backend_device(required) {
             panic!("backend {required} is required here (PREFHOST_REQUIRE_BACKENDS) but has no device: {e:#}");
         }
     }
-    let found: Vec<&str> = BUILT_BACKENDS.iter().copied().filter(|b| *b != "cpu" && backend_device(b).is_ok()).collect();
+    let found: Vec<&str> =
+        BUILT_BACKENDS.iter().copied().filter(|b| *b != "cpu" && backend_device(b).is_ok()).collect();
     eprintln!("built: {BUILT_BACKENDS:?}; runnable here besides cpu: {found:?}");
     assert!(!found.is_empty(), "nothing to compare: this build's extra backends have no device here");
     found
@@ -105,16 +117,27 @@ fn assert_same_run(case: &str, backend: &str, cpu: &Run, other: &Run, tol: &Tole
             let d = if rel { relative(x, y) } else { (x - y).abs() };
             let w = worst.entry(key).or_default();
             *w = w.max(d);
-            assert!(d <= bound, "{case}: step {}: {key} cpu {x} vs {backend} {y} (diff {d:e}, bound {bound:e})", step + 1);
+            assert!(
+                d <= bound,
+                "{case}: step {}: {key} cpu {x} vs {backend} {y} (diff {d:e}, bound {bound:e})",
+                step + 1
+            );
         }
     }
-    assert_eq!(cpu.step1_grad_norms.keys().collect::<Vec<_>>(), other.step1_grad_norms.keys().collect::<Vec<_>>(), "{case}: trainable parameters differ");
+    assert_eq!(
+        cpu.step1_grad_norms.keys().collect::<Vec<_>>(),
+        other.step1_grad_norms.keys().collect::<Vec<_>>(),
+        "{case}: trainable parameters differ"
+    );
     let mut grads = 0f64;
     for (name, x) in &cpu.step1_grad_norms {
         let y = other.step1_grad_norms[name];
         let d = relative(*x, y);
         grads = grads.max(d);
-        assert!(d <= tol.grad_norm_rel, "{case}: step-1 gradient norm of {name}: cpu {x} vs {backend} {y} (relative {d:e})");
+        assert!(
+            d <= tol.grad_norm_rel,
+            "{case}: step-1 gradient norm of {name}: cpu {x} vs {backend} {y} (relative {d:e})"
+        );
     }
     eprintln!("{case} on {backend} vs cpu, worst: {worst:?}, step-1 per-parameter grad norm (relative) {grads:e}");
 }
@@ -125,7 +148,11 @@ fn assert_backends_train_like_cpu(case: &str, config: &str) -> Run {
     let cpu = train(&sb, "cpu", "cpu", STEPS, config);
     // The losses must move, or matching them would prove little.
     let first = value(&cpu.steps[0], "loss");
-    assert!(cpu.steps.iter().any(|l| (value(l, "loss") - first).abs() > 1e-3), "{case}: cpu's loss does not move: {:?}", cpu.steps);
+    assert!(
+        cpu.steps.iter().any(|l| (value(l, "loss") - first).abs() > 1e-3),
+        "{case}: cpu's loss does not move: {:?}",
+        cpu.steps
+    );
     for backend in runnable() {
         let other = train(&sb, backend, backend, STEPS, config);
         assert_same_run(case, backend, &cpu, &other, &F32);
@@ -156,7 +183,10 @@ fn prefix_sharing_trains_like_cpu() {
 #[test]
 fn chunked_logits_train_like_cpu() {
     assert_backends_train_like_cpu("logits_chunk_size", &tiny_math("logits_chunk_size: 32,"));
-    assert_backends_train_like_cpu("logits_chunk_size + prefix_sharing", &tiny_math("logits_chunk_size: 32, prefix_sharing: true,"));
+    assert_backends_train_like_cpu(
+        "logits_chunk_size + prefix_sharing",
+        &tiny_math("logits_chunk_size: 32, prefix_sharing: true,"),
+    );
 }
 
 /// Adapters as PEFT trained them (B nonzero, so step 1 already has a margin), loaded with
@@ -172,8 +202,15 @@ fn lora_from_a_peft_adapter_trains_like_cpu() {
          params: #{{ beta: 0.1 }},"
     );
     let cpu = assert_backends_train_like_cpu("LoRA init_adapter", &config);
-    assert!(cpu.step1_grad_norms.keys().all(|k| k.contains("lora_")), "only adapters train: {:?}", cpu.step1_grad_norms.keys());
-    assert!(value(&cpu.steps[0], "rewards/margins").abs() > 1e-3, "the trained adapters must make step 1 differ from the reference");
+    assert!(
+        cpu.step1_grad_norms.keys().all(|k| k.contains("lora_")),
+        "only adapters train: {:?}",
+        cpu.step1_grad_norms.keys()
+    );
+    assert!(
+        value(&cpu.steps[0], "rewards/margins").abs() > 1e-3,
+        "the trained adapters must make step 1 differ from the reference"
+    );
 }
 
 /// The PEFT fixture's adapters with the adapters on, disabled, and merged into the weights
@@ -184,14 +221,19 @@ fn lora_adapters_on_off_and_merged_match_peft() {
     let fixtures = common::repo().join("tests/fixtures/hf");
     let rows = common::fixture_rows(&fixtures.join("llama_lora"));
     let worst = |got: &[Vec<f32>], key: &str| {
-        got.iter().zip(&rows).flat_map(|(g, r)| g.iter().zip(r.floats(key)).map(|(a, b)| (*a as f64 - b).abs()).collect::<Vec<_>>()).fold(0.0, f64::max)
+        got.iter()
+            .zip(&rows)
+            .flat_map(|(g, r)| g.iter().zip(r.floats(key)).map(|(a, b)| (*a as f64 - b).abs()).collect::<Vec<_>>())
+            .fold(0.0, f64::max)
     };
     let tmp = tempfile::tempdir().unwrap();
     for backend in runnable() {
         let device = backend_device(backend).unwrap();
-        let (config, model, _) = load_adapter_model(&fixtures.join("llama_lora"), Some(&fixtures.join("llama")), &device).unwrap();
+        let (config, model, _) =
+            load_adapter_model(&fixtures.join("llama_lora"), Some(&fixtures.join("llama")), &device).unwrap();
         let on = worst(&common::completion_logps(&model, &rows, &device), "token_logps");
-        let off = worst(&common::completion_logps(&model.clone().without_adapters(), &rows, &device), "base_token_logps");
+        let off =
+            worst(&common::completion_logps(&model.clone().without_adapters(), &rows, &device), "base_token_logps");
         let merged_dir = tmp.path().join(backend);
         save_model(&model, &config, &common::repo().join("models/tiny-math/tokenizer.json"), &merged_dir).unwrap();
         let (_, merged) = load_model(&merged_dir, &device).unwrap();
@@ -214,7 +256,17 @@ fn precomputed_reference_logps_match_cpu_and_train_like_cpu() {
     let data = sb.write("pairs48.jsonl", &(rows.join("\n") + "\n"));
     let logps = |backend: &str| -> PathBuf {
         let out = sb.path(&format!("{backend}.ref.jsonl"));
-        let run = run_host(&["logps", "--model", "models/tiny-math", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--backend", backend]);
+        let run = run_host(&[
+            "logps",
+            "--model",
+            "models/tiny-math",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--backend",
+            backend,
+        ]);
         assert!(run.status.success(), "host logps --backend {backend}: {}", text(&run));
         out
     };
@@ -229,7 +281,10 @@ fn precomputed_reference_logps_match_cpu_and_train_like_cpu() {
         assert_eq!(a.len(), b.len());
         let mut worst = 0f64;
         for (x, y) in a.iter().zip(&b) {
-            assert_eq!((&x["line"], &x["chosen_tokens"], &x["rejected_tokens"]), (&y["line"], &y["chosen_tokens"], &y["rejected_tokens"]));
+            assert_eq!(
+                (&x["line"], &x["chosen_tokens"], &x["rejected_tokens"]),
+                (&y["line"], &y["chosen_tokens"], &y["rejected_tokens"])
+            );
             for key in ["chosen_token_logps", "rejected_token_logps"] {
                 for (p, q) in x[key].as_array().unwrap().iter().zip(y[key].as_array().unwrap()) {
                     worst = worst.max((p.as_f64().unwrap() - q.as_f64().unwrap()).abs());
@@ -250,7 +305,8 @@ fn precomputed_reference_logps_match_cpu_and_train_like_cpu() {
 /// 0.406). Dropout is off: its masks come from each backend's own RNG.
 #[test]
 fn fresh_lora_adapters_train_like_cpu() {
-    let config = tiny_math("lr: 2e-3, lora: #{ r: 4, lora_alpha: 8, lora_dropout: 0.0, target_modules: \"all-linear\" },");
+    let config =
+        tiny_math("lr: 2e-3, lora: #{ r: 4, lora_alpha: 8, lora_dropout: 0.0, target_modules: \"all-linear\" },");
     let cpu = assert_backends_train_like_cpu("fresh LoRA", &config);
     assert_starts_at_reference("fresh LoRA", &cpu);
 }
@@ -260,7 +316,9 @@ fn fresh_lora_adapters_train_like_cpu() {
 /// cpu without it, with plain and with packed rows.
 #[test]
 fn gradient_checkpointing_trains_like_cpu_without_it() {
-    for (case, extra) in [("gradient_checkpointing", ""), ("gradient_checkpointing + prefix_sharing", "prefix_sharing: true,")] {
+    for (case, extra) in
+        [("gradient_checkpointing", ""), ("gradient_checkpointing + prefix_sharing", "prefix_sharing: true,")]
+    {
         let sb = Sandbox::new();
         let cpu = train(&sb, "cpu", "cpu", STEPS, &tiny_math(extra));
         let checkpointed = tiny_math(&format!("{extra} gradient_checkpointing: true,"));
@@ -288,10 +346,24 @@ fn every_built_backend_trains_in_bf16_like_f32() {
     let sb = Sandbox::new();
     let flex = train(&sb, "cpu", "cpu", BF16_STEPS, &tiny_math(BF16_LR)).steps;
     for backend in backends {
-        let mixed = train(&sb, &format!("{backend}-bf16"), backend, BF16_STEPS, &tiny_math(&format!("{BF16_LR} mixed_precision: \"bf16\","))).steps;
-        assert!((value(&mixed[0], "loss") - std::f64::consts::LN_2).abs() < 1e-4, "{backend} bf16 step 1: {}", mixed[0]);
+        let mixed = train(
+            &sb,
+            &format!("{backend}-bf16"),
+            backend,
+            BF16_STEPS,
+            &tiny_math(&format!("{BF16_LR} mixed_precision: \"bf16\",")),
+        )
+        .steps;
+        assert!(
+            (value(&mixed[0], "loss") - std::f64::consts::LN_2).abs() < 1e-4,
+            "{backend} bf16 step 1: {}",
+            mixed[0]
+        );
         let last = value(&mixed[BF16_STEPS - 1], "loss");
-        assert!(last < std::f64::consts::LN_2 - BF16_MIN_DROP, "{backend} bf16 did not learn: step {BF16_STEPS} loss {last}");
+        assert!(
+            last < std::f64::consts::LN_2 - BF16_MIN_DROP,
+            "{backend} bf16 did not learn: step {BF16_STEPS} loss {last}"
+        );
         for (step, (a, b)) in flex.iter().zip(&mixed).enumerate() {
             let (x, y) = (value(a, "loss"), value(b, "loss"));
             assert!((x - y).abs() <= BF16_LOSS_TOLERANCE, "step {}: loss cpu f32 {x} vs {backend} bf16 {y}", step + 1);
@@ -330,7 +402,10 @@ fn masked_forwards_outside_autodiff_match_transformers_and_cpu() {
     let packed = |device: &burn::tensor::Device| {
         let (_, model) = load_model(&dir, device).unwrap();
         let batch = collate_pairs(&refs, 2, device);
-        (values(token_logps(&model, &batch)), values(packed_pair_logps(&model, &PackedLayout::new(&refs, 2, true), batch.mask.clone())))
+        (
+            values(token_logps(&model, &batch)),
+            values(packed_pair_logps(&model, &PackedLayout::new(&refs, 2, true), batch.mask.clone())),
+        )
     };
     let cpu = backend_device("cpu").unwrap();
     let (cpu_plain, cpu_packed) = packed(&cpu);
@@ -344,8 +419,16 @@ fn masked_forwards_outside_autodiff_match_transformers_and_cpu() {
             assert!(off < 1e-4, "{backend}: sliding-window log-probs differ from transformers by {off}");
         }
         let (plain, packed_rows) = packed(&device);
-        assert!(worst(&plain, &cpu_plain) < 1e-4, "{backend}: plain rows differ from cpu by {}", worst(&plain, &cpu_plain));
-        assert!(worst(&packed_rows, &cpu_packed) < 1e-4, "{backend}: packed rows differ from cpu by {}", worst(&packed_rows, &cpu_packed));
+        assert!(
+            worst(&plain, &cpu_plain) < 1e-4,
+            "{backend}: plain rows differ from cpu by {}",
+            worst(&plain, &cpu_plain)
+        );
+        assert!(
+            worst(&packed_rows, &cpu_packed) < 1e-4,
+            "{backend}: packed rows differ from cpu by {}",
+            worst(&packed_rows, &cpu_packed)
+        );
     }
 }
 
@@ -361,10 +444,31 @@ fn greedy_host_sample_on_every_backend_is_cpus() {
     std::fs::write(&prompts, eval.lines().take(8).collect::<Vec<_>>().join("\n")).unwrap();
     let sample = |backend: &str| -> Vec<serde_json::Value> {
         let out = dir.path().join(format!("{backend}.jsonl"));
-        let args = ["sample", "--model", "models/tiny-math", "--prompts", prompts.to_str().unwrap(), "--n", "2", "--temperature", "0", "--max-new-tokens", "40", "--batch-size", "5", "--backend", backend, "--out", out.to_str().unwrap()];
+        let args = [
+            "sample",
+            "--model",
+            "models/tiny-math",
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--n",
+            "2",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "40",
+            "--batch-size",
+            "5",
+            "--backend",
+            backend,
+            "--out",
+            out.to_str().unwrap(),
+        ];
         let result = run_host(&args);
         assert!(result.status.success(), "{backend}: {}", text(&result));
-        read_lines(&out).iter().map(|l| serde_json::json!([l["prompt_index"], l["sample_index"], l["completion_ids"], l["eos"]])).collect()
+        read_lines(&out)
+            .iter()
+            .map(|l| serde_json::json!([l["prompt_index"], l["sample_index"], l["completion_ids"], l["eos"]]))
+            .collect()
     };
     let cpu = sample("cpu");
     assert_eq!(cpu.len(), 16);
@@ -380,12 +484,19 @@ fn gpu_backends_without_a_device_are_an_error_not_a_panic() {
         if backend_device(backend).is_ok() {
             continue; // a GPU machine: the tests above train on it
         }
-        let path = sb.write(&format!("scripts/{backend}.rhai"), &format!(
-            "import \"losses/dpo\" as dpo;\nfn loss(b, p) {{ dpo::loss(b, p) }}\ntrain({});\n",
-            small_config(&format!("backend: \"{backend}\", max_steps: 1,"))
-        ));
-        let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", sb.path(backend).to_str().unwrap()]);
+        let path = sb.write(
+            &format!("scripts/{backend}.rhai"),
+            &format!(
+                "import \"losses/dpo\" as dpo;\nfn loss(b, p) {{ dpo::loss(b, p) }}\ntrain({});\n",
+                small_config(&format!("backend: \"{backend}\", max_steps: 1,"))
+            ),
+        );
+        let out =
+            run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", sb.path(backend).to_str().unwrap()]);
         let t = text(&out);
-        assert!(!out.status.success() && t.contains(&format!("backend \"{backend}\"")) && !t.contains("panicked"), "{t}");
+        assert!(
+            !out.status.success() && t.contains(&format!("backend \"{backend}\"")) && !t.contains("panicked"),
+            "{t}"
+        );
     }
 }

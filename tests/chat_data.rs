@@ -14,7 +14,8 @@ const TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{% if m['role'] no
 /// The shipped tokenizer with a chat template beside it.
 fn tokenizer(dir: &std::path::Path) -> TextTokenizer {
     std::fs::copy(common::repo().join("models/tiny-math/tokenizer.json"), dir.join("tokenizer.json")).unwrap();
-    let config = serde_json::json!({ "chat_template": TEMPLATE, "bos_token": { "content": "<s>" }, "eos_token": "</s>" });
+    let config =
+        serde_json::json!({ "chat_template": TEMPLATE, "bos_token": { "content": "<s>" }, "eos_token": "</s>" });
     std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
     TextTokenizer::load(&dir.join("tokenizer.json"), Some(1), Some(2)).unwrap()
 }
@@ -87,13 +88,19 @@ fn conversational_unpaired_rows_render_like_trl() {
 fn chat_templates_saved_by_transformers_4_and_5_are_read() {
     for version in ["tf4", "tf5"] {
         let dir = common::repo().join("tests/fixtures/chat_saved").join(version);
-        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();
-        assert!(config.get("chat_template").is_none() && dir.join("chat_template.jinja").is_file(), "{version}: the template is in its own file");
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();
+        assert!(
+            config.get("chat_template").is_none() && dir.join("chat_template.jinja").is_file(),
+            "{version}: the template is in its own file"
+        );
         let tok = TextTokenizer::load(&dir.join("tokenizer.json"), Some(1), Some(2)).unwrap();
         let chat = tok.chat.as_ref().unwrap_or_else(|| panic!("{version}: chat_template.jinja was not read"));
-        let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
         for case in expected["cases"].as_array().unwrap() {
-            let messages: Vec<prefhost::data::chat::Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+            let messages: Vec<prefhost::data::chat::Message> =
+                serde_json::from_value(case["messages"].clone()).unwrap();
             let got = chat.render(&messages, case["add_generation_prompt"].as_bool().unwrap()).unwrap();
             assert_eq!(got, case["expected"].as_str().unwrap(), "{version}");
         }
@@ -103,7 +110,10 @@ fn chat_templates_saved_by_transformers_4_and_5_are_read() {
     let _ = tokenizer(dir.path());
     std::fs::write(dir.path().join("chat_template.jinja"), "{{ messages[0]['content'] }}").unwrap();
     let err = format!("{:#}", TextTokenizer::load(&dir.path().join("tokenizer.json"), Some(1), Some(2)).err().unwrap());
-    assert!(err.contains("tokenizer_config.json") && err.contains("chat_template.jinja") && err.contains("different"), "{err}");
+    assert!(
+        err.contains("tokenizer_config.json") && err.contains("chat_template.jinja") && err.contains("different"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -112,9 +122,18 @@ fn bad_conversational_rows_are_named_by_file_and_line() {
     let tok = tokenizer(dir.path());
     let good = serde_json::json!({ "prompt": [msg("user", "Hi")], "chosen": [msg("assistant", "a")], "rejected": [msg("assistant", "b")] });
     let cases = [
-        (serde_json::json!({ "prompt": [msg("user", "Hi")], "chosen": [{ "role": "assistant" }], "rejected": [msg("assistant", "b")] }), "`chosen[0]` has no string `content`"),
-        (serde_json::json!({ "prompt": [msg("robot", "Hi")], "chosen": [msg("assistant", "a")], "rejected": [msg("assistant", "b")] }), "unknown role robot"),
-        (serde_json::json!({ "chosen": [msg("user", "x"), msg("assistant", "a")], "rejected": [msg("user", "y"), msg("assistant", "b")] }), "share no prompt messages"),
+        (
+            serde_json::json!({ "prompt": [msg("user", "Hi")], "chosen": [{ "role": "assistant" }], "rejected": [msg("assistant", "b")] }),
+            "`chosen[0]` has no string `content`",
+        ),
+        (
+            serde_json::json!({ "prompt": [msg("robot", "Hi")], "chosen": [msg("assistant", "a")], "rejected": [msg("assistant", "b")] }),
+            "unknown role robot",
+        ),
+        (
+            serde_json::json!({ "chosen": [msg("user", "x"), msg("assistant", "a")], "rejected": [msg("user", "y"), msg("assistant", "b")] }),
+            "share no prompt messages",
+        ),
         (serde_json::json!({ "question": "Q", "chosen": "a" }), "missing string field `rejected`"),
     ];
     for (bad, message) in cases {
@@ -135,17 +154,27 @@ fn bad_conversational_rows_are_named_by_file_and_line() {
 #[test]
 fn real_chat_templates_render_exactly_as_transformers_does() {
     // tests/fixtures/make_chat_fixtures.py rendered these with transformers.
-    let cases: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(common::repo().join("tests/fixtures/chat_templates.json")).unwrap()).unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(common::repo().join("tests/fixtures/chat_templates.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(cases.len(), 12);
     let dir = tempfile::tempdir().unwrap();
     for case in &cases {
         let config = serde_json::json!({ "chat_template": case["template"], "bos_token": case["bos_token"], "eos_token": case["eos_token"] });
         std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
-        let template = prefhost::data::chat::ChatTemplate::load(&dir.path().join("tokenizer_config.json"), None).unwrap().unwrap();
-        let messages: Vec<prefhost::data::chat::Message> = prefhost::data::chat::messages(&case["messages"], "messages").unwrap();
+        let template =
+            prefhost::data::chat::ChatTemplate::load(&dir.path().join("tokenizer_config.json"), None).unwrap().unwrap();
+        let messages: Vec<prefhost::data::chat::Message> =
+            prefhost::data::chat::messages(&case["messages"], "messages").unwrap();
         let got = template.render(&messages, case["add_generation_prompt"].as_bool().unwrap()).unwrap();
-        assert_eq!(got, case["expected"].as_str().unwrap(), "{} (generation prompt {})", case["name"], case["add_generation_prompt"]);
+        assert_eq!(
+            got,
+            case["expected"].as_str().unwrap(),
+            "{} (generation prompt {})",
+            case["name"],
+            case["add_generation_prompt"]
+        );
     }
 }
 
@@ -159,7 +188,10 @@ fn saved_models_keep_the_chat_template() {
     prefhost::model::save_model(&model, &config, &dir.path().join("tokenizer.json"), &out).unwrap();
     let reloaded = TextTokenizer::load(&out.join("tokenizer.json"), Some(1), Some(2)).unwrap();
     let messages = [prefhost::data::chat::Message { role: "user".into(), content: "Hi".into() }];
-    assert_eq!(reloaded.chat.expect("the template is saved").render(&messages, true).unwrap(), "<s><|user|>\nHi<|end|>\n<|assistant|>\n");
+    assert_eq!(
+        reloaded.chat.expect("the template is saved").render(&messages, true).unwrap(),
+        "<s><|user|>\nHi<|end|>\n<|assistant|>\n"
+    );
 
     // A transformers 5 tokenizer folder: its chat_template.jinja travels with the model too.
     let five = common::repo().join("tests/fixtures/chat_saved/tf5/tokenizer.json");
@@ -172,10 +204,16 @@ fn saved_models_keep_the_chat_template() {
     let named = common::repo().join("tests/fixtures/chat_saved/tf5_named/tokenizer.json");
     let out = dir.path().join("saved_named");
     prefhost::model::save_model(&model, &config, &named, &out).unwrap();
-    assert!(out.join("additional_chat_templates/chatml.jinja").is_file() && out.join("additional_chat_templates/zephyr.jinja").is_file());
+    assert!(
+        out.join("additional_chat_templates/chatml.jinja").is_file()
+            && out.join("additional_chat_templates/zephyr.jinja").is_file()
+    );
     let mut reloaded = TextTokenizer::load(&out.join("tokenizer.json"), Some(1), Some(2)).unwrap();
     reloaded.use_chat_template("chatml").unwrap();
-    assert_eq!(reloaded.chat.unwrap().render(&messages, true).unwrap(), "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+    assert_eq!(
+        reloaded.chat.unwrap().render(&messages, true).unwrap(),
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
 }
 
 /// Tokenizer folders holding several named templates, as transformers 4.57 and 5.24 save
@@ -186,8 +224,12 @@ fn saved_models_keep_the_chat_template() {
 fn named_chat_templates_render_as_transformers_does() {
     for version in ["tf4_named", "tf5_named", "tf5_named_no_default"] {
         let dir = common::repo().join("tests/fixtures/chat_saved").join(version);
-        assert!(dir.join("additional_chat_templates/chatml.jinja").is_file(), "{version}: named templates in their own folder");
-        let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        assert!(
+            dir.join("additional_chat_templates/chatml.jinja").is_file(),
+            "{version}: named templates in their own folder"
+        );
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
         let cases = expected["cases"].as_array().unwrap();
         assert_eq!(cases.len(), if version.ends_with("no_default") { 8 } else { 16 }, "{version}");
         for case in cases {
@@ -196,14 +238,18 @@ fn named_chat_templates_render_as_transformers_does() {
                 tok.use_chat_template(name).unwrap();
             }
             let chat = tok.chat.as_ref().unwrap_or_else(|| panic!("{version}: no template for {}", case["template"]));
-            let messages: Vec<prefhost::data::chat::Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+            let messages: Vec<prefhost::data::chat::Message> =
+                serde_json::from_value(case["messages"].clone()).unwrap();
             let got = chat.render(&messages, case["add_generation_prompt"].as_bool().unwrap()).unwrap();
             assert_eq!(got, case["expected"].as_str().unwrap(), "{version}, template {}", case["template"]);
         }
         // A name the folder lacks: an error naming the setting and the names it has.
         let mut tok = TextTokenizer::load(&dir.join("tokenizer.json"), Some(1), Some(2)).unwrap();
         let err = format!("{:#}", tok.use_chat_template("tool_use").unwrap_err());
-        assert!(err.contains("chat_template") && err.contains("\"tool_use\"") && err.contains("chatml, zephyr"), "{err}");
+        assert!(
+            err.contains("chat_template") && err.contains("\"tool_use\"") && err.contains("chatml, zephyr"),
+            "{err}"
+        );
     }
     // No default: plain rows load, a conversational row is refused as transformers refuses
     // it, naming the templates there are and the setting that chooses one.
@@ -215,7 +261,13 @@ fn named_chat_templates_render_as_transformers_does() {
     let row = serde_json::json!({ "prompt": [msg("user", "Hi")], "chosen": [msg("assistant", "a")], "rejected": [msg("assistant", "b")] });
     std::fs::write(&data, format!("{row}\n")).unwrap();
     let err = format!("{:#}", load_examples(&data, &tok, true, LIMITS, false).unwrap_err());
-    assert!(err.contains("conv.jsonl:1") && err.contains("chatml, zephyr") && err.contains("no default") && err.contains("`chat_template`"), "{err}");
+    assert!(
+        err.contains("conv.jsonl:1")
+            && err.contains("chatml, zephyr")
+            && err.contains("no default")
+            && err.contains("`chat_template`"),
+        "{err}"
+    );
 }
 
 /// The same name from two places with different text is refused, naming both; tokenizer
@@ -233,7 +285,13 @@ fn named_templates_from_two_places_must_agree() {
     std::fs::create_dir(dir.path().join("additional_chat_templates")).unwrap();
     std::fs::write(dir.path().join("additional_chat_templates/short.jinja"), "{{ messages[0]['role'] }}").unwrap();
     let err = format!("{:#}", TextTokenizer::load(&dir.path().join("tokenizer.json"), Some(1), Some(2)).err().unwrap());
-    assert!(err.contains("tokenizer_config.json") && err.contains("short.jinja") && err.contains("different") && err.contains("\"short\""), "{err}");
+    assert!(
+        err.contains("tokenizer_config.json")
+            && err.contains("short.jinja")
+            && err.contains("different")
+            && err.contains("\"short\""),
+        "{err}"
+    );
     // The same text twice is one template.
     std::fs::write(dir.path().join("additional_chat_templates/short.jinja"), "{{ messages[0]['content'] }}").unwrap();
     assert!(TextTokenizer::load(&dir.path().join("tokenizer.json"), Some(1), Some(2)).is_ok());
@@ -256,7 +314,8 @@ fn a_run_renders_with_the_named_template() {
         }
         common::copy_dir(&named.join("additional_chat_templates"), &model.join("additional_chat_templates"));
         if let Some(template) = default_template {
-            std::fs::copy(named.join("additional_chat_templates").join(template), model.join("chat_template.jinja")).unwrap();
+            std::fs::copy(named.join("additional_chat_templates").join(template), model.join("chat_template.jinja"))
+                .unwrap();
         }
         model
     };
@@ -274,9 +333,14 @@ fn a_run_renders_with_the_named_template() {
         );
         let path = sb.write(&format!("scripts/{dir}.rhai"), &script);
         let out_dir = sb.path(dir);
-        (common::run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", out_dir.to_str().unwrap()]), out_dir)
+        (
+            common::run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", out_dir.to_str().unwrap()]),
+            out_dir,
+        )
     };
-    let logps = |dir: &std::path::Path| -> Vec<f64> { common::loss_lines(dir).iter().map(|l| l["logps/chosen"].as_f64().unwrap()).collect() };
+    let logps = |dir: &std::path::Path| -> Vec<f64> {
+        common::loss_lines(dir).iter().map(|l| l["logps/chosen"].as_f64().unwrap()).collect()
+    };
 
     let (out, chatml) = run(&model, Some("chatml"), "chatml");
     assert!(out.status.success(), "{}", common::text(&out));
@@ -302,10 +366,20 @@ fn a_run_renders_with_the_named_template() {
     // The named template edited in the model folder: the resume is refused, naming it.
     std::fs::write(model.join("additional_chat_templates/chatml.jinja"), "{{ messages[0]['content'] }}").unwrap();
     let out = common::run_host(&["run", "--resume", chatml.to_str().unwrap(), "--no-watch", "--max-steps", "3"]);
-    assert!(!out.status.success() && common::text(&out).contains("additional_chat_templates/chatml.jinja"), "{}", common::text(&out));
+    assert!(
+        !out.status.success() && common::text(&out).contains("additional_chat_templates/chatml.jinja"),
+        "{}",
+        common::text(&out)
+    );
 
     let (out, dir) = run(&model, Some("nope"), "nope");
     let said = common::text(&out);
-    assert!(!out.status.success() && said.contains("chat_template") && said.contains("\"nope\"") && said.contains("chatml, zephyr"), "{said}");
+    assert!(
+        !out.status.success()
+            && said.contains("chat_template")
+            && said.contains("\"nope\"")
+            && said.contains("chatml, zephyr"),
+        "{said}"
+    );
     assert!(!dir.exists(), "nothing written for an unknown template");
 }

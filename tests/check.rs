@@ -34,7 +34,10 @@ fn syntax_error_in_script_names_file_line_and_column() {
 fn error_inside_an_imported_plugin_names_the_plugin_file() {
     let sb = Sandbox::new();
     sb.write("plugins/losses/broken.rhai", "fn loss(batch, params) {\n    batch.chosen_logps +\n}\n");
-    let script = sb.write("scripts/uses_broken.rhai", "import \"losses/broken\" as broken;\nfn loss(b, p) { broken::loss(b, p) }\n");
+    let script = sb.write(
+        "scripts/uses_broken.rhai",
+        "import \"losses/broken\" as broken;\nfn loss(b, p) { broken::loss(b, p) }\n",
+    );
     let out = run_host(&["check", script.to_str().unwrap()]);
     assert!(!out.status.success());
     let msg = text(&out);
@@ -59,7 +62,10 @@ fn missing_plugin_and_escaping_import_are_errors() {
 #[test]
 fn bad_config_field_and_missing_loss_are_reported() {
     let sb = Sandbox::new();
-    let script = sb.write("scripts/typo.rhai", &format!("fn loss(b, p) {{ b.chosen_nll }}\ntrain({});\n", small_config("bta: 0.1,")));
+    let script = sb.write(
+        "scripts/typo.rhai",
+        &format!("fn loss(b, p) {{ b.chosen_nll }}\ntrain({});\n", small_config("bta: 0.1,")),
+    );
     let out = run_host(&["check", script.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(text(&out).contains("bta"), "{}", text(&out));
@@ -69,7 +75,10 @@ fn bad_config_field_and_missing_loss_are_reported() {
     assert!(!out.status.success());
     assert!(text(&out).contains("no fn loss"), "{}", text(&out));
 
-    let script = sb.write("scripts/backend.rhai", &format!("fn loss(b, p) {{ b.chosen_nll }}\ntrain({});\n", small_config("backend: \"tpu\",")));
+    let script = sb.write(
+        "scripts/backend.rhai",
+        &format!("fn loss(b, p) {{ b.chosen_nll }}\ntrain({});\n", small_config("backend: \"tpu\",")),
+    );
     let out = run_host(&["check", script.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(text(&out).contains("unknown backend \"tpu\""), "{}", text(&out));

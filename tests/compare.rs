@@ -26,15 +26,21 @@ fn arms_start_from_the_same_state_and_the_report_is_written() {
     let run_dir = sb.path("runs/cmp");
     let out = run_host(&["run", script.to_str().unwrap(), "--no-watch", "--run-dir", run_dir.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
-    let losses = |arm: &str| -> Vec<f64> { read_lines(&run_dir.join(arm).join("metrics.jsonl")).iter().filter_map(|l| l["loss"].as_f64()).collect() };
+    let losses = |arm: &str| -> Vec<f64> {
+        read_lines(&run_dir.join(arm).join("metrics.jsonl")).iter().filter_map(|l| l["loss"].as_f64()).collect()
+    };
     let (dpo, dpop0, dpop) = (losses("dpo"), losses("dpop0"), losses("dpop"));
     assert_eq!(dpo.len(), 3);
     for (a, b) in dpo.iter().zip(&dpop0) {
         assert!((a - b).abs() < 1e-6, "dpo {dpo:?} vs dpop with lambda 0 {dpop0:?}");
     }
-    assert!(dpo.iter().zip(&dpop).skip(1).any(|(a, b)| (a - b).abs() > 1e-4), "lambda 50 must change the loss: {dpop:?}");
+    assert!(
+        dpo.iter().zip(&dpop).skip(1).any(|(a, b)| (a - b).abs() > 1e-4),
+        "lambda 50 must change the loss: {dpop:?}"
+    );
 
-    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("results.json")).unwrap()).unwrap();
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("results.json")).unwrap()).unwrap();
     assert_eq!(results["eval_before"]["total"].as_u64(), Some(6));
     assert_eq!(results["arms"].as_array().unwrap().len(), 3);
     let accuracy = results["arms"][2]["eval_after"]["accuracy"].as_f64().unwrap();
@@ -50,7 +56,11 @@ fn arms_start_from_the_same_state_and_the_report_is_written() {
     let verify = run_host(&["verify", run_dir.to_str().unwrap()]);
     let lines: Vec<String> = String::from_utf8_lossy(&verify.stdout).lines().map(str::to_string).collect();
     let expected: Vec<String> = std::iter::once(format!("{}: no checkpoints", run_dir.display()))
-        .chain(["dpo", "dpop", "dpop0"].iter().map(|arm| format!("{}: ok", run_dir.join(arm).join("checkpoint-3").display())))
+        .chain(
+            ["dpo", "dpop", "dpop0"]
+                .iter()
+                .map(|arm| format!("{}: ok", run_dir.join(arm).join("checkpoint-3").display())),
+        )
         .collect();
     assert!(verify.status.success() && lines == expected, "{}", text(&verify));
 
@@ -65,7 +75,10 @@ fn arms_start_from_the_same_state_and_the_report_is_written() {
 fn a_bad_compare_list_is_refused_naming_the_field() {
     let sb = Sandbox::new();
     for (arms, expected) in [
-        ("#{ name: \"a\", loss: \"dpo_loss\" }, #{ name: \"b\", loss: \"no_such_loss\" }", "no fn no_such_loss(batch, params)"),
+        (
+            "#{ name: \"a\", loss: \"dpo_loss\" }, #{ name: \"b\", loss: \"no_such_loss\" }",
+            "no fn no_such_loss(batch, params)",
+        ),
         ("#{ name: \"a\" }, #{ name: \"a\" }", "compare[1].name \"a\" is used twice"),
         ("#{ name: \"a\", los: \"x\" }, #{ name: \"b\" }", "compare[0]: unknown field `los`"),
         ("#{ name: \"../up\" }, #{ name: \"b\" }", "must be letters, digits"),
@@ -82,7 +95,10 @@ fn a_bad_compare_list_is_refused_naming_the_field() {
 #[test]
 fn an_arm_with_only_damaged_checkpoints_is_refused_not_cleared() {
     let sb = Sandbox::new();
-    let script = sb.write("scripts/cmp.rhai", &compare_script("#{ name: \"a\", loss: \"dpo_loss\" }, #{ name: \"b\", loss: \"dpop_loss\" }"));
+    let script = sb.write(
+        "scripts/cmp.rhai",
+        &compare_script("#{ name: \"a\", loss: \"dpo_loss\" }, #{ name: \"b\", loss: \"dpop_loss\" }"),
+    );
     let run_dir = sb.path("runs/cmp");
     let out = run_host(&["run", script.to_str().unwrap(), "--no-watch", "--run-dir", run_dir.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
@@ -91,7 +107,13 @@ fn an_arm_with_only_damaged_checkpoints_is_refused_not_cleared() {
     let damaged = run_dir.join("b/checkpoint-3/config.json");
     std::fs::write(&damaged, "{}").unwrap();
     let out = run_host(&["run", "--resume", run_dir.to_str().unwrap(), "--no-watch"]);
-    assert!(!out.status.success() && text(&out).contains("every checkpoint is damaged") && text(&out).contains("checkpoint-3/config.json"), "{}", text(&out));
+    assert!(
+        !out.status.success()
+            && text(&out).contains("every checkpoint is damaged")
+            && text(&out).contains("checkpoint-3/config.json"),
+        "{}",
+        text(&out)
+    );
     assert_eq!(std::fs::read_to_string(&damaged).unwrap(), "{}", "the arm's checkpoint was replaced");
 }
 
@@ -102,7 +124,10 @@ fn an_arm_with_only_damaged_checkpoints_is_refused_not_cleared() {
 #[test]
 fn a_comparison_and_its_arms_have_one_writer_each() {
     let sb = Sandbox::new();
-    let script = sb.write("scripts/cmp.rhai", &compare_script("#{ name: \"a\", loss: \"dpo_loss\" }, #{ name: \"b\", loss: \"dpop_loss\" }"));
+    let script = sb.write(
+        "scripts/cmp.rhai",
+        &compare_script("#{ name: \"a\", loss: \"dpo_loss\" }, #{ name: \"b\", loss: \"dpop_loss\" }"),
+    );
     let run_dir = sb.path("runs/cmp");
     let out = run_host(&["run", script.to_str().unwrap(), "--no-watch", "--run-dir", run_dir.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
@@ -113,7 +138,12 @@ fn a_comparison_and_its_arms_have_one_writer_each() {
 
     std::fs::write(run_dir.join("run.lock"), &held).unwrap();
     let out = resume();
-    assert!(!out.status.success() && text(&out).contains(&format!("{}: held by PID {me}", run_dir.join("run.lock").display())), "{}", text(&out));
+    assert!(
+        !out.status.success()
+            && text(&out).contains(&format!("{}: held by PID {me}", run_dir.join("run.lock").display())),
+        "{}",
+        text(&out)
+    );
     assert!(!text(&out).contains("already finished"), "refused before looking at the arms: {}", text(&out));
     std::fs::remove_file(run_dir.join("run.lock")).unwrap();
 
@@ -123,13 +153,24 @@ fn a_comparison_and_its_arms_have_one_writer_each() {
     std::fs::create_dir(&staging).unwrap();
     std::fs::write(run_dir.join("b/run.lock"), &held).unwrap();
     let out = resume();
-    assert!(!out.status.success() && text(&out).contains(&format!("{}: held by PID {me}", run_dir.join("b/run.lock").display())), "{}", text(&out));
+    assert!(
+        !out.status.success()
+            && text(&out).contains(&format!("{}: held by PID {me}", run_dir.join("b/run.lock").display())),
+        "{}",
+        text(&out)
+    );
     assert!(staging.is_dir(), "the holder's save in progress was tidied away");
     assert!(!run_dir.join("run.lock").exists(), "the refused comparison left its lock");
 
     // Once the holder is gone, the resume tidies the arm and finishes it from its checkpoint.
     std::fs::remove_file(run_dir.join("b/run.lock")).unwrap();
     let out = resume();
-    assert!(out.status.success() && text(&out).contains("arm a: already finished") && text(&out).contains("checkpoint-3 (step 3)"), "{}", text(&out));
+    assert!(
+        out.status.success()
+            && text(&out).contains("arm a: already finished")
+            && text(&out).contains("checkpoint-3 (step 3)"),
+        "{}",
+        text(&out)
+    );
     assert!(!staging.exists() && run_dir.join("b/arm_result.json").is_file());
 }

@@ -19,11 +19,19 @@ const SIGABRT: i32 = 6;
 const SIGKILL: i32 = 9;
 /// A checkpoint after each of 3 steps: the crashes hit the second save (checkpoint-2).
 const STEPS: usize = 3;
-const FILES: [&str; 6] = ["model.safetensors", "config.json", "tokenizer.json", "trainer_state.json", "optimizer.bpk", "script_sources.json"];
+const FILES: [&str; 6] = [
+    "model.safetensors",
+    "config.json",
+    "tokenizer.json",
+    "trainer_state.json",
+    "optimizer.bpk",
+    "script_sources.json",
+];
 
 /// Two rows a step: these tests' time goes into steps (in debug builds, ~1 s each at 8 rows).
 fn script(steps: usize, extra: &str) -> String {
-    let config = small_config(&format!("max_steps: {steps}, seed: 3, save_every: 1, params: #{{ beta: 0.1 }}, {extra}"));
+    let config =
+        small_config(&format!("max_steps: {steps}, seed: 3, save_every: 1, params: #{{ beta: 0.1 }}, {extra}"));
     format!(
         "import \"losses/dpo\" as dpo;\nfn loss(b, p) {{ dpo::loss(b, p) }}\ntrain({});\n",
         config.replace("batch_size: 8", "batch_size: 2")
@@ -68,10 +76,15 @@ fn assert_latest_loads(dir: &Path, step: usize, lora: bool, what: &str) {
     let (found, ckpt) = latest_checkpoint(dir).unwrap_or_else(|e| panic!("{what}: {e:#}"));
     assert_eq!(found, step, "{what}: latest checkpoint");
     assert_eq!(read_state(&ckpt).unwrap().step, step, "{what}");
-    assert!(ckpt.join("optimizer.bpk").is_file() && ckpt.join("script_sources.json").is_file(), "{what}: {} is incomplete", ckpt.display());
+    assert!(
+        ckpt.join("optimizer.bpk").is_file() && ckpt.join("script_sources.json").is_file(),
+        "{what}: {} is incomplete",
+        ckpt.display()
+    );
     let device = Device::default();
     if lora {
-        load_adapter_model(&ckpt, Some(&repo().join("models/tiny-math")), &device).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        load_adapter_model(&ckpt, Some(&repo().join("models/tiny-math")), &device)
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
     } else {
         load_model(&ckpt, &device).unwrap_or_else(|e| panic!("{what}: {e:#}"));
     }
@@ -144,7 +157,12 @@ fn a_crash_while_a_checkpoint_is_replaced_keeps_it() {
         crash_at(&["run", "--resume", dir.to_str().unwrap()], &failpoint);
         if point == "moved-aside" {
             // The window this test is for: the checkpoint only under its hidden name.
-            assert!(!dir.join(format!("checkpoint-{STEPS}")).exists() && dir.join(format!(".checkpoint-{STEPS}.old/trainer_state.json")).is_file(), "{failpoint}: {:?}", hidden(&dir));
+            assert!(
+                !dir.join(format!("checkpoint-{STEPS}")).exists()
+                    && dir.join(format!(".checkpoint-{STEPS}.old/trainer_state.json")).is_file(),
+                "{failpoint}: {:?}",
+                hidden(&dir)
+            );
         }
         assert_latest_loads(&dir, STEPS, false, &failpoint);
         assert_eq!(hidden(&dir), Vec::<String>::new(), "{failpoint}: latest_checkpoint tidies what the crash left");
@@ -199,7 +217,8 @@ fn sigkill_at_random_moments_of_a_save_keeps_a_checkpoint_that_resumes() {
     let mut state = 22;
     let (mut before, mut during, mut after) = (0, 0, 0);
     for i in 0..10 {
-        let delay = Duration::from_secs_f64(0.0002 * (span * (next(&mut state) >> 11) as f64 / (1u64 << 53) as f64).exp());
+        let delay =
+            Duration::from_secs_f64(0.0002 * (span * (next(&mut state) >> 11) as f64 / (1u64 << 53) as f64).exp());
         let dir = sb.path(&format!("kill-{i}"));
         let mut child = spawn(&dir);
         wait_for(&mut child, "step 2", || logged_step(&dir, 2));
@@ -216,19 +235,38 @@ fn sigkill_at_random_moments_of_a_save_keeps_a_checkpoint_that_resumes() {
             after += 1;
             2
         } else {
-            if dir.join(".checkpoint-2.tmp").exists() { during += 1 } else { before += 1 }
+            if dir.join(".checkpoint-2.tmp").exists() {
+                during += 1
+            } else {
+                before += 1
+            }
             1
         };
         assert_latest_loads(&dir, kept, false, &what);
         assert_resume_reproduces(&dir, kept, &whole, &what);
     }
-    eprintln!("save of checkpoint-2: {save:?}; killed before it wrote a file {before}, while staging {during}, after the rename {after}");
-    assert!(during > 0, "no kill landed while the save was writing ({before} before, {after} after): the window missed it");
+    eprintln!(
+        "save of checkpoint-2: {save:?}; killed before it wrote a file {before}, while staging {during}, after the rename {after}"
+    );
+    assert!(
+        during > 0,
+        "no kill landed while the save was writing ({before} before, {after} after): the window missed it"
+    );
 }
 
 #[test]
 fn a_malformed_failpoint_is_refused_before_anything_runs() {
-    let out = host().args(["run", "scripts/none.rhai"]).env(prefhost::failpoint::VAR, "checkpoint-2:midway").output().unwrap();
+    let out = host()
+        .args(["run", "scripts/none.rhai"])
+        .env(prefhost::failpoint::VAR, "checkpoint-2:midway")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
-    assert!(text(&out).contains("PREFHOST_FAILPOINT=\"checkpoint-2:midway\": expected FOLDER:POINT, POINT one of file:NAME, staged"), "{}", text(&out));
+    assert!(
+        text(&out).contains(
+            "PREFHOST_FAILPOINT=\"checkpoint-2:midway\": expected FOLDER:POINT, POINT one of file:NAME, staged"
+        ),
+        "{}",
+        text(&out)
+    );
 }

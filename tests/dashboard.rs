@@ -29,7 +29,9 @@ impl Host {
     fn start(args: &[&str]) -> Self {
         let mut child = host().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("host starts");
         let output = Arc::new(Mutex::new(String::new()));
-        for stream in [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())] {
+        for stream in
+            [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())]
+        {
             let output = output.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
@@ -97,7 +99,11 @@ fn get(addr: SocketAddr, target: &str) -> (u16, String) {
 }
 
 fn split(answer: &str) -> (u16, String) {
-    let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
     let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
     (status, body)
 }
@@ -140,10 +146,17 @@ struct Browser {
 impl Browser {
     fn open(browser: &str, driver: &str) -> Self {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let driver = std::process::Command::new(driver).arg(format!("--port={port}")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("chromedriver starts");
+        let driver = std::process::Command::new(driver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver starts");
         let profile = tempfile::tempdir().unwrap();
         let mut me = Self { driver, port, session: String::new(), _profile: profile };
-        wait_for("chromedriver", Duration::from_secs(30), || me.call("GET", "/status", None).is_some_and(|v| v["ready"] == true));
+        wait_for("chromedriver", Duration::from_secs(30), || {
+            me.call("GET", "/status", None).is_some_and(|v| v["ready"] == true)
+        });
         let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {"binary": browser_path(browser), "args": [
             "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
@@ -159,7 +172,10 @@ impl Browser {
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        let request = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
         stream.write_all(request.as_bytes()).ok()?;
         // chromedriver keeps the connection open: read the head, then Content-Length bytes.
         let mut answer = Vec::new();
@@ -171,7 +187,8 @@ impl Browser {
             answer.push(byte[0]);
         }
         let head = String::from_utf8_lossy(&answer).to_ascii_lowercase();
-        let length: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok())?;
+        let length: usize =
+            head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok())?;
         let mut body = vec![0u8; length];
         stream.read_exact(&mut body).ok()?;
         let value: Value = serde_json::from_slice(&body).ok()?;
@@ -179,7 +196,9 @@ impl Browser {
     }
 
     fn session_call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
-        let value = self.call(method, &format!("/session/{}{path}", self.session), body).unwrap_or_else(|| panic!("WebDriver {path}: no answer"));
+        let value = self
+            .call(method, &format!("/session/{}{path}", self.session), body)
+            .unwrap_or_else(|| panic!("WebDriver {path}: no answer"));
         if let Some(error) = value.get("error") {
             panic!("WebDriver {path}: {error}: {}", value["message"]);
         }
@@ -254,7 +273,10 @@ fn base64_decode(text: &str) -> Vec<u8> {
 // ---------------------------------------------------------------- scripts
 
 fn dpo_script(body: &str, extra: &str) -> String {
-    format!("import \"losses/dpo\" as dpo;\n\nfn loss(batch, params) {{\n{body}\n}}\n\ntrain({});\n", small_config(&format!("params: #{{ beta: 0.1 }}, {extra}")))
+    format!(
+        "import \"losses/dpo\" as dpo;\n\nfn loss(batch, params) {{\n{body}\n}}\n\ntrain({});\n",
+        small_config(&format!("params: #{{ beta: 0.1 }}, {extra}"))
+    )
 }
 
 /// The number the page's JS expression gives, as u64.
@@ -271,9 +293,14 @@ fn the_live_page_follows_a_run_and_marks_reloads_with_their_diff() {
     let good = dpo_script("    dpo::loss(batch, params)", "max_steps: 4000,");
     let script = sb.write("scripts/exp.rhai", &good);
     let run_dir = sb.path("run");
-    let mut run = Host::start(&["run", script.to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap(), "--dashboard", "0"]);
+    let mut run =
+        Host::start(&["run", script.to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap(), "--dashboard", "0"]);
     let addr = run.dashboard_addr();
-    assert!(addr.ip().is_loopback() && !run.output().contains("warning"), "a port alone is served on 127.0.0.1, without a warning: {}", run.output());
+    assert!(
+        addr.ip().is_loopback() && !run.output().contains("warning"),
+        "a port alone is served on 127.0.0.1, without a warning: {}",
+        run.output()
+    );
     let browser = Browser::open(&chromium, &driver);
     browser.goto(&format!("http://{addr}/"));
 
@@ -281,36 +308,77 @@ fn the_live_page_follows_a_run_and_marks_reloads_with_their_diff() {
     browser.wait_js("the loss chart's first points", Duration::from_secs(240), "const c = document.querySelector('section.chart[data-metric=\"loss\"]'); return !!c && Number(c.dataset.points) >= 3;");
     assert_eq!(browser.js("return document.body.dataset.live;"), "1", "the page is connected to the event stream");
     let shown = page_number(&browser, "document.querySelector('section.chart[data-metric=\"loss\"]').dataset.points");
-    wait_for("more points on the page", Duration::from_secs(120), || page_number(&browser, "document.querySelector('section.chart[data-metric=\"loss\"]').dataset.points") > shown);
+    wait_for("more points on the page", Duration::from_secs(120), || {
+        page_number(&browser, "document.querySelector('section.chart[data-metric=\"loss\"]').dataset.points") > shown
+    });
 
     // An edit: a reload marker appears on every chart within a few steps.
-    sb.write("scripts/exp.rhai", &dpo_script("    let out = dpo::loss(batch, params);\n    out.metrics = #{ edited: 1.0 };\n    out", "max_steps: 4000,"));
-    browser.wait_js("a reload marker", Duration::from_secs(120), "return document.querySelectorAll('.marker[data-event=\"reload\"]').length > 0;");
+    sb.write(
+        "scripts/exp.rhai",
+        &dpo_script(
+            "    let out = dpo::loss(batch, params);\n    out.metrics = #{ edited: 1.0 };\n    out",
+            "max_steps: 4000,",
+        ),
+    );
+    browser.wait_js(
+        "a reload marker",
+        Duration::from_secs(120),
+        "return document.querySelectorAll('.marker[data-event=\"reload\"]').length > 0;",
+    );
     let page_step = last_step(&run_dir);
-    let reload_step = read_lines(&run_dir.join("metrics.jsonl")).iter().find(|l| l["event"] == "reload").expect("a reload event")["step"].as_u64().unwrap();
+    let reload_step = read_lines(&run_dir.join("metrics.jsonl"))
+        .iter()
+        .find(|l| l["event"] == "reload")
+        .expect("a reload event")["step"]
+        .as_u64()
+        .unwrap();
     println!("the reload marker was on the page {} step(s) after the reload", page_step.saturating_sub(reload_step));
     assert!(page_step <= reload_step + 25, "the marker came {} steps after the reload", page_step - reload_step);
     let counts = browser.js("const all = [...document.querySelectorAll('section.chart')]; return [all.length, all.filter(c => c.querySelector('.marker[data-event=\"reload\"]')).length];");
     let (charts, marked) = (counts[0].as_u64().unwrap(), counts[1].as_u64().unwrap());
     assert!(charts >= 10 && marked == charts, "the marker is on every chart ({marked} of {charts})");
-    browser.wait_js("the script's new metric", Duration::from_secs(60), "return !!document.querySelector('section.chart[data-metric=\"edited\"]');");
+    browser.wait_js(
+        "the script's new metric",
+        Duration::from_secs(60),
+        "return !!document.querySelector('section.chart[data-metric=\"edited\"]');",
+    );
 
     // A click on the marker shows that version's diff against the one before.
     browser.js("document.querySelector('.marker[data-event=\"reload\"]').dispatchEvent(new MouseEvent('click', {bubbles: true})); return true;");
-    browser.wait_js("the reload's diff", Duration::from_secs(30), "return document.getElementById('diff').dataset.state === 'loaded';");
+    browser.wait_js(
+        "the reload's diff",
+        Duration::from_secs(30),
+        "return document.getElementById('diff').dataset.state === 'loaded';",
+    );
     let diff = browser.js("return document.getElementById('diff-body').innerText;").as_str().unwrap().to_string();
-    assert!(diff.contains("+    out.metrics = #{ edited: 1.0 };") && diff.contains("-    dpo::loss(batch, params)"), "{diff}");
+    assert!(
+        diff.contains("+    out.metrics = #{ edited: 1.0 };") && diff.contains("-    dpo::loss(batch, params)"),
+        "{diff}"
+    );
     assert!(diff.contains("scripts/exp.rhai") || diff.contains("exp.rhai"), "{diff}");
     browser.screenshot(&artifact("dashboard-live-diff.png"));
     browser.js("document.getElementById('diff-close').click(); return true;");
 
     // A broken edit: a reload_failed marker, whose click shows the error and the rejected edit.
     sb.write("scripts/exp.rhai", &dpo_script("    let out = dpo::loss(batch params);\n    out", "max_steps: 4000,"));
-    browser.wait_js("a reload_failed marker", Duration::from_secs(120), "return document.querySelectorAll('.marker[data-event=\"reload_failed\"]').length > 0;");
+    browser.wait_js(
+        "a reload_failed marker",
+        Duration::from_secs(120),
+        "return document.querySelectorAll('.marker[data-event=\"reload_failed\"]').length > 0;",
+    );
     browser.js("document.querySelector('.marker[data-event=\"reload_failed\"]').dispatchEvent(new MouseEvent('click', {bubbles: true})); return true;");
-    browser.wait_js("the rejected edit's diff", Duration::from_secs(30), "return document.getElementById('diff').dataset.state === 'loaded';");
+    browser.wait_js(
+        "the rejected edit's diff",
+        Duration::from_secs(30),
+        "return document.getElementById('diff').dataset.state === 'loaded';",
+    );
     let diff = browser.js("return document.getElementById('diff-body').innerText;").as_str().unwrap().to_string();
-    assert!(diff.contains("exp.rhai:") && diff.contains("+    let out = dpo::loss(batch params);") && diff.contains("rejected edit"), "{diff}");
+    assert!(
+        diff.contains("exp.rhai:")
+            && diff.contains("+    let out = dpo::loss(batch params);")
+            && diff.contains("rejected edit"),
+        "{diff}"
+    );
     browser.js("document.getElementById('diff-close').click(); return true;");
 
     // The page as it looks while training (the artifact).
@@ -328,7 +396,9 @@ fn finished_runs_and_a_comparison_show_side_by_side() {
     // A comparison of two arms, with a held-out evaluation before and after.
     let compare = format!(
         "import \"losses/dpo\" as dpo;\nimport \"losses/dpop\" as dpop;\n\nfn dpo_loss(b, p) {{ dpo::loss(b, p) }}\nfn dpop_loss(b, p) {{ dpop::loss(b, p) }}\n\ntrain({});\n",
-        small_config("max_steps: 6, params: #{ beta: 0.1 }, heldout: #{ data: \"data/arithmetic/eval.jsonl\", rows: 4, max_new_tokens: 8 }, compare: [#{ name: \"dpo\", loss: \"dpo_loss\" }, #{ name: \"dpop\", loss: \"dpop_loss\", params: #{ lambda: 50.0 } }],")
+        small_config(
+            "max_steps: 6, params: #{ beta: 0.1 }, heldout: #{ data: \"data/arithmetic/eval.jsonl\", rows: 4, max_new_tokens: 8 }, compare: [#{ name: \"dpo\", loss: \"dpo_loss\" }, #{ name: \"dpop\", loss: \"dpop_loss\", params: #{ lambda: 50.0 } }],"
+        )
     );
     let compare_script = sb.write("scripts/cmp.rhai", &compare);
     let plain_script = sb.write("scripts/plain.rhai", &dpo_script("    dpo::loss(batch, params)", "max_steps: 6,"));
@@ -337,14 +407,21 @@ fn finished_runs_and_a_comparison_show_side_by_side() {
         let out = run_host(&["run", script.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap()]);
         assert!(out.status.success(), "{}", text(&out));
     }
-    let mut page = Host::start(&["dashboard", cmp_dir.to_str().unwrap(), plain_dir.to_str().unwrap(), "--addr", "127.0.0.1:0"]);
+    let mut page =
+        Host::start(&["dashboard", cmp_dir.to_str().unwrap(), plain_dir.to_str().unwrap(), "--addr", "127.0.0.1:0"]);
     let addr = page.dashboard_addr();
     let browser = Browser::open(&chromium, &driver);
     browser.resize(1400, 1500);
     browser.goto(&format!("http://{addr}/"));
     // Both arms and the plain run in one loss chart.
     browser.wait_js("three series in the loss chart", Duration::from_secs(60), "const c = document.querySelector('section.chart[data-metric=\"loss\"]'); return !!c && c.dataset.series === '3' && Number(c.dataset.points) === 18;");
-    for metric in ["rewards/margins", "logps/chosen_minus_ref", "diagnostics/token_delta_after_diff", "grad_norm", "learning_rate"] {
+    for metric in [
+        "rewards/margins",
+        "logps/chosen_minus_ref",
+        "diagnostics/token_delta_after_diff",
+        "grad_norm",
+        "learning_rate",
+    ] {
         let series = browser.js(&format!("const c = document.querySelector('section.chart[data-metric=\"{metric}\"]'); return c ? c.dataset.series : null;"));
         assert_eq!(series, "3", "{metric}");
     }
@@ -354,9 +431,15 @@ fn finished_runs_and_a_comparison_show_side_by_side() {
     let progress = browser.js("return [...document.querySelectorAll('.card .progress .row')].map(r => r.innerText.replace(/\\s+/g, ' ').trim());");
     assert_eq!(progress, json!(["dpo 6 / 6", "dpop 6 / 6", "steps 6 / 6"]), "{progress}");
     assert_eq!(page_number(&browser, "document.querySelectorAll('.card details.config').length"), 2);
-    let config = browser.js("return document.querySelector('.card details.config pre').textContent;").as_str().unwrap().to_string();
+    let config = browser
+        .js("return document.querySelector('.card details.config pre').textContent;")
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(config.contains("\"compare\"") && config.contains("dpop_loss"), "{config}");
-    let evals = browser.js("return [...document.querySelectorAll('#evals tr[data-source]')].map(r => [...r.cells].map(c => c.innerText));");
+    let evals = browser.js(
+        "return [...document.querySelectorAll('#evals tr[data-source]')].map(r => [...r.cells].map(c => c.innerText));",
+    );
     let rows = evals.as_array().unwrap();
     assert_eq!(rows.len(), 2, "{evals}");
     for row in rows {
@@ -374,7 +457,11 @@ fn fake_run(dir: &Path) {
     std::fs::create_dir_all(dir.join("sources/step-000000/scripts")).unwrap();
     std::fs::create_dir_all(dir.join("sources/step-000005/scripts")).unwrap();
     std::fs::write(dir.join("run.json"), "{\"script\": \"scripts/exp.rhai\"}\n").unwrap();
-    std::fs::write(dir.join("train_config.json"), "{\"step\": 0, \"arm\": null, \"total_steps\": 10, \"config\": {\"model\": \"m\", \"max_steps\": 10}}").unwrap();
+    std::fs::write(
+        dir.join("train_config.json"),
+        "{\"step\": 0, \"arm\": null, \"total_steps\": 10, \"config\": {\"model\": \"m\", \"max_steps\": 10}}",
+    )
+    .unwrap();
     std::fs::write(dir.join("sources/step-000000/scripts/exp.rhai"), "fn loss(b, p) {\n    a\n}\n").unwrap();
     std::fs::write(dir.join("sources/step-000005/scripts/exp.rhai"), "fn loss(b, p) {\n    b\n}\n").unwrap();
     let mut lines = String::new();
@@ -402,7 +489,14 @@ fn bad_input_is_refused_with_clear_errors() {
     assert!(text(&out).contains(&format!("127.0.0.1:{port} is in use")), "{}", text(&out));
     let script = sb.write("scripts/exp.rhai", &dpo_script("    dpo::loss(batch, params)", "max_steps: 3,"));
     let new_dir = sb.path("never");
-    let out = run_host(&["run", script.to_str().unwrap(), "--run-dir", new_dir.to_str().unwrap(), "--dashboard", &port.to_string()]);
+    let out = run_host(&[
+        "run",
+        script.to_str().unwrap(),
+        "--run-dir",
+        new_dir.to_str().unwrap(),
+        "--dashboard",
+        &port.to_string(),
+    ]);
     assert!(!out.status.success());
     assert!(text(&out).contains(&format!("127.0.0.1:{port} is in use")), "{}", text(&out));
     assert!(!new_dir.exists(), "nothing is written when the page cannot be served");
@@ -434,7 +528,11 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>, Option<std::time::SystemTime>)
         if meta.is_dir() {
             found.extend(snapshot(&entry.path()));
         } else if meta.is_symlink() {
-            found.push((entry.path(), std::fs::read_link(entry.path()).unwrap().into_os_string().into_encoded_bytes(), None));
+            found.push((
+                entry.path(),
+                std::fs::read_link(entry.path()).unwrap().into_os_string().into_encoded_bytes(),
+                None,
+            ));
         } else {
             found.push((entry.path(), std::fs::read(entry.path()).unwrap(), meta.modified().ok()));
         }
@@ -455,7 +553,11 @@ fn nothing_outside_the_run_folders_is_served_and_nothing_changes() {
     std::fs::write(outside.join("secret.txt"), SECRET).unwrap();
     std::fs::write(outside.join("step-000009/scripts/exp.rhai"), SECRET).unwrap();
     fake_run(&outside.join("other-run"));
-    std::fs::write(outside.join("other-run/metrics.jsonl"), format!("{{\"step\":1,\"loss\":1.0,\"secret\":\"{SECRET}\"}}\n")).unwrap();
+    std::fs::write(
+        outside.join("other-run/metrics.jsonl"),
+        format!("{{\"step\":1,\"loss\":1.0,\"secret\":\"{SECRET}\"}}\n"),
+    )
+    .unwrap();
     // Symlinks out of the run folder, at each place the server reads.
     let link = |target: &Path, at: &str| std::os::unix::fs::symlink(target, run_dir.join(at)).unwrap();
     link(&outside.join("secret.txt"), "results.json");
@@ -523,7 +625,10 @@ fn nothing_outside_the_run_folders_is_served_and_nothing_changes() {
     // Only GET and HEAD; every other method is 405, on every route.
     for method in ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "PROPFIND"] {
         for target in ["/", "/api/info?run=0", "/api/metrics?run=0", "/api/stream"] {
-            let answer = raw(addr, format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\nhello").as_bytes());
+            let answer = raw(
+                addr,
+                format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\nhello").as_bytes(),
+            );
             assert_eq!(split(&answer).0, 405, "{method} {target}: {answer}");
             assert!(answer.contains("Allow: GET, HEAD"), "{answer}");
         }
@@ -537,7 +642,10 @@ fn nothing_outside_the_run_folders_is_served_and_nothing_changes() {
     assert_eq!(split(&answer).0, 200, "any port: an ssh tunnel's local port may differ");
     // The page itself comes from the binary and allows nothing from elsewhere.
     let page_html = raw(addr, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
-    assert!(page_html.contains("Content-Security-Policy: default-src 'self'") && !page_html.contains("https://"), "{page_html}");
+    assert!(
+        page_html.contains("Content-Security-Policy: default-src 'self'") && !page_html.contains("https://"),
+        "{page_html}"
+    );
     let (_, js) = get(addr, "/app.js");
     assert!(!js.contains("https://") && !js.contains("method: 'POST'"), "the page loads nothing from elsewhere");
 
@@ -555,7 +663,9 @@ fn garbage_in_run_folder_files_never_breaks_the_server() {
     let mut junk = |n: usize| (0..n).map(|_| (rng.next_u64() & 0xff) as u8).collect::<Vec<u8>>();
     let mut lines = std::fs::read(run_dir.join("metrics.jsonl")).unwrap();
     lines.extend(junk(3000));
-    lines.extend(b"\n[1,2]\n\"text\"\n{\"step\": \"x\", \"loss\": null}\n{\"event\": 5}\n{\"step\":11,\"loss\":1e308}\n");
+    lines.extend(
+        b"\n[1,2]\n\"text\"\n{\"step\": \"x\", \"loss\": null}\n{\"event\": 5}\n{\"step\":11,\"loss\":1e308}\n",
+    );
     std::fs::write(run_dir.join("metrics.jsonl"), lines).unwrap();
     std::fs::write(run_dir.join("train_config.json"), junk(500)).unwrap();
     std::fs::write(run_dir.join("results.json"), "{\"arms\": 7").unwrap();
@@ -605,7 +715,15 @@ fn hostile_clients_cannot_stall_training() {
     let sb = Sandbox::new();
     let script = sb.write("scripts/exp.rhai", &dpo_script("    dpo::loss(batch, params)", "max_steps: 4000,"));
     let run_dir = sb.path("run");
-    let mut run = Host::start(&["run", script.to_str().unwrap(), "--no-watch", "--run-dir", run_dir.to_str().unwrap(), "--dashboard", "127.0.0.1:0"]);
+    let mut run = Host::start(&[
+        "run",
+        script.to_str().unwrap(),
+        "--no-watch",
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+        "--dashboard",
+        "127.0.0.1:0",
+    ]);
     let addr = run.dashboard_addr();
     wait_for("first steps", Duration::from_secs(240), || last_step(&run_dir) >= 2);
     let baseline = threads(run.pid());
@@ -651,7 +769,11 @@ fn hostile_clients_cannot_stall_training() {
     assert!(during >= 2 && during * 3 >= before, "training advanced {during} steps under attack, {before} before it");
     assert!(most_threads <= baseline + 32 + 2, "threads: {baseline} before, {most_threads} under attack");
     let answer = huge.join().unwrap();
-    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 431") || answer.starts_with("HTTP/1.1 503"), "{}", &answer[..answer.len().min(200)]);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431") || answer.starts_with("HTTP/1.1 503"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
     // Once the attackers go, the page is served again.
     idle.clear();
     streams.clear();
@@ -665,7 +787,15 @@ fn browsers_coming_and_going_never_disturb_training() {
     let sb = Sandbox::new();
     let script = sb.write("scripts/exp.rhai", &dpo_script("    dpo::loss(batch, params)", "max_steps: 24,"));
     let (with_page, without) = (sb.path("with-page"), sb.path("without"));
-    let run = Host::start(&["run", script.to_str().unwrap(), "--no-watch", "--run-dir", with_page.to_str().unwrap(), "--dashboard", "127.0.0.1:0"]);
+    let run = Host::start(&[
+        "run",
+        script.to_str().unwrap(),
+        "--no-watch",
+        "--run-dir",
+        with_page.to_str().unwrap(),
+        "--dashboard",
+        "127.0.0.1:0",
+    ]);
     let mut run = run;
     let addr = run.dashboard_addr();
     // Pages that open the stream and vanish mid-answer, again and again while it trains.

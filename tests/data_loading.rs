@@ -25,7 +25,8 @@ fn write_parquet(path: &Path, columns: &[(&str, Vec<String>)]) {
 
 /// The same, plus a boolean `label` column (KTO's unpaired rows) when given.
 fn write_parquet_with_labels(path: &Path, columns: &[(&str, Vec<String>)], labels: Option<&[bool]>) {
-    let mut fields: Vec<String> = columns.iter().map(|(name, _)| format!("REQUIRED BYTE_ARRAY {name} (UTF8);")).collect();
+    let mut fields: Vec<String> =
+        columns.iter().map(|(name, _)| format!("REQUIRED BYTE_ARRAY {name} (UTF8);")).collect();
     if labels.is_some() {
         fields.push("REQUIRED BOOLEAN label;".into());
     }
@@ -55,7 +56,10 @@ fn parquet_rows_load_like_the_same_jsonl_rows() {
     let column = |key: &str| rows.iter().map(|r| r[key].as_str().unwrap().to_string()).collect::<Vec<_>>();
     let dir = tempfile::tempdir().unwrap();
     let parquet = dir.path().join("pairs.parquet");
-    write_parquet(&parquet, &[("prompt", column("prompt")), ("chosen", column("chosen")), ("rejected", column("rejected"))]);
+    write_parquet(
+        &parquet,
+        &[("prompt", column("prompt")), ("chosen", column("chosen")), ("rejected", column("rejected"))],
+    );
     let small_jsonl = dir.path().join("pairs.jsonl");
     std::fs::write(&small_jsonl, rows.iter().map(|r| format!("{r}\n")).collect::<String>()).unwrap();
 
@@ -75,15 +79,19 @@ fn parquet_rows_load_like_the_same_jsonl_rows() {
 
     // Truncated and corrupt files are refused with the file's name, never a panic.
     let bytes = std::fs::read(&parquet).unwrap();
-    for (name, damaged) in [("cut.parquet", bytes[..bytes.len() / 2].to_vec()), ("zeros.parquet", {
-        let mut b = bytes.clone();
-        let mid = b.len() / 3;
-        b[mid..mid + 64].fill(0);
-        b
-    })] {
+    for (name, damaged) in [
+        ("cut.parquet", bytes[..bytes.len() / 2].to_vec()),
+        ("zeros.parquet", {
+            let mut b = bytes.clone();
+            let mid = b.len() / 3;
+            b[mid..mid + 64].fill(0);
+            b
+        }),
+    ] {
         let path = dir.path().join(name);
         std::fs::write(&path, damaged).unwrap();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_examples(&path, &tok, true, LIMITS, false)));
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_examples(&path, &tok, true, LIMITS, false)));
         let err = format!("{:#}", result.expect("no panic").expect_err(name));
         assert!(err.contains(name), "{err}");
     }
@@ -91,18 +99,35 @@ fn parquet_rows_load_like_the_same_jsonl_rows() {
 
 #[test]
 fn unpaired_parquet_rows_load_like_the_same_jsonl_rows() {
-    let pairs: Vec<serde_json::Value> = common::read_lines(&common::repo().join("data/arithmetic/pairs.jsonl")).into_iter().take(20).collect();
+    let pairs: Vec<serde_json::Value> =
+        common::read_lines(&common::repo().join("data/arithmetic/pairs.jsonl")).into_iter().take(20).collect();
     let rows: Vec<(String, String, bool)> = pairs
         .iter()
         .enumerate()
-        .map(|(i, r)| (r["prompt"].as_str().unwrap().to_string(), r[if i % 3 == 0 { "rejected" } else { "chosen" }].as_str().unwrap().to_string(), i % 3 != 0))
+        .map(|(i, r)| {
+            (
+                r["prompt"].as_str().unwrap().to_string(),
+                r[if i % 3 == 0 { "rejected" } else { "chosen" }].as_str().unwrap().to_string(),
+                i % 3 != 0,
+            )
+        })
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let parquet = dir.path().join("kto.parquet");
     let labels: Vec<bool> = rows.iter().map(|r| r.2).collect();
-    write_parquet_with_labels(&parquet, &[("prompt", rows.iter().map(|r| r.0.clone()).collect()), ("completion", rows.iter().map(|r| r.1.clone()).collect())], Some(&labels));
+    write_parquet_with_labels(
+        &parquet,
+        &[
+            ("prompt", rows.iter().map(|r| r.0.clone()).collect()),
+            ("completion", rows.iter().map(|r| r.1.clone()).collect()),
+        ],
+        Some(&labels),
+    );
     let jsonl = dir.path().join("kto.jsonl");
-    let lines: String = rows.iter().map(|(p, c, l)| format!("{}\n", serde_json::json!({ "prompt": p, "completion": c, "label": l }))).collect();
+    let lines: String = rows
+        .iter()
+        .map(|(p, c, l)| format!("{}\n", serde_json::json!({ "prompt": p, "completion": c, "label": l })))
+        .collect();
     std::fs::write(&jsonl, lines).unwrap();
 
     let tok = tokenizer();
@@ -121,7 +146,13 @@ fn bad_rows_stop_the_load_or_are_skipped_and_listed() {
     let path = dir.path().join("rows.jsonl");
     let good = r#"{"prompt": "Question: 1+1?\nAnswer:", "chosen": " 2", "rejected": " 3"}"#;
     let mut bytes = Vec::new();
-    for line in [good, "{not json", r#"{"prompt": "Q", "chosen": "A"}"#, good, r#"{"prompt": "Q", "chosen": "", "rejected": "B"}"#] {
+    for line in [
+        good,
+        "{not json",
+        r#"{"prompt": "Q", "chosen": "A"}"#,
+        good,
+        r#"{"prompt": "Q", "chosen": "", "rejected": "B"}"#,
+    ] {
         bytes.extend_from_slice(line.as_bytes());
         bytes.push(b'\n');
     }
@@ -136,7 +167,13 @@ fn bad_rows_stop_the_load_or_are_skipped_and_listed() {
     assert_eq!(examples.len(), 2);
     let lines: Vec<&str> = report.skipped.iter().map(|(at, _)| at.rsplit(':').next().unwrap()).collect();
     assert_eq!(lines, vec!["2", "3", "5", "6"]);
-    assert!(report.skipped[1].1.contains("rejected") && report.skipped[2].1.contains("empty") && report.skipped[3].1.contains("UTF-8"), "{:?}", report.skipped);
+    assert!(
+        report.skipped[1].1.contains("rejected")
+            && report.skipped[2].1.contains("empty")
+            && report.skipped[3].1.contains("UTF-8"),
+        "{:?}",
+        report.skipped
+    );
 }
 
 #[test]
@@ -151,9 +188,14 @@ fn a_run_with_skip_bad_rows_reports_what_it_left_out() {
     );
     let script = sb.write("scripts/skip.rhai", &source);
     let run_dir = sb.path("runs/skip");
-    let out = common::run_host(&["run", script.to_str().unwrap(), "--no-watch", "--run-dir", run_dir.to_str().unwrap()]);
+    let out =
+        common::run_host(&["run", script.to_str().unwrap(), "--no-watch", "--run-dir", run_dir.to_str().unwrap()]);
     assert!(out.status.success(), "{}", common::text(&out));
-    assert!(common::text(&out).contains("1 row(s) of") && common::text(&out).contains("data.jsonl:1201"), "{}", common::text(&out));
+    assert!(
+        common::text(&out).contains("1 row(s) of") && common::text(&out).contains("data.jsonl:1201"),
+        "{}",
+        common::text(&out)
+    );
     let events = common::read_lines(&run_dir.join("metrics.jsonl"));
     let skipped = events.iter().find(|e| e["event"] == "data_rows_skipped").expect("a data_rows_skipped event");
     assert_eq!(skipped["count"].as_u64(), Some(1));
@@ -168,7 +210,9 @@ fn pairs_and_heldout_rows_are_read_from_parquet_too() {
     let parquet = dir.path().join("metamath.parquet");
     write_parquet(&parquet, &[("query", column("prompt")), ("response", column("completion"))]);
 
-    let (pairs, report) = prefhost::data::build_pairs::build_pairs(&parquet, prefhost::data::build_pairs::PairStyle::Metamath, 7).unwrap();
+    let (pairs, report) =
+        prefhost::data::build_pairs::build_pairs(&parquet, prefhost::data::build_pairs::PairStyle::Metamath, 7)
+            .unwrap();
     assert_eq!(report.rows, 50);
     assert_eq!(pairs.len() + report.skipped_count(), 50);
     assert!(pairs.len() >= 45, "only {} of 50 rows gave pairs", pairs.len());

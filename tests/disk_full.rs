@@ -41,9 +41,15 @@ fn files(dir: &Path) -> Vec<(PathBuf, u64)> {
 /// Every line of metrics.jsonl parses and the file ends with a newline (no torn line).
 fn assert_parses_line_by_line(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap();
-    assert!(text.is_empty() || text.ends_with('\n'), "{}: ends in a torn line: {:?}", path.display(), &text[text.len().saturating_sub(80)..]);
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "{}: ends in a torn line: {:?}",
+        path.display(),
+        &text[text.len().saturating_sub(80)..]
+    );
     for (i, line) in text.lines().enumerate() {
-        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("{}:{}: {e}: {line}", path.display(), i + 1));
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("{}:{}: {e}: {line}", path.display(), i + 1));
     }
     text
 }
@@ -68,22 +74,31 @@ fn a_checkpoint_save_past_the_limit_keeps_the_last_checkpoint_and_resume_reprodu
     let big_state = whole.join("checkpoint-8/trainer_state.json");
     let written_before: u64 = files(&whole)
         .into_iter()
-        .filter(|(p, _)| !p.ends_with("checkpoint-8/trainer_state.json") && !p.ends_with("checkpoint-12/trainer_state.json"))
+        .filter(|(p, _)| {
+            !p.ends_with("checkpoint-8/trainer_state.json") && !p.ends_with("checkpoint-12/trainer_state.json")
+        })
         .map(|(_, size)| size)
         .max()
         .unwrap();
     let limit = written_before + 4096;
-    assert!(std::fs::metadata(&big_state).unwrap().len() > limit, "the test's premise: checkpoint-8's state is the first file over the limit");
+    assert!(
+        std::fs::metadata(&big_state).unwrap().len() > limit,
+        "the test's premise: checkpoint-8's state is the first file over the limit"
+    );
 
     let out = run_limited(limit, &["run", path.to_str().unwrap(), "--no-watch", "--run-dir", full.to_str().unwrap()]);
     let said = text(&out);
     assert_eq!(out.status.code(), Some(1), "{said}");
-    assert!(said.contains("checkpoint-8: the checkpoint could not be saved") && said.contains("trainer_state.json"), "{said}");
+    assert!(
+        said.contains("checkpoint-8: the checkpoint could not be saved") && said.contains("trainer_state.json"),
+        "{said}"
+    );
     assert!(said.contains("File too large (os error 27)"), "the OS error: {said}");
     assert!(said.contains(&format!("host run --resume {}", full.display())), "{said}");
     // Nothing half-written stays: no checkpoint-8, no staging folder taking up space.
     assert!(!full.join("checkpoint-8").exists());
-    let left: Vec<String> = std::fs::read_dir(&full).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let left: Vec<String> =
+        std::fs::read_dir(&full).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(!left.iter().any(|n| n.starts_with(".checkpoint")), "{left:?}");
     assert!(!full.join(prefhost::train::lock::LOCK_FILE).exists(), "the lock outlived the failed run");
     // The earlier checkpoint verifies and is the one a resume takes.
@@ -107,7 +122,10 @@ fn a_metrics_line_past_the_limit_is_taken_back_whole() {
     let sb = Sandbox::new();
     let path = sb.write(
         "scripts/exp.rhai",
-        &format!("import \"losses/dpo\" as dpo;\nfn loss(b, p) {{ dpo::loss(b, p) }}\ntrain({});\n", small_config("max_steps: 12, seed: 3, save_every: 100, params: #{ beta: 0.1 },")),
+        &format!(
+            "import \"losses/dpo\" as dpo;\nfn loss(b, p) {{ dpo::loss(b, p) }}\ntrain({});\n",
+            small_config("max_steps: 12, seed: 3, save_every: 100, params: #{ beta: 0.1 },")
+        ),
     );
     let (whole, full) = (sb.path("whole"), sb.path("full"));
     let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", whole.to_str().unwrap()]);
@@ -115,7 +133,9 @@ fn a_metrics_line_past_the_limit_is_taken_back_whole() {
     // The largest file the run writes before its metrics grow (identity.json, sources...).
     let others = files(&whole)
         .into_iter()
-        .filter(|(p, _)| !p.starts_with(whole.join("checkpoint-12")) && !p.ends_with("metrics.jsonl") && !p.ends_with("memory.json"))
+        .filter(|(p, _)| {
+            !p.starts_with(whole.join("checkpoint-12")) && !p.ends_with("metrics.jsonl") && !p.ends_with("memory.json")
+        })
         .map(|(_, size)| size)
         .max()
         .unwrap();
@@ -129,7 +149,13 @@ fn a_metrics_line_past_the_limit_is_taken_back_whole() {
     let out = run_limited(limit, &["run", path.to_str().unwrap(), "--no-watch", "--run-dir", full.to_str().unwrap()]);
     let said = text(&out);
     assert_eq!(out.status.code(), Some(1), "{said}");
-    assert!(said.contains(&format!("{}: cannot write a metrics line (the log was cut back to its last whole line)", full.join("metrics.jsonl").display())), "{said}");
+    assert!(
+        said.contains(&format!(
+            "{}: cannot write a metrics line (the log was cut back to its last whole line)",
+            full.join("metrics.jsonl").display()
+        )),
+        "{said}"
+    );
     assert!(said.contains("File too large (os error 27)"), "{said}");
     let text_now = assert_parses_line_by_line(&full.join("metrics.jsonl"));
     // Throughput values are wall-clock, so this run's lines differ from the uninterrupted
@@ -137,8 +163,17 @@ fn a_metrics_line_past_the_limit_is_taken_back_whole() {
     // Not taken back, the file would be exactly `limit` bytes and end inside a line.
     let longest_line = ends.windows(2).map(|w| w[1] - w[0]).max().unwrap();
     let now = text_now.len() as u64;
-    assert!(text_now.ends_with('\n') && now < limit, "the part of the line that fitted was not taken back ({now} bytes, limit {limit})");
-    assert!(limit - now <= longest_line + 32, "stopped at the line that crossed the limit ({now} bytes kept of {limit}; about {kept} expected)");
+    assert!(
+        text_now.ends_with('\n') && now < limit,
+        "the part of the line that fitted was not taken back ({now} bytes, limit {limit})"
+    );
+    assert!(
+        limit - now <= longest_line + 32,
+        "stopped at the line that crossed the limit ({now} bytes kept of {limit}; about {kept} expected)"
+    );
     let (lines_now, lines_whole) = (read_lines(&full.join("metrics.jsonl")), read_lines(&whole.join("metrics.jsonl")));
-    assert!(!lines_now.is_empty() && lines_now[..] == lines_whole[..lines_now.len()], "the lines before it are the uninterrupted run's");
+    assert!(
+        !lines_now.is_empty() && lines_now[..] == lines_whole[..lines_now.len()],
+        "the lines before it are the uninterrupted run's"
+    );
 }

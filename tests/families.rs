@@ -47,8 +47,20 @@ fn a_saved_model_loads_back_with_the_same_config_weights_and_log_probs() {
         let (again_config, again) = load_model(&saved, &device).unwrap();
         assert_eq!(config.layer_types, again_config.layer_types, "{name}");
         assert_eq!(
-            (config.query_pre_attn_scalar, config.attn_logit_softcapping, config.final_logit_softcapping, config.sliding_window, config.head_dim),
-            (again_config.query_pre_attn_scalar, again_config.attn_logit_softcapping, again_config.final_logit_softcapping, again_config.sliding_window, again_config.head_dim),
+            (
+                config.query_pre_attn_scalar,
+                config.attn_logit_softcapping,
+                config.final_logit_softcapping,
+                config.sliding_window,
+                config.head_dim
+            ),
+            (
+                again_config.query_pre_attn_scalar,
+                again_config.attn_logit_softcapping,
+                again_config.final_logit_softcapping,
+                again_config.sliding_window,
+                again_config.head_dim
+            ),
             "{name}"
         );
         // Gemma2's norms are written back as stored (w, not the applied 1 + w).
@@ -59,7 +71,11 @@ fn a_saved_model_loads_back_with_the_same_config_weights_and_log_probs() {
             assert_eq!(values, &written[key], "{name}: {key}");
         }
         let rows = common::fixture_rows(&dir);
-        assert_eq!(common::completion_logps(&model, &rows, &device), common::completion_logps(&again, &rows, &device), "{name}");
+        assert_eq!(
+            common::completion_logps(&model, &rows, &device),
+            common::completion_logps(&again, &rows, &device),
+            "{name}"
+        );
     }
 }
 
@@ -107,10 +123,17 @@ fn packed_rows_and_chunked_logits_give_the_plain_values_and_gradients() {
             let what = format!("{name}: packed {} chunk {chunk:?}", packed.is_some());
             let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
             assert!(diff(&plain, &vals) < 2e-5, "{what}: values differ by {}", diff(&plain, &vals));
-            for (param, a, b) in [("q_proj", &plain_q, &q), ("embed_tokens (tied in llama_rope_scaled_tied, qwen2, gemma2)", &plain_embed, &embed)] {
+            for (param, a, b) in [
+                ("q_proj", &plain_q, &q),
+                ("embed_tokens (tied in llama_rope_scaled_tied, qwen2, gemma2)", &plain_embed, &embed),
+            ] {
                 let scale = a.iter().map(|g| g.abs()).fold(0.0, f32::max);
                 assert!(scale > 0.0, "{what}: no {param} gradient");
-                assert!(diff(a, b) < 1e-4 * scale.max(1.0), "{what}: {param} gradient differs by {} (largest {scale})", diff(a, b));
+                assert!(
+                    diff(a, b) < 1e-4 * scale.max(1.0),
+                    "{what}: {param} gradient differs by {} (largest {scale})",
+                    diff(a, b)
+                );
             }
         }
     }
@@ -119,7 +142,10 @@ fn packed_rows_and_chunked_logits_give_the_plain_values_and_gradients() {
 #[test]
 fn configs_that_would_compute_something_else_are_refused_by_key() {
     let base = |name: &str| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(common::repo().join("tests/fixtures/hf5").join(name).join("config.json")).unwrap()).unwrap()
+        serde_json::from_str(
+            &std::fs::read_to_string(common::repo().join("tests/fixtures/hf5").join(name).join("config.json")).unwrap(),
+        )
+        .unwrap()
     };
     type Edit = Box<dyn Fn(&mut serde_json::Value)>;
     let cases: Vec<(&str, Edit, &str)> = vec![

@@ -3,12 +3,12 @@
 //! RMSNorm, silu(gate)·up and rotate_half RoPE give the same outputs and the same
 //! gradients, on the autodiff and on the plain CPU device.
 
+use burn::tensor::Int;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData};
-use burn::tensor::activation::silu;
-use burn::tensor::Int;
-use burn::tensor::activation::log_softmax;
 use prefhost::model::fused::{fuses, grouped_attention, linear, rms_norm, rope, swiglu, target_logps};
 use prefhost::tensor::values;
 
@@ -21,7 +21,14 @@ fn repeat(t: Tensor<4>, heads: usize) -> Tensor<4> {
 fn reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, hidden: Option<Tensor<4, Bool>>, causal: bool) -> Tensor<4> {
     let [b, heads, s, _] = q.dims();
     let hidden = hidden.map(|m| m.expand([b, heads, s, s]));
-    attention(q, repeat(k, heads), repeat(v, heads), hidden, None, AttentionModuleOptions { scale: None, softcap: None, is_causal: causal })
+    attention(
+        q,
+        repeat(k, heads),
+        repeat(v, heads),
+        hidden,
+        None,
+        AttentionModuleOptions { scale: None, softcap: None, is_causal: causal },
+    )
 }
 
 fn worst(a: Tensor<4>, b: Tensor<4>) -> f32 {
@@ -46,16 +53,34 @@ fn fused_attention_matches_burn_attention_and_its_gradients() {
     let device = Device::default().autodiff();
     // s = 150 spans three blocks of 64 queries (the last one partial), read through the
     // strides of a [b, s, heads, d] projection as the model passes them.
-    for (heads, kv, causal, masked, s) in [(4, 4, true, false, 9), (6, 2, true, false, 9), (6, 3, false, true, 9), (4, 2, true, true, 9), (6, 2, true, false, 150), (4, 2, true, true, 150), (6, 3, false, true, 150)] {
+    for (heads, kv, causal, masked, s) in [
+        (4, 4, true, false, 9),
+        (6, 2, true, false, 9),
+        (6, 3, false, true, 9),
+        (4, 2, true, true, 9),
+        (6, 2, true, false, 150),
+        (4, 2, true, true, 150),
+        (6, 3, false, true, 150),
+    ] {
         let (b, d) = (2, 8);
         let strided = s > 9;
-        let make = |h: usize| Tensor::<4>::random(if strided { [b, s, h, d] } else { [b, h, s, d] }, Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let make = |h: usize| {
+            Tensor::<4>::random(
+                if strided { [b, s, h, d] } else { [b, h, s, d] },
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            )
+            .require_grad()
+        };
         let (q_leaf, k_leaf, v_leaf) = (make(heads), make(kv), make(kv));
         let heads_view = |t: &Tensor<4>| if strided { t.clone().swap_dims(1, 2) } else { t.clone() };
         let (q, k, v) = (heads_view(&q_leaf), heads_view(&k_leaf), heads_view(&v_leaf));
         let hidden = masked.then(|| mask(b, s, &device));
         let plain_mask = masked.then(|| mask(b, s, &Device::default()));
-        assert!(fuses(&q, hidden.as_ref()) && fuses(&q.clone().inner(), plain_mask.as_ref()), "the CPU default must take the fused path");
+        assert!(
+            fuses(&q, hidden.as_ref()) && fuses(&q.clone().inner(), plain_mask.as_ref()),
+            "the CPU default must take the fused path"
+        );
         let weights = Tensor::<4>::random([b, heads, s, d], Distribution::Normal(0.0, 1.0), &device);
 
         let fused = grouped_attention(q.clone(), k.clone(), v.clone(), hidden.clone(), causal);
@@ -76,8 +101,17 @@ fn fused_attention_matches_burn_attention_and_its_gradients() {
         }
 
         // The plain (no-autodiff) device gives the same values.
-        let inner = grouped_attention(q.clone().inner(), k.clone().inner(), v.clone().inner(), hidden.map(|m| m.inner()), causal);
-        let d_inner = worst(inner, reference(q.inner(), k.inner(), v.inner(), masked.then(|| mask(b, s, &Device::default())), causal));
+        let inner = grouped_attention(
+            q.clone().inner(),
+            k.clone().inner(),
+            v.clone().inner(),
+            hidden.map(|m| m.inner()),
+            causal,
+        );
+        let d_inner = worst(
+            inner,
+            reference(q.inner(), k.inner(), v.inner(), masked.then(|| mask(b, s, &Device::default())), causal),
+        );
         assert!(d_inner < 1e-5, "{case}: plain device differs by {d_inner}");
     }
 }
@@ -104,7 +138,12 @@ fn worst_n<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> (f32, f32) {
 
 /// Fused vs reference for one op: outputs, then gradients of every input under a random
 /// upstream gradient, then the plain device's output.
-fn check<const D: usize, const N: usize>(name: &str, inputs: [Tensor<D>; N], fused: impl Fn(&[Tensor<D>]) -> Tensor<D>, plain: impl Fn(&[Tensor<D>]) -> Tensor<D>) {
+fn check<const D: usize, const N: usize>(
+    name: &str,
+    inputs: [Tensor<D>; N],
+    fused: impl Fn(&[Tensor<D>]) -> Tensor<D>,
+    plain: impl Fn(&[Tensor<D>]) -> Tensor<D>,
+) {
     let device = inputs[0].device();
     let inputs: Vec<Tensor<D>> = inputs.into_iter().map(|t| t.require_grad()).collect();
     assert!(inputs[0].is_autodiff());
@@ -132,11 +171,16 @@ fn fused_norm_swiglu_and_rope_match_burn_ops_and_their_gradients() {
     {
         let gamma = gamma.clone();
         let g2 = gamma.clone();
-        check("rms_norm", [normal([3, 5, 16])], move |t| rms_norm(t[0].clone(), gamma.clone(), 1e-6), move |t| {
-            let x = t[0].clone();
-            let rms = (x.clone().square().mean_dim(2) + 1e-6).sqrt();
-            (x / rms) * g2.clone().unsqueeze()
-        });
+        check(
+            "rms_norm",
+            [normal([3, 5, 16])],
+            move |t| rms_norm(t[0].clone(), gamma.clone(), 1e-6),
+            move |t| {
+                let x = t[0].clone();
+                let rms = (x.clone().square().mean_dim(2) + 1e-6).sqrt();
+                (x / rms) * g2.clone().unsqueeze()
+            },
+        );
     }
     // gamma's own gradient, with x frozen.
     let x = normal([3, 5, 16]);
@@ -149,7 +193,12 @@ fn fused_norm_swiglu_and_rope_match_burn_ops_and_their_gradients() {
     let (diff, scale) = worst_n(gamma.grad(&gf).unwrap(), gamma.grad(&gp).unwrap());
     assert!(scale > 1e-3 && diff <= 1e-4 * scale, "dgamma differs by {diff} (largest {scale})");
 
-    check("swiglu", [normal([2, 7, 33]), normal([2, 7, 33])], |t| swiglu(t[0].clone(), t[1].clone()), |t| silu(t[0].clone()) * t[1].clone());
+    check(
+        "swiglu",
+        [normal([2, 7, 33]), normal([2, 7, 33])],
+        |t| swiglu(t[0].clone(), t[1].clone()),
+        |t| silu(t[0].clone()) * t[1].clone(),
+    );
 
     // RoPE with per-row tables (packed rows) and with one table for all rows, on a contiguous
     // input and on the [b, heads, s, d] view of a [b, s, heads, d] projection.
@@ -157,15 +206,24 @@ fn fused_norm_swiglu_and_rope_match_burn_ops_and_their_gradients() {
         let (b, h, s, d) = (2, 3, 6, 8);
         let angles = Tensor::<4>::random([table_batch, 1, s, d], Distribution::Uniform(-3.0, 3.0), &device);
         let (cos, sin) = (angles.clone().cos(), angles.sin());
-        let x = Tensor::<4>::random(if strided { [b, s, h, d] } else { [b, h, s, d] }, Distribution::Normal(0.0, 1.0), &device);
+        let x = Tensor::<4>::random(
+            if strided { [b, s, h, d] } else { [b, h, s, d] },
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
         let view = move |t: &Tensor<4>| if strided { t.clone().swap_dims(1, 2) } else { t.clone() };
         let (c2, s2) = (cos.clone(), sin.clone());
-        check(&format!("rope (tables for {table_batch} rows, strided {strided})"), [x], move |t| rope(view(&t[0]), &cos, &sin), move |t| {
-            let x = view(&t[0]);
-            let half = d / 2;
-            let rotated = Tensor::cat(vec![x.clone().narrow(3, half, half).neg(), x.clone().narrow(3, 0, half)], 3);
-            x * c2.clone() + rotated * s2.clone()
-        });
+        check(
+            &format!("rope (tables for {table_batch} rows, strided {strided})"),
+            [x],
+            move |t| rope(view(&t[0]), &cos, &sin),
+            move |t| {
+                let x = view(&t[0]);
+                let half = d / 2;
+                let rotated = Tensor::cat(vec![x.clone().narrow(3, half, half).neg(), x.clone().narrow(3, 0, half)], 3);
+                x * c2.clone() + rotated * s2.clone()
+            },
+        );
     }
 }
 
@@ -189,7 +247,10 @@ fn fused_target_logps_match_log_softmax_and_gather() {
     let (diff, scale) = worst_n(logits.grad(&gf).unwrap(), logits.grad(&gp).unwrap());
     assert!(scale > 1e-3 && diff < 1e-5 * scale.max(1.0), "gradients differ by {diff} (largest {scale})");
     let inner = target_logps(logits.clone().inner(), targets.clone().inner());
-    let (diff, _) = worst_n(inner, log_softmax(logits.inner(), 2).gather(2, targets.inner().unsqueeze_dim::<3>(2)).squeeze_dim::<2>(2));
+    let (diff, _) = worst_n(
+        inner,
+        log_softmax(logits.inner(), 2).gather(2, targets.inner().unsqueeze_dim::<3>(2)).squeeze_dim::<2>(2),
+    );
     assert!(diff < 1e-5, "plain device differs by {diff}");
 }
 
@@ -198,8 +259,23 @@ fn fused_projection_product_matches_burn_matmul_and_its_gradients() {
     let device = Device::default().autodiff();
     let normal = |dims: [usize; 2]| Tensor::<2>::random(dims, Distribution::Normal(0.0, 1.0), &device);
     // Large enough for gemm's threaded path (m·n·k ≥ 192³), and a small one.
-    check("matmul 300x200x150", [normal([300, 200]), normal([200, 150])], |t| linear::matmul(t[0].clone(), t[1].clone()), |t| t[0].clone().matmul(t[1].clone()));
-    check("matmul 7x5x3", [normal([7, 5]), normal([5, 3])], |t| linear::matmul(t[0].clone(), t[1].clone()), |t| t[0].clone().matmul(t[1].clone()));
+    check(
+        "matmul 300x200x150",
+        [normal([300, 200]), normal([200, 150])],
+        |t| linear::matmul(t[0].clone(), t[1].clone()),
+        |t| t[0].clone().matmul(t[1].clone()),
+    );
+    check(
+        "matmul 7x5x3",
+        [normal([7, 5]), normal([5, 3])],
+        |t| linear::matmul(t[0].clone(), t[1].clone()),
+        |t| t[0].clone().matmul(t[1].clone()),
+    );
     // A transposed weight (tied embeddings as the vocabulary head) is read through its strides.
-    check("matmul by a transposed view", [normal([9, 6]), normal([11, 6])], |t| linear::matmul(t[0].clone(), t[1].clone().transpose()), |t| t[0].clone().matmul(t[1].clone().transpose()));
+    check(
+        "matmul by a transposed view",
+        [normal([9, 6]), normal([11, 6])],
+        |t| linear::matmul(t[0].clone(), t[1].clone().transpose()),
+        |t| t[0].clone().matmul(t[1].clone().transpose()),
+    );
 }

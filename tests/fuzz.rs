@@ -10,8 +10,27 @@ use prefhost::rng::SplitMix64;
 use prefhost::script::{Limits, ScriptEngine, set_script_device};
 
 const PIECES: &[&str] = &[
-    "\"prompt\"", "\"chosen\"", "\"rejected\"", "\"completion\"", "\"x\"", ":", ",", "{", "}", "[", "]",
-    "\"2+2=\"", "\"4\"", "\"\"", "null", "true", "17", "-3.5e9", "\"\\u00e9\\u4e2d\"", "\"\\n\"", " ",
+    "\"prompt\"",
+    "\"chosen\"",
+    "\"rejected\"",
+    "\"completion\"",
+    "\"x\"",
+    ":",
+    ",",
+    "{",
+    "}",
+    "[",
+    "]",
+    "\"2+2=\"",
+    "\"4\"",
+    "\"\"",
+    "null",
+    "true",
+    "17",
+    "-3.5e9",
+    "\"\\u00e9\\u4e2d\"",
+    "\"\\n\"",
+    " ",
 ];
 
 fn random_line(rng: &mut SplitMix64) -> String {
@@ -26,7 +45,9 @@ fn random_line(rng: &mut SplitMix64) -> String {
             let value = ["1", "null", "[]", "{}", "\"ok\"", "\"\""];
             format!(
                 "{{\"prompt\": {}, \"chosen\": {}, \"rejected\": {}}}",
-                rng.pick(&value), rng.pick(&value), rng.pick(&value)
+                rng.pick(&value),
+                rng.pick(&value),
+                rng.pick(&value)
             )
         }
         // Token soup.
@@ -65,7 +86,10 @@ fn arbitrary_json_lines_never_panic_the_loader() {
                 }
                 Ok(Err(e)) => {
                     refused += 1;
-                    assert!(format!("{e:#}").contains(&format!("case{case}.jsonl")), "case {case}: error without the file name: {e:#}");
+                    assert!(
+                        format!("{e:#}").contains(&format!("case{case}.jsonl")),
+                        "case {case}: error without the file name: {e:#}"
+                    );
                 }
                 Err(_) => panic!("case {case} panicked the loader; input: {:?}", String::from_utf8_lossy(&bytes)),
             }
@@ -73,9 +97,13 @@ fn arbitrary_json_lines_never_panic_the_loader() {
             let lenient = catch_unwind(AssertUnwindSafe(|| load_examples(&file, &tokenizer, preference, limits, true)));
             let non_blank = bytes.split(|&b| b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)).count();
             match lenient {
-                Ok(Ok((examples, report))) => assert_eq!(examples.len() + report.skipped.len(), non_blank, "case {case}"),
+                Ok(Ok((examples, report))) => {
+                    assert_eq!(examples.len() + report.skipped.len(), non_blank, "case {case}")
+                }
                 Ok(Err(e)) => assert!(format!("{e:#}").contains(&format!("case{case}.jsonl")), "case {case}: {e:#}"),
-                Err(_) => panic!("case {case} panicked the lenient loader; input: {:?}", String::from_utf8_lossy(&bytes)),
+                Err(_) => {
+                    panic!("case {case} panicked the lenient loader; input: {:?}", String::from_utf8_lossy(&bytes))
+                }
             }
         }
     }
@@ -85,16 +113,63 @@ fn arbitrary_json_lines_never_panic_the_loader() {
 }
 
 const TENSORS: &[&str] = &[
-    "tensor([1.0, -2.0, 3.0])", "tensor([0.5])", "tensor([[1.0, 2.0], [3.0, 4.0]])", "tensor([[1.0, 2.0, 3.0]])",
-    "tensor([])", "tensor([[]])", "tensor(2)", "tensor(-0.0)", "tensor([1e30, -1e30])",
+    "tensor([1.0, -2.0, 3.0])",
+    "tensor([0.5])",
+    "tensor([[1.0, 2.0], [3.0, 4.0]])",
+    "tensor([[1.0, 2.0, 3.0]])",
+    "tensor([])",
+    "tensor([[]])",
+    "tensor(2)",
+    "tensor(-0.0)",
+    "tensor([1e30, -1e30])",
 ];
 const SCALARS: &[&str] = &["0.0", "1.5", "-2", "1e308", "()", "\"text\"", "[1, 2]", "#{a: 1}", "true"];
 const UNARY: &[&str] = &[
-    "log_sigmoid", "sigmoid", "softplus", "relu", "exp", "log", "abs", "sqrt", "square", "tanh", "detach",
-    "softmax", "log_softmax", "zeros_like", "ones_like", "sum", "mean", "min", "max", "std", "item", "to_array",
-    "len", "numel", "tensor", "-",
+    "log_sigmoid",
+    "sigmoid",
+    "softplus",
+    "relu",
+    "exp",
+    "log",
+    "abs",
+    "sqrt",
+    "square",
+    "tanh",
+    "detach",
+    "softmax",
+    "log_softmax",
+    "zeros_like",
+    "ones_like",
+    "sum",
+    "mean",
+    "min",
+    "max",
+    "std",
+    "item",
+    "to_array",
+    "len",
+    "numel",
+    "tensor",
+    "-",
 ];
-const BINARY: &[&str] = &["+", "-", "*", "/", "min", "max", "gt", "ge", "lt", "le", "pow", "sum", "mean", "clamp_min", "clamp_max", "full_like"];
+const BINARY: &[&str] = &[
+    "+",
+    "-",
+    "*",
+    "/",
+    "min",
+    "max",
+    "gt",
+    "ge",
+    "lt",
+    "le",
+    "pow",
+    "sum",
+    "mean",
+    "clamp_min",
+    "clamp_max",
+    "full_like",
+];
 
 fn random_expr(rng: &mut SplitMix64, depth: u32) -> String {
     if depth == 0 || rng.range(0, 3) == 0 {
@@ -105,7 +180,11 @@ fn random_expr(rng: &mut SplitMix64, depth: u32) -> String {
         1 => {
             let op = *rng.pick(BINARY);
             let (a, b) = (random_expr(rng, depth - 1), random_expr(rng, depth - 1));
-            if op.chars().all(|c| c.is_alphabetic() || c == '_') { format!("{op}({a}, {b})") } else { format!("({a} {op} {b})") }
+            if op.chars().all(|c| c.is_alphabetic() || c == '_') {
+                format!("{op}({a}, {b})")
+            } else {
+                format!("({a} {op} {b})")
+            }
         }
         _ => format!("clamp({}, {}, {})", random_expr(rng, depth - 1), rng.pick(SCALARS), rng.pick(SCALARS)),
     }
@@ -131,9 +210,18 @@ fn arbitrary_tensor_calls_never_panic() {
 /// A valid file of each kind the run folder holds, to be cut short or mutated.
 const RUN_FILES: &[(&str, &str)] = &[
     ("run.json", r#"{"script": "scripts/x.rhai", "arm": "a"}"#),
-    ("trainer_state.json", r#"{"step": 2, "epoch": 0, "cursor": 4, "order": [1, 0], "rng": {"state": 5}, "loss_state": {}, "skipped_steps": 0, "replayed": [[0]]}"#),
-    ("identity.json", r#"{"inputs": {"data": {"path": "d.jsonl", "size": 3, "sha256": "abcdef0123456789", "sampled": true}}}"#),
-    ("manifest.json", r#"{"files": {"config.json": {"size": 2, "sha256": "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"}}}"#),
+    (
+        "trainer_state.json",
+        r#"{"step": 2, "epoch": 0, "cursor": 4, "order": [1, 0], "rng": {"state": 5}, "loss_state": {}, "skipped_steps": 0, "replayed": [[0]]}"#,
+    ),
+    (
+        "identity.json",
+        r#"{"inputs": {"data": {"path": "d.jsonl", "size": 3, "sha256": "abcdef0123456789", "sampled": true}}}"#,
+    ),
+    (
+        "manifest.json",
+        r#"{"files": {"config.json": {"size": 2, "sha256": "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"}}}"#,
+    ),
     ("run.lock", r#"{"pid": 999999999, "host": "HOST"}"#),
 ];
 
@@ -170,12 +258,14 @@ fn arbitrary_run_folder_files_never_panic_their_readers() {
             match name {
                 "run.json" => checkpoint::read_run_info(dir.path()).map(drop).map_err(err),
                 "trainer_state.json" => checkpoint::read_state(dir.path()).map(drop).map_err(err),
-                "identity.json" => RunIdentity::read(dir.path()).map(|read| {
-                    if let Some(read) = read {
-                        let _ = RunIdentity::default().changes_from(&read);
-                        let _ = read.changes_from(&read);
-                    }
-                }).map_err(err),
+                "identity.json" => RunIdentity::read(dir.path())
+                    .map(|read| {
+                        if let Some(read) = read {
+                            let _ = RunIdentity::default().changes_from(&read);
+                            let _ = read.changes_from(&read);
+                        }
+                    })
+                    .map_err(err),
                 "manifest.json" => prefhost::model::weights::verify_manifest(dir.path()).map(drop).map_err(err),
                 _ => RunLock::acquire(dir.path()).map(drop).map_err(err),
             }
@@ -183,7 +273,10 @@ fn arbitrary_run_folder_files_never_panic_their_readers() {
         match result {
             Err(_) => panic!("case {case}: {name} {content:?} panicked its reader"),
             // The file itself, or (a manifest) the checkpoint file it lists.
-            Ok(Err(message)) => assert!(message.contains(&dir.path().display().to_string()), "case {case}: {name} {content:?}: the error does not name the file: {message}"),
+            Ok(Err(message)) => assert!(
+                message.contains(&dir.path().display().to_string()),
+                "case {case}: {name} {content:?}: the error does not name the file: {message}"
+            ),
             Ok(Ok(())) => {}
         }
     }

@@ -9,7 +9,9 @@ use std::process::{Command, Output};
 
 /// PATH without any folder that holds nvidia-smi, plus `extra` first.
 fn path_without_nvidia_smi(extra: Option<&Path>) -> String {
-    let dirs = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).filter(|d| !d.join("nvidia-smi").exists()).collect::<Vec<_>>();
+    let dirs = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .filter(|d| !d.join("nvidia-smi").exists())
+        .collect::<Vec<_>>();
     let dirs: Vec<PathBuf> = extra.map(Path::to_path_buf).into_iter().chain(dirs).collect();
     std::env::join_paths(dirs).unwrap().into_string().unwrap()
 }
@@ -45,14 +47,26 @@ fn without_a_gpu_it_stops_where_one_is_needed() {
     let run = gpu_check(&bin, &out, &path_without_nvidia_smi(None));
     let t = text(&run);
     assert_eq!(run.status.code(), Some(3), "{t}");
-    assert!(t.contains("no NVIDIA GPU here (nvidia-smi is not on PATH): the backend matrix on cuda and host bench-gpu need one"), "{t}");
+    assert!(
+        t.contains(
+            "no NVIDIA GPU here (nvidia-smi is not on PATH): the backend matrix on cuda and host bench-gpu need one"
+        ),
+        "{t}"
+    );
     assert!(t.contains("tch-cuda not built"), "{t}");
-    assert!(!dir.path().join("backends-ran").exists() && !out.exists(), "nothing runs and no folder is written without a GPU");
+    assert!(
+        !dir.path().join("backends-ran").exists() && !out.exists(),
+        "nothing runs and no folder is written without a GPU"
+    );
 
     // An nvidia-smi that cannot reach a driver stops it the same way.
     let fake = dir.path().join("fake-bin");
     std::fs::create_dir_all(&fake).unwrap();
-    std::fs::write(fake.join("nvidia-smi"), "#!/bin/sh\necho \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\"\nexit 9\n").unwrap();
+    std::fs::write(
+        fake.join("nvidia-smi"),
+        "#!/bin/sh\necho \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\"\nexit 9\n",
+    )
+    .unwrap();
     std::process::Command::new("chmod").args(["+x", fake.join("nvidia-smi").to_str().unwrap()]).status().unwrap();
     let run = gpu_check(&bin, &out, &path_without_nvidia_smi(Some(&fake)));
     let t = text(&run);

@@ -18,7 +18,8 @@ use prefhost::model::{load_model, save_model};
 use prefhost::tensor::values;
 use prefhost::train::logps::{packed_pair_logps, token_logps};
 
-const FAMILIES: [&str; 7] = ["llama", "llama_rope_scaled_tied", "llama_linear_rope", "mistral", "qwen2", "qwen2_f16", "llama_bf16"];
+const FAMILIES: [&str; 7] =
+    ["llama", "llama_rope_scaled_tied", "llama_linear_rope", "mistral", "qwen2", "qwen2_f16", "llama_bf16"];
 
 fn fixture(name: &str) -> PathBuf {
     common::repo().join("tests/fixtures/hf").join(name)
@@ -44,7 +45,10 @@ fn worst_difference(name: &str, rows: &[FixtureRow], got: &[Vec<f32>]) -> f64 {
         worst = got.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(worst, f64::max);
         // torch summed in f32: a few of its ulps on top of the per-token differences.
         let (sum, logps) = (got.iter().map(|&x| x as f64).sum::<f64>(), row.fields["logps"].as_f64().unwrap());
-        assert!((sum - logps).abs() < got.len() as f64 * TOLERANCE + 1e-6 * logps.abs(), "{name}: sum {sum} vs {logps}");
+        assert!(
+            (sum - logps).abs() < got.len() as f64 * TOLERANCE + 1e-6 * logps.abs(),
+            "{name}: sum {sum} vs {logps}"
+        );
     }
     eprintln!("{name}: worst per-token difference from transformers {worst:.2e}");
     worst
@@ -75,7 +79,8 @@ const FAMILIES_5: [&str; 5] = ["llama", "llama_rope_scaled_tied", "llama_linear_
 fn transformers_5_checkpoints_load_with_their_rope_parameters() {
     for name in FAMILIES_5 {
         let dir = common::repo().join("tests/fixtures/hf5").join(name);
-        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
         assert!(config.get("rope_parameters").is_some() && config.get("rope_theta").is_none(), "{name}: a 5.x layout");
         let rows = common::fixture_rows(&dir);
         assert!(rows.iter().any(|r| r.ids.len() > 64), "{name}: a row longer than one attention block");
@@ -84,19 +89,42 @@ fn transformers_5_checkpoints_load_with_their_rope_parameters() {
         // The 4.x checkpoint of the same weights reads the same RoPE.
         let (four, _) = load_model(&fixture(name), &Device::default()).unwrap();
         let (five, _) = load_model(&dir, &Device::default()).unwrap();
-        assert_eq!((five.rope_theta, five.rope_scaling().unwrap()), (four.rope_theta, four.rope_scaling().unwrap()), "{name}");
+        assert_eq!(
+            (five.rope_theta, five.rope_scaling().unwrap()),
+            (four.rope_theta, four.rope_scaling().unwrap()),
+            "{name}"
+        );
     }
 }
 
 #[test]
 fn config_keys_that_change_the_maths_are_refused_with_file_and_key() {
-    let base: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(common::repo().join("tests/fixtures/hf5/llama_rope_scaled_tied/config.json")).unwrap()).unwrap();
+    let base: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::repo().join("tests/fixtures/hf5/llama_rope_scaled_tied/config.json")).unwrap(),
+    )
+    .unwrap();
     let cases: [(&str, serde_json::Value, &str); 9] = [
-        ("rope_parameters", serde_json::json!({ "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 16 }), "rope_parameters.rope_type \"yarn\""),
-        ("rope_parameters", serde_json::json!({ "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5 }), "rope_parameters.partial_rotary_factor"),
-        ("rope_parameters", serde_json::json!({ "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0 }), "rope_parameters.low_freq_factor"),
+        (
+            "rope_parameters",
+            serde_json::json!({ "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 16 }),
+            "rope_parameters.rope_type \"yarn\"",
+        ),
+        (
+            "rope_parameters",
+            serde_json::json!({ "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5 }),
+            "rope_parameters.partial_rotary_factor",
+        ),
+        (
+            "rope_parameters",
+            serde_json::json!({ "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0 }),
+            "rope_parameters.low_freq_factor",
+        ),
         ("rope_parameters", serde_json::json!({ "rope_type": "default" }), "rope_parameters.rope_theta"),
-        ("rope_parameters", serde_json::json!({ "full_attention": { "rope_type": "default", "rope_theta": 1e4 } }), "per-layer-type"),
+        (
+            "rope_parameters",
+            serde_json::json!({ "full_attention": { "rope_type": "default", "rope_theta": 1e4 } }),
+            "per-layer-type",
+        ),
         ("rope_theta", serde_json::json!(10000.0), "disagree"),
         ("hidden_act", serde_json::json!("gelu"), "hidden_act"),
         ("quantization_config", serde_json::json!({ "quant_method": "bitsandbytes" }), "quantization_config"),
@@ -107,8 +135,12 @@ fn config_keys_that_change_the_maths_are_refused_with_file_and_key() {
         let mut config = base.clone();
         config[key] = value;
         std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-        let err = format!("{:#}", prefhost::model::LlamaConfig::from_file(&dir.path().join("config.json")).unwrap_err());
-        assert!(err.contains("config.json") && err.contains(expected), "{key}: expected an error naming {expected}, got {err}");
+        let err =
+            format!("{:#}", prefhost::model::LlamaConfig::from_file(&dir.path().join("config.json")).unwrap_err());
+        assert!(
+            err.contains("config.json") && err.contains(expected),
+            "{key}: expected an error naming {expected}, got {err}"
+        );
     }
 }
 
@@ -121,8 +153,10 @@ fn saved_checkpoints_of_every_family_load_back_the_same() {
         let dir = tempfile::tempdir().unwrap();
         save_model(&model, &config, &tokenizer, &dir.path().join("m")).unwrap();
         assert_eq!(prefhost_logps(&dir.path().join("m"), &rows), prefhost_logps(&fixture(name), &rows), "{name}");
-        let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("m/config.json")).unwrap()).unwrap();
-        let original: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(name).join("config.json")).unwrap()).unwrap();
+        let saved: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("m/config.json")).unwrap()).unwrap();
+        let original: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture(name).join("config.json")).unwrap()).unwrap();
         assert_eq!(saved["architectures"], original["architectures"], "{name}");
     }
 }
@@ -156,7 +190,10 @@ fn sliding_window_holds_in_packed_rows_and_decoding() {
     let mut sequence: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
     for _ in 0..24 {
         let n = sequence.len();
-        let tokens = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(sequence.clone(), [1, n]), &device);
+        let tokens = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(sequence.clone(), [1, n]),
+            &device,
+        );
         let next = model.forward(tokens).narrow(1, n - 1, 1).reshape([1, 96]).argmax(1);
         sequence.push(next.into_data().iter::<i64>().next().unwrap());
     }
@@ -201,7 +238,11 @@ fn long_rows_cross_attention_blocks_like_transformers() {
         let batch = collate_pairs(&refs, 2, &device);
         let width = batch.mask.dims()[1];
         let packed = values(packed_pair_logps(&model, &PackedLayout::new(&refs, 2, true), batch.mask.clone()));
-        let chosen: Vec<Vec<f32>> = rows.iter().enumerate().map(|(i, r)| packed[i * width + r.prompt_length - 1..i * width + r.ids.len() - 1].to_vec()).collect();
+        let chosen: Vec<Vec<f32>> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| packed[i * width + r.prompt_length - 1..i * width + r.ids.len() - 1].to_vec())
+            .collect();
         let worst = worst_difference(&format!("{name} packed"), &rows, &chosen);
         assert!(worst < TOLERANCE, "{name}: packed rows' log-probs differ by {worst:e}");
     }
@@ -219,7 +260,8 @@ fn mlp_bias_checkpoint_matches_transformers_and_saves_its_biases() {
     let worst = worst_difference("llama_mlp_bias", &rows, &prefhost_logps(&dir, &rows));
     assert!(worst < TOLERANCE, "llama_mlp_bias: per-token log-probs differ by {worst:e}");
     let saved = tempfile::tempdir().unwrap();
-    save_model(&model, &config, &common::repo().join("models/tiny-math/tokenizer.json"), &saved.path().join("m")).unwrap();
+    save_model(&model, &config, &common::repo().join("models/tiny-math/tokenizer.json"), &saved.path().join("m"))
+        .unwrap();
     assert_eq!(prefhost_logps(&saved.path().join("m"), &rows), prefhost_logps(&dir, &rows));
 }
 
@@ -230,7 +272,11 @@ fn mlp_bias_checkpoint_matches_transformers_and_saves_its_biases() {
 fn sharded_checkpoint_loads_and_a_missing_shard_is_named() {
     let dir = more("llama_sharded");
     let rows = common::fixture_rows(&dir);
-    let shards: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).filter(|n| n.ends_with(".safetensors")).collect();
+    let shards: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
     assert!(shards.len() >= 3 && !shards.contains(&"model.safetensors".to_string()), "{shards:?}");
     let got = prefhost_logps(&dir, &rows);
     let worst = worst_difference("llama_sharded", &rows, &got);
@@ -239,14 +285,23 @@ fn sharded_checkpoint_loads_and_a_missing_shard_is_named() {
 
     let copy = copy_fixture(&dir);
     std::fs::remove_file(copy.path().join("model-00003-of-00004.safetensors")).unwrap();
-    let err = format!("{:#}", load_model(copy.path(), &Device::default()).expect_err("a missing shard must be an error"));
+    let err =
+        format!("{:#}", load_model(copy.path(), &Device::default()).expect_err("a missing shard must be an error"));
     assert!(err.contains("model-00003-of-00004.safetensors"), "{err}");
 
     // A tensor in two shards: which copy applies would be a guess.
     let copy = copy_fixture(&dir);
     add_tensors(&copy.path().join("model-00004-of-00004.safetensors"), &[("model.embed_tokens.weight", vec![96, 32])]);
-    let err = format!("{:#}", load_model(copy.path(), &Device::default()).expect_err("a tensor in two shards must be an error"));
-    assert!(err.contains("model.embed_tokens.weight") && err.contains("model-00001-of-00004.safetensors") && err.contains("model-00004-of-00004.safetensors"), "{err}");
+    let err = format!(
+        "{:#}",
+        load_model(copy.path(), &Device::default()).expect_err("a tensor in two shards must be an error")
+    );
+    assert!(
+        err.contains("model.embed_tokens.weight")
+            && err.contains("model-00001-of-00004.safetensors")
+            && err.contains("model-00004-of-00004.safetensors"),
+        "{err}"
+    );
 }
 
 fn copy_fixture(dir: &std::path::Path) -> tempfile::TempDir {
@@ -262,9 +317,12 @@ fn copy_fixture(dir: &std::path::Path) -> tempfile::TempDir {
 fn add_tensors(file: &std::path::Path, extra: &[(&str, Vec<usize>)]) {
     let bytes = std::fs::read(file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let zeros: Vec<(String, Vec<usize>, Vec<u8>)> = extra.iter().map(|(n, s)| (n.to_string(), s.clone(), vec![0u8; 4 * s.iter().product::<usize>()])).collect();
+    let zeros: Vec<(String, Vec<usize>, Vec<u8>)> =
+        extra.iter().map(|(n, s)| (n.to_string(), s.clone(), vec![0u8; 4 * s.iter().product::<usize>()])).collect();
     let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors().into_iter().collect();
-    views.extend(zeros.iter().map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())));
+    views.extend(zeros.iter().map(|(n, s, d)| {
+        (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())
+    }));
     safetensors::serialize_to_file(views, None, file).unwrap();
 }
 
@@ -272,7 +330,9 @@ fn add_tensors(file: &std::path::Path, extra: &[(&str, Vec<usize>)]) {
 /// the config does not declare, a layer it does not have): refused, named with its file.
 #[test]
 fn unused_checkpoint_tensors_are_refused_by_name() {
-    let load_err = |dir: &std::path::Path| format!("{:#}", load_model(dir, &Device::default()).expect_err("an unused tensor must be an error"));
+    let load_err = |dir: &std::path::Path| {
+        format!("{:#}", load_model(dir, &Device::default()).expect_err("an unused tensor must be an error"))
+    };
     // One extra tensor in a single-file checkpoint.
     let copy = copy_fixture(&common::repo().join("tests/fixtures/hf5/llama"));
     add_tensors(&copy.path().join("model.safetensors"), &[("model.layers.2.mlp.up_proj.weight", vec![64, 32])]);
@@ -290,7 +350,13 @@ fn unused_checkpoint_tensors_are_refused_by_name() {
 
     // In a shard: the error names the shard the tensor is in.
     let copy = copy_fixture(&more("llama_sharded"));
-    add_tensors(&copy.path().join("model-00002-of-00004.safetensors"), &[("model.layers.0.mlp.extra.weight", vec![4, 4])]);
+    add_tensors(
+        &copy.path().join("model-00002-of-00004.safetensors"),
+        &[("model.layers.0.mlp.extra.weight", vec![4, 4])],
+    );
     let err = load_err(copy.path());
-    assert!(err.contains("model.layers.0.mlp.extra.weight") && err.contains("model-00002-of-00004.safetensors"), "{err}");
+    assert!(
+        err.contains("model.layers.0.mlp.extra.weight") && err.contains("model-00002-of-00004.safetensors"),
+        "{err}"
+    );
 }

@@ -44,7 +44,10 @@ fn edits_during_a_run_are_applied_or_rejected_without_stopping_it() {
     wait_for(&metrics, "first steps", |l| last_step(l) >= 3);
 
     // 1. A good edit: a new metric appears after the reload, and the reload is recorded.
-    sb.write("scripts/exp.rhai", &script("    let out = dpo::loss(batch, params);\n    out.metrics = #{ edited: 1.0 };\n    out", "0.1"));
+    sb.write(
+        "scripts/exp.rhai",
+        &script("    let out = dpo::loss(batch, params);\n    out.metrics = #{ edited: 1.0 };\n    out", "0.1"),
+    );
     let lines = wait_for(&metrics, "the good edit", |l| l.iter().any(|x| x.get("edited").is_some()));
     let reload = events(&lines, "reload");
     assert_eq!(reload.len(), 1, "{lines:?}");
@@ -68,7 +71,10 @@ fn edits_during_a_run_are_applied_or_rejected_without_stopping_it() {
     assert!(error.contains("exp.rhai:4:"), "{error}");
 
     // 4. The fix, with a hot hyper-parameter change: picked up again.
-    sb.write("scripts/exp.rhai", &script("    let out = dpo::loss(batch, params);\n    out.metrics = #{ fixed: params.beta };\n    out", "0.5"));
+    sb.write(
+        "scripts/exp.rhai",
+        &script("    let out = dpo::loss(batch, params);\n    out.metrics = #{ fixed: params.beta };\n    out", "0.5"),
+    );
     let lines = wait_for(&metrics, "the fix", |l| l.iter().any(|x| x.get("fixed").is_some()));
     assert_eq!(events(&lines, "reload").len(), 2, "{lines:?}");
     let fixed = lines.iter().find(|x| x.get("fixed").is_some()).unwrap();
@@ -112,16 +118,22 @@ fn a_version_that_fails_after_its_dry_run_is_replaced_by_the_previous_one() {
     wait_for(&metrics, "first steps", |l| last_step(l) >= 2);
     // lr(0, total) passes the dry run; the next real step throws. Its params (beta 0.7)
     // must not outlive it.
-    let failing = script(body, "0.7")
-        .replace("train(", "fn lr(step, total) {\n    if step > 0 { throw \"schedule broke\"; }\n    1e-4\n}\n\ntrain(");
+    let failing = script(body, "0.7").replace(
+        "train(",
+        "fn lr(step, total) {\n    if step > 0 { throw \"schedule broke\"; }\n    1e-4\n}\n\ntrain(",
+    );
     sb.write("scripts/exp.rhai", &failing);
     let lines = wait_for(&metrics, "the fallback", |l| !events(l, "lr_failed").is_empty());
     let failed = events(&lines, "lr_failed")[0].clone();
     assert!(failed["error"].as_str().unwrap().contains("schedule broke"), "{failed}");
     let at = failed["step"].as_u64().unwrap();
     let lines = wait_for(&metrics, "steps after the fallback", |l| last_step(l) >= at + 3);
-    let after: Vec<_> = lines.iter().filter(|l| l.get("loss").is_some() && l["step"].as_u64().unwrap() > at + 1).collect();
-    assert!(!after.is_empty() && after.iter().all(|l| l["beta"].as_f64() == Some(0.1)), "the previous version and its beta must be back: {after:?}");
+    let after: Vec<_> =
+        lines.iter().filter(|l| l.get("loss").is_some() && l["step"].as_u64().unwrap() > at + 1).collect();
+    assert!(
+        !after.is_empty() && after.iter().all(|l| l["beta"].as_f64() == Some(0.1)),
+        "the previous version and its beta must be back: {after:?}"
+    );
 }
 
 /// Every kind of script fault the issue lists, introduced by an edit while the run trains:
@@ -136,10 +148,22 @@ fn faulty_loss_edits_are_each_rejected_with_file_and_line() {
     let metrics = run_dir.join("metrics.jsonl");
     wait_for(&metrics, "first steps", |l| last_step(l) >= 2);
 
-    let recursion = good.replace("fn loss(", "fn deeper(n) {\n    deeper(n + 1)\n}\n\nfn loss(").replace("    dpo::loss(batch, params)", "    deeper(0)");
+    let recursion = good
+        .replace("fn loss(", "fn deeper(n) {\n    deeper(n + 1)\n}\n\nfn loss(")
+        .replace("    dpo::loss(batch, params)", "    deeper(0)");
     let faults = [
-        ("non-scalar loss", script("    batch.chosen_logps - batch.rejected_logps", "0.1"), "exp.rhai:3: in loss()", "must be a scalar"),
-        ("no gradient", script("    detach(dpo::loss(batch, params).loss)", "0.1"), "exp.rhai:3: in loss()", "no gradient"),
+        (
+            "non-scalar loss",
+            script("    batch.chosen_logps - batch.rejected_logps", "0.1"),
+            "exp.rhai:3: in loss()",
+            "must be a scalar",
+        ),
+        (
+            "no gradient",
+            script("    detach(dpo::loss(batch, params).loss)", "0.1"),
+            "exp.rhai:3: in loss()",
+            "no gradient",
+        ),
         ("wrong type", script("    \"a string\"", "0.1"), "exp.rhai:3: in loss()", "got string"),
         ("infinite loop", script("    loop { }", "0.1"), "exp.rhai:3: in loss()", "endless loop"),
         ("recursion", recursion, "exp.rhai:7: in loss()", "stack overflow"),
@@ -177,21 +201,37 @@ fn new_objectives_reload_and_gamma_po_keeps_its_queue() {
     wait_for(&metrics, "first steps", |l| last_step(l) >= 3);
 
     sb.write("scripts/exp.rhai", &source("gamma_po::loss(b, p)", "beta: 2.5, tau: 5.0"));
-    let lines = wait_for(&metrics, "the τ edit", |l| events(l, "reload").len() == 1 && last_step(l) > events(l, "reload")[0]["step"].as_u64().unwrap() + 1);
-    let pool: Vec<f64> = lines.iter().filter(|l| l.get("loss").is_some()).map(|l| l["gamma_po/pool_size"].as_f64().unwrap()).collect();
+    let lines = wait_for(&metrics, "the τ edit", |l| {
+        events(l, "reload").len() == 1 && last_step(l) > events(l, "reload")[0]["step"].as_u64().unwrap() + 1
+    });
+    let pool: Vec<f64> =
+        lines.iter().filter(|l| l.get("loss").is_some()).map(|l| l["gamma_po/pool_size"].as_f64().unwrap()).collect();
     assert!(pool.len() >= 5, "{pool:?}");
     // 8 initial draws + 8 gaps per step, drawn up to pool_size 256.
-    assert!(pool.windows(2).all(|w| w[1] == (w[0] + 8.0).min(256.0)), "the queue grows by a batch each step across the reload: {pool:?}");
+    assert!(
+        pool.windows(2).all(|w| w[1] == (w[0] + 8.0).min(256.0)),
+        "the queue grows by a batch each step across the reload: {pool:?}"
+    );
 
     sb.write("scripts/exp.rhai", &source("amapo::loss(b, p)", "beta: 2.0"));
     let lines = wait_for(&metrics, "AMaPO", |l| l.iter().any(|x| x.get("loss/margin").is_some()));
     assert_eq!(events(&lines, "reload").len(), 2);
 
     sb.write("scripts/exp.rhai", &source("robust_dpo::loss(b, p)", "beta: 0.1, label_smoothing: 0.2"));
-    wait_for(&metrics, "robust DPO", |l| events(l, "reload").len() == 3 && last_step(l) > events(l, "reload")[2]["step"].as_u64().unwrap());
+    wait_for(&metrics, "robust DPO", |l| {
+        events(l, "reload").len() == 3 && last_step(l) > events(l, "reload")[2]["step"].as_u64().unwrap()
+    });
 
-    sb.write("scripts/exp.rhai", &source("dpo::loss(poet::truncate(b), p)", "beta: 0.1").replace("import \"losses/amapo\"", "import \"losses/dpo\" as dpo;\nimport \"transforms/poet\" as poet;\nimport \"losses/amapo\""));
-    wait_for(&metrics, "POET", |l| events(l, "reload").len() == 4 && last_step(l) > events(l, "reload")[3]["step"].as_u64().unwrap());
+    sb.write(
+        "scripts/exp.rhai",
+        &source("dpo::loss(poet::truncate(b), p)", "beta: 0.1").replace(
+            "import \"losses/amapo\"",
+            "import \"losses/dpo\" as dpo;\nimport \"transforms/poet\" as poet;\nimport \"losses/amapo\"",
+        ),
+    );
+    wait_for(&metrics, "POET", |l| {
+        events(l, "reload").len() == 4 && last_step(l) > events(l, "reload")[3]["step"].as_u64().unwrap()
+    });
     assert!(events(&read_lines(&metrics), "reload_failed").is_empty());
     assert!(child.0.try_wait().unwrap().is_none(), "the run must still be going");
     drop(child);

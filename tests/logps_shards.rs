@@ -14,7 +14,8 @@ fn data(sb: &Sandbox, name: &str, rows: usize) -> PathBuf {
 }
 
 fn logps(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec!["logps", "--model", "models/tiny-math", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let mut args =
+        vec!["logps", "--model", "models/tiny-math", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
     args.extend_from_slice(extra);
     run_host(&args)
 }
@@ -43,9 +44,14 @@ fn shards_merged_equal_the_one_pass_file_byte_for_byte() {
     let whole = sb.path("whole.jsonl");
     let run = logps(&data, &whole, &[]);
     assert!(run.status.success(), "{}", text(&run));
-    let parts: Vec<PathBuf> = (0..3).map(|k| shard(&data, &sb.path(&format!("part{k}.jsonl")), &format!("{k}/3"), &[])).collect();
+    let parts: Vec<PathBuf> =
+        (0..3).map(|k| shard(&data, &sb.path(&format!("part{k}.jsonl")), &format!("{k}/3"), &[])).collect();
     let header = &read_lines(&parts[1])[0]["host_logps_shard"];
-    assert_eq!((header["shard"]["index"].as_u64(), header["first_row"].as_u64(), header["end_row"].as_u64()), (Some(1), Some(32), Some(64)), "{header}");
+    assert_eq!(
+        (header["shard"]["index"].as_u64(), header["first_row"].as_u64(), header["end_row"].as_u64()),
+        (Some(1), Some(32), Some(64)),
+        "{header}"
+    );
     assert_eq!(header["source"]["data_rows"], 100);
     assert_eq!(header["source"]["data_sha256"].as_str().map(str::len), Some(64));
     assert_eq!(read_lines(&parts[1]).len(), 1 + 32);
@@ -54,34 +60,61 @@ fn shards_merged_equal_the_one_pass_file_byte_for_byte() {
     let merged = sb.path("merged.jsonl");
     let run = merge(&[&parts[2], &parts[0], &parts[1]], &merged);
     assert!(run.status.success(), "{}", text(&run));
-    assert!(std::fs::read(&whole).unwrap() == std::fs::read(&merged).unwrap(), "the merged shards differ from the one-pass file");
+    assert!(
+        std::fs::read(&whole).unwrap() == std::fs::read(&merged).unwrap(),
+        "the merged shards differ from the one-pass file"
+    );
 
     // More shards than batches: 3 batches of 40 over 4 shards, one of them empty.
     let whole40 = sb.path("whole40.jsonl");
     assert!(logps(&data, &whole40, &["--batch-size", "40"]).status.success());
-    let parts40: Vec<PathBuf> = (0..4).map(|k| shard(&data, &sb.path(&format!("b40-{k}.jsonl")), &format!("{k}/4"), &["--batch-size", "40"])).collect();
+    let parts40: Vec<PathBuf> = (0..4)
+        .map(|k| shard(&data, &sb.path(&format!("b40-{k}.jsonl")), &format!("{k}/4"), &["--batch-size", "40"]))
+        .collect();
     assert_eq!(parts40.iter().map(|p| read_lines(p).len() - 1).collect::<Vec<_>>(), [0, 40, 40, 20]);
     let refs: Vec<&Path> = parts40.iter().map(PathBuf::as_path).collect();
     let merged40 = sb.path("merged40.jsonl");
     let run = merge(&refs, &merged40);
     assert!(run.status.success(), "{}", text(&run));
-    assert!(std::fs::read(&whole40).unwrap() == std::fs::read(&merged40).unwrap(), "the merged shards (one empty) differ from the one-pass file");
+    assert!(
+        std::fs::read(&whole40).unwrap() == std::fs::read(&merged40).unwrap(),
+        "the merged shards (one empty) differ from the one-pass file"
+    );
 
     // A shard is not a reference file by itself.
-    let script = sb.write("scripts/shard.rhai", &format!(
-        "import \"losses/dpo\" as dpo;\nfn loss(b, p) {{ dpo::loss(b, p) }}\ntrain({});\n",
-        small_config(&format!("data: \"{}\", ref_logps: \"{}\", max_steps: 1,", data.display(), parts[0].display())).replace("data: \"data/arithmetic/pairs.jsonl\",", "")
-    ));
-    let run = run_host(&["run", script.to_str().unwrap(), "--no-watch", "--run-dir", sb.path("runs/shard").to_str().unwrap()]);
+    let script = sb.write(
+        "scripts/shard.rhai",
+        &format!(
+            "import \"losses/dpo\" as dpo;\nfn loss(b, p) {{ dpo::loss(b, p) }}\ntrain({});\n",
+            small_config(&format!(
+                "data: \"{}\", ref_logps: \"{}\", max_steps: 1,",
+                data.display(),
+                parts[0].display()
+            ))
+            .replace("data: \"data/arithmetic/pairs.jsonl\",", "")
+        ),
+    );
+    let run = run_host(&[
+        "run",
+        script.to_str().unwrap(),
+        "--no-watch",
+        "--run-dir",
+        sb.path("runs/shard").to_str().unwrap(),
+    ]);
     assert!(!run.status.success(), "{}", text(&run));
-    assert!(text(&run).contains("part0.jsonl:1: this is one shard (0/3)") && text(&run).contains("--merge"), "{}", text(&run));
+    assert!(
+        text(&run).contains("part0.jsonl:1: this is one shard (0/3)") && text(&run).contains("--merge"),
+        "{}",
+        text(&run)
+    );
 }
 
 #[test]
 fn missing_overlapping_and_foreign_shards_are_refused_naming_the_file() {
     let sb = Sandbox::new();
     let data = data(&sb, "pairs40.jsonl", 40);
-    let parts: Vec<PathBuf> = (0..3).map(|k| shard(&data, &sb.path(&format!("part{k}.jsonl")), &format!("{k}/3"), &[])).collect();
+    let parts: Vec<PathBuf> =
+        (0..3).map(|k| shard(&data, &sb.path(&format!("part{k}.jsonl")), &format!("{k}/3"), &[])).collect();
     let [p0, p1, p2] = [parts[0].as_path(), parts[1].as_path(), parts[2].as_path()];
     let out = sb.path("merged.jsonl");
     let refused = |shards: &[&Path], wanted: &[&str]| {
@@ -91,7 +124,10 @@ fn missing_overlapping_and_foreign_shards_are_refused_naming_the_file() {
         for w in wanted {
             assert!(t.contains(w), "expected \"{w}\" in: {t}");
         }
-        assert!(!out.exists() && !sb.path("merged.jsonl.partial").exists(), "nothing is written when the shards are refused");
+        assert!(
+            !out.exists() && !sb.path("merged.jsonl.partial").exists(),
+            "nothing is written when the shards are refused"
+        );
     };
 
     refused(&[p0, p2], &["shard 1/3 missing", "part0.jsonl is 0/3", "part2.jsonl is 2/3"]);
@@ -123,12 +159,23 @@ fn missing_overlapping_and_foreign_shards_are_refused_naming_the_file() {
     assert!(!run.status.success() && text(&run).contains("a-folder: not written"), "{}", text(&run));
     assert!(!sb.path("a-folder.partial").exists(), "a failed write leaves no partial file");
     let run = merge(&[p0, p1, p2], p2);
-    assert!(!run.status.success() && text(&run).contains("part2.jsonl: the output would overwrite a shard"), "{}", text(&run));
+    assert!(
+        !run.status.success() && text(&run).contains("part2.jsonl: the output would overwrite a shard"),
+        "{}",
+        text(&run)
+    );
 
     // Bad --shard values, before anything is computed.
     for bad in ["3/3", "1", "a/2", "0/0"] {
         let run = logps(&data, &sb.path("bad.jsonl"), &["--shard", bad]);
-        assert!(!run.status.success() && text(&run).contains(&format!("--shard takes K/N with 0 <= K < N (shard K of N, counted from 0), got \"{bad}\"")), "{bad}: {}", text(&run));
+        assert!(
+            !run.status.success()
+                && text(&run).contains(&format!(
+                    "--shard takes K/N with 0 <= K < N (shard K of N, counted from 0), got \"{bad}\""
+                )),
+            "{bad}: {}",
+            text(&run)
+        );
         assert!(!sb.path("bad.jsonl").exists());
     }
 }

@@ -30,7 +30,10 @@ fn expected() -> Vec<FixtureRow> {
 const PEFT_TOLERANCE: f64 = 5e-6;
 
 fn worst(got: &[Vec<f32>], want: impl Fn(usize) -> Vec<f64>) -> f64 {
-    got.iter().enumerate().flat_map(|(i, g)| g.iter().zip(want(i)).map(|(a, b)| (*a as f64 - b).abs()).collect::<Vec<_>>()).fold(0.0, f64::max)
+    got.iter()
+        .enumerate()
+        .flat_map(|(i, g)| g.iter().zip(want(i)).map(|(a, b)| (*a as f64 - b).abs()).collect::<Vec<_>>())
+        .fold(0.0, f64::max)
 }
 
 #[test]
@@ -63,7 +66,9 @@ fn fresh_adapters_change_nothing_and_only_they_take_gradients() {
     let device = Device::default().autodiff();
     let rows = expected();
     let (_, base) = load_model(&fixture("llama"), &device).unwrap();
-    let lora: LoraConfig = serde_json::from_value(serde_json::json!({"r": 3, "lora_alpha": 6, "target_modules": ["q_proj", "up_proj"]})).unwrap();
+    let lora: LoraConfig =
+        serde_json::from_value(serde_json::json!({"r": 3, "lora_alpha": 6, "target_modules": ["q_proj", "up_proj"]}))
+            .unwrap();
     let model = base.clone().with_lora(&lora, &device).unwrap();
     assert_eq!(completion_logps(&model, &rows, &device), completion_logps(&base, &rows, &device), "B starts at zero");
 
@@ -73,7 +78,8 @@ fn fresh_adapters_change_nothing_and_only_they_take_gradients() {
     assert_eq!(model.num_trainable_params(), adapter_params);
     assert_eq!(model.num_params(), base.num_params() + adapter_params);
 
-    let seqs: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (&r.ids[..r.prompt_length], &r.ids[r.prompt_length..])).collect();
+    let seqs: Vec<(&[u32], &[u32])> =
+        rows.iter().map(|r| (&r.ids[..r.prompt_length], &r.ids[r.prompt_length..])).collect();
     let loss = token_logps(&model, &collate(&seqs, 2, &device)).sum().neg();
     let grads = GradientsParams::from_grads(loss.backward(), &model);
     assert_eq!(grads.len(), 2 * 2 * layers, "A and B of q_proj and up_proj in each layer, nothing else");
@@ -121,7 +127,15 @@ fn lora_run_starts_at_its_reference_checkpoints_adapters_resumes_and_merges() {
     assert!(!ckpt.join("model.safetensors").exists(), "a LoRA checkpoint holds the adapters only");
 
     // Stopped at step 4 and resumed: the same steps, dropout masks included.
-    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", split.to_str().unwrap(), "--max-steps", "4"]);
+    let out = run_host(&[
+        "run",
+        path.to_str().unwrap(),
+        "--no-watch",
+        "--run-dir",
+        split.to_str().unwrap(),
+        "--max-steps",
+        "4",
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     let out = run_host(&["run", "--resume", split.to_str().unwrap(), "--no-watch", "--max-steps", "8"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -132,7 +146,9 @@ fn lora_run_starts_at_its_reference_checkpoints_adapters_resumes_and_merges() {
     let out = run_host(&["merge", "--adapter", ckpt.to_str().unwrap(), "--out", merged.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
     let device = Device::default();
-    let rows: Vec<FixtureRow> = (0..3).map(|i| FixtureRow { ids: (5..25 + i).collect(), prompt_length: 6, fields: serde_json::Value::Null }).collect();
+    let rows: Vec<FixtureRow> = (0..3)
+        .map(|i| FixtureRow { ids: (5..25 + i).collect(), prompt_length: 6, fields: serde_json::Value::Null })
+        .collect();
     let (_, with_adapters, _) = load_adapter_model(&ckpt, None, &device).unwrap();
     let (_, plain) = load_model(&merged, &device).unwrap();
     let (_, base) = load_model(&repo().join("models/tiny-math"), &device).unwrap();
@@ -145,7 +161,11 @@ fn lora_run_starts_at_its_reference_checkpoints_adapters_resumes_and_merges() {
     assert!(!out.status.success() && text(&out).contains("already exists"), "{}", text(&out));
 
     // A full-model run cannot resume a LoRA checkpoint, and says why.
-    let plain_script = sb.write("scripts/plain.rhai", &script(8, "").replace("lora: #{ r: 4, lora_alpha: 8, lora_dropout: 0.1, target_modules: \"all-linear\" },", ""));
+    let plain_script = sb.write(
+        "scripts/plain.rhai",
+        &script(8, "")
+            .replace("lora: #{ r: 4, lora_alpha: 8, lora_dropout: 0.1, target_modules: \"all-linear\" },", ""),
+    );
     std::fs::write(split.join("run.json"), serde_json::json!({"script": plain_script}).to_string()).unwrap();
     let out = run_host(&["run", "--resume", split.to_str().unwrap(), "--no-watch", "--max-steps", "12"]);
     assert!(!out.status.success() && text(&out).contains("no lora setting"), "{}", text(&out));
@@ -160,14 +180,21 @@ fn bad_lora_settings_are_refused_by_field() {
         ("lora: #{ lora_dropout: 1.5 }", "lora.lora_dropout must be in [0, 1)"),
         ("lora: #{ rank: 8 }", "unknown field `rank`"),
         ("lora: #{ target_modules: [] }", "lora.target_modules: no modules named"),
-        ("lora: #{ lora_dropout: 0.1 }, gradient_checkpointing: true", "gradient_checkpointing needs lora.lora_dropout 0"),
+        (
+            "lora: #{ lora_dropout: 0.1 }, gradient_checkpointing: true",
+            "gradient_checkpointing needs lora.lora_dropout 0",
+        ),
     ];
     for (i, (setting, message)) in cases.iter().enumerate() {
         let body = format!("fn loss(b, p) {{ b.chosen_logps.mean() }}\ntrain({});\n", small_config(setting));
         let path = sb.write(&format!("scripts/bad{i}.rhai"), &body);
         let out = run_host(&["check", path.to_str().unwrap()]);
         assert!(!out.status.success(), "{setting} was accepted");
-        assert!(text(&out).contains(message) && text(&out).contains(&format!("bad{i}.rhai")), "{setting}: {}", text(&out));
+        assert!(
+            text(&out).contains(message) && text(&out).contains(&format!("bad{i}.rhai")),
+            "{setting}: {}",
+            text(&out)
+        );
     }
 }
 
@@ -187,10 +214,15 @@ fn rslora_adapters_scale_and_compute_like_peft() {
     let device = Device::default();
     let dir = rslora_fixture();
     let rows = fixture_rows(&dir);
-    let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let peft_scaling = expected["peft_scaling"].as_f64().unwrap();
     let (_, model, _) = load_adapter_model(&dir, Some(&hf5_llama()), &device).unwrap();
-    let adapters: Vec<f64> = model.projections().iter().map(|(path, _, p)| p.lora.as_ref().unwrap_or_else(|| panic!("{path}: no adapter")).scale).collect();
+    let adapters: Vec<f64> = model
+        .projections()
+        .iter()
+        .map(|(path, _, p)| p.lora.as_ref().unwrap_or_else(|| panic!("{path}: no adapter")).scale)
+        .collect();
     assert_eq!(adapters.len(), 14);
     assert!(adapters.iter().all(|&s| s == peft_scaling), "scales {adapters:?}, PEFT's {peft_scaling}");
 
@@ -222,7 +254,10 @@ fn fresh_adapter_a_is_distributed_as_peft_initialises_it() {
     let (_, base) = load_model(&hf5_llama(), &device).unwrap();
     let model = base.with_lora(&files.lora, &device).unwrap();
     let ours = model.adapter_tensors();
-    assert!(ours.iter().filter(|(k, _)| k.ends_with("lora_B.weight")).all(|(_, (_, v))| v.iter().all(|&x| x == 0.0)), "B starts at zero");
+    assert!(
+        ours.iter().filter(|(k, _)| k.ends_with("lora_B.weight")).all(|(_, (_, v))| v.iter().all(|&x| x == 0.0)),
+        "B starts at zero"
+    );
     // Each module's lora_A ([r, in]) times √in, pooled.
     let scaled = |tensors: &std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>, who: &str| -> Vec<f64> {
         let mut all = Vec::new();
@@ -270,7 +305,8 @@ fn fresh_adapter_a_is_distributed_as_peft_initialises_it() {
 #[test]
 fn adapter_variants_prefhost_does_not_implement_are_refused_by_field() {
     let source = rslora_fixture();
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(source.join("adapter_config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("adapter_config.json")).unwrap()).unwrap();
     let cases = [
         ("alora_invocation_tokens", serde_json::json!([5, 6])),
         ("use_bdlora", serde_json::json!({ "target_modules_bd_a": ["q_proj"], "nblocks": 2 })),

@@ -61,7 +61,17 @@ fn a_run_that_cannot_fit_stops_before_loading_and_names_what_would_lower_it() {
         let out = run_host(&args);
         assert!(!out.status.success(), "{args:?} went ahead");
         let message = text(&out);
-        for expected in ["huge", "pairs.jsonl", "needs about", "are available", "weights", "Settings that lower it", "gradient_checkpointing: true", "lora: #{ r: 16", "batch_size: 2, grad_accum: 2"] {
+        for expected in [
+            "huge",
+            "pairs.jsonl",
+            "needs about",
+            "are available",
+            "weights",
+            "Settings that lower it",
+            "gradient_checkpointing: true",
+            "lora: #{ r: 16",
+            "batch_size: 2, grad_accum: 2",
+        ] {
             assert!(message.contains(expected), "{args:?}: no {expected:?} in:\n{message}");
         }
         assert!(started.elapsed().as_secs() < 60, "{args:?} took {:?}", started.elapsed());
@@ -76,12 +86,17 @@ fn a_run_that_cannot_fit_stops_before_loading_and_names_what_would_lower_it() {
 fn the_estimate_is_within_a_quarter_of_the_measured_peak() {
     let sb = Sandbox::new();
     let model = random_model(&sb, "wide", llama(256, 2, 512, 4, 32000));
-    for (label, settings) in [("full", ""), ("checkpointed", "gradient_checkpointing: true,"), ("lora", "lora: #{ r: 8, target_modules: \"all-linear\" },")] {
+    for (label, settings) in [
+        ("full", ""),
+        ("checkpointed", "gradient_checkpointing: true,"),
+        ("lora", "lora: #{ r: 8, target_modules: \"all-linear\" },"),
+    ] {
         let path = script(&sb, label, &model, settings);
         let dir = sb.path(&format!("runs/{label}"));
         let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap()]);
         assert!(out.status.success(), "{label}: {}", text(&out));
-        let memory: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("memory.json")).unwrap()).unwrap();
+        let memory: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("memory.json")).unwrap()).unwrap();
         let (peak, estimate) = (memory["peak_rss_mb"].as_f64().unwrap(), memory["estimated_mb"].as_f64().unwrap());
         eprintln!("{label}: peak {peak:.0} MB, estimated {estimate:.0} MB");
         assert!((estimate - peak).abs() <= 0.25 * peak, "{label}: estimated {estimate:.0} MB, measured {peak:.0} MB");

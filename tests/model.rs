@@ -61,11 +61,15 @@ fn mismatched_checkpoint_shapes_are_named() {
     let config = tiny_config();
     let (_, dir) = saved_model(&config, &device);
     let target = dir.path().join("ckpt");
-    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(target.join("config.json")).unwrap()).unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(target.join("config.json")).unwrap()).unwrap();
     json["intermediate_size"] = serde_json::json!(64);
     std::fs::write(target.join("config.json"), json.to_string()).unwrap();
     let err = format!("{:#}", load_model(&target, &device).unwrap_err());
-    assert!(err.contains("model.layers.0.mlp.gate_proj.weight") && err.contains("[48, 32]") && err.contains("[64, 32]"), "{err}");
+    assert!(
+        err.contains("model.layers.0.mlp.gate_proj.weight") && err.contains("[48, 32]") && err.contains("[64, 32]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -88,15 +92,25 @@ fn truncated_weights_broken_config_and_missing_tokenizer_are_named() {
     assert!(err.contains("config.json:3:"), "{err}");
 
     // An unsupported architecture is refused by name.
-    std::fs::write(target.join("config.json"), serde_json::json!({"model_type": "gpt2", "vocab_size": 5, "hidden_size": 4,
-        "intermediate_size": 4, "num_hidden_layers": 1, "num_attention_heads": 1}).to_string()).unwrap();
+    std::fs::write(
+        target.join("config.json"),
+        serde_json::json!({"model_type": "gpt2", "vocab_size": 5, "hidden_size": 4,
+        "intermediate_size": 4, "num_hidden_layers": 1, "num_attention_heads": 1})
+        .to_string(),
+    )
+    .unwrap();
     let err = format!("{:#}", load_model(&target, &device).unwrap_err());
     assert!(err.contains("model_type \"gpt2\"") && err.contains("llama, mistral, qwen2"), "{err}");
 
     // So is a RoPE scaling this build does not implement, by its field.
-    std::fs::write(target.join("config.json"), serde_json::json!({"model_type": "llama", "vocab_size": 5, "hidden_size": 4,
+    std::fs::write(
+        target.join("config.json"),
+        serde_json::json!({"model_type": "llama", "vocab_size": 5, "hidden_size": 4,
         "intermediate_size": 4, "num_hidden_layers": 1, "num_attention_heads": 1,
-        "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}).to_string()).unwrap();
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+        .to_string(),
+    )
+    .unwrap();
     let err = format!("{:#}", load_model(&target, &device).unwrap_err());
     assert!(err.contains("config.json") && err.contains("rope_scaling.rope_type \"yarn\""), "{err}");
 
@@ -148,7 +162,8 @@ fn recomputed_layers_give_the_same_gradients() {
     let device = Device::flex().autodiff();
     device.seed(3);
     let mut model = Llama::build(&tiny_config(), &mut RandomInit { std: 0.2 }, &device).unwrap();
-    let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![3i64, 7, 11, 19, 23, 5, 9, 2, 4, 8, 16, 31], [2, 6]), &device);
+    let ids =
+        Tensor::<2, Int>::from_data(TensorData::new(vec![3i64, 7, 11, 19, 23, 5, 9, 2, 4, 8, 16, 31], [2, 6]), &device);
     let weights = Tensor::<3>::random([2, 6, 50], Distribution::Normal(0.0, 1.0), &device);
     let gradients = |model: &Llama| {
         let grads = (model.forward(ids.clone()) * weights.clone()).sum().backward();

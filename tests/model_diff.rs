@@ -23,18 +23,41 @@ fn diff_reports_what_training_changed() {
     let trained = sb.path("trained");
     let script = format!(
         "import \"losses/dpo\" as dpo;\nfn loss(b, p) {{ dpo::loss(b, p) }}\ntrain({});\n",
-        small_config(&format!("max_steps: 4, seed: 3, lr: 3e-3, params: #{{ beta: 0.1 }}, save_model_to: \"{}\",", trained.display()))
+        small_config(&format!(
+            "max_steps: 4, seed: 3, lr: 3e-3, params: #{{ beta: 0.1 }}, save_model_to: \"{}\",",
+            trained.display()
+        ))
     );
     let path = sb.write("scripts/train.rhai", &script);
     let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", sb.path("run").to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
-    let lines: Vec<String> = std::fs::read_to_string(repo().join("data/arithmetic/pairs.jsonl")).unwrap().lines().take(24).map(str::to_string).collect();
+    let lines: Vec<String> = std::fs::read_to_string(repo().join("data/arithmetic/pairs.jsonl"))
+        .unwrap()
+        .lines()
+        .take(24)
+        .map(str::to_string)
+        .collect();
     let data = sb.write("pairs.jsonl", &(lines.join("\n") + "\n"));
     let base = repo().join("models/tiny-math");
     let report_path = sb.path("diff.json");
-    let out = run_host(&["diff", base.to_str().unwrap(), trained.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", report_path.to_str().unwrap(), "--top", "15"]);
+    let out = run_host(&[
+        "diff",
+        base.to_str().unwrap(),
+        trained.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        report_path.to_str().unwrap(),
+        "--top",
+        "15",
+    ]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("by offset from the first chosen/rejected difference") && text(&out).contains("largest changes"), "{}", text(&out));
+    assert!(
+        text(&out).contains("by offset from the first chosen/rejected difference")
+            && text(&out).contains("largest changes"),
+        "{}",
+        text(&out)
+    );
     let report = json(&report_path);
     let rows = report["per_row"].as_array().unwrap();
     assert_eq!(rows.len(), 24);
@@ -42,7 +65,15 @@ fn diff_reports_what_training_changed() {
     // Summed per row, the changes are what `host logps` gives for each model.
     let logps = |model: &Path, name: &str| {
         let file = sb.path(name);
-        let out = run_host(&["logps", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", file.to_str().unwrap()]);
+        let out = run_host(&[
+            "logps",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            file.to_str().unwrap(),
+        ]);
         assert!(out.status.success(), "{}", text(&out));
         read_lines(&file)
     };
@@ -82,20 +113,30 @@ fn diff_reports_what_training_changed() {
             }
             assert_eq!(bucket[format!("{side}_tokens")].as_u64().unwrap() as usize, count, "{name} {side}");
             if count > 0 {
-                assert!((bucket[format!("{side}_mean")].as_f64().unwrap() - sum / count as f64).abs() < 1e-6, "{name} {side}");
+                assert!(
+                    (bucket[format!("{side}_mean")].as_f64().unwrap() - sum / count as f64).abs() < 1e-6,
+                    "{name} {side}"
+                );
             }
         }
     }
 
     // The largest changes are the 15 largest |B − A| of all tokens, largest first.
-    let mut every: Vec<f64> = rows.iter().flat_map(|r| floats(&r["chosen"]).into_iter().chain(floats(&r["rejected"]))).map(f64::abs).collect();
+    let mut every: Vec<f64> = rows
+        .iter()
+        .flat_map(|r| floats(&r["chosen"]).into_iter().chain(floats(&r["rejected"])))
+        .map(f64::abs)
+        .collect();
     every.sort_by(|x, y| y.total_cmp(x));
     let largest = report["largest"].as_array().unwrap();
     assert_eq!(largest.len(), 15);
     for (t, want) in largest.iter().zip(&every) {
         assert!((t["delta"].as_f64().unwrap().abs() - want).abs() < 1e-6, "{t} vs {want}");
         let (pa, pb) = (t["logp_a"].as_f64().unwrap(), t["logp_b"].as_f64().unwrap());
-        assert!((pb - pa - t["delta"].as_f64().unwrap()).abs() < 1e-5 && !t["token"].as_str().unwrap().is_empty(), "{t}");
+        assert!(
+            (pb - pa - t["delta"].as_f64().unwrap()).abs() < 1e-5 && !t["token"].as_str().unwrap().is_empty(),
+            "{t}"
+        );
         let row = rows.iter().find(|r| r["line"] == t["line"]).unwrap();
         let at = floats(&row[t["completion"].as_str().unwrap()])[t["position"].as_u64().unwrap() as usize];
         assert!((at - t["delta"].as_f64().unwrap()).abs() < 1e-6, "{t}: the row's change there is {at}");
@@ -110,7 +151,15 @@ fn a_model_against_itself_changes_nothing_and_other_tokenizers_are_refused() {
     let lines: Vec<String> = std::fs::read_to_string(&data).unwrap().lines().take(8).map(str::to_string).collect();
     let data = sb.write("pairs.jsonl", &(lines.join("\n") + "\n"));
     let out_path = sb.path("same.json");
-    let out = run_host(&["diff", base.to_str().unwrap(), base.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out_path.to_str().unwrap()]);
+    let out = run_host(&[
+        "diff",
+        base.to_str().unwrap(),
+        base.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out_path.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     let report = json(&out_path);
     for row in report["per_row"].as_array().unwrap() {
@@ -122,7 +171,15 @@ fn a_model_against_itself_changes_nothing_and_other_tokenizers_are_refused() {
     let tokenizer = std::fs::read_to_string(other.join("tokenizer.json")).unwrap();
     std::fs::write(other.join("tokenizer.json"), tokenizer + " ").unwrap();
     let refused = sb.path("refused.json");
-    let out = run_host(&["diff", base.to_str().unwrap(), other.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", refused.to_str().unwrap()]);
+    let out = run_host(&[
+        "diff",
+        base.to_str().unwrap(),
+        other.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        refused.to_str().unwrap(),
+    ]);
     assert!(!out.status.success() && text(&out).contains("tokenizer.json differ"), "{}", text(&out));
     assert!(text(&out).contains(&other.join("tokenizer.json").display().to_string()), "{}", text(&out));
     assert!(!refused.exists(), "nothing written");

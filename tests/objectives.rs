@@ -8,7 +8,6 @@
 mod common;
 use common::*;
 
-
 /// An experiment script: `imports`, `fn loss(b, p) { body }`, and the small shipped config.
 fn script(imports: &str, body: &str, config: &str) -> String {
     format!("{imports}\nfn loss(b, p) {{ {body} }}\ntrain({});\n", small_config(config))
@@ -29,7 +28,17 @@ struct Objective {
     metrics: &'static [&'static str],
 }
 
-const PAIRED_METRICS: &[&str] = &["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "learning_rate"];
+const PAIRED_METRICS: &[&str] = &[
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "grad_norm",
+    "learning_rate",
+];
 
 const OBJECTIVES: &[Objective] = &[
     Objective {
@@ -86,7 +95,17 @@ const OBJECTIVES: &[Objective] = &[
         body: "kto::loss(b, p)",
         config: "mode: \"unpaired\", unpair: true, params: #{ beta: 0.5 },",
         loss_falls: true,
-        metrics: &["loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "learning_rate"],
+        metrics: &[
+            "loss",
+            "kl",
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+            "grad_norm",
+            "learning_rate",
+        ],
     },
 ];
 
@@ -102,7 +121,11 @@ fn each_objective_trains_on_the_shipped_data() {
         let lines = loss_lines(&run);
         assert_eq!(lines.len(), 24, "{}", objective.name);
         for key in objective.metrics {
-            assert!(lines.iter().all(|l| l[key].as_f64().is_some_and(f64::is_finite)), "{}: {key} missing or not finite", objective.name);
+            assert!(
+                lines.iter().all(|l| l[key].as_f64().is_some_and(f64::is_finite)),
+                "{}: {key} missing or not finite",
+                objective.name
+            );
         }
         let (first, last) = (&lines[..6], &lines[18..]);
         let (margin_before, margin_after) = (mean_of(first, "rewards/margins"), mean_of(last, "rewards/margins"));
@@ -118,8 +141,15 @@ fn each_objective_trains_on_the_shipped_data() {
 fn gamma_po_resumes_with_its_queue_and_grows_it_per_micro_batch() {
     let sb = Sandbox::new();
     let config = "max_steps: 10, seed: 9, save_every: 4, grad_accum: 2, params: #{ beta: 2.5, gamma_beta_ratio: 0.15, tau: 10.0 },";
-    let run = assert_resume_reproduces(&sb, "gamma", &script("import \"losses/gamma_po\" as gamma_po;", "gamma_po::loss(b, p)", config), 10, 4);
-    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint-10/trainer_state.json")).unwrap()).unwrap();
+    let run = assert_resume_reproduces(
+        &sb,
+        "gamma",
+        &script("import \"losses/gamma_po\" as gamma_po;", "gamma_po::loss(b, p)", config),
+        10,
+        4,
+    );
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint-10/trainer_state.json")).unwrap()).unwrap();
     // 8 initial draws, then 8 gaps from each of 2 micro-batches per step.
     assert_eq!(state["loss_state"]["queue"].as_array().map(Vec::len), Some(8 + 10 * 2 * 8), "{}", state["loss_state"]);
 }
@@ -129,7 +159,13 @@ fn each_objective_resumes_after_sigkill_to_the_same_metrics() {
     let sb = Sandbox::new();
     for (i, objective) in OBJECTIVES.iter().enumerate() {
         let config = format!("max_steps: 8, seed: 4, save_every: 4, {}", objective.config);
-        assert_resume_reproduces(&sb, &format!("objective{i}"), &script(objective.imports, objective.body, &config), 8, 4);
+        assert_resume_reproduces(
+            &sb,
+            &format!("objective{i}"),
+            &script(objective.imports, objective.body, &config),
+            8,
+            4,
+        );
     }
 }
 
@@ -141,7 +177,13 @@ fn unpaired_rows_are_read_and_bad_input_is_named() {
             "import \"losses/kto\" as kto;\nfn loss(b, p) {{ kto::loss(b, p) }}\ntrain(#{{ model: \"models/tiny-math\", progress: false, log_every: 1, max_steps: 3, {config} }});\n"
         );
         let path = sb.write(&format!("scripts/{name}.rhai"), &body);
-        let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", sb.path(&format!("run-{name}")).to_str().unwrap()]);
+        let out = run_host(&[
+            "run",
+            path.to_str().unwrap(),
+            "--no-watch",
+            "--run-dir",
+            sb.path(&format!("run-{name}")).to_str().unwrap(),
+        ]);
         (out.status.success(), text(&out))
     };
     let rows = |name: &str, lines: &[&str]| sb.write(name, &(lines.join("\n") + "\n")).display().to_string();
@@ -194,7 +236,10 @@ fn replay_script(on_step: &str, extra: &str) -> String {
 fn replay_trains_each_batch_again_and_a_full_reset_restores_the_start() {
     let sb = Sandbox::new();
     for (name, extra) in [("full", ""), ("lora", "lora: #{ r: 4, lora_alpha: 8 },")] {
-        let path = sb.write(&format!("scripts/{name}.rhai"), &replay_script("if step == 2 { #{ reset: #{ factor: 0.0 } } }", extra));
+        let path = sb.write(
+            &format!("scripts/{name}.rhai"),
+            &replay_script("if step == 2 { #{ reset: #{ factor: 0.0 } } }", extra),
+        );
         let run = sb.path(&format!("run-{name}"));
         let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", run.to_str().unwrap()]);
         assert!(out.status.success(), "{}", text(&out));
@@ -205,7 +250,11 @@ fn replay_trains_each_batch_again_and_a_full_reset_restores_the_start() {
         assert_eq!(at(2, "loss"), at(0, "loss"), "{name}");
         assert_eq!(at(2, "logps/chosen"), at(0, "logps/chosen"), "{name}");
         assert!((at(0, "loss") - std::f64::consts::LN_2).abs() < 1e-6, "{name}: policy = reference at the start");
-        assert_ne!(at(1, "logps/chosen"), at(0, "logps/chosen"), "{name}: step 2 trains the batch again after an update");
+        assert_ne!(
+            at(1, "logps/chosen"),
+            at(0, "logps/chosen"),
+            "{name}: step 2 trains the batch again after an update"
+        );
         // Step 5 is a new batch: its rewards start from a trained policy on other rows.
         assert_ne!(at(4, "logps/rejected"), at(3, "logps/rejected"), "{name}");
         let events = read_lines(&run.join("metrics.jsonl"));
@@ -220,7 +269,10 @@ fn replay_trains_each_batch_again_and_a_full_reset_restores_the_start() {
 fn a_run_with_replay_and_resets_resumes_mid_group() {
     let sb = Sandbox::new();
     // Checkpoints at steps 3 and 6 fall inside groups of 4 replays.
-    let script = replay_script("if step % 3 == 1 { #{ reset: #{ factor: 0.5, modules: [\"down_proj\", \"up_proj\"] } } }", "save_every: 3,");
+    let script = replay_script(
+        "if step % 3 == 1 { #{ reset: #{ factor: 0.5, modules: [\"down_proj\", \"up_proj\"] } } }",
+        "save_every: 3,",
+    );
     assert_resume_reproduces(&sb, "replay", &script, 8, 3);
 }
 
@@ -238,13 +290,25 @@ fn a_bad_reset_is_reported_and_the_run_goes_on() {
     assert_eq!(loss_lines(&run).len(), 8);
 
     // With LoRA the embeddings do not train: a reset of them moves nothing and says so.
-    let path = sb.write("scripts/frozen.rhai", &replay_script("if step == 1 { #{ reset: #{ factor: 0.5, modules: [\"embed_tokens\"] } } }", "lora: #{ r: 4 },"));
+    let path = sb.write(
+        "scripts/frozen.rhai",
+        &replay_script(
+            "if step == 1 { #{ reset: #{ factor: 0.5, modules: [\"embed_tokens\"] } } }",
+            "lora: #{ r: 4 },",
+        ),
+    );
     let run = sb.path("run-frozen");
     let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", run.to_str().unwrap()]);
     assert!(out.status.success() && text(&out).contains("selects no trainable parameter"), "{}", text(&out));
 
     // A hook with other parameters than the host passes would never run: refused up front.
-    let path = sb.write("scripts/arity.rhai", &replay_script("", "").replace("fn on_step(step, total)", "fn on_step(step)"));
-    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", sb.path("run-arity").to_str().unwrap()]);
-    assert!(!out.status.success() && text(&out).contains("on_step(step, total)") && text(&out).contains("arity.rhai"), "{}", text(&out));
+    let path =
+        sb.write("scripts/arity.rhai", &replay_script("", "").replace("fn on_step(step, total)", "fn on_step(step)"));
+    let out =
+        run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", sb.path("run-arity").to_str().unwrap()]);
+    assert!(
+        !out.status.success() && text(&out).contains("on_step(step, total)") && text(&out).contains("arity.rhai"),
+        "{}",
+        text(&out)
+    );
 }

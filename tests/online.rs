@@ -14,7 +14,8 @@ use std::path::Path;
 const SIGABRT: i32 = 6;
 
 /// The demonstration's reward: the answer the pair's chosen completion states is the right one.
-const REWARD: &str = "fn reward(prompt, completion, row) { exact::reward(prompt, completion, #{ answer: exact::answer(row.chosen) }) }";
+const REWARD: &str =
+    "fn reward(prompt, completion, row) { exact::reward(prompt, completion, #{ answer: exact::answer(row.chosen) }) }";
 
 /// An online DPO script on the shipped model and the pairs file's prompts: `reward` and
 /// `online` fields are the test's.
@@ -57,7 +58,8 @@ fn round_lines(dir: &Path, round: usize, kind: &str) -> Vec<serde_json::Value> {
 fn each_round_pairs_its_best_and_worst_samples_and_logs_them() {
     let sb = Sandbox::new();
     // 22 new tokens: about what an answer takes, so some samples miss EOS and pay the penalty.
-    let source = script(REWARD, "every: 2, missing_eos_penalty: 0.25", "max_steps: 6,").replace("max_new_tokens: 40", "max_new_tokens: 22");
+    let source = script(REWARD, "every: 2, missing_eos_penalty: 0.25", "max_steps: 6,")
+        .replace("max_new_tokens: 40", "max_new_tokens: 22");
     let (out, dir) = run(&sb, "online", &source);
     assert!(out.status.success(), "{}", text(&out));
     let rounds = events(&dir, "online_round");
@@ -81,7 +83,8 @@ fn each_round_pairs_its_best_and_worst_samples_and_logs_them() {
         assert_eq!(by_prompt.len(), 4);
         for (prompt, group) in &by_prompt {
             let scores: Vec<f64> = group.iter().map(|s| s["score"].as_f64().unwrap()).collect();
-            let (high, low) = (scores.iter().cloned().fold(f64::MIN, f64::max), scores.iter().cloned().fold(f64::MAX, f64::min));
+            let (high, low) =
+                (scores.iter().cloned().fold(f64::MIN, f64::max), scores.iter().cloned().fold(f64::MAX, f64::min));
             let pair = pairs.iter().find(|p| p["prompt_index"] == *prompt);
             if high == low {
                 ties_seen += 1;
@@ -96,7 +99,8 @@ fn each_round_pairs_its_best_and_worst_samples_and_logs_them() {
             assert_eq!((&chosen["score"], &rejected["score"]), (&pair["chosen_score"], &pair["rejected_score"]));
             // The loss sees the sampled ids, with EOS when the sample stopped at it.
             for (side, s) in [("chosen_ids", chosen), ("rejected_ids", rejected)] {
-                let mut ids: Vec<u64> = s["completion_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+                let mut ids: Vec<u64> =
+                    s["completion_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
                 if s["eos"] == true {
                     ids.push(1);
                 }
@@ -104,12 +108,18 @@ fn each_round_pairs_its_best_and_worst_samples_and_logs_them() {
                 assert_eq!(got, ids, "{side} of prompt {prompt}");
             }
         }
-        assert_eq!(pairs.len(), by_prompt.len() - by_prompt.values().filter(|g| g.iter().all(|s| s["score"] == g[0]["score"])).count());
+        assert_eq!(
+            pairs.len(),
+            by_prompt.len() - by_prompt.values().filter(|g| g.iter().all(|s| s["score"] == g[0]["score"])).count()
+        );
         let mean = samples.iter().map(|s| s["reward"].as_f64().unwrap()).sum::<f64>() / samples.len() as f64;
         assert!((event["online/reward_mean"].as_f64().unwrap() - mean).abs() < 1e-12);
         assert_eq!(event["online/usable_pairs"].as_f64().unwrap(), pairs.len() as f64 / 4.0);
     }
-    assert!(pairs_seen > 0 && ties_seen > 0, "the rounds should both make pairs and skip ties: {pairs_seen} pairs, {ties_seen} ties");
+    assert!(
+        pairs_seen > 0 && ties_seen > 0,
+        "the rounds should both make pairs and skip ties: {pairs_seen} pairs, {ties_seen} ties"
+    );
     assert!(eos_missing > 0, "some samples should miss EOS");
     // Metrics of the steps a round starts carry its summary.
     let lines = loss_lines(&dir);
@@ -160,14 +170,21 @@ fn assert_crash_and_resume_repeat(sb: &Sandbox, name: &str, source: &str, crash_
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains(&format!("checkpoint-{crash_at}")), "{}", text(&out));
     let steps_and_rounds = |dir: &Path| -> Vec<serde_json::Value> {
-        read_lines(&dir.join("metrics.jsonl")).into_iter().filter(|l| l.get("loss").is_some() || l["event"] == "online_round").collect()
+        read_lines(&dir.join("metrics.jsonl"))
+            .into_iter()
+            .filter(|l| l.get("loss").is_some() || l["event"] == "online_round")
+            .collect()
     };
     let (a, b) = (steps_and_rounds(&whole), steps_and_rounds(&crashed));
     assert!(a.iter().filter(|l| l.get("loss").is_some()).count() == 9, "{a:?}");
     assert_eq!(a, b, "{name}: the resumed run must repeat the uninterrupted one");
     for round in 0..3 {
         for kind in ["samples", "pairs"] {
-            assert_eq!(round_lines(&whole, round, kind), round_lines(&crashed, round, kind), "{name}: round {round} {kind}");
+            assert_eq!(
+                round_lines(&whole, round, kind),
+                round_lines(&crashed, round, kind),
+                "{name}: round {round} {kind}"
+            );
         }
     }
 }
@@ -189,16 +206,47 @@ fn bad_online_settings_are_refused_naming_the_field() {
     sb.write("data/no_prompt.jsonl", "{\"question\": \"2 + 2?\"}\n");
     let empty = sb.path("data/empty.jsonl");
     let no_prompt = sb.path("data/no_prompt.jsonl");
-    let with_prompts = |file: &Path| script(REWARD, "", "max_steps: 2,").replace("\"data/arithmetic/pairs.jsonl\"", &format!("{:?}", file.display().to_string()));
+    let with_prompts = |file: &Path| {
+        script(REWARD, "", "max_steps: 2,")
+            .replace("\"data/arithmetic/pairs.jsonl\"", &format!("{:?}", file.display().to_string()))
+    };
     let cases = [
-        ("unknown", script(REWARD, "temprature: 1.0", "max_steps: 2,"), "online: unknown field `temprature`".to_string()),
-        ("zero_n", script(REWARD, "samples_per_prompt: 0", "max_steps: 2,").replace("samples_per_prompt: 4, ", ""), "online.samples_per_prompt must be at least 2".to_string()),
+        (
+            "unknown",
+            script(REWARD, "temprature: 1.0", "max_steps: 2,"),
+            "online: unknown field `temprature`".to_string(),
+        ),
+        (
+            "zero_n",
+            script(REWARD, "samples_per_prompt: 0", "max_steps: 2,").replace("samples_per_prompt: 4, ", ""),
+            "online.samples_per_prompt must be at least 2".to_string(),
+        ),
         ("zero_every", script(REWARD, "every: 0", "max_steps: 2,"), "online.every must be at least 1".to_string()),
-        ("zero_tokens", script(REWARD, "", "max_steps: 2,").replace("max_new_tokens: 40", "max_new_tokens: 0"), "online.max_new_tokens must be at least 1".to_string()),
-        ("greedy", script(REWARD, "", "max_steps: 2,").replace("temperature: 2.0", "temperature: 0.0"), "online.temperature must be a finite number > 0".to_string()),
-        ("pairs", script(REWARD, "pairs: \"all\"", "max_steps: 2,"), "online.pairs must be \"best_vs_worst\"".to_string()),
-        ("ref_logps", script(REWARD, "", "max_steps: 2, ref_logps: \"ref.jsonl\","), "ref_logps cannot be used with online".to_string()),
-        ("with_data", script(REWARD, "", "max_steps: 2, data: \"data/arithmetic/pairs.jsonl\","), "data and online are both set".to_string()),
+        (
+            "zero_tokens",
+            script(REWARD, "", "max_steps: 2,").replace("max_new_tokens: 40", "max_new_tokens: 0"),
+            "online.max_new_tokens must be at least 1".to_string(),
+        ),
+        (
+            "greedy",
+            script(REWARD, "", "max_steps: 2,").replace("temperature: 2.0", "temperature: 0.0"),
+            "online.temperature must be a finite number > 0".to_string(),
+        ),
+        (
+            "pairs",
+            script(REWARD, "pairs: \"all\"", "max_steps: 2,"),
+            "online.pairs must be \"best_vs_worst\"".to_string(),
+        ),
+        (
+            "ref_logps",
+            script(REWARD, "", "max_steps: 2, ref_logps: \"ref.jsonl\","),
+            "ref_logps cannot be used with online".to_string(),
+        ),
+        (
+            "with_data",
+            script(REWARD, "", "max_steps: 2, data: \"data/arithmetic/pairs.jsonl\","),
+            "data and online are both set".to_string(),
+        ),
         ("steps", script(REWARD, "", ""), "online needs max_steps".to_string()),
         ("no_reward", script("", "", "max_steps: 2,"), "online needs a reward".to_string()),
         ("empty", with_prompts(&empty), format!("{}: no prompts", empty.display())),
@@ -223,19 +271,33 @@ fn a_reward_edit_that_fails_goes_back_to_the_previous_reward() {
     let path = sb.write("scripts/edited.rhai", &script(REWARD, "every: 2", "max_steps: 4000,"));
     let dir = sb.path("edited");
     // Watching, as users run it.
-    let _run = KillOnDrop(host().args(["run", path.to_str().unwrap(), "--run-dir", dir.to_str().unwrap()]).stdout(std::process::Stdio::null()).spawn().unwrap());
+    let _run = KillOnDrop(
+        host()
+            .args(["run", path.to_str().unwrap(), "--run-dir", dir.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let metrics = dir.join("metrics.jsonl");
     let rounds = |l: &[serde_json::Value]| l.iter().filter(|x| x["event"] == "online_round").count();
     wait_for(&metrics, "the first rounds", |l| rounds(l) >= 2);
     // Compiles and defines a reward, so the reload takes it; it fails on the next round's samples.
-    sb.write("scripts/edited.rhai", &script("fn reward(prompt, completion, row) {\n    \"high\"\n}", "every: 2", "max_steps: 4000,"));
+    sb.write(
+        "scripts/edited.rhai",
+        &script("fn reward(prompt, completion, row) {\n    \"high\"\n}", "every: 2", "max_steps: 4000,"),
+    );
     let lines = wait_for(&metrics, "the failing reward", |l| l.iter().any(|x| x["event"] == "reward_failed"));
     let failed = lines.iter().find(|x| x["event"] == "reward_failed").unwrap();
     assert!(failed["error"].as_str().unwrap().contains("edited.rhai:4"), "{failed}");
-    assert!(lines.iter().any(|x| x["event"] == "reload" && x["step"].as_u64() <= failed["step"].as_u64()), "the edit was reloaded first");
+    assert!(
+        lines.iter().any(|x| x["event"] == "reload" && x["step"].as_u64() <= failed["step"].as_u64()),
+        "the edit was reloaded first"
+    );
     // That round and the next are scored by the previous version, and training goes on.
     let after = failed["step"].as_u64().unwrap();
-    let lines = wait_for(&metrics, "the next rounds", |l| l.iter().filter(|x| x["event"] == "online_round" && x["step"].as_u64().unwrap() > after).count() >= 2);
+    let lines = wait_for(&metrics, "the next rounds", |l| {
+        l.iter().filter(|x| x["event"] == "online_round" && x["step"].as_u64().unwrap() > after).count() >= 2
+    });
     for round in lines.iter().filter(|x| x["event"] == "online_round" && x["step"].as_u64().unwrap() > after) {
         assert!(round["online/reward_mean"].is_number(), "{round}");
     }

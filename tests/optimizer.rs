@@ -13,7 +13,11 @@ const BETAS: (f64, f64) = (0.9, 0.999);
 const EPS: f64 = 1e-8;
 
 fn burn_config(weight_decay: f64) -> AdamWConfig {
-    AdamWConfig::new().with_beta_1(BETAS.0 as f32).with_beta_2(BETAS.1 as f32).with_epsilon(EPS as f32).with_weight_decay(weight_decay as f32)
+    AdamWConfig::new()
+        .with_beta_1(BETAS.0 as f32)
+        .with_beta_2(BETAS.1 as f32)
+        .with_epsilon(EPS as f32)
+        .with_weight_decay(weight_decay as f32)
 }
 
 fn burn_adamw(weight_decay: f64) -> burn::optim::AdamW {
@@ -36,7 +40,12 @@ fn compare(device: &Device, shape: [usize; 2], weight_decay: f64, transposed: bo
         let lr = 1e-3 / (step + 1) as f64;
         (a, sa) = burn_opt.step(lr, a, grad.clone(), sa);
         (b, sb) = our_opt.step(lr, b, grad, sb);
-        assert_eq!(values(a.clone()), values(b.clone()), "{shape:?} wd {weight_decay}: weights differ after step {}", step + 1);
+        assert_eq!(
+            values(a.clone()),
+            values(b.clone()),
+            "{shape:?} wd {weight_decay}: weights differ after step {}",
+            step + 1
+        );
         let (ma, mb) = (sa.as_ref().unwrap(), sb.as_ref().unwrap());
         assert_eq!(ma.momentum.time, mb.momentum.time);
         assert_eq!(values(ma.momentum.moment_1.clone()), values(mb.momentum.moment_1.clone()), "first moments differ");

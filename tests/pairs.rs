@@ -13,7 +13,17 @@ fn stats(out: &std::path::Path) -> serde_json::Value {
 fn metamath_pairs_differ_in_one_intermediate_result() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("pairs.jsonl");
-    let o = run_host(&["pairs", "--from", "data/arithmetic/sft.jsonl", "--style", "metamath", "--out", out.to_str().unwrap(), "--tokenizer", "data/arithmetic/tokenizer.json"]);
+    let o = run_host(&[
+        "pairs",
+        "--from",
+        "data/arithmetic/sft.jsonl",
+        "--style",
+        "metamath",
+        "--out",
+        out.to_str().unwrap(),
+        "--tokenizer",
+        "data/arithmetic/tokenizer.json",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let rows = common::read_lines(&out);
     assert_eq!(rows.len(), 4000);
@@ -29,7 +39,8 @@ fn metamath_pairs_differ_in_one_intermediate_result() {
     assert_eq!(s["edit_distance"]["unit"], "tokens");
     let mean = s["edit_distance"]["mean"].as_f64().unwrap();
     assert!(mean > 0.0 && mean < 0.2, "a one-number edit is a small distance: {mean}");
-    let counted: u64 = s["edit_distance"]["histogram"].as_array().unwrap().iter().map(|b| b["pairs"].as_u64().unwrap()).sum();
+    let counted: u64 =
+        s["edit_distance"]["histogram"].as_array().unwrap().iter().map(|b| b["pairs"].as_u64().unwrap()).sum();
     assert_eq!(counted, 4000);
     assert!(out.with_extension("edit_distance.png").is_file());
 }
@@ -50,7 +61,8 @@ fn choice_pairs_pair_the_answer_with_each_wrong_choice() {
     )
     .unwrap();
     let out = dir.path().join("pairs.jsonl");
-    let o = run_host(&["pairs", "--from", input.to_str().unwrap(), "--style", "choice", "--out", out.to_str().unwrap()]);
+    let o =
+        run_host(&["pairs", "--from", input.to_str().unwrap(), "--style", "choice", "--out", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
     let rows = common::read_lines(&out);
     assert_eq!(rows.len(), 4);
@@ -71,11 +83,20 @@ fn no_usable_rows_is_an_error_and_writes_nothing() {
     let input = dir.path().join("rows.jsonl");
     std::fs::write(&input, "{\"prompt\": \"Q\", \"completion\": \"no results here\"}\n").unwrap();
     let out = dir.path().join("pairs.jsonl");
-    let o = run_host(&["pairs", "--from", input.to_str().unwrap(), "--style", "metamath", "--out", out.to_str().unwrap()]);
+    let o =
+        run_host(&["pairs", "--from", input.to_str().unwrap(), "--style", "metamath", "--out", out.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(text(&o).contains("rows.jsonl:1") && text(&o).contains("no intermediate result"), "{}", text(&o));
     assert!(!out.exists() && !out.with_extension("stats.json").exists());
     // The output may not be the input.
-    let o = run_host(&["pairs", "--from", input.to_str().unwrap(), "--style", "metamath", "--out", input.to_str().unwrap()]);
+    let o = run_host(&[
+        "pairs",
+        "--from",
+        input.to_str().unwrap(),
+        "--style",
+        "metamath",
+        "--out",
+        input.to_str().unwrap(),
+    ]);
     assert!(!o.status.success() && text(&o).contains("overwrite the input"), "{}", text(&o));
 }

@@ -34,7 +34,13 @@ fn dark(r: i32, g: i32, b: i32) -> bool {
 }
 
 fn chart(series: Vec<Series>) -> Chart {
-    Chart { title: "log p(chosen) - log p_ref(chosen)".into(), x_label: "step".into(), y_label: "nats per completion".into(), series, zero_line: true }
+    Chart {
+        title: "log p(chosen) - log p_ref(chosen)".into(),
+        x_label: "step".into(),
+        y_label: "nats per completion".into(),
+        series,
+        zero_line: true,
+    }
 }
 
 #[test]
@@ -42,7 +48,10 @@ fn line_chart_has_both_lines_and_text() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("chart.png");
     let falling = Series { label: "dpo".into(), points: (0..=50).map(|s| (s as f64, -0.1 * s as f64)).collect() };
-    let rising = Series { label: "ipo".into(), points: (0..=50).map(|s| (s as f64, if s == 20 { f64::NAN } else { 0.02 * s as f64 })).collect() };
+    let rising = Series {
+        label: "ipo".into(),
+        points: (0..=50).map(|s| (s as f64, if s == 20 { f64::NAN } else { 0.02 * s as f64 })).collect(),
+    };
     line_chart_png(&chart(vec![falling, rising]), &path).unwrap();
     let (width, height, pixels) = decode(&path);
     assert_eq!((width, height), (900, 520));

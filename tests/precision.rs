@@ -23,7 +23,8 @@ fn worst(a: &[f32], b: &[f32]) -> f32 {
 /// Per-token log-probs of the fixture's rows, and the gradient of their negated sum
 /// with respect to the first layer's q_proj weight.
 fn logps_and_grad(model: &Llama, rows: &[FixtureRow], device: &Device) -> (Vec<f32>, Tensor<2>) {
-    let seqs: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (&r.ids[..r.prompt_length], &r.ids[r.prompt_length..])).collect();
+    let seqs: Vec<(&[u32], &[u32])> =
+        rows.iter().map(|r| (&r.ids[..r.prompt_length], &r.ids[r.prompt_length..])).collect();
     let logps = token_logps(model, &collate(&seqs, 2, device));
     let grads = GradientsParams::from_grads(logps.clone().sum().neg().backward(), model);
     let grad = grads.get::<2>(model.layers[0].self_attn.q_proj.base.weight.id).expect("q_proj gradient");
@@ -63,7 +64,8 @@ fn chunked_head_in_bf16_matches_the_plain_head_in_bf16() {
     let rows = fixture_rows(&fixture("llama"));
     let (_, model) = load_model(&fixture("llama"), &device).unwrap();
     let model = model.with_precision(MixedPrecision::Bf16);
-    let seqs: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (&r.ids[..r.prompt_length], &r.ids[r.prompt_length..])).collect();
+    let seqs: Vec<(&[u32], &[u32])> =
+        rows.iter().map(|r| (&r.ids[..r.prompt_length], &r.ids[r.prompt_length..])).collect();
     let batch = collate(&seqs, 2, &device);
     let (plain, _) = batch_logps(&model, &batch, None, None);
     let (chunked, head) = batch_logps(&model, &batch, None, Some(5));
@@ -71,7 +73,8 @@ fn chunked_head_in_bf16_matches_the_plain_head_in_bf16() {
     assert!(d < 1e-5, "chunked bf16 log-probs {d} from plain bf16");
 
     let plain_grads = GradientsParams::from_grads(plain.sum().neg().backward(), &model);
-    let chunked_grads = head.expect("a chunked head on an autodiff device").gradients(&chunked.sum().neg().backward(), &model);
+    let chunked_grads =
+        head.expect("a chunked head on an autodiff device").gradients(&chunked.sum().neg().backward(), &model);
     for id in [model.layers[0].mlp.down_proj.base.weight.id, model.lm_head.as_ref().unwrap().weight.id] {
         let (a, b) = (values(plain_grads.get::<2>(id).unwrap()), values(chunked_grads.get::<2>(id).unwrap()));
         // Chunks round their partial products to bf16 (8 bits) where the plain head rounds the
@@ -116,12 +119,22 @@ fn a_bf16_run_starts_at_ln2_and_trains_like_the_f32_run() {
 #[test]
 fn bad_mixed_precision_values_are_refused_by_field() {
     let sb = Sandbox::new();
-    for (i, (value, message)) in [("\"fp16\"", "needs loss scaling"), ("\"bfloat\"", "must be \"no\" or \"bf16\""), ("true", "mixed_precision")].iter().enumerate() {
-        let body = format!("fn loss(b, p) {{ b.chosen_logps.mean() }}\ntrain({});\n", small_config(&format!("mixed_precision: {value}")));
+    for (i, (value, message)) in
+        [("\"fp16\"", "needs loss scaling"), ("\"bfloat\"", "must be \"no\" or \"bf16\""), ("true", "mixed_precision")]
+            .iter()
+            .enumerate()
+    {
+        let body = format!(
+            "fn loss(b, p) {{ b.chosen_logps.mean() }}\ntrain({});\n",
+            small_config(&format!("mixed_precision: {value}"))
+        );
         let path = sb.write(&format!("scripts/bad{i}.rhai"), &body);
         let out = run_host(&["check", path.to_str().unwrap()]);
         assert!(!out.status.success(), "{value} was accepted");
         let said = text(&out);
-        assert!(said.contains(message) && said.contains("mixed_precision") && said.contains(&format!("bad{i}.rhai")), "{value}: {said}");
+        assert!(
+            said.contains(message) && said.contains("mixed_precision") && said.contains(&format!("bad{i}.rhai")),
+            "{value}: {said}"
+        );
     }
 }

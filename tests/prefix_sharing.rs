@@ -79,7 +79,11 @@ fn packed_and_chunked_give_the_same_values_and_gradients() {
         for (name, a, b) in [("q_proj", &plain_q, &q), ("lm_head", &plain_lm, &lm)] {
             let scale = a.iter().map(|g| g.abs()).fold(0.0, f32::max);
             assert!(scale > 0.0, "{name}: no gradient");
-            assert!(max_diff(a, b) < 1e-4 * scale.max(1.0), "{what}: {name} gradient differs by {} (largest {scale})", max_diff(a, b));
+            assert!(
+                max_diff(a, b) < 1e-4 * scale.max(1.0),
+                "{what}: {name} gradient differs by {} (largest {scale})",
+                max_diff(a, b)
+            );
         }
     }
 }

@@ -19,9 +19,14 @@ fn resume_after_sigkill_reproduces_the_uninterrupted_run() {
     let sb = Sandbox::new();
     let killed = assert_resume_reproduces(&sb, "exp", &script(16, "    dpo::loss(b, p)", ""), 16, 4);
     assert!(killed.join("checkpoint-16/optimizer.bpk").is_file());
-    let sources: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(killed.join("checkpoint-16/script_sources.json")).unwrap()).unwrap();
+    let sources: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(killed.join("checkpoint-16/script_sources.json")).unwrap())
+            .unwrap();
     let texts: Vec<&str> = sources.as_object().unwrap().values().filter_map(|v| v.as_str()).collect();
-    assert!(texts.iter().any(|t| t.contains("dpo::loss(b, p)")) && texts.iter().any(|t| t.contains("fn margin(batch)")), "{sources}");
+    assert!(
+        texts.iter().any(|t| t.contains("dpo::loss(b, p)")) && texts.iter().any(|t| t.contains("fn margin(batch)")),
+        "{sources}"
+    );
 }
 
 #[test]
@@ -40,11 +45,13 @@ fn nonfinite_steps_are_skipped_and_too_many_in_a_row_stop_the_run() {
     assert_eq!(skipped[0]["step"], 3);
     assert!(lines.iter().filter(|l| l.get("loss").is_some()).all(|l| l["loss"].as_f64().unwrap().is_finite()));
     assert!(text(&out).contains("1 step(s) skipped"), "{}", text(&out));
-    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint-6/trainer_state.json")).unwrap()).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint-6/trainer_state.json")).unwrap()).unwrap();
     assert_eq!(state["loss_state"]["seen"], serde_json::json!([0, 0, 1, 1, 3, 3, 4, 4, 5, 5]));
 
     // From step 5 on every loss is NaN: three in a row stop the run; checkpoint-4 stays.
-    let always = "    let out = dpo::loss(b, p);\n    if p.step >= 4 { out.loss = out.loss * tensor(0.0) / 0.0; }\n    out";
+    let always =
+        "    let out = dpo::loss(b, p);\n    if p.step >= 4 { out.loss = out.loss * tensor(0.0) / 0.0; }\n    out";
     let path = sb.write("scripts/always.rhai", &script(20, always, "max_nonfinite_steps: 3,"));
     let dir = sb.path("always");
     let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap()]);
@@ -112,7 +119,12 @@ fn resume_refuses_changed_data_or_model_unless_asked_to_go_on() {
             .replace("models/tiny-math", model)
             .replace("data/arithmetic/pairs.jsonl", data.to_str().unwrap())
     };
-    let write_script = |model: &str| sb.write("scripts/exp.rhai", &format!("import \"losses/dpo\" as dpo;\nfn loss(b, p) {{ dpo::loss(b, p) }}\ntrain({});\n", config(model)));
+    let write_script = |model: &str| {
+        sb.write(
+            "scripts/exp.rhai",
+            &format!("import \"losses/dpo\" as dpo;\nfn loss(b, p) {{ dpo::loss(b, p) }}\ntrain({});\n", config(model)),
+        )
+    };
     let path = write_script(model.to_str().unwrap());
     let dir = sb.path("run");
     let run = |args: &[&str]| {
@@ -120,9 +132,18 @@ fn resume_refuses_changed_data_or_model_unless_asked_to_go_on() {
         all.extend_from_slice(args);
         run_host(&all)
     };
-    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap(), "--max-steps", "2"]);
+    let out = run_host(&[
+        "run",
+        path.to_str().unwrap(),
+        "--no-watch",
+        "--run-dir",
+        dir.to_str().unwrap(),
+        "--max-steps",
+        "2",
+    ]);
     assert!(out.status.success(), "{}", text(&out));
-    let identity: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("identity.json")).unwrap()).unwrap();
+    let identity: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("identity.json")).unwrap()).unwrap();
     for role in ["data", "heldout data", "model config.json", "tokenizer tokenizer.json", "weights model.safetensors"] {
         assert!(identity["inputs"][role]["sha256"].as_str().is_some_and(|s| s.len() == 64), "{role}: {identity}");
     }
@@ -138,7 +159,12 @@ fn resume_refuses_changed_data_or_model_unless_asked_to_go_on() {
     let out = run(&["--max-steps", "4"]);
     let said = text(&out);
     assert!(!out.status.success(), "{said}");
-    assert!(said.contains(&format!("data ({}): sha256", data.display())) && said.contains("--resume-anyway") && said.contains("new run"), "{said}");
+    assert!(
+        said.contains(&format!("data ({}): sha256", data.display()))
+            && said.contains("--resume-anyway")
+            && said.contains("new run"),
+        "{said}"
+    );
     assert!(!said.contains("weights"), "only the data changed: {said}");
     assert_eq!(loss_lines(&dir).len(), 3);
     assert!(!dir.join("checkpoint-4").exists());
@@ -160,7 +186,11 @@ fn resume_refuses_changed_data_or_model_unless_asked_to_go_on() {
     bytes[at] ^= 1;
     std::fs::write(&weights, &bytes).unwrap();
     let out = run(&["--max-steps", "4"]);
-    assert!(!out.status.success() && text(&out).contains(&format!("weights model.safetensors ({})", weights.display())), "{}", text(&out));
+    assert!(
+        !out.status.success() && text(&out).contains(&format!("weights model.safetensors ({})", weights.display())),
+        "{}",
+        text(&out)
+    );
     assert_eq!(loss_lines(&dir).len(), 3);
 
     // --resume-anyway goes on, logs what changed, and records the new inputs.
@@ -168,7 +198,10 @@ fn resume_refuses_changed_data_or_model_unless_asked_to_go_on() {
     assert!(out.status.success() && text(&out).contains("resuming anyway"), "{}", text(&out));
     assert_eq!(loss_lines(&dir).len(), 4);
     let events = read_lines(&dir.join("metrics.jsonl"));
-    assert!(events.iter().any(|l| l["event"] == "resumed_anyway" && l["changed"].to_string().contains("model.safetensors")), "{events:?}");
+    assert!(
+        events.iter().any(|l| l["event"] == "resumed_anyway" && l["changed"].to_string().contains("model.safetensors")),
+        "{events:?}"
+    );
     let out = run(&["--max-steps", "5"]);
     assert!(out.status.success(), "{}", text(&out));
 
@@ -198,14 +231,19 @@ fn a_second_writer_is_refused_and_a_stale_lock_is_taken_over() {
     let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(!lock.exists(), "the lock outlived the run");
-    let resume = |steps: &str| run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch", "--max-steps", steps]);
+    let resume =
+        |steps: &str| run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch", "--max-steps", steps]);
     let host = prefhost::train::lock::hostname();
 
     // Held by a live process (this test): refused with its PID, nothing written.
     let me = std::process::id();
     std::fs::write(&lock, format!("{{\"pid\": {me}, \"host\": \"{host}\"}}\n")).unwrap();
     let out = resume("3");
-    assert!(!out.status.success() && text(&out).contains(&format!("run.lock: held by PID {me} on this host")), "{}", text(&out));
+    assert!(
+        !out.status.success() && text(&out).contains(&format!("run.lock: held by PID {me} on this host")),
+        "{}",
+        text(&out)
+    );
     assert_eq!(loss_lines(&dir).len(), 2);
     assert!(lock.exists(), "a refused run removed the holder's lock");
 
@@ -260,8 +298,16 @@ fn a_damaged_latest_checkpoint_falls_back_to_the_previous_one() {
     assert!(out.status.success(), "{}", text(&out));
     let whole = loss_lines(&dir);
     assert_eq!(whole.len(), 8);
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint-8/manifest.json")).unwrap()).unwrap();
-    for file in ["model.safetensors", "optimizer.bpk", "trainer_state.json", "script_sources.json", "config.json", "tokenizer.json"] {
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint-8/manifest.json")).unwrap()).unwrap();
+    for file in [
+        "model.safetensors",
+        "optimizer.bpk",
+        "trainer_state.json",
+        "script_sources.json",
+        "config.json",
+        "tokenizer.json",
+    ] {
         assert!(manifest["files"][file]["size"].as_u64().is_some(), "{file}: {manifest}");
     }
 
@@ -274,9 +320,15 @@ fn a_damaged_latest_checkpoint_falls_back_to_the_previous_one() {
     let out = run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch"]);
     let said = text(&out);
     assert!(out.status.success(), "{said}");
-    assert!(said.contains("falling back to") && said.contains("checkpoint-4") && said.contains("model.safetensors: sha256"), "{said}");
+    assert!(
+        said.contains("falling back to") && said.contains("checkpoint-4") && said.contains("model.safetensors: sha256"),
+        "{said}"
+    );
     assert_eq!(loss_lines(&dir), whole, "the run resumed from checkpoint-4 must reproduce steps 5-8");
-    assert!(prefhost::model::weights::verify_manifest(&dir.join("checkpoint-8")).unwrap(), "checkpoint-8 was saved again");
+    assert!(
+        prefhost::model::weights::verify_manifest(&dir.join("checkpoint-8")).unwrap(),
+        "checkpoint-8 was saved again"
+    );
 
     // A truncated optimizer state.
     let optimizer = dir.join("checkpoint-8/optimizer.bpk");
@@ -293,7 +345,12 @@ fn a_damaged_latest_checkpoint_falls_back_to_the_previous_one() {
     }
     let out = run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch"]);
     let said = text(&out);
-    assert!(!out.status.success() && said.contains("every checkpoint is damaged") && said.contains("checkpoint-4/config.json"), "{said}");
+    assert!(
+        !out.status.success()
+            && said.contains("every checkpoint is damaged")
+            && said.contains("checkpoint-4/config.json"),
+        "{said}"
+    );
 }
 
 /// `host verify RUN_DIR`: one line per checkpoint, ok or damaged (which file, what
@@ -327,7 +384,11 @@ fn host_verify_names_each_damaged_checkpoint_and_file() {
     let (ok, lines, said) = verify();
     assert!(!ok, "{said}");
     assert_eq!(lines[0], format!("{}: ok", c4.display()));
-    assert!(lines[1].starts_with(&format!("{}: damaged: {}: sha256 ", c8.display(), weights.display())) && lines[1].contains("the manifest says"), "{said}");
+    assert!(
+        lines[1].starts_with(&format!("{}: damaged: {}: sha256 ", c8.display(), weights.display()))
+            && lines[1].contains("the manifest says"),
+        "{said}"
+    );
 
     // And checkpoint-4's optimizer state cut short.
     let optimizer = c4.join("optimizer.bpk");
@@ -335,14 +396,30 @@ fn host_verify_names_each_damaged_checkpoint_and_file() {
     std::fs::OpenOptions::new().write(true).open(&optimizer).unwrap().set_len(len - 1).unwrap();
     let (ok, lines, said) = verify();
     assert!(!ok && lines.len() == 2, "{said}");
-    assert_eq!(lines[0], format!("{}: damaged: {}: {} bytes, the manifest says {len} (truncated?)", c4.display(), optimizer.display(), len - 1), "{said}");
+    assert_eq!(
+        lines[0],
+        format!(
+            "{}: damaged: {}: {} bytes, the manifest says {len} (truncated?)",
+            c4.display(),
+            optimizer.display(),
+            len - 1
+        ),
+        "{said}"
+    );
 
     // Checkpoint-4 without a manifest (as before manifests): unchecked, not damaged.
     std::fs::remove_file(c4.join("manifest.json")).unwrap();
     std::fs::write(&weights, &original).unwrap();
     let (ok, lines, said) = verify();
     assert!(ok, "{said}");
-    assert_eq!(lines, [format!("{}: no manifest, unchecked (written before checkpoints carried one)", c4.display()), format!("{}: ok", c8.display())], "{said}");
+    assert_eq!(
+        lines,
+        [
+            format!("{}: no manifest, unchecked (written before checkpoints carried one)", c4.display()),
+            format!("{}: ok", c8.display())
+        ],
+        "{said}"
+    );
 
     // A staging folder a crash left is listed, not taken for a checkpoint, and left alone.
     std::fs::create_dir(dir.join(".checkpoint-12.tmp")).unwrap();
@@ -365,19 +442,31 @@ fn a_reload_of_heldout_is_recorded_and_the_run_resumes() {
     std::fs::create_dir_all(first.parent().unwrap()).unwrap();
     std::fs::write(&first, &rows).unwrap();
     std::fs::write(&second, rows.lines().rev().collect::<Vec<_>>().join("\n") + "\n").unwrap();
-    let with_heldout = |file: &std::path::Path| script(4000, "    dpo::loss(b, p)", &format!("heldout: #{{ data: \"{}\", rows: 2, max_new_tokens: 4 }},", file.display()));
+    let with_heldout = |file: &std::path::Path| {
+        script(
+            4000,
+            "    dpo::loss(b, p)",
+            &format!("heldout: #{{ data: \"{}\", rows: 2, max_new_tokens: 4 }},", file.display()),
+        )
+    };
     let path = sb.write("scripts/exp.rhai", &with_heldout(&first));
     let dir = sb.path("run");
-    let mut child = host().args(["run", path.to_str().unwrap(), "--run-dir", dir.to_str().unwrap()]).stdout(Stdio::null()).spawn().unwrap();
+    let mut child = host()
+        .args(["run", path.to_str().unwrap(), "--run-dir", dir.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     wait_until("a few steps", || loss_lines(&dir).len() >= 2);
     sb.write("scripts/exp.rhai", &with_heldout(&second));
     wait_until("the reload", || read_lines(&dir.join("metrics.jsonl")).iter().any(|l| l["event"] == "reload"));
     let _ = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
     assert_eq!(child.wait().unwrap().code(), Some(130));
-    let identity: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("identity.json")).unwrap()).unwrap();
+    let identity: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("identity.json")).unwrap()).unwrap();
     assert_eq!(identity["inputs"]["heldout data"]["path"], second.display().to_string(), "{identity}");
 
     let step = loss_lines(&dir).len();
-    let out = run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch", "--max-steps", &(step + 1).to_string()]);
+    let out =
+        run_host(&["run", "--resume", dir.to_str().unwrap(), "--no-watch", "--max-steps", &(step + 1).to_string()]);
     assert!(out.status.success() && text(&out).contains("resuming"), "{}", text(&out));
 }

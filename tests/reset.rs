@@ -4,8 +4,8 @@
 mod common;
 
 use burn::tensor::Device;
-use prefhost::model::{Llama, LlamaConfig, RandomInit, load_model};
 use prefhost::model::weights::hf_tensors;
+use prefhost::model::{Llama, LlamaConfig, RandomInit, load_model};
 use prefhost::train::reset::{ResetRequest, shrink_toward_initial};
 
 #[test]
@@ -13,7 +13,12 @@ fn shrink_moves_the_selected_modules_only_and_exactly() {
     let device = Device::flex().autodiff();
     let dir = common::repo().join("models/tiny-math");
     let (config, initial) = load_model(&dir, &device).unwrap();
-    let trained = Llama::build(&LlamaConfig::from_file(&dir.join("config.json")).unwrap(), &mut RandomInit { std: 0.05 }, &device).unwrap();
+    let trained = Llama::build(
+        &LlamaConfig::from_file(&dir.join("config.json")).unwrap(),
+        &mut RandomInit { std: 0.05 },
+        &device,
+    )
+    .unwrap();
     let request = ResetRequest { factor: 0.25, modules: vec!["down_proj".into()] };
     let (blended, moved) = shrink_toward_initial(trained.clone(), &initial, &request);
     assert_eq!(moved, config.num_hidden_layers, "one down_proj weight per layer");

@@ -34,10 +34,35 @@ fn next(state: &mut u64) -> u64 {
 #[test]
 fn exact_answer_reads_answers_as_the_evaluation_does() {
     let sb = Sandbox::new();
-    let (host, version) = load(&sb, "exact", "import \"rewards/exact_answer\" as exact;\nfn reward(prompt, completion, row) { exact::reward(prompt, completion, row) }\n");
+    let (host, version) = load(
+        &sb,
+        "exact",
+        "import \"rewards/exact_answer\" as exact;\nfn reward(prompt, completion, row) { exact::reward(prompt, completion, row) }\n",
+    );
     assert!(defines_reward(&version));
     // Texts built from the pieces answers are made of, the marker among them.
-    let pieces = ["The answer is", "The answer is:", " ", "  ", "\n", "\t", ":", ".", ",", "!", "7", "15", "1,200", "7.0", "-3", "x", "B", "so", "1e3", "0.5"];
+    let pieces = [
+        "The answer is",
+        "The answer is:",
+        " ",
+        "  ",
+        "\n",
+        "\t",
+        ":",
+        ".",
+        ",",
+        "!",
+        "7",
+        "15",
+        "1,200",
+        "7.0",
+        "-3",
+        "x",
+        "B",
+        "so",
+        "1e3",
+        "0.5",
+    ];
     let stated = ["7", "15", "1,200", "7.0", "-3", "x", "B", "1e3", "0.5", "", "1,000.", "15!"];
     let gaps = ["", " ", ":", " :", "  ", "\n", ": ", "\t"];
     let answers = ["7", "15", "1200", "-3", "B", "1000", "0.5", "x"];
@@ -66,7 +91,11 @@ fn exact_answer_reads_answers_as_the_evaluation_does() {
     let hits = expected.iter().filter(|&&e| e == 1.0).count();
     assert!((100..2900).contains(&hits), "the generated texts should both hit and miss: {hits}");
     for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
-        assert_eq!(g, e, "{:?} with answer {}: the plugin says {g}, the evaluation {e}", completions[i], rows[i]["answer"]);
+        assert_eq!(
+            g, e,
+            "{:?} with answer {}: the plugin says {g}, the evaluation {e}",
+            completions[i], rows[i]["answer"]
+        );
     }
     // A numeric answer in the row counts as its text.
     let rows = [serde_json::json!({ "answer": 1200 })];
@@ -81,7 +110,11 @@ fn every_form_of_reward_is_called_with_its_samples() {
     let cases = [
         ("with_row", "fn reward(prompt, completion, row) { completion.len() * row.weight }", [4.0, 12.0]),
         ("two_args", "fn reward(prompt, completion) { completion.len() + prompt.len() / 100.0 }", [2.12, 4.12]),
-        ("batched", "fn rewards(prompts, completions, rows) { let out = []; for i in 0..completions.len() { out.push(completions[i].len() - rows[i].weight); } out }", [0.0, 1.0]),
+        (
+            "batched",
+            "fn rewards(prompts, completions, rows) { let out = []; for i in 0..completions.len() { out.push(completions[i].len() - rows[i].weight); } out }",
+            [0.0, 1.0],
+        ),
     ];
     for (name, source, want) in cases {
         let (host, version) = load(&sb, name, source);
@@ -103,12 +136,42 @@ fn a_bad_reward_is_an_error_naming_file_and_line() {
     let completions = ["ab".to_string(), "abcd".to_string()];
     let rows = [serde_json::json!({}), serde_json::json!({})];
     let cases = [
-        ("string", "fn loss(b, p) { 0.0 }\nfn reward(prompt, completion) {\n    \"good\"\n}", "string.rhai:2", "returned string, expected a number"),
-        ("nan", "\nfn reward(prompt, completion) { if completion.len() > 2 { 0.0 / 0.0 } else { 1.0 } }", "nan.rhai:2", "sample 1 returned NaN, expected a finite number"),
-        ("throws", "fn reward(prompt, completion) {\n    if completion.len() > 2 { throw \"too long\"; }\n    1.0\n}", "throws.rhai:2", "too long"),
-        ("short", "fn rewards(prompts, completions, rows) {\n    [1.0]\n}", "short.rhai:1", "returned 1 values for 2 samples"),
-        ("not_array", "fn rewards(prompts, completions, rows) { 1.0 }", "not_array.rhai:1", "expected an array of numbers"),
-        ("bad_item", "fn rewards(prompts, completions, rows) { [1.0, \"x\"] }", "bad_item.rhai:1", "rewards()[1] returned string"),
+        (
+            "string",
+            "fn loss(b, p) { 0.0 }\nfn reward(prompt, completion) {\n    \"good\"\n}",
+            "string.rhai:2",
+            "returned string, expected a number",
+        ),
+        (
+            "nan",
+            "\nfn reward(prompt, completion) { if completion.len() > 2 { 0.0 / 0.0 } else { 1.0 } }",
+            "nan.rhai:2",
+            "sample 1 returned NaN, expected a finite number",
+        ),
+        (
+            "throws",
+            "fn reward(prompt, completion) {\n    if completion.len() > 2 { throw \"too long\"; }\n    1.0\n}",
+            "throws.rhai:2",
+            "too long",
+        ),
+        (
+            "short",
+            "fn rewards(prompts, completions, rows) {\n    [1.0]\n}",
+            "short.rhai:1",
+            "returned 1 values for 2 samples",
+        ),
+        (
+            "not_array",
+            "fn rewards(prompts, completions, rows) { 1.0 }",
+            "not_array.rhai:1",
+            "expected an array of numbers",
+        ),
+        (
+            "bad_item",
+            "fn rewards(prompts, completions, rows) { [1.0, \"x\"] }",
+            "bad_item.rhai:1",
+            "rewards()[1] returned string",
+        ),
     ];
     for (name, source, at, message) in cases {
         let (host, version) = load(&sb, name, source);
@@ -116,7 +179,11 @@ fn a_bad_reward_is_an_error_naming_file_and_line() {
         assert!(err.contains(at) && err.contains(message), "{name}: {err}");
     }
     // The exact-answer plugin refuses rows without an answer, naming its line.
-    let (host, version) = load(&sb, "exact", "import \"rewards/exact_answer\" as exact;\nfn reward(prompt, completion, row) { exact::reward(prompt, completion, row) }\n");
+    let (host, version) = load(
+        &sb,
+        "exact",
+        "import \"rewards/exact_answer\" as exact;\nfn reward(prompt, completion, row) { exact::reward(prompt, completion, row) }\n",
+    );
     let err = score(&host, &version, &samples(&completions, &rows)).unwrap_err().to_string();
     assert!(err.contains("exact_answer.rhai") && err.contains("no `answer` field"), "{err}");
 }

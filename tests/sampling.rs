@@ -8,11 +8,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use prefhost::backend::backend_device;
 use prefhost::data::TextTokenizer;
 use prefhost::model::generate::{Sample, greedy, sample};
 use prefhost::model::sampling::{SamplingSettings, penalize_repeats, stop_ids, top_k_filter, top_p_filter, uniform};
 use prefhost::model::{Llama, load_frozen_model};
-use prefhost::backend::backend_device;
 
 fn kept(scores: &[f32]) -> BTreeSet<usize> {
     scores.iter().enumerate().filter(|(_, s)| s.is_finite()).map(|(i, _)| i).collect()
@@ -78,7 +78,10 @@ fn top_k_keeps_the_k_highest_and_their_ties() {
 /// top-p cut go is left to torch's unstable sort there: only their number must agree).
 #[test]
 fn warpers_keep_what_transformers_keeps() {
-    let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(common::repo().join("tests/fixtures/sampling/warpers.json")).unwrap()).unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::repo().join("tests/fixtures/sampling/warpers.json")).unwrap(),
+    )
+    .unwrap();
     let cases = fixture["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 35);
     for case in cases {
@@ -88,10 +91,12 @@ fn warpers_keep_what_transformers_keeps() {
             top_p: case["top_p"].as_f64().unwrap() as f32,
             ..SamplingSettings::default()
         };
-        let mut scores: Vec<f32> = case["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let mut scores: Vec<f32> =
+            case["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
         settings.warp(&mut scores);
         let want: Vec<usize> = case["kept"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
-        let what = format!("t {} k {} p {} on {:?}", settings.temperature, settings.top_k, settings.top_p, case["logits"]);
+        let what =
+            format!("t {} k {} p {} on {:?}", settings.temperature, settings.top_k, settings.top_p, case["logits"]);
         let (got, want_set) = (kept(&scores), set(&want));
         // Tokens tied at the top-p cut: transformers sorts with torch.sort, not stable, so
         // which of them it drops is the sort's implementation detail (here prefhost drops
@@ -99,10 +104,17 @@ fn warpers_keep_what_transformers_keeps() {
         let differing: Vec<usize> = got.symmetric_difference(&want_set).copied().collect();
         let logits: Vec<f64> = case["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         assert_eq!(got.len(), want_set.len(), "{what}: kept {got:?}, transformers {want_set:?}");
-        assert!(differing.iter().all(|&i| logits[i] == logits[differing[0]]), "{what}: kept {got:?}, transformers {want_set:?}");
+        assert!(
+            differing.iter().all(|&i| logits[i] == logits[differing[0]]),
+            "{what}: kept {got:?}, transformers {want_set:?}"
+        );
         for &i in got.intersection(&want_set) {
             let expected = case["scores"][i].as_f64().unwrap() as f32;
-            assert!((scores[i] - expected).abs() <= 1e-6 * (1.0 + expected.abs()), "{what}: token {i} {} vs {expected}", scores[i]);
+            assert!(
+                (scores[i] - expected).abs() <= 1e-6 * (1.0 + expected.abs()),
+                "{what}: token {i} {} vs {expected}",
+                scores[i]
+            );
         }
     }
 }
@@ -136,7 +148,11 @@ fn draws_follow_the_warped_distribution() {
     // The expected distribution, computed here from the definitions: softmax(logits / T)
     // over the six highest logits (-2.5 and -1.2 dropped).
     let dropped = [1usize, 6];
-    let weights: Vec<f64> = logits.iter().enumerate().map(|(i, &l)| if dropped.contains(&i) { 0.0 } else { (l as f64 / 0.8).exp() }).collect();
+    let weights: Vec<f64> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| if dropped.contains(&i) { 0.0 } else { (l as f64 / 0.8).exp() })
+        .collect();
     let total: f64 = weights.iter().sum();
     let expected: Vec<f64> = weights.iter().map(|w| w / total).collect();
     let draws = 40_000;
@@ -148,7 +164,10 @@ fn draws_follow_the_warped_distribution() {
         assert_eq!(counts[i], 0, "token {i} was filtered out by top_k but drawn");
     }
     let kept: Vec<usize> = (0..logits.len()).filter(|i| !dropped.contains(i)).collect();
-    let statistic = chi_square(&kept.iter().map(|&i| counts[i]).collect::<Vec<_>>(), &kept.iter().map(|&i| expected[i]).collect::<Vec<_>>());
+    let statistic = chi_square(
+        &kept.iter().map(|&i| counts[i]).collect::<Vec<_>>(),
+        &kept.iter().map(|&i| expected[i]).collect::<Vec<_>>(),
+    );
     // 5 degrees of freedom: P(χ² > 20.52) = 0.001.
     assert!(statistic < 20.52, "chi-square {statistic:.2} for counts {counts:?} against {expected:?}");
     // The same check must reject a distribution the draws do not follow (plain softmax, T = 1).
@@ -165,7 +184,9 @@ fn uniforms_depend_on_every_counter() {
     let base = uniform(1, 2, 3, 4);
     assert!((0.0..1.0).contains(&base));
     assert_eq!(base, uniform(1, 2, 3, 4));
-    for other in [uniform(0, 2, 3, 4), uniform(1, 0, 3, 4), uniform(1, 2, 0, 4), uniform(1, 2, 3, 0), uniform(1, 3, 2, 4)] {
+    for other in
+        [uniform(0, 2, 3, 4), uniform(1, 0, 3, 4), uniform(1, 2, 0, 4), uniform(1, 2, 3, 0), uniform(1, 3, 2, 4)]
+    {
         assert_ne!(base, other);
     }
 }
@@ -179,7 +200,8 @@ struct TinyMath {
 fn tiny_math(rows: usize) -> TinyMath {
     let dir = common::repo().join("models/tiny-math");
     let (config, model) = load_frozen_model(&dir, &backend_device("cpu").unwrap()).unwrap();
-    let tokenizer = TextTokenizer::load_with(&dir.join("tokenizer.json"), &config.eos_ids(), config.pad_token_id).unwrap();
+    let tokenizer =
+        TextTokenizer::load_with(&dir.join("tokenizer.json"), &config.eos_ids(), config.pad_token_id).unwrap();
     let text = std::fs::read_to_string(common::repo().join("data/arithmetic/eval.jsonl")).unwrap();
     let prompts = text
         .lines()
@@ -203,10 +225,19 @@ fn temperature_zero_and_top_k_one_are_greedy() {
     assert!(lengths.len() > 2, "prompts of several lengths, so several groups: {lengths:?}");
     let expected = greedy(&tm.model, &tm.prompts, 48, &tm.eos, 64);
     let settings = SamplingSettings { max_new_tokens: 48, ..SamplingSettings::default() };
-    let at_zero = sample(&tm.model, &tm.prompts, 1, &SamplingSettings { temperature: 0.0, ..settings }, &tm.eos, 5).unwrap();
+    let at_zero =
+        sample(&tm.model, &tm.prompts, 1, &SamplingSettings { temperature: 0.0, ..settings }, &tm.eos, 5).unwrap();
     assert_eq!(tokens_of(&at_zero), expected);
     // top_k 1 at any temperature leaves only the argmax to draw (no ties in these logits).
-    let top1 = sample(&tm.model, &tm.prompts, 2, &SamplingSettings { temperature: 1.7, top_k: 1, seed: 9, ..settings }, &tm.eos, 7).unwrap();
+    let top1 = sample(
+        &tm.model,
+        &tm.prompts,
+        2,
+        &SamplingSettings { temperature: 1.7, top_k: 1, seed: 9, ..settings },
+        &tm.eos,
+        7,
+    )
+    .unwrap();
     let doubled: Vec<Vec<u32>> = expected.iter().flat_map(|t| [t.clone(), t.clone()]).collect();
     assert_eq!(tokens_of(&top1), doubled);
     assert!(top1.iter().all(|s| s.completion.eos), "the trained model ends its answers");
@@ -215,8 +246,17 @@ fn temperature_zero_and_top_k_one_are_greedy() {
 #[test]
 fn a_seed_repeats_whatever_the_batching_and_other_seeds_differ() {
     let tm = tiny_math(6);
-    let settings = SamplingSettings { temperature: 1.0, top_p: 0.95, top_k: 50, max_new_tokens: 40, seed: 5, ..SamplingSettings::default() };
-    let run = |settings: &SamplingSettings, batch: usize| sample(&tm.model, &tm.prompts, 4, settings, &tm.eos, batch).unwrap();
+    let settings = SamplingSettings {
+        temperature: 1.0,
+        top_p: 0.95,
+        top_k: 50,
+        max_new_tokens: 40,
+        seed: 5,
+        ..SamplingSettings::default()
+    };
+    let run = |settings: &SamplingSettings, batch: usize| {
+        sample(&tm.model, &tm.prompts, 4, settings, &tm.eos, batch).unwrap()
+    };
     let first = run(&settings, 16);
     assert_eq!(first.len(), 24);
     assert_eq!(first, run(&settings, 16));
@@ -224,7 +264,11 @@ fn a_seed_repeats_whatever_the_batching_and_other_seeds_differ() {
     assert_eq!(first, run(&settings, 1));
     assert_eq!(first, run(&settings, 3));
     let distinct: BTreeSet<Vec<u32>> = tokens_of(&first).into_iter().collect();
-    assert!(distinct.len() > 6, "samples at T = 1 should differ between samples of a prompt: {} distinct", distinct.len());
+    assert!(
+        distinct.len() > 6,
+        "samples at T = 1 should differ between samples of a prompt: {} distinct",
+        distinct.len()
+    );
     let other = run(&SamplingSettings { seed: 6, ..settings }, 16);
     assert_ne!(tokens_of(&first), tokens_of(&other));
 }
@@ -267,7 +311,8 @@ fn greedy_matches_transformers_generate() {
             }
         }
         let prompts: Vec<Vec<u32>> = case.rows.iter().map(|r| r.prompt_ids.clone()).collect();
-        let settings = SamplingSettings { temperature: 0.0, max_new_tokens: case.max_new_tokens, ..SamplingSettings::default() };
+        let settings =
+            SamplingSettings { temperature: 0.0, max_new_tokens: case.max_new_tokens, ..SamplingSettings::default() };
         let got = sample(&model, &prompts, 1, &settings, &eos, 8).unwrap();
         for (i, (row, s)) in case.rows.iter().zip(&got).enumerate() {
             assert_eq!(s.completion.tokens, row.completion_ids, "{name}: prompt {i}");
@@ -285,7 +330,8 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
 }
 
 fn sample_cli(prompts: &str, out: &str, extra: &[&str]) -> std::process::Output {
-    let mut args = vec!["sample", "--model", "models/tiny-math", "--prompts", prompts, "--out", out, "--max-new-tokens", "24"];
+    let mut args =
+        vec!["sample", "--model", "models/tiny-math", "--prompts", prompts, "--out", out, "--max-new-tokens", "24"];
     args.extend_from_slice(extra);
     common::run_host(&args)
 }
@@ -299,7 +345,24 @@ fn host_sample_writes_one_line_per_sample_and_repeats() {
     let prompts = write(dir.path(), "prompts.jsonl", messages);
     let outs: Vec<String> = (0..3).map(|i| dir.path().join(format!("out{i}.jsonl")).display().to_string()).collect();
     for (out, seed) in outs.iter().zip(["3", "3", "4"]) {
-        let result = sample_cli(&prompts, out, &["--n", "3", "--temperature", "0.9", "--top-p", "0.9", "--top-k", "40", "--seed", seed, "--batch-size", "2"]);
+        let result = sample_cli(
+            &prompts,
+            out,
+            &[
+                "--n",
+                "3",
+                "--temperature",
+                "0.9",
+                "--top-p",
+                "0.9",
+                "--top-k",
+                "40",
+                "--seed",
+                seed,
+                "--batch-size",
+                "2",
+            ],
+        );
         assert!(result.status.success(), "{}", common::text(&result));
     }
     let read = |path: &str| std::fs::read_to_string(path).unwrap();
@@ -326,7 +389,11 @@ fn assert_refused(dir: &Path, prompts: &str, extra: &[&str], needle: &str) {
     let text = common::text(&result);
     assert!(!result.status.success(), "{extra:?} succeeded: {text}");
     assert!(text.contains(needle), "{extra:?}: expected {needle:?} in: {text}");
-    let left: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).filter(|n| n.starts_with("out")).collect();
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("out"))
+        .collect();
     assert!(left.is_empty(), "{extra:?} left {left:?}");
 }
 
@@ -343,12 +410,18 @@ fn host_sample_refuses_bad_input_naming_it() {
     assert_refused(dir.path(), &good, &["--n", "2", "--backend", "tpu"], "unknown backend \"tpu\"");
     let empty = write(dir.path(), "empty.jsonl", "\n\n");
     assert_refused(dir.path(), &empty, &["--n", "2"], "empty.jsonl: no prompts");
-    let no_prompt = write(dir.path(), "no_prompt.jsonl", "{\"prompt\": \"Question:\"}\n{\"question\": \"Question:\"}\n");
+    let no_prompt =
+        write(dir.path(), "no_prompt.jsonl", "{\"prompt\": \"Question:\"}\n{\"question\": \"Question:\"}\n");
     assert_refused(dir.path(), &no_prompt, &["--n", "2"], "no_prompt.jsonl:2: missing field `prompt`");
     let bad_json = write(dir.path(), "bad_json.jsonl", "{\"prompt\": \"Question:\"}\n\n{\"prompt\": \n");
     assert_refused(dir.path(), &bad_json, &["--n", "2"], "bad_json.jsonl:3:");
     let number = write(dir.path(), "number.jsonl", "{\"prompt\": 7}\n");
-    assert_refused(dir.path(), &number, &["--n", "2"], "number.jsonl:1: missing field `prompt` (a string or a list of messages)");
+    assert_refused(
+        dir.path(),
+        &number,
+        &["--n", "2"],
+        "number.jsonl:1: missing field `prompt` (a string or a list of messages)",
+    );
     // tiny-math has no chat template, so a conversational prompt cannot be rendered.
     let chat = write(dir.path(), "chat.jsonl", "{\"prompt\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n");
     assert_refused(dir.path(), &chat, &["--n", "2"], "chat.jsonl:1: the prompt is a list of messages");
@@ -359,7 +432,10 @@ fn host_sample_refuses_bad_input_naming_it() {
 // ---- repetition penalty and generation_config.json ----
 
 fn repetition_fixture() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(common::repo().join("tests/fixtures/sampling/repetition.json")).unwrap()).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(common::repo().join("tests/fixtures/sampling/repetition.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 /// transformers' RepetitionPenaltyLogitsProcessor then its warpers: the same scores kept.
@@ -368,7 +444,9 @@ fn repetition_penalty_matches_transformers_processor() {
     let fixture = repetition_fixture();
     let cases = fixture["processor"].as_array().unwrap();
     assert_eq!(cases.len(), 8);
-    let floats = |v: &serde_json::Value| -> Vec<f32> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect() };
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
     for case in cases {
         let settings = SamplingSettings {
             temperature: case["temperature"].as_f64().unwrap() as f32,
@@ -384,7 +462,11 @@ fn repetition_penalty_matches_transformers_processor() {
         for (i, want) in case["scores"].as_array().unwrap().iter().enumerate() {
             match want.as_f64() {
                 None => assert_eq!(scores[i], f32::NEG_INFINITY, "{settings:?}: token {i} should be filtered"),
-                Some(want) => assert!((scores[i] as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "{settings:?}: token {i}: {} vs {want}", scores[i]),
+                Some(want) => assert!(
+                    (scores[i] as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                    "{settings:?}: token {i}: {} vs {want}",
+                    scores[i]
+                ),
             }
         }
     }
@@ -396,10 +478,13 @@ fn greedy_with_repetition_penalty_matches_transformers_generate() {
     let case = &fixture["greedy"];
     let dir = common::repo().join(case["model"].as_str().unwrap());
     let (config, model) = load_frozen_model(&dir, &backend_device("cpu").unwrap()).unwrap();
-    let tokenizer = TextTokenizer::load_with(&dir.join("tokenizer.json"), &config.eos_ids(), config.pad_token_id).unwrap();
+    let tokenizer =
+        TextTokenizer::load_with(&dir.join("tokenizer.json"), &config.eos_ids(), config.pad_token_id).unwrap();
     let eos = stop_ids(&dir, &tokenizer).unwrap();
     let rows = case["rows"].as_array().unwrap();
-    let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    };
     let prompts: Vec<Vec<u32>> = rows.iter().map(|r| ids(&r["prompt_ids"])).collect();
     let settings = SamplingSettings {
         temperature: 0.0,
@@ -413,7 +498,8 @@ fn greedy_with_repetition_penalty_matches_transformers_generate() {
         assert_eq!(s.completion.eos, row["eos"].as_bool().unwrap(), "prompt {i}: ended at EOS");
     }
     // The penalty is what the fixture tests: without it, some of these rows decode otherwise.
-    let plain = sample(&model, &prompts, 1, &SamplingSettings { repetition_penalty: 1.0, ..settings }, &eos, 4).unwrap();
+    let plain =
+        sample(&model, &prompts, 1, &SamplingSettings { repetition_penalty: 1.0, ..settings }, &eos, 4).unwrap();
     assert!(plain.iter().zip(&got).any(|(a, b)| a.completion != b.completion));
 }
 
@@ -429,7 +515,21 @@ fn model_with_generation_config(dir: &Path, generation: &str) -> String {
 }
 
 fn sample_with_model(model: &str, prompts: &str, out: &str, extra: &[&str]) -> std::process::Output {
-    let mut args = vec!["sample", "--model", model, "--prompts", prompts, "--out", out, "--max-new-tokens", "24", "--n", "3", "--seed", "9"];
+    let mut args = vec![
+        "sample",
+        "--model",
+        model,
+        "--prompts",
+        prompts,
+        "--out",
+        out,
+        "--max-new-tokens",
+        "24",
+        "--n",
+        "3",
+        "--seed",
+        "9",
+    ];
     args.extend_from_slice(extra);
     common::run_host(&args)
 }
@@ -437,14 +537,25 @@ fn sample_with_model(model: &str, prompts: &str, out: &str, extra: &[&str]) -> s
 #[test]
 fn host_sample_takes_generation_config_defaults_as_generate_does() {
     let dir = tempfile::tempdir().unwrap();
-    let prompts = write(dir.path(), "prompts.jsonl", "{\"prompt\": \"Question: Ana has 3 apples and finds 4 more. How many apples does Ana have?\\nAnswer:\"}\n");
+    let prompts = write(
+        dir.path(),
+        "prompts.jsonl",
+        "{\"prompt\": \"Question: Ana has 3 apples and finds 4 more. How many apples does Ana have?\\nAnswer:\"}\n",
+    );
     let out = |name: &str| dir.path().join(name).display().to_string();
     let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
-    let model = model_with_generation_config(dir.path(), r#"{"do_sample": true, "temperature": 1.7, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.2, "eos_token_id": 1, "transformers_version": "5.24.0"}"#);
+    let model = model_with_generation_config(
+        dir.path(),
+        r#"{"do_sample": true, "temperature": 1.7, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.2, "eos_token_id": 1, "transformers_version": "5.24.0"}"#,
+    );
     // The file's values as defaults ...
     let from_file = sample_with_model(&model, &prompts, &out("file.jsonl"), &[]);
     assert!(from_file.status.success(), "{}", common::text(&from_file));
-    assert!(common::text(&from_file).contains("temperature 1.7 (generation_config.json)"), "{}", common::text(&from_file));
+    assert!(
+        common::text(&from_file).contains("temperature 1.7 (generation_config.json)"),
+        "{}",
+        common::text(&from_file)
+    );
     // ... are the same draws as the same values given as flags to a model without the file.
     let flags = ["--temperature", "1.7", "--top-k", "20", "--top-p", "0.9", "--repetition-penalty", "1.2"];
     let explicit = sample_with_model("models/tiny-math", &prompts, &out("flags.jsonl"), &flags);
@@ -459,9 +570,11 @@ fn host_sample_takes_generation_config_defaults_as_generate_does() {
     assert!(ignored.status.success() && defaults.status.success());
     assert_eq!(read("ignored.jsonl"), read("defaults.jsonl"));
     // do_sample false: greedy, as generate, whatever the file's temperature.
-    let greedy_model = model_with_generation_config(&dir.path().join("g"), r#"{"do_sample": false, "temperature": 0.6}"#);
+    let greedy_model =
+        model_with_generation_config(&dir.path().join("g"), r#"{"do_sample": false, "temperature": 0.6}"#);
     let from_greedy = sample_with_model(&greedy_model, &prompts, &out("greedy_file.jsonl"), &[]);
-    let greedy_flag = sample_with_model("models/tiny-math", &prompts, &out("greedy_flag.jsonl"), &["--temperature", "0"]);
+    let greedy_flag =
+        sample_with_model("models/tiny-math", &prompts, &out("greedy_flag.jsonl"), &["--temperature", "0"]);
     assert!(from_greedy.status.success() && greedy_flag.status.success(), "{}", common::text(&from_greedy));
     assert_eq!(read("greedy_file.jsonl"), read("greedy_flag.jsonl"));
 }
@@ -475,7 +588,10 @@ fn generation_config_keys_that_change_sampling_are_refused_by_name() {
         (r#"{"min_p": 0.05, "do_sample": true}"#, "generation_config.json: min_p = 0.05"),
         (r#"{"num_beams": 4}"#, "generation_config.json: num_beams = 4"),
         (r#"{"suppress_tokens": [7]}"#, "generation_config.json: suppress_tokens = [7]"),
-        (r#"{"sampling_magic": 1}"#, "generation_config.json: sampling_magic: not a generation_config.json key prefhost knows"),
+        (
+            r#"{"sampling_magic": 1}"#,
+            "generation_config.json: sampling_magic: not a generation_config.json key prefhost knows",
+        ),
         (r#"{"temperature": "hot"}"#, "generation_config.json: temperature: expected a number"),
         (r#"{"top_k": 5,"#, "generation_config.json:1:"),
     ]
@@ -487,17 +603,34 @@ fn generation_config_keys_that_change_sampling_are_refused_by_name() {
         let out = case.join("out.jsonl");
         let result = sample_with_model(&model, &prompts, &out.display().to_string(), &[]);
         assert!(!result.status.success(), "{generation} was accepted");
-        assert!(common::text(&result).contains(needle), "{generation}: expected {needle:?} in {}", common::text(&result));
+        assert!(
+            common::text(&result).contains(needle),
+            "{generation}: expected {needle:?} in {}",
+            common::text(&result)
+        );
         assert!(!out.exists(), "{generation}: output written");
     }
     // Neutral values of the same keys, and keys that change nothing, pass; so does any file
     // with --no-generation-config.
-    let neutral = model_with_generation_config(&dir.path().join("neutral"), r#"{"no_repeat_ngram_size": 0, "num_beams": 1, "min_p": null, "max_length": 20, "use_cache": true, "bos_token_id": 0}"#);
+    let neutral = model_with_generation_config(
+        &dir.path().join("neutral"),
+        r#"{"no_repeat_ngram_size": 0, "num_beams": 1, "min_p": null, "max_length": 20, "use_cache": true, "bos_token_id": 0}"#,
+    );
     let ok = sample_with_model(&neutral, &prompts, &dir.path().join("neutral.jsonl").display().to_string(), &[]);
     assert!(ok.status.success(), "{}", common::text(&ok));
     let refused = model_with_generation_config(&dir.path().join("skip"), r#"{"no_repeat_ngram_size": 3}"#);
-    let skipped = sample_with_model(&refused, &prompts, &dir.path().join("skip.jsonl").display().to_string(), &["--no-generation-config"]);
+    let skipped = sample_with_model(
+        &refused,
+        &prompts,
+        &dir.path().join("skip.jsonl").display().to_string(),
+        &["--no-generation-config"],
+    );
     assert!(skipped.status.success(), "{}", common::text(&skipped));
-    let zero = sample_with_model("models/tiny-math", &prompts, &dir.path().join("zero.jsonl").display().to_string(), &["--repetition-penalty", "0"]);
+    let zero = sample_with_model(
+        "models/tiny-math",
+        &prompts,
+        &dir.path().join("zero.jsonl").display().to_string(),
+        &["--repetition-penalty", "0"],
+    );
     assert!(!zero.status.success() && common::text(&zero).contains("--repetition-penalty must be a finite number > 0"));
 }

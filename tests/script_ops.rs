@@ -40,7 +40,10 @@ fn check_gradient_in(expr: &str, dtype: DType) {
     let engine = engine();
     let (xs, ys) = (vec![0.3f64, -0.7, 1.2, 0.5, -1.5, 0.9], vec![0.4f64, -0.8]);
     let tensors = |xs: &[f64], ys: &[f64], device: &Device| {
-        (Tensor::<2>::from_data(TensorData::new(xs.to_vec(), [2, 3]), (device, dtype)), Tensor::<1>::from_data(TensorData::new(ys.to_vec(), [2]), (device, dtype)))
+        (
+            Tensor::<2>::from_data(TensorData::new(xs.to_vec(), [2, 3]), (device, dtype)),
+            Tensor::<1>::from_data(TensorData::new(ys.to_vec(), [2]), (device, dtype)),
+        )
     };
     let floats = |t: Tensor<1>| -> Vec<f64> { t.into_data().iter::<f64>().collect() };
     let (x, y) = tensors(&xs, &ys, &device);
@@ -74,8 +77,14 @@ fn check_gradient_in(expr: &str, dtype: DType) {
 #[test]
 fn gradients_flow_through_arithmetic_with_broadcasting() {
     for expr in [
-        "sum(x + y)", "sum(x - 2.0 * y)", "sum(x * y)", "sum(x / (y + 3.0))", "sum(-x * 1.5 + 1)",
-        "mean(2 - x)", "sum(3.0 / (x + 4.0))", "sum(x * x) - sum(y)",
+        "sum(x + y)",
+        "sum(x - 2.0 * y)",
+        "sum(x * y)",
+        "sum(x / (y + 3.0))",
+        "sum(-x * 1.5 + 1)",
+        "mean(2 - x)",
+        "sum(3.0 / (x + 4.0))",
+        "sum(x * x) - sum(y)",
     ] {
         check_gradient(expr);
     }
@@ -84,11 +93,26 @@ fn gradients_flow_through_arithmetic_with_broadcasting() {
 #[test]
 fn gradients_flow_through_elementwise_functions() {
     for expr in [
-        "sum(log_sigmoid(x))", "sum(sigmoid(x))", "sum(softplus(x))", "sum(relu(x + 0.05))", "sum(exp(x))",
-        "sum(log(x + 2.0))", "sum(abs(x + 0.05))", "sum(sqrt(x + 2.0))", "sum(pow(x + 2.0, 1.5))",
-        "sum(clamp(x, -1.0, 1.0))", "sum(clamp_min(x, 0.0))", "sum(square(x)) + sum(tanh(y))",
-        "sum(max(x, y))", "sum(min(x, 0.1))", "sum(softmax(x) * x)", "sum(log_softmax(x) * x)",
-        "max(x) + min(y)", "std(x)", "sum(sum(x, 1) * y)", "sum(mean(x, 1) * y)",
+        "sum(log_sigmoid(x))",
+        "sum(sigmoid(x))",
+        "sum(softplus(x))",
+        "sum(relu(x + 0.05))",
+        "sum(exp(x))",
+        "sum(log(x + 2.0))",
+        "sum(abs(x + 0.05))",
+        "sum(sqrt(x + 2.0))",
+        "sum(pow(x + 2.0, 1.5))",
+        "sum(clamp(x, -1.0, 1.0))",
+        "sum(clamp_min(x, 0.0))",
+        "sum(square(x)) + sum(tanh(y))",
+        "sum(max(x, y))",
+        "sum(min(x, 0.1))",
+        "sum(softmax(x) * x)",
+        "sum(log_softmax(x) * x)",
+        "max(x) + min(y)",
+        "std(x)",
+        "sum(sum(x, 1) * y)",
+        "sum(mean(x, 1) * y)",
     ] {
         check_gradient(expr);
     }
@@ -129,7 +153,8 @@ fn values_items_and_shapes() {
 
 #[test]
 fn runaway_script_is_stopped_by_the_operation_limit() {
-    let engine = ScriptEngine::new(&prefhost_repo().join("plugins"), &Limits { max_operations: 100_000, ..Limits::default() });
+    let engine =
+        ScriptEngine::new(&prefhost_repo().join("plugins"), &Limits { max_operations: 100_000, ..Limits::default() });
     let err = engine.engine.eval::<Dynamic>("let i = 0; loop { i += 1; }").unwrap_err();
     assert!(err.to_string().to_lowercase().contains("too many operations"), "{err}");
     let err = engine.engine.eval::<Dynamic>("fn f(n) { f(n + 1) } f(0)").unwrap_err();

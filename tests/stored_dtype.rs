@@ -21,14 +21,20 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn train_config(model: &Path, extra: &str) -> TrainConfig {
-    let text = format!("#{{ model: {:?}, data: {:?}, {extra} }}", model.display().to_string(), repo().join("data/arithmetic/pairs.jsonl").display().to_string());
+    let text = format!(
+        "#{{ model: {:?}, data: {:?}, {extra} }}",
+        model.display().to_string(),
+        repo().join("data/arithmetic/pairs.jsonl").display().to_string()
+    );
     TrainConfig::from_map(rhai::Engine::new().eval::<rhai::Map>(&text).unwrap()).unwrap()
 }
 
 /// The dtype of every matrix a LoRA base or reference could keep stored, by HF name.
 fn matrix_dtypes(model: &Llama) -> Vec<(String, DType)> {
     let mut out = vec![("model.embed_tokens.weight".to_string(), model.embed_tokens.weight.val().dtype())];
-    out.extend(model.projections().into_iter().map(|(path, _, p)| (format!("{path}.weight"), p.base.weight.val().dtype())));
+    out.extend(
+        model.projections().into_iter().map(|(path, _, p)| (format!("{path}.weight"), p.base.weight.val().dtype())),
+    );
     if let Some(head) = &model.lm_head {
         out.push(("lm_head.weight".to_string(), head.weight.val().dtype()));
     }
@@ -63,14 +69,21 @@ fn frozen_weights_keep_the_checkpoint_dtype_and_trainable_ones_are_f32() {
         let (_, policy) = build_policy(&config, &device).unwrap();
         assert_all(&policy, stored, &format!("{name}: LoRA base"));
         assert_all(&policy.valid().without_adapters(), stored, &format!("{name}: LoRA reference"));
-        assert!(norm_and_adapter_dtypes(&policy).iter().all(|d| *d == DType::F32), "{name}: norms and adapters are f32");
+        assert!(
+            norm_and_adapter_dtypes(&policy).iter().all(|d| *d == DType::F32),
+            "{name}: norms and adapters are f32"
+        );
         assert!(policy.projections().iter().all(|(_, _, p)| p.lora.as_ref().unwrap().a.val().is_require_grad()));
 
         // Full fine-tuning: the policy's weights are f32 masters, its resident reference stored.
         let config = train_config(&fixture(name), "");
         let (_, policy) = build_policy(&config, &device).unwrap();
         assert_all(&policy, DType::F32, &format!("{name}: fully trained policy"));
-        assert_all(&resident_reference(&config, &policy, &device).unwrap(), stored, &format!("{name}: resident reference"));
+        assert_all(
+            &resident_reference(&config, &policy, &device).unwrap(),
+            stored,
+            &format!("{name}: resident reference"),
+        );
     }
     // An f32 checkpoint stays f32 everywhere.
     let config = train_config(&repo().join("models/tiny-math"), "lora: #{ r: 4 }");
@@ -84,7 +97,10 @@ fn bf16_copy(name: &str) -> tempfile::TempDir {
     copy_dir(&fixture(name), copy.path());
     rewrite(&copy.path().join("model.safetensors"), |_, dtype, shape, bytes| {
         assert_eq!(dtype, Dtype::F32);
-        let halves = bytes.chunks_exact(4).flat_map(|b| half::bf16::from_f32(f32::from_le_bytes(b.try_into().unwrap())).to_le_bytes()).collect();
+        let halves = bytes
+            .chunks_exact(4)
+            .flat_map(|b| half::bf16::from_f32(f32::from_le_bytes(b.try_into().unwrap())).to_le_bytes())
+            .collect();
         Some((Dtype::BF16, shape, halves))
     });
     copy
@@ -92,19 +108,28 @@ fn bf16_copy(name: &str) -> tempfile::TempDir {
 
 /// Rewrites a safetensors file tensor by tensor: `edit` returns the new dtype, shape and
 /// bytes (None keeps the tensor as it is).
-fn rewrite(file: &Path, mut edit: impl FnMut(&str, Dtype, Vec<usize>, Vec<u8>) -> Option<(Dtype, Vec<usize>, Vec<u8>)>) {
+fn rewrite(
+    file: &Path,
+    mut edit: impl FnMut(&str, Dtype, Vec<usize>, Vec<u8>) -> Option<(Dtype, Vec<usize>, Vec<u8>)>,
+) {
     let bytes = std::fs::read(file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
         .tensors()
         .into_iter()
         .map(|(name, v)| {
-            let (dtype, shape, data) = edit(&name, v.dtype(), v.shape().to_vec(), v.data().to_vec()).unwrap_or((v.dtype(), v.shape().to_vec(), v.data().to_vec()));
+            let (dtype, shape, data) = edit(&name, v.dtype(), v.shape().to_vec(), v.data().to_vec()).unwrap_or((
+                v.dtype(),
+                v.shape().to_vec(),
+                v.data().to_vec(),
+            ));
             (name, dtype, shape, data)
         })
         .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
-        tensors.iter().map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
     safetensors::serialize_to_file(views, None, file).unwrap();
 }
 
@@ -114,7 +139,8 @@ fn rewrite(file: &Path, mut edit: impl FnMut(&str, Dtype, Vec<usize>, Vec<u8>) -
 fn lora_model(dir: &Path, frozen: bool, precision: MixedPrecision, device: &Device) -> Llama {
     device.seed(11);
     let (_, base) = if frozen { load_frozen_model(dir, device) } else { load_model(dir, device) }.unwrap();
-    let lora: LoraConfig = serde_json::from_value(serde_json::json!({"r": 4, "lora_alpha": 8, "target_modules": "all-linear"})).unwrap();
+    let lora: LoraConfig =
+        serde_json::from_value(serde_json::json!({"r": 4, "lora_alpha": 8, "target_modules": "all-linear"})).unwrap();
     let model = base.with_lora(&lora, device).unwrap();
     let mut tensors = model.adapter_tensors();
     for (key, (_, values)) in tensors.iter_mut() {
@@ -142,17 +168,25 @@ fn max_relative(a: &[f32], b: &[f32]) -> f64 {
 fn lora_and_reference_logps_equal_those_of_f32_copies() {
     const BOUND: f64 = 1e-6;
     let tied = bf16_copy("llama_rope_scaled_tied");
-    let cases: [(&str, PathBuf); 3] = [("llama_bf16", fixture("llama_bf16")), ("qwen2_f16", fixture("qwen2_f16")), ("tied bf16", tied.path().to_path_buf())];
+    let cases: [(&str, PathBuf); 3] = [
+        ("llama_bf16", fixture("llama_bf16")),
+        ("qwen2_f16", fixture("qwen2_f16")),
+        ("tied bf16", tied.path().to_path_buf()),
+    ];
     let device = Device::default().autodiff();
     let plain = Device::default();
     let rows = fixture_rows(&fixture("llama_bf16"));
-    let seqs: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (&r.ids[..r.prompt_length], &r.ids[r.prompt_length..])).collect();
+    let seqs: Vec<(&[u32], &[u32])> =
+        rows.iter().map(|r| (&r.ids[..r.prompt_length], &r.ids[r.prompt_length..])).collect();
     let mut worst: f64 = 0.0;
     for (name, dir) in &cases {
         for precision in [MixedPrecision::No, MixedPrecision::Bf16] {
             let copies = lora_model(dir, false, precision, &device);
             let stored = lora_model(dir, true, precision, &device);
-            assert!(matrix_dtypes(&stored).iter().all(|(_, d)| *d != DType::F32), "{name}: the stored model keeps 16-bit matrices");
+            assert!(
+                matrix_dtypes(&stored).iter().all(|(_, d)| *d != DType::F32),
+                "{name}: the stored model keeps 16-bit matrices"
+            );
             let ids = adapter_ids(&copies);
             assert_eq!(ids, adapter_ids(&stored));
             for chunk in [None, Some(5)] {
@@ -170,17 +204,30 @@ fn lora_and_reference_logps_equal_those_of_f32_copies() {
                 }
             }
             // Merging for save_model_to / host merge: the same f32 weights.
-            assert!(prefhost::model::weights::hf_tensors(&stored.valid()) == prefhost::model::weights::hf_tensors(&copies.valid()), "{name}: merged weights differ");
+            assert!(
+                prefhost::model::weights::hf_tensors(&stored.valid())
+                    == prefhost::model::weights::hf_tensors(&copies.valid()),
+                "{name}: merged weights differ"
+            );
             // The LoRA reference (adapters left out) and a full fine-tune's resident
             // reference, on the plain device as the trainer runs them.
-            let shift = max_relative(&completion_logps(&copies.valid(), &rows, &plain).concat(), &completion_logps(&copies.valid().without_adapters(), &rows, &plain).concat());
-            assert!(shift > 1e-3, "{name}: the adapters must change the log-probs ({shift:e}) or the LoRA comparison proves little");
+            let shift = max_relative(
+                &completion_logps(&copies.valid(), &rows, &plain).concat(),
+                &completion_logps(&copies.valid().without_adapters(), &rows, &plain).concat(),
+            );
+            assert!(
+                shift > 1e-3,
+                "{name}: the adapters must change the log-probs ({shift:e}) or the LoRA comparison proves little"
+            );
             let reference = |model: &Llama| completion_logps(&model.valid().without_adapters(), &rows, &plain).concat();
             let d = max_relative(&reference(&stored), &reference(&copies));
             assert!(d <= BOUND, "{name}, {precision:?}: reference log-probs differ by {d:e}");
             let resident = load_frozen_model(dir, &plain).unwrap().1.with_precision(precision);
             let f32_resident = load_model(dir, &plain).unwrap().1.with_precision(precision);
-            let d = max_relative(&completion_logps(&resident, &rows, &plain).concat(), &completion_logps(&f32_resident, &rows, &plain).concat());
+            let d = max_relative(
+                &completion_logps(&resident, &rows, &plain).concat(),
+                &completion_logps(&f32_resident, &rows, &plain).concat(),
+            );
             assert!(d <= BOUND, "{name}, {precision:?}: resident reference log-probs differ by {d:e}");
             worst = worst.max(d);
         }
@@ -190,7 +237,8 @@ fn lora_and_reference_logps_equal_those_of_f32_copies() {
 
 fn load_error(dir: &Path) -> String {
     // Both ways of loading read the same headers and bytes.
-    let frozen = format!("{:#}", load_frozen_model(dir, &Device::default()).expect_err("a bad checkpoint must be an error"));
+    let frozen =
+        format!("{:#}", load_frozen_model(dir, &Device::default()).expect_err("a bad checkpoint must be an error"));
     let f32 = format!("{:#}", load_model(dir, &Device::default()).expect_err("a bad checkpoint must be an error"));
     assert_eq!(frozen, f32);
     frozen
@@ -212,25 +260,45 @@ fn bad_checkpoint_files_are_refused_naming_file_and_tensor() {
     let last = meta.tensors().into_iter().max_by_key(|(_, info)| info.data_offsets.1).unwrap().0;
     std::fs::write(file_of(&dir), &bytes[..bytes.len() - 10]).unwrap();
     let err = load_error(dir.path());
-    assert!(err.contains(&file_of(&dir).display().to_string()) && err.contains(&format!("\"{last}\"")) && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains(&file_of(&dir).display().to_string())
+            && err.contains(&format!("\"{last}\""))
+            && err.contains("truncated"),
+        "{err}"
+    );
 
     // Cut inside the header.
     std::fs::write(file_of(&dir), &bytes[..20]).unwrap();
     let err = load_error(dir.path());
-    assert!(err.contains(&file_of(&dir).display().to_string()) && err.contains("not a valid safetensors file"), "{err}");
+    assert!(
+        err.contains(&file_of(&dir).display().to_string()) && err.contains("not a valid safetensors file"),
+        "{err}"
+    );
 
     // A tensor of another shape than the config gives (same bytes).
     let key = "model.layers.1.self_attn.q_proj.weight";
     let dir = copy("llama_bf16");
     rewrite(&file_of(&dir), |name, dtype, _, bytes| (name == key).then(|| (dtype, vec![16, 64], bytes)));
     let err = load_error(dir.path());
-    assert!(err.contains(&file_of(&dir).display().to_string()) && err.contains(key) && err.contains("[16, 64]"), "{err}");
+    assert!(
+        err.contains(&file_of(&dir).display().to_string()) && err.contains(key) && err.contains("[16, 64]"),
+        "{err}"
+    );
 
     // A dtype prefhost does not read.
     let key = "model.layers.0.mlp.up_proj.weight";
     let dir = copy("llama_bf16");
     rewrite(&file_of(&dir), |name, _, shape, bytes| {
-        (name == key).then(|| (Dtype::F64, shape, bytes.chunks_exact(2).flat_map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64().to_le_bytes()).collect()))
+        (name == key).then(|| {
+            (
+                Dtype::F64,
+                shape,
+                bytes
+                    .chunks_exact(2)
+                    .flat_map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64().to_le_bytes())
+                    .collect(),
+            )
+        })
     });
     let err = load_error(dir.path());
     assert!(err.contains(&file_of(&dir).display().to_string()) && err.contains(key) && err.contains("F64"), "{err}");
@@ -250,7 +318,10 @@ fn bad_checkpoint_files_are_refused_naming_file_and_tensor() {
     edited.extend(&bytes[8 + n..]);
     std::fs::write(file_of(&dir), edited).unwrap();
     let err = load_error(dir.path());
-    assert!(err.contains(&file_of(&dir).display().to_string()) && err.contains(key) && err.contains("needs 128 bytes"), "{err}");
+    assert!(
+        err.contains(&file_of(&dir).display().to_string()) && err.contains(key) && err.contains("needs 128 bytes"),
+        "{err}"
+    );
 }
 
 /// From the command line: a truncated checkpoint stops `host logps` with the file and
@@ -264,9 +335,23 @@ fn host_logps_on_a_truncated_checkpoint_fails_and_writes_nothing() {
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
     let out = dir.path().join("ref.jsonl");
-    let result = run_host(&["logps", "--model", model.to_str().unwrap(), "--data", "data/arithmetic/pairs.jsonl", "--out", out.to_str().unwrap()]);
+    let result = run_host(&[
+        "logps",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        "data/arithmetic/pairs.jsonl",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     let message = text(&result);
     assert!(!result.status.success(), "{message}");
-    assert!(message.contains(&file.display().to_string()) && message.contains("tensor \"") && message.contains("truncated"), "{message}");
-    assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| e.unwrap().file_name() == "model"), "nothing written beside the model");
+    assert!(
+        message.contains(&file.display().to_string()) && message.contains("tensor \"") && message.contains("truncated"),
+        "{message}"
+    );
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().all(|e| e.unwrap().file_name() == "model"),
+        "nothing written beside the model"
+    );
 }

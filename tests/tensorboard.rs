@@ -14,20 +14,31 @@ use prefhost::report::tensorboard::{Event, read_events};
 
 /// Batches of 4 rows, 2 micro-batches a step, logged every `log_every` steps.
 fn script(steps: usize, log_every: usize, extra: &str) -> String {
-    let config = small_config(&format!("max_steps: {steps}, seed: 3, grad_accum: 2, save_every: 4, params: #{{ beta: 0.1 }}, {extra}"));
-    let config = config.replace("batch_size: 8,", "batch_size: 4,").replace("log_every: 1,", &format!("log_every: {log_every},"));
+    let config = small_config(&format!(
+        "max_steps: {steps}, seed: 3, grad_accum: 2, save_every: 4, params: #{{ beta: 0.1 }}, {extra}"
+    ));
+    let config = config
+        .replace("batch_size: 8,", "batch_size: 4,")
+        .replace("log_every: 1,", &format!("log_every: {log_every},"));
     format!("import \"losses/dpo\" as dpo;\nfn loss(b, p) {{ dpo::loss(b, p) }}\ntrain({config});\n")
 }
 
 /// metrics.jsonl as written (wall-clock values included).
 fn raw_lines(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn event_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("tb")).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
-    assert!(files.iter().all(|f| f.file_name().unwrap().to_str().unwrap().starts_with("events.out.tfevents.")), "{files:?}");
+    assert!(
+        files.iter().all(|f| f.file_name().unwrap().to_str().unwrap().starts_with("events.out.tfevents.")),
+        "{files:?}"
+    );
     files
 }
 
@@ -51,7 +62,10 @@ fn tensorboard_view(files: &[PathBuf]) -> (ByStepAndTag<f32>, ByStepAndTag<Strin
                     }
                     (None, Some(tensor)) => {
                         assert_eq!(value.metadata.as_ref().unwrap().plugin_data.as_ref().unwrap().plugin_name, "text");
-                        texts.insert((event.step, value.tag.clone()), String::from_utf8(tensor.string_val[0].clone()).unwrap());
+                        texts.insert(
+                            (event.step, value.tag.clone()),
+                            String::from_utf8(tensor.string_val[0].clone()).unwrap(),
+                        );
                     }
                     _ => panic!("{}: a value with neither a scalar nor a tensor: {value:?}", file.display()),
                 }
@@ -68,7 +82,8 @@ fn assert_same_as_metrics(dir: &Path, scalars: &BTreeMap<(i64, String), f32>, te
         let step = line["step"].as_i64().unwrap();
         if let Some(event) = line["event"].as_str() {
             let text = texts.get(&(step, format!("events/{event}"))).unwrap_or_else(|| panic!("no text for {line}"));
-            let shown: serde_json::Value = serde_json::from_str(text.trim_start_matches("```\n").trim_end_matches("\n```")).unwrap();
+            let shown: serde_json::Value =
+                serde_json::from_str(text.trim_start_matches("```\n").trim_end_matches("\n```")).unwrap();
             assert_eq!(shown, line);
             continue;
         }
@@ -97,7 +112,12 @@ fn every_logged_scalar_and_event_is_in_the_event_files() {
     assert_eq!(events[0].file_version.as_deref(), Some("brain.Event:2"));
     let (scalars, texts) = tensorboard_view(&files);
     assert_same_as_metrics(&dir, &scalars, &texts);
-    assert!(texts.contains_key(&(6, "events/train_summary".to_string())) && texts.contains_key(&(1, "events/param_grad_norms".to_string())), "{:?}", texts.keys());
+    assert!(
+        texts.contains_key(&(6, "events/train_summary".to_string()))
+            && texts.contains_key(&(1, "events/param_grad_norms".to_string())),
+        "{:?}",
+        texts.keys()
+    );
 
     // The framing is checked: a flipped byte in a record's data, and a cut-off record, are
     // errors naming the file and the record's offset.
@@ -123,14 +143,21 @@ fn throughput_is_logged_per_interval_and_summed_up_at_the_end() {
     let dir = sb.path("run");
     let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", dir.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("train_samples_per_second=") && text(&out).contains("train summary: "), "{}", text(&out));
+    assert!(
+        text(&out).contains("train_samples_per_second=") && text(&out).contains("train summary: "),
+        "{}",
+        text(&out)
+    );
     let lines = raw_lines(&dir);
     let steps: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("loss").is_some()).collect();
     assert_eq!(steps.len(), 3);
     // A row's tokens: prompt + chosen and prompt + rejected, as the run loads them.
-    let tokenizer = prefhost::data::TextTokenizer::load(&repo().join("models/tiny-math/tokenizer.json"), Some(1), Some(2)).unwrap();
+    let tokenizer =
+        prefhost::data::TextTokenizer::load(&repo().join("models/tiny-math/tokenizer.json"), Some(1), Some(2)).unwrap();
     let limits = prefhost::data::Truncation { max_length: 256, max_prompt_length: 128 };
-    let (rows, _) = prefhost::data::load_examples(&repo().join("data/arithmetic/pairs.jsonl"), &tokenizer, true, limits, false).unwrap();
+    let (rows, _) =
+        prefhost::data::load_examples(&repo().join("data/arithmetic/pairs.jsonl"), &tokenizer, true, limits, false)
+            .unwrap();
     let sizes: Vec<usize> = rows.iter().map(|r| 2 * r.prompt.len() + r.chosen.len() + r.rejected.len()).collect();
     let (fewest, most) = (*sizes.iter().min().unwrap(), *sizes.iter().max().unwrap());
     assert!(fewest < most);
@@ -140,12 +167,16 @@ fn throughput_is_logged_per_interval_and_summed_up_at_the_end() {
         let rows_per_step = rate("train_samples_per_second") / rate("train_steps_per_second");
         assert!((rows_per_step - 8.0).abs() < 1e-9, "batch 4 × accumulation 2: {rows_per_step}");
         let tokens_per_row = rate("train_tokens_per_second") / rate("train_samples_per_second");
-        assert!((fewest as f64..=most as f64).contains(&tokens_per_row), "{tokens_per_row} tokens a row, the data's rows hold {fewest} to {most}");
+        assert!(
+            (fewest as f64..=most as f64).contains(&tokens_per_row),
+            "{tokens_per_row} tokens a row, the data's rows hold {fewest} to {most}"
+        );
     }
     let summary = lines.iter().find(|l| l["event"] == "train_summary").expect("a train_summary line");
     assert_eq!(summary["step"], 6);
     assert!(summary["train_runtime"].as_f64().unwrap() > 0.0);
-    let samples_per_step = summary["train_samples_per_second"].as_f64().unwrap() / summary["train_steps_per_second"].as_f64().unwrap();
+    let samples_per_step =
+        summary["train_samples_per_second"].as_f64().unwrap() / summary["train_steps_per_second"].as_f64().unwrap();
     assert!((samples_per_step - 8.0).abs() < 1e-9, "{summary}");
     // With log_every 2 each line's loss is the mean of two steps: their mean is the run's.
     let mean_loss = steps.iter().map(|l| l["loss"].as_f64().unwrap()).sum::<f64>() / 3.0;
@@ -173,7 +204,11 @@ fn a_resumed_run_reads_back_as_one_run() {
 
     // TensorBoard's EventAccumulator, where installed.
     let Some(python) = python_with("tensorboard") else { return };
-    let out = std::process::Command::new(&python).arg(repo().join("tests/fixtures/read_tfevents.py")).arg(dir.join("tb")).output().unwrap();
+    let out = std::process::Command::new(&python)
+        .arg(repo().join("tests/fixtures/read_tfevents.py"))
+        .arg(dir.join("tb"))
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let read: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let mut seen = BTreeMap::new();

@@ -35,7 +35,12 @@ fn without_prompt_special_tokens_rows_tokenize_as_trl_0_12_to_0_28() {
     assert_eq!(examples.len(), rows.len());
     for (i, (e, row)) in examples.iter().zip(&rows).enumerate() {
         let trl = &row["trl_0_12_to_0_28"];
-        assert_eq!((&e.prompt, &e.chosen, &e.rejected), (&ids(&trl["prompt"]), &ids(&trl["chosen"]), &ids(&trl["rejected"])), "row {}", i + 1);
+        assert_eq!(
+            (&e.prompt, &e.chosen, &e.rejected),
+            (&ids(&trl["prompt"]), &ids(&trl["chosen"]), &ids(&trl["rejected"])),
+            "row {}",
+            i + 1
+        );
     }
 }
 
@@ -50,8 +55,18 @@ fn with_prompt_special_tokens_rows_tokenize_as_trl_0_11_and_0_29_where_the_bound
         let clean = row["splits_at_boundary"].as_object().unwrap().values().all(|v| v == true);
         if clean {
             assert_eq!(ids(&old["prompt_chosen"]), ids(&old["prompt_rejected"]), "row {}", i + 1);
-            assert_eq!(ours, (ids(&old["prompt_chosen"]), ids(&old["chosen"]), ids(&old["rejected"])), "row {}: TRL 0.11", i + 1);
-            assert_eq!(ours, (ids(&new["prompt"]), ids(&new["chosen"]), ids(&new["rejected"])), "row {}: TRL 0.29", i + 1);
+            assert_eq!(
+                ours,
+                (ids(&old["prompt_chosen"]), ids(&old["chosen"]), ids(&old["rejected"])),
+                "row {}: TRL 0.11",
+                i + 1
+            );
+            assert_eq!(
+                ours,
+                (ids(&new["prompt"]), ids(&new["chosen"]), ids(&new["rejected"])),
+                "row {}: TRL 0.29",
+                i + 1
+            );
         } else {
             merged += 1;
             assert_ne!(ours.1, ids(&old["chosen"]), "row {}: a merged boundary gives other ids", i + 1);
@@ -69,14 +84,21 @@ fn the_choice_reaches_a_run_and_a_reference_file_written_with_the_other_is_refus
     let out = run_host(&["logps", "--model", "models/tiny-math", "--data", data, "--out", refs.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
     let script = |extra: &str| {
-        format!("import \"losses/dpo\" as dpo;\nfn loss(b, p) {{ dpo::loss(b, p) }}\ntrain(#{{ model: \"models/tiny-math\", data: \"{data}\", batch_size: 2, max_steps: 1, progress: false, {extra} }});\n")
+        format!(
+            "import \"losses/dpo\" as dpo;\nfn loss(b, p) {{ dpo::loss(b, p) }}\ntrain(#{{ model: \"models/tiny-math\", data: \"{data}\", batch_size: 2, max_steps: 1, progress: false, {extra} }});\n"
+        )
     };
     let path = sb.write("scripts/ok.rhai", &script(&format!("ref_logps: \"{}\",", refs.display())));
-    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", sb.path("runs/ok").to_str().unwrap()]);
+    let out =
+        run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", sb.path("runs/ok").to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("note: in 1 row(s) of tests/fixtures/tokenization/rows.jsonl (line 5) the prompt and a completion tokenize differently"), "{}", text(&out));
-    let path = sb.write("scripts/other.rhai", &script(&format!("prompt_special_tokens: false, ref_logps: \"{}\",", refs.display())));
-    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", sb.path("runs/other").to_str().unwrap()]);
+    let path = sb.write(
+        "scripts/other.rhai",
+        &script(&format!("prompt_special_tokens: false, ref_logps: \"{}\",", refs.display())),
+    );
+    let out =
+        run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", sb.path("runs/other").to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(text(&out).contains("ref.jsonl: data row 1 has a 64-token prompt, the file 65"), "{}", text(&out));
 }
@@ -89,13 +111,16 @@ fn a_list_of_eos_ids_takes_the_tokenizers_eos_token_and_never_guesses() {
     let dir = tempfile::tempdir().unwrap();
     let tokenizer = dir.path().join("tokenizer.json");
     std::fs::copy(repo().join("models/tiny-math/tokenizer.json"), &tokenizer).unwrap();
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(repo().join("models/tiny-math/config.json")).unwrap()).unwrap();
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("models/tiny-math/config.json")).unwrap()).unwrap();
     config["eos_token_id"] = serde_json::json!([1, 5]);
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
     let model_config = prefhost::model::LlamaConfig::from_file(&dir.path().join("config.json")).unwrap();
     assert_eq!(model_config.eos_ids(), vec![1, 5]);
 
-    let err = TextTokenizer::load_with(&tokenizer, &model_config.eos_ids(), None).err().expect("two EOS ids and no eos_token");
+    let err = TextTokenizer::load_with(&tokenizer, &model_config.eos_ids(), None)
+        .err()
+        .expect("two EOS ids and no eos_token");
     assert!(format!("{err:#}").contains("eos_token_id lists [1, 5]"), "{err:#}");
 
     std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"eos_token": "</s>"}"#).unwrap();

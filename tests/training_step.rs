@@ -42,8 +42,16 @@ fn script(name: &str, hp: &Value, loss: &str) -> String {
          batch_size: {}, grad_accum: {}, max_steps: {}, lr: {}, weight_decay: {}, max_grad_norm: {},\n    \
          adam_beta1: {}, adam_beta2: {}, adam_epsilon: {}, log_every: 1, log_param_grad_norms: true, progress: false,\n    \
          {lora}\n    params: #{{ beta: {} }},\n}});\n",
-        hp["batch_size"], hp["grad_accum"], hp["steps"], float(&hp["lr"]), float(&hp["weight_decay"]), float(&hp["max_grad_norm"]),
-        float(&hp["adam_beta1"]), float(&hp["adam_beta2"]), float(&hp["adam_epsilon"]), float(&hp["beta"]),
+        hp["batch_size"],
+        hp["grad_accum"],
+        hp["steps"],
+        float(&hp["lr"]),
+        float(&hp["weight_decay"]),
+        float(&hp["max_grad_norm"]),
+        float(&hp["adam_beta1"]),
+        float(&hp["adam_beta2"]),
+        float(&hp["adam_epsilon"]),
+        float(&hp["beta"]),
     )
 }
 
@@ -103,7 +111,17 @@ fn compare(name: &str, run: &Run) -> Result<(), String> {
     if run.steps.len() != want.len() {
         return Err(format!("{name}: {} steps logged, fixture has {}", run.steps.len(), want.len()));
     }
-    let keys = ["loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "learning_rate"];
+    let keys = [
+        "loss",
+        "grad_norm",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "learning_rate",
+    ];
     for (i, (got, want)) in run.steps.iter().zip(want).enumerate() {
         let rel = if i == 0 { 1e-5 } else { 5e-5 };
         for key in keys {
@@ -124,7 +142,8 @@ fn compare(name: &str, run: &Run) -> Result<(), String> {
         return Err(format!("{name}: gradients for {got_names:?}, PyTorch has {:?}", want.keys().collect::<Vec<_>>()));
     }
     for (param, w) in want {
-        let g = got.get(param).and_then(Value::as_f64).ok_or_else(|| format!("{name}: no gradient norm for {param}"))?;
+        let g =
+            got.get(param).and_then(Value::as_f64).ok_or_else(|| format!("{name}: no gradient norm for {param}"))?;
         if !close(g, w.as_f64().unwrap(), 1e-5, 1e-9) {
             return Err(format!("{name}: step-1 gradient norm of {param} is {g}, PyTorch {w}"));
         }
@@ -223,7 +242,8 @@ fn a_resumed_run_still_matches_pytorch() {
 /// The published steps with `settings` added to the script's train(...) map.
 fn with_settings(name: &str, settings: &str) -> String {
     let (_, expected) = fixture(name);
-    script(name, &expected["hyper_parameters"], DPO).replace("progress: false,", &format!("progress: false, {settings}"))
+    script(name, &expected["hyper_parameters"], DPO)
+        .replace("progress: false,", &format!("progress: false, {settings}"))
 }
 
 /// Each decoder layer recomputed in the backward pass: the steps still match PyTorch's
@@ -232,7 +252,12 @@ fn with_settings(name: &str, settings: &str) -> String {
 fn gradient_checkpointing_still_matches_pytorch() {
     let sb = Sandbox::new();
     for name in ["llama", "qwen2", "qwen3", "gemma2", "llama_lora"] {
-        let run = run_script(&sb, name, &with_settings(name, "gradient_checkpointing: true,"), &format!("{name}_checkpointed"));
+        let run = run_script(
+            &sb,
+            name,
+            &with_settings(name, "gradient_checkpointing: true,"),
+            &format!("{name}_checkpointed"),
+        );
         compare(name, &run).unwrap();
     }
 }
@@ -245,7 +270,12 @@ fn gradient_checkpointing_changes_nothing_with_packed_rows() {
     let sb = Sandbox::new();
     let packed = "prefix_sharing: true, logits_chunk_size: 3,";
     let plain = run_script(&sb, "llama", &with_settings("llama", packed), "packed");
-    let checkpointed = run_script(&sb, "llama", &with_settings("llama", &format!("{packed} gradient_checkpointing: true,")), "packed_checkpointed");
+    let checkpointed = run_script(
+        &sb,
+        "llama",
+        &with_settings("llama", &format!("{packed} gradient_checkpointing: true,")),
+        "packed_checkpointed",
+    );
     let lines = |run: &Run| run.steps.iter().chain(&run.grad_norms).cloned().collect::<Vec<_>>();
     let (a, b) = (lines(&plain), lines(&checkpointed));
     assert_eq!(a.len(), b.len());

@@ -38,7 +38,18 @@ struct Config {
     gradient_checkpointing: bool,
 }
 
-const PLAIN: Config = Config { name: "", data: "metamath", model: "model", rust_loss: false, prefix_sharing: false, precomputed_ref: false, logits_chunk: None, lora: false, unfused: false, gradient_checkpointing: false };
+const PLAIN: Config = Config {
+    name: "",
+    data: "metamath",
+    model: "model",
+    rust_loss: false,
+    prefix_sharing: false,
+    precomputed_ref: false,
+    logits_chunk: None,
+    lora: false,
+    unfused: false,
+    gradient_checkpointing: false,
+};
 
 const CONFIGS: [Config; 16] = [
     Config { name: "metamath/script-loss", ..PLAIN },
@@ -124,13 +135,25 @@ fn torch_rows(size: ModelSize) -> Vec<TorchRow> {
     if size == ModelSize::Smollm135m {
         return REAL_SIZE_TORCH
             .iter()
-            .map(|&(name, data, gradient_checkpointing, lora)| TorchRow { name: name.to_string(), data, compile: false, gradient_checkpointing, lora })
+            .map(|&(name, data, gradient_checkpointing, lora)| TorchRow {
+                name: name.to_string(),
+                data,
+                compile: false,
+                gradient_checkpointing,
+                lora,
+            })
             .collect();
     }
     let mut rows = Vec::new();
     for data in ["metamath", "long_prompt"] {
         for (peer, compile) in [("pytorch-eager", false), ("pytorch-compile", true)] {
-            rows.push(TorchRow { name: format!("{}/{peer}", data.replace('_', "-")), data, compile, gradient_checkpointing: false, lora: false });
+            rows.push(TorchRow {
+                name: format!("{}/{peer}", data.replace('_', "-")),
+                data,
+                compile,
+                gradient_checkpointing: false,
+                lora: false,
+            });
         }
     }
     rows
@@ -232,19 +255,41 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
     let real_size = opts.size == ModelSize::Smollm135m;
     let data_sets: Vec<&str> = if real_size {
         for (name, length) in REAL_SIZE_LENGTHS {
-            write_long_data(&tokenizer, &pairs, &sft, &opts.out.join(format!("{name}.jsonl")), length, opts.batch_size)?;
+            write_long_data(
+                &tokenizer,
+                &pairs,
+                &sft,
+                &opts.out.join(format!("{name}.jsonl")),
+                length,
+                opts.batch_size,
+            )?;
         }
         REAL_SIZE_LENGTHS.iter().map(|(name, _)| *name).collect()
     } else {
         let large = opts.size.preset(LARGE_VOCAB).config();
-        save_model(&Llama::build(&large, &mut RandomInit { std: 0.02 }, &device)?, &large, &tokenizer_json, &opts.out.join("model_large_vocab"))?;
+        save_model(
+            &Llama::build(&large, &mut RandomInit { std: 0.02 }, &device)?,
+            &large,
+            &tokenizer_json,
+            &opts.out.join("model_large_vocab"),
+        )?;
         write_data(&pairs, &sft, &opts.out, opts.batch_size)?;
         vec!["metamath", "long_prompt"]
     };
     for data in &data_sets {
         let file = opts.out.join(format!("{data}.jsonl"));
         let out = opts.out.join(format!("{data}.ref.jsonl"));
-        reference::precompute(&reference::LogpsJob { model_dir: &model_dir, data: &file, out: &out, batch_size: opts.batch_size, limits: limits(data), prompt_special_tokens: true, chat_template: None, backend: "cpu", shard: None })?;
+        reference::precompute(&reference::LogpsJob {
+            model_dir: &model_dir,
+            data: &file,
+            out: &out,
+            batch_size: opts.batch_size,
+            limits: limits(data),
+            prompt_special_tokens: true,
+            chat_template: None,
+            backend: "cpu",
+            shard: None,
+        })?;
         let (examples, _) = load_examples(&file, &tokenizer, true, limits(data), false)?;
         write_torch_batch(&examples, tokenizer.pad_id, &opts.out.join(format!("{data}.batch.json")))?;
     }
@@ -253,12 +298,21 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
     let python = if opts.no_pytorch { None } else { opts.python.clone().or_else(find_python_with_torch) };
     let mut results: Vec<Timing> = Vec::new();
     for round in 0..opts.rounds {
-        for config in configs(opts.size).iter().filter(|c| opts.only.as_ref().is_none_or(|p| c.name.starts_with(p.as_str()))) {
+        for config in
+            configs(opts.size).iter().filter(|c| opts.only.as_ref().is_none_or(|p| c.name.starts_with(p.as_str())))
+        {
             eprintln!("round {}/{}: {}", round + 1, opts.rounds, config.name);
             let status = Command::new(&exe)
                 .args(["bench", "--child", config.name, "--out"])
                 .arg(&opts.out)
-                .args(["--steps", &opts.steps.to_string(), "--warmup", &opts.warmup.to_string(), "--round", &round.to_string()])
+                .args([
+                    "--steps",
+                    &opts.steps.to_string(),
+                    "--warmup",
+                    &opts.warmup.to_string(),
+                    "--round",
+                    &round.to_string(),
+                ])
                 .env("PREFHOST_UNFUSED", if config.unfused { "1" } else { "0" })
                 .stdout(std::process::Stdio::null())
                 .status()?;
@@ -274,8 +328,9 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
                     continue;
                 }
                 eprintln!("round {}/{}: {}", round + 1, opts.rounds, row.name);
-                let timing = run_torch(python, &model_dir, &opts.out, opts, &row)
-                    .with_context(|| format!("PyTorch row {} (leave the PyTorch rows out with --no-pytorch)", row.name))?;
+                let timing = run_torch(python, &model_dir, &opts.out, opts, &row).with_context(|| {
+                    format!("PyTorch row {} (leave the PyTorch rows out with --no-pytorch)", row.name)
+                })?;
                 merge(&mut results, timing);
             }
         }
@@ -309,9 +364,14 @@ fn result_file(out: &Path, name: &str, round: usize) -> PathBuf {
 /// One batch of MetaMath-style pairs (the shipped ones), and the same pairs behind a long
 /// few-shot prompt (worked examples), the case prompt sharing is for.
 fn write_data(pairs: &Path, sft: &Path, out: &Path, batch: usize) -> Result<()> {
-    let rows: Vec<serde_json::Value> = std::fs::read_to_string(pairs)?.lines().take(batch).map(serde_json::from_str).collect::<Result<_, _>>()?;
-    let shots: Vec<serde_json::Value> = std::fs::read_to_string(sft)?.lines().take(3).map(serde_json::from_str).collect::<Result<_, _>>()?;
-    let few_shot: String = shots.iter().map(|s| format!("{}{}\n\n", s["prompt"].as_str().unwrap_or(""), s["completion"].as_str().unwrap_or(""))).collect();
+    let rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(pairs)?.lines().take(batch).map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let shots: Vec<serde_json::Value> =
+        std::fs::read_to_string(sft)?.lines().take(3).map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let few_shot: String = shots
+        .iter()
+        .map(|s| format!("{}{}\n\n", s["prompt"].as_str().unwrap_or(""), s["completion"].as_str().unwrap_or("")))
+        .collect();
     let mut short = String::new();
     let mut long = String::new();
     for row in &rows {
@@ -327,11 +387,23 @@ fn write_data(pairs: &Path, sft: &Path, out: &Path, batch: usize) -> Result<()> 
 
 /// `batch` pairs behind a few-shot prompt of worked examples longer than `length` tokens
 /// (`limits` cuts it to fit).
-fn write_long_data(tokenizer: &TextTokenizer, pairs: &Path, sft: &Path, out: &Path, length: usize, batch: usize) -> Result<()> {
-    let rows: Vec<serde_json::Value> = std::fs::read_to_string(pairs)?.lines().take(batch).map(serde_json::from_str).collect::<Result<_, _>>()?;
+fn write_long_data(
+    tokenizer: &TextTokenizer,
+    pairs: &Path,
+    sft: &Path,
+    out: &Path,
+    length: usize,
+    batch: usize,
+) -> Result<()> {
+    let rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(pairs)?.lines().take(batch).map(serde_json::from_str).collect::<Result<_, _>>()?;
     let shots: Vec<String> = std::fs::read_to_string(sft)?
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).map(|s| format!("{}{}\n\n", s["prompt"].as_str().unwrap_or(""), s["completion"].as_str().unwrap_or(""))))
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).map(|s| {
+                format!("{}{}\n\n", s["prompt"].as_str().unwrap_or(""), s["completion"].as_str().unwrap_or(""))
+            })
+        })
         .collect::<Result<_, _>>()?;
     let mut text = String::new();
     for row in &rows {
@@ -353,16 +425,29 @@ fn write_long_data(tokenizer: &TextTokenizer, pairs: &Path, sft: &Path, out: &Pa
 /// The child: trains `warmup + steps` steps of one configuration through the real
 /// trainer (script host, reload checks, metrics) and writes its timings.
 pub fn run_child(name: &str, out: &Path, steps: usize, warmup: usize, round: usize) -> Result<()> {
-    let config = CONFIGS.iter().chain(&REAL_SIZE_CONFIGS).find(|c| c.name == name).with_context(|| format!("no bench configuration {name}"))?;
+    let config = CONFIGS
+        .iter()
+        .chain(&REAL_SIZE_CONFIGS)
+        .find(|c| c.name == name)
+        .with_context(|| format!("no bench configuration {name}"))?;
     let data = out.join(format!("{}.jsonl", config.data));
     let limits = limits(config.data);
     let chunk = config.logits_chunk.map_or(String::new(), |n| format!(" logits_chunk_size: {n},"));
-    let ref_logps = if config.precomputed_ref { format!("ref_logps: \"{}\",", out.join(format!("{}.ref.jsonl", config.data)).display()) } else { String::new() };
+    let ref_logps = if config.precomputed_ref {
+        format!("ref_logps: \"{}\",", out.join(format!("{}.ref.jsonl", config.data)).display())
+    } else {
+        String::new()
+    };
     let lora = if config.lora { "lora: #{ r: 16, lora_alpha: 32, target_modules: \"all-linear\" }," } else { "" };
     let batch = std::fs::read_to_string(&data)?.lines().count();
     let fields = format!(
         "model: \"{}\", data: \"{}\", batch_size: {batch},\n  max_length: {}, max_prompt_length: {}, lr: 1e-4, max_grad_norm: 1.0,\n  log_every: 1000, progress: false, seed: 1, prefix_sharing: {}, gradient_checkpointing: {}, {ref_logps}{chunk}{lora}",
-        out.join(config.model).display(), data.display(), limits.max_length, limits.max_prompt_length, config.prefix_sharing, config.gradient_checkpointing
+        out.join(config.model).display(),
+        data.display(),
+        limits.max_length,
+        limits.max_prompt_length,
+        config.prefix_sharing,
+        config.gradient_checkpointing
     );
     let script_path = out.join(format!("{}.rhai", name.replace('/', "_")));
     let run_dir = out.join("runs").join(format!("{}-round{round}", name.replace('/', "_")));
@@ -375,7 +460,13 @@ pub fn run_child(name: &str, out: &Path, steps: usize, warmup: usize, round: usi
             std::fs::remove_dir_all(&path)?;
         }
     }
-    let (examples, _) = load_examples(&data, &TextTokenizer::load(&out.join("model/tokenizer.json"), Some(1), Some(2))?, true, limits, false)?;
+    let (examples, _) = load_examples(
+        &data,
+        &TextTokenizer::load(&out.join("model/tokenizer.json"), Some(1), Some(2))?,
+        true,
+        limits,
+        false,
+    )?;
     let step_seconds = summary.step_seconds[warmup.min(summary.step_seconds.len())..].to_vec();
     let timing = Timing {
         name: name.to_string(),
@@ -385,7 +476,9 @@ pub fn run_child(name: &str, out: &Path, steps: usize, warmup: usize, round: usi
         tokens_per_step: pair_tokens(&examples),
         peak_rss_mb: peak_rss_mb(),
         baseline_rss_mb: None,
-        params: crate::model::load_model(&out.join(config.model), &crate::backend::backend_device("cpu")?)?.1.num_params(),
+        params: crate::model::load_model(&out.join(config.model), &crate::backend::backend_device("cpu")?)?
+            .1
+            .num_params(),
         logps_max_diff_vs_prefhost: None,
     };
     std::fs::write(result_file(out, name, round), serde_json::to_string(&timing)?)?;
@@ -400,13 +493,16 @@ fn peak_rss_mb() -> f64 {
 /// One round of a PyTorch peer; its first-step log-probs must be prefhost's (`reference`:
 /// the `host logps` file of the same rows under the same starting weights).
 fn run_torch(python: &str, model: &Path, out: &Path, opts: &BenchOptions, row: &TorchRow) -> Result<Timing> {
-    let (batch, reference, name) = (out.join(format!("{}.batch.json", row.data)), out.join(format!("{}.ref.jsonl", row.data)), &row.name);
+    let (batch, reference, name) =
+        (out.join(format!("{}.batch.json", row.data)), out.join(format!("{}.ref.jsonl", row.data)), &row.name);
     let script = std::env::current_dir()?.join("bench/torch_dpo_step.py");
     let mut command = Command::new(python);
     command
         .arg(&script)
-        .arg("--model").arg(model)
-        .arg("--batch").arg(&batch)
+        .arg("--model")
+        .arg(model)
+        .arg("--batch")
+        .arg(&batch)
         .args(["--steps", &opts.steps.to_string(), "--warmup", &opts.warmup.max(1).to_string()])
         // The allocator settings prefhost gives itself (src/allocator.rs).
         .env("GLIBC_TUNABLES", crate::allocator::glibc_tunables());
@@ -423,7 +519,8 @@ fn run_torch(python: &str, model: &Path, out: &Path, opts: &BenchOptions, row: &
     if !out.status.success() {
         bail!("{}: {}", script.display(), String::from_utf8_lossy(&out.stderr));
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| format!("{}: output is not JSON", script.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).with_context(|| format!("{}: output is not JSON", script.display()))?;
     // prefhost's log-probs of the same rows under the same (starting) weights.
     let ours: Vec<f64> = std::fs::read_to_string(&reference)?
         .lines()
@@ -442,12 +539,17 @@ fn run_torch(python: &str, model: &Path, out: &Path, opts: &BenchOptions, row: &
     let ours_ordered: Vec<f64> = (0..b).map(|i| ours[2 * i]).chain((0..b).map(|i| ours[2 * i + 1])).collect();
     for (i, (a, t)) in ours_ordered.iter().zip(&theirs).enumerate() {
         if (a - t).abs() > LOGPS_RELATIVE_TOLERANCE * a.abs() + LOGPS_ABSOLUTE_TOLERANCE {
-            let which = if i < b { format!("chosen of pair {}", i + 1) } else { format!("rejected of pair {}", i - b + 1) };
-            bail!("{}: first-step log-prob of the {which} is {t}, prefhost's {a}: not the same computation", script.display());
+            let which =
+                if i < b { format!("chosen of pair {}", i + 1) } else { format!("rejected of pair {}", i - b + 1) };
+            bail!(
+                "{}: first-step log-prob of the {which} is {t}, prefhost's {a}: not the same computation",
+                script.display()
+            );
         }
     }
     let logps_diff = ours_ordered.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-    let seconds: Vec<f64> = v["step_seconds"].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default();
+    let seconds: Vec<f64> =
+        v["step_seconds"].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default();
     if seconds.len() != opts.steps {
         bail!("{}: {} timed steps reported, {} asked for", script.display(), seconds.len(), opts.steps);
     }
@@ -476,7 +578,10 @@ fn render(results: &[Timing], opts: &BenchOptions) -> String {
     let by_prefix = |name: &str| results.iter().find(|r| r.name.starts_with(name));
     let mut out = format!(
         "host bench: batch {} pairs, {} timed steps x {} interleaved rounds per configuration (after {} warm-up), {} CPU threads\n\n",
-        opts.batch_size, opts.steps, opts.rounds, opts.warmup,
+        opts.batch_size,
+        opts.steps,
+        opts.rounds,
+        opts.warmup,
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     out.push_str("| configuration | params | median step (ms) | round medians, min–max (ms) | tokens/s | peak RSS (MB) | RSS before step 1 (MB) |\n|---|---|---|---|---|---|---|\n");
@@ -485,7 +590,13 @@ fn render(results: &[Timing], opts: &BenchOptions) -> String {
         let baseline = r.baseline_rss_mb.map_or("–".to_string(), |b| format!("{b:.0}"));
         out.push_str(&format!(
             "| {} | {:.2}M | {:.1} | {:.1}–{:.1} | {:.0} | {:.0} | {baseline} |\n",
-            r.name, r.params as f64 / 1e6, m * 1e3, lo * 1e3, hi * 1e3, r.tokens_per_step as f64 / m, r.peak_rss_mb
+            r.name,
+            r.params as f64 / 1e6,
+            m * 1e3,
+            lo * 1e3,
+            hi * 1e3,
+            r.tokens_per_step as f64 / m,
+            r.peak_rss_mb
         ));
     }
     out.push_str("\nRatios (median of the per-round ratios, min–max over rounds):\n");
@@ -506,7 +617,11 @@ fn render(results: &[Timing], opts: &BenchOptions) -> String {
             (script.median() - rust.median()) / script.median() * 100.0
         ));
     }
-    for (what, group) in [("MetaMath-style", "metamath/script-loss"), ("long prompt", "long-prompt/script-loss"), ("32k vocabulary", "vocab-32k/full-logits")] {
+    for (what, group) in [
+        ("MetaMath-style", "metamath/script-loss"),
+        ("long prompt", "long-prompt/script-loss"),
+        ("32k vocabulary", "vocab-32k/full-logits"),
+    ] {
         let unfused = format!("{}/unfused", group.split('/').next().unwrap_or(""));
         ratio(&format!("fused ops vs burn's op-by-op autodiff speed-up, {what}"), &unfused, group, &mut out);
         if let (Some(u), Some(f)) = (rss(&unfused), rss(group)) {
@@ -514,14 +629,36 @@ fn render(results: &[Timing], opts: &BenchOptions) -> String {
         }
     }
     ratio("prefix sharing speed-up, MetaMath-style pairs", "metamath/script-loss", "metamath/prefix-sharing", &mut out);
-    ratio("prefix sharing speed-up, long-prompt pairs", "long-prompt/script-loss", "long-prompt/prefix-sharing", &mut out);
+    ratio(
+        "prefix sharing speed-up, long-prompt pairs",
+        "long-prompt/script-loss",
+        "long-prompt/prefix-sharing",
+        &mut out,
+    );
     ratio("precomputed vs resident reference speed-up", "metamath/script-loss", "metamath/precomputed-ref", &mut out);
-    ratio("prefix sharing + precomputed reference speed-up", "metamath/script-loss", "metamath/prefix+precomputed", &mut out);
-    ratio("chunked vs full logits speed-up, 32k vocabulary", "vocab-32k/full-logits", "vocab-32k/chunked-logits", &mut out);
+    ratio(
+        "prefix sharing + precomputed reference speed-up",
+        "metamath/script-loss",
+        "metamath/prefix+precomputed",
+        &mut out,
+    );
+    ratio(
+        "chunked vs full logits speed-up, 32k vocabulary",
+        "vocab-32k/full-logits",
+        "vocab-32k/chunked-logits",
+        &mut out,
+    );
     if let (Some(full), Some(chunked)) = (rss("vocab-32k/full-logits"), rss("vocab-32k/chunked-logits")) {
-        out.push_str(&format!("- chunked vs full logits peak RSS, 32k vocabulary: {:.3}x ({:.0} MB less)\n", chunked / full, full - chunked));
+        out.push_str(&format!(
+            "- chunked vs full logits peak RSS, 32k vocabulary: {:.3}x ({:.0} MB less)\n",
+            chunked / full,
+            full - chunked
+        ));
     }
-    for (what, full, lora) in [("", "memory/full+resident-ref", "memory/lora-r16"), (", 32k vocabulary, chunked logits", "memory-32k/full+resident-ref", "memory-32k/lora-r16")] {
+    for (what, full, lora) in [
+        ("", "memory/full+resident-ref", "memory/lora-r16"),
+        (", 32k vocabulary, chunked logits", "memory-32k/full+resident-ref", "memory-32k/lora-r16"),
+    ] {
         if let (Some(f), Some(l)) = (rss(full), rss(lora)) {
             out.push_str(&format!("- LoRA (r=16, all projections) vs full fine-tuning with a resident reference copy, peak RSS{what}: {:.3}x ({:.0} MB less)\n", l / f, f - l));
         }
@@ -531,11 +668,26 @@ fn render(results: &[Timing], opts: &BenchOptions) -> String {
         out.push_str(&format!("- {}: first-step log-probs differ from prefhost's by at most {:.2e}\n", r.0, r.1));
     }
     for length in ["512", "1024"] {
-        for (ours, theirs) in [("full", "pytorch-eager"), ("full+gc", "pytorch-eager+gc"), ("lora-r16", "pytorch-lora-r16"), ("lora-r16+gc", "pytorch-lora-r16+gc")] {
+        for (ours, theirs) in [
+            ("full", "pytorch-eager"),
+            ("full+gc", "pytorch-eager+gc"),
+            ("lora-r16", "pytorch-lora-r16"),
+            ("lora-r16+gc", "pytorch-lora-r16+gc"),
+        ] {
             let (ours, theirs) = (format!("135m-{length}/{ours}"), format!("135m-{length}/{theirs}"));
-            ratio(&format!("{ours} vs {theirs} speed (PyTorch time / prefhost time)"), &format!("{theirs} "), &ours, &mut out);
+            ratio(
+                &format!("{ours} vs {theirs} speed (PyTorch time / prefhost time)"),
+                &format!("{theirs} "),
+                &ours,
+                &mut out,
+            );
             if let (Some(t), Some(o)) = (by_prefix(&format!("{theirs} ")), find(&ours)) {
-                out.push_str(&format!("- {ours} vs {theirs} peak RSS: {:.3}x ({:.0} vs {:.0} MB)\n", o.peak_rss_mb / t.peak_rss_mb, o.peak_rss_mb, t.peak_rss_mb));
+                out.push_str(&format!(
+                    "- {ours} vs {theirs} peak RSS: {:.3}x ({:.0} vs {:.0} MB)\n",
+                    o.peak_rss_mb / t.peak_rss_mb,
+                    o.peak_rss_mb,
+                    t.peak_rss_mb
+                ));
             }
         }
         for who in ["full", "lora-r16", "pytorch-eager", "pytorch-lora-r16"] {
@@ -545,7 +697,11 @@ fn render(results: &[Timing], opts: &BenchOptions) -> String {
                 let per_round: Vec<f64> = p.round_medians.iter().zip(&c.round_medians).map(|(p, c)| c / p).collect();
                 out.push_str(&format!(
                     "- gradient checkpointing, {}: peak RSS {:.3}x ({:.0} -> {:.0} MB), step time {:.3}x\n",
-                    plain.trim(), c.peak_rss_mb / p.peak_rss_mb, p.peak_rss_mb, c.peak_rss_mb, median(&per_round)
+                    plain.trim(),
+                    c.peak_rss_mb / p.peak_rss_mb,
+                    p.peak_rss_mb,
+                    c.peak_rss_mb,
+                    median(&per_round)
                 ));
             }
         }
@@ -554,7 +710,9 @@ fn render(results: &[Timing], opts: &BenchOptions) -> String {
         for peer in ["eager", "compile"] {
             let label = format!("prefhost vs PyTorch {peer}, {what} (PyTorch time / prefhost time)");
             ratio(&label, &format!("{group}/pytorch-{peer}"), &format!("{group}/script-loss"), &mut out);
-            if let (Some(torch), Some(ours)) = (by_prefix(&format!("{group}/pytorch-{peer}")), by_prefix(&format!("{group}/script-loss"))) {
+            if let (Some(torch), Some(ours)) =
+                (by_prefix(&format!("{group}/pytorch-{peer}")), by_prefix(&format!("{group}/script-loss")))
+            {
                 out.push_str(&format!(
                     "- prefhost vs PyTorch {peer} peak RSS, {what}: {:.3}x ({:.0} vs {:.0} MB; PyTorch holds {:.0} MB before its first step)\n",
                     ours.peak_rss_mb / torch.peak_rss_mb, ours.peak_rss_mb, torch.peak_rss_mb, torch.baseline_rss_mb.unwrap_or(f64::NAN)

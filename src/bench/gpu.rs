@@ -118,9 +118,15 @@ pub fn run(opts: &GpuBenchOptions) -> Result<String> {
     let mut results = Vec::new();
     let exe = std::env::current_exe()?;
     eprintln!("prefhost: backend {}, mixed_precision {}", opts.backend, opts.mixed_precision);
-    let child = Command::new(&exe).args(["bench-gpu", "--child", "--out"]).arg(&opts.out).stdout(std::process::Stdio::null()).spawn()?;
+    let child = Command::new(&exe)
+        .args(["bench-gpu", "--child", "--out"])
+        .arg(&opts.out)
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
     let peak = watch_gpu_memory(child, "prefhost")?;
-    let mut prefhost: SideResult = serde_json::from_str(&std::fs::read_to_string(opts.out.join("prefhost.json")).context("the prefhost child wrote no result")?)?;
+    let mut prefhost: SideResult = serde_json::from_str(
+        &std::fs::read_to_string(opts.out.join("prefhost.json")).context("the prefhost child wrote no result")?,
+    )?;
     prefhost.peak_gpu_mb = peak;
     results.push(prefhost);
 
@@ -128,18 +134,35 @@ pub fn run(opts: &GpuBenchOptions) -> Result<String> {
     eprintln!("PyTorch eager ({python}, device {})", opts.torch_device);
     let mut cmd = Command::new(&python);
     cmd.arg(root.join("bench/torch_dpo_step.py"))
-        .args(["--model", &opts.out.join("model").display().to_string(), "--batch", &opts.out.join("batch.json").display().to_string()])
-        .args(["--steps", &opts.steps.to_string(), "--warmup", &opts.warmup.to_string(), "--device", &opts.torch_device])
+        .args([
+            "--model",
+            &opts.out.join("model").display().to_string(),
+            "--batch",
+            &opts.out.join("batch.json").display().to_string(),
+        ])
+        .args([
+            "--steps",
+            &opts.steps.to_string(),
+            "--warmup",
+            &opts.warmup.to_string(),
+            "--device",
+            &opts.torch_device,
+        ])
         .stdout(std::fs::File::create(opts.out.join("pytorch.json"))?);
     if opts.mixed_precision == "bf16" {
         cmd.arg("--bf16");
     }
-    let torch_run = cmd.spawn().with_context(|| format!("running {python}")).and_then(|child| watch_gpu_memory(child, "PyTorch"));
+    let torch_run =
+        cmd.spawn().with_context(|| format!("running {python}")).and_then(|child| watch_gpu_memory(child, "PyTorch"));
     match torch_run {
         Ok(peak) => {
             let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(opts.out.join("pytorch.json"))?)?;
             results.push(SideResult {
-                name: format!("PyTorch {} eager{}", v["torch"].as_str().unwrap_or("?"), if opts.mixed_precision == "bf16" { " + autocast bf16" } else { "" }),
+                name: format!(
+                    "PyTorch {} eager{}",
+                    v["torch"].as_str().unwrap_or("?"),
+                    if opts.mixed_precision == "bf16" { " + autocast bf16" } else { "" }
+                ),
                 step_seconds: serde_json::from_value(v["step_seconds"].clone())?,
                 tokens_per_step: v["tokens_per_step"].as_u64().unwrap_or(0) as usize,
                 peak_gpu_mb: peak,
@@ -152,9 +175,21 @@ pub fn run(opts: &GpuBenchOptions) -> Result<String> {
 
     let gpu = gpu_name();
     let peak_flops = opts.peak_tflops.or_else(|| gpu.as_deref().and_then(known_bf16_peak_tflops)).map(|t| t * 1e12);
-    let report = render(opts, &results, gpu.as_deref(), peak_flops, linear_params, config.num_hidden_layers, config.num_attention_heads * config.head_dim(), seq);
+    let report = render(
+        opts,
+        &results,
+        gpu.as_deref(),
+        peak_flops,
+        linear_params,
+        config.num_hidden_layers,
+        config.num_attention_heads * config.head_dim(),
+        seq,
+    );
     std::fs::write(opts.out.join("bench-gpu.md"), &report)?;
-    std::fs::write(opts.out.join("bench-gpu.json"), serde_json::to_string_pretty(&json!({"results": results, "gpu": gpu, "linear_params": linear_params}))?)?;
+    std::fs::write(
+        opts.out.join("bench-gpu.json"),
+        serde_json::to_string_pretty(&json!({"results": results, "gpu": gpu, "linear_params": linear_params}))?,
+    )?;
     Ok(report)
 }
 
@@ -166,7 +201,8 @@ fn limits(opts: &GpuBenchOptions) -> Truncation {
 /// gives every pair exactly `prompt_len` and `completion_len` tokens. The rejected
 /// completion is the chosen one with its first number changed (Smaug-style).
 fn write_pairs(sft: &Path, out: &Path, opts: &GpuBenchOptions) -> Result<()> {
-    let rows: Vec<serde_json::Value> = std::fs::read_to_string(sft)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(sft)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
     if rows.is_empty() {
         bail!("{}: no rows", sft.display());
     }
@@ -176,7 +212,11 @@ fn write_pairs(sft: &Path, out: &Path, opts: &GpuBenchOptions) -> Result<()> {
         let mut i = start;
         while s.len() < tokens * 4 {
             let r = &rows[i % rows.len()];
-            s.push_str(&format!("{}{}\n\n", r["prompt"].as_str().unwrap_or(""), r["completion"].as_str().unwrap_or("")));
+            s.push_str(&format!(
+                "{}{}\n\n",
+                r["prompt"].as_str().unwrap_or(""),
+                r["completion"].as_str().unwrap_or("")
+            ));
             i += 1;
         }
         s
@@ -187,14 +227,18 @@ fn write_pairs(sft: &Path, out: &Path, opts: &GpuBenchOptions) -> Result<()> {
         let at = chosen.find(|c: char| c.is_ascii_digit()).context("the SFT rows have no digits")?;
         let digit = chosen.as_bytes()[at] - b'0';
         let rejected = format!("{}{}{}", &chosen[..at], (digit + 1) % 10, &chosen[at + 1..]);
-        lines.push_str(&format!("{}\n", json!({"prompt": text(p * 7, opts.prompt_len), "chosen": chosen, "rejected": rejected})));
+        lines.push_str(&format!(
+            "{}\n",
+            json!({"prompt": text(p * 7, opts.prompt_len), "chosen": chosen, "rejected": rejected})
+        ));
     }
     Ok(std::fs::write(out, lines)?)
 }
 
 /// Parameters in matrix products: every projection and the vocabulary head.
 fn linear_params(model: &Llama) -> usize {
-    let projections: usize = model.projections().iter().map(|(_, _, p)| p.base.weight.val().shape().num_elements()).sum();
+    let projections: usize =
+        model.projections().iter().map(|(_, _, p)| p.base.weight.val().shape().num_elements()).sum();
     projections + model.head_weight().shape().num_elements()
 }
 
@@ -222,7 +266,10 @@ fn watch_gpu_memory(mut child: Child, what: &str) -> Result<Option<f64>> {
 }
 
 fn nvidia_smi(query: &str) -> Option<String> {
-    let out = Command::new("nvidia-smi").args([&format!("--query-gpu={query}"), "--format=csv,noheader,nounits", "--id=0"]).output().ok()?;
+    let out = Command::new("nvidia-smi")
+        .args([&format!("--query-gpu={query}"), "--format=csv,noheader,nounits", "--id=0"])
+        .output()
+        .ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
@@ -251,16 +298,34 @@ fn known_bf16_peak_tflops(name: &str) -> Option<f64> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn render(opts: &GpuBenchOptions, results: &[SideResult], gpu: Option<&str>, peak_flops: Option<f64>, linear: usize, layers: usize, attn_width: usize, seq: usize) -> String {
+fn render(
+    opts: &GpuBenchOptions,
+    results: &[SideResult],
+    gpu: Option<&str>,
+    peak_flops: Option<f64>,
+    linear: usize,
+    layers: usize,
+    attn_width: usize,
+    seq: usize,
+) -> String {
     let flops_per_token = 4.0 * (2.0 * linear as f64 + 4.0 * layers as f64 * seq as f64 * attn_width as f64);
     let mut out = format!(
         "GPU: {}\nmodel: {:?} random init, {:.1}M parameters in matrix products; batch: {} pairs, prompt {} + completion {} tokens; mixed_precision {}; {} timed steps after {} warm-up\n\n",
-        gpu.unwrap_or("(no nvidia-smi)"), opts.arch, linear as f64 / 1e6, opts.pairs, opts.prompt_len, opts.completion_len, opts.mixed_precision, opts.steps, opts.warmup
+        gpu.unwrap_or("(no nvidia-smi)"),
+        opts.arch,
+        linear as f64 / 1e6,
+        opts.pairs,
+        opts.prompt_len,
+        opts.completion_len,
+        opts.mixed_precision,
+        opts.steps,
+        opts.warmup
     );
     out.push_str("| side | median step (ms) | tokens/s | peak GPU memory (MB, nvidia-smi) | MFU | first-step loss |\n|---|---|---|---|---|---|\n");
     for r in results {
         let step = median(&r.step_seconds);
-        let mfu = peak_flops.map_or("?".into(), |p| format!("{:.1} %", 100.0 * flops_per_token * r.tokens_per_step as f64 / step / p));
+        let mfu = peak_flops
+            .map_or("?".into(), |p| format!("{:.1} %", 100.0 * flops_per_token * r.tokens_per_step as f64 / step / p));
         let mem = match (r.peak_gpu_mb, r.torch_allocated_mb) {
             (Some(m), Some(a)) => format!("{m:.0} (allocated {a:.0})"),
             (Some(m), None) => format!("{m:.0}"),
@@ -269,11 +334,17 @@ fn render(opts: &GpuBenchOptions, results: &[SideResult], gpu: Option<&str>, pea
         };
         out.push_str(&format!(
             "| {} | {:.1} | {:.0} | {mem} | {mfu} | {} |\n",
-            r.name, step * 1e3, r.tokens_per_step as f64 / step, r.first_loss.map_or("?".into(), |l| format!("{l:.4}"))
+            r.name,
+            step * 1e3,
+            r.tokens_per_step as f64 / step,
+            r.first_loss.map_or("?".into(), |l| format!("{l:.4}"))
         ));
     }
     if let [a, b] = results {
-        out.push_str(&format!("\nprefhost vs PyTorch, tokens/s: **{:.2}×**\n", median(&b.step_seconds) / median(&a.step_seconds)));
+        out.push_str(&format!(
+            "\nprefhost vs PyTorch, tokens/s: **{:.2}×**\n",
+            median(&b.step_seconds) / median(&a.step_seconds)
+        ));
     }
     out
 }
@@ -284,12 +355,23 @@ pub fn run_child(out: &Path) -> Result<()> {
     let data = out.join("pairs.jsonl");
     let fields = format!(
         "model: \"{}\", data: \"{}\", backend: \"{}\", mixed_precision: \"{}\",\n  batch_size: {}, max_length: {}, max_prompt_length: {}, lr: 1e-6, max_grad_norm: 1.0,\n  log_every: 1, progress: false, seed: 1,",
-        out.join("model").display(), data.display(), opts.backend, opts.mixed_precision, opts.pairs,
-        opts.prompt_len + opts.completion_len, opts.prompt_len
+        out.join("model").display(),
+        data.display(),
+        opts.backend,
+        opts.mixed_precision,
+        opts.pairs,
+        opts.prompt_len + opts.completion_len,
+        opts.prompt_len
     );
     let run_dir = out.join("run");
     let summary = train_dpo(&fields, &out.join("prefhost.rhai"), &run_dir, opts.warmup + opts.steps, false)?;
-    let (examples, _) = load_examples(&data, &TextTokenizer::load(&out.join("model/tokenizer.json"), Some(1), Some(2))?, true, limits(&opts), false)?;
+    let (examples, _) = load_examples(
+        &data,
+        &TextTokenizer::load(&out.join("model/tokenizer.json"), Some(1), Some(2))?,
+        true,
+        limits(&opts),
+        false,
+    )?;
     let first_loss = std::fs::read_to_string(run_dir.join("metrics.jsonl"))?
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

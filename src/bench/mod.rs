@@ -60,34 +60,73 @@ impl ModelPreset {
 
 /// ~0.2M parameters: checks that a bench runs end to end.
 pub const TINY: ModelPreset = ModelPreset {
-    model_type: "llama", vocab_size: 4096, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2,
-    num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 1024, rms_norm_eps: 1e-6,
-    rope_theta: 10000.0, tie_word_embeddings: false,
+    model_type: "llama",
+    vocab_size: 4096,
+    hidden_size: 64,
+    intermediate_size: 128,
+    num_hidden_layers: 2,
+    num_attention_heads: 4,
+    num_key_value_heads: 2,
+    max_position_embeddings: 1024,
+    rms_norm_eps: 1e-6,
+    rope_theta: 10000.0,
+    tie_word_embeddings: false,
 };
 /// ~10M parameters: the yardstick for the script's overhead.
-pub const M10: ModelPreset = ModelPreset { hidden_size: 384, intermediate_size: 1024, num_hidden_layers: 6, num_attention_heads: 6, ..TINY };
+pub const M10: ModelPreset =
+    ModelPreset { hidden_size: 384, intermediate_size: 1024, num_hidden_layers: 6, num_attention_heads: 6, ..TINY };
 /// SmolLM2-135M: 30 layers, hidden 576, 9 query / 3 KV heads, 49,152-token vocabulary, tied.
 pub const SMOLLM_135M: ModelPreset = ModelPreset {
-    model_type: "llama", vocab_size: 49152, hidden_size: 576, intermediate_size: 1536, num_hidden_layers: 30,
-    num_attention_heads: 9, num_key_value_heads: 3, max_position_embeddings: 2048, rms_norm_eps: 1e-5,
-    rope_theta: 100000.0, tie_word_embeddings: true,
+    model_type: "llama",
+    vocab_size: 49152,
+    hidden_size: 576,
+    intermediate_size: 1536,
+    num_hidden_layers: 30,
+    num_attention_heads: 9,
+    num_key_value_heads: 3,
+    max_position_embeddings: 2048,
+    rms_norm_eps: 1e-5,
+    rope_theta: 100000.0,
+    tie_word_embeddings: true,
 };
 /// Qwen2-0.5B: hidden 896, 24 layers, 14 heads (2 KV), vocab 151,936, tied.
 pub const QWEN2_0_5B: ModelPreset = ModelPreset {
-    model_type: "qwen2", vocab_size: 151936, hidden_size: 896, intermediate_size: 4864, num_hidden_layers: 24,
-    num_attention_heads: 14, num_key_value_heads: 2, max_position_embeddings: 4096, rms_norm_eps: 1e-6,
-    rope_theta: 1000000.0, tie_word_embeddings: true,
+    model_type: "qwen2",
+    vocab_size: 151936,
+    hidden_size: 896,
+    intermediate_size: 4864,
+    num_hidden_layers: 24,
+    num_attention_heads: 14,
+    num_key_value_heads: 2,
+    max_position_embeddings: 4096,
+    rms_norm_eps: 1e-6,
+    rope_theta: 1000000.0,
+    tie_word_embeddings: true,
 };
 /// Llama-3.2-1B's shape: hidden 2048, 16 layers, 32 heads (8 KV), vocab 128,256, tied (no RoPE scaling).
 pub const LLAMA_1B: ModelPreset = ModelPreset {
-    model_type: "llama", vocab_size: 128256, hidden_size: 2048, intermediate_size: 8192, num_hidden_layers: 16,
-    num_attention_heads: 32, num_key_value_heads: 8, max_position_embeddings: 4096, rms_norm_eps: 1e-6,
-    rope_theta: 500000.0, tie_word_embeddings: true,
+    model_type: "llama",
+    vocab_size: 128256,
+    hidden_size: 2048,
+    intermediate_size: 8192,
+    num_hidden_layers: 16,
+    num_attention_heads: 32,
+    num_key_value_heads: 8,
+    max_position_embeddings: 4096,
+    rms_norm_eps: 1e-6,
+    rope_theta: 500000.0,
+    tie_word_embeddings: true,
 };
 /// A 2-layer qwen2: checks `host bench-gpu` end to end on a CPU.
 pub const QWEN2_TINY: ModelPreset = ModelPreset {
-    vocab_size: 4096, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4,
-    num_key_value_heads: 2, rope_theta: 10000.0, ..QWEN2_0_5B
+    vocab_size: 4096,
+    hidden_size: 64,
+    intermediate_size: 128,
+    num_hidden_layers: 2,
+    num_attention_heads: 4,
+    num_key_value_heads: 2,
+    rope_theta: 10000.0,
+    ..QWEN2_0_5B
 };
 
 /// The middle value (the upper one of an even count); NaN for none.
@@ -101,7 +140,11 @@ pub fn median(values: &[f64]) -> f64 {
 pub fn find_python_with_torch() -> Option<String> {
     let candidates = [std::env::var("PREFHOST_PYTHON").ok(), Some("python3".to_string())];
     candidates.into_iter().flatten().find(|py| {
-        Command::new(py).args(["-c", "import torch"]).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
+        Command::new(py)
+            .args(["-c", "import torch"])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
     })
 }
 
@@ -124,7 +167,13 @@ pub fn pair_tokens(examples: &[Example]) -> usize {
 /// Trains `max_steps` steps of DPO (β = 0.1, plugins/losses/dpo.rhai) through the real
 /// trainer (script host, reload checks, metrics): `train_fields` are the config's other
 /// fields ("model: ..., data: ..., "), the script is written to `script_path`.
-pub fn train_dpo(train_fields: &str, script_path: &Path, run_dir: &Path, max_steps: usize, rust_dpo_loss: bool) -> Result<RunSummary> {
+pub fn train_dpo(
+    train_fields: &str,
+    script_path: &Path,
+    run_dir: &Path,
+    max_steps: usize,
+    rust_dpo_loss: bool,
+) -> Result<RunSummary> {
     let script = format!(
         "import \"losses/dpo\" as dpo;\nfn loss(batch, params) {{ dpo::loss(batch, params) }}\ntrain(#{{\n  {train_fields}\n  params: #{{ beta: 0.1 }},\n}});\n"
     );
@@ -133,7 +182,14 @@ pub fn train_dpo(train_fields: &str, script_path: &Path, run_dir: &Path, max_ste
     let mut host = ScriptHost::new(ScriptEngine::new(&plugins, &Limits::default()));
     let version = host.load(script_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let config = trainer::config_of(&version, None)?;
-    let options = RunOptions { script: script_path.to_path_buf(), watch: false, run_dir: Some(run_dir.to_path_buf()), max_steps: Some(max_steps), resume: None, resume_anyway: false };
+    let options = RunOptions {
+        script: script_path.to_path_buf(),
+        watch: false,
+        run_dir: Some(run_dir.to_path_buf()),
+        max_steps: Some(max_steps),
+        resume: None,
+        resume_anyway: false,
+    };
     let with = StartWith { eval_before: false, held: None, interrupt: Interrupt::ctrl_c(), rust_dpo_loss };
     trainer::train_one_locked(&mut host, options, version, config, with)
 }

@@ -29,7 +29,10 @@ pub struct Api {
 
 impl Api {
     fn folder(&self, request: &Request) -> Result<&RunFolder, Response> {
-        let index: usize = request.param("run").and_then(|r| r.parse().ok()).ok_or_else(|| Response::text(400, "run: give the index of a run (0, 1, ...)"))?;
+        let index: usize = request
+            .param("run")
+            .and_then(|r| r.parse().ok())
+            .ok_or_else(|| Response::text(400, "run: give the index of a run (0, 1, ...)"))?;
         self.folders.get(index).ok_or_else(|| Response::text(404, "no such run"))
     }
 
@@ -46,7 +49,8 @@ impl Api {
             "/app.js" => whole(Response::new(200, "text/javascript; charset=utf-8", APP_JS)),
             "/style.css" => whole(Response::new(200, "text/css; charset=utf-8", STYLE_CSS)),
             "/api/runs" => {
-                let runs: Vec<Value> = self.folders.iter().enumerate().map(|(i, f)| json!({"index": i, "label": f.label})).collect();
+                let runs: Vec<Value> =
+                    self.folders.iter().enumerate().map(|(i, f)| json!({"index": i, "label": f.label})).collect();
                 whole(Response::json(&json!({"runs": runs, "markers": MARKER_EVENTS})))
             }
             "/api/info" => whole(Response::json(&self.folder(request)?.info())),
@@ -54,16 +58,28 @@ impl Api {
                 let folder = self.folder(request)?;
                 let source = Self::source(folder, request)?;
                 let generation = request.param("generation").and_then(|g| g.parse().ok());
-                let from = request.param("from").map_or(Ok(0), str::parse).map_err(|_| Response::text(400, "from: a line number"))?;
-                let body = folder.metrics(source, generation, from).ok_or_else(|| Response::text(404, "no such source"))?;
+                let from = request
+                    .param("from")
+                    .map_or(Ok(0), str::parse)
+                    .map_err(|_| Response::text(400, "from: a line number"))?;
+                let body =
+                    folder.metrics(source, generation, from).ok_or_else(|| Response::text(404, "no such source"))?;
                 whole(Response::new(200, "application/json", body))
             }
             "/api/diff" => {
                 let folder = self.folder(request)?;
                 let source = Self::source(folder, request)?;
-                let step = request.param("step").and_then(|s| s.parse().ok()).ok_or_else(|| Response::text(400, "step: a step number"))?;
-                let event = request.param("event").filter(|e| MARKER_EVENTS.contains(e)).ok_or_else(|| Response::text(400, "event: one of the marker events"))?;
-                let diff = folder.event_diff(source, event, step).ok_or_else(|| Response::text(404, "no script version at that step"))?;
+                let step = request
+                    .param("step")
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| Response::text(400, "step: a step number"))?;
+                let event = request
+                    .param("event")
+                    .filter(|e| MARKER_EVENTS.contains(e))
+                    .ok_or_else(|| Response::text(400, "event: one of the marker events"))?;
+                let diff = folder
+                    .event_diff(source, event, step)
+                    .ok_or_else(|| Response::text(404, "no script version at that step"))?;
                 whole(Response::json(&diff))
             }
             "/api/stream" => {

@@ -26,7 +26,13 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_connections: 32, max_streams: 8, max_header_bytes: 8 * 1024, header_timeout: Duration::from_secs(10), write_timeout: Duration::from_secs(10) }
+        Self {
+            max_connections: 32,
+            max_streams: 8,
+            max_header_bytes: 8 * 1024,
+            header_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -96,7 +102,8 @@ pub fn parse_head(head: &[u8], check_host: impl Fn(&str) -> bool) -> Result<Requ
     let mut lines = head.split("\r\n");
     let request_line = lines.next().unwrap_or_default();
     let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(Refusal::BadRequest("malformed request line"));
     };
     if version != "HTTP/1.1" && version != "HTTP/1.0" {
@@ -109,11 +116,15 @@ pub fn parse_head(head: &[u8], check_host: impl Fn(&str) -> bool) -> Result<Requ
     };
     let mut hosts = 0;
     for line in lines {
-        let Some((name, value)) = line.split_once(':') else { return Err(Refusal::BadRequest("malformed header line")) };
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(Refusal::BadRequest("malformed header line"));
+        };
         if name.eq_ignore_ascii_case("host") {
             hosts += 1;
             if !check_host(value.trim()) {
-                return Err(Refusal::BadRequest("this Host is not served (the dashboard answers requests for its own address only)"));
+                return Err(Refusal::BadRequest(
+                    "this Host is not served (the dashboard answers requests for its own address only)",
+                ));
             }
         }
     }
@@ -128,7 +139,9 @@ pub fn parse_head(head: &[u8], check_host: impl Fn(&str) -> bool) -> Result<Requ
     let mut pairs = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let (Some(k), Some(v)) = (percent_decode(k), percent_decode(v)) else { return Err(Refusal::BadRequest("malformed percent-encoding in the query")) };
+        let (Some(k), Some(v)) = (percent_decode(k), percent_decode(v)) else {
+            return Err(Refusal::BadRequest("malformed percent-encoding in the query"));
+        };
         pairs.push((k, v));
     }
     Ok(Request { head_only, path: path.to_string(), query: pairs })
@@ -184,7 +197,10 @@ struct Slot(Arc<AtomicUsize>);
 
 impl Slot {
     fn take(counter: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
-        counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1)).ok().map(|_| Self(counter.clone()))
+        counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| Self(counter.clone()))
     }
 }
 
@@ -196,7 +212,12 @@ impl Drop for Slot {
 
 /// Starts serving `handler` on `listener` (already bound) from a thread of its own.
 /// `loopback_only`: requests must name a loopback Host (see [`is_local_host`]).
-pub fn serve(listener: TcpListener, handler: Arc<dyn Handler>, limits: Limits, loopback_only: bool) -> io::Result<Server> {
+pub fn serve(
+    listener: TcpListener,
+    handler: Arc<dyn Handler>,
+    limits: Limits,
+    loopback_only: bool,
+) -> io::Result<Server> {
     let addr = listener.local_addr()?;
     let connections = Arc::new(AtomicUsize::new(0));
     let streams = Arc::new(AtomicUsize::new(0));
@@ -217,11 +238,12 @@ pub fn serve(listener: TcpListener, handler: Arc<dyn Handler>, limits: Limits, l
                 continue;
             };
             let (handler, limits, streams) = (handler.clone(), limits.clone(), streams.clone());
-            let spawned = std::thread::Builder::new().name("dashboard-conn".into()).stack_size(256 * 1024).spawn(move || {
-                lower_priority();
-                let _slot = slot;
-                let _ = handle_connection(stream, handler.as_ref(), &limits, &streams, loopback_only);
-            });
+            let spawned =
+                std::thread::Builder::new().name("dashboard-conn".into()).stack_size(256 * 1024).spawn(move || {
+                    lower_priority();
+                    let _slot = slot;
+                    let _ = handle_connection(stream, handler.as_ref(), &limits, &streams, loopback_only);
+                });
             // No thread to be had: the connection (moved into the closure) is dropped, closed.
             drop(spawned);
         }
@@ -243,32 +265,55 @@ fn lower_priority() {
 fn refuse_busy(stream: TcpStream) {
     let _ = stream.set_nonblocking(true);
     let mut stream = stream;
-    let _ = stream.write(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 2\r\nContent-Length: 0\r\n\r\n");
+    let _ = stream
+        .write(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 2\r\nContent-Length: 0\r\n\r\n");
 }
 
-fn handle_connection(mut stream: TcpStream, handler: &dyn Handler, limits: &Limits, streams: &Arc<AtomicUsize>, loopback_only: bool) -> io::Result<()> {
+fn handle_connection(
+    mut stream: TcpStream,
+    handler: &dyn Handler,
+    limits: &Limits,
+    streams: &Arc<AtomicUsize>,
+    loopback_only: bool,
+) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(limits.write_timeout))?;
     let head = match read_head(&mut stream, limits) {
         Ok(head) => head,
-        Err(Refusal::TooLarge) => return write_response(&mut stream, &Response::text(431, "request header fields too large"), false),
+        Err(Refusal::TooLarge) => {
+            return write_response(&mut stream, &Response::text(431, "request header fields too large"), false);
+        }
         Err(_) => return write_response(&mut stream, &Response::text(408, "request timeout"), false),
     };
     let request = match parse_head(&head, |host| !loopback_only || is_local_host(host)) {
         Ok(request) => request,
-        Err(Refusal::Method) => return write_response(&mut stream, &Response::text(405, "method not allowed: the dashboard is read-only (GET and HEAD only)"), false),
-        Err(Refusal::Version) => return write_response(&mut stream, &Response::text(505, "HTTP version not supported"), false),
+        Err(Refusal::Method) => {
+            return write_response(
+                &mut stream,
+                &Response::text(405, "method not allowed: the dashboard is read-only (GET and HEAD only)"),
+                false,
+            );
+        }
+        Err(Refusal::Version) => {
+            return write_response(&mut stream, &Response::text(505, "HTTP version not supported"), false);
+        }
         Err(Refusal::BadRequest(why)) => {
             let status = if why.starts_with("this Host") { 403 } else { 400 };
             return write_response(&mut stream, &Response::text(status, why), false);
         }
-        Err(Refusal::TooLarge) => return write_response(&mut stream, &Response::text(431, "request header fields too large"), false),
+        Err(Refusal::TooLarge) => {
+            return write_response(&mut stream, &Response::text(431, "request header fields too large"), false);
+        }
     };
     match handler.handle(&request) {
         Reply::Whole(response) => write_response(&mut stream, &response, request.head_only),
         Reply::Stream(run) => {
             let Some(_stream_slot) = Slot::take(streams, limits.max_streams) else {
-                return write_response(&mut stream, &Response::text(503, "too many live pages are open; close one"), false);
+                return write_response(
+                    &mut stream,
+                    &Response::text(503, "too many live pages are open; close one"),
+                    false,
+                );
             };
             stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n")?;
             if request.head_only {
@@ -285,7 +330,10 @@ fn read_head(stream: &mut TcpStream, limits: &Limits) -> Result<Vec<u8>, Refusal
     let mut head = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
     loop {
-        let left = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()).ok_or(Refusal::BadRequest("timeout"))?;
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or(Refusal::BadRequest("timeout"))?;
         stream.set_read_timeout(Some(left)).map_err(|_| Refusal::BadRequest("socket"))?;
         let n = stream.read(&mut chunk).map_err(|_| Refusal::BadRequest("timeout"))?;
         if n == 0 {
@@ -326,7 +374,10 @@ fn write_response(stream: &mut TcpStream, response: &Response, head_only: bool) 
     let allow = if response.status == 405 { "Allow: GET, HEAD\r\n" } else { "" };
     let head = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nX-Frame-Options: DENY\r\nReferrer-Policy: no-referrer\r\nContent-Security-Policy: default-src 'self'; img-src 'self' data:; frame-ancestors 'none'\r\n{allow}Connection: close\r\n\r\n",
-        response.status, reason(response.status), response.content_type, response.body.len()
+        response.status,
+        reason(response.status),
+        response.content_type,
+        response.body.len()
     );
     stream.write_all(head.as_bytes())?;
     if !head_only {
@@ -371,7 +422,14 @@ mod tests {
         for ok in ["127.0.0.1:8765", "localhost:9000", "LOCALHOST", "[::1]:8765", "127.0.0.2", "[::1]"] {
             assert!(is_local_host(ok), "{ok}");
         }
-        for bad in ["evil.example:8765", "evil.example", "10.0.0.1:80", "[::1]x", "127.0.0.1.evil.example:80", "localhost.evil:1"] {
+        for bad in [
+            "evil.example:8765",
+            "evil.example",
+            "10.0.0.1:80",
+            "[::1]x",
+            "127.0.0.1.evil.example:80",
+            "localhost.evil:1",
+        ] {
             assert!(!is_local_host(bad), "{bad}");
         }
         assert!(matches!(parse("GET / HTTP/1.1\r\nHost: evil.example:8765"), Err(Refusal::BadRequest(_))));

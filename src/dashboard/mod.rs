@@ -38,10 +38,17 @@ pub fn parse_address(text: Option<&str>) -> Result<SocketAddr> {
     if let Ok(port) = text.parse::<u16>() {
         return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
     }
-    let found = text.to_socket_addrs().with_context(|| format!("dashboard address {text:?}: expected PORT or HOST:PORT (e.g. 127.0.0.1:{DEFAULT_PORT})"))?;
+    let found = text.to_socket_addrs().with_context(|| {
+        format!("dashboard address {text:?}: expected PORT or HOST:PORT (e.g. 127.0.0.1:{DEFAULT_PORT})")
+    })?;
     let addrs: Vec<SocketAddr> = found.collect();
     // localhost may resolve to ::1 and 127.0.0.1: IPv4 first, as the URL printed uses it.
-    addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied().with_context(|| format!("dashboard address {text:?} resolves to nothing"))
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .with_context(|| format!("dashboard address {text:?} resolves to nothing"))
 }
 
 /// Binds `addr` and serves `folders` from the server's own threads; the page's URL is in
@@ -64,7 +71,11 @@ pub fn start(addr: SocketAddr, folders: Vec<RunFolder>) -> Result<Dashboard> {
     }
     let api = Arc::new(api::Api { folders });
     let server = http::serve(listener, Arc::new(api::Shared(api)), http::Limits::default(), loopback)?;
-    let shown = if server.addr.ip().is_unspecified() { SocketAddr::new([127, 0, 0, 1].into(), server.addr.port()) } else { server.addr };
+    let shown = if server.addr.ip().is_unspecified() {
+        SocketAddr::new([127, 0, 0, 1].into(), server.addr.port())
+    } else {
+        server.addr
+    };
     Ok(Dashboard { addr: server.addr, url: format!("http://{shown}/") })
 }
 

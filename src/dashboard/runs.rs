@@ -113,7 +113,10 @@ impl RunFolder {
             bail!("{}: no such run folder", path.display());
         }
         if !path.join(RUN_FILE).is_file() {
-            bail!("{}: not a prefhost run folder (it has no {RUN_FILE}; give a folder that `host run` wrote)", path.display());
+            bail!(
+                "{}: not a prefhost run folder (it has no {RUN_FILE}; give a folder that `host run` wrote)",
+                path.display()
+            );
         }
         let folder = Self::pending(path);
         folder.root().ok_or_else(|| anyhow::anyhow!("{}: cannot resolve the folder's path", path.display()))?;
@@ -122,7 +125,12 @@ impl RunFolder {
 
     /// The folder of a run that is starting: shown once it exists.
     pub fn pending(path: &Path) -> Self {
-        Self { label: path.display().to_string(), given: path.to_path_buf(), root: OnceLock::new(), state: Mutex::new(FolderState::default()) }
+        Self {
+            label: path.display().to_string(),
+            given: path.to_path_buf(),
+            root: OnceLock::new(),
+            state: Mutex::new(FolderState::default()),
+        }
     }
 
     pub fn root(&self) -> Option<&Path> {
@@ -144,7 +152,8 @@ impl RunFolder {
         }
         let path = rel.iter().fold(root.to_path_buf(), |p, c| p.join(c));
         use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(&path).ok()?;
+        let file =
+            std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(&path).ok()?;
         if !file.metadata().ok()?.is_file() || !inside(&file, &path, root) {
             return None;
         }
@@ -176,7 +185,11 @@ impl RunFolder {
         }
         // Listed through the descriptor checked above, not the path again.
         use std::os::fd::AsRawFd;
-        let Ok(entries) = std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd())).or_else(|_| std::fs::read_dir(&path)) else { return Vec::new() };
+        let Ok(entries) =
+            std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd())).or_else(|_| std::fs::read_dir(&path))
+        else {
+            return Vec::new();
+        };
         let mut found: Vec<(String, bool)> = entries
             .filter_map(|e| e.ok())
             .filter_map(|e| {
@@ -191,7 +204,13 @@ impl RunFolder {
 
     /// The comparison arms: sub-folders holding run.json, in the config's order when known.
     fn arms(&self, config: &Value) -> Vec<String> {
-        let mut found: Vec<String> = self.list(&[]).into_iter().filter(|(n, dir)| *dir && !n.starts_with('.')).map(|(n, _)| n).filter(|n| self.open(&[n, RUN_FILE]).is_some()).collect();
+        let mut found: Vec<String> = self
+            .list(&[])
+            .into_iter()
+            .filter(|(n, dir)| *dir && !n.starts_with('.'))
+            .map(|(n, _)| n)
+            .filter(|n| self.open(&[n, RUN_FILE]).is_some())
+            .collect();
         if let Some(order) = config["config"]["compare"].as_array() {
             let rank = |n: &String| order.iter().position(|a| a["name"].as_str() == Some(n)).unwrap_or(usize::MAX);
             found.sort_by_key(rank);
@@ -256,7 +275,8 @@ impl RunFolder {
     pub fn stamps(&self) -> Value {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         self.refresh(&mut state);
-        let sources: serde_json::Map<String, Value> = state.tails.iter().map(|(k, t)| (k.clone(), json!([t.generation, t.lines.len()]))).collect();
+        let sources: serde_json::Map<String, Value> =
+            state.tails.iter().map(|(k, t)| (k.clone(), json!([t.generation, t.lines.len()]))).collect();
         json!({"info": state.info_stamp.to_string(), "sources": sources})
     }
 
@@ -268,7 +288,11 @@ impl RunFolder {
         let tail = state.tails.get(source)?;
         let from = if generation == Some(tail.generation) { from.min(tail.lines.len()) } else { 0 };
         let to = (from + PAGE_LINES).min(tail.lines.len());
-        let mut out = format!("{{\"generation\":{},\"from\":{from},\"more\":{},\"lines\":[", tail.generation, to < tail.lines.len());
+        let mut out = format!(
+            "{{\"generation\":{},\"from\":{from},\"more\":{},\"lines\":[",
+            tail.generation,
+            to < tail.lines.len()
+        );
         for (i, line) in tail.lines[from..to].iter().enumerate() {
             if i > 0 {
                 out.push(',');
@@ -293,11 +317,16 @@ impl RunFolder {
         let comparison = sources.iter().any(|s| !s.is_empty()) || is_comparison(&config);
         let live = |rel: &[&str]| self.read(rel).is_some_and(|t| names_a_live_holder(&t));
         let running = live(&[LOCK_FILE]);
-        let arm_names: Vec<String> = config["config"]["compare"].as_array().map(|a| a.iter().filter_map(|x| x["name"].as_str().map(str::to_string)).collect()).unwrap_or_default();
+        let arm_names: Vec<String> = config["config"]["compare"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x["name"].as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
         let described: Vec<Value> = sources
             .iter()
             .map(|name| {
-                let rel = |file: &'static str| -> Vec<&str> { if name.is_empty() { vec![file] } else { vec![name.as_str(), file] } };
+                let rel = |file: &'static str| -> Vec<&str> {
+                    if name.is_empty() { vec![file] } else { vec![name.as_str(), file] }
+                };
                 let arm_config = self.read_json(&rel(CONFIG_FILE));
                 let finished = self.open(&rel("arm_result.json")).is_some();
                 json!({
@@ -327,7 +356,12 @@ impl RunFolder {
     /// The steps of a source's script versions (`sources/step-N/`) or rejected ones.
     fn versions(&self, source: &str, dir: &str) -> Vec<usize> {
         let rel: Vec<&str> = if source.is_empty() { vec![dir] } else { vec![source, dir] };
-        let mut steps: Vec<usize> = self.list(&rel).into_iter().filter(|(_, d)| *d).filter_map(|(n, _)| n.strip_prefix("step-")?.parse().ok()).collect();
+        let mut steps: Vec<usize> = self
+            .list(&rel)
+            .into_iter()
+            .filter(|(_, d)| *d)
+            .filter_map(|(n, _)| n.strip_prefix("step-")?.parse().ok())
+            .collect();
         steps.sort();
         steps
     }
@@ -389,7 +423,9 @@ impl RunFolder {
             "reload_failed" => {
                 let rejected = self.versions(source, REJECTED_SOURCES_DIR);
                 if !rejected.contains(&step) {
-                    return Some(json!({"event": event, "step": step, "note": "the sources of this rejected edit were not kept (a run from before prefhost kept them)", "files": []}));
+                    return Some(
+                        json!({"event": event, "step": step, "note": "the sources of this rejected edit were not kept (a run from before prefhost kept them)", "files": []}),
+                    );
                 }
                 (step, REJECTED_SOURCES_DIR, at_or_before(step))
             }
@@ -452,7 +488,11 @@ mod tests {
         assert_eq!(tail.lines.len(), 1);
         // The rest of the line arrives, then junk and a huge event.
         let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
-        std::io::Write::write_all(&mut f, b"\"loss\":0.4}\nnot json\n{\"step\":2,\"event\":\"param_grad_norms\",\"w\":1.0}\n").unwrap();
+        std::io::Write::write_all(
+            &mut f,
+            b"\"loss\":0.4}\nnot json\n{\"step\":2,\"event\":\"param_grad_norms\",\"w\":1.0}\n",
+        )
+        .unwrap();
         tail.follow(&mut File::open(&path).unwrap()).unwrap();
         assert_eq!(tail.lines.len(), 3);
         assert_eq!(&*tail.lines[2], "{\"event\":\"param_grad_norms\",\"step\":2}");
@@ -483,6 +523,12 @@ mod tests {
         for bad in [&["..", "secret"][..], &["/etc/passwd"], &["a/../../secret"], &[""], &["."]] {
             assert!(folder.read(bad).is_none(), "{bad:?}");
         }
-        assert!(RunFolder::existing(outside.path()).err().expect("refused").to_string().contains("not a prefhost run folder"));
+        assert!(
+            RunFolder::existing(outside.path())
+                .err()
+                .expect("refused")
+                .to_string()
+                .contains("not a prefhost run folder")
+        );
     }
 }

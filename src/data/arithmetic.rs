@@ -50,7 +50,9 @@ pub fn problem(rng: &mut SplitMix64) -> Problem {
             let (a, b) = (rng.range(2, 9), rng.range(2, 9));
             let c = rng.range(1, a * b - 1);
             Problem {
-                question: format!("{name} has {a} bags with {b} {item} in each bag. {name} gives away {c} {item}. How many {item} does {name} have now?"),
+                question: format!(
+                    "{name} has {a} bags with {b} {item} in each bag. {name} gives away {c} {item}. How many {item} does {name} have now?"
+                ),
                 steps: vec![(format!("{a} * {b}"), a * b), (format!("{} - {c}", a * b), a * b - c)],
                 answer: a * b - c,
             }
@@ -58,7 +60,9 @@ pub fn problem(rng: &mut SplitMix64) -> Problem {
         1 => {
             let (a, b, c) = (rng.range(2, 30), rng.range(2, 9), rng.range(2, 9));
             Problem {
-                question: format!("{name} has {a} {item} and buys {b} boxes with {c} {item} each. How many {item} does {name} have?"),
+                question: format!(
+                    "{name} has {a} {item} and buys {b} boxes with {c} {item} each. How many {item} does {name} have?"
+                ),
                 steps: vec![(format!("{b} * {c}"), b * c), (format!("{a} + {}", b * c), a + b * c)],
                 answer: a + b * c,
             }
@@ -69,7 +73,9 @@ pub fn problem(rng: &mut SplitMix64) -> Problem {
             let a = rng.range(1, total - 1);
             let b = total - a;
             Problem {
-                question: format!("{name} has {a} {item} and finds {b} more. {name} shares them equally among {c} friends. How many {item} does each friend get?"),
+                question: format!(
+                    "{name} has {a} {item} and finds {b} more. {name} shares them equally among {c} friends. How many {item} does each friend get?"
+                ),
                 steps: vec![(format!("{a} + {b}"), total), (format!("{total} / {c}"), total / c)],
                 answer: total / c,
             }
@@ -93,17 +99,18 @@ fn corrupted_value(rng: &mut SplitMix64, right: i64) -> i64 {
 pub fn write_corpus(dir: &Path, sft_rows: usize, pair_rows: usize, eval_rows: usize, seed: u64) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut rng = SplitMix64::new(seed);
-    let mut write = |name: &str, rows: usize, make: &mut dyn FnMut(&mut SplitMix64) -> serde_json::Value| -> Result<()> {
-        let path = dir.join(name);
-        let tmp = dir.join(format!(".{name}.tmp"));
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        for _ in 0..rows {
-            writeln!(out, "{}", make(&mut rng))?;
-        }
-        out.flush()?;
-        drop(out);
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
-    };
+    let mut write =
+        |name: &str, rows: usize, make: &mut dyn FnMut(&mut SplitMix64) -> serde_json::Value| -> Result<()> {
+            let path = dir.join(name);
+            let tmp = dir.join(format!(".{name}.tmp"));
+            let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            for _ in 0..rows {
+                writeln!(out, "{}", make(&mut rng))?;
+            }
+            out.flush()?;
+            drop(out);
+            std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+        };
     write("sft.jsonl", sft_rows, &mut |rng| {
         let p = problem(rng);
         json!({"prompt": p.prompt(), "completion": p.worked(None)})
@@ -142,7 +149,9 @@ pub fn train_tokenizer(corpus: &Path, vocab_size: usize, out: &Path) -> Result<(
     use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
     use tokenizers::processors::template::TemplateProcessing;
-    use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerImpl};
+    use tokenizers::{
+        AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerImpl,
+    };
 
     let specials = ["<s>", "</s>", "<pad>"];
     let mut trainer = BpeTrainerBuilder::new()
@@ -152,8 +161,13 @@ pub fn train_tokenizer(corpus: &Path, vocab_size: usize, out: &Path) -> Result<(
         .special_tokens(specials.iter().map(|s| AddedToken::from(*s, true)).collect())
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
-    let mut tokenizer: TokenizerImpl<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper> =
-        TokenizerImpl::new(BPE::default());
+    let mut tokenizer: TokenizerImpl<
+        BPE,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    > = TokenizerImpl::new(BPE::default());
     tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true))));
     tokenizer.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
 

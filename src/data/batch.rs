@@ -62,7 +62,8 @@ pub fn collate_sft(examples: &[&Example], pad_id: u32, device: &Device) -> Seque
 pub fn collate_unpaired(examples: &[&Example], pad_id: u32, device: &Device) -> (SequenceBatch, SequenceBatch) {
     let n = examples.len();
     let rows: Vec<(&[u32], &[u32])> = examples.iter().map(|e| (e.prompt.as_slice(), e.chosen.as_slice())).collect();
-    let kl_rows: Vec<(&[u32], &[u32])> = (0..n).map(|i| (examples[i].prompt.as_slice(), examples[(i + n - 1) % n].chosen.as_slice())).collect();
+    let kl_rows: Vec<(&[u32], &[u32])> =
+        (0..n).map(|i| (examples[i].prompt.as_slice(), examples[(i + n - 1) % n].chosen.as_slice())).collect();
     (collate(&rows, pad_id, device), collate(&kl_rows, pad_id, device))
 }
 
@@ -71,14 +72,26 @@ mod tests {
     use super::*;
 
     fn row(prompt: &[u32], completion: &[u32]) -> Example {
-        Example { prompt: prompt.to_vec(), chosen: completion.to_vec(), rejected: Vec::new(), line: 1, label: Some(true) }
+        Example {
+            prompt: prompt.to_vec(),
+            chosen: completion.to_vec(),
+            rejected: Vec::new(),
+            line: 1,
+            label: Some(true),
+        }
     }
 
     /// POET's shared mask (plugins/transforms/poet.rhai) needs what TRL's concatenated
     /// batch gives: a pair's chosen and rejected rows start their completions at one column.
     #[test]
     fn a_pairs_completions_start_at_the_same_column() {
-        let pair = |prompt: &[u32], chosen: &[u32], rejected: &[u32]| Example { prompt: prompt.to_vec(), chosen: chosen.to_vec(), rejected: rejected.to_vec(), line: 1, label: None };
+        let pair = |prompt: &[u32], chosen: &[u32], rejected: &[u32]| Example {
+            prompt: prompt.to_vec(),
+            chosen: chosen.to_vec(),
+            rejected: rejected.to_vec(),
+            line: 1,
+            label: None,
+        };
         let pairs = [pair(&[1, 2, 3], &[10, 11], &[20, 21, 22, 23]), pair(&[4], &[12, 13, 14], &[24])];
         let refs: Vec<&Example> = pairs.iter().collect();
         let batch = collate_pairs(&refs, 0, &Device::flex());
@@ -103,7 +116,8 @@ mod tests {
         let device = Device::flex();
         let (plain, kl) = collate_unpaired(&refs, 0, &device);
         let targets = |b: &SequenceBatch| b.targets.clone().into_data().convert::<i64>().try_into_vec::<i64>().unwrap();
-        let expected_kl = collate(&[(&[1u32, 2][..], &[30u32][..]), (&[3], &[10]), (&[4, 5, 6], &[20, 21])], 0, &device);
+        let expected_kl =
+            collate(&[(&[1u32, 2][..], &[30u32][..]), (&[3], &[10]), (&[4, 5, 6], &[20, 21])], 0, &device);
         assert_eq!(targets(&kl), targets(&expected_kl));
         assert_eq!(kl.lengths, vec![1.0, 1.0, 2.0]);
         assert_eq!(plain.lengths, vec![1.0, 2.0, 1.0]);

@@ -129,7 +129,10 @@ pub fn intermediate_results(text: &str) -> Vec<(usize, usize)> {
                 end += 1;
             }
             let digits_from = end;
-            while end < bytes.len() && (bytes[end].is_ascii_digit() || (bytes[end] == b'.' && end + 1 < bytes.len() && bytes[end + 1].is_ascii_digit())) {
+            while end < bytes.len()
+                && (bytes[end].is_ascii_digit()
+                    || (bytes[end] == b'.' && end + 1 < bytes.len() && bytes[end + 1].is_ascii_digit()))
+            {
                 end += 1;
             }
             if end > digits_from {
@@ -151,7 +154,8 @@ fn corrupt_number(number: &str, rng: &mut SplitMix64) -> String {
         let value: f64 = number.parse().unwrap_or(0.0);
         let unit = 10f64.powi(-(decimals as i32));
         let offset = rng.range(1, 5) as f64 * if rng.range(0, 1) == 0 { -1.0 } else { 1.0 };
-        let wrong = if value + offset * unit < 0.0 && value >= 0.0 { value - offset * unit } else { value + offset * unit };
+        let wrong =
+            if value + offset * unit < 0.0 && value >= 0.0 { value - offset * unit } else { value + offset * unit };
         return format!("{wrong:.decimals$}");
     }
     let value: i64 = number.parse().unwrap_or(0);
@@ -169,7 +173,12 @@ fn corrupt_number(number: &str, rng: &mut SplitMix64) -> String {
 fn choice_pairs(row: &Value) -> Result<Vec<Pair>, String> {
     let (prompt, choices, labels, answer) = if let Some(endings) = row.get("endings") {
         let ctx = text_field(row, &["ctx", "context"])?;
-        (ctx.to_string(), string_list(endings, "endings")?, Vec::new(), row.get("label").cloned().ok_or("missing field `label`")?)
+        (
+            ctx.to_string(),
+            string_list(endings, "endings")?,
+            Vec::new(),
+            row.get("label").cloned().ok_or("missing field `label`")?,
+        )
     } else {
         let question = text_field(row, &["question"])?;
         let raw = row.get("choices").ok_or("missing field `choices`")?;
@@ -181,7 +190,11 @@ fn choice_pairs(row: &Value) -> Result<Vec<Pair>, String> {
             }
             list => (string_list(list, "choices")?, Vec::new()),
         };
-        let answer = row.get("answer").or_else(|| row.get("answerKey")).cloned().ok_or("missing field `answer` (or `answerKey`)")?;
+        let answer = row
+            .get("answer")
+            .or_else(|| row.get("answerKey"))
+            .cloned()
+            .ok_or("missing field `answer` (or `answerKey`)")?;
         (format!("Question: {question}\nAnswer:"), choices, labels, answer)
     };
     if choices.len() < 2 {
@@ -210,7 +223,11 @@ fn choice_pairs(row: &Value) -> Result<Vec<Pair>, String> {
         .iter()
         .enumerate()
         .filter(|(i, c)| *i != correct && c.trim() != choices[correct].trim())
-        .map(|(_, wrong)| Pair { prompt: prompt.clone(), chosen: completion(&choices[correct]), rejected: completion(wrong) })
+        .map(|(_, wrong)| Pair {
+            prompt: prompt.clone(),
+            chosen: completion(&choices[correct]),
+            rejected: completion(wrong),
+        })
         .collect())
 }
 
@@ -226,7 +243,9 @@ pub fn edit_distances(pairs: &[Pair], tokenizer: Option<&tokenizers::Tokenizer>)
         .iter()
         .map(|p| match tokenizer {
             Some(t) => {
-                let ids = |s: &str| t.encode(s, false).map(|e| e.get_ids().to_vec()).map_err(|e| anyhow::anyhow!("tokenizing: {e}"));
+                let ids = |s: &str| {
+                    t.encode(s, false).map(|e| e.get_ids().to_vec()).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))
+                };
                 Ok(normalised_levenshtein(&ids(&p.chosen)?, &ids(&p.rejected)?))
             }
             None => {
@@ -239,9 +258,18 @@ pub fn edit_distances(pairs: &[Pair], tokenizer: Option<&tokenizers::Tokenizer>)
 
 /// Writes the pairs as JSONL (atomically) and `<out>.stats.json` with the edit-distance
 /// statistics and histogram; returns the stats.
-pub fn write_pairs(out: &Path, pairs: &[Pair], distances: &[f64], unit: &str, bins: usize, report: &BuildReport) -> Result<Value> {
+pub fn write_pairs(
+    out: &Path,
+    pairs: &[Pair],
+    distances: &[f64],
+    unit: &str,
+    bins: usize,
+    report: &BuildReport,
+) -> Result<Value> {
     let tmp = out.with_extension("jsonl.tmp");
-    let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?);
+    let mut file = std::io::BufWriter::new(
+        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?,
+    );
     for p in pairs {
         writeln!(file, "{}", json!({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}))?;
     }
@@ -272,7 +300,8 @@ pub fn write_pairs(out: &Path, pairs: &[Pair], distances: &[f64], unit: &str, bi
         },
     });
     let stats_path = out.with_extension("stats.json");
-    std::fs::write(&stats_path, serde_json::to_vec_pretty(&stats)?).with_context(|| format!("writing {}", stats_path.display()))?;
+    std::fs::write(&stats_path, serde_json::to_vec_pretty(&stats)?)
+        .with_context(|| format!("writing {}", stats_path.display()))?;
     Ok(stats)
 }
 
@@ -322,7 +351,10 @@ mod tests {
         assert_eq!((pairs.len(), pairs[0].chosen.as_str()), (3, " c"));
         let hellaswag = json!({"ctx": "He opens the door", "endings": ["and walks in.", "x", "y", "z"], "label": "0"});
         let pairs = choice_pairs(&hellaswag).unwrap();
-        assert_eq!((pairs.len(), pairs[0].prompt.as_str(), pairs[0].chosen.as_str()), (3, "He opens the door", " and walks in."));
+        assert_eq!(
+            (pairs.len(), pairs[0].prompt.as_str(), pairs[0].chosen.as_str()),
+            (3, "He opens the door", " and walks in.")
+        );
         assert!(choice_pairs(&json!({"question": "Q", "choices": ["a", "b"], "answer": 5})).is_err());
         assert!(choice_pairs(&json!({"question": "Q", "choices": ["a"], "answer": 0})).is_err());
     }

@@ -60,7 +60,8 @@ fn folder_templates(config: &Path) -> Result<(Value, TemplatesBySource)> {
     let dir = config.parent().unwrap_or(Path::new("."));
     let json: Value = if config.is_file() {
         let text = std::fs::read_to_string(config).with_context(|| format!("{}: cannot read", config.display()))?;
-        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", config.display(), e.line(), e.column()))?
+        serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", config.display(), e.line(), e.column()))?
     } else {
         Value::Null
     };
@@ -75,8 +76,12 @@ fn folder_templates(config: &Path) -> Result<(Value, TemplatesBySource)> {
     }
     let legacy = dir.join("chat_template.json");
     if legacy.is_file() {
-        let value: Value = serde_json::from_str(&read(&legacy)?).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", legacy.display(), e.line(), e.column()))?;
-        let template = value.get("chat_template").and_then(|t| t.as_str()).with_context(|| format!("{}: no string chat_template", legacy.display()))?;
+        let value: Value = serde_json::from_str(&read(&legacy)?)
+            .map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", legacy.display(), e.line(), e.column()))?;
+        let template = value
+            .get("chat_template")
+            .and_then(|t| t.as_str())
+            .with_context(|| format!("{}: no string chat_template", legacy.display()))?;
         found.push((DEFAULT.into(), legacy.display().to_string(), template.to_string()));
     }
     for path in named_template_files(dir)? {
@@ -167,7 +172,12 @@ impl ChatTemplate {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
         env.add_template_owned("chat", template).map_err(|e| anyhow::anyhow!("{source}: {e:#}"))?;
-        Ok(Some(Self { env, bos_token: token_text(json.get("bos_token")), eos_token: token_text(json.get("eos_token")), source }))
+        Ok(Some(Self {
+            env,
+            bos_token: token_text(json.get("bos_token")),
+            eos_token: token_text(json.get("eos_token")),
+            source,
+        }))
     }
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
@@ -184,14 +194,20 @@ impl ChatTemplate {
 
     /// TRL's rule: the prompt is rendered with the generation prompt; each completion is
     /// what rendering prompt + completion adds after it.
-    pub fn prompt_and_completions(&self, prompt: &[Message], completions: &[&[Message]]) -> Result<(String, Vec<String>), String> {
+    pub fn prompt_and_completions(
+        &self,
+        prompt: &[Message],
+        completions: &[&[Message]],
+    ) -> Result<(String, Vec<String>), String> {
         let prompt_text = self.render(prompt, true)?;
         let mut out = Vec::new();
         for completion in completions {
             let all: Vec<Message> = prompt.iter().chain(completion.iter()).cloned().collect();
             let full = self.render(&all, false)?;
             let Some(rest) = full.strip_prefix(&prompt_text) else {
-                return Err("the chat template renders the conversation with a different prefix than the prompt alone".into());
+                return Err(
+                    "the chat template renders the conversation with a different prefix than the prompt alone".into()
+                );
             };
             out.push(rest.to_string());
         }
@@ -205,7 +221,12 @@ pub fn messages(value: &Value, field: &str) -> Result<Vec<Message>, String> {
     list.iter()
         .enumerate()
         .map(|(i, m)| {
-            let get = |key: &str| m.get(key).and_then(|v| v.as_str()).map(str::to_string).ok_or_else(|| format!("`{field}[{i}]` has no string `{key}`"));
+            let get = |key: &str| {
+                m.get(key)
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("`{field}[{i}]` has no string `{key}`"))
+            };
             Ok(Message { role: get("role")?, content: get("content")? })
         })
         .collect()

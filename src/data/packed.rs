@@ -40,7 +40,11 @@ impl PackedLayout {
     pub fn new(examples: &[&Example], pad_id: u32, share_completion_prefix: bool) -> Self {
         let batch = examples.len();
         let shared_len = |e: &Example| {
-            let common = if share_completion_prefix { e.chosen.iter().zip(&e.rejected).take_while(|(a, b)| a == b).count() } else { 0 };
+            let common = if share_completion_prefix {
+                e.chosen.iter().zip(&e.rejected).take_while(|(a, b)| a == b).count()
+            } else {
+                0
+            };
             // Keep one token of each completion out of the shared part, so both rows
             // have a suffix whose first token is predicted from the shared end.
             e.prompt.len() + common.min(e.chosen.len().saturating_sub(1)).min(e.rejected.len().saturating_sub(1))
@@ -50,7 +54,8 @@ impl PackedLayout {
             e.prompt.len() + e.chosen.len() + e.rejected.len() - (s - e.prompt.len())
         };
         let width = examples.iter().map(|e| row_len(e)).max().unwrap_or(1);
-        let plain_width = examples.iter().map(|e| e.prompt.len() + e.chosen.len().max(e.rejected.len())).max().unwrap_or(2) - 1;
+        let plain_width =
+            examples.iter().map(|e| e.prompt.len() + e.chosen.len().max(e.rejected.len())).max().unwrap_or(2) - 1;
         let mut layout = Self {
             batch,
             width,

@@ -129,7 +129,13 @@ pub fn read_rows(path: &Path) -> Result<Vec<RawRow>> {
 
 /// Loads and tokenizes every row. A row that cannot be used stops the load with its
 /// file:line, or, with `skip_bad_rows`, is left out and listed in the report.
-pub fn load_examples(path: &Path, tokenizer: &TextTokenizer, preference: bool, limits: Truncation, skip_bad_rows: bool) -> Result<(Vec<Example>, LoadReport)> {
+pub fn load_examples(
+    path: &Path,
+    tokenizer: &TextTokenizer,
+    preference: bool,
+    limits: Truncation,
+    skip_bad_rows: bool,
+) -> Result<(Vec<Example>, LoadReport)> {
     load_with(path, skip_bad_rows, |value, line, report| {
         example_from_row(value, line, tokenizer, preference, limits, report).map(|e| vec![e])
     })
@@ -140,7 +146,13 @@ pub fn load_examples(path: &Path, tokenizer: &TextTokenizer, preference: bool, l
 /// undesirable one with its rejected completion, as TRL's `unpair_preference_dataset`
 /// does; without it a preference row is an error, so a paired file is never read as
 /// something else by accident.
-pub fn load_unpaired_examples(path: &Path, tokenizer: &TextTokenizer, limits: Truncation, skip_bad_rows: bool, unpair: bool) -> Result<(Vec<Example>, LoadReport)> {
+pub fn load_unpaired_examples(
+    path: &Path,
+    tokenizer: &TextTokenizer,
+    limits: Truncation,
+    skip_bad_rows: bool,
+    unpair: bool,
+) -> Result<(Vec<Example>, LoadReport)> {
     load_with(path, skip_bad_rows, |value, line, report| {
         let value = value?;
         if let Some(label) = value.get("label") {
@@ -198,7 +210,9 @@ fn load_with(
     }
     if examples.is_empty() {
         match report.skipped.first() {
-            Some((at, reason)) => bail!("{}: no usable rows ({} skipped; first: {at}: {reason})", path.display(), report.skipped.len()),
+            Some((at, reason)) => {
+                bail!("{}: no usable rows ({} skipped; first: {at}: {reason})", path.display(), report.skipped.len())
+            }
             None => bail!("{}: no rows", path.display()),
         }
     }
@@ -218,7 +232,11 @@ fn example_from_row(
 }
 
 /// A row's (prompt, chosen or completion, rejected, rendered by the chat template) texts.
-fn row_texts(value: serde_json::Value, tokenizer: &TextTokenizer, preference: bool) -> Result<(String, String, Option<String>, bool), String> {
+fn row_texts(
+    value: serde_json::Value,
+    tokenizer: &TextTokenizer,
+    preference: bool,
+) -> Result<(String, String, Option<String>, bool), String> {
     Ok(if preference && is_chat_row(&value) {
         let (prompt, chosen, rejected) = chat_row(&value, tokenizer)?;
         (prompt, chosen, Some(rejected), true)
@@ -253,7 +271,9 @@ fn tokenize_row(
             report.merged_at_boundary.push(format!("line {line}"));
         }
     }
-    let mut prompt = if templated { tokenizer.encode_templated_prompt(prompt) } else { tokenizer.encode_prompt(prompt) }.map_err(text)?;
+    let mut prompt =
+        if templated { tokenizer.encode_templated_prompt(prompt) } else { tokenizer.encode_prompt(prompt) }
+            .map_err(text)?;
     let mut chosen = tokenizer.encode_completion(chosen).map_err(text)?;
     let mut rejected = match rejected {
         Some(r) => tokenizer.encode_completion(r).map_err(text)?,
@@ -294,7 +314,11 @@ fn chat_row(row: &serde_json::Value, tokenizer: &TextTokenizer) -> Result<(Strin
             prompt.push(Message { role: "system".into(), content: system });
         }
         prompt.push(Message { role: "user".into(), content: question });
-        let answer = |key: &str| text_field(key).map(|content| vec![Message { role: "assistant".into(), content }]).ok_or_else(|| format!("missing string field `{key}`"));
+        let answer = |key: &str| {
+            text_field(key)
+                .map(|content| vec![Message { role: "assistant".into(), content }])
+                .ok_or_else(|| format!("missing string field `{key}`"))
+        };
         (prompt, answer("chosen")?, answer("rejected")?)
     } else {
         let chosen = messages(row.get("chosen").unwrap_or(&serde_json::Value::Null), "chosen")?;
@@ -337,7 +361,9 @@ fn chat_template(tokenizer: &TextTokenizer) -> Result<&super::chat::ChatTemplate
 /// them: the prompt with the generation prompt, the completion as what it adds after that.
 fn chat_unpaired_row(row: &serde_json::Value, tokenizer: &TextTokenizer) -> Result<(String, String), String> {
     use super::chat::messages;
-    if let Some(extra) = row.as_object().and_then(|o| o.keys().find(|k| !["prompt", "completion", "label"].contains(&k.as_str()))) {
+    if let Some(extra) =
+        row.as_object().and_then(|o| o.keys().find(|k| !["prompt", "completion", "label"].contains(&k.as_str())))
+    {
         return Err(format!("unknown field `{extra}`, expected `prompt`, `completion`, `label`"));
     }
     let template = chat_template(tokenizer)?;

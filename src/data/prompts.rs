@@ -32,7 +32,10 @@ pub fn load_prompts(path: &Path, tokenizer: &TextTokenizer, max_positions: usize
             Some(list @ serde_json::Value::Array(_)) => {
                 let messages = messages(list, "prompt").map_err(|e| anyhow!("{at}: {e}"))?;
                 let template = tokenizer.chat.as_ref().with_context(|| {
-                    format!("{at}: the prompt is a list of messages, but {} has no chat_template", tokenizer.path.with_file_name("tokenizer_config.json").display())
+                    format!(
+                        "{at}: the prompt is a list of messages, but {} has no chat_template",
+                        tokenizer.path.with_file_name("tokenizer_config.json").display()
+                    )
                 })?;
                 let text = template.render(&messages, true).map_err(|e| anyhow!("{at}: {e}"))?;
                 tokenizer.encode_templated_prompt(&text)
@@ -44,7 +47,10 @@ pub fn load_prompts(path: &Path, tokenizer: &TextTokenizer, max_positions: usize
             bail!("{at}: the prompt has no tokens");
         }
         if tokens.len() >= max_positions {
-            bail!("{at}: the prompt has {} tokens, which leaves no room before the model's {max_positions} positions end", tokens.len());
+            bail!(
+                "{at}: the prompt has {} tokens, which leaves no room before the model's {max_positions} positions end",
+                tokens.len()
+            );
         }
         rows.push(PromptRow { prompt: value["prompt"].clone(), tokens, at, row: value });
     }

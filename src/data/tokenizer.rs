@@ -81,7 +81,12 @@ impl TextTokenizer {
     }
 
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.inner.encode(text, self.prompt_special_tokens).map_err(|e| anyhow!("tokenizing prompt: {e}"))?.get_ids().to_vec())
+        Ok(self
+            .inner
+            .encode(text, self.prompt_special_tokens)
+            .map_err(|e| anyhow!("tokenizing prompt: {e}"))?
+            .get_ids()
+            .to_vec())
     }
 
     /// Whether `prompt` + each of `completions` tokenized as one text splits where the two
@@ -89,7 +94,9 @@ impl TextTokenizer {
     /// tokenize the joined text; prefhost, like TRL 0.12 to 0.28, tokenizes the two apart,
     /// which gives other ids exactly when this is false.
     pub fn splits_at_boundary<'a>(&self, prompt: &str, completions: impl IntoIterator<Item = &'a str>) -> Result<bool> {
-        let ids = |text: &str| -> Result<Vec<u32>> { Ok(self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().to_vec()) };
+        let ids = |text: &str| -> Result<Vec<u32>> {
+            Ok(self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().to_vec())
+        };
         let prompt_ids = ids(prompt)?;
         for completion in completions {
             let joined = ids(&format!("{prompt}{completion}"))?;
@@ -107,7 +114,8 @@ impl TextTokenizer {
     }
 
     pub fn encode_completion(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing completion: {e}"))?.get_ids().to_vec();
+        let mut ids =
+            self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing completion: {e}"))?.get_ids().to_vec();
         ids.push(self.eos_id);
         Ok(ids)
     }
@@ -121,11 +129,12 @@ impl TextTokenizer {
 /// chat templates, named ones included), as paths relative to `dir`, those present, sorted.
 /// They travel with a saved model and are part of a run's identity.
 pub fn side_files(dir: &Path) -> Result<Vec<String>> {
-    let mut names: Vec<String> = ["chat_template.jinja", "chat_template.json", "special_tokens_map.json", "tokenizer_config.json"]
-        .into_iter()
-        .filter(|n| dir.join(n).is_file())
-        .map(str::to_string)
-        .collect();
+    let mut names: Vec<String> =
+        ["chat_template.jinja", "chat_template.json", "special_tokens_map.json", "tokenizer_config.json"]
+            .into_iter()
+            .filter(|n| dir.join(n).is_file())
+            .map(str::to_string)
+            .collect();
     for path in super::chat::named_template_files(dir)? {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         names.push(format!("{}/{name}", super::chat::NAMED_TEMPLATES_DIR));
@@ -136,10 +145,14 @@ pub fn side_files(dir: &Path) -> Result<Vec<String>> {
 /// tokenizer_config.json's `eos_token` as an id, when the file names one.
 fn tokenizer_eos(config: &Path, inner: &Tokenizer) -> Result<Option<u32>> {
     let Ok(text) = std::fs::read_to_string(config) else { return Ok(None) };
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}:{}:{}: {e}", config.display(), e.line(), e.column()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{}:{}:{}: {e}", config.display(), e.line(), e.column()))?;
     let name = super::chat::token_text(json.get("eos_token"));
     if name.is_empty() {
         return Ok(None);
     }
-    inner.token_to_id(&name).map(Some).ok_or_else(|| anyhow!("{}: eos_token \"{name}\" is not in tokenizer.json's vocabulary", config.display()))
+    inner
+        .token_to_id(&name)
+        .map(Some)
+        .ok_or_else(|| anyhow!("{}: eos_token \"{name}\" is not in tokenizer.json's vocabulary", config.display()))
 }

@@ -77,7 +77,16 @@ pub unsafe fn gemm(m: usize, n: usize, k: usize, dst: *mut f32, dst_stride: usiz
 /// # Safety
 /// As for `gemm`.
 #[allow(clippy::too_many_arguments)] // as `gemm`
-pub unsafe fn gemm_parallel(m: usize, n: usize, k: usize, dst: *mut f32, dst_stride: usize, accumulate: bool, a: View, b: View) {
+pub unsafe fn gemm_parallel(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_stride: usize,
+    accumulate: bool,
+    a: View,
+    b: View,
+) {
     let threads = rayon::current_num_threads();
     if m * n * k < 192 * 192 * 192 || threads == 1 {
         // SAFETY: the caller's contract is this function's.
@@ -104,7 +113,17 @@ pub unsafe fn gemm_parallel(m: usize, n: usize, k: usize, dst: *mut f32, dst_str
 /// # Safety
 /// As for `gemm`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_on(parallelism: gemm::Parallelism, m: usize, n: usize, k: usize, dst: *mut f32, dst_stride: usize, accumulate: bool, a: View, b: View) {
+unsafe fn gemm_on(
+    parallelism: gemm::Parallelism,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_stride: usize,
+    accumulate: bool,
+    a: View,
+    b: View,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -121,11 +140,24 @@ unsafe fn gemm_on(parallelism: gemm::Parallelism, m: usize, n: usize, k: usize, 
     // of dst, all of which the caller vouches for.
     unsafe {
         gemm::gemm(
-            m, n, k,
-            dst, 1, dst_stride as isize, accumulate,
-            a.ptr, a.col_stride, a.row_stride,
-            b.ptr, b.col_stride, b.row_stride,
-            1.0, 1.0, false, false, false,
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_stride as isize,
+            accumulate,
+            a.ptr,
+            a.col_stride,
+            a.row_stride,
+            b.ptr,
+            b.col_stride,
+            b.row_stride,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
             parallelism,
         )
     }
@@ -134,5 +166,9 @@ unsafe fn gemm_on(parallelism: gemm::Parallelism, m: usize, n: usize, k: usize, 
 /// A 2-D f32 flex tensor read as a matrix view (any strides); valid while `t` lives.
 pub fn matrix(t: &FlexTensor) -> View {
     let st = t.layout().strides();
-    View { ptr: t.storage::<f32>().as_ptr().wrapping_add(t.layout().start_offset()), row_stride: st[0], col_stride: st[1] }
+    View {
+        ptr: t.storage::<f32>().as_ptr().wrapping_add(t.layout().start_offset()),
+        row_stride: st[0],
+        col_stride: st[1],
+    }
 }

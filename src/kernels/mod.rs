@@ -11,5 +11,7 @@ mod simd;
 
 pub use buffer::{Buffer, contiguous, contiguous_like, dense, par_fill, rows_readable, strided, to_write};
 pub use gemm::{SharedOut, View, gemm, gemm_parallel, matrix};
-pub use simd::{dot, exp, exp_shifted_sum, max, scale, scale_unmasked, scaled_exp_shifted, sigmoid, softmax_grad, sum_exp_shifted};
 pub(crate) use simd::vectorised;
+pub use simd::{
+    dot, exp, exp_shifted_sum, max, scale, scale_unmasked, scaled_exp_shifted, sigmoid, softmax_grad, sum_exp_shifted,
+};

@@ -3,9 +3,9 @@
 use burn::module::Module;
 use burn::tensor::{Bool, Tensor};
 
-use super::norm::RmsNorm;
 use super::fused::attention::scaled_attention;
 use super::lora::Projection;
+use super::norm::RmsNorm;
 use super::rope::{Rope, RotaryTables};
 
 #[derive(Module, Debug)]
@@ -35,7 +35,13 @@ impl Attention {
     /// x: [batch, seq, hidden] -> [batch, seq, hidden], each token rotated by `rotary`,
     /// attending where `masked` ([batch or 1, 1, seq, seq], true = masked) is false, and
     /// causally when `is_causal` (packed rows carry their own mask instead).
-    pub fn forward(&self, x: Tensor<3>, rotary: &RotaryTables, masked: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rotary: &RotaryTables,
+        masked: Option<Tensor<4, Bool>>,
+        is_causal: bool,
+    ) -> Tensor<3> {
         let (q, k, v) = self.project(x, rotary);
         self.attend(q, k, v, masked, is_causal)
     }
@@ -58,7 +64,13 @@ impl Attention {
 
     /// Keys beyond the sliding window of each query ([batch, 1, q, k], true = masked), or
     /// None when no query has keys that far back. Positions are per query/key row.
-    pub fn window_mask(&self, positions_q: &[usize], positions_k: &[usize], batch: usize, device: &burn::tensor::Device) -> Option<Tensor<4, Bool>> {
+    pub fn window_mask(
+        &self,
+        positions_q: &[usize],
+        positions_k: &[usize],
+        batch: usize,
+        device: &burn::tensor::Device,
+    ) -> Option<Tensor<4, Bool>> {
         let window = self.window;
         let (sq, sk) = (positions_q.len() / batch, positions_k.len() / batch);
         let far = |q: usize, k: usize| q >= k + window;
@@ -93,7 +105,14 @@ impl Attention {
         (q, k, v)
     }
 
-    fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
+    fn attend(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        masked: Option<Tensor<4, Bool>>,
+        is_causal: bool,
+    ) -> Tensor<3> {
         let [batch, _, seq, _] = q.dims();
         let out = scaled_attention(q, k, v, masked, is_causal, self.scale, self.softcap);
         let out = out.swap_dims(1, 2).reshape([batch, seq, self.num_heads * self.head_dim]);
@@ -128,4 +147,3 @@ impl KvCache {
         (k, v)
     }
 }
-

@@ -23,7 +23,13 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn forward(&self, x: Tensor<3>, rotary: &RotaryTables, masked: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rotary: &RotaryTables,
+        masked: Option<Tensor<4, Bool>>,
+        is_causal: bool,
+    ) -> Tensor<3> {
         self.around(x, |y| self.self_attn.forward(y, rotary, masked, is_causal))
     }
 
@@ -33,7 +39,10 @@ impl DecoderLayer {
 
     /// This layer's norms by HF module name (relative to the layer), in checkpoint order.
     pub fn norm_names(&self) -> Vec<(&'static str, &RmsNorm)> {
-        let mut out = vec![("input_layernorm", &self.input_layernorm), ("post_attention_layernorm", &self.post_attention_layernorm)];
+        let mut out = vec![
+            ("input_layernorm", &self.input_layernorm),
+            ("post_attention_layernorm", &self.post_attention_layernorm),
+        ];
         if let Some(n) = &self.pre_feedforward_layernorm {
             out.push(("pre_feedforward_layernorm", n));
         }

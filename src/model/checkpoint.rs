@@ -11,14 +11,14 @@
 //! what dominate memory at real sequence lengths.
 
 use burn::backend::Autodiff;
+use burn::backend::Backend;
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
-use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::backend::Backend;
 use burn::tensor::{Bool, Tensor};
 
 use super::block::DecoderLayer;
@@ -36,7 +36,13 @@ pub fn layers_recomputed() -> usize {
 
 /// `layer.forward(x, ...)`, recomputed in the backward pass instead of keeping its
 /// intermediates. Outside autodiff it is the plain forward.
-pub fn recomputed_layer(layer: &DecoderLayer, x: Tensor<3>, rotary: &RotaryTables, masked: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
+pub fn recomputed_layer(
+    layer: &DecoderLayer,
+    x: Tensor<3>,
+    rotary: &RotaryTables,
+    masked: Option<Tensor<4, Bool>>,
+    is_causal: bool,
+) -> Tensor<3> {
     if !x.is_autodiff() {
         return layer.forward(x, rotary, masked, is_causal);
     }
@@ -68,12 +74,22 @@ struct LayerInput {
 impl LayerInput {
     /// The same input without autodiff (a plain forward records nothing).
     fn plain(&self) -> Self {
-        Self { x: self.x.clone().inner(), rotary: self.rotary.map(Tensor::inner), masked: self.masked.clone().map(Tensor::inner), is_causal: self.is_causal }
+        Self {
+            x: self.x.clone().inner(),
+            rotary: self.rotary.map(Tensor::inner),
+            masked: self.masked.clone().map(Tensor::inner),
+            is_causal: self.is_causal,
+        }
     }
 
     /// The plain input on the autodiff device again, as fresh leaves of a new graph.
     fn fresh_leaves(&self) -> Self {
-        Self { x: self.x.clone().autodiff(), rotary: self.rotary.map(Tensor::autodiff), masked: self.masked.clone().map(Tensor::autodiff), is_causal: self.is_causal }
+        Self {
+            x: self.x.clone().autodiff(),
+            rotary: self.rotary.map(Tensor::autodiff),
+            masked: self.masked.clone().map(Tensor::autodiff),
+            is_causal: self.is_causal,
+        }
     }
 
     fn run(&self, layer: &DecoderLayer) -> Tensor<3> {
@@ -142,7 +158,12 @@ fn recomputed<B: Native>(layer: &DecoderLayer, input: &LayerInput) -> Option<Ten
     Some(B::from_tracked(output))
 }
 
-fn finish<B: Native, const N: usize>(parents: &[FloatTensor<Autodiff<B>>], pad: &FloatTensor<Autodiff<B>>, saved: Saved, y: FloatTensor<B>) -> FloatTensor<Autodiff<B>> {
+fn finish<B: Native, const N: usize>(
+    parents: &[FloatTensor<Autodiff<B>>],
+    pad: &FloatTensor<Autodiff<B>>,
+    saved: Saved,
+    y: FloatTensor<B>,
+) -> FloatTensor<Autodiff<B>> {
     let nodes: [_; N] = std::array::from_fn(|i| parents.get(i).unwrap_or(pad).node());
     match RecomputeLayer.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish(saved, y),
@@ -218,16 +239,27 @@ impl<B: Native, const N: usize> Backward<B, N> for RecomputeLayer {
             let dx = x.grad(&inner).expect("x took part in the recomputed forward");
             grads.register::<B>(node.id, B::plain(dx));
         }
-        let slots: Vec<_> = saved.params.iter().zip(&ops.parents[1..]).filter_map(|(id, node)| node.as_ref().map(|n| (*id, n.id))).collect();
-        layer.visit(&mut Handover::<B> { slots: &slots, inner: &inner, outer: grads, _backend: std::marker::PhantomData });
+        let slots: Vec<_> = saved
+            .params
+            .iter()
+            .zip(&ops.parents[1..])
+            .filter_map(|(id, node)| node.as_ref().map(|n| (*id, n.id)))
+            .collect();
+        layer.visit(&mut Handover::<B> {
+            slots: &slots,
+            inner: &inner,
+            outer: grads,
+            _backend: std::marker::PhantomData,
+        });
     }
 }
 
 impl<B: Native> ModuleVisitor for Handover<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some((_, node)) = self.slots.iter().find(|(id, _)| *id == param.id)
-            && let Some(g) = param.val().grad(self.inner) {
-                self.outer.register::<B>(*node, B::plain(g));
-            }
+            && let Some(g) = param.val().grad(self.inner)
+        {
+            self.outer.register::<B>(*node, B::plain(g));
+        }
     }
 }

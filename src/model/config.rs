@@ -137,22 +137,29 @@ impl TokenIds {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1: low frequencies divided by `factor`, high ones kept, a smooth blend between.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_positions: f64 },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_positions: f64,
+    },
 }
 
 impl LlamaConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let mut config: Self = serde_json::from_str(&text).map_err(|e| {
-            anyhow::anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column())
-        })?;
+        let mut config: Self = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))?;
         let raw: serde_json::Value = serde_json::from_str(&text)?;
         if let Some(family) = Family::parse(&config.model_type) {
             config.fill_family_defaults(family, &raw);
         }
-        refuse_unsupported_keys(&raw, Family::parse(&config.model_type)).with_context(|| format!("{}: invalid model config", path.display()))?;
+        refuse_unsupported_keys(&raw, Family::parse(&config.model_type))
+            .with_context(|| format!("{}: invalid model config", path.display()))?;
         config.read_rope_parameters(&raw).with_context(|| format!("{}: invalid model config", path.display()))?;
         config.validate().with_context(|| format!("{}: invalid model config", path.display()))?;
         Ok(config)
@@ -165,13 +172,20 @@ impl LlamaConfig {
         let Some(params) = self.rope_parameters.take().filter(|v| !v.is_null()) else { return Ok(()) };
         let map = params.as_object().context("rope_parameters: expected a map")?;
         if !map.contains_key("rope_type") && !map.contains_key("rope_theta") {
-            bail!("rope_parameters: per-layer-type rope settings ({}) are not supported", map.keys().cloned().collect::<Vec<_>>().join(", "));
+            bail!(
+                "rope_parameters: per-layer-type rope settings ({}) are not supported",
+                map.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
         }
-        let theta = map.get("rope_theta").and_then(|v| v.as_f64()).context("rope_parameters.rope_theta: missing or not a number")?;
+        let theta = map
+            .get("rope_theta")
+            .and_then(|v| v.as_f64())
+            .context("rope_parameters.rope_theta: missing or not a number")?;
         if let Some(top) = raw.get("rope_theta").filter(|v| !v.is_null())
-            && top.as_f64() != Some(theta) {
-                bail!("rope_theta ({top}) and rope_parameters.rope_theta ({theta}) disagree");
-            }
+            && top.as_f64() != Some(theta)
+        {
+            bail!("rope_theta ({top}) and rope_parameters.rope_theta ({theta}) disagree");
+        }
         if raw.get("rope_scaling").is_some_and(|v| !v.is_null()) {
             bail!("rope_scaling and rope_parameters are both set; a config has one or the other");
         }
@@ -207,7 +221,11 @@ impl LlamaConfig {
         }
         if self.layer_types.is_none() {
             // Gemma2Config: even layers slide, odd ones see everything.
-            self.layer_types = Some((0..self.num_hidden_layers).map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" }.to_string()).collect());
+            self.layer_types = Some(
+                (0..self.num_hidden_layers)
+                    .map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" }.to_string())
+                    .collect(),
+            );
         }
     }
 
@@ -228,7 +246,10 @@ impl LlamaConfig {
                 bail!("layer_types: {} entries for {} layers", types.len(), self.num_hidden_layers);
             }
             let sliding_allowed = family == Family::Gemma2;
-            if let Some(other) = types.iter().find(|t| !(t.as_str() == "full_attention" || sliding_allowed && t.as_str() == "sliding_attention")) {
+            if let Some(other) = types
+                .iter()
+                .find(|t| !(t.as_str() == "full_attention" || sliding_allowed && t.as_str() == "sliding_attention"))
+            {
                 bail!(
                     "layer_types: \"{other}\" layers are not supported for {} (only \"full_attention\"{}{})",
                     self.model_type,
@@ -240,7 +261,11 @@ impl LlamaConfig {
                 bail!("layer_types: sliding_attention layers need a sliding_window");
             }
         }
-        let gemma_only = [("query_pre_attn_scalar", self.query_pre_attn_scalar), ("attn_logit_softcapping", self.attn_logit_softcapping), ("final_logit_softcapping", self.final_logit_softcapping)];
+        let gemma_only = [
+            ("query_pre_attn_scalar", self.query_pre_attn_scalar),
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+        ];
         if family != Family::Gemma2 {
             if let Some((key, _)) = gemma_only.iter().find(|(_, v)| v.is_some()) {
                 bail!("{key}: not part of a {} model (gemma2 only)", self.model_type);
@@ -250,14 +275,27 @@ impl LlamaConfig {
                 bail!("{key}: {v:?} must be a positive number");
             }
             if self.hidden_activation.as_deref() != Some("gelu_pytorch_tanh") {
-                bail!("hidden_activation: {:?} is not supported (gemma2's \"gelu_pytorch_tanh\")", self.hidden_activation);
+                bail!(
+                    "hidden_activation: {:?} is not supported (gemma2's \"gelu_pytorch_tanh\")",
+                    self.hidden_activation
+                );
             }
         }
-        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) && self.head_dim.is_none() {
-            bail!("hidden_size {} is not divisible by num_attention_heads {}", self.hidden_size, self.num_attention_heads);
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads) && self.head_dim.is_none()
+        {
+            bail!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size,
+                self.num_attention_heads
+            );
         }
         if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
-            bail!("num_attention_heads {} is not a multiple of num_key_value_heads {}", self.num_attention_heads, self.kv_heads());
+            bail!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads,
+                self.kv_heads()
+            );
         }
         if !self.head_dim().is_multiple_of(2) {
             bail!("head_dim {} must be even for rotary embeddings", self.head_dim());
@@ -280,7 +318,9 @@ impl LlamaConfig {
     pub fn attention_window(&self, layer: usize) -> Option<usize> {
         match self.family() {
             Family::Mistral => self.sliding_window,
-            Family::Gemma2 => self.layer_types.as_ref().filter(|t| t[layer] == "sliding_attention").and(self.sliding_window),
+            Family::Gemma2 => {
+                self.layer_types.as_ref().filter(|t| t[layer] == "sliding_attention").and(self.sliding_window)
+            }
             _ => None,
         }
     }
@@ -301,8 +341,14 @@ impl LlamaConfig {
             "llama3" => &["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"],
             other => bail!("{at}.rope_type \"{other}\" is not supported (supported: default, linear, llama3)"),
         };
-        if let Some(key) = map.as_object().and_then(|o| o.keys().find(|k| !["rope_type", "type", "rope_theta"].contains(&k.as_str()) && !fields.contains(&k.as_str()))) {
-            bail!("{at}.{key}: not supported with rope_type \"{kind}\" (it reads {})", if fields.is_empty() { "no other field".to_string() } else { fields.join(", ") });
+        if let Some(key) = map.as_object().and_then(|o| {
+            o.keys()
+                .find(|k| !["rope_type", "type", "rope_theta"].contains(&k.as_str()) && !fields.contains(&k.as_str()))
+        }) {
+            bail!(
+                "{at}.{key}: not supported with rope_type \"{kind}\" (it reads {})",
+                if fields.is_empty() { "no other field".to_string() } else { fields.join(", ") }
+            );
         }
         Ok(match kind {
             "linear" => RopeScaling::Linear { factor: num("factor")? },
@@ -343,9 +389,10 @@ fn refuse_unsupported_keys(raw: &serde_json::Value, family: Option<Family>) -> R
     // Gemma 2's MLP reads hidden_activation; transformers 4.x also wrote a matching hidden_act.
     let activation = if family == Some(Family::Gemma2) { "gelu_pytorch_tanh" } else { "silu" };
     if let Some(act) = get("hidden_act")
-        && act.as_str() != Some(activation) {
-            bail!("hidden_act: {act} is not supported (\"{activation}\" for this family)");
-        }
+        && act.as_str() != Some(activation)
+    {
+        bail!("hidden_act: {act} is not supported (\"{activation}\" for this family)");
+    }
     if family != Some(Family::Gemma2) && get("hidden_activation").is_some() {
         bail!("hidden_activation: not part of this family (gemma2 only)");
     }
@@ -356,8 +403,9 @@ fn refuse_unsupported_keys(raw: &serde_json::Value, family: Option<Family>) -> R
         bail!("use_bidirectional_attention: only causal attention is supported");
     }
     if let Some(factor) = get("partial_rotary_factor")
-        && factor.as_f64() != Some(1.0) {
-            bail!("partial_rotary_factor: {factor} is not supported (RoPE on the whole head)");
-        }
+        && factor.as_f64() != Some(1.0)
+    {
+        bail!("partial_rotary_factor: {factor} is not supported (RoPE on the whole head)");
+    }
     Ok(())
 }

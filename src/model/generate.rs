@@ -16,12 +16,25 @@ use super::sampling::{SamplingSettings, uniform};
 /// Up to `max_new_tokens` greedy tokens after each prompt, stopping at any of `eos` (not
 /// included) or at the model's last position. `model` should be on a plain (non-autodiff)
 /// device. Returns the new tokens of each prompt, in the prompts' order.
-pub fn greedy(model: &Llama, prompts: &[Vec<u32>], max_new_tokens: usize, eos: &[u32], group_size: usize) -> Vec<Vec<u32>> {
+pub fn greedy(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    max_new_tokens: usize,
+    eos: &[u32],
+    group_size: usize,
+) -> Vec<Vec<u32>> {
     let rows: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-    let Ok(decoded) = decode_by_length(model, &rows, max_new_tokens, eos, group_size, |_, logits: Tensor<2>, _| -> Result<Vec<u32>, Infallible> {
-        // On the device: only the chosen ids come back to the host.
-        Ok(logits.argmax(1).into_data().iter::<i64>().map(|t| t as u32).collect())
-    });
+    let Ok(decoded) = decode_by_length(
+        model,
+        &rows,
+        max_new_tokens,
+        eos,
+        group_size,
+        |_, logits: Tensor<2>, _| -> Result<Vec<u32>, Infallible> {
+            // On the device: only the chosen ids come back to the host.
+            Ok(logits.argmax(1).into_data().iter::<i64>().map(|t| t as u32).collect())
+        },
+    );
     decoded.into_iter().map(|d| d.tokens).collect()
 }
 
@@ -46,7 +59,14 @@ pub struct Sample {
 /// `batch_size` rows of equal prompt length. Token t of sample k of prompt i is drawn with
 /// `uniform(seed, i, k, t)`, so the result does not depend on `batch_size` or on which
 /// other prompts are in the file. Returns prompt-major order (every sample of prompt 0 first).
-pub fn sample(model: &Llama, prompts: &[Vec<u32>], n: usize, settings: &SamplingSettings, eos: &[u32], batch_size: usize) -> Result<Vec<Sample>> {
+pub fn sample(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    n: usize,
+    settings: &SamplingSettings,
+    eos: &[u32],
+    batch_size: usize,
+) -> Result<Vec<Sample>> {
     settings.validate()?;
     let ids: Vec<(usize, usize)> = (0..prompts.len()).flat_map(|p| (0..n).map(move |s| (p, s))).collect();
     let rows: Vec<&[u32]> = ids.iter().map(|&(p, _)| prompts[p].as_slice()).collect();
@@ -54,21 +74,34 @@ pub fn sample(model: &Llama, prompts: &[Vec<u32>], n: usize, settings: &Sampling
     // Each row's tokens so far, for the repetition penalty (a finished row's extra tokens
     // land here too, unread).
     let mut seen: Vec<Vec<u32>> = rows.iter().map(|r| r.to_vec()).collect();
-    let decoded = decode_by_length(model, &rows, settings.max_new_tokens, eos, batch_size, |group: &[usize], logits: Tensor<2>, step| {
-        // The logits come to the host, so every backend samples with the same code.
-        let logits = crate::tensor::values(logits);
-        group
-            .iter()
-            .zip(logits.chunks(vocab))
-            .map(|(&row, row_logits)| {
-                let (p, s) = ids[row];
-                let token = settings.choose(row_logits, &seen[row], uniform(settings.seed, p, s, step)).with_context(|| format!("prompt {p}, sample {s}, token {step}"))?;
-                seen[row].push(token);
-                Ok::<u32, anyhow::Error>(token)
-            })
-            .collect()
-    })?;
-    Ok(ids.into_iter().zip(decoded).map(|((prompt, sample), completion)| Sample { prompt, sample, completion }).collect())
+    let decoded = decode_by_length(
+        model,
+        &rows,
+        settings.max_new_tokens,
+        eos,
+        batch_size,
+        |group: &[usize], logits: Tensor<2>, step| {
+            // The logits come to the host, so every backend samples with the same code.
+            let logits = crate::tensor::values(logits);
+            group
+                .iter()
+                .zip(logits.chunks(vocab))
+                .map(|(&row, row_logits)| {
+                    let (p, s) = ids[row];
+                    let token = settings
+                        .choose(row_logits, &seen[row], uniform(settings.seed, p, s, step))
+                        .with_context(|| format!("prompt {p}, sample {s}, token {step}"))?;
+                    seen[row].push(token);
+                    Ok::<u32, anyhow::Error>(token)
+                })
+                .collect()
+        },
+    )?;
+    Ok(ids
+        .into_iter()
+        .zip(decoded)
+        .map(|((prompt, sample), completion)| Sample { prompt, sample, completion })
+        .collect())
 }
 
 /// Decodes every row, grouped by prompt length into groups of up to `group_size`.
@@ -84,7 +117,8 @@ fn decode_by_length<E>(
 ) -> Result<Vec<Completion>, E> {
     let mut out = vec![Completion { tokens: Vec::new(), eos: false }; prompts.len()];
     for group in groups_by_length(prompts, group_size) {
-        let generated = decode_same_length(model, prompts, &group, prompts[group[0]].len(), max_new_tokens, eos, &mut choose)?;
+        let generated =
+            decode_same_length(model, prompts, &group, prompts[group[0]].len(), max_new_tokens, eos, &mut choose)?;
         for (&i, completion) in group.iter().zip(generated) {
             out[i] = completion;
         }

@@ -4,14 +4,14 @@ use burn::module::{Module, Param, ParamId};
 use burn::nn::{Embedding, Linear};
 use burn::tensor::{Bool, DType, Device, Distribution, FloatDType, Int, Tensor};
 
-use super::precision::MixedPrecision;
 use super::attention::{Attention, KvCache};
 use super::block::DecoderLayer;
 use super::checkpoint::recomputed_layer;
-use super::norm::RmsNorm;
 use super::config::{Family, LlamaConfig};
 use super::lora::{Projection, peft_key};
 use super::mlp::{Activation, Mlp};
+use super::norm::RmsNorm;
+use super::precision::MixedPrecision;
 use super::rope::{Rope, RotaryTables};
 
 #[derive(Module, Debug)]
@@ -78,7 +78,11 @@ pub fn seed_model_draws(device: &Device, seed: u64) {
 /// A random tensor drawn by burn-flex's seeded RNG on the CPU and moved to `device`: each
 /// backend's own RNG draws other values for the same seed, so a random init or fresh LoRA
 /// adapters drawn on the device would make runs on different backends start apart.
-pub(crate) fn random_from_cpu<const D: usize>(shape: [usize; D], distribution: Distribution, device: &Device) -> Tensor<D> {
+pub(crate) fn random_from_cpu<const D: usize>(
+    shape: [usize; D],
+    distribution: Distribution,
+    device: &Device,
+) -> Tensor<D> {
     let drawn = Tensor::<D>::random(shape, distribution, &Device::flex());
     Tensor::from_data(drawn.into_data(), device)
 }
@@ -97,11 +101,25 @@ pub fn param_id(name: &str) -> ParamId {
     ParamId::from(name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)))
 }
 
-fn projection(src: &mut dyn WeightSource, name: &str, d_in: usize, d_out: usize, bias: bool, device: &Device) -> anyhow::Result<Projection> {
+fn projection(
+    src: &mut dyn WeightSource,
+    name: &str,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &Device,
+) -> anyhow::Result<Projection> {
     linear(src, name, d_in, d_out, bias, device).map(Projection::new)
 }
 
-fn linear(src: &mut dyn WeightSource, name: &str, d_in: usize, d_out: usize, bias: bool, device: &Device) -> anyhow::Result<Linear> {
+fn linear(
+    src: &mut dyn WeightSource,
+    name: &str,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &Device,
+) -> anyhow::Result<Linear> {
     // HF stores [out, in]; burn's Linear computes x·W with W as [in, out].
     let key = format!("{name}.weight");
     let weight = src.tensor(&key, &[d_out, d_in], device)?.transpose();
@@ -114,7 +132,13 @@ fn linear(src: &mut dyn WeightSource, name: &str, d_in: usize, d_out: usize, bia
     Ok(Linear { weight: named_param(&key, weight), bias })
 }
 
-fn rms_norm(src: &mut dyn WeightSource, name: &str, size: usize, config: &LlamaConfig, device: &Device) -> anyhow::Result<RmsNorm> {
+fn rms_norm(
+    src: &mut dyn WeightSource,
+    name: &str,
+    size: usize,
+    config: &LlamaConfig,
+    device: &Device,
+) -> anyhow::Result<RmsNorm> {
     let key = format!("{name}.weight");
     // Gemma2's norms apply 1 + w to the w they store.
     let offset = if config.family() == Family::Gemma2 { 1.0 } else { 0.0 };
@@ -133,7 +157,9 @@ impl Llama {
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let head_norm = |src: &mut dyn WeightSource, which: &str| -> anyhow::Result<Option<RmsNorm>> {
-                (family == Family::Qwen3).then(|| rms_norm(src, &format!("{p}.self_attn.{which}"), hd, config, device)).transpose()
+                (family == Family::Qwen3)
+                    .then(|| rms_norm(src, &format!("{p}.self_attn.{which}"), hd, config, device))
+                    .transpose()
             };
             let gemma_norm = |src: &mut dyn WeightSource, which: &str| -> anyhow::Result<Option<RmsNorm>> {
                 gemma.then(|| rms_norm(src, &format!("{p}.{which}"), d, config, device)).transpose()
@@ -158,9 +184,30 @@ impl Llama {
                 pre_feedforward_layernorm: gemma_norm(src, "pre_feedforward_layernorm")?,
                 post_feedforward_layernorm: gemma_norm(src, "post_feedforward_layernorm")?,
                 mlp: Mlp {
-                    gate_proj: projection(src, &format!("{p}.mlp.gate_proj"), d, config.intermediate_size, config.mlp_bias, device)?,
-                    up_proj: projection(src, &format!("{p}.mlp.up_proj"), d, config.intermediate_size, config.mlp_bias, device)?,
-                    down_proj: projection(src, &format!("{p}.mlp.down_proj"), config.intermediate_size, d, config.mlp_bias, device)?,
+                    gate_proj: projection(
+                        src,
+                        &format!("{p}.mlp.gate_proj"),
+                        d,
+                        config.intermediate_size,
+                        config.mlp_bias,
+                        device,
+                    )?,
+                    up_proj: projection(
+                        src,
+                        &format!("{p}.mlp.up_proj"),
+                        d,
+                        config.intermediate_size,
+                        config.mlp_bias,
+                        device,
+                    )?,
+                    down_proj: projection(
+                        src,
+                        &format!("{p}.mlp.down_proj"),
+                        config.intermediate_size,
+                        d,
+                        config.mlp_bias,
+                        device,
+                    )?,
                     activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
                 },
             });
@@ -228,22 +275,43 @@ impl Llama {
     }
 
     /// `hidden_states` for packed rows, as `forward_packed` takes them.
-    pub fn hidden_states_packed(&self, tokens: Tensor<2, Int>, positions: &[usize], masked: Tensor<4, Bool>) -> Tensor<3> {
+    pub fn hidden_states_packed(
+        &self,
+        tokens: Tensor<2, Int>,
+        positions: &[usize],
+        masked: Tensor<4, Bool>,
+    ) -> Tensor<3> {
         let [batch, seq] = tokens.dims();
         let device = tokens.device();
-        self.layers_forward(tokens, &self.rope.tables(positions, batch, seq, &device), positions, batch, Some(masked), false)
+        self.layers_forward(
+            tokens,
+            &self.rope.tables(positions, batch, seq, &device),
+            positions,
+            batch,
+            Some(masked),
+            false,
+        )
     }
 
     /// Embedding, every layer (RoPE tables and each window's mask built once for all),
     /// final norm. A layer with a sliding window attends where neither `masked` nor its
     /// window masks a key.
-    fn layers_forward(&self, tokens: Tensor<2, Int>, rotary: &RotaryTables, positions: &[usize], batch: usize, masked: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<3> {
+    fn layers_forward(
+        &self,
+        tokens: Tensor<2, Int>,
+        rotary: &RotaryTables,
+        positions: &[usize],
+        batch: usize,
+        masked: Option<Tensor<4, Bool>>,
+        is_causal: bool,
+    ) -> Tensor<3> {
         let mut x = self.embed(tokens);
         let mut masks: Vec<(usize, Option<Tensor<4, Bool>>)> = Vec::new();
         for layer in &self.layers {
             let window = layer.self_attn.window;
             if !masks.iter().any(|(w, _)| *w == window) {
-                let mask = match (layer.self_attn.window_mask(positions, positions, batch, &x.device()), masked.clone()) {
+                let mask = match (layer.self_attn.window_mask(positions, positions, batch, &x.device()), masked.clone())
+                {
                     (Some(w), Some(m)) => Some(m.bool_or(w)),
                     (w, m) => w.or(m),
                 };

@@ -194,7 +194,9 @@ impl Llama {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let (a, m) = (&layer.self_attn, &layer.mlp);
-            for (name, p) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
+            for (name, p) in
+                [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)]
+            {
                 out.push((format!("model.layers.{i}.self_attn.{name}"), name, p));
             }
             for (name, p) in [("gate_proj", &m.gate_proj), ("up_proj", &m.up_proj), ("down_proj", &m.down_proj)] {
@@ -208,10 +210,17 @@ impl Llama {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
-            for (name, p) in [("q_proj", &mut a.q_proj), ("k_proj", &mut a.k_proj), ("v_proj", &mut a.v_proj), ("o_proj", &mut a.o_proj)] {
+            for (name, p) in [
+                ("q_proj", &mut a.q_proj),
+                ("k_proj", &mut a.k_proj),
+                ("v_proj", &mut a.v_proj),
+                ("o_proj", &mut a.o_proj),
+            ] {
                 out.push((format!("model.layers.{i}.self_attn.{name}"), name, p));
             }
-            for (name, p) in [("gate_proj", &mut m.gate_proj), ("up_proj", &mut m.up_proj), ("down_proj", &mut m.down_proj)] {
+            for (name, p) in
+                [("gate_proj", &mut m.gate_proj), ("up_proj", &mut m.up_proj), ("down_proj", &mut m.down_proj)]
+            {
                 out.push((format!("model.layers.{i}.mlp.{name}"), name, p));
             }
         }
@@ -306,9 +315,13 @@ impl Llama {
             ("use_rslora", theirs.use_rslora.to_string(), ours.use_rslora.to_string()),
         ];
         if let Some((key, theirs, ours)) = differing.into_iter().find(|(_, a, b)| a != b) {
-            bail!("{}: {key} is {theirs}, but the script's lora.{key} is {ours} (lora.init_adapter must match the adapter)", at.display());
+            bail!(
+                "{}: {key} is {theirs}, but the script's lora.{key} is {ours} (lora.init_adapter must match the adapter)",
+                at.display()
+            );
         }
-        self.set_adapters(&mut files.tensors, device).with_context(|| dir.join(super::weights::ADAPTER_WEIGHTS).display().to_string())
+        self.set_adapters(&mut files.tensors, device)
+            .with_context(|| dir.join(super::weights::ADAPTER_WEIGHTS).display().to_string())
     }
 
     /// Replaces the adapters' values with `tensors` (PEFT names and layout), which must hold
@@ -331,7 +344,9 @@ impl Llama {
             }
         }
         if let Some(extra) = tensors.keys().next() {
-            bail!("adapter tensor \"{extra}\" has no matching module in this LoRA config (target_modules or layers differ)");
+            bail!(
+                "adapter tensor \"{extra}\" has no matching module in this LoRA config (target_modules or layers differ)"
+            );
         }
         Ok(self)
     }

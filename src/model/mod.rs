@@ -20,4 +20,6 @@ pub use config::LlamaConfig;
 pub use llama::{Llama, RandomInit, WeightSource, seed_model_draws};
 pub use lora::LoraConfig;
 pub use precision::MixedPrecision;
-pub use weights::{load_adapter_model, load_frozen_model, load_model, read_adapter, save_adapter, save_model, save_model_with};
+pub use weights::{
+    load_adapter_model, load_frozen_model, load_model, read_adapter, save_adapter, save_model, save_model_with,
+};

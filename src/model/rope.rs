@@ -19,7 +19,8 @@ pub struct Rope {
 impl Rope {
     pub fn new(head_dim: usize, max_positions: usize, theta: f64, scaling: &RopeScaling) -> Self {
         let half = head_dim / 2;
-        let inv_freq: Vec<f64> = (0..half).map(|i| scaled(1.0 / theta.powf((2 * i) as f64 / head_dim as f64), scaling)).collect();
+        let inv_freq: Vec<f64> =
+            (0..half).map(|i| scaled(1.0 / theta.powf((2 * i) as f64 / head_dim as f64), scaling)).collect();
         let mut cos = Vec::with_capacity(max_positions * head_dim);
         let mut sin = Vec::with_capacity(max_positions * head_dim);
         for pos in 0..max_positions {
@@ -59,7 +60,11 @@ impl Rope {
         let pick = |values: &[f32]| {
             let mut out = Vec::with_capacity(positions.len() * d);
             for &pos in positions {
-                assert!(pos < self.max_positions, "position {pos} exceeds the model's {} positions", self.max_positions);
+                assert!(
+                    pos < self.max_positions,
+                    "position {pos} exceeds the model's {} positions",
+                    self.max_positions
+                );
                 out.extend_from_slice(&values[pos * d..(pos + 1) * d]);
             }
             Tensor::<4>::from_data(TensorData::new(out, [batch, 1, seq, d]), device)
@@ -94,13 +99,15 @@ fn scaled(inv_freq: f64, scaling: &RopeScaling) -> f64 {
         RopeScaling::Linear { factor } => inv_freq / factor,
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_positions } => {
             let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
-            let (low_wavelen, high_wavelen) = (original_max_positions / low_freq_factor, original_max_positions / high_freq_factor);
+            let (low_wavelen, high_wavelen) =
+                (original_max_positions / low_freq_factor, original_max_positions / high_freq_factor);
             if wavelen < high_wavelen {
                 inv_freq
             } else if wavelen > low_wavelen {
                 inv_freq / factor
             } else {
-                let smooth = (original_max_positions / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                let smooth =
+                    (original_max_positions / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                 (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
             }
         }

@@ -207,7 +207,8 @@ pub fn stop_ids(model_dir: &Path, tokenizer: &TextTokenizer) -> Result<Vec<u32>>
     let mut ids = tokenizer.stop_ids.clone();
     let path = model_dir.join("generation_config.json");
     if let Ok(text) = std::fs::read_to_string(&path) {
-        let config: GenerationConfig = serde_json::from_str(&text).map_err(|e| anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))?;
+        let config: GenerationConfig =
+            serde_json::from_str(&text).map_err(|e| anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))?;
         for id in config.eos_token_id.map_or_else(Vec::new, |ids| ids.ids()) {
             if !ids.contains(&id) {
                 ids.push(id);
@@ -231,15 +232,45 @@ pub struct GenerationDefaults {
 /// Keys of generation_config.json that do not change which tokens are drawn (ids, lengths,
 /// the output's form, caching), so they may be left to transformers.
 const GENERATION_KEYS_WITHOUT_EFFECT: &[&str] = &[
-    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version", "_from_model_config",
-    "max_length", "max_new_tokens", "num_return_sequences", "use_cache", "cache_implementation", "cache_config",
-    "return_dict_in_generate", "output_scores", "output_logits", "output_attentions", "output_hidden_states",
-    "trust_remote_code", "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
-    "assistant_early_exit", "assistant_ensemble_weight", "assistant_lookbehind", "target_lookbehind", "max_matching_ngram_size",
-    "speculation_type", "use_mtp", "compile_config", "disable_compile", "continuous_batching_config", "low_memory",
-    "max_cache_len", "prefill_chunk_size",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "decoder_start_token_id",
+    "transformers_version",
+    "_from_model_config",
+    "max_length",
+    "max_new_tokens",
+    "num_return_sequences",
+    "use_cache",
+    "cache_implementation",
+    "cache_config",
+    "return_dict_in_generate",
+    "output_scores",
+    "output_logits",
+    "output_attentions",
+    "output_hidden_states",
+    "trust_remote_code",
+    "is_assistant",
+    "num_assistant_tokens",
+    "num_assistant_tokens_schedule",
+    "assistant_confidence_threshold",
+    "assistant_early_exit",
+    "assistant_ensemble_weight",
+    "assistant_lookbehind",
+    "target_lookbehind",
+    "max_matching_ngram_size",
+    "speculation_type",
+    "use_mtp",
+    "compile_config",
+    "disable_compile",
+    "continuous_batching_config",
+    "low_memory",
+    "max_cache_len",
+    "prefill_chunk_size",
     // Beam search only, which `num_beams` > 1 would ask for (refused).
-    "length_penalty", "early_stopping", "diversity_penalty",
+    "length_penalty",
+    "early_stopping",
+    "diversity_penalty",
 ];
 
 /// Reads generation_config.json's sampling defaults (none when the file is absent).
@@ -249,14 +280,20 @@ const GENERATION_KEYS_WITHOUT_EFFECT: &[&str] = &[
 pub fn generation_defaults(model_dir: &Path) -> Result<GenerationDefaults> {
     let path = model_dir.join("generation_config.json");
     let Ok(text) = std::fs::read_to_string(&path) else { return Ok(GenerationDefaults::default()) };
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))?;
     let object = value.as_object().ok_or_else(|| anyhow!("{}: not a JSON object", path.display()))?;
     let mut found = GenerationDefaults::default();
-    let number = |key: &str, v: &serde_json::Value| v.as_f64().ok_or_else(|| anyhow!("{}: {key}: expected a number, got {v}", path.display()));
+    let number = |key: &str, v: &serde_json::Value| {
+        v.as_f64().ok_or_else(|| anyhow!("{}: {key}: expected a number, got {v}", path.display()))
+    };
     for (key, v) in object {
         let neutral = match key.as_str() {
             "do_sample" => {
-                found.do_sample = Some(v.as_bool().ok_or_else(|| anyhow!("{}: do_sample: expected true or false, got {v}", path.display()))?);
+                found.do_sample = Some(
+                    v.as_bool()
+                        .ok_or_else(|| anyhow!("{}: do_sample: expected true or false, got {v}", path.display()))?,
+                );
                 continue;
             }
             "temperature" if !v.is_null() => {
@@ -264,7 +301,11 @@ pub fn generation_defaults(model_dir: &Path) -> Result<GenerationDefaults> {
                 continue;
             }
             "top_k" if !v.is_null() => {
-                found.top_k = Some(v.as_u64().ok_or_else(|| anyhow!("{}: top_k: expected a whole number >= 0, got {v}", path.display()))? as usize);
+                found.top_k = Some(
+                    v.as_u64()
+                        .ok_or_else(|| anyhow!("{}: top_k: expected a whole number >= 0, got {v}", path.display()))?
+                        as usize,
+                );
                 continue;
             }
             "top_p" if !v.is_null() => {
@@ -279,15 +320,36 @@ pub fn generation_defaults(model_dir: &Path) -> Result<GenerationDefaults> {
             // Each as transformers' _get_logits_processor / beam search leaves it off.
             "num_beams" | "num_beam_groups" => v.is_null() || v.as_u64() == Some(1),
             "typical_p" => v.is_null() || v.as_f64() == Some(1.0),
-            "epsilon_cutoff" | "eta_cutoff" | "penalty_alpha" | "no_repeat_ngram_size" | "encoder_no_repeat_ngram_size" | "min_length" => {
-                v.is_null() || v.as_f64() == Some(0.0)
-            }
+            "epsilon_cutoff"
+            | "eta_cutoff"
+            | "penalty_alpha"
+            | "no_repeat_ngram_size"
+            | "encoder_no_repeat_ngram_size"
+            | "min_length" => v.is_null() || v.as_f64() == Some(0.0),
             "guidance_scale" | "encoder_repetition_penalty" => v.is_null() || v.as_f64() == Some(1.0),
             "renormalize_logits" | "remove_invalid_values" => v.is_null() || v.as_bool() == Some(false),
-            "temperature" | "top_k" | "top_p" | "repetition_penalty" | "min_p" | "top_h" | "min_new_tokens" | "bad_words_ids" | "force_words_ids"
-            | "suppress_tokens" | "begin_suppress_tokens" | "sequence_bias" | "forced_bos_token_id" | "forced_eos_token_id"
-            | "exponential_decay_length_penalty" | "watermarking_config" | "stop_strings" | "constraints" | "dola_layers" | "max_time"
-            | "token_healing" | "prompt_lookup_num_tokens" => v.is_null(),
+            "temperature"
+            | "top_k"
+            | "top_p"
+            | "repetition_penalty"
+            | "min_p"
+            | "top_h"
+            | "min_new_tokens"
+            | "bad_words_ids"
+            | "force_words_ids"
+            | "suppress_tokens"
+            | "begin_suppress_tokens"
+            | "sequence_bias"
+            | "forced_bos_token_id"
+            | "forced_eos_token_id"
+            | "exponential_decay_length_penalty"
+            | "watermarking_config"
+            | "stop_strings"
+            | "constraints"
+            | "dola_layers"
+            | "max_time"
+            | "token_healing"
+            | "prompt_lookup_num_tokens" => v.is_null(),
             _ => bail!(
                 "{}: {key}: not a generation_config.json key prefhost knows, so it cannot tell whether it changes sampling \
                  (--no-generation-config reads none of the file's settings)",

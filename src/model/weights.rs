@@ -65,17 +65,21 @@ fn read_header(file: &Path) -> Result<Vec<(String, Stored)>> {
     let handle = std::fs::File::open(file).with_context(|| format!("{at}: cannot read weights"))?;
     let file_len = handle.metadata().with_context(|| format!("{at}: cannot read weights"))?.len();
     let mut len_bytes = [0u8; 8];
-    handle.read_exact_at(&mut len_bytes, 0).map_err(|e| anyhow::anyhow!("{at}: not a valid safetensors file: cannot read its header length ({e})"))?;
+    handle
+        .read_exact_at(&mut len_bytes, 0)
+        .map_err(|e| anyhow::anyhow!("{at}: not a valid safetensors file: cannot read its header length ({e})"))?;
     let header_len = u64::from_le_bytes(len_bytes);
     // safetensors' own limit (100 MB): a larger value is a corrupt file, not a header to allocate.
     if header_len > 100_000_000 || 8 + header_len > file_len {
-        bail!("{at}: not a valid safetensors file: header length {header_len} with a file of {file_len} bytes (truncated?)");
+        bail!(
+            "{at}: not a valid safetensors file: header length {header_len} with a file of {file_len} bytes (truncated?)"
+        );
     }
     let mut header = vec![0u8; header_len as usize];
     handle.read_exact_at(&mut header, 8).map_err(|e| anyhow::anyhow!("{at}: not a valid safetensors file: {e}"))?;
     // Entry by entry rather than through safetensors' Metadata, whose errors do not name the tensor.
-    let entries: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(&header).map_err(|e| anyhow::anyhow!("{at}: not a valid safetensors file: header: {e}"))?;
+    let entries: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| anyhow::anyhow!("{at}: not a valid safetensors file: header: {e}"))?;
     let data_start = 8 + header_len;
     let data_len = file_len - data_start;
     let mut infos = Vec::new();
@@ -83,8 +87,8 @@ fn read_header(file: &Path) -> Result<Vec<(String, Stored)>> {
         if name == "__metadata__" {
             continue;
         }
-        let info: safetensors::tensor::TensorInfo =
-            serde_json::from_value(entry).map_err(|e| anyhow::anyhow!("{at}: tensor \"{name}\": not a valid safetensors header entry: {e}"))?;
+        let info: safetensors::tensor::TensorInfo = serde_json::from_value(entry)
+            .map_err(|e| anyhow::anyhow!("{at}: tensor \"{name}\": not a valid safetensors header entry: {e}"))?;
         infos.push((name, info));
     }
     // In file order, so a truncated file names the first tensor it cuts.
@@ -92,18 +96,38 @@ fn read_header(file: &Path) -> Result<Vec<(String, Stored)>> {
     let mut out = Vec::new();
     for (name, info) in infos {
         let Some(size) = element_size(info.dtype) else {
-            bail!("{at}: tensor \"{name}\" has dtype {:?}, which prefhost does not read (supported: F32, F16, BF16)", info.dtype);
+            bail!(
+                "{at}: tensor \"{name}\" has dtype {:?}, which prefhost does not read (supported: F32, F16, BF16)",
+                info.dtype
+            );
         };
         let (start, end) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
         let needs = info.shape.iter().try_fold(size as u64, |n, &d| n.checked_mul(d as u64));
         if end < start || needs != Some(end - start) {
             let needs = needs.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string());
-            bail!("{at}: not a valid safetensors file: tensor \"{name}\": shape {:?} in {:?} needs {needs} bytes, its data offsets [{start}, {end}) hold {}", info.shape, info.dtype, end.saturating_sub(start));
+            bail!(
+                "{at}: not a valid safetensors file: tensor \"{name}\": shape {:?} in {:?} needs {needs} bytes, its data offsets [{start}, {end}) hold {}",
+                info.shape,
+                info.dtype,
+                end.saturating_sub(start)
+            );
         }
         if end > data_len {
-            bail!("{at}: not a valid safetensors file: tensor \"{name}\" ends at byte {} of a {file_len}-byte file (truncated?)", data_start + end);
+            bail!(
+                "{at}: not a valid safetensors file: tensor \"{name}\" ends at byte {} of a {file_len}-byte file (truncated?)",
+                data_start + end
+            );
         }
-        out.push((name, Stored { file: file.to_path_buf(), dtype: info.dtype, shape: info.shape.clone(), start: data_start + start, end: data_start + end }));
+        out.push((
+            name,
+            Stored {
+                file: file.to_path_buf(),
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                start: data_start + start,
+                end: data_start + end,
+            },
+        ));
     }
     Ok(out)
 }
@@ -158,9 +182,9 @@ impl SafetensorsWeights {
             bail!("{at}: tensor \"{name}\" has shape {:?}, the config expects {shape:?}", stored.shape);
         }
         let mut bytes = vec![0u8; (stored.end - stored.start) as usize];
-        std::fs::File::open(&stored.file)
-            .and_then(|f| f.read_exact_at(&mut bytes, stored.start))
-            .map_err(|e| anyhow::anyhow!("{at}: tensor \"{name}\": cannot read its data ({e}); was the file truncated?"))?;
+        std::fs::File::open(&stored.file).and_then(|f| f.read_exact_at(&mut bytes, stored.start)).map_err(|e| {
+            anyhow::anyhow!("{at}: tensor \"{name}\": cannot read its data ({e}); was the file truncated?")
+        })?;
         let stored = self.tensors.remove(name).expect("looked up above");
         Ok((stored.dtype, bytes, stored.file))
     }
@@ -179,14 +203,19 @@ impl SafetensorsWeights {
     /// Bytes per element of the checkpoint's tensors as stored (4 for f32, 2 for bf16/f16):
     /// what a frozen copy kept in the stored dtype costs per parameter.
     pub fn stored_bytes_per_element(&self) -> f64 {
-        let (bytes, elements) = self.tensors.values().fold((0u64, 0u64), |(b, n), t| (b + t.end - t.start, n + t.shape.iter().product::<usize>() as u64));
+        let (bytes, elements) = self
+            .tensors
+            .values()
+            .fold((0u64, 0u64), |(b, n), t| (b + t.end - t.start, n + t.shape.iter().product::<usize>() as u64));
         if elements == 0 { 4.0 } else { bytes as f64 / elements as f64 }
     }
 
     /// Names the checkpoint had that the model did not use, each with its file.
     pub fn unused(&self) -> Vec<String> {
-        let file_name = |f: &PathBuf| f.file_name().map_or_else(|| f.display().to_string(), |n| n.to_string_lossy().into_owned());
-        let mut names: Vec<String> = self.tensors.iter().map(|(name, stored)| format!("{name} (in {})", file_name(&stored.file))).collect();
+        let file_name =
+            |f: &PathBuf| f.file_name().map_or_else(|| f.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let mut names: Vec<String> =
+            self.tensors.iter().map(|(name, stored)| format!("{name} (in {})", file_name(&stored.file))).collect();
         names.sort();
         names
     }
@@ -206,8 +235,14 @@ fn to_f32(dtype: Dtype, data: &[u8]) -> Result<Vec<f32>> {
 fn stored_data(dtype: Dtype, bytes: &[u8], shape: Vec<usize>) -> Result<(TensorData, DType)> {
     let bits = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
     Ok(match dtype {
-        Dtype::BF16 => (TensorData::new(bytes.chunks_exact(2).map(|b| half::bf16::from_bits(bits(b))).collect::<Vec<_>>(), shape), DType::BF16),
-        Dtype::F16 => (TensorData::new(bytes.chunks_exact(2).map(|b| half::f16::from_bits(bits(b))).collect::<Vec<_>>(), shape), DType::F16),
+        Dtype::BF16 => (
+            TensorData::new(bytes.chunks_exact(2).map(|b| half::bf16::from_bits(bits(b))).collect::<Vec<_>>(), shape),
+            DType::BF16,
+        ),
+        Dtype::F16 => (
+            TensorData::new(bytes.chunks_exact(2).map(|b| half::f16::from_bits(bits(b))).collect::<Vec<_>>(), shape),
+            DType::F16,
+        ),
         _ => (TensorData::new(to_f32(dtype, bytes)?, shape), DType::F32),
     })
 }
@@ -268,12 +303,13 @@ pub fn hf_tensors(model: &Llama) -> NamedTensors {
     }
     let mut out = BTreeMap::new();
     // Adapters are folded into their projection's weight: saving a LoRA model merges it.
-    let put_linear = |out: &mut BTreeMap<_, _>, name: String, weight: Tensor<2>, bias: Option<&burn::module::Param<Tensor<1>>>| {
-        out.insert(format!("{name}.weight"), values(weight.transpose()));
-        if let Some(bias) = bias {
-            out.insert(format!("{name}.bias"), values(bias.val()));
-        }
-    };
+    let put_linear =
+        |out: &mut BTreeMap<_, _>, name: String, weight: Tensor<2>, bias: Option<&burn::module::Param<Tensor<1>>>| {
+            out.insert(format!("{name}.weight"), values(weight.transpose()));
+            if let Some(bias) = bias {
+                out.insert(format!("{name}.bias"), values(bias.val()));
+            }
+        };
     out.insert("model.embed_tokens.weight".to_string(), values(model.embed_tokens.weight.val()));
     for (i, layer) in model.layers.iter().enumerate() {
         for (name, norm) in layer.norm_names() {
@@ -298,7 +334,13 @@ pub fn save_model(model: &Llama, config: &LlamaConfig, tokenizer_json: &Path, di
 }
 
 /// `save_model` plus extra files (trainer state, optimizer state) in the same atomic step.
-pub fn save_model_with(model: &Llama, config: &LlamaConfig, tokenizer_json: &Path, dir: &Path, extra: &[ExtraFile]) -> Result<()> {
+pub fn save_model_with(
+    model: &Llama,
+    config: &LlamaConfig,
+    tokenizer_json: &Path,
+    dir: &Path,
+    extra: &[ExtraFile],
+) -> Result<()> {
     write_folder(dir, !extra.is_empty(), |staging| {
         staging.safetensors("model.safetensors", hf_tensors(model))?;
         let mut json = serde_json::to_value(config)?;
@@ -316,7 +358,14 @@ pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// Writes a PEFT adapter folder (adapter_config.json, adapter_model.safetensors, the
 /// tokenizer files) plus `extra`, atomically like `save_model_with`. `base_model` is the
 /// model folder the adapters were trained on.
-pub fn save_adapter(model: &Llama, lora: &LoraConfig, base_model: &str, tokenizer_json: &Path, dir: &Path, extra: &[ExtraFile]) -> Result<()> {
+pub fn save_adapter(
+    model: &Llama,
+    lora: &LoraConfig,
+    base_model: &str,
+    tokenizer_json: &Path,
+    dir: &Path,
+    extra: &[ExtraFile],
+) -> Result<()> {
     write_folder(dir, !extra.is_empty(), |staging| {
         staging.safetensors(ADAPTER_WEIGHTS, model.adapter_tensors())?;
         let config = serde_json::json!({
@@ -355,7 +404,8 @@ pub struct AdapterFiles {
 pub fn read_adapter(dir: &Path) -> Result<AdapterFiles> {
     let path = dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))?;
     let at = path.display();
     if json["peft_type"].as_str() != Some("LORA") {
         bail!("{at}: peft_type is {}, only \"LORA\" adapters are supported", json["peft_type"]);
@@ -369,13 +419,30 @@ pub fn read_adapter(dir: &Path) -> Result<AdapterFiles> {
         // Only how PEFT initialised the adapters, which are stored trained; other values
         // (pissa, olora, loftq, ...) also change the base weights.
         "init_lora_weights" => v.is_null() || v.is_boolean(),
-        _ => v.is_null() || v == &serde_json::json!(false) || v.as_object().is_some_and(|m| m.is_empty()) || v.as_array().is_some_and(|a| a.is_empty()),
+        _ => {
+            v.is_null()
+                || v == &serde_json::json!(false)
+                || v.as_object().is_some_and(|m| m.is_empty())
+                || v.as_array().is_some_and(|a| a.is_empty())
+        }
     };
     const READ_OR_BOOKKEEPING: [&str; 15] = [
-        "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "base_model_name_or_path", "revision",
-        "task_type", "inference_mode", "peft_version", "auto_mapping",
+        "peft_type",
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "use_rslora",
+        "base_model_name_or_path",
+        "revision",
+        "task_type",
+        "inference_mode",
+        "peft_version",
+        "auto_mapping",
         // Read by PEFT only with use_qalora / layers_to_transform / megatron_config, which must be off.
-        "qalora_group_size", "layers_pattern", "megatron_core",
+        "qalora_group_size",
+        "layers_pattern",
+        "megatron_core",
     ];
     let object = json.as_object().with_context(|| format!("{at}: expected a JSON object"))?;
     for (key, value) in object {
@@ -389,14 +456,17 @@ pub fn read_adapter(dir: &Path) -> Result<AdapterFiles> {
             fields.insert(key.to_string(), v.clone());
         }
     }
-    let lora: LoraConfig = serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+    let lora: LoraConfig =
+        serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
     lora.validate(&at.to_string())?;
     let weights = dir.join(ADAPTER_WEIGHTS);
     let bytes = std::fs::read(&weights).with_context(|| format!("{}: cannot read", weights.display()))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", weights.display()))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", weights.display()))?;
     let mut tensors = BTreeMap::new();
     for (name, view) in st.tensors() {
-        let values = to_f32(view.dtype(), view.data()).with_context(|| format!("{}: tensor {name}", weights.display()))?;
+        let values =
+            to_f32(view.dtype(), view.data()).with_context(|| format!("{}: tensor {name}", weights.display()))?;
         tensors.insert(name.to_string(), (view.shape().to_vec(), values));
     }
     Ok(AdapterFiles { lora, base_model: json["base_model_name_or_path"].as_str().map(str::to_string), tensors })
@@ -404,18 +474,32 @@ pub fn read_adapter(dir: &Path) -> Result<AdapterFiles> {
 
 /// A base model with the adapters of a PEFT folder on it (`base`: the model folder, by
 /// default the adapter's base_model_name_or_path). Returns the base folder too.
-pub fn load_adapter_model(adapter_dir: &Path, base: Option<&Path>, device: &Device) -> Result<(LlamaConfig, Llama, PathBuf)> {
+pub fn load_adapter_model(
+    adapter_dir: &Path,
+    base: Option<&Path>,
+    device: &Device,
+) -> Result<(LlamaConfig, Llama, PathBuf)> {
     let mut files = read_adapter(adapter_dir)?;
     let base = match (base, &files.base_model) {
         (Some(base), _) => base.to_path_buf(),
         (None, Some(named)) => PathBuf::from(named),
-        (None, None) => bail!("{}: no base_model_name_or_path; give the base model folder", adapter_dir.join(ADAPTER_CONFIG).display()),
+        (None, None) => bail!(
+            "{}: no base_model_name_or_path; give the base model folder",
+            adapter_dir.join(ADAPTER_CONFIG).display()
+        ),
     };
     if !base.join("config.json").is_file() {
-        bail!("{}: the adapter's base model {} is not a model folder here; give the base model folder", adapter_dir.join(ADAPTER_CONFIG).display(), base.display());
+        bail!(
+            "{}: the adapter's base model {} is not a model folder here; give the base model folder",
+            adapter_dir.join(ADAPTER_CONFIG).display(),
+            base.display()
+        );
     }
     let (config, model) = load_model(&base, device)?;
-    let model = model.with_lora(&files.lora, device)?.set_adapters(&mut files.tensors, device).with_context(|| adapter_dir.join(ADAPTER_WEIGHTS).display().to_string())?;
+    let model = model
+        .with_lora(&files.lora, device)?
+        .set_adapters(&mut files.tensors, device)
+        .with_context(|| adapter_dir.join(ADAPTER_WEIGHTS).display().to_string())?;
     Ok((config, model, base))
 }
 
@@ -529,7 +613,8 @@ pub fn verify_manifest(dir: &Path) -> Result<bool> {
         return Ok(false);
     }
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let parsed: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))?;
+    let parsed: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))?;
     let files = parsed["files"].as_object().with_context(|| format!("{}: no \"files\" object", path.display()))?;
     for (name, want) in files {
         let (Some(size), Some(sha)) = (want["size"].as_u64(), want["sha256"].as_str()) else {
@@ -569,7 +654,8 @@ pub fn recover_folder(dir: &Path) -> Result<()> {
         if dir.exists() {
             std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
         } else {
-            std::fs::rename(&old, dir).with_context(|| format!("putting {} back as {}", old.display(), dir.display()))?;
+            std::fs::rename(&old, dir)
+                .with_context(|| format!("putting {} back as {}", old.display(), dir.display()))?;
             sync_path(&parent)?;
         }
     }

@@ -14,7 +14,13 @@ const HEIGHT: u32 = 520;
 /// The family plotters' own defaults ask for, so every piece of text gets the embedded font.
 const FONT: &str = "sans-serif";
 const FONT_DATA: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
-const PALETTE: [RGBColor; 5] = [RGBColor(31, 119, 180), RGBColor(230, 110, 10), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189)];
+const PALETTE: [RGBColor; 5] = [
+    RGBColor(31, 119, 180),
+    RGBColor(230, 110, 10),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+];
 const ZERO_LINE: RGBColor = RGBColor(110, 110, 110);
 
 /// One named line of (x, y) points.
@@ -39,7 +45,8 @@ type DrawResult = std::result::Result<(), Box<dyn std::error::Error>>;
 /// Writes `chart` as a PNG (atomically: temp file, then rename). Points that are not finite are
 /// skipped; a chart with none left is refused.
 pub fn line_chart_png(chart: &Chart, path: &Path) -> Result<()> {
-    let finite = |s: &Series| s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect::<Vec<_>>();
+    let finite =
+        |s: &Series| s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect::<Vec<_>>();
     let series: Vec<(&str, Vec<(f64, f64)>)> = chart.series.iter().map(|s| (s.label.as_str(), finite(s))).collect();
     let points: Vec<(f64, f64)> = series.iter().flat_map(|s| s.1.iter().copied()).collect();
     if points.is_empty() {
@@ -90,7 +97,9 @@ pub fn histogram_png(title: &str, x_label: &str, values: &[f64], bins: usize, pa
         let fill = PALETTE[0].filled();
         plot.draw_series(counts.iter().map(|&(a, b, n)| Rectangle::new([(a, 0.0), (b, n as f64)], fill)))?;
         // A thin white edge keeps neighbouring bars apart.
-        plot.draw_series(counts.iter().map(|&(a, b, n)| Rectangle::new([(a, 0.0), (b, n as f64)], WHITE.stroke_width(1))))?;
+        plot.draw_series(
+            counts.iter().map(|&(a, b, n)| Rectangle::new([(a, 0.0), (b, n as f64)], WHITE.stroke_width(1))),
+        )?;
         Ok(())
     })
 }
@@ -129,7 +138,9 @@ fn emptiest_corner(points: &[(f64, f64)], x: &Range<f64>, y: &Range<f64>) -> Ser
         let t = (value - range.start) / (range.end - range.start);
         if low_end { t <= share } else { t >= 1.0 - share }
     };
-    let crowding = |left: bool, bottom: bool| points.iter().filter(|p| near(p.0, x, left, 0.35) && near(p.1, y, bottom, 0.3)).count();
+    let crowding = |left: bool, bottom: bool| {
+        points.iter().filter(|p| near(p.0, x, left, 0.35) && near(p.1, y, bottom, 0.3)).count()
+    };
     let corners = [
         (crowding(true, false), SeriesLabelPosition::UpperLeft),
         (crowding(false, false), SeriesLabelPosition::UpperRight),
@@ -140,10 +151,21 @@ fn emptiest_corner(points: &[(f64, f64)], x: &Range<f64>, y: &Range<f64>) -> Ser
     corners.into_iter().min_by_key(|c| c.0).map(|c| c.1).unwrap_or(SeriesLabelPosition::UpperLeft)
 }
 
-type Plot<'a, 'b> = ChartContext<'a, BitMapBackend<'b>, Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>>;
+type Plot<'a, 'b> = ChartContext<
+    'a,
+    BitMapBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
 
 /// The title, the frame with its grid, tick labels and axis titles.
-fn axes<'a, 'b>(area: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>, title: &str, x_label: &str, y_label: &str, x: Range<f64>, y: Range<f64>) -> std::result::Result<Plot<'a, 'b>, Box<dyn std::error::Error>> {
+fn axes<'a, 'b>(
+    area: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    x: Range<f64>,
+    y: Range<f64>,
+) -> std::result::Result<Plot<'a, 'b>, Box<dyn std::error::Error>> {
     let (x_ticks, y_ticks) = (tick_format(&x), tick_format(&y));
     let mut plot = ChartBuilder::on(area)
         .caption(title, (FONT, 22))
@@ -179,12 +201,17 @@ fn tick_format(range: &Range<f64>) -> impl Fn(&f64) -> String {
 }
 
 /// Draws on a white canvas with `draw`, then writes it as a PNG at `path` (temp file, then rename).
-fn render(path: &Path, draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>) -> DrawResult) -> Result<()> {
+fn render(
+    path: &Path,
+    draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>) -> DrawResult,
+) -> Result<()> {
     embedded_font()?;
     let mut pixels = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
     {
         let area = BitMapBackend::with_buffer(&mut pixels, (WIDTH, HEIGHT)).into_drawing_area();
-        draw(&area).and_then(|()| Ok(area.present()?)).map_err(|e| anyhow!("{}: cannot draw the plot: {e}", path.display()))?;
+        draw(&area)
+            .and_then(|()| Ok(area.present()?))
+            .map_err(|e| anyhow!("{}: cannot draw the plot: {e}", path.display()))?;
     }
     let tmp = path.with_extension("png.tmp");
     let file = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;

@@ -132,11 +132,20 @@ impl EventWriter {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let name = format!("events.out.tfevents.{:010}.{host}.{}", now() as u64, std::process::id());
         let path = dir.join(name);
-        let file = std::fs::OpenOptions::new().create_new(true).append(true).open(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        let file = std::fs::OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
         let mut writer = Self { file, path };
         writer.write(Event { wall_time: now(), file_version: Some("brain.Event:2".into()), ..Default::default() })?;
         if let Some(step) = resumed_at {
-            writer.write(Event { wall_time: now(), step: step as i64, session_log: Some(SessionLog { status: SESSION_START }), ..Default::default() })?;
+            writer.write(Event {
+                wall_time: now(),
+                step: step as i64,
+                session_log: Some(SessionLog { status: SESSION_START }),
+                ..Default::default()
+            })?;
         }
         Ok(writer)
     }
@@ -147,20 +156,37 @@ impl EventWriter {
 
     /// One event holding every value of `values` as a scalar at `step`.
     pub fn scalars(&mut self, step: usize, values: &BTreeMap<String, f64>) -> Result<()> {
-        let value = values.iter().map(|(tag, v)| SummaryValue { tag: tag.clone(), simple_value: Some(*v as f32), ..Default::default() }).collect();
-        self.write(Event { wall_time: now(), step: step as i64, summary: Some(Summary { value }), ..Default::default() })
+        let value = values
+            .iter()
+            .map(|(tag, v)| SummaryValue { tag: tag.clone(), simple_value: Some(*v as f32), ..Default::default() })
+            .collect();
+        self.write(Event {
+            wall_time: now(),
+            step: step as i64,
+            summary: Some(Summary { value }),
+            ..Default::default()
+        })
     }
 
     /// A text summary (markdown, as TensorBoard's text plugin shows it) at `step`.
     pub fn text(&mut self, step: usize, tag: &str, text: &str) -> Result<()> {
-        let tensor = TensorProto { dtype: DT_STRING, tensor_shape: Some(TensorShape { dim: vec![TensorDim { size: 1 }] }), string_val: vec![text.as_bytes().to_vec()] };
+        let tensor = TensorProto {
+            dtype: DT_STRING,
+            tensor_shape: Some(TensorShape { dim: vec![TensorDim { size: 1 }] }),
+            string_val: vec![text.as_bytes().to_vec()],
+        };
         let value = SummaryValue {
             tag: tag.into(),
             tensor: Some(tensor),
             metadata: Some(SummaryMetadata { plugin_data: Some(PluginData { plugin_name: "text".into() }) }),
             ..Default::default()
         };
-        self.write(Event { wall_time: now(), step: step as i64, summary: Some(Summary { value: vec![value] }), ..Default::default() })
+        self.write(Event {
+            wall_time: now(),
+            step: step as i64,
+            summary: Some(Summary { value: vec![value] }),
+            ..Default::default()
+        })
     }
 
     /// One whole record per write call, flushed: a crash leaves whole records, or a cut-off

@@ -39,9 +39,7 @@ impl ModuleResolver for PluginResolver {
         pos: Position,
     ) -> Result<Shared<rhai::Module>, Box<EvalAltResult>> {
         let relative = Path::new(path);
-        let escapes = relative
-            .components()
-            .any(|c| !matches!(c, Component::Normal(_)));
+        let escapes = relative.components().any(|c| !matches!(c, Component::Normal(_)));
         if escapes || path.is_empty() {
             return Err(EvalAltResult::ErrorModuleNotFound(
                 format!("{path} (imports are paths inside the plugins folder, like \"losses/dpo\")"),
@@ -51,11 +49,7 @@ impl ModuleResolver for PluginResolver {
         }
         let file = self.root.join(format!("{path}.rhai"));
         if !file.is_file() {
-            return Err(EvalAltResult::ErrorModuleNotFound(
-                format!("{path} (no file {})", file.display()),
-                pos,
-            )
-            .into());
+            return Err(EvalAltResult::ErrorModuleNotFound(format!("{path} (no file {})", file.display()), pos).into());
         }
         self.files.borrow_mut().push(file.clone());
         // A fresh resolver each time: no cache, so an edited plugin is re-read on reload.
@@ -92,10 +86,7 @@ impl ScriptEngine {
         engine.disable_symbol("eval");
 
         let imported = Rc::new(RefCell::new(Vec::new()));
-        engine.set_module_resolver(PluginResolver {
-            root: plugins_dir.to_path_buf(),
-            files: imported.clone(),
-        });
+        engine.set_module_resolver(PluginResolver { root: plugins_dir.to_path_buf(), files: imported.clone() });
 
         tensor::register(&mut engine);
         super::random::register(&mut engine);
@@ -106,12 +97,8 @@ impl ScriptEngine {
             slot.borrow_mut().train_config = Some(config);
         });
         engine.register_fn("assert_close", assert_close);
-        engine.register_fn("assert_close", |a: ScriptTensor, e: FLOAT, tol: FLOAT| {
-            assert_close(a.scalar()?, e, tol)
-        });
-        engine.register_fn("assert_close", |a: rhai::INT, e: FLOAT, tol: FLOAT| {
-            assert_close(a as FLOAT, e, tol)
-        });
+        engine.register_fn("assert_close", |a: ScriptTensor, e: FLOAT, tol: FLOAT| assert_close(a.scalar()?, e, tol));
+        engine.register_fn("assert_close", |a: rhai::INT, e: FLOAT, tol: FLOAT| assert_close(a as FLOAT, e, tol));
         engine.register_fn("assert_true", |cond: bool, msg: &str| -> Result<(), Box<EvalAltResult>> {
             if cond { Ok(()) } else { Err(runtime_error(format!("assertion failed: {msg}"))) }
         });
@@ -153,7 +140,11 @@ fn innermost(err: &EvalAltResult, file: String, plugins_dir: &Path, chain: &mut 
             // Rhai gives no position for the import itself; find the statement in the file.
             let pos = if pos.is_none() { import_position(&file, module) } else { *pos };
             chain.push(format!("imported as \"{module}\" at {}", at(&file, pos)));
-            let module_file = if Path::new(module).is_absolute() { module.to_string() } else { plugins_dir.join(module).display().to_string() };
+            let module_file = if Path::new(module).is_absolute() {
+                module.to_string()
+            } else {
+                plugins_dir.join(module).display().to_string()
+            };
             innermost(inner, display_path(&module_file), plugins_dir, chain)
         }
         EvalAltResult::ErrorInFunctionCall(name, source, inner, pos) => {

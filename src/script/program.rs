@@ -71,8 +71,8 @@ impl ScriptHost {
     /// the caller decides whether the new version replaces the running one.
     pub fn load(&mut self, path: &Path) -> Result<ScriptVersion, ScriptError> {
         let shown = path.display().to_string();
-        let source = std::fs::read_to_string(path)
-            .map_err(|e| ScriptError(format!("{shown}: cannot read script: {e}")))?;
+        let source =
+            std::fs::read_to_string(path).map_err(|e| ScriptError(format!("{shown}: cannot read script: {e}")))?;
         self.scripts.imported.borrow_mut().clear();
         self.scripts.captured.borrow_mut().train_config = None;
 
@@ -81,10 +81,7 @@ impl ScriptHost {
             .compile_into_self_contained(&Scope::new(), &source)
             .map_err(|e| ScriptError(describe_error(&e, &shown, &self.scripts.plugins_dir)))?;
         ast.set_source(shown.clone());
-        let functions = ast
-            .iter_functions()
-            .map(|f| (f.name.to_string(), f.params.len()))
-            .collect();
+        let functions = ast.iter_functions().map(|f| (f.name.to_string(), f.params.len())).collect();
         // Evaluating into a module keeps the script's imports visible to its functions
         // when the host later calls them one by one.
         let module = Module::eval_ast_as_new(Scope::new(), &ast, engine)

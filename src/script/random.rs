@@ -44,7 +44,11 @@ fn sample_without_replacement(items: Array, k: INT, seed: INT) -> RhaiResult<Arr
 
 /// The seed of one loss call: distinct for every (run seed, step, micro-batch).
 pub fn loss_call_seed(run_seed: u64, step: usize, micro_batch: usize) -> INT {
-    let mut rng = SplitMix64::new(run_seed ^ (step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03) ^ (micro_batch as u64).wrapping_mul(0x8CB9_2BA7_2F3D_8DD7));
+    let mut rng = SplitMix64::new(
+        run_seed
+            ^ (step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)
+            ^ (micro_batch as u64).wrapping_mul(0x8CB9_2BA7_2F3D_8DD7),
+    );
     // Non-negative, so it prints and round-trips through JSON as a plain integer.
     (rng.next_u64() >> 1) as INT
 }
@@ -77,12 +81,14 @@ mod tests {
         let items: Array = (0..50).map(Dynamic::from_int).collect();
         let s = sample_without_replacement(items.clone(), 20, 3).unwrap();
         let mut got: Vec<INT> = s.iter().map(|v| v.as_int().unwrap()).collect();
-        let again: Vec<INT> = sample_without_replacement(items.clone(), 20, 3).unwrap().iter().map(|v| v.as_int().unwrap()).collect();
+        let again: Vec<INT> =
+            sample_without_replacement(items.clone(), 20, 3).unwrap().iter().map(|v| v.as_int().unwrap()).collect();
         assert_eq!(got, again);
         got.sort();
         got.dedup();
         assert_eq!(got.len(), 20, "distinct elements");
-        let all: Vec<INT> = sample_without_replacement(items.clone(), 50, 9).unwrap().iter().map(|v| v.as_int().unwrap()).collect();
+        let all: Vec<INT> =
+            sample_without_replacement(items.clone(), 50, 9).unwrap().iter().map(|v| v.as_int().unwrap()).collect();
         let mut sorted = all.clone();
         sorted.sort();
         assert_eq!(sorted, (0..50).collect::<Vec<_>>(), "k = n is a permutation");

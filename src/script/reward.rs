@@ -29,16 +29,26 @@ pub fn defines_reward(version: &ScriptVersion) -> bool {
 
 /// The reward of each sample, in order.
 pub fn score(host: &ScriptHost, version: &ScriptVersion, samples: &[Sample]) -> Result<Vec<f64>, ScriptError> {
-    let row = |s: &Sample| rhai::serde::to_dynamic(s.row).map_err(|e| ScriptError(format!("a data row cannot be passed to the script: {e}")));
+    let row = |s: &Sample| {
+        rhai::serde::to_dynamic(s.row)
+            .map_err(|e| ScriptError(format!("a data row cannot be passed to the script: {e}")))
+    };
     if version.has_fn("rewards", 3) {
         let prompts: rhai::Array = samples.iter().map(|s| Dynamic::from(s.prompt.to_string())).collect();
         let completions: rhai::Array = samples.iter().map(|s| Dynamic::from(s.completion.to_string())).collect();
         let rows = samples.iter().map(row).collect::<Result<rhai::Array, _>>()?;
         let out = host.call(version, "rewards", vec![prompts.into(), completions.into(), rows.into()])?;
         let at = || version.fn_location("rewards");
-        let values = out.into_array().map_err(|kind| ScriptError(format!("{}: rewards() returned {kind}, expected an array of numbers", at())))?;
+        let values = out.into_array().map_err(|kind| {
+            ScriptError(format!("{}: rewards() returned {kind}, expected an array of numbers", at()))
+        })?;
         if values.len() != samples.len() {
-            return Err(ScriptError(format!("{}: rewards() returned {} values for {} samples", at(), values.len(), samples.len())));
+            return Err(ScriptError(format!(
+                "{}: rewards() returned {} values for {} samples",
+                at(),
+                values.len(),
+                samples.len()
+            )));
         }
         return values.into_iter().enumerate().map(|(i, v)| number(v, &format!("{}: rewards()[{i}]", at()))).collect();
     }

@@ -33,10 +33,7 @@ pub enum ScriptTensor {
 }
 
 fn err<T>(msg: impl Into<String>) -> RhaiResult<T> {
-    Err(Box::new(EvalAltResult::ErrorRuntime(
-        Dynamic::from(msg.into()),
-        Position::NONE,
-    )))
+    Err(Box::new(EvalAltResult::ErrorRuntime(Dynamic::from(msg.into()), Position::NONE)))
 }
 
 /// Applies the same rank-generic burn expression to either rank.
@@ -52,10 +49,7 @@ macro_rules! each_rank {
 impl ScriptTensor {
     pub fn from_values(values: Vec<f32>) -> Self {
         let n = values.len();
-        ScriptTensor::Rank1(Tensor::from_data(
-            TensorData::new(values, [n]),
-            &script_device(),
-        ))
+        ScriptTensor::Rank1(Tensor::from_data(TensorData::new(values, [n]), &script_device()))
     }
 
     pub fn shape(&self) -> Vec<usize> {
@@ -79,10 +73,7 @@ impl ScriptTensor {
     /// The single value of a one-element tensor.
     pub fn scalar(&self) -> RhaiResult<f64> {
         if self.numel() != 1 {
-            return err(format!(
-                "item() needs a tensor with one element, got shape {:?}",
-                self.shape()
-            ));
+            return err(format!("item() needs a tensor with one element, got shape {:?}", self.shape()));
         }
         Ok(self.values()[0] as f64)
     }
@@ -90,10 +81,7 @@ impl ScriptTensor {
     /// A one-element tensor as rank 1, for returning reductions.
     pub fn into_scalar_tensor(self) -> RhaiResult<Tensor<1>> {
         if self.numel() != 1 {
-            return err(format!(
-                "expected a scalar (one-element) tensor, got shape {:?}",
-                self.shape()
-            ));
+            return err(format!("expected a scalar (one-element) tensor, got shape {:?}", self.shape()));
         }
         Ok(match self {
             ScriptTensor::Rank1(t) => t,
@@ -291,10 +279,7 @@ fn to_array(t: ScriptTensor) -> Array {
     if shape.len() == 1 {
         values.iter().map(as_dyn).collect()
     } else {
-        values
-            .chunks(shape[1].max(1))
-            .map(|row| Dynamic::from_array(row.iter().map(as_dyn).collect()))
-            .collect()
+        values.chunks(shape[1].max(1)).map(|row| Dynamic::from_array(row.iter().map(as_dyn).collect())).collect()
     }
 }
 
@@ -360,9 +345,7 @@ pub fn register(engine: &mut Engine) {
     );
     engine.register_fn("pow", |t: ScriptTensor, p: FLOAT| each_rank!(t, |x| x.powf_scalar(p)));
     engine.register_fn("pow", |t: ScriptTensor, p: INT| each_rank!(t, |x| x.powf_scalar(p as f64)));
-    engine.register_fn("clamp", |t: ScriptTensor, lo: FLOAT, hi: FLOAT| {
-        each_rank!(t, |x| x.clamp(lo, hi))
-    });
+    engine.register_fn("clamp", |t: ScriptTensor, lo: FLOAT, hi: FLOAT| each_rank!(t, |x| x.clamp(lo, hi)));
     engine.register_fn("clamp_min", |t: ScriptTensor, lo: FLOAT| each_rank!(t, |x| x.clamp_min(lo)));
     engine.register_fn("clamp_max", |t: ScriptTensor, hi: FLOAT| each_rank!(t, |x| x.clamp_max(hi)));
     engine.register_fn("full_like", |t: ScriptTensor, v: FLOAT| scalar_like(&t, v));

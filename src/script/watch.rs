@@ -40,9 +40,10 @@ impl ScriptWatcher {
         let mut dirs = HashSet::new();
         for f in files {
             if let Some(dir) = canonical(f).parent()
-                && dirs.insert(dir.to_path_buf()) {
-                    watcher.watch(dir, RecursiveMode::NonRecursive)?;
-                }
+                && dirs.insert(dir.to_path_buf())
+            {
+                watcher.watch(dir, RecursiveMode::NonRecursive)?;
+            }
         }
         Ok(Self {
             _watcher: watcher,

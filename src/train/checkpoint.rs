@@ -58,14 +58,18 @@ pub struct RunInfo {
 }
 
 pub fn write_run_info(run_dir: &Path, script: &Path, arm: Option<&str>) -> Result<()> {
-    let info = RunInfo { script: script.canonicalize().unwrap_or_else(|_| script.to_path_buf()), arm: arm.map(str::to_string) };
+    let info = RunInfo {
+        script: script.canonicalize().unwrap_or_else(|_| script.to_path_buf()),
+        arm: arm.map(str::to_string),
+    };
     std::fs::write(run_dir.join(RUN_FILE), serde_json::to_string_pretty(&info)? + "\n")
         .with_context(|| format!("writing {}", run_dir.join(RUN_FILE).display()))
 }
 
 pub fn read_run_info(run_dir: &Path) -> Result<RunInfo> {
     let path = run_dir.join(RUN_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: not a prefhost run folder", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("{}: not a prefhost run folder", path.display()))?;
     serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))
 }
 
@@ -75,7 +79,8 @@ pub fn read_run_info(run_dir: &Path) -> Result<RunInfo> {
 /// left moved aside while being replaced is put back, so that one is found too.
 pub fn latest_checkpoint(run_dir: &Path) -> Result<(usize, PathBuf)> {
     tidy_interrupted_saves(run_dir)?;
-    let mut found: Vec<(usize, PathBuf)> = checkpoint_folders(run_dir)?.into_iter().filter(|(_, path)| path.join(STATE_FILE).is_file()).collect();
+    let mut found: Vec<(usize, PathBuf)> =
+        checkpoint_folders(run_dir)?.into_iter().filter(|(_, path)| path.join(STATE_FILE).is_file()).collect();
     if found.is_empty() {
         bail!("{}: no checkpoint to resume from (checkpoints are written every save_every steps)", run_dir.display());
     }
@@ -118,7 +123,9 @@ pub fn checkpoint_folders(run_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     for entry in std::fs::read_dir(run_dir).with_context(|| format!("cannot read {}", run_dir.display()))? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        if let Some(step) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()).filter(|_| path.is_dir()) {
+        if let Some(step) =
+            name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()).filter(|_| path.is_dir())
+        {
             found.push((step, path));
         }
     }
@@ -190,7 +197,9 @@ pub fn verify_report(run_dir: &Path) -> Result<(Vec<String>, bool)> {
         for (path, verdict) in verdicts {
             lines.push(match verdict {
                 Verdict::Sound => format!("{}: ok", path.display()),
-                Verdict::NoManifest => format!("{}: no manifest, unchecked (written before checkpoints carried one)", path.display()),
+                Verdict::NoManifest => {
+                    format!("{}: no manifest, unchecked (written before checkpoints carried one)", path.display())
+                }
                 Verdict::Damaged(why) => {
                     sound = false;
                     format!("{}: damaged: {why}", path.display())
@@ -198,7 +207,10 @@ pub fn verify_report(run_dir: &Path) -> Result<(Vec<String>, bool)> {
             });
         }
         for path in side {
-            lines.push(format!("{}: left by a save that was interrupted or is in progress (not a checkpoint; --resume tidies it)", path.display()));
+            lines.push(format!(
+                "{}: left by a save that was interrupted or is in progress (not a checkpoint; --resume tidies it)",
+                path.display()
+            ));
         }
     }
     Ok((lines, sound))
@@ -240,12 +252,15 @@ pub fn save(
     write_policy: impl Fn(&Path, &[ExtraFile]) -> Result<()>,
 ) -> Result<PathBuf> {
     let state_json = serde_json::to_vec_pretty(state)?;
-    let sources: serde_json::Map<String, serde_json::Value> = script.sources.iter().map(|(path, text)| (relative(path), json!(text))).collect();
+    let sources: serde_json::Map<String, serde_json::Value> =
+        script.sources.iter().map(|(path, text)| (relative(path), json!(text))).collect();
     let sources_json = serde_json::to_vec_pretty(&sources)?;
     let dir = run_dir.join(format!("checkpoint-{}", state.step));
     // AdamW's moments (twice the trainable weights) stream to the file tensor by tensor.
-    let write_optimizer = |path: &Path| optimizer.save(path).map_err(|e| anyhow::anyhow!("saving the optimizer state: {e:?}"));
-    let (write_state, write_sources) = (|path: &Path| Ok(std::fs::write(path, &state_json)?), |path: &Path| Ok(std::fs::write(path, &sources_json)?));
+    let write_optimizer =
+        |path: &Path| optimizer.save(path).map_err(|e| anyhow::anyhow!("saving the optimizer state: {e:?}"));
+    let (write_state, write_sources) =
+        (|path: &Path| Ok(std::fs::write(path, &state_json)?), |path: &Path| Ok(std::fs::write(path, &sources_json)?));
     let extra = [
         ExtraFile { name: STATE_FILE, write: &write_state },
         ExtraFile { name: OPTIMIZER_FILE, write: &write_optimizer },
@@ -269,20 +284,39 @@ pub fn save(
 
 /// The policy of checkpoint `ckpt`: a LoRA run's adapters set into `policy` (rank and
 /// targets must be the script's), or the full model's weights with `precision`.
-pub fn restore_policy(ckpt: &Path, policy: &Llama, lora: Option<&LoraConfig>, precision: MixedPrecision, device: &Device) -> Result<Llama> {
+pub fn restore_policy(
+    ckpt: &Path,
+    policy: &Llama,
+    lora: Option<&LoraConfig>,
+    precision: MixedPrecision,
+    device: &Device,
+) -> Result<Llama> {
     let is_adapter = ckpt.join(ADAPTER_CONFIG).is_file();
     match lora {
         Some(lora) => {
             if !is_adapter {
-                bail!("{}: a full-model checkpoint, but the script trains LoRA adapters; resume needs the same lora setting", ckpt.display());
+                bail!(
+                    "{}: a full-model checkpoint, but the script trains LoRA adapters; resume needs the same lora setting",
+                    ckpt.display()
+                );
             }
             let mut files = read_adapter(ckpt)?;
             if files.lora.r != lora.r || files.lora.modules()? != lora.modules()? {
-                bail!("{}: adapters of rank {} on {:?}, the script asks for rank {} on {:?}; resume needs the same lora setting", ckpt.display(), files.lora.r, files.lora.modules()?, lora.r, lora.modules()?);
+                bail!(
+                    "{}: adapters of rank {} on {:?}, the script asks for rank {} on {:?}; resume needs the same lora setting",
+                    ckpt.display(),
+                    files.lora.r,
+                    files.lora.modules()?,
+                    lora.r,
+                    lora.modules()?
+                );
             }
             policy.clone().set_adapters(&mut files.tensors, device).with_context(|| ckpt.display().to_string())
         }
-        None if is_adapter => bail!("{}: a LoRA adapter checkpoint, but the script has no lora setting; resume needs the same lora setting", ckpt.display()),
+        None if is_adapter => bail!(
+            "{}: a LoRA adapter checkpoint, but the script has no lora setting; resume needs the same lora setting",
+            ckpt.display()
+        ),
         None => Ok(load_model(ckpt, device)?.1.with_precision(precision)),
     }
 }
@@ -291,7 +325,9 @@ pub fn restore_policy(ckpt: &Path, policy: &Llama, lora: Option<&LoraConfig>, pr
 pub fn restore_optimizer(ckpt: &Path, optimizer: ModuleOptimizer) -> Result<ModuleOptimizer> {
     let path = ckpt.join(OPTIMIZER_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    optimizer.from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes)).map_err(|e| anyhow::anyhow!("{}: corrupt optimizer state: {e:?}", path.display()))
+    optimizer
+        .from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
+        .map_err(|e| anyhow::anyhow!("{}: corrupt optimizer state: {e:?}", path.display()))
 }
 
 /// Copies the exact sources a run used (at start and after each reload) into the run folder.
@@ -334,9 +370,16 @@ pub const CONFIG_FILE: &str = "train_config.json";
 
 /// Writes `RUN_DIR/train_config.json` (through a temporary file and a rename, so a reader
 /// never sees half of it): the script's `train(config)` map, as JSON, at `step`.
-pub fn write_train_config(run_dir: &Path, version: &ScriptVersion, arm: Option<&str>, total_steps: Option<usize>, step: usize) -> Result<()> {
+pub fn write_train_config(
+    run_dir: &Path,
+    version: &ScriptVersion,
+    arm: Option<&str>,
+    total_steps: Option<usize>,
+    step: usize,
+) -> Result<()> {
     let config = version.config.clone().map(|map| {
-        serde_json::to_value(rhai::Dynamic::from_map(map)).unwrap_or_else(|e| json!(format!("(not representable as JSON: {e})")))
+        serde_json::to_value(rhai::Dynamic::from_map(map))
+            .unwrap_or_else(|e| json!(format!("(not representable as JSON: {e})")))
     });
     let value = json!({"step": step, "arm": arm, "total_steps": total_steps, "script": relative(&version.path), "config": config});
     let path = run_dir.join(CONFIG_FILE);
@@ -351,8 +394,9 @@ pub fn write_train_config(run_dir: &Path, version: &ScriptVersion, arm: Option<&
 pub fn relative(path: &Path) -> String {
     let cwd = std::env::current_dir().unwrap_or_default();
     let abs = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    let rel = abs.strip_prefix(&cwd).map(Path::to_path_buf).unwrap_or_else(|_| {
-        abs.components().filter(|c| matches!(c, std::path::Component::Normal(_))).collect()
-    });
+    let rel = abs
+        .strip_prefix(&cwd)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|_| abs.components().filter(|c| matches!(c, std::path::Component::Normal(_))).collect());
     rel.display().to_string()
 }

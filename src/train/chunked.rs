@@ -25,7 +25,12 @@ pub struct ChunkedHead {
 /// log p(target) at every position, for each target set ([N, L] each), computed `chunk`
 /// positions at a time. On an autodiff device the results are gradient leaves and the
 /// returned head computes the model's gradients from theirs; otherwise there is no head.
-pub fn chunked_target_logps(model: &Llama, hidden: Tensor<3>, targets: Vec<Tensor<2, Int>>, chunk: usize) -> (Vec<Tensor<2>>, Option<ChunkedHead>) {
+pub fn chunked_target_logps(
+    model: &Llama,
+    hidden: Tensor<3>,
+    targets: Vec<Tensor<2, Int>>,
+    chunk: usize,
+) -> (Vec<Tensor<2>>, Option<ChunkedHead>) {
     let [n, l, d] = hidden.dims();
     let chunk = chunk.max(1);
     let flat = hidden.clone().inner().reshape([n * l, d]);
@@ -35,7 +40,8 @@ pub fn chunked_target_logps(model: &Llama, hidden: Tensor<3>, targets: Vec<Tenso
     let mut pieces: Vec<Vec<Tensor<1>>> = vec![Vec::new(); targets.len()];
     for start in (0..n * l).step_by(chunk) {
         let len = chunk.min(n * l - start);
-        let (logits, _) = capped(precision.matmul(flat.clone().narrow(0, start, len), weight.clone()), model.final_softcap);
+        let (logits, _) =
+            capped(precision.matmul(flat.clone().narrow(0, start, len), weight.clone()), model.final_softcap);
         let logp = log_softmax(logits, 1);
         for (k, t) in flat_targets.iter().enumerate() {
             let at = t.clone().narrow(0, start, len).unsqueeze_dim::<2>(1);
@@ -65,7 +71,8 @@ impl ChunkedHead {
             .iter()
             .map(|p| p.grad(loss_grads).map_or_else(|| Tensor::zeros([n * l], &device), |g| g.reshape([n * l])))
             .collect();
-        let flat_targets: Vec<Tensor<1, Int>> = self.targets.iter().map(|t| t.clone().inner().reshape([n * l])).collect();
+        let flat_targets: Vec<Tensor<1, Int>> =
+            self.targets.iter().map(|t| t.clone().inner().reshape([n * l])).collect();
         // A frozen head (LoRA) needs only the hidden states' gradient.
         let train_head = model.head_trains();
         let mut hidden_grads = Vec::new();
@@ -98,7 +105,6 @@ impl ChunkedHead {
         GradientsParams::from_grads(surrogate.backward(), model)
     }
 }
-
 
 /// The logits after the model's final soft cap, if it has one, with the cap's derivative.
 fn capped(z: Tensor<2>, cap: Option<f64>) -> (Tensor<2>, Option<Tensor<2>>) {

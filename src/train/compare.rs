@@ -10,10 +10,10 @@ use serde_json::{Value, json};
 
 use super::checkpoint;
 use super::config::TrainConfig;
-use crate::console;
 use super::evaluate::EvalResult;
 use super::lock::RunLock;
 use super::trainer::{Interrupt, RunOptions, RunSummary, StartWith, config_of, train_one_locked};
+use crate::console;
 use crate::report::{Chart, Series, line_chart_png};
 use crate::script::ScriptHost;
 
@@ -23,7 +23,12 @@ const ARM_RESULT: &str = "arm_result.json";
 /// The plots of a comparison: (file, metric, title, y label).
 const PLOTS: &[(&str, &str, &str, &str)] = &[
     ("logp_chosen_vs_ref.png", "logps/chosen_minus_ref", "log p(chosen) - log p_ref(chosen)", "nats per completion"),
-    ("token_delta_after_diff.png", "diagnostics/token_delta_after_diff", "per-token log-prob change after the first differing token (chosen)", "nats per token"),
+    (
+        "token_delta_after_diff.png",
+        "diagnostics/token_delta_after_diff",
+        "per-token log-prob change after the first differing token (chosen)",
+        "nats per token",
+    ),
     ("reward_margins.png", "rewards/margins", "rewards/margins", "beta * margin"),
 ];
 
@@ -36,7 +41,12 @@ struct ArmResult {
     final_checkpoint: Option<PathBuf>,
 }
 
-pub fn run_comparison(host: &mut ScriptHost, options: RunOptions, config: TrainConfig, interrupt: &Interrupt) -> Result<RunSummary> {
+pub fn run_comparison(
+    host: &mut ScriptHost,
+    options: RunOptions,
+    config: TrainConfig,
+    interrupt: &Interrupt,
+) -> Result<RunSummary> {
     // The comparison's own folder has one writer too (the report, results.json, the
     // arms' bookkeeping); held until the comparison returns.
     let _lock;
@@ -48,12 +58,21 @@ pub fn run_comparison(host: &mut ScriptHost, options: RunOptions, config: TrainC
         None => {
             let dir = super::trainer::run_folder_for(&options, &config);
             if dir.exists() {
-                bail!("{}: run folder already exists; continue it with --resume, or choose another with --run-dir", dir.display());
+                bail!(
+                    "{}: run folder already exists; continue it with --resume, or choose another with --run-dir",
+                    dir.display()
+                );
             }
             std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
             _lock = RunLock::acquire(&dir)?;
             checkpoint::write_run_info(&dir, &options.script, None)?;
-            checkpoint::write_train_config(&dir, &host.load(&options.script).map_err(|e| anyhow::anyhow!("{e}"))?, None, None, 0)?;
+            checkpoint::write_train_config(
+                &dir,
+                &host.load(&options.script).map_err(|e| anyhow::anyhow!("{e}"))?,
+                None,
+                None,
+                0,
+            )?;
             dir
         }
     };
@@ -65,7 +84,8 @@ pub fn run_comparison(host: &mut ScriptHost, options: RunOptions, config: TrainC
     for (i, arm) in config.compare.iter().enumerate() {
         let arm_dir = run_dir.join(&arm.name);
         if let Ok(text) = std::fs::read_to_string(arm_dir.join(ARM_RESULT)) {
-            let done: ArmResult = serde_json::from_str(&text).with_context(|| format!("{}: corrupt", arm_dir.join(ARM_RESULT).display()))?;
+            let done: ArmResult = serde_json::from_str(&text)
+                .with_context(|| format!("{}: corrupt", arm_dir.join(ARM_RESULT).display()))?;
             console::line(&format!("arm {}: already finished ({} steps)", arm.name, done.steps));
             results.push(done);
             continue;
@@ -92,27 +112,46 @@ pub fn run_comparison(host: &mut ScriptHost, options: RunOptions, config: TrainC
         console::line(&format!("---- arm {} ({}/{}): loss fn {}", arm.name, i + 1, names.len(), arm.loss_fn));
         let version = host.load(&options.script).map_err(|e| anyhow::anyhow!("{e}"))?;
         let arm_config = config_of(&version, Some(&arm.name))?;
-        let arm_options = RunOptions {
-            run_dir: Some(arm_dir.clone()),
-            resume: resume.then(|| arm_dir.clone()),
-            ..options.clone()
-        };
+        let arm_options =
+            RunOptions { run_dir: Some(arm_dir.clone()), resume: resume.then(|| arm_dir.clone()), ..options.clone() };
         // Every arm starts from the same model, so the starting accuracy is measured once.
-        let with = StartWith { eval_before: i == 0, held: arm_lock, interrupt: interrupt.clone(), rust_dpo_loss: false };
+        let with =
+            StartWith { eval_before: i == 0, held: arm_lock, interrupt: interrupt.clone(), rust_dpo_loss: false };
         let summary = train_one_locked(host, arm_options, version, arm_config, with)?;
         reloads += summary.reloads;
         if summary.interrupted {
-            console::line(&format!("comparison interrupted in arm {}; continue with: host run --resume {}", arm.name, run_dir.display()));
+            console::line(&format!(
+                "comparison interrupted in arm {}; continue with: host run --resume {}",
+                arm.name,
+                run_dir.display()
+            ));
             return Ok(RunSummary { run_dir, ..summary });
         }
-        let eval_before = if i == 0 { summary.eval_before.clone() } else { results.first().and_then(|r| r.eval_before.clone()) };
-        let result = ArmResult { name: arm.name.clone(), steps: summary.steps, eval_before, eval_after: summary.eval.clone(), final_checkpoint: summary.final_checkpoint.clone() };
+        let eval_before =
+            if i == 0 { summary.eval_before.clone() } else { results.first().and_then(|r| r.eval_before.clone()) };
+        let result = ArmResult {
+            name: arm.name.clone(),
+            steps: summary.steps,
+            eval_before,
+            eval_after: summary.eval.clone(),
+            final_checkpoint: summary.final_checkpoint.clone(),
+        };
         write_whole(&arm_dir.join(ARM_RESULT), &serde_json::to_vec_pretty(&result)?)?;
         results.push(result);
     }
     write_report(&run_dir, &config, &results)?;
     let steps = results.iter().map(|r| r.steps).sum();
-    Ok(RunSummary { run_dir, steps, reloads, interrupted: false, eval: None, eval_before: None, final_checkpoint: None, step_seconds: Vec::new(), loss_call_seconds: Vec::new() })
+    Ok(RunSummary {
+        run_dir,
+        steps,
+        reloads,
+        interrupted: false,
+        eval: None,
+        eval_before: None,
+        final_checkpoint: None,
+        step_seconds: Vec::new(),
+        loss_call_seconds: Vec::new(),
+    })
 }
 
 /// The metric lines (not events) of a run's metrics.jsonl.
@@ -147,29 +186,47 @@ fn write_report(run_dir: &Path, config: &TrainConfig, results: &[ArmResult]) -> 
         if series.is_empty() {
             continue;
         }
-        let chart = Chart { title: title.to_string(), x_label: "step".into(), y_label: y_label.to_string(), series, zero_line: true };
+        let chart = Chart {
+            title: title.to_string(),
+            x_label: "step".into(),
+            y_label: y_label.to_string(),
+            series,
+            zero_line: true,
+        };
         line_chart_png(&chart, &run_dir.join(file))?;
         written.push(*file);
     }
 
     // The table: held-out accuracy and where each arm ended.
-    let last = |lines: &[serde_json::Map<String, Value>], key: &str| lines.iter().rev().find_map(|m| m.get(key)?.as_f64());
-    let accuracy = |e: &Option<EvalResult>| e.as_ref().map_or("-".to_string(), |e| format!("{:.1}% ({}/{})", 100.0 * e.accuracy, e.correct, e.total));
+    let last =
+        |lines: &[serde_json::Map<String, Value>], key: &str| lines.iter().rev().find_map(|m| m.get(key)?.as_f64());
+    let accuracy = |e: &Option<EvalResult>| {
+        e.as_ref().map_or("-".to_string(), |e| format!("{:.1}% ({}/{})", 100.0 * e.accuracy, e.correct, e.total))
+    };
     let number = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
-    let mut md = String::from("| model | held-out accuracy (greedy) | log p(chosen) − ref, last log step | rewards/margins | rewards/accuracies | token change after first difference |\n|---|---|---|---|---|---|\n");
+    let mut md = String::from(
+        "| model | held-out accuracy (greedy) | log p(chosen) − ref, last log step | rewards/margins | rewards/accuracies | token change after first difference |\n|---|---|---|---|---|---|\n",
+    );
     let before = results.first().and_then(|r| r.eval_before.clone());
     md.push_str(&format!("| before training | {} | 0 | - | - | 0 |\n", accuracy(&before)));
     for (r, (_, lines)) in results.iter().zip(&lines_by_arm) {
         md.push_str(&format!(
             "| after {} ({} steps) | {} | {} | {} | {} | {} |\n",
-            r.name, r.steps, accuracy(&r.eval_after),
-            number(last(lines, "logps/chosen_minus_ref")), number(last(lines, "rewards/margins")),
-            number(last(lines, "rewards/accuracies")), number(last(lines, "diagnostics/token_delta_after_diff")),
+            r.name,
+            r.steps,
+            accuracy(&r.eval_after),
+            number(last(lines, "logps/chosen_minus_ref")),
+            number(last(lines, "rewards/margins")),
+            number(last(lines, "rewards/accuracies")),
+            number(last(lines, "diagnostics/token_delta_after_diff")),
         ));
     }
     let report = format!(
         "# Comparison: {}\n\nArms trained from the same start ({}, seed {}, data {}).\n\n{md}\n{}\n",
-        config.name.clone().unwrap_or_default(), config.model, config.seed, config.data,
+        config.name.clone().unwrap_or_default(),
+        config.model,
+        config.seed,
+        config.data,
         written.iter().map(|f| format!("![{f}]({f})")).collect::<Vec<_>>().join("\n"),
     );
     write_whole(&run_dir.join("report.md"), report.as_bytes())?;
@@ -178,7 +235,10 @@ fn write_report(run_dir: &Path, config: &TrainConfig, results: &[ArmResult]) -> 
         .zip(&lines_by_arm)
         .map(|(r, (_, lines))| json!({"name": r.name, "steps": r.steps, "eval_after": r.eval_after, "last_metrics": lines.last()}))
         .collect();
-    write_whole(&run_dir.join("results.json"), &serde_json::to_vec_pretty(&json!({"eval_before": before, "arms": json_results}))?)?;
+    write_whole(
+        &run_dir.join("results.json"),
+        &serde_json::to_vec_pretty(&json!({"eval_before": before, "arms": json_results}))?,
+    )?;
     console::line(&format!("report: {}\n{md}", run_dir.join("report.md").display()));
     Ok(())
 }

@@ -1,9 +1,9 @@
 //! The map a script passes to `train(config)`, checked field by field.
 
+use crate::model::MixedPrecision;
 use anyhow::{Result, anyhow};
 use rhai::{Dynamic, Map};
 use serde::Deserialize;
-use crate::model::MixedPrecision;
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(rename_all = "lowercase")]
@@ -276,9 +276,16 @@ impl OnlineConfig {
             return Err(anyhow!("{at}.prompts must name a prompts file"));
         }
         if self.samples_per_prompt < 2 {
-            return Err(anyhow!("{at}.samples_per_prompt must be at least 2 (a pair needs two samples), got {}", self.samples_per_prompt));
+            return Err(anyhow!(
+                "{at}.samples_per_prompt must be at least 2 (a pair needs two samples), got {}",
+                self.samples_per_prompt
+            ));
         }
-        for (field, value) in [("every", self.every), ("max_new_tokens", self.max_new_tokens), ("prompts_per_round", self.prompts_per_round.unwrap_or(1))] {
+        for (field, value) in [
+            ("every", self.every),
+            ("max_new_tokens", self.max_new_tokens),
+            ("prompts_per_round", self.prompts_per_round.unwrap_or(1)),
+        ] {
             if value == 0 {
                 return Err(anyhow!("{at}.{field} must be at least 1"));
             }
@@ -350,14 +357,25 @@ impl TrainConfig {
         match arm {
             None => Ok(self.clone()),
             Some(name) => {
-                let found = self.compare.iter().find(|a| a.name == name).ok_or_else(|| anyhow!("train(config): compare has no arm named \"{name}\""))?;
+                let found = self
+                    .compare
+                    .iter()
+                    .find(|a| a.name == name)
+                    .ok_or_else(|| anyhow!("train(config): compare has no arm named \"{name}\""))?;
                 Ok(self.for_arm(found))
             }
         }
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
-        let positive = [("batch_size", self.batch_size), ("grad_accum", self.grad_accum), ("replay", self.replay), ("epochs", self.epochs), ("log_every", self.log_every), ("max_length", self.max_length)];
+        let positive = [
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.grad_accum),
+            ("replay", self.replay),
+            ("epochs", self.epochs),
+            ("log_every", self.log_every),
+            ("max_length", self.max_length),
+        ];
         for (field, value) in positive {
             if value == 0 {
                 return Err(anyhow!("train(config): {field} must be at least 1"));
@@ -370,7 +388,10 @@ impl TrainConfig {
             lora.validate("train(config): lora")?;
             // The recomputed forward would draw a second, different dropout mask.
             if self.gradient_checkpointing && lora.lora_dropout > 0.0 {
-                return Err(anyhow!("train(config): gradient_checkpointing needs lora.lora_dropout 0 (got {}): the recomputed layers would draw different dropout masks", lora.lora_dropout));
+                return Err(anyhow!(
+                    "train(config): gradient_checkpointing needs lora.lora_dropout 0 (got {}): the recomputed layers would draw different dropout masks",
+                    lora.lora_dropout
+                ));
             }
         }
         if !(self.lr.is_finite() && self.lr >= 0.0) {
@@ -387,9 +408,15 @@ impl TrainConfig {
         if self.mode == Mode::Unpaired {
             // The KL rows pair each prompt with another row's completion: one row has none.
             if self.batch_size < 2 {
-                return Err(anyhow!("train(config): batch_size must be at least 2 in mode \"unpaired\" (the KL term pairs each row's prompt with another row's completion)"));
+                return Err(anyhow!(
+                    "train(config): batch_size must be at least 2 in mode \"unpaired\" (the KL term pairs each row's prompt with another row's completion)"
+                ));
             }
-            let pair_only = [("prefix_sharing", self.prefix_sharing), ("ref_logps", self.ref_logps.is_some()), ("compare", !self.compare.is_empty())];
+            let pair_only = [
+                ("prefix_sharing", self.prefix_sharing),
+                ("ref_logps", self.ref_logps.is_some()),
+                ("compare", !self.compare.is_empty()),
+            ];
             if let Some((field, _)) = pair_only.iter().find(|(_, set)| *set) {
                 return Err(anyhow!("train(config): {field} is not supported in mode \"unpaired\""));
             }
@@ -402,7 +429,9 @@ impl TrainConfig {
     fn validate_online(&self, online: &OnlineConfig) -> Result<()> {
         online.validate()?;
         if !self.data.is_empty() {
-            return Err(anyhow!("train(config): data and online are both set; an online run trains on the pairs its rounds sample from online.prompts"));
+            return Err(anyhow!(
+                "train(config): data and online are both set; an online run trains on the pairs its rounds sample from online.prompts"
+            ));
         }
         if self.mode != Mode::Preference {
             return Err(anyhow!("train(config): online needs mode \"preference\" (its rounds build pairs)"));
@@ -410,7 +439,9 @@ impl TrainConfig {
         // Precomputed reference log-probs belong to a fixed data file; online pairs are new each round.
         let refused = [("ref_logps", self.ref_logps.is_some()), ("compare", !self.compare.is_empty())];
         if let Some((field, _)) = refused.iter().find(|(_, set)| *set) {
-            return Err(anyhow!("train(config): {field} cannot be used with online (its pairs are sampled during the run)"));
+            return Err(anyhow!(
+                "train(config): {field} cannot be used with online (its pairs are sampled during the run)"
+            ));
         }
         if self.max_steps.is_none() {
             return Err(anyhow!("train(config): online needs max_steps (a round trains online.every steps)"));
@@ -425,8 +456,37 @@ impl TrainConfig {
             ($($f:ident),*) => { $( if self.$f != other.$f { changed.push(stringify!($f)); } )* };
         }
         // AdamW's settings are fixed when the optimizer is built, so they need a restart too.
-        check!(name, mode, model, init, data, backend, mixed_precision, seed, batch_size, grad_accum, epochs, max_steps,
-               max_length, max_prompt_length, prompt_special_tokens, chat_template, skip_bad_rows, unpair, replay, ref_logps, lora, online, max_nonfinite_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon, output_dir, save_model_to);
+        check!(
+            name,
+            mode,
+            model,
+            init,
+            data,
+            backend,
+            mixed_precision,
+            seed,
+            batch_size,
+            grad_accum,
+            epochs,
+            max_steps,
+            max_length,
+            max_prompt_length,
+            prompt_special_tokens,
+            chat_template,
+            skip_bad_rows,
+            unpair,
+            replay,
+            ref_logps,
+            lora,
+            online,
+            max_nonfinite_steps,
+            weight_decay,
+            adam_beta1,
+            adam_beta2,
+            adam_epsilon,
+            output_dir,
+            save_model_to
+        );
         changed
     }
 
@@ -453,13 +513,17 @@ impl TrainConfig {
     }
 
     pub fn beta(&self) -> f64 {
-        self.params.get("beta").and_then(|b| b.as_float().ok().or_else(|| b.as_int().ok().map(|i| i as f64))).unwrap_or(0.1)
+        self.params
+            .get("beta")
+            .and_then(|b| b.as_float().ok().or_else(|| b.as_int().ok().map(|i| i as f64)))
+            .unwrap_or(0.1)
     }
 }
 
 /// `compare: [#{ name: "dpo", loss: "dpo_loss", params: #{...} }, ...]`
 fn parse_arms(list: Dynamic) -> Result<Vec<Arm>> {
-    let list = list.try_cast::<rhai::Array>().ok_or_else(|| anyhow!("train(config): compare must be an array of maps"))?;
+    let list =
+        list.try_cast::<rhai::Array>().ok_or_else(|| anyhow!("train(config): compare must be an array of maps"))?;
     let mut arms: Vec<Arm> = Vec::new();
     for (i, item) in list.into_iter().enumerate() {
         let at = format!("train(config): compare[{i}]");
@@ -499,7 +563,10 @@ fn parse_arms(list: Dynamic) -> Result<Vec<Arm>> {
 fn check_reserved(params: &Map, at: &str) -> Result<()> {
     for key in crate::train::loss_call::RESERVED_PARAMS {
         if params.contains_key(key) {
-            return Err(anyhow!("{at}.{key}: reserved (the host sets {} on every loss call)", crate::train::loss_call::RESERVED_PARAMS.join(", ")));
+            return Err(anyhow!(
+                "{at}.{key}: reserved (the host sets {} on every loss call)",
+                crate::train::loss_call::RESERVED_PARAMS.join(", ")
+            ));
         }
     }
     Ok(())

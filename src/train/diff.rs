@@ -86,7 +86,9 @@ pub fn diff(job: &DiffJob) -> Result<DiffReport> {
         bail!("{} and {} differ: token-level changes need one tokenizer", tokenizer_a.display(), tokenizer_b.display());
     }
     let device = crate::backend::backend_device("cpu")?;
-    let score = |dir: &Path| frozen_model_and_pairs(dir, job.data, job.limits, job.prompt_special_tokens, job.chat_template, &device);
+    let score = |dir: &Path| {
+        frozen_model_and_pairs(dir, job.data, job.limits, job.prompt_special_tokens, job.chat_template, &device)
+    };
     let (model_a, tokenizer, examples) = score(job.model_a)?;
     let rows_a = compute_ref_rows(&model_a, &examples, tokenizer.pad_id, job.batch_size, true, &device);
     drop(model_a);
@@ -103,7 +105,8 @@ pub fn diff(job: &DiffJob) -> Result<DiffReport> {
         );
     }
     let rows_b = compute_ref_rows(&model_b, &examples, tokenizer.pad_id, job.batch_size, true, &device);
-    let per_row: Vec<RowDiff> = examples.iter().zip(rows_a.iter().zip(&rows_b)).map(|(e, (a, b))| row_diff(e, a, b)).collect();
+    let per_row: Vec<RowDiff> =
+        examples.iter().zip(rows_a.iter().zip(&rows_b)).map(|(e, (a, b))| row_diff(e, a, b)).collect();
     let n = per_row.len().max(1) as f64;
     Ok(DiffReport {
         model_a: job.model_a.display().to_string(),
@@ -111,7 +114,8 @@ pub fn diff(job: &DiffJob) -> Result<DiffReport> {
         data: job.data.display().to_string(),
         rows: per_row.len(),
         mean_chosen_change: per_row.iter().map(|r| r.chosen.iter().map(|&d| d as f64).sum::<f64>()).sum::<f64>() / n,
-        mean_rejected_change: per_row.iter().map(|r| r.rejected.iter().map(|&d| d as f64).sum::<f64>()).sum::<f64>() / n,
+        mean_rejected_change: per_row.iter().map(|r| r.rejected.iter().map(|&d| d as f64).sum::<f64>()).sum::<f64>()
+            / n,
         by_position: by_position(&per_row),
         largest: largest(&examples, &rows_a, &rows_b, &tokenizer, job.top),
         per_row,
@@ -172,10 +176,19 @@ fn by_position(rows: &[RowDiff]) -> Vec<PositionSummary> {
         .collect()
 }
 
-fn largest(examples: &[Example], rows_a: &[RefRow], rows_b: &[RefRow], tokenizer: &TextTokenizer, top: usize) -> Vec<TokenChange> {
+fn largest(
+    examples: &[Example],
+    rows_a: &[RefRow],
+    rows_b: &[RefRow],
+    tokenizer: &TextTokenizer,
+    top: usize,
+) -> Vec<TokenChange> {
     let mut all: Vec<(f32, usize, bool, usize)> = Vec::new(); // (|delta|, row, chosen?, position)
     for (i, (a, b)) in rows_a.iter().zip(rows_b).enumerate() {
-        for (chosen, (ta, tb)) in [(true, (&a.chosen_token_logps, &b.chosen_token_logps)), (false, (&a.rejected_token_logps, &b.rejected_token_logps))] {
+        for (chosen, (ta, tb)) in [
+            (true, (&a.chosen_token_logps, &b.chosen_token_logps)),
+            (false, (&a.rejected_token_logps, &b.rejected_token_logps)),
+        ] {
             all.extend(ta.iter().zip(tb).enumerate().map(|(p, (x, y))| ((y - x).abs(), i, chosen, p)));
         }
     }
@@ -186,7 +199,11 @@ fn largest(examples: &[Example], rows_a: &[RefRow], rows_b: &[RefRow], tokenizer
         .map(|(_, i, chosen, position)| {
             let e = &examples[i];
             let completion = if chosen { &e.chosen } else { &e.rejected };
-            let (a, b) = if chosen { (&rows_a[i].chosen_token_logps, &rows_b[i].chosen_token_logps) } else { (&rows_a[i].rejected_token_logps, &rows_b[i].rejected_token_logps) };
+            let (a, b) = if chosen {
+                (&rows_a[i].chosen_token_logps, &rows_b[i].chosen_token_logps)
+            } else {
+                (&rows_a[i].rejected_token_logps, &rows_b[i].rejected_token_logps)
+            };
             let sequence: Vec<u32> = e.prompt.iter().chain(completion.iter()).copied().collect();
             let at = e.prompt.len() + position;
             TokenChange {
@@ -207,7 +224,8 @@ impl DiffReport {
     /// Writes the report as JSON to a temp file beside `out`, then renames it into place.
     pub fn write(&self, out: &Path) -> Result<()> {
         let tmp = out.with_extension("json.partial");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, out).with_context(|| format!("cannot rename {} to {}", tmp.display(), out.display()))
     }
 
@@ -219,11 +237,21 @@ impl DiffReport {
         );
         let show = |m: Option<f64>| m.map(|v| format!("{v:+.4}")).unwrap_or_else(|| "-".into());
         for p in &self.by_position {
-            text += &format!("  {:>7}  chosen {:>8} ({:>5} tokens)  rejected {:>8} ({:>5} tokens)\n", p.offset, show(p.chosen_mean), p.chosen_tokens, show(p.rejected_mean), p.rejected_tokens);
+            text += &format!(
+                "  {:>7}  chosen {:>8} ({:>5} tokens)  rejected {:>8} ({:>5} tokens)\n",
+                p.offset,
+                show(p.chosen_mean),
+                p.chosen_tokens,
+                show(p.rejected_mean),
+                p.rejected_tokens
+            );
         }
         text += "\nlargest changes:\n";
         for t in self.largest.iter().take(shown) {
-            text += &format!("  line {:>5} {:<8} token {:>3} {:?} after {:?}: {:+.4} ({:.4} → {:.4})\n", t.line, t.completion, t.position, t.token, t.context, t.delta, t.logp_a, t.logp_b);
+            text += &format!(
+                "  line {:>5} {:<8} token {:>3} {:?} after {:?}: {:+.4} ({:.4} → {:.4})\n",
+                t.line, t.completion, t.position, t.token, t.context, t.delta, t.logp_a, t.logp_b
+            );
         }
         text
     }

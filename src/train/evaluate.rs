@@ -33,7 +33,10 @@ pub fn load_eval_rows(path: &Path, limit: Option<usize>) -> Result<Vec<EvalRow>>
     for raw in crate::data::pairs::read_rows(path)? {
         let at = raw.at;
         let value = raw.value.map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
-        let prompt = value.get("prompt").and_then(|p| p.as_str()).with_context(|| format!("{at}: missing string field `prompt`"))?;
+        let prompt = value
+            .get("prompt")
+            .and_then(|p| p.as_str())
+            .with_context(|| format!("{at}: missing string field `prompt`"))?;
         let answer = match value.get("answer") {
             Some(serde_json::Value::String(s)) => s.trim().to_string(),
             Some(serde_json::Value::Number(n)) => n.to_string(),
@@ -67,7 +70,12 @@ pub fn same_answer(got: &str, expected: &str) -> bool {
 }
 
 /// Greedy-decodes every prompt with `model` (plain device) and scores the answers.
-pub fn evaluate(model: &Llama, tokenizer: &TextTokenizer, rows: &[EvalRow], max_new_tokens: usize) -> Result<EvalResult> {
+pub fn evaluate(
+    model: &Llama,
+    tokenizer: &TextTokenizer,
+    rows: &[EvalRow],
+    max_new_tokens: usize,
+) -> Result<EvalResult> {
     let mut prompts = Vec::with_capacity(rows.len());
     for row in rows {
         prompts.push(tokenizer.encode_prompt(&row.prompt).with_context(|| format!("eval row at line {}", row.line))?);

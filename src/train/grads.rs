@@ -50,14 +50,16 @@ impl ModuleVisitor for Scale<'_> {
 /// Σ g². On the CPU default one pass over the gradient in f64, summed in fixed blocks so the
 /// result does not depend on the thread split; elsewhere burn's square().sum() in f32.
 fn squared_sum<const D: usize>(g: Tensor<D>) -> f64 {
-    if crate::model::fused::enabled() && g.dtype() == DType::F32
-        && let Ok(t) = g.clone().try_into_primitive::<Flex>() {
-            let t = t.to_contiguous();
-            if let Some(values) = t.as_slice::<f32>() {
-                let partials: Vec<f64> = values.par_chunks(1 << 15).map(sum_of_squares).collect();
-                return partials.iter().sum();
-            }
+    if crate::model::fused::enabled()
+        && g.dtype() == DType::F32
+        && let Ok(t) = g.clone().try_into_primitive::<Flex>()
+    {
+        let t = t.to_contiguous();
+        if let Some(values) = t.as_slice::<f32>() {
+            let partials: Vec<f64> = values.par_chunks(1 << 15).map(sum_of_squares).collect();
+            return partials.iter().sum();
         }
+    }
     g.square().sum().into_scalar::<f32>() as f64
 }
 
@@ -81,7 +83,8 @@ fn scaled<const D: usize>(g: Tensor<D>, factor: f64) -> Tensor<D> {
     if !(crate::model::fused::enabled() && is_flex_f32(&g)) {
         return g.mul_scalar(factor);
     }
-    let mut t = g.try_into_primitive::<Flex>().map(|t| t.to_contiguous()).unwrap_or_else(|_| unreachable!("checked above"));
+    let mut t =
+        g.try_into_primitive::<Flex>().map(|t| t.to_contiguous()).unwrap_or_else(|_| unreachable!("checked above"));
     t.storage_mut::<f32>().par_chunks_mut(1 << 15).for_each(|c| crate::kernels::scale(c, factor as f32));
     Tensor::from_primitive::<Flex>(t)
 }
@@ -90,7 +93,11 @@ fn scaled<const D: usize>(g: Tensor<D>, factor: f64) -> Tensor<D> {
 /// gradient, the frozen ones, are left out).
 pub fn norms_by_name(model: &Llama, grads: &GradientsParams) -> BTreeMap<String, f64> {
     let squared: std::collections::HashMap<ParamId, f64> = squared_norms(model, grads).into_iter().collect();
-    model.parameter_names().into_iter().filter_map(|name| squared.get(&param_id(&name)).map(|s| (name, s.sqrt()))).collect()
+    model
+        .parameter_names()
+        .into_iter()
+        .filter_map(|name| squared.get(&param_id(&name)).map(|s| (name, s.sqrt())))
+        .collect()
 }
 
 pub fn global_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {

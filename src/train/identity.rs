@@ -63,7 +63,9 @@ fn weights(path: &Path) -> Result<Fingerprint> {
     let mut hasher = sha2::Sha256::default();
     hasher.update(size.to_le_bytes());
     let mut len_bytes = [0u8; 8];
-    handle.read_exact_at(&mut len_bytes, 0).with_context(|| format!("{}: cannot read its header length", path.display()))?;
+    handle
+        .read_exact_at(&mut len_bytes, 0)
+        .with_context(|| format!("{}: cannot read its header length", path.display()))?;
     let header_len = u64::from_le_bytes(len_bytes).min(size - 8);
     let mut header = vec![0u8; header_len as usize];
     handle.read_exact_at(&mut header, 8).with_context(|| format!("{}: cannot read its header", path.display()))?;
@@ -72,7 +74,9 @@ fn weights(path: &Path) -> Result<Fingerprint> {
     let mut chunk = vec![0u8; CHUNK as usize];
     for k in 0..SAMPLES {
         let at = k * (size - CHUNK) / (SAMPLES - 1);
-        handle.read_exact_at(&mut chunk, at).with_context(|| format!("{}: cannot read bytes at {at}", path.display()))?;
+        handle
+            .read_exact_at(&mut chunk, at)
+            .with_context(|| format!("{}: cannot read bytes at {at}", path.display()))?;
         hasher.update(&chunk);
     }
     Ok(Fingerprint { path: path.display().to_string(), size, sha256: hex(hasher), sampled: true })
@@ -126,7 +130,8 @@ impl RunIdentity {
     pub fn write(&self, run_dir: &Path) -> Result<()> {
         let path = run_dir.join(IDENTITY_FILE);
         let tmp = run_dir.join(format!(".{IDENTITY_FILE}.tmp"));
-        std::fs::write(&tmp, serde_json::to_string_pretty(self)? + "\n").with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::write(&tmp, serde_json::to_string_pretty(self)? + "\n")
+            .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
     }
 
@@ -137,7 +142,9 @@ impl RunIdentity {
             return Ok(None);
         }
         let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-        serde_json::from_str(&text).map(Some).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", path.display(), e.line(), e.column()))
     }
 
     /// One line per input that differs from `recorded`: what it is, its path, and which
@@ -147,13 +154,26 @@ impl RunIdentity {
         for (role, was) in &recorded.inputs {
             match self.inputs.get(role) {
                 None => changes.push(format!("{role} ({}): the run had it, it is gone now", was.path)),
-                Some(now) if now.path != was.path && (now.size != was.size || now.sha256 != was.sha256) => {
-                    changes.push(format!("{role}: was {} ({} bytes, sha256 {}), now {} ({} bytes, sha256 {})", was.path, was.size, short(&was.sha256), now.path, now.size, short(&now.sha256)))
+                Some(now) if now.path != was.path && (now.size != was.size || now.sha256 != was.sha256) => changes
+                    .push(format!(
+                        "{role}: was {} ({} bytes, sha256 {}), now {} ({} bytes, sha256 {})",
+                        was.path,
+                        was.size,
+                        short(&was.sha256),
+                        now.path,
+                        now.size,
+                        short(&now.sha256)
+                    )),
+                Some(now) if now.size != was.size => {
+                    changes.push(format!("{role} ({}): size {} bytes, was {}", now.path, now.size, was.size))
                 }
-                Some(now) if now.size != was.size => changes.push(format!("{role} ({}): size {} bytes, was {}", now.path, now.size, was.size)),
-                Some(now) if now.sha256 != was.sha256 => {
-                    changes.push(format!("{role} ({}): sha256{} {}, was {}", now.path, if now.sampled { " of header + sample" } else { "" }, short(&now.sha256), short(&was.sha256)))
-                }
+                Some(now) if now.sha256 != was.sha256 => changes.push(format!(
+                    "{role} ({}): sha256{} {}, was {}",
+                    now.path,
+                    if now.sampled { " of header + sample" } else { "" },
+                    short(&now.sha256),
+                    short(&was.sha256)
+                )),
                 Some(_) => {}
             }
         }
@@ -173,7 +193,10 @@ impl RunIdentity {
 /// them). A run folder without `identity.json` (made before it existed) resumes unchecked.
 pub fn check_resume(run_dir: &Path, config: &TrainConfig, anyway: bool) -> Result<(Vec<String>, Option<RunIdentity>)> {
     let Some(recorded) = RunIdentity::read(run_dir)? else {
-        crate::console::line(&format!("note: {} has no {IDENTITY_FILE} (an older run folder); the data and model are not checked", run_dir.display()));
+        crate::console::line(&format!(
+            "note: {} has no {IDENTITY_FILE} (an older run folder); the data and model are not checked",
+            run_dir.display()
+        ));
         return Ok((Vec::new(), None));
     };
     let now = RunIdentity::of(config)?;

@@ -60,21 +60,40 @@ impl RunLock {
                     return Ok(lock);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e).with_context(|| format!("{}: cannot create the run folder's lock", path.display())),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("{}: cannot create the run folder's lock", path.display()));
+                }
             }
             let text = std::fs::read_to_string(&path).unwrap_or_default();
             let Ok(holder) = serde_json::from_str::<LockInfo>(&text) else {
                 // Empty or cut short: a writer between creating and filling it, or one that
                 // crashed there; which, cannot be told, so a person decides.
-                bail!("{}: a lock file that is not {{\"pid\", \"host\"}} ({:?}); if no run is writing into this folder, delete it", path.display(), text.trim());
+                bail!(
+                    "{}: a lock file that is not {{\"pid\", \"host\"}} ({:?}); if no run is writing into this folder, delete it",
+                    path.display(),
+                    text.trim()
+                );
             };
             if holder.host != me.host {
-                bail!("{}: held by PID {} on host {}; only one run writes into a run folder at a time (if that run is gone, delete the lock file)", path.display(), holder.pid, holder.host);
+                bail!(
+                    "{}: held by PID {} on host {}; only one run writes into a run folder at a time (if that run is gone, delete the lock file)",
+                    path.display(),
+                    holder.pid,
+                    holder.host
+                );
             }
             if alive(holder.pid) {
-                bail!("{}: held by PID {} on this host, which is running; only one run writes into a run folder at a time", path.display(), holder.pid);
+                bail!(
+                    "{}: held by PID {} on this host, which is running; only one run writes into a run folder at a time",
+                    path.display(),
+                    holder.pid
+                );
             }
-            crate::console::line(&format!("note: {}: taking over a stale lock of PID {} (no longer running)", path.display(), holder.pid));
+            crate::console::line(&format!(
+                "note: {}: taking over a stale lock of PID {} (no longer running)",
+                path.display(),
+                holder.pid
+            ));
             std::fs::remove_file(&path).with_context(|| format!("{}: cannot remove the stale lock", path.display()))?;
         }
         bail!("{}: another run took the lock while a stale one was replaced", path.display())

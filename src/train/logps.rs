@@ -23,7 +23,8 @@ fn pick(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
 pub fn packed_pair_logps(model: &Llama, layout: &PackedLayout, mask: Tensor<2>) -> Tensor<2> {
     let packed = layout.to_device(&mask.device());
     let logits = model.forward_packed(packed.tokens.clone(), &packed.positions, packed.masked.clone());
-    let (chosen, rejected) = (pick(logits.clone(), packed.chosen_targets.clone()), pick(logits, packed.rejected_targets.clone()));
+    let (chosen, rejected) =
+        (pick(logits.clone(), packed.chosen_targets.clone()), pick(logits, packed.rejected_targets.clone()));
     unpack(&packed, chosen, rejected) * mask
 }
 
@@ -38,7 +39,12 @@ fn unpack(packed: &PackedBatch, chosen: Tensor<2>, rejected: Tensor<2>) -> Tenso
 /// How a step computes its log-probs: plain rows or packed pairs (prefix sharing), and
 /// all logits at once or `chunk` positions at a time (then the returned head computes the
 /// model's gradients). Every combination gives the same values.
-pub fn batch_logps(model: &Llama, batch: &SequenceBatch, packed: Option<&PackedLayout>, chunk: Option<usize>) -> (Tensor<2>, Option<ChunkedHead>) {
+pub fn batch_logps(
+    model: &Llama,
+    batch: &SequenceBatch,
+    packed: Option<&PackedLayout>,
+    chunk: Option<usize>,
+) -> (Tensor<2>, Option<ChunkedHead>) {
     let mask = batch.mask.clone();
     match (packed, chunk) {
         (None, None) => (token_logps(model, batch), None),

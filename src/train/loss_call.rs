@@ -168,7 +168,10 @@ pub fn read_loss_output(value: Dynamic, batch_size: usize) -> Result<LossOutput,
         return Err(format!("loss must return a Tensor or a map with `loss`, got {}", value.type_name()));
     };
     if loss.numel() != 1 {
-        return Err(format!("loss must be a scalar (one element), got shape {:?}; take mean() over the batch", loss.shape()));
+        return Err(format!(
+            "loss must be a scalar (one element), got shape {:?}; take mean() over the batch",
+            loss.shape()
+        ));
     }
     let loss = loss.into_scalar_tensor().map_err(|e| e.to_string())?;
     if loss.is_autodiff() && !loss.is_tracked() {

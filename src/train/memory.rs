@@ -56,7 +56,8 @@ impl BatchShape {
     /// completions `completion` tokens, within max_length.
     pub fn online(config: &TrainConfig, completion: usize, limits: crate::data::Truncation) -> Self {
         let packed = config.prefix_sharing;
-        let length = if packed { limits.max_prompt_length + 2 * completion } else { limits.max_prompt_length + completion };
+        let length =
+            if packed { limits.max_prompt_length + 2 * completion } else { limits.max_prompt_length + completion };
         let rows = if packed { config.batch_size } else { 2 * config.batch_size };
         Self { rows, length: length.min(if packed { 2 * limits.max_length } else { limits.max_length }), packed }
     }
@@ -75,9 +76,11 @@ impl Estimate {
 
     /// `memory.json` of a finished run: the measured peak beside the estimate and its parts.
     pub fn write_report(&self, path: &std::path::Path, peak_bytes: f64) -> Result<()> {
-        let parts: serde_json::Map<String, serde_json::Value> = self.parts.iter().map(|(part, bytes)| (part.to_string(), serde_json::json!(bytes / MB))).collect();
+        let parts: serde_json::Map<String, serde_json::Value> =
+            self.parts.iter().map(|(part, bytes)| (part.to_string(), serde_json::json!(bytes / MB))).collect();
         let report = serde_json::json!({ "peak_rss_mb": peak_bytes / MB, "estimated_mb": self.total() / MB, "estimated_parts_mb": parts });
-        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n").map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
     }
 
     /// One line per part, in MB.
@@ -93,8 +96,17 @@ impl Estimate {
 
 /// Parameter counts of a model: all of them, and those that train under `config`.
 fn parameters(model: &LlamaConfig, config: &TrainConfig) -> (f64, f64) {
-    let (d, heads, kv, hd, inter) = (model.hidden_size, model.num_attention_heads, model.kv_heads(), model.head_dim(), model.intermediate_size);
-    let projections = [("q_proj", d, heads * hd), ("k_proj", d, kv * hd), ("v_proj", d, kv * hd), ("o_proj", heads * hd, d), ("gate_proj", d, inter), ("up_proj", d, inter), ("down_proj", inter, d)];
+    let (d, heads, kv, hd, inter) =
+        (model.hidden_size, model.num_attention_heads, model.kv_heads(), model.head_dim(), model.intermediate_size);
+    let projections = [
+        ("q_proj", d, heads * hd),
+        ("k_proj", d, kv * hd),
+        ("v_proj", d, kv * hd),
+        ("o_proj", heads * hd, d),
+        ("gate_proj", d, inter),
+        ("up_proj", d, inter),
+        ("down_proj", inter, d),
+    ];
     let mut layer: usize = projections.iter().map(|(_, i, o)| i * o).sum();
     layer += if model.family() == crate::model::config::Family::Gemma2 { 4 * d } else { 2 * d };
     if model.family() == crate::model::config::Family::Qwen3 {
@@ -115,7 +127,11 @@ fn parameters(model: &LlamaConfig, config: &TrainConfig) -> (f64, f64) {
         None => all,
         Some(lora) => {
             let targets = lora.modules().unwrap_or_default();
-            let per_layer: usize = projections.iter().filter(|(name, _, _)| targets.iter().any(|t| t == name)).map(|(_, i, o)| lora.r * (i + o)).sum();
+            let per_layer: usize = projections
+                .iter()
+                .filter(|(name, _, _)| targets.iter().any(|t| t == name))
+                .map(|(_, i, o)| lora.r * (i + o))
+                .sum();
             (model.num_hidden_layers * per_layer) as f64
         }
     };
@@ -126,7 +142,8 @@ fn parameters(model: &LlamaConfig, config: &TrainConfig) -> (f64, f64) {
 /// input, both norms' outputs, queries/keys/values after RoPE, attention probabilities,
 /// attention output, the residual, and the MLP's gate, up and activation.
 fn layer_activations(model: &LlamaConfig, batch: BatchShape) -> f64 {
-    let (d, heads, kv, hd, inter) = (model.hidden_size, model.num_attention_heads, model.kv_heads(), model.head_dim(), model.intermediate_size);
+    let (d, heads, kv, hd, inter) =
+        (model.hidden_size, model.num_attention_heads, model.kv_heads(), model.head_dim(), model.intermediate_size);
     let tokens = (batch.rows * batch.length) as f64;
     let per_token = (4 * d + 2 * heads * hd + 2 * kv * hd + 3 * inter) as f64;
     let s = batch.length as f64;
@@ -188,8 +205,9 @@ pub fn available_bytes() -> Option<f64> {
     let read = |path: &str| std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse::<f64>().ok());
     let headroom = |limit: &str, usage: &str| Some(read(limit)? - read(usage)?);
     // cgroup v2, then v1 (whose "no limit" is a huge number, which min() ignores).
-    let cgroup = headroom("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current")
-        .or_else(|| headroom("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"));
+    let cgroup = headroom("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current").or_else(|| {
+        headroom("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")
+    });
     match (proc_kb("/proc/meminfo", "MemAvailable"), cgroup) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -206,23 +224,45 @@ fn alternatives(model: &LlamaConfig, config: &TrainConfig, batch: BatchShape, st
         }
     };
     if !config.gradient_checkpointing {
-        try_with("gradient_checkpointing: true".into(), TrainConfig { gradient_checkpointing: true, ..config.clone() }, batch);
+        try_with(
+            "gradient_checkpointing: true".into(),
+            TrainConfig { gradient_checkpointing: true, ..config.clone() },
+            batch,
+        );
     }
     if config.lora.is_none() {
-        let lora: crate::model::LoraConfig = serde_json::from_value(serde_json::json!({ "r": 16, "lora_alpha": 32, "target_modules": "all-linear" })).expect("a valid LoRA config");
-        try_with("lora: #{ r: 16, lora_alpha: 32, target_modules: \"all-linear\" }".into(), TrainConfig { lora: Some(lora), ..config.clone() }, batch);
+        let lora: crate::model::LoraConfig =
+            serde_json::from_value(serde_json::json!({ "r": 16, "lora_alpha": 32, "target_modules": "all-linear" }))
+                .expect("a valid LoRA config");
+        try_with(
+            "lora: #{ r: 16, lora_alpha: 32, target_modules: \"all-linear\" }".into(),
+            TrainConfig { lora: Some(lora), ..config.clone() },
+            batch,
+        );
     }
     if config.mode != Mode::Sft && config.ref_logps.is_none() && config.lora.is_none() {
-        try_with("ref_logps (reference log-probs from `host logps`)".into(), TrainConfig { ref_logps: Some(String::new()), ..config.clone() }, batch);
+        try_with(
+            "ref_logps (reference log-probs from `host logps`)".into(),
+            TrainConfig { ref_logps: Some(String::new()), ..config.clone() },
+            batch,
+        );
     }
     if config.logits_chunk().is_none() {
-        try_with("logits_chunk_size: 128".into(), TrainConfig { logits_chunk_size: Some(128), ..config.clone() }, batch);
+        try_with(
+            "logits_chunk_size: 128".into(),
+            TrainConfig { logits_chunk_size: Some(128), ..config.clone() },
+            batch,
+        );
     }
     if config.batch_size > 1 {
         let smaller = config.batch_size / 2;
         let accum = config.grad_accum * config.batch_size.div_ceil(smaller);
         let rows = batch.rows * smaller / config.batch_size;
-        try_with(format!("batch_size: {smaller}, grad_accum: {accum}"), TrainConfig { batch_size: smaller, grad_accum: accum, ..config.clone() }, BatchShape { rows, ..batch });
+        try_with(
+            format!("batch_size: {smaller}, grad_accum: {accum}"),
+            TrainConfig { batch_size: smaller, grad_accum: accum, ..config.clone() },
+            BatchShape { rows, ..batch },
+        );
     }
     out.sort_by(|a, b| a.1.total_cmp(&b.1));
     out
@@ -243,6 +283,12 @@ pub fn preflight(model: &LlamaConfig, config: &TrainConfig, batch: BatchShape, s
     bail!(
         "training {} on {} needs about {:.0} MB at its peak and {:.0} MB are available (MemAvailable or the cgroup's limit); \
          stopping before loading the model. Estimate for batches of {} rows of {} tokens:\n{}\nSettings that lower it:{options}",
-        config.model, config.data, estimate.total() / MB, available / MB, batch.rows, batch.length, estimate.describe()
+        config.model,
+        config.data,
+        estimate.total() / MB,
+        available / MB,
+        batch.rows,
+        batch.length,
+        estimate.describe()
     )
 }

@@ -28,8 +28,15 @@ pub struct MetricsLog {
 
 /// The order TRL users read them in; script-defined metrics follow.
 pub const TRL_ORDER: &[&str] = &[
-    "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-    "logps/chosen", "logps/rejected", "grad_norm", "learning_rate",
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "grad_norm",
+    "learning_rate",
 ];
 
 impl MetricsLog {
@@ -41,7 +48,10 @@ impl MetricsLog {
 
     /// Continues an existing log (a resumed run).
     pub fn append(path: &Path) -> Result<Self> {
-        let file = std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
         let good_len = file.metadata().with_context(|| format!("cannot read {}", path.display()))?.len();
         Ok(Self { file, path: path.to_path_buf(), good_len, sums: BTreeMap::new(), tensorboard: None })
     }
@@ -91,7 +101,11 @@ impl MetricsLog {
         self.write(&line)?;
         if let Some(tensorboard) = &mut self.tensorboard {
             // TensorBoard's text plugin renders markdown: the line as a code block.
-            tensorboard.text(step, &format!("events/{event}"), &format!("```\n{}\n```", serde_json::to_string_pretty(&line)?))?;
+            tensorboard.text(
+                step,
+                &format!("events/{event}"),
+                &format!("```\n{}\n```", serde_json::to_string_pretty(&line)?),
+            )?;
         }
         Ok(())
     }
@@ -109,7 +123,9 @@ impl MetricsLog {
                 let cut = self.file.set_len(self.good_len);
                 let after = match cut {
                     Ok(()) => "the log was cut back to its last whole line".to_string(),
-                    Err(e) => format!("cutting it back to its last whole line failed too ({e}); the last line may be torn"),
+                    Err(e) => {
+                        format!("cutting it back to its last whole line failed too ({e}); the last line may be torn")
+                    }
                 };
                 let run_dir = self.path.parent().unwrap_or(Path::new("."));
                 Err(error).with_context(|| {
@@ -125,7 +141,8 @@ impl MetricsLog {
 
 /// The keys whose values are wall-clock measurements, not functions of the run's inputs:
 /// two runs of one script differ in these only.
-pub const WALL_CLOCK_KEYS: &[&str] = &["train_runtime", "train_samples_per_second", "train_steps_per_second", "train_tokens_per_second"];
+pub const WALL_CLOCK_KEYS: &[&str] =
+    &["train_runtime", "train_samples_per_second", "train_steps_per_second", "train_tokens_per_second"];
 
 /// Throughput as HF Trainer reports it (`train_runtime`, `train_samples_per_second`,
 /// `train_steps_per_second`, and `train_tokens_per_second` as with its
@@ -192,7 +209,8 @@ impl Throughput {
     /// since the resume), with `train_loss` their mean loss.
     pub fn summary(&self) -> BTreeMap<String, f64> {
         let seconds = self.run_start.elapsed().as_secs_f64();
-        let mut out: BTreeMap<String, f64> = self.run.rates(seconds).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let mut out: BTreeMap<String, f64> =
+            self.run.rates(seconds).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         out.insert("train_runtime".into(), seconds);
         out.insert("train_loss".into(), if self.run.steps > 0 { self.loss_sum / self.run.steps as f64 } else { 0.0 });
         out

@@ -20,13 +20,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::config::{OnlineConfig, TrainConfig};
-use crate::console;
 use super::metrics::MetricsLog;
 use super::reload::{CallSite, Scripts};
+use crate::console;
+use crate::data::prompts::{PromptRow, load_prompts};
 use crate::data::{Example, TextTokenizer, Truncation};
 use crate::model::Llama;
 use crate::model::generate::sample;
-use crate::data::prompts::{PromptRow, load_prompts};
 use crate::model::sampling::{SamplingSettings, stop_ids};
 use crate::rng::SplitMix64;
 use crate::script::ScriptHost;
@@ -102,7 +102,12 @@ pub struct RoundStats {
 impl Online {
     /// Loads and tokenizes the prompts file (errors name it and the row), cutting each prompt
     /// to max_prompt_length (its end kept, as training rows are cut).
-    pub fn load(config: &TrainConfig, tokenizer: &TextTokenizer, max_positions: usize, limits: Truncation) -> Result<Self> {
+    pub fn load(
+        config: &TrainConfig,
+        tokenizer: &TextTokenizer,
+        max_positions: usize,
+        limits: Truncation,
+    ) -> Result<Self> {
         let online = config.online.clone().context("online rounds need an online config")?;
         let path = Path::new(&online.prompts);
         let mut prompts = load_prompts(path, tokenizer, max_positions).context("online.prompts")?;
@@ -114,10 +119,22 @@ impl Online {
                 bail!("online.prompts: {}: the prompt alone fills max_length {}", row.at, limits.max_length);
             }
         }
-        let prompt_texts = prompts.iter().map(|p| p.prompt.as_str().map_or_else(|| tokenizer.decode(&p.tokens), str::to_string)).collect();
+        let prompt_texts = prompts
+            .iter()
+            .map(|p| p.prompt.as_str().map_or_else(|| tokenizer.decode(&p.tokens), str::to_string))
+            .collect();
         let stop_ids = stop_ids(Path::new(&config.model), tokenizer)?;
         let per_round = online.prompts_per_round.unwrap_or(online.every * config.batch_size * config.grad_accum);
-        Ok(Self { config: online, prompts, prompt_texts, stop_ids, eos_id: tokenizer.eos_id, per_round, seed: config.seed, max_length: limits.max_length })
+        Ok(Self {
+            config: online,
+            prompts,
+            prompt_texts,
+            stop_ids,
+            eos_id: tokenizer.eos_id,
+            per_round,
+            seed: config.seed,
+            max_length: limits.max_length,
+        })
     }
 
     /// Prompts in the prompts file.
@@ -168,7 +185,15 @@ impl Online {
     /// Samples round `round` from `policy` (plain device), scores it with the script's
     /// reward, builds its pairs, writes its files and logs it. A reward that fails with no
     /// earlier version to go back to leaves the round without pairs; the run goes on.
-    pub fn run_round(&self, policy: &Llama, tokenizer: &TextTokenizer, host: &ScriptHost, scripts: &mut Scripts, at: CallSite, run_dir: &Path) -> Result<(Vec<Example>, RoundStats)> {
+    pub fn run_round(
+        &self,
+        policy: &Llama,
+        tokenizer: &TextTokenizer,
+        host: &ScriptHost,
+        scripts: &mut Scripts,
+        at: CallSite,
+        run_dir: &Path,
+    ) -> Result<(Vec<Example>, RoundStats)> {
         let CallSite { step, config, log } = at;
         let round = self.round_of(step);
         let picked = self.round_prompts(round);
@@ -183,7 +208,8 @@ impl Online {
             seed: self.round_seed(round),
         };
         let n = self.config.samples_per_prompt;
-        let drawn = sample(policy, &tokens, n, &settings, &self.stop_ids, DECODE_BATCH).with_context(|| format!("online round {round}: sampling"))?;
+        let drawn = sample(policy, &tokens, n, &settings, &self.stop_ids, DECODE_BATCH)
+            .with_context(|| format!("online round {round}: sampling"))?;
         let mut samples: Vec<ScoredSample> = drawn
             .into_iter()
             .map(|s| ScoredSample {
@@ -198,9 +224,15 @@ impl Online {
             .collect();
         let to_score: Vec<Sample> = samples
             .iter()
-            .map(|s| Sample { prompt: &self.prompt_texts[s.prompt_index], completion: &s.completion, row: &self.prompts[s.prompt_index].row })
+            .map(|s| Sample {
+                prompt: &self.prompt_texts[s.prompt_index],
+                completion: &s.completion,
+                row: &self.prompts[s.prompt_index].row,
+            })
             .collect();
-        let rewards = scripts.call_with_fallback(CallSite { step, config, log: &mut *log }, "reward", |version, _| score(host, version, &to_score).map_err(|e| e.to_string()));
+        let rewards = scripts.call_with_fallback(CallSite { step, config, log: &mut *log }, "reward", |version, _| {
+            score(host, version, &to_score).map_err(|e| e.to_string())
+        });
         match rewards {
             Ok(rewards) => {
                 let penalty = self.config.missing_eos_penalty.unwrap_or(0.0);
@@ -211,7 +243,9 @@ impl Online {
                 }
             }
             Err(error) => {
-                console::line(&format!("online round {round} at step {step}: no rewards, the round trains nothing (run goes on):\n{error:#}"));
+                console::line(&format!(
+                    "online round {round} at step {step}: no rewards, the round trains nothing (run goes on):\n{error:#}"
+                ));
                 log.event(step, "reward_failed", json!({"round": round, "error": format!("{error:#}")}))?;
             }
         }
@@ -275,15 +309,27 @@ pub fn round_file(run_dir: &Path, round: usize, kind: &str) -> PathBuf {
 /// The pairs of round `round` as its file holds them (a resume in the middle of a round).
 pub fn read_round_pairs(run_dir: &Path, round: usize) -> Result<Vec<Example>> {
     let path = round_file(run_dir, round, "pairs");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read the pairs of round {round}, which the checkpoint is in the middle of", path.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!("{}: cannot read the pairs of round {round}, which the checkpoint is in the middle of", path.display())
+    })?;
     text.lines()
         .enumerate()
-        .map(|(i, line)| serde_json::from_str::<RoundPair>(line).map(|p| example(&p)).map_err(|e| anyhow!("{}:{}: {e}", path.display(), i + 1)))
+        .map(|(i, line)| {
+            serde_json::from_str::<RoundPair>(line)
+                .map(|p| example(&p))
+                .map_err(|e| anyhow!("{}:{}: {e}", path.display(), i + 1))
+        })
         .collect()
 }
 
 fn example(pair: &RoundPair) -> Example {
-    Example { prompt: pair.prompt_ids.clone(), chosen: pair.chosen_ids.clone(), rejected: pair.rejected_ids.clone(), line: pair.prompt_index + 1, label: None }
+    Example {
+        prompt: pair.prompt_ids.clone(),
+        chosen: pair.chosen_ids.clone(),
+        rejected: pair.rejected_ids.clone(),
+        line: pair.prompt_index + 1,
+        label: None,
+    }
 }
 
 fn round_stats(samples: &[ScoredSample], pairs: &[RoundPair], prompts: usize) -> RoundStats {
@@ -306,14 +352,22 @@ impl RoundStats {
         let usable = self.pairs as f64 / self.prompts.max(1) as f64;
         log.add("online/usable_pairs", usable);
         log.add("val/contain_eos_token", self.contain_eos);
-        for (name, value) in [("online/reward_mean", self.reward_mean), ("objective/scores", self.scores_mean), ("objective/scores_margin", self.scores_margin)] {
+        for (name, value) in [
+            ("online/reward_mean", self.reward_mean),
+            ("objective/scores", self.scores_mean),
+            ("objective/scores_margin", self.scores_margin),
+        ] {
             if let Some(value) = value {
                 log.add(name, value);
             }
         }
         console::line(&format!(
             "online round {round}: {} prompts, {} samples, reward mean {}, {} pairs ({:.0}% of prompts)",
-            self.prompts, self.samples, self.reward_mean.map_or("-".to_string(), |r| format!("{r:.3}")), self.pairs, 100.0 * usable
+            self.prompts,
+            self.samples,
+            self.reward_mean.map_or("-".to_string(), |r| format!("{r:.3}")),
+            self.pairs,
+            100.0 * usable
         ));
         log.event(
             step + 1,

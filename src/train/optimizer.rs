@@ -23,9 +23,11 @@ use crate::model::llama::param_id;
 pub fn decays(name: &str) -> bool {
     let (module, param) = name.rsplit_once('.').unwrap_or(("", name));
     let module = module.to_lowercase();
-    let dotted_norm = module == "norm" || module.starts_with("norm.") || module.ends_with(".norm") || module.contains(".norm.");
+    let dotted_norm =
+        module == "norm" || module.starts_with("norm.") || module.ends_with(".norm") || module.contains(".norm.");
     let suffixed_norm = module.ends_with("_norm") || module.contains("_norm.");
-    let norm_or_bias = ["bias", "layernorm", "rmsnorm"].iter().any(|word| module.contains(word)) || dotted_norm || suffixed_norm;
+    let norm_or_bias =
+        ["bias", "layernorm", "rmsnorm"].iter().any(|word| module.contains(word)) || dotted_norm || suffixed_norm;
     !norm_or_bias && !param.contains("bias")
 }
 
@@ -40,7 +42,12 @@ pub struct FusedAdamW {
 
 impl FusedAdamW {
     pub fn new(beta_1: f64, beta_2: f64, epsilon: f64, weight_decay: f64) -> Self {
-        Self { beta_1: beta_1 as f32, beta_2: beta_2 as f32, epsilon: epsilon as f32, weight_decay: weight_decay as f32 }
+        Self {
+            beta_1: beta_1 as f32,
+            beta_2: beta_2 as f32,
+            epsilon: epsilon as f32,
+            weight_decay: weight_decay as f32,
+        }
     }
 
     /// A whole-module optimizer (burn's type-erased wrapper, with its state records).
@@ -51,10 +58,15 @@ impl FusedAdamW {
     /// The optimizer for `model` as transformers' Trainer builds it: weight decay on every
     /// parameter except biases and norm weights (see [`decays`]).
     pub fn for_model(self, model: &Llama) -> ModuleOptimizer {
-        let undecayed: Vec<ParamId> = model.parameter_names().iter().filter(|name| !decays(name)).map(|name| param_id(name)).collect();
+        let undecayed: Vec<ParamId> =
+            model.parameter_names().iter().filter(|name| !decays(name)).map(|name| param_id(name)).collect();
         let without_decay = Self { weight_decay: 0.0, ..self.clone() };
         let optimizer = self.init();
-        if undecayed.is_empty() { optimizer } else { optimizer.with_group(ParamGroup::from_ids(undecayed), without_decay, None) }
+        if undecayed.is_empty() {
+            optimizer
+        } else {
+            optimizer.with_group(ParamGroup::from_ids(undecayed), without_decay, None)
+        }
     }
 
     /// The per-step scalars, each computed as burn's AdamW computes it (f32 or f64 as there).
@@ -93,13 +105,23 @@ struct Scalars {
 impl Optimizer for FusedAdamW {
     type State<const D: usize> = AdamWState<D>;
 
-    fn step<const D: usize>(&self, lr: LearningRate, tensor: Tensor<D>, grad: Tensor<D>, state: Option<Self::State<D>>) -> (Tensor<D>, Option<Self::State<D>>) {
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
         let time = state.as_ref().map_or(1, |s| s.momentum.time + 1);
         let s = self.scalars(lr, time);
         let fused = crate::model::fused::enabled()
             && is_flex_f32(&tensor)
             && is_flex_f32(&grad)
-            && state.as_ref().is_none_or(|st| st.momentum.max_moment_2.is_none() && is_flex_f32(&st.momentum.moment_1) && is_flex_f32(&st.momentum.moment_2));
+            && state.as_ref().is_none_or(|st| {
+                st.momentum.max_moment_2.is_none()
+                    && is_flex_f32(&st.momentum.moment_1)
+                    && is_flex_f32(&st.momentum.moment_2)
+            });
         if fused {
             let first = state.is_none();
             let (m, v) = match state {
@@ -108,7 +130,12 @@ impl Optimizer for FusedAdamW {
             };
             // Moved, not cloned, so that unshared buffers are updated in place.
             let (p, m, v) = fused_update(flex(tensor), &flex(grad), flex(m), flex(v), s, first);
-            let momentum = AdaptiveMomentumState { time, moment_1: Tensor::from_primitive::<Flex>(m), moment_2: Tensor::from_primitive::<Flex>(v), max_moment_2: None };
+            let momentum = AdaptiveMomentumState {
+                time,
+                moment_1: Tensor::from_primitive::<Flex>(m),
+                moment_2: Tensor::from_primitive::<Flex>(v),
+                max_moment_2: None,
+            };
             return (Tensor::from_primitive::<Flex>(p), Some(AdamWState { momentum }));
         }
         self.step_in_tensor_ops(s, time, tensor, grad, state)
@@ -122,7 +149,14 @@ impl Optimizer for FusedAdamW {
 
 impl FusedAdamW {
     /// burn's AdamW op chain, for backends without the fused loop.
-    fn step_in_tensor_ops<const D: usize>(&self, s: Scalars, time: usize, tensor: Tensor<D>, grad: Tensor<D>, state: Option<AdamWState<D>>) -> (Tensor<D>, Option<AdamWState<D>>) {
+    fn step_in_tensor_ops<const D: usize>(
+        &self,
+        s: Scalars,
+        time: usize,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<AdamWState<D>>,
+    ) -> (Tensor<D>, Option<AdamWState<D>>) {
         let (m, v) = match state {
             Some(st) => (
                 st.momentum.moment_1.mul_scalar(s.beta_1).add(grad.clone().mul_scalar(s.factor_1)),
@@ -130,10 +164,14 @@ impl FusedAdamW {
             ),
             None => (grad.clone().mul_scalar(s.factor_1), grad.square().mul_scalar(s.factor_2)),
         };
-        let update = m.clone().div_scalar(s.correction_1).div(v.clone().div_scalar(s.correction_2).sqrt().add_scalar(s.epsilon));
+        let update =
+            m.clone().div_scalar(s.correction_1).div(v.clone().div_scalar(s.correction_2).sqrt().add_scalar(s.epsilon));
         let decayed = if s.decays { tensor.mul_scalar(s.keep) } else { tensor };
         let tensor = decayed - update.mul_scalar(s.lr);
-        (tensor, Some(AdamWState { momentum: AdaptiveMomentumState { time, moment_1: m, moment_2: v, max_moment_2: None } }))
+        (
+            tensor,
+            Some(AdamWState { momentum: AdaptiveMomentumState { time, moment_1: m, moment_2: v, max_moment_2: None } }),
+        )
     }
 }
 
@@ -144,12 +182,22 @@ const CHUNK: usize = 1 << 15;
 /// One pass: new moments in place in `m`/`v`, the new weights in place in `p` (each copied
 /// first only if shared). `first`: the moments start at zero (burn then skips the β terms;
 /// with zeros they add exact zeros, so the values are the same).
-fn fused_update(p: FlexTensor, g: &FlexTensor, m: FlexTensor, v: FlexTensor, s: Scalars, first: bool) -> (FlexTensor, FlexTensor, FlexTensor) {
+fn fused_update(
+    p: FlexTensor,
+    g: &FlexTensor,
+    m: FlexTensor,
+    v: FlexTensor,
+    s: Scalars,
+    first: bool,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
     let (mut p, mut m, mut v) = (contiguous(p), contiguous(m), contiguous(v));
     let g = contiguous(g.clone());
     let gs = g.storage::<f32>();
     let (ps, ms, vs) = (p.storage_mut::<f32>(), m.storage_mut::<f32>(), v.storage_mut::<f32>());
-    assert!(ps.len() == gs.len() && ms.len() == gs.len() && vs.len() == gs.len(), "AdamW: parameter, gradient and moments differ in size");
+    assert!(
+        ps.len() == gs.len() && ms.len() == gs.len() && vs.len() == gs.len(),
+        "AdamW: parameter, gradient and moments differ in size"
+    );
     ps.par_chunks_mut(CHUNK)
         .zip(ms.par_chunks_mut(CHUNK))
         .zip(vs.par_chunks_mut(CHUNK))
@@ -198,12 +246,23 @@ mod tests {
 
     #[test]
     fn biases_and_norm_weights_are_not_decayed() {
-        for name in ["model.layers.0.input_layernorm.weight", "model.layers.3.post_attention_layernorm.weight", "model.norm.weight",
-                     "model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.q_proj.bias"] {
+        for name in [
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.3.post_attention_layernorm.weight",
+            "model.norm.weight",
+            "model.layers.0.self_attn.q_norm.weight",
+            "model.layers.0.self_attn.q_proj.bias",
+        ] {
             assert!(!decays(name), "{name}");
         }
-        for name in ["model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
-                     "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "model.normalizer.weight"] {
+        for name in [
+            "model.embed_tokens.weight",
+            "lm_head.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.mlp.down_proj.weight",
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+            "model.normalizer.weight",
+        ] {
             assert!(decays(name), "{name}");
         }
     }

@@ -13,10 +13,10 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::files::{hash_file, hex};
 use super::logps::{packed_pair_logps, token_logps};
 use crate::data::packed::PackedLayout;
 use crate::data::{Example, collate_pairs};
+use crate::files::{hash_file, hex};
 use crate::model::Llama;
 use crate::tensor::values;
 
@@ -36,7 +36,14 @@ pub struct RefRow {
 }
 
 /// Per-token log-probs of each example's completions under `model`, batch by batch.
-pub fn compute_ref_rows(model: &Llama, examples: &[Example], pad_id: u32, batch_size: usize, prefix_sharing: bool, device: &Device) -> Vec<RefRow> {
+pub fn compute_ref_rows(
+    model: &Llama,
+    examples: &[Example],
+    pad_id: u32,
+    batch_size: usize,
+    prefix_sharing: bool,
+    device: &Device,
+) -> Vec<RefRow> {
     let mut rows = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
@@ -78,12 +85,18 @@ pub fn write_ref_rows(rows: &[RefRow], out: &Path) -> Result<()> {
 
 /// JSONL, optionally headed by a shard header, written to a temp file beside `out`, fsynced
 /// and renamed into place: a crash leaves the old file or none, never a half-written one.
-pub(crate) fn write_jsonl<'a, R: Serialize + 'a>(header: Option<&ShardHeader>, rows: impl IntoIterator<Item = &'a R>, out: &Path) -> Result<()> {
+pub(crate) fn write_jsonl<'a, R: Serialize + 'a>(
+    header: Option<&ShardHeader>,
+    rows: impl IntoIterator<Item = &'a R>,
+    out: &Path,
+) -> Result<()> {
     let mut name = out.file_name().with_context(|| format!("{}: not a file name", out.display()))?.to_os_string();
     name.push(".partial");
     let tmp = out.with_file_name(name);
     let write = || -> Result<()> {
-        let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?);
+        let mut file = std::io::BufWriter::new(
+            std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?,
+        );
         if let Some(header) = header {
             serde_json::to_writer(&mut file, &serde_json::json!({ SHARD_KEY: header }))?;
             file.write_all(b"\n")?;
@@ -120,7 +133,8 @@ impl std::str::FromStr for Shard {
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = || format!("--shard takes K/N with 0 <= K < N (shard K of N, counted from 0), got \"{s}\"");
         let (k, n) = s.split_once('/').ok_or_else(bad)?;
-        let (index, count): (usize, usize) = (k.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+        let (index, count): (usize, usize) =
+            (k.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
         if index >= count {
             return Err(bad());
         }
@@ -215,11 +229,18 @@ struct ShardFile {
 fn read_shard(path: &Path) -> Result<ShardFile> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
-    let header = lines.next().and_then(|(_, l)| serde_json::from_str::<serde_json::Value>(l).ok()).and_then(|mut v| v.get_mut(SHARD_KEY).map(serde_json::Value::take));
+    let header = lines
+        .next()
+        .and_then(|(_, l)| serde_json::from_str::<serde_json::Value>(l).ok())
+        .and_then(|mut v| v.get_mut(SHARD_KEY).map(serde_json::Value::take));
     let Some(header) = header else {
-        bail!("{}:1: not a shard file (no {SHARD_KEY} header; write shards with host logps --shard K/N)", path.display());
+        bail!(
+            "{}:1: not a shard file (no {SHARD_KEY} header; write shards with host logps --shard K/N)",
+            path.display()
+        );
     };
-    let header: ShardHeader = serde_json::from_value(header).map_err(|e| anyhow::anyhow!("{}:1: {SHARD_KEY}: {e}", path.display()))?;
+    let header: ShardHeader =
+        serde_json::from_value(header).map_err(|e| anyhow::anyhow!("{}:1: {SHARD_KEY}: {e}", path.display()))?;
     let rows: Vec<RefRow> = lines
         .map(|(i, l)| serde_json::from_str(l).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1)))
         .collect::<Result<_>>()?;
@@ -227,11 +248,25 @@ fn read_shard(path: &Path) -> Result<ShardFile> {
     if (header.first_row..header.end_row) != want {
         bail!(
             "{}:1: rows {}..{} in the header, but shard {} of {} rows in batches of {} covers rows {}..{}",
-            path.display(), header.first_row, header.end_row, header.shard, header.source.data_rows, header.source.batch_size, want.start, want.end
+            path.display(),
+            header.first_row,
+            header.end_row,
+            header.shard,
+            header.source.data_rows,
+            header.source.batch_size,
+            want.start,
+            want.end
         );
     }
     if rows.len() != want.len() {
-        bail!("{}: holds {} rows, its header says {} (rows {}..{})", path.display(), rows.len(), want.len(), want.start, want.end);
+        bail!(
+            "{}: holds {} rows, its header says {} (rows {}..{})",
+            path.display(),
+            rows.len(),
+            want.len(),
+            want.start,
+            want.end
+        );
     }
     Ok(ShardFile { path: path.to_path_buf(), header, rows })
 }
@@ -263,13 +298,20 @@ pub fn merge_shards(shards: &[PathBuf], out: &Path) -> Result<usize> {
             if reference[&key] != value {
                 bail!(
                     "{}: {key} is {value}, but {}'s is {} (shards of different data or settings; rerun them alike)",
-                    file.path.display(), first.path.display(), reference[&key]
+                    file.path.display(),
+                    first.path.display(),
+                    reference[&key]
                 );
             }
         }
         let slot = &mut by_index[file.header.shard.index];
         if let Some(earlier) = slot {
-            bail!("{} and {} are both shard {} (overlapping shards; give each shard once)", earlier.path.display(), file.path.display(), file.header.shard);
+            bail!(
+                "{} and {} are both shard {} (overlapping shards; give each shard once)",
+                earlier.path.display(),
+                file.path.display(),
+                file.header.shard
+            );
         }
         *slot = Some(file);
     }
@@ -277,7 +319,9 @@ pub fn merge_shards(shards: &[PathBuf], out: &Path) -> Result<usize> {
     if !missing.is_empty() {
         bail!(
             "shard {} missing: {} file(s) given ({}) of {count}",
-            missing.join(", "), files.len(), files.iter().map(|f| format!("{} is {}", f.path.display(), f.header.shard)).collect::<Vec<_>>().join(", ")
+            missing.join(", "),
+            files.len(),
+            files.iter().map(|f| format!("{} is {}", f.path.display(), f.header.shard)).collect::<Vec<_>>().join(", ")
         );
     }
     let rows: Vec<&RefRow> = by_index.iter().flatten().flat_map(|f| &f.rows).collect();
@@ -292,38 +336,60 @@ pub struct PrecomputedReference {
 
 impl PrecomputedReference {
     pub fn load(path: &Path, examples: &[Example]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read ref_logps", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("{}: cannot read ref_logps", path.display()))?;
         let mut rows = HashMap::new();
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
-            if let Some(header) = serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v.get(SHARD_KEY).map(|h| h["shard"].clone())) {
+            if let Some(header) = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get(SHARD_KEY).map(|h| h["shard"].clone()))
+            {
                 bail!(
                     "{}:{}: this is one shard ({}/{}) of a sharded host logps run; merge all of them first: host logps --merge SHARD... --out FILE",
-                    path.display(), i + 1, header["index"], header["count"]
+                    path.display(),
+                    i + 1,
+                    header["index"],
+                    header["count"]
                 );
             }
-            let row: RefRow = serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
-            if row.chosen_token_logps.len() != row.chosen_tokens || row.rejected_token_logps.len() != row.rejected_tokens {
+            let row: RefRow =
+                serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+            if row.chosen_token_logps.len() != row.chosen_tokens
+                || row.rejected_token_logps.len() != row.rejected_tokens
+            {
                 bail!("{}:{}: token counts and per-token log-probs disagree", path.display(), i + 1);
             }
             rows.insert(row.line, row);
         }
         for e in examples {
             let Some(row) = rows.get(&e.line) else {
-                bail!("{}: no reference log-probs for data row {} (run host logps on the same data)", path.display(), e.line);
+                bail!(
+                    "{}: no reference log-probs for data row {} (run host logps on the same data)",
+                    path.display(),
+                    e.line
+                );
             };
             if row.prompt_tokens != e.prompt.len() {
                 bail!(
                     "{}: data row {} has a {}-token prompt, the file {} (written with another tokenizer, max_prompt_length or prompt_special_tokens?)",
-                    path.display(), e.line, e.prompt.len(), row.prompt_tokens
+                    path.display(),
+                    e.line,
+                    e.prompt.len(),
+                    row.prompt_tokens
                 );
             }
             if row.chosen_tokens != e.chosen.len() || row.rejected_tokens != e.rejected.len() {
                 bail!(
                     "{}: data row {} has {}/{} chosen/rejected tokens, the file {}/{} (written for another tokenizer or max_length?)",
-                    path.display(), e.line, e.chosen.len(), e.rejected.len(), row.chosen_tokens, row.rejected_tokens
+                    path.display(),
+                    e.line,
+                    e.chosen.len(),
+                    e.rejected.len(),
+                    row.chosen_tokens,
+                    row.rejected_tokens
                 );
             }
         }
@@ -370,7 +436,11 @@ pub(crate) fn frozen_model_and_pairs(
     device: &Device,
 ) -> Result<(Llama, crate::data::TextTokenizer, Vec<Example>)> {
     let (config, model) = crate::model::load_frozen_model(model_dir, device)?;
-    let mut tokenizer = crate::data::TextTokenizer::load_with(&model_dir.join("tokenizer.json"), &config.eos_ids(), config.pad_token_id)?;
+    let mut tokenizer = crate::data::TextTokenizer::load_with(
+        &model_dir.join("tokenizer.json"),
+        &config.eos_ids(),
+        config.pad_token_id,
+    )?;
     tokenizer.prompt_special_tokens = prompt_special_tokens;
     if let Some(name) = chat_template {
         tokenizer.use_chat_template(name)?;
@@ -389,7 +459,8 @@ pub fn precompute(job: &LogpsJob) -> Result<usize> {
         bail!("{}: the output would overwrite the data", out.display());
     }
     let device = crate::backend::backend_device(job.backend)?;
-    let (model, tokenizer, examples) = frozen_model_and_pairs(model_dir, data, job.limits, job.prompt_special_tokens, job.chat_template, &device)?;
+    let (model, tokenizer, examples) =
+        frozen_model_and_pairs(model_dir, data, job.limits, job.prompt_special_tokens, job.chat_template, &device)?;
     let Some(shard) = job.shard else {
         let rows = compute_ref_rows(&model, &examples, tokenizer.pad_id, job.batch_size, true, &device);
         write_ref_rows(&rows, out)?;

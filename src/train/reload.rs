@@ -11,10 +11,10 @@ use serde_json::json;
 
 use super::checkpoint::{relative, save_rejected_sources, save_sources, write_train_config};
 use super::config::TrainConfig;
-use crate::console;
 use super::loss_call::{LossBatch, loss_params, read_loss_output};
 use super::metrics::MetricsLog;
 use super::trainer::config_of;
+use crate::console;
 use crate::script::random::loss_call_seed;
 use crate::script::{ScriptHost, ScriptVersion, ScriptWatcher};
 
@@ -62,7 +62,13 @@ impl Scripts {
     /// After an edit: a version that passes [`try_reload`] replaces the running one (its hot
     /// fields applied, restart fields reported and ignored); one that fails is reported and
     /// the run goes on with the running version.
-    pub fn reload_if_edited(&mut self, host: &mut ScriptHost, at: CallSite, dry_run: DryRun, run_dir: &Path) -> Result<()> {
+    pub fn reload_if_edited(
+        &mut self,
+        host: &mut ScriptHost,
+        at: CallSite,
+        dry_run: DryRun,
+        run_dir: &Path,
+    ) -> Result<()> {
         let Some(watcher) = self.watcher.as_mut() else { return Ok(()) };
         let changed = watcher.poll();
         if changed.is_empty() {
@@ -74,7 +80,10 @@ impl Scripts {
             Ok((version, new_config)) => {
                 let ignored = config.restart_changes(&new_config);
                 if !ignored.is_empty() {
-                    console::line(&format!("notice: {} changed in the script; these need a restart and are ignored", ignored.join(", ")));
+                    console::line(&format!(
+                        "notice: {} changed in the script; these need a restart and are ignored",
+                        ignored.join(", ")
+                    ));
                     log.event(step, "restart_needed", json!({"fields": ignored}))?;
                 }
                 let heldout_changed = config.heldout != new_config.heldout;
@@ -91,7 +100,10 @@ impl Scripts {
                 self.reloads += 1;
             }
             Err(error) => {
-                console::line(&format!("reload of {} at step {step} failed, keeping the running version:\n{error}", shown.join(", ")));
+                console::line(&format!(
+                    "reload of {} at step {step} failed, keeping the running version:\n{error}",
+                    shown.join(", ")
+                ));
                 log.event(step, "reload_failed", json!({"files": shown, "error": error}))?;
                 save_rejected_sources(run_dir, step, &self.current)?;
             }
@@ -102,7 +114,12 @@ impl Scripts {
     /// Runs `call` with the current version; if it fails and an earlier version is kept,
     /// goes back to that version (and its hot config) and runs it there. Only a failure
     /// with nothing to go back to ends the run.
-    pub fn call_with_fallback<T>(&mut self, at: CallSite, what: &str, mut call: impl FnMut(&ScriptVersion, &TrainConfig) -> Result<T, String>) -> Result<T> {
+    pub fn call_with_fallback<T>(
+        &mut self,
+        at: CallSite,
+        what: &str,
+        mut call: impl FnMut(&ScriptVersion, &TrainConfig) -> Result<T, String>,
+    ) -> Result<T> {
         let CallSite { step, config, log } = at;
         let error = match call(&self.current, config) {
             Ok(value) => return Ok(value),
@@ -117,20 +134,29 @@ impl Scripts {
             config.apply_hot(&config_of(&good, config.arm.as_deref())?);
         }
         self.current = good;
-        call(&self.current, config).map_err(|e| anyhow::anyhow!("{what} failed at step {step} with the previous version too:\n{e}"))
+        call(&self.current, config)
+            .map_err(|e| anyhow::anyhow!("{what} failed at step {step} with the previous version too:\n{e}"))
     }
 }
 
 /// Compiles the edited script, parses its config, and runs its loss on a small synthetic
 /// batch, so a version that would fail is rejected before it replaces the running one.
-fn try_reload(host: &mut ScriptHost, script: &Path, running: &TrainConfig, dry_run: &DryRun) -> Result<(ScriptVersion, TrainConfig), String> {
+fn try_reload(
+    host: &mut ScriptHost,
+    script: &Path,
+    running: &TrainConfig,
+    dry_run: &DryRun,
+) -> Result<(ScriptVersion, TrainConfig), String> {
     let version = host.load(script).map_err(|e| e.to_string())?;
     let config = config_of(&version, running.arm.as_deref()).map_err(|e| format!("{e:#}"))?;
     require_loss(&version, &config.loss_fn).map_err(|e| e.to_string())?;
     require_reward(&version, &config).map_err(|e| e.to_string())?;
     let batch = LossBatch::synthetic(dry_run.device, &running.mode).into_map();
-    let params = loss_params(&config.params, 0, dry_run.total_steps, dry_run.loss_state, loss_call_seed(running.seed, 0, 0));
-    let value = host.call(&version, &config.loss_fn, vec![Dynamic::from_map(batch), Dynamic::from_map(params)]).map_err(|e| e.to_string())?;
+    let params =
+        loss_params(&config.params, 0, dry_run.total_steps, dry_run.loss_state, loss_call_seed(running.seed, 0, 0));
+    let value = host
+        .call(&version, &config.loss_fn, vec![Dynamic::from_map(batch), Dynamic::from_map(params)])
+        .map_err(|e| e.to_string())?;
     let out = read_loss_output(value, 2).map_err(|e| format!("{}: {e}", version.fn_location(&config.loss_fn)))?;
     let dry_loss = crate::tensor::values(out.loss)[0];
     if !dry_loss.is_finite() {
@@ -141,14 +167,25 @@ fn try_reload(host: &mut ScriptHost, script: &Path, running: &TrainConfig, dry_r
 }
 
 /// The script's `lr(step, total)`, or the config's constant when it defines none.
-pub fn script_lr(host: &ScriptHost, version: &ScriptVersion, step: usize, total: usize, constant: f64) -> Result<f64, String> {
+pub fn script_lr(
+    host: &ScriptHost,
+    version: &ScriptVersion,
+    step: usize,
+    total: usize,
+    constant: f64,
+) -> Result<f64, String> {
     if !version.has_fn("lr", 2) {
         return Ok(constant);
     }
-    let value = host.call(version, "lr", vec![Dynamic::from_int(step as INT), Dynamic::from_int(total as INT)]).map_err(|e| e.to_string())?;
+    let value = host
+        .call(version, "lr", vec![Dynamic::from_int(step as INT), Dynamic::from_int(total as INT)])
+        .map_err(|e| e.to_string())?;
     match number(&value) {
         Ok(lr) if lr.is_finite() && lr >= 0.0 => Ok(lr),
-        _ => Err(format!("{}: lr({step}, {total}) returned {value:?}; expected a non-negative number", version.fn_location("lr"))),
+        _ => Err(format!(
+            "{}: lr({step}, {total}) returned {value:?}; expected a non-negative number",
+            version.fn_location("lr")
+        )),
     }
 }
 
@@ -158,7 +195,9 @@ pub fn require_loss(version: &ScriptVersion, name: &str) -> Result<()> {
     if !version.has_fn(name, 2) {
         bail!("{}: the script defines no fn {name}(batch, params)", version.display_path());
     }
-    for (hook, call) in [("lr", "lr(step, total)"), ("on_log", "on_log(step, metrics)"), ("on_step", "on_step(step, total)")] {
+    for (hook, call) in
+        [("lr", "lr(step, total)"), ("on_log", "on_log(step, metrics)"), ("on_step", "on_step(step, total)")]
+    {
         if version.fn_names().any(|n| n == hook) && !version.has_fn(hook, 2) {
             bail!("{}: fn {hook} has other parameters than the host calls it with: {call}", version.fn_location(hook));
         }

@@ -13,8 +13,21 @@ use crate::model::Llama;
 
 /// Module names a reset may select: HF's, as the parameters are named in checkpoints.
 pub const RESETTABLE: [&str; 15] = [
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head", "input_layernorm", "post_attention_layernorm",
-    "pre_feedforward_layernorm", "post_feedforward_layernorm", "q_norm", "k_norm",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "embed_tokens",
+    "lm_head",
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+    "q_norm",
+    "k_norm",
 ];
 
 /// `#{ factor: α, modules: [...] }` from the script's `on_step`, checked.
@@ -33,7 +46,11 @@ impl ResetRequest {
             }
         }
         let factor = match map.get("factor") {
-            Some(v) => v.as_float().ok().or_else(|| v.as_int().ok().map(|i| i as f64)).ok_or_else(|| format!("reset.factor must be a number, got {v}"))?,
+            Some(v) => v
+                .as_float()
+                .ok()
+                .or_else(|| v.as_int().ok().map(|i| i as f64))
+                .ok_or_else(|| format!("reset.factor must be a number, got {v}"))?,
             None => return Err("reset.factor is missing (α in θ ← α·θ + (1 − α)·θ₀, in [0, 1])".into()),
         };
         if !(0.0..=1.0).contains(&factor) {
@@ -42,13 +59,21 @@ impl ResetRequest {
         let modules: Vec<String> = match map.get("modules") {
             None => vec!["all".to_string()],
             Some(v) => {
-                let list = v.clone().try_cast::<rhai::Array>().ok_or_else(|| format!("reset.modules must be an array of module names, got {v}"))?;
-                list.iter().map(|m| m.clone().into_string().map_err(|_| format!("reset.modules: {m} is not a string"))).collect::<Result<_, _>>()?
+                let list = v
+                    .clone()
+                    .try_cast::<rhai::Array>()
+                    .ok_or_else(|| format!("reset.modules must be an array of module names, got {v}"))?;
+                list.iter()
+                    .map(|m| m.clone().into_string().map_err(|_| format!("reset.modules: {m} is not a string")))
+                    .collect::<Result<_, _>>()?
             }
         };
         for m in &modules {
             if m != "all" && !RESETTABLE.contains(&m.as_str()) {
-                return Err(format!("reset.modules: unknown module \"{m}\" (expected \"all\" or some of {})", RESETTABLE.join(", ")));
+                return Err(format!(
+                    "reset.modules: unknown module \"{m}\" (expected \"all\" or some of {})",
+                    RESETTABLE.join(", ")
+                ));
             }
         }
         if modules.is_empty() {
@@ -68,12 +93,17 @@ pub fn requested_reset(value: &Dynamic) -> Result<Option<ResetRequest>, String> 
     if value.is_unit() {
         return Ok(None);
     }
-    let map = value.clone().try_cast::<Map>().ok_or_else(|| format!("on_step must return () or a map like #{{ reset: #{{ factor, modules }} }}, got {}", value.type_name()))?;
+    let map = value.clone().try_cast::<Map>().ok_or_else(|| {
+        format!("on_step must return () or a map like #{{ reset: #{{ factor, modules }} }}, got {}", value.type_name())
+    })?;
     let mut reset = None;
     for (key, v) in &map {
         match key.as_str() {
             "reset" => {
-                let m = v.clone().try_cast::<Map>().ok_or_else(|| format!("reset must be a map #{{ factor, modules }}, got {v}"))?;
+                let m = v
+                    .clone()
+                    .try_cast::<Map>()
+                    .ok_or_else(|| format!("reset must be a map #{{ factor, modules }}, got {v}"))?;
                 reset = Some(ResetRequest::from_map(&m)?);
             }
             other => return Err(format!("on_step returned `{other}`; it understands only `reset`")),

@@ -56,7 +56,8 @@ pub fn run_sample_job(job: &SampleJob) -> Result<SampleSummary> {
     }
     let device = crate::backend::backend_device(job.backend).context("--backend")?;
     let (config, model) = crate::model::load_frozen_model(job.model_dir, &device)?;
-    let mut tokenizer = TextTokenizer::load_with(&job.model_dir.join("tokenizer.json"), &config.eos_ids(), config.pad_token_id)?;
+    let mut tokenizer =
+        TextTokenizer::load_with(&job.model_dir.join("tokenizer.json"), &config.eos_ids(), config.pad_token_id)?;
     tokenizer.prompt_special_tokens = job.prompt_special_tokens;
     let eos = stop_ids(job.model_dir, &tokenizer)?;
     let prompts = load_prompts(job.prompts, &tokenizer, model.max_positions())?;
@@ -76,5 +77,9 @@ pub fn run_sample_job(job: &SampleJob) -> Result<SampleSummary> {
         })
         .collect();
     super::reference::write_jsonl(None, &lines, job.out)?;
-    Ok(SampleSummary { samples: lines.len(), new_tokens: lines.iter().map(|l| l.completion_ids.len() + usize::from(l.eos)).sum(), seconds })
+    Ok(SampleSummary {
+        samples: lines.len(),
+        new_tokens: lines.iter().map(|l| l.completion_ids.len() + usize::from(l.eos)).sum(),
+        seconds,
+    })
 }

@@ -71,10 +71,17 @@ impl Sampler {
     pub fn restore(&mut self, ckpt: &Path, state: &TrainerState) -> Result<()> {
         let rows = self.order.len();
         if state.order.len() != rows || state.order.iter().any(|&i| i >= rows) {
-            bail!("{}: the data has {rows} rows, the checkpoint was made with {}; resume needs the same data", ckpt.display(), state.order.len());
+            bail!(
+                "{}: the data has {rows} rows, the checkpoint was made with {}; resume needs the same data",
+                ckpt.display(),
+                state.order.len()
+            );
         }
         if state.replayed.iter().flatten().any(|&i| i >= rows) {
-            bail!("{}: the replayed batch names rows the data does not have; resume needs the same data", ckpt.display());
+            bail!(
+                "{}: the replayed batch names rows the data does not have; resume needs the same data",
+                ckpt.display()
+            );
         }
         self.order = state.order.clone();
         self.cursor = state.cursor;

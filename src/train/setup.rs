@@ -34,15 +34,27 @@ impl RunPlan {
     pub fn new(config: &TrainConfig, preflight: bool) -> Result<Self> {
         let model_dir = PathBuf::from(&config.model);
         let model_config = LlamaConfig::from_file(&model_dir.join("config.json"))?;
-        let mut tokenizer = TextTokenizer::load_with(&model_dir.join("tokenizer.json"), &model_config.eos_ids(), model_config.pad_token_id)?;
+        let mut tokenizer = TextTokenizer::load_with(
+            &model_dir.join("tokenizer.json"),
+            &model_config.eos_ids(),
+            model_config.pad_token_id,
+        )?;
         tokenizer.prompt_special_tokens = config.prompt_special_tokens;
         if let Some(name) = &config.chat_template {
             tokenizer.use_chat_template(name)?;
         }
         if tokenizer.vocab_size() > model_config.vocab_size {
-            bail!("{}: tokenizer has {} tokens, the model's vocab_size is {}", model_dir.display(), tokenizer.vocab_size(), model_config.vocab_size);
+            bail!(
+                "{}: tokenizer has {} tokens, the model's vocab_size is {}",
+                model_dir.display(),
+                tokenizer.vocab_size(),
+                model_config.vocab_size
+            );
         }
-        let limits = Truncation { max_length: config.max_length.min(model_config.max_positions()), max_prompt_length: config.max_prompt_length };
+        let limits = Truncation {
+            max_length: config.max_length.min(model_config.max_positions()),
+            max_prompt_length: config.max_prompt_length,
+        };
         let data = Path::new(&config.data);
         let (examples, report) = match config.mode {
             // Online rounds make their pairs as the run goes (src/train/online.rs).
@@ -59,7 +71,11 @@ impl RunPlan {
             Init::Pretrained => crate::model::weights::SafetensorsWeights::open(&model_dir)?.stored_bytes_per_element(),
             Init::Random => 4.0,
         };
-        let memory = if preflight { memory::preflight(&model_config, config, batch, stored)? } else { memory::estimate(&model_config, config, batch, stored) };
+        let memory = if preflight {
+            memory::preflight(&model_config, config, batch, stored)?
+        } else {
+            memory::estimate(&model_config, config, batch, stored)
+        };
         Ok(Self { model_config, tokenizer, examples, report, memory, batch, limits, stored })
     }
 }
@@ -72,7 +88,11 @@ pub fn dry_run(host: &mut ScriptHost, script: &Path) -> Result<()> {
     let plan = RunPlan::new(&config, false)?;
     println!(
         "{}: {} rows; largest batch {} rows of {} tokens; estimated peak memory:\n{}",
-        version.display_path(), plan.examples.len(), plan.batch.rows, plan.batch.length, plan.memory.describe()
+        version.display_path(),
+        plan.examples.len(),
+        plan.batch.rows,
+        plan.batch.length,
+        plan.memory.describe()
     );
     match memory::available_bytes() {
         Some(available) => println!("available: {:.0} MB (MemAvailable or the cgroup's limit)", available / 1048576.0),
@@ -113,8 +133,9 @@ pub fn build_policy(config: &TrainConfig, device: &Device) -> Result<(LlamaConfi
 /// random init has no stored form; its reference is the policy's starting weights.
 pub fn resident_reference(config: &TrainConfig, policy: &Llama, device: &Device) -> Result<Llama> {
     Ok(match config.init {
-        Init::Pretrained => load_frozen_model(Path::new(&config.model), &device.clone().without_autodiff())?.1.with_precision(config.mixed_precision),
+        Init::Pretrained => load_frozen_model(Path::new(&config.model), &device.clone().without_autodiff())?
+            .1
+            .with_precision(config.mixed_precision),
         Init::Random => policy.valid(),
     })
 }
-

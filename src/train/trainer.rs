@@ -12,11 +12,9 @@ use burn::tensor::{Device, Tensor};
 use rhai::{Dynamic, INT, Map};
 use serde_json::json;
 
-use crate::backend::backend_device;
 use super::checkpoint::{self, TrainerState, save_sources};
 use super::chunked::ChunkedHead;
 use super::config::{Mode, TrainConfig};
-use crate::console;
 use super::evaluate::{EvalResult, evaluate, load_eval_rows};
 use super::grads::{clip_global_norm, norms_by_name};
 use super::identity::RunIdentity;
@@ -31,6 +29,8 @@ use super::reference::PrecomputedReference;
 use super::reload::{CallSite, DryRun, Scripts, require_loss, require_reward, script_lr};
 use super::reset::{requested_reset, shrink_toward_initial};
 use super::sampler::Sampler;
+use crate::backend::backend_device;
+use crate::console;
 use crate::data::packed::PackedLayout;
 use crate::data::{Example, TextTokenizer, collate_pairs, collate_sft, collate_unpaired};
 use crate::model::{Llama, LlamaConfig, save_adapter, save_model, save_model_with};
@@ -108,18 +108,39 @@ pub fn run(host: &mut ScriptHost, options: RunOptions) -> Result<RunSummary> {
 
 /// The script version's train(config), narrowed to one comparison arm when `arm` is set.
 pub fn config_of(version: &ScriptVersion, arm: Option<&str>) -> Result<TrainConfig> {
-    let map = version.config.clone().with_context(|| format!("{}: the script never called train(config)", version.display_path()))?;
+    let map = version
+        .config
+        .clone()
+        .with_context(|| format!("{}: the script never called train(config)", version.display_path()))?;
     TrainConfig::from_map(map).and_then(|c| c.arm_named(arm)).with_context(|| version.display_path())
 }
 
 /// One training run into its own run folder, stopped by Ctrl-C. `eval_before`: also score
 /// the starting model when the config has `heldout`.
-pub fn train_one(host: &mut ScriptHost, options: RunOptions, version: ScriptVersion, config: TrainConfig, eval_before: bool) -> Result<RunSummary> {
-    train_one_locked(host, options, version, config, StartWith { eval_before, held: None, interrupt: Interrupt::ctrl_c(), rust_dpo_loss: false })
+pub fn train_one(
+    host: &mut ScriptHost,
+    options: RunOptions,
+    version: ScriptVersion,
+    config: TrainConfig,
+    eval_before: bool,
+) -> Result<RunSummary> {
+    train_one_locked(
+        host,
+        options,
+        version,
+        config,
+        StartWith { eval_before, held: None, interrupt: Interrupt::ctrl_c(), rust_dpo_loss: false },
+    )
 }
 
 /// One training run into its own run folder: set-up, then the step loop.
-pub fn train_one_locked(host: &mut ScriptHost, options: RunOptions, version: ScriptVersion, config: TrainConfig, with: StartWith) -> Result<RunSummary> {
+pub fn train_one_locked(
+    host: &mut ScriptHost,
+    options: RunOptions,
+    version: ScriptVersion,
+    config: TrainConfig,
+    with: StartWith,
+) -> Result<RunSummary> {
     // ---- set-up: script, config, model, data, run folder
     ignore_file_size_signal();
     require_loss(&version, &config.loss_fn)?;
@@ -147,19 +168,30 @@ pub fn train_one_locked(host: &mut ScriptHost, options: RunOptions, version: Scr
             let metrics_path = run_dir.join("metrics.jsonl");
             checkpoint::truncate_metrics(&metrics_path, start)?;
             console::line(&format!("resuming {} from {} (step {start})", run_dir.display(), ckpt.display()));
-            (run_dir.clone(), start, MetricsLog::append(&metrics_path)?.with_tensorboard(tensorboard_writer(run_dir, Some(start + 1))?))
+            (
+                run_dir.clone(),
+                start,
+                MetricsLog::append(&metrics_path)?.with_tensorboard(tensorboard_writer(run_dir, Some(start + 1))?),
+            )
         }
         None => {
             let (run_dir, identity) = new_run_folder(&options, &learner.config)?;
             _lock = Some(RunLock::acquire(&run_dir)?);
             checkpoint::write_run_info(&run_dir, &options.script, learner.config.arm.as_deref())?;
             identity.write(&run_dir)?;
-            let log = MetricsLog::create(&run_dir.join("metrics.jsonl"))?.with_tensorboard(tensorboard_writer(&run_dir, None)?);
+            let log = MetricsLog::create(&run_dir.join("metrics.jsonl"))?
+                .with_tensorboard(tensorboard_writer(&run_dir, None)?);
             (run_dir, 0, log)
         }
     };
     save_sources(&run_dir, start, &scripts.current)?;
-    checkpoint::write_train_config(&run_dir, &scripts.current, learner.config.arm.as_deref(), Some(learner.total_steps), start)?;
+    checkpoint::write_train_config(
+        &run_dir,
+        &scripts.current,
+        learner.config.arm.as_deref(),
+        Some(learner.total_steps),
+        start,
+    )?;
     if !changed_inputs.is_empty() {
         console::line(&format!("notice: resuming anyway onto changed inputs:\n  {}", changed_inputs.join("\n  ")));
         log.event(start, "resumed_anyway", json!({"changed": changed_inputs}))?;
@@ -176,7 +208,12 @@ pub fn train_one_locked(host: &mut ScriptHost, options: RunOptions, version: Scr
     let total = learner.total_steps;
     console::line(&format!(
         "prefhost: {} | {} | {} steps | model {} ({}) | run folder {}",
-        scripts.current.display_path(), learner.describe_data(), total, learner.config.model, learner.describe_params(), run_dir.display()
+        scripts.current.display_path(),
+        learner.describe_data(),
+        total,
+        learner.config.model,
+        learner.describe_params(),
+        run_dir.display()
     ));
     let before = if with.eval_before && start == 0 { learner.evaluate_into(&mut log, 0, "before")? } else { None };
     console::start_bar(total as u64, learner.config.progress);
@@ -190,9 +227,23 @@ pub fn train_one_locked(host: &mut ScriptHost, options: RunOptions, version: Scr
         if interrupt.requested() {
             console::finish_bar();
             let dir = learner.save_checkpoint(&run_dir, step, &scripts.current)?;
-            console::line(&format!("interrupted at step {step}; checkpoint {}; continue with: host run --resume {}", dir.display(), run_dir.display()));
+            console::line(&format!(
+                "interrupted at step {step}; checkpoint {}; continue with: host run --resume {}",
+                dir.display(),
+                run_dir.display()
+            ));
             let reloads = scripts.reloads;
-            return Ok(RunSummary { run_dir, steps: step, reloads, interrupted: true, eval: None, eval_before: before, final_checkpoint: Some(dir), step_seconds, loss_call_seconds });
+            return Ok(RunSummary {
+                run_dir,
+                steps: step,
+                reloads,
+                interrupted: true,
+                eval: None,
+                eval_before: before,
+                final_checkpoint: Some(dir),
+                step_seconds,
+                loss_call_seconds,
+            });
         }
 
         // ---- hot reload: a new version is swapped in only if it compiles and its loss runs
@@ -220,7 +271,8 @@ pub fn train_one_locked(host: &mut ScriptHost, options: RunOptions, version: Scr
         // ---- learning rate: the script's lr(step, total) or the config's constant
         let step_start = std::time::Instant::now();
         let at = CallSite { step, config: &mut learner.config, log: &mut log };
-        let lr = scripts.call_with_fallback(at, "lr", |version, config| script_lr(host, version, step, total, config.lr))?;
+        let lr =
+            scripts.call_with_fallback(at, "lr", |version, config| script_lr(host, version, step, total, config.lr))?;
 
         // ---- forward + backward over grad_accum micro-batches, then clip
         let micro = learner.forward_backward(host, &mut scripts, &mut log, step)?;
@@ -235,8 +287,16 @@ pub fn train_one_locked(host: &mut ScriptHost, options: RunOptions, version: Scr
             learner.skipped_steps += 1;
             nonfinite_in_a_row += 1;
             let losses: Vec<String> = micro.outputs.iter().map(|o| o.loss_value.to_string()).collect();
-            console::line(&format!("step {}: non-finite loss [{}] or grad_norm {norm}; update skipped ({nonfinite_in_a_row} in a row)", step + 1, losses.join(", ")));
-            log.event(step + 1, "nonfinite_skipped", json!({"losses": losses, "grad_norm": norm.to_string(), "in_a_row": nonfinite_in_a_row}))?;
+            console::line(&format!(
+                "step {}: non-finite loss [{}] or grad_norm {norm}; update skipped ({nonfinite_in_a_row} in a row)",
+                step + 1,
+                losses.join(", ")
+            ));
+            log.event(
+                step + 1,
+                "nonfinite_skipped",
+                json!({"losses": losses, "grad_norm": norm.to_string(), "in_a_row": nonfinite_in_a_row}),
+            )?;
             if nonfinite_in_a_row >= learner.config.max_nonfinite_steps {
                 console::finish_bar();
                 bail!(
@@ -278,7 +338,11 @@ pub fn train_one_locked(host: &mut ScriptHost, options: RunOptions, version: Scr
     let final_dir = learner.save_checkpoint(&run_dir, total, &scripts.current)?;
     // The preflight's estimate beside what the run took (its checkpoint saves included).
     if let Some(peak) = memory::peak_rss_bytes() {
-        console::line(&format!("peak memory {:.0} MB (estimated {:.0} MB)", peak / 1048576.0, learner.memory.total() / 1048576.0));
+        console::line(&format!(
+            "peak memory {:.0} MB (estimated {:.0} MB)",
+            peak / 1048576.0,
+            learner.memory.total() / 1048576.0
+        ));
         learner.memory.write_report(&run_dir.join("memory.json"), peak)?;
     }
     if let Some(target) = learner.config.save_model_to.clone() {
@@ -290,11 +354,24 @@ pub fn train_one_locked(host: &mut ScriptHost, options: RunOptions, version: Scr
     }
     let eval = learner.evaluate_into(&mut log, total, "after")?;
     let summary = throughput.summary();
-    console::line(&format!("train summary: {}", summary.iter().map(|(k, v)| format!("{k}={v:.4}")).collect::<Vec<_>>().join("  ")));
+    console::line(&format!(
+        "train summary: {}",
+        summary.iter().map(|(k, v)| format!("{k}={v:.4}")).collect::<Vec<_>>().join("  ")
+    ));
     log.event(total, "train_summary", json!(summary))?;
     console::line(&format!("done: {total} steps, checkpoint {}", final_dir.display()));
     let reloads = scripts.reloads;
-    Ok(RunSummary { run_dir, steps: total, reloads, interrupted: false, eval, eval_before: before, final_checkpoint: Some(final_dir), step_seconds, loss_call_seconds })
+    Ok(RunSummary {
+        run_dir,
+        steps: total,
+        reloads,
+        interrupted: false,
+        eval,
+        eval_before: before,
+        final_checkpoint: Some(final_dir),
+        step_seconds,
+        loss_call_seconds,
+    })
 }
 
 /// Whether `done` steps end a log interval (or the run).
@@ -308,7 +385,10 @@ fn logs_at(done: usize, total: usize, config: &TrainConfig) -> bool {
 fn new_run_folder(options: &RunOptions, config: &TrainConfig) -> Result<(PathBuf, RunIdentity)> {
     let run_dir = run_folder_for(options, config);
     if run_dir.exists() {
-        bail!("{}: run folder already exists; continue it with --resume, or choose another with --run-dir", run_dir.display());
+        bail!(
+            "{}: run folder already exists; continue it with --resume, or choose another with --run-dir",
+            run_dir.display()
+        );
     }
     let identity = RunIdentity::of(config)?;
     std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
@@ -319,12 +399,20 @@ fn new_run_folder(options: &RunOptions, config: &TrainConfig) -> Result<(PathBuf
 /// `output_dir/NAME-TIMESTAMP` (NAME: the config's `name`, else the script's file name).
 pub fn run_folder_for(options: &RunOptions, config: &TrainConfig) -> PathBuf {
     let name = config.name.clone().unwrap_or_else(|| stem(&options.script));
-    options.run_dir.clone().unwrap_or_else(|| Path::new(&config.output_dir).join(format!("{name}-{}", crate::clock::timestamp())))
+    options
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| Path::new(&config.output_dir).join(format!("{name}-{}", crate::clock::timestamp())))
 }
 
 /// The script's `on_log(step, metrics)` hook, when it has one; a failure is reported and
 /// the run goes on.
-fn call_on_log(host: &ScriptHost, version: &ScriptVersion, done: usize, means: &std::collections::BTreeMap<String, f64>) {
+fn call_on_log(
+    host: &ScriptHost,
+    version: &ScriptVersion,
+    done: usize,
+    means: &std::collections::BTreeMap<String, f64>,
+) {
     if !version.has_fn("on_log", 2) {
         return;
     }
@@ -437,19 +525,33 @@ impl Learner {
     fn new(config: TrainConfig, max_steps_override: Option<usize>, rust_dpo_loss: bool) -> Result<Self> {
         let train_device = backend_device(&config.backend)?.autodiff();
         let RunPlan { tokenizer, examples, report, memory, limits, model_config, .. } = RunPlan::new(&config, true)?;
-        let online = config.online.is_some().then(|| Online::load(&config, &tokenizer, model_config.max_positions(), limits)).transpose()?;
+        let online = config
+            .online
+            .is_some()
+            .then(|| Online::load(&config, &tokenizer, model_config.max_positions(), limits))
+            .transpose()?;
         let (model_config, policy) = build_policy(&config, &train_device)?;
         if report.truncated > 0 {
-            console::line(&format!("note: {} of {} rows truncated to max_length {}", report.truncated, report.rows, limits.max_length));
+            console::line(&format!(
+                "note: {} of {} rows truncated to max_length {}",
+                report.truncated, report.rows, limits.max_length
+            ));
         }
         if report.merged_at_boundary_count > 0 {
             console::line(&format!(
                 "note: in {} row(s) of {} ({}{}) the prompt and a completion tokenize differently as one text; prefhost tokenizes them apart, as TRL 0.12 to 0.28 does (TRL before 0.12 and from 0.29 tokenize the joined text)",
-                report.merged_at_boundary_count, config.data, report.merged_at_boundary.join(", "), if report.merged_at_boundary_count > report.merged_at_boundary.len() { ", ..." } else { "" }
+                report.merged_at_boundary_count,
+                config.data,
+                report.merged_at_boundary.join(", "),
+                if report.merged_at_boundary_count > report.merged_at_boundary.len() { ", ..." } else { "" }
             ));
         }
         if !report.skipped.is_empty() {
-            console::line(&format!("note: {} row(s) of {} left out (skip_bad_rows):", report.skipped.len(), config.data));
+            console::line(&format!(
+                "note: {} row(s) of {} left out (skip_bad_rows):",
+                report.skipped.len(),
+                config.data
+            ));
             for (at, reason) in report.skipped.iter().take(10) {
                 console::line(&format!("  {at}: {reason}"));
             }
@@ -461,20 +563,43 @@ impl Learner {
             (None, true) => Some(Reference::Resident(resident_reference(&config, &policy, &train_device)?)),
         };
         let per_step = config.batch_size * config.grad_accum;
-        let total_steps = max_steps_override.or(config.max_steps).unwrap_or(config.epochs * examples.len().div_ceil(per_step) * config.replay);
+        let total_steps = max_steps_override
+            .or(config.max_steps)
+            .unwrap_or(config.epochs * examples.len().div_ceil(per_step) * config.replay);
         let sampler = Sampler::new(examples.len(), config.seed, config.batch_size, config.replay);
         let initial_adapters = config.lora.is_some().then(|| policy.adapter_tensors());
         let optimizer = new_optimizer(&config, &policy);
         Ok(Self {
-            config, device: train_device, policy: Some(policy), optimizer, reference, model_config, tokenizer, examples, sampler,
-            total_steps, loss_state: Map::new(), skipped_steps: 0, skipped_rows: report.skipped, initial_adapters, memory, rust_dpo_loss, online, round: None,
+            config,
+            device: train_device,
+            policy: Some(policy),
+            optimizer,
+            reference,
+            model_config,
+            tokenizer,
+            examples,
+            sampler,
+            total_steps,
+            loss_state: Map::new(),
+            skipped_steps: 0,
+            skipped_rows: report.skipped,
+            initial_adapters,
+            memory,
+            rust_dpo_loss,
+            online,
+            round: None,
         })
     }
 
     /// "N rows", or with `online` the prompts its rounds sample.
     fn describe_data(&self) -> String {
         match &self.online {
-            Some(online) => format!("online: {} prompts, {} samples each, a round every {} steps", online.prompt_count(), online.config.samples_per_prompt, online.config.every),
+            Some(online) => format!(
+                "online: {} prompts, {} samples each, a round every {} steps",
+                online.prompt_count(),
+                online.config.samples_per_prompt,
+                online.config.every
+            ),
             None => format!("{} rows", self.examples.len()),
         }
     }
@@ -484,13 +609,25 @@ impl Learner {
         let total = self.policy().num_params();
         match &self.config.lora {
             None => format!("{total} params"),
-            Some(lora) => format!("{total} params, {} trainable (LoRA r={} on {})", self.policy().num_trainable_params(), lora.r, lora.modules().unwrap_or_default().join(",")),
+            Some(lora) => format!(
+                "{total} params, {} trainable (LoRA r={} on {})",
+                self.policy().num_trainable_params(),
+                lora.r,
+                lora.modules().unwrap_or_default().join(",")
+            ),
         }
     }
 
     /// With `online`, at the first step of a round: the round's samples, rewards and pairs
     /// from the current policy; its pairs become the rows the sampler serves.
-    fn start_round_if_due(&mut self, host: &ScriptHost, scripts: &mut Scripts, log: &mut MetricsLog, step: usize, run_dir: &Path) -> Result<()> {
+    fn start_round_if_due(
+        &mut self,
+        host: &ScriptHost,
+        scripts: &mut Scripts,
+        log: &mut MetricsLog,
+        step: usize,
+        run_dir: &Path,
+    ) -> Result<()> {
         let Some(online) = self.online.as_ref().filter(|o| o.starts_round(step)) else { return Ok(()) };
         let round = online.round_of(step);
         let policy = self.policy.as_ref().expect("the policy is in place between steps").valid();
@@ -532,11 +669,19 @@ impl Learner {
                 let (policy, moved) = shrink_toward_initial(policy, &initial, &request);
                 self.policy = Some(policy);
                 if moved == 0 {
-                    let error = format!("{}: reset.modules {:?} selects no trainable parameter (with LoRA only adapter targets train)", version.fn_location("on_step"), request.modules);
+                    let error = format!(
+                        "{}: reset.modules {:?} selects no trainable parameter (with LoRA only adapter targets train)",
+                        version.fn_location("on_step"),
+                        request.modules
+                    );
                     console::line(&format!("on_step at step {step}: nothing reset:\n{error}"));
                     return log.event(step, "on_step_failed", json!({"error": error}));
                 }
-                console::line(&format!("step {step}: reset {moved} parameter tensors of {} toward their initial values (factor {})", request.modules.join(", "), request.factor));
+                console::line(&format!(
+                    "step {step}: reset {moved} parameter tensors of {} toward their initial values (factor {})",
+                    request.modules.join(", "),
+                    request.factor
+                ));
                 log.event(step, "reset", request.describe(moved))
             }
             Err(error) => {
@@ -560,9 +705,16 @@ impl Learner {
     /// script's loss (falling back to the previous script version if it fails). The loss
     /// state each micro-batch returns is the next one's input (γ-PO's queue grows per
     /// forward, as in its reference).
-    fn forward_backward(&mut self, host: &ScriptHost, scripts: &mut Scripts, log: &mut MetricsLog, step: usize) -> Result<MicroBatches> {
+    fn forward_backward(
+        &mut self,
+        host: &ScriptHost,
+        scripts: &mut Scripts,
+        log: &mut MetricsLog,
+        step: usize,
+    ) -> Result<MicroBatches> {
         // gradient_checkpointing may have been switched by a reload.
-        self.policy.as_mut().expect("the policy is in place between steps").recompute_layers = self.config.gradient_checkpointing;
+        self.policy.as_mut().expect("the policy is in place between steps").recompute_layers =
+            self.config.gradient_checkpointing;
         let mut accumulator = GradientsAccumulator::<Llama>::new();
         let mut outputs = Vec::with_capacity(self.config.grad_accum);
         let mut loss_state = self.loss_state.clone();
@@ -575,7 +727,8 @@ impl Learner {
             let mut config = self.config.clone();
             let call = LossCall { step, micro_batch: micro, state: &loss_state };
             let at = CallSite { step, config: &mut config, log: &mut *log };
-            let mut output = scripts.call_with_fallback(at, "loss", |version, config| self.loss(host, version, config, &examples, &call))?;
+            let mut output = scripts
+                .call_with_fallback(at, "loss", |version, config| self.loss(host, version, config, &examples, &call))?;
             self.config = config;
             if let Some(state) = output.loss.state.clone() {
                 loss_state = state;
@@ -598,7 +751,14 @@ impl Learner {
     }
 
     /// Forward passes, the batch, and the script's loss.
-    fn loss(&self, host: &ScriptHost, version: &ScriptVersion, config: &TrainConfig, examples: &[Example], call: &LossCall) -> Result<StepResult, String> {
+    fn loss(
+        &self,
+        host: &ScriptHost,
+        version: &ScriptVersion,
+        config: &TrainConfig,
+        examples: &[Example],
+        call: &LossCall,
+    ) -> Result<StepResult, String> {
         let (batch, head) = self.loss_batch(examples, config);
         let logps = logps_for_metrics(&batch, examples);
         let seed = loss_call_seed(config.seed, call.step, call.micro_batch);
@@ -652,7 +812,9 @@ impl Learner {
         let (tokens, head) = batch_logps(self.policy(), &batch, packed.as_ref(), chunk);
         let plain = self.device.clone().without_autodiff();
         let ref_tokens = match reference {
-            Reference::Resident(model) => batch_logps(model, &collate_pairs(&refs, pad, &plain), packed.as_ref(), chunk).0,
+            Reference::Resident(model) => {
+                batch_logps(model, &collate_pairs(&refs, pad, &plain), packed.as_ref(), chunk).0
+            }
             Reference::FrozenBase => {
                 let base = self.policy().valid().without_adapters();
                 batch_logps(&base, &collate_pairs(&refs, pad, &plain), packed.as_ref(), chunk).0
@@ -663,8 +825,18 @@ impl Learner {
         // Chosen rows first, then rejected: [2B, W] halves.
         let lengths = Tensor::<1>::from_floats(batch.lengths.as_slice(), &self.device);
         let half = |t: Tensor<2>, i: usize| t.narrow(0, i * b, b);
-        let chosen = Sequences::new(half(tokens.clone(), 0), half(batch.mask.clone(), 0), lengths.clone().narrow(0, 0, b), Some(half(ref_tokens.clone(), 0)));
-        let rejected = Sequences::new(half(tokens.clone(), 1), half(batch.mask.clone(), 1), lengths.narrow(0, b, b), Some(half(ref_tokens, 1)));
+        let chosen = Sequences::new(
+            half(tokens.clone(), 0),
+            half(batch.mask.clone(), 0),
+            lengths.clone().narrow(0, 0, b),
+            Some(half(ref_tokens.clone(), 0)),
+        );
+        let rejected = Sequences::new(
+            half(tokens.clone(), 1),
+            half(batch.mask.clone(), 1),
+            lengths.narrow(0, b, b),
+            Some(half(ref_tokens, 1)),
+        );
         let count: f32 = batch.lengths[..b].iter().sum();
         let chosen_nll = half(tokens, 0).sum().neg() / count.max(1.0);
         (LossBatch { batch_size: b, rows: BatchRows::Pairs { chosen, rejected, chosen_nll } }, head)
@@ -696,7 +868,13 @@ impl Learner {
         let lengths = Tensor::<1>::from_floats(batch.lengths.as_slice(), &self.device);
         let completion = Sequences::new(tokens, batch.mask.clone(), lengths, Some(ref_tokens));
         let labels = Tensor::<1>::from_floats(labels.as_slice(), &self.device);
-        (LossBatch { batch_size: refs.len(), rows: BatchRows::Unpaired { completion, labels, kl_logps, ref_kl_logps } }, head)
+        (
+            LossBatch {
+                batch_size: refs.len(),
+                rows: BatchRows::Unpaired { completion, labels, kl_logps, ref_kl_logps },
+            },
+            head,
+        )
     }
 
     /// Held-out accuracy of the current policy, when the config has `heldout`, printed and
@@ -705,8 +883,15 @@ impl Learner {
         let Some(eval) = &self.config.heldout else { return Ok(None) };
         let rows = load_eval_rows(Path::new(&eval.data), eval.rows)?;
         let result = evaluate(&self.policy().valid(), &self.tokenizer, &rows, eval.max_new_tokens)?;
-        console::line(&format!("eval {when} training: accuracy {:.3} ({}/{})", result.accuracy, result.correct, result.total));
-        log.event(step, "eval", json!({"accuracy": result.accuracy, "correct": result.correct, "total": result.total}))?;
+        console::line(&format!(
+            "eval {when} training: accuracy {:.3} ({}/{})",
+            result.accuracy, result.correct, result.total
+        ));
+        log.event(
+            step,
+            "eval",
+            json!({"accuracy": result.accuracy, "correct": result.correct, "total": result.total}),
+        )?;
         Ok(Some(result))
     }
 
@@ -732,7 +917,9 @@ impl Learner {
     fn save_checkpoint(&self, run_dir: &Path, step: usize, script: &ScriptVersion) -> Result<PathBuf> {
         let state = self.trainer_state(step)?;
         checkpoint::save(run_dir, &state, &self.optimizer, script, |dir, extra| match &self.config.lora {
-            Some(lora) => save_adapter(&self.policy().valid(), lora, &self.config.model, &self.tokenizer.path, dir, extra),
+            Some(lora) => {
+                save_adapter(&self.policy().valid(), lora, &self.config.model, &self.tokenizer.path, dir, extra)
+            }
             None => save_model_with(&self.policy().valid(), &self.model_config, &self.tokenizer.path, dir, extra),
         })
     }
@@ -751,16 +938,28 @@ impl Learner {
                 let round = online.round_of(state.step);
                 let pairs = read_round_pairs(run_dir, round)?;
                 if state.online_round != Some(checkpoint::RoundMark { round, pairs: pairs.len() }) {
-                    bail!("{}: the checkpoint was made in round {round} with other pairs than online/ holds ({:?} vs {} pairs)", ckpt.display(), state.online_round, pairs.len());
+                    bail!(
+                        "{}: the checkpoint was made in round {round} with other pairs than online/ holds ({:?} vs {} pairs)",
+                        ckpt.display(),
+                        state.online_round,
+                        pairs.len()
+                    );
                 }
-                self.sampler = Sampler::new(pairs.len(), online.round_seed(round), self.config.batch_size, self.config.replay);
+                self.sampler =
+                    Sampler::new(pairs.len(), online.round_seed(round), self.config.batch_size, self.config.replay);
                 self.sampler.restore(&ckpt, &state)?;
                 self.examples = pairs;
                 self.round = Some(round);
             }
             Some(_) => {}
         }
-        let policy = checkpoint::restore_policy(&ckpt, self.policy(), self.config.lora.as_ref(), self.config.mixed_precision, &self.device)?;
+        let policy = checkpoint::restore_policy(
+            &ckpt,
+            self.policy(),
+            self.config.lora.as_ref(),
+            self.config.mixed_precision,
+            &self.device,
+        )?;
         self.optimizer = checkpoint::restore_optimizer(&ckpt, new_optimizer(&self.config, &policy))?;
         self.policy = Some(policy);
         self.skipped_steps = state.skipped_steps;
@@ -768,7 +967,11 @@ impl Learner {
         self.loss_state = loss_state.try_cast::<Map>().unwrap_or_default();
         let start = state.step;
         if start > self.total_steps {
-            bail!("{}: the checkpoint is at step {start}, past the {} steps asked for (max_steps or --max-steps)", ckpt.display(), self.total_steps);
+            bail!(
+                "{}: the checkpoint is at step {start}, past the {} steps asked for (max_steps or --max-steps)",
+                ckpt.display(),
+                self.total_steps
+            );
         }
         Ok((start, ckpt))
     }
@@ -785,22 +988,41 @@ fn logps_for_metrics(batch: &LossBatch, examples: &[Example]) -> BatchLogps {
     let row_values = |t: &Tensor<1>| crate::tensor::values(t.clone());
     let reference = |s: &Sequences| s.reference.as_ref().map(|(logps, _)| row_values(logps)).unwrap_or_default();
     match &batch.rows {
-        BatchRows::Sft { chosen, .. } => {
-            BatchLogps { chosen: row_values(&chosen.logps), rejected: Vec::new(), ref_chosen: Vec::new(), ref_rejected: Vec::new(), diagnostics: Vec::new() }
-        }
+        BatchRows::Sft { chosen, .. } => BatchLogps {
+            chosen: row_values(&chosen.logps),
+            rejected: Vec::new(),
+            ref_chosen: Vec::new(),
+            ref_rejected: Vec::new(),
+            diagnostics: Vec::new(),
+        },
         BatchRows::Pairs { chosen, rejected, .. } => {
             let (chosen_logps, ref_chosen) = (row_values(&chosen.logps), reference(chosen));
             let width = chosen.mask.dims()[1];
             let tokens = |t: &Tensor<2>| crate::tensor::values(t.clone());
             let ref_tokens = chosen.reference.as_ref().map(|(_, t)| tokens(t)).unwrap_or_default();
-            let diagnostics = failure_mode_diagnostics(examples, &tokens(&chosen.token_logps), &ref_tokens, width, &chosen_logps, &ref_chosen);
-            BatchLogps { chosen: chosen_logps, rejected: row_values(&rejected.logps), ref_chosen, ref_rejected: reference(rejected), diagnostics }
+            let diagnostics = failure_mode_diagnostics(
+                examples,
+                &tokens(&chosen.token_logps),
+                &ref_tokens,
+                width,
+                &chosen_logps,
+                &ref_chosen,
+            );
+            BatchLogps {
+                chosen: chosen_logps,
+                rejected: row_values(&rejected.logps),
+                ref_chosen,
+                ref_rejected: reference(rejected),
+                diagnostics,
+            }
         }
         BatchRows::Unpaired { completion, .. } => {
             // TRL's KTO logs logps/chosen over the desirable rows, logps/rejected over the others.
             let (logps, ref_logps) = (row_values(&completion.logps), reference(completion));
             let desirable: Vec<bool> = examples.iter().map(|e| e.label == Some(true)).collect();
-            let pick = |v: &[f32], want: bool| v.iter().zip(&desirable).filter(|(_, d)| **d == want).map(|(x, _)| *x).collect::<Vec<f32>>();
+            let pick = |v: &[f32], want: bool| {
+                v.iter().zip(&desirable).filter(|(_, d)| **d == want).map(|(x, _)| *x).collect::<Vec<f32>>()
+            };
             let (chosen, rejected, ref_chosen) = (pick(&logps, true), pick(&logps, false), pick(&ref_logps, true));
             BatchLogps { chosen, rejected, ref_chosen, ref_rejected: Vec::new(), diagnostics: Vec::new() }
         }

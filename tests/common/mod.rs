@@ -7,12 +7,16 @@ use std::process::{Command, Output};
 /// The repository: where the test was built, or `PREFHOST_TEST_REPO` when a built test
 /// binary runs elsewhere (setup/gpu-check.sh on a GPU machine).
 pub fn repo() -> PathBuf {
-    std::env::var_os("PREFHOST_TEST_REPO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+    std::env::var_os("PREFHOST_TEST_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// The `host` binary built with the tests, or `PREFHOST_TEST_HOST` (as `repo`).
 pub fn host_binary() -> PathBuf {
-    std::env::var_os("PREFHOST_TEST_HOST").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_host")))
+    std::env::var_os("PREFHOST_TEST_HOST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_host")))
 }
 
 pub fn host() -> Command {
@@ -157,7 +161,8 @@ impl FixtureRow {
 }
 
 pub fn fixture_rows(dir: &Path) -> Vec<FixtureRow> {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     v["rows"]
         .as_array()
         .unwrap()
@@ -171,12 +176,20 @@ pub fn fixture_rows(dir: &Path) -> Vec<FixtureRow> {
 }
 
 /// prefhost's per-token completion log-probs of each row, all rows in one padded batch.
-pub fn completion_logps(model: &prefhost::model::Llama, rows: &[FixtureRow], device: &burn::tensor::Device) -> Vec<Vec<f32>> {
-    let seqs: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (&r.ids[..r.prompt_length], &r.ids[r.prompt_length..])).collect();
+pub fn completion_logps(
+    model: &prefhost::model::Llama,
+    rows: &[FixtureRow],
+    device: &burn::tensor::Device,
+) -> Vec<Vec<f32>> {
+    let seqs: Vec<(&[u32], &[u32])> =
+        rows.iter().map(|r| (&r.ids[..r.prompt_length], &r.ids[r.prompt_length..])).collect();
     let batch = prefhost::data::batch::collate(&seqs, 2, device);
     let width = batch.mask.dims()[1];
     let flat = prefhost::tensor::values(prefhost::train::logps::token_logps(model, &batch));
-    rows.iter().enumerate().map(|(i, r)| flat[i * width + r.prompt_length - 1..i * width + r.ids.len() - 1].to_vec()).collect()
+    rows.iter()
+        .enumerate()
+        .map(|(i, r)| flat[i * width + r.prompt_length - 1..i * width + r.ids.len() - 1].to_vec())
+        .collect()
 }
 
 /// log-probs of `batch` as `batch_logps` computes them (packed rows and/or chunked logits),
@@ -199,16 +212,28 @@ pub fn weighted_logps_and_grads(
         Some(head) => head.gradients(&loss.backward(), model),
         None => burn::optim::GradientsParams::from_grads(loss.backward(), model),
     };
-    (values, params.iter().map(|id| prefhost::tensor::values(grads.get::<2>(*id).expect("a gradient for each asked parameter"))).collect())
+    (
+        values,
+        params
+            .iter()
+            .map(|id| prefhost::tensor::values(grads.get::<2>(*id).expect("a gradient for each asked parameter")))
+            .collect(),
+    )
 }
 
 /// The Python the tests run helpers with ($PREFHOST_PYTHON, else python3) if it can import
 /// `module`. Without it the caller skips, except under CI, which installs it (.ci/run).
 pub fn python_with(module: &str) -> Option<String> {
     let python = std::env::var("PREFHOST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let found = std::process::Command::new(&python).args(["-c", &format!("import {module}")]).output().is_ok_and(|o| o.status.success());
+    let found = std::process::Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !found {
-        assert!(std::env::var_os("CI").is_none(), "CI: {python} has no {module} (.ci/run installs it and sets PREFHOST_PYTHON)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI: {python} has no {module} (.ci/run installs it and sets PREFHOST_PYTHON)"
+        );
         eprintln!("skipped: {python} has no {module} (set PREFHOST_PYTHON)");
         return None;
     }
@@ -222,10 +247,16 @@ pub fn python_with(module: &str) -> Option<String> {
 pub fn chromium_with_driver() -> Option<(String, String)> {
     let driver = std::env::var("PREFHOST_CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
     let browser = std::env::var("PREFHOST_CHROMIUM").unwrap_or_else(|_| "chromium".into());
-    let runs = |program: &str| std::process::Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success());
+    let runs =
+        |program: &str| std::process::Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success());
     if !runs(&driver) || !runs(&browser) {
-        assert!(std::env::var_os("CI").is_none(), "CI: {browser} or {driver} is missing (.ci/run installs Debian's chromium and chromium-driver)");
-        eprintln!("skipped: no {browser} with {driver} (apt-get install chromium chromium-driver, or set PREFHOST_CHROMIUM and PREFHOST_CHROMEDRIVER)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI: {browser} or {driver} is missing (.ci/run installs Debian's chromium and chromium-driver)"
+        );
+        eprintln!(
+            "skipped: no {browser} with {driver} (apt-get install chromium chromium-driver, or set PREFHOST_CHROMIUM and PREFHOST_CHROMEDRIVER)"
+        );
         return None;
     }
     Some((browser, driver))
@@ -249,7 +280,11 @@ pub fn wait_for(metrics: &Path, what: &str, pred: impl Fn(&[serde_json::Value]) 
         if pred(&lines) {
             return lines;
         }
-        assert!(start.elapsed() < std::time::Duration::from_secs(240), "timed out waiting for {what}; last metrics: {:?}", &lines[lines.len().saturating_sub(3)..]);
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(240),
+            "timed out waiting for {what}; last metrics: {:?}",
+            &lines[lines.len().saturating_sub(3)..]
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }

@@ -31,7 +31,15 @@ use crate::kernels::{self, Buffer, SharedOut, View, contiguous, gemm, strided};
 /// c·tanh(s/c) before the mask (gemma2's query_pre_attn_scalar and
 /// attn_logit_softcapping). Without a cap the queries are pre-scaled and the fused op
 /// runs; with one, the scores are computed with plain tensor ops.
-pub fn scaled_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Option<Tensor<4, Bool>>, is_causal: bool, scale: f64, softcap: Option<f64>) -> Tensor<4> {
+pub fn scaled_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    masked: Option<Tensor<4, Bool>>,
+    is_causal: bool,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Tensor<4> {
     let d = q.dims()[3] as f64;
     match softcap {
         None if scale == 1.0 / d.sqrt() => grouped_attention(q, k, v, masked, is_causal),
@@ -42,7 +50,13 @@ pub fn scaled_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Option
 
 /// softmax(q·kᵀ/√d, masked)·v for q [b, heads, s, d] and k, v [b, kv_heads, s, d];
 /// `masked` ([b or 1, 1, s, s], true = masked) and/or causal. Returns [b, heads, s, d].
-pub fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<4> {
+pub fn grouped_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    masked: Option<Tensor<4, Bool>>,
+    is_causal: bool,
+) -> Tensor<4> {
     let f32s = [q.dtype(), k.dtype(), v.dtype()].iter().all(|d| *d == DType::F32);
     // Self-attention only: a decoding step (one query, cached keys) takes burn's path.
     if f32s && q.dims()[2] == k.dims()[2] && super::enabled() {
@@ -91,12 +105,24 @@ fn unfused(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Option<Tensor<4, Bo
 
 /// softmax(cap(scale·q·kᵀ), masked)·v in burn ops: burn's `attention` when nothing but a
 /// causal mask applies, else the scores written out.
-fn attention_in_burn_ops(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Option<Tensor<4, Bool>>, is_causal: bool, scale: f64, softcap: Option<f64>) -> Tensor<4> {
+fn attention_in_burn_ops(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    masked: Option<Tensor<4, Bool>>,
+    is_causal: bool,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Tensor<4> {
     let [b, heads, s, _] = q.dims();
     let repeat = |t: Tensor<4>| {
         let [b, kv, s, d] = t.dims();
         let groups = heads / kv;
-        if groups == 1 { t } else { t.unsqueeze_dim::<5>(2).expand([b, kv, groups, s, d]).reshape([b, kv * groups, s, d]) }
+        if groups == 1 {
+            t
+        } else {
+            t.unsqueeze_dim::<5>(2).expand([b, kv, groups, s, d]).reshape([b, kv * groups, s, d])
+        }
     };
     let (k, v) = (repeat(k), repeat(v));
     let sk = k.dims()[2];
@@ -155,7 +181,12 @@ impl Plan {
         let [batch, heads, seq, head_dim] = q.dims();
         let kv_heads = k.dims()[1];
         // The kernels index k and v through raw pointers: shapes must agree.
-        assert!(k.dims() == [batch, kv_heads, seq, head_dim] && kv_heads > 0 && heads % kv_heads == 0, "attention: q {:?} and k {:?} do not fit grouped heads", q.dims(), k.dims());
+        assert!(
+            k.dims() == [batch, kv_heads, seq, head_dim] && kv_heads > 0 && heads % kv_heads == 0,
+            "attention: q {:?} and k {:?} do not fit grouped heads",
+            q.dims(),
+            k.dims()
+        );
         let mask = mask.map(|m| {
             let m = m.to_contiguous();
             let dims = m.layout().shape().clone();
@@ -169,7 +200,12 @@ impl Plan {
             Some((m, rows)) => (0..rows * blocks)
                 .map(|task| {
                     let (r, blk) = (task / blocks, task % blocks);
-                    let last_seen = |i: usize| m[(r * seq + i) * seq..][..visible_end(i)].iter().rposition(|masked| *masked == 0).map_or(0, |j| j + 1);
+                    let last_seen = |i: usize| {
+                        m[(r * seq + i) * seq..][..visible_end(i)]
+                            .iter()
+                            .rposition(|masked| *masked == 0)
+                            .map_or(0, |j| j + 1)
+                    };
                     (blk * BLOCK..(blk * BLOCK + BLOCK).min(seq)).map(last_seen).max().unwrap_or(0)
                 })
                 .collect(),
@@ -205,7 +241,11 @@ impl Plan {
         let (live, dead) = row.split_at_mut(visible);
         match &self.mask {
             None => kernels::scale(live, self.scale),
-            Some((m, rows)) => kernels::scale_unmasked(live, &m[((if *rows == 1 { 0 } else { b }) * self.seq + i) * self.seq..][..visible], self.scale),
+            Some((m, rows)) => kernels::scale_unmasked(
+                live,
+                &m[((if *rows == 1 { 0 } else { b }) * self.seq + i) * self.seq..][..visible],
+                self.scale,
+            ),
         }
         let max = kernels::max(live);
         if max == f32::NEG_INFINITY {
@@ -271,12 +311,22 @@ fn forward(q: &Heads, k: &Heads, v: &Heads, plan: &Plan, keep: bool) -> (FlexTen
                 plan.softmax_row(bi, i0 + r, std::slice::from_raw_parts_mut(scores.add(r * stride), keys));
                 kernels::to_write(scores.add(r * stride + keys), width - keys).fill(MaybeUninit::new(0.0));
             }
-            gemm(rows, d, keys, o.at(((bi * s + i0) * h + hi) * d), h * d, false, View::rows(scores, stride), v.view(bi, hi / g));
+            gemm(
+                rows,
+                d,
+                keys,
+                o.at(((bi * s + i0) * h + hi) * d),
+                h * d,
+                false,
+                View::rows(scores, stride),
+                v.view(bi, hi / g),
+            );
         }
     });
     // SAFETY: the tasks cover every (batch, head, query block), and each wrote its rows of
     // the output, d values per query, and of P, s values per query (scores, then zeros).
-    let out = strided(unsafe { out.filled() }, plan.per_head(), vec![(s * h * d) as isize, d as isize, (h * d) as isize, 1]);
+    let out =
+        strided(unsafe { out.filled() }, plan.per_head(), vec![(s * h * d) as isize, d as isize, (h * d) as isize, 1]);
     // SAFETY: as above, for P.
     (out, probs.map(|b| unsafe { b.filled() }))
 }
@@ -294,7 +344,16 @@ impl Plan {
     /// `weights` points at [b, heads, s, s] live values, and `dst` at rows j0..j0+cols
     /// (`dst_stride` apart, d values each) that no one else touches meanwhile.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn key_block_sum(&self, bi: usize, kv: usize, kb: usize, weights: *const f32, rows: &Heads, dst: *mut f32, dst_stride: usize) {
+    unsafe fn key_block_sum(
+        &self,
+        bi: usize,
+        kv: usize,
+        kb: usize,
+        weights: *const f32,
+        rows: &Heads,
+        dst: *mut f32,
+        dst_stride: usize,
+    ) {
         let (s, d, g) = (self.seq, self.head_dim, self.groups());
         let (j0, cols) = self.block(kb);
         for r in 0..cols {
@@ -308,7 +367,11 @@ impl Plan {
                     continue;
                 }
                 let (i0, n) = self.block(qb);
-                let w = View { ptr: weights.wrapping_add(((bi * self.heads + hi) * s + i0) * s + j0), row_stride: 1, col_stride: s as isize };
+                let w = View {
+                    ptr: weights.wrapping_add(((bi * self.heads + hi) * s + i0) * s + j0),
+                    row_stride: 1,
+                    col_stride: s as isize,
+                };
                 // SAFETY: w reads keys j0..keys (≤ s) of queries i0..i0+n of head (bi, hi)
                 // inside `weights`, the rows view those queries of the live `rows`, and dst
                 // rows j0..keys are the caller's.
@@ -340,7 +403,17 @@ impl Backward<Flex, 3> for AttentionBackward {
                 let (bi, kv) = (bkv / kvh, bkv % kvh);
                 // SAFETY: `probs` is P, [b, heads, s, s], only read here; dst is key block kb
                 // of (bi, kv) in dV's [b, s, kv, d] layout, written by this task alone.
-                unsafe { plan.key_block_sum(bi, kv, kb, weights.ptr(), &d_out, dst.at(((bi * s + kb * BLOCK) * kvh + kv) * d), kvh * d) };
+                unsafe {
+                    plan.key_block_sum(
+                        bi,
+                        kv,
+                        kb,
+                        weights.ptr(),
+                        &d_out,
+                        dst.at(((bi * s + kb * BLOCK) * kvh + kv) * d),
+                        kvh * d,
+                    )
+                };
             });
             let strides = vec![(s * kvh * d) as isize, d as isize, (kvh * d) as isize, 1];
             // SAFETY: the tasks cover every (batch, KV head, key block), and each zeroed its rows before summing into them.
@@ -367,7 +440,16 @@ impl Backward<Flex, 3> for AttentionBackward {
                     let dpr = &dp[r * keys..][..keys];
                     kernels::softmax_grad(pr, dpr, kernels::dot(dpr, pr), plan.scale);
                 }
-                gemm(rows, d, keys, dq_out.at((bh * s + i0) * d), d, false, View::rows(ds.at((bh * s + i0) * s), s), k.view(bi, hi / g));
+                gemm(
+                    rows,
+                    d,
+                    keys,
+                    dq_out.at((bh * s + i0) * d),
+                    d,
+                    false,
+                    View::rows(ds.at((bh * s + i0) * s), s),
+                    k.view(bi, hi / g),
+                );
             }
         });
         if let Some(node) = node_k {

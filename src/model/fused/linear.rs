@@ -68,10 +68,18 @@ impl Backward<Flex, 2> for MatmulBackward {
 
 /// x (f32) · w stored in bf16 or f16 and frozen -> f32.
 fn frozen_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
-    if super::enabled() && x.dtype() == DType::F32 && matches!(w.dtype(), DType::BF16 | DType::F16) && !w.is_require_grad() {
-        if let (Ok(xp), Ok(wp)) = (x.clone().try_into_primitive::<AutodiffFlex>(), w.clone().try_into_primitive::<AutodiffFlex>()) {
+    if super::enabled()
+        && x.dtype() == DType::F32
+        && matches!(w.dtype(), DType::BF16 | DType::F16)
+        && !w.is_require_grad()
+    {
+        if let (Ok(xp), Ok(wp)) =
+            (x.clone().try_into_primitive::<AutodiffFlex>(), w.clone().try_into_primitive::<AutodiffFlex>())
+        {
             let w = wp.into_primitive();
-            let y = record(FrozenMatmulBackward, [xp], |[x], keep_state| (frozen_product(&x, &w, WIDEN_BLOCK), keep_state.then_some(w)));
+            let y = record(FrozenMatmulBackward, [xp], |[x], keep_state| {
+                (frozen_product(&x, &w, WIDEN_BLOCK), keep_state.then_some(w))
+            });
             return Tensor::from_primitive::<AutodiffFlex>(y);
         }
         if let (Ok(xp), Ok(wp)) = (x.clone().try_into_primitive::<Flex>(), w.clone().try_into_primitive::<Flex>()) {
@@ -126,7 +134,15 @@ fn widen_columns(t: &FlexTensor, start: usize, width: usize) -> (Vec<f32>, View)
     let (len, line_stride, step) = if column_major { (rows, cs, rs) } else { (width, rs, cs) };
     let base = t.layout().start_offset() as isize + start as isize * cs;
     let mut values = vec![0f32; rows * width];
-    fn fill<E: Copy + Sync + Into<f32>>(src: &[E], dst: &mut [f32], len: usize, base: isize, line_stride: isize, step: isize, convert: fn(&[E], &mut [f32])) {
+    fn fill<E: Copy + Sync + Into<f32>>(
+        src: &[E],
+        dst: &mut [f32],
+        len: usize,
+        base: isize,
+        line_stride: isize,
+        step: isize,
+        convert: fn(&[E], &mut [f32]),
+    ) {
         dst.par_chunks_mut(len).enumerate().for_each(|(line, out)| {
             let first = base + line as isize * line_stride;
             if step == 1 {
@@ -137,8 +153,12 @@ fn widen_columns(t: &FlexTensor, start: usize, width: usize) -> (Vec<f32>, View)
         });
     }
     match t.dtype() {
-        DType::BF16 => fill(t.storage::<half::bf16>(), &mut values, len, base, line_stride, step, |s, d| s.convert_to_f32_slice(d)),
-        DType::F16 => fill(t.storage::<half::f16>(), &mut values, len, base, line_stride, step, |s, d| s.convert_to_f32_slice(d)),
+        DType::BF16 => {
+            fill(t.storage::<half::bf16>(), &mut values, len, base, line_stride, step, |s, d| s.convert_to_f32_slice(d))
+        }
+        DType::F16 => {
+            fill(t.storage::<half::f16>(), &mut values, len, base, line_stride, step, |s, d| s.convert_to_f32_slice(d))
+        }
         other => unreachable!("widen: {other:?} is not a 16-bit float"),
     }
     let view = if column_major {
@@ -189,9 +209,13 @@ mod tests {
         for (dtype, float) in [(DType::BF16, FloatDType::BF16), (DType::F16, FloatDType::F16)] {
             let stored = Tensor::<2>::random([n, k], Distribution::Normal(0.0, 0.1), &device).cast(float);
             // Column-major [k, n], as a checkpoint's [out, in] transposed, and row-major.
-            let row_major = |t: Tensor<2>, dtype: DType| Tensor::<2>::from_data(t.transpose().into_data(), (&device, dtype));
+            let row_major =
+                |t: Tensor<2>, dtype: DType| Tensor::<2>::from_data(t.transpose().into_data(), (&device, dtype));
             let wide = stored.clone().cast(FloatDType::F32);
-            let layouts = [(stored.clone().transpose(), wide.clone().transpose()), (row_major(stored.clone(), dtype), row_major(wide.clone(), DType::F32))];
+            let layouts = [
+                (stored.clone().transpose(), wide.clone().transpose()),
+                (row_major(stored.clone(), dtype), row_major(wide.clone(), DType::F32)),
+            ];
             for (w16, w32) in layouts {
                 assert_eq!((w16.dtype(), w32.dtype()), (dtype, DType::F32));
                 let want = product(&flex(x.clone()), &flex(w32.clone())).into_data();
@@ -200,11 +224,17 @@ mod tests {
                 // transpose's 160 columns: 64 + 96, and whole.
                 for block in [1, 64 * k, 96 * k, k * n] {
                     let got = frozen_product(&flex(x.clone()), &flex(w16.clone()), block).into_data();
-                    assert!(got.as_slice::<f32>().unwrap() == want.as_slice::<f32>().unwrap(), "{dtype:?}, block {block}: differs");
+                    assert!(
+                        got.as_slice::<f32>().unwrap() == want.as_slice::<f32>().unwrap(),
+                        "{dtype:?}, block {block}: differs"
+                    );
                 }
                 for block in [1, 64 * n, n * k] {
                     let got = frozen_product(&flex(xt.clone()), &flex(w16.clone().transpose()), block).into_data();
-                    assert!(got.as_slice::<f32>().unwrap() == want_t.as_slice::<f32>().unwrap(), "{dtype:?} transposed, block {block}: differs");
+                    assert!(
+                        got.as_slice::<f32>().unwrap() == want_t.as_slice::<f32>().unwrap(),
+                        "{dtype:?} transposed, block {block}: differs"
+                    );
                 }
             }
         }

@@ -33,7 +33,8 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Ten
 fn rms_forward(x: &FlexTensor, gamma: &FlexTensor, eps: f64) -> (FlexTensor, Vec<f32>) {
     let (xs, gs) = (x.storage::<f32>(), gamma.storage::<f32>());
     let d = gs.len();
-    let rstd: Vec<f32> = xs.par_chunks(d).map(|xr| 1.0 / (kernels::dot(xr, xr) / d as f32 + eps as f32).sqrt()).collect();
+    let rstd: Vec<f32> =
+        xs.par_chunks(d).map(|xr| 1.0 / (kernels::dot(xr, xr) / d as f32 + eps as f32).sqrt()).collect();
     let y = kernels::par_fill(xs.len(), d, |row, yr| rms_row(yr, &xs[row * d..][..d], gs, rstd[row]));
     (contiguous_like(y, x), rstd)
 }
@@ -79,7 +80,9 @@ impl Backward<Flex, 2> for RmsNormBackward {
         let (xs, gs, dys) = (x.storage::<f32>(), gamma.storage::<f32>(), dy.storage::<f32>());
         let d = gs.len();
         if let Some(node) = node_x {
-            let dx = kernels::par_fill(xs.len(), d, |row, dxr| rms_grad_row(dxr, &xs[row * d..][..d], &dys[row * d..][..d], gs, rstd[row]));
+            let dx = kernels::par_fill(xs.len(), d, |row, dxr| {
+                rms_grad_row(dxr, &xs[row * d..][..d], &dys[row * d..][..d], gs, rstd[row])
+            });
             grads.register::<Flex>(node.id, contiguous_like(dx, &x));
         }
         if let Some(node) = node_g {

@@ -38,7 +38,13 @@ pub fn rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
 /// Forward (y = x·cos + rot(x)·sin) or its transpose for the backward
 /// (dx = dy·cos + rotᵀ(dy·sin), rotᵀ(z) = [z₂, −z₁]). x is read through its strides (rows of
 /// d contiguous, else it is copied first); the result is stored with strides `out_strides`.
-fn rope_apply(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, transpose: bool, out_strides: [usize; 4]) -> FlexTensor {
+fn rope_apply(
+    x: &FlexTensor,
+    cos: &FlexTensor,
+    sin: &FlexTensor,
+    transpose: bool,
+    out_strides: [usize; 4],
+) -> FlexTensor {
     let x = kernels::rows_readable(x.clone());
     let dims = x.layout().shape().clone();
     let (batch, heads, seq, d) = (dims[0], dims[1], dims[2], dims[3]);
@@ -55,7 +61,8 @@ fn rope_apply(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, transpose: boo
         // SAFETY: `out_strides` (from dense_strides_like) lays the [batch, heads, seq, d] elements out
         // densely, one to one, in the buffer's batch·heads·seq·d: row (b, h, pos) is d
         // contiguous elements that this task alone writes.
-        let yr = unsafe { kernels::to_write(y_out.at(b * out_strides[0] + h * out_strides[1] + pos * out_strides[2]), d) };
+        let yr =
+            unsafe { kernels::to_write(y_out.at(b * out_strides[0] + h * out_strides[1] + pos * out_strides[2]), d) };
         rope_row(yr, xr, &cs[t..t + d], &ss[t..t + d], transpose);
     });
     // SAFETY: the batch·heads·seq rows of d elements cover the whole buffer, each written in full.

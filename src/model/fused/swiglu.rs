@@ -61,7 +61,9 @@ vectorised! {
 
 fn swiglu_forward(g: &FlexTensor, u: &FlexTensor) -> FlexTensor {
     let (gs, us) = (g.storage::<f32>(), u.storage::<f32>());
-    let y = kernels::par_fill(gs.len(), CHUNK, |i, y| swiglu_chunk(y, &gs[i * CHUNK..][..y.len()], &us[i * CHUNK..][..y.len()]));
+    let y = kernels::par_fill(gs.len(), CHUNK, |i, y| {
+        swiglu_chunk(y, &gs[i * CHUNK..][..y.len()], &us[i * CHUNK..][..y.len()])
+    });
     contiguous_like(y, g)
 }
 
@@ -87,7 +89,12 @@ impl Backward<Flex, 2> for SwigluBackward {
             let len = CHUNK.min(n - i * CHUNK);
             // SAFETY: elements i·CHUNK..i·CHUNK+len of each wanted buffer (n long) belong to
             // this task alone; an unwanted buffer is given as an empty slice.
-            let (dgc, duc) = unsafe { (kernels::to_write(dg_out.at(i * CHUNK), if want_g { len } else { 0 }), kernels::to_write(du_out.at(i * CHUNK), if want_u { len } else { 0 })) };
+            let (dgc, duc) = unsafe {
+                (
+                    kernels::to_write(dg_out.at(i * CHUNK), if want_g { len } else { 0 }),
+                    kernels::to_write(du_out.at(i * CHUNK), if want_u { len } else { 0 }),
+                )
+            };
             swiglu_grad_chunk(dgc, duc, &gs[i * CHUNK..][..len], &us[i * CHUNK..][..len], &dys[i * CHUNK..][..len]);
         });
         // SAFETY: the tasks' chunks cover 0..n, and swiglu_grad_chunk wrote every element of

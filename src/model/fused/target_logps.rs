@@ -20,7 +20,12 @@ use crate::kernels::{self, contiguous_like, dense};
 /// targets [n, w] -> [n, w].
 pub fn target_logps(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
     let [n, w, vocab] = logits.dims();
-    let ids = targets.clone().try_into_primitive::<AutodiffFlex>().or_else(|_| targets.clone().try_into_primitive::<Flex>()).ok().and_then(|t| int_values(&dense(t)));
+    let ids = targets
+        .clone()
+        .try_into_primitive::<AutodiffFlex>()
+        .or_else(|_| targets.clone().try_into_primitive::<Flex>())
+        .ok()
+        .and_then(|t| int_values(&dense(t)));
     if let Some(ids) = ids {
         let fused: Option<Tensor<1>> = run_fused([&logits], TargetLogpsBackward, |[logits], keep_state| {
             let logits = dense(logits);
@@ -48,11 +53,13 @@ fn target_forward(logits: &FlexTensor, ids: &[usize], vocab: usize) -> (FlexTens
     let zs = logits.storage::<f32>();
     let mut lse = vec![0.0f32; ids.len()];
     let mut picked = vec![0.0f32; ids.len()];
-    zs.par_chunks(vocab).zip(lse.par_iter_mut()).zip(picked.par_iter_mut()).zip(ids.par_iter()).for_each(|(((z, l), p), &t)| {
-        let max = kernels::max(z);
-        *l = max + kernels::sum_exp_shifted(z, max).ln();
-        *p = z[t.min(vocab - 1)] - *l;
-    });
+    zs.par_chunks(vocab).zip(lse.par_iter_mut()).zip(picked.par_iter_mut()).zip(ids.par_iter()).for_each(
+        |(((z, l), p), &t)| {
+            let max = kernels::max(z);
+            *l = max + kernels::sum_exp_shifted(z, max).ln();
+            *p = z[t.min(vocab - 1)] - *l;
+        },
+    );
     let out = kernels::contiguous(picked, Shape::new([ids.len()]));
     (out, lse)
 }
