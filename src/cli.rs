@@ -58,10 +58,14 @@ enum Command {
     },
     /// A live page of run folders, finished or running, side by side (read-only): charts of
     /// every metric with reloads and failures marked, comparison arms overlaid, held-out
-    /// evaluations, the config, progress. Serves until stopped (Ctrl-C).
+    /// evaluations, the config, progress; and `host diff` reports (--diff). Serves until
+    /// stopped (Ctrl-C).
     Dashboard {
-        #[arg(required = true, value_name = "RUN_DIR")]
+        #[arg(value_name = "RUN_DIR", required_unless_present = "diff")]
         run_dirs: Vec<PathBuf>,
+        /// A `host diff --out` report to show as a "what training changed" card (repeatable).
+        #[arg(long, value_name = "REPORT.json")]
+        diff: Vec<PathBuf>,
         /// Where to listen: PORT or HOST:PORT (default 127.0.0.1:8765; port 0 picks a free
         /// one). An address beyond loopback lets anyone who reaches it read the runs.
         #[arg(long, value_name = "ADDR")]
@@ -639,8 +643,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Dashboard { run_dirs, addr } => {
-            crate::dashboard::serve_folders(&run_dirs, addr.as_deref())?;
+        Command::Dashboard { run_dirs, diff, addr } => {
+            crate::dashboard::serve_folders(&run_dirs, &diff, addr.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { run_dir } => {
@@ -692,7 +696,7 @@ fn start_run_dashboard(
             dir
         }
     };
-    let dashboard = crate::dashboard::start(addr, vec![crate::dashboard::RunFolder::pending(&dir)])?;
+    let dashboard = crate::dashboard::start(addr, vec![crate::dashboard::RunFolder::pending(&dir)], Vec::new())?;
     println!(
         "dashboard: {} (read-only; run folder {}; served while this run lasts, later with: host dashboard {})",
         dashboard.url,

@@ -449,6 +449,120 @@ fn finished_runs_and_a_comparison_show_side_by_side() {
     assert!(page.child.try_wait().unwrap().is_none(), "{}", page.output());
 }
 
+// ---------------------------------------------------------------- host diff reports
+
+/// A `host diff` report: tiny-math against itself after 4 DPO steps, on 12 pairs.
+fn diff_report(sb: &Sandbox) -> PathBuf {
+    let trained = trained_tiny_model(sb);
+    let data = arithmetic_pairs(sb, 12);
+    let report = sb.path("diff.json");
+    let base = repo().join("models/tiny-math");
+    let out = host_diff(&base, &trained, &data, &report, 7);
+    assert!(out.status.success(), "{}", text(&out));
+    report
+}
+
+#[test]
+fn diff_reports_are_checked_served_and_shown_as_a_card() {
+    let sb = Sandbox::new();
+    let report_path = diff_report(&sb);
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    // A copy whose context is markup: the page must show it as text.
+    let mut hostile = report.clone();
+    hostile["largest"][0]["context"] = json!("<b id=\"injected\">bold</b>");
+    let hostile_path = sb.write("hostile.json", &hostile.to_string());
+
+    // Files that are not reports are refused, naming the file.
+    let run_dir = sb.path("run");
+    for (name, body, why) in [
+        ("other.json", "{\"model_a\": \"x\", \"rows\": 3}", "not a host diff report"),
+        ("metrics.json", "[1, 2]", "not a host diff report"),
+        ("broken.json", "{\"model_a\": ", "not JSON"),
+    ] {
+        let bad = sb.write(name, body);
+        let out = run_host(&[
+            "dashboard",
+            run_dir.to_str().unwrap(),
+            "--diff",
+            report_path.to_str().unwrap(),
+            "--diff",
+            bad.to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:0",
+        ]);
+        assert!(!out.status.success());
+        assert!(text(&out).contains(&format!("{}: {why}", bad.display())), "{}", text(&out));
+    }
+    let missing = sb.path("missing.json");
+    let out = run_host(&["dashboard", "--diff", missing.to_str().unwrap(), "--addr", "127.0.0.1:0"]);
+    assert!(!out.status.success() && text(&out).contains(&missing.display().to_string()), "{}", text(&out));
+    let out = run_host(&["dashboard", "--addr", "127.0.0.1:0"]);
+    assert!(!out.status.success(), "{}", text(&out));
+
+    // Reports alone (no run folder) are served by one fixed route, as checked at start.
+    let mut page = Host::start(&[
+        "dashboard",
+        "--diff",
+        report_path.to_str().unwrap(),
+        "--diff",
+        hostile_path.to_str().unwrap(),
+        "--addr",
+        "127.0.0.1:0",
+    ]);
+    let addr = page.dashboard_addr();
+    let served = get_json(addr, "/api/model-diffs");
+    let reports = served["reports"].as_array().unwrap();
+    assert_eq!(reports.len(), 2);
+    assert_eq!(reports[0]["by_position"], report["by_position"]);
+    assert_eq!(reports[0]["largest"], report["largest"]);
+    assert!(reports[0].get("per_row").is_none(), "per_row is not served");
+    // Whatever the client adds, the route serves those reports and nothing else.
+    let secret = sb.write("secret.json", "{\"secret\": 1}");
+    for target in
+        [format!("/api/model-diffs?path={}", secret.display()), "/api/model-diffs?report=../secret.json".to_string()]
+    {
+        assert_eq!(get_json(addr, &target), served, "{target}");
+    }
+    for target in ["/api/model-diffs/0", "/api/model-diffs/../../secret.json", "/diff.json", "/api/model-diffs.json"] {
+        let (status, body) = get(addr, target);
+        assert_eq!(status, 404, "{target}: {body}");
+        assert!(!body.contains("secret"), "{target}: {body}");
+    }
+
+    let Some((chromium, driver)) = chromium_with_driver() else { return };
+    let browser = Browser::open(&chromium, &driver);
+    browser.resize(1400, 1600);
+    browser.goto(&format!("http://{addr}/"));
+    browser.wait_js(
+        "two diff cards",
+        Duration::from_secs(60),
+        "return document.querySelectorAll('#model-diffs .card.model-diff').length === 2;",
+    );
+    let card = "document.querySelector('#model-diffs .card[data-report=\"0\"]')";
+    let rows = page_number(&browser, &format!("{card}.querySelectorAll('table.by-offset tr[data-offset]').length"));
+    assert_eq!(rows as usize, report["by_position"].as_array().unwrap().len());
+    assert_eq!(rows, 15, "earlier, -4..=8, later");
+    let bars = page_number(&browser, &format!("{card}.querySelectorAll('.offset-chart svg rect').length"));
+    assert!(bars > 0, "the bar chart is drawn");
+    let top = browser.js(&format!("const r = {card}.querySelectorAll('table.largest tr')[1]; return [r.querySelector('.token').textContent, r.querySelector('.before').textContent, r.cells[0].textContent];"));
+    let first = &report["largest"][0];
+    assert_eq!(top, json!([first["token"], first["context"], first["line"].to_string()]), "{top}");
+    let largest = page_number(&browser, &format!("{card}.querySelectorAll('table.largest tr').length - 1"));
+    assert_eq!(largest, 7);
+    let head = browser.js(&format!("return {card}.innerText;"));
+    let head = head.as_str().unwrap();
+    for want in
+        [report["model_a"].as_str().unwrap(), report["model_b"].as_str().unwrap(), report["data"].as_str().unwrap()]
+    {
+        assert!(head.contains(want), "{want} in {head}");
+    }
+    // The markup in the hostile copy is text on the page, not an element.
+    let hostile_shown = browser.js("const c = document.querySelector('#model-diffs .card[data-report=\"1\"] table.largest tr:nth-child(2) .before'); return [c.textContent, document.querySelectorAll('#injected').length];");
+    assert_eq!(hostile_shown, json!(["<b id=\"injected\">bold</b>", 0]));
+    browser.screenshot(&artifact("dashboard-model-diff.png"));
+    assert!(page.child.try_wait().unwrap().is_none(), "{}", page.output());
+}
+
 // ---------------------------------------------------------------- bad input
 
 /// A run folder as the trainer leaves it, written by hand: run.json, metrics, config and

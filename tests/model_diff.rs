@@ -20,37 +20,11 @@ fn floats(v: &serde_json::Value) -> Vec<f64> {
 fn diff_reports_what_training_changed() {
     let sb = Sandbox::new();
     // A few DPO steps at a high learning rate, saved as a model folder: model B.
-    let trained = sb.path("trained");
-    let script = format!(
-        "import \"losses/dpo\" as dpo;\nfn loss(b, p) {{ dpo::loss(b, p) }}\ntrain({});\n",
-        small_config(&format!(
-            "max_steps: 4, seed: 3, lr: 3e-3, params: #{{ beta: 0.1 }}, save_model_to: \"{}\",",
-            trained.display()
-        ))
-    );
-    let path = sb.write("scripts/train.rhai", &script);
-    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", sb.path("run").to_str().unwrap()]);
-    assert!(out.status.success(), "{}", text(&out));
-    let lines: Vec<String> = std::fs::read_to_string(repo().join("data/arithmetic/pairs.jsonl"))
-        .unwrap()
-        .lines()
-        .take(24)
-        .map(str::to_string)
-        .collect();
-    let data = sb.write("pairs.jsonl", &(lines.join("\n") + "\n"));
+    let trained = trained_tiny_model(&sb);
+    let data = arithmetic_pairs(&sb, 24);
     let base = repo().join("models/tiny-math");
     let report_path = sb.path("diff.json");
-    let out = run_host(&[
-        "diff",
-        base.to_str().unwrap(),
-        trained.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        report_path.to_str().unwrap(),
-        "--top",
-        "15",
-    ]);
+    let out = host_diff(&base, &trained, &data, &report_path, 15);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains("by offset from the first chosen/rejected difference")

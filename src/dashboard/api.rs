@@ -25,6 +25,8 @@ const STREAM_LIFETIME: Duration = Duration::from_secs(30 * 60);
 
 pub struct Api {
     pub folders: Vec<RunFolder>,
+    /// `host diff` reports given with `--diff`, checked at start.
+    pub diffs: Vec<Value>,
 }
 
 impl Api {
@@ -53,6 +55,7 @@ impl Api {
                     self.folders.iter().enumerate().map(|(i, f)| json!({"index": i, "label": f.label})).collect();
                 whole(Response::json(&json!({"runs": runs, "markers": MARKER_EVENTS})))
             }
+            "/api/model-diffs" => whole(Response::json(&json!({"reports": self.diffs}))),
             "/api/info" => whole(Response::json(&self.folder(request)?.info())),
             "/api/metrics" => {
                 let folder = self.folder(request)?;

@@ -6,13 +6,16 @@
 //!
 //! `http.rs` is the bounded server (own threads, limits on connections, header size and
 //! time), `api.rs` its fixed routes, `runs.rs` the run folders as read (inside the folders
-//! only), `diff.rs` the source diffs behind the event markers, `page/` the page itself.
+//! only), `diff.rs` the source diffs behind the event markers, `reports.rs` the `host diff`
+//! reports shown with `--diff`, `page/` the page itself.
 
 mod api;
 pub mod diff;
 pub mod http;
+mod reports;
 mod runs;
 
+use serde_json::Value;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -51,10 +54,10 @@ pub fn parse_address(text: Option<&str>) -> Result<SocketAddr> {
         .with_context(|| format!("dashboard address {text:?} resolves to nothing"))
 }
 
-/// Binds `addr` and serves `folders` from the server's own threads; the page's URL is in
+/// Binds `addr` and serves `folders` (and `host diff` reports, checked) from the server's own threads; the page's URL is in
 /// the result. A port in use is an error saying so. An address beyond loopback is served
 /// with a warning: anyone who can reach it can read the runs.
-pub fn start(addr: SocketAddr, folders: Vec<RunFolder>) -> Result<Dashboard> {
+pub fn start(addr: SocketAddr, folders: Vec<RunFolder>, diffs: Vec<Value>) -> Result<Dashboard> {
     let listener = TcpListener::bind(addr).map_err(|e| match e.kind() {
         std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
             "dashboard: {addr} is in use (another dashboard, or another program, listens there); give another port, e.g. --dashboard 127.0.0.1:{} (0 picks a free one)",
@@ -69,7 +72,7 @@ pub fn start(addr: SocketAddr, folders: Vec<RunFolder>) -> Result<Dashboard> {
             "warning: the dashboard listens on {addr}, beyond this machine's loopback: anyone who can reach that address can read these runs (metrics, config, script sources). To keep it private, leave the address out (127.0.0.1) and reach it through ssh -L."
         );
     }
-    let api = Arc::new(api::Api { folders });
+    let api = Arc::new(api::Api { folders, diffs });
     let server = http::serve(listener, Arc::new(api::Shared(api)), http::Limits::default(), loopback)?;
     let shown = if server.addr.ip().is_unspecified() {
         SocketAddr::new([127, 0, 0, 1].into(), server.addr.port())
@@ -79,11 +82,13 @@ pub fn start(addr: SocketAddr, folders: Vec<RunFolder>) -> Result<Dashboard> {
     Ok(Dashboard { addr: server.addr, url: format!("http://{shown}/") })
 }
 
-/// `host dashboard RUN_DIR... [--addr ADDR]`: serves the folders until the process is stopped.
-pub fn serve_folders(dirs: &[PathBuf], addr: Option<&str>) -> Result<()> {
-    if dirs.is_empty() {
-        bail!("give one or more run folders");
+/// `host dashboard RUN_DIR... [--diff REPORT.json]... [--addr ADDR]`: serves the folders
+/// and reports until the process is stopped.
+pub fn serve_folders(dirs: &[PathBuf], diff_reports: &[PathBuf], addr: Option<&str>) -> Result<()> {
+    if dirs.is_empty() && diff_reports.is_empty() {
+        bail!("give one or more run folders, or --diff REPORT.json");
     }
+    let diffs = diff_reports.iter().map(|p| reports::load(p)).collect::<Result<Vec<_>>>()?;
     let mut folders = Vec::new();
     let mut seen = Vec::new();
     for dir in dirs {
@@ -95,9 +100,12 @@ pub fn serve_folders(dirs: &[PathBuf], addr: Option<&str>) -> Result<()> {
         seen.push(root);
         folders.push(folder);
     }
-    let count = folders.len();
-    let dashboard = start(parse_address(addr)?, folders)?;
-    println!("dashboard of {count} run folder(s): {} (read-only; Ctrl-C stops it)", dashboard.url);
+    let (count, reports) = (folders.len(), diffs.len());
+    let dashboard = start(parse_address(addr)?, folders, diffs)?;
+    println!(
+        "dashboard of {count} run folder(s) and {reports} diff report(s): {} (read-only; Ctrl-C stops it)",
+        dashboard.url
+    );
     loop {
         std::thread::park();
     }

@@ -288,3 +288,38 @@ pub fn wait_for(metrics: &Path, what: &str, pred: impl Fn(&[serde_json::Value]) 
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// tiny-math after a few DPO steps at a high learning rate, saved as a model folder in `sb`
+/// (`trained`): a second checkpoint for `host diff`, quickly.
+pub fn trained_tiny_model(sb: &Sandbox) -> PathBuf {
+    let trained = sb.path("trained");
+    let script = format!(
+        "import \"losses/dpo\" as dpo;\nfn loss(b, p) {{ dpo::loss(b, p) }}\ntrain({});\n",
+        small_config(&format!(
+            "max_steps: 4, seed: 3, lr: 3e-3, params: #{{ beta: 0.1 }}, save_model_to: \"{}\",",
+            trained.display()
+        ))
+    );
+    let path = sb.write("scripts/train.rhai", &script);
+    let out = run_host(&["run", path.to_str().unwrap(), "--no-watch", "--run-dir", sb.path("run").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    trained
+}
+
+/// The first `n` rows of data/arithmetic/pairs.jsonl, as `pairs.jsonl` in `sb`.
+pub fn arithmetic_pairs(sb: &Sandbox, n: usize) -> PathBuf {
+    let lines: Vec<String> = std::fs::read_to_string(repo().join("data/arithmetic/pairs.jsonl"))
+        .unwrap()
+        .lines()
+        .take(n)
+        .map(str::to_string)
+        .collect();
+    sb.write("pairs.jsonl", &(lines.join("\n") + "\n"))
+}
+
+/// `host diff A B --data DATA --out OUT --top TOP`.
+pub fn host_diff(a: &Path, b: &Path, data: &Path, out: &Path, top: usize) -> Output {
+    let top = top.to_string();
+    let paths = [a, b, data, out].map(|p| p.to_str().unwrap().to_string());
+    run_host(&["diff", &paths[0], &paths[1], "--data", &paths[2], "--out", &paths[3], "--top", &top])
+}

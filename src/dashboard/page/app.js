@@ -136,6 +136,7 @@ async function start() {
   try {
     const r = await getJSON('/api/runs');
     S.runs = r.runs;
+    renderModelDiffs((await getJSON('/api/model-diffs')).reports);
   } catch (e) {
     $('runs').append(el('div', { class: 'empty', text: 'cannot reach the dashboard server' }));
     return;
@@ -433,6 +434,67 @@ function renderEvents() {
     table.append(tr);
   }
   box.append(table);
+}
+
+// ---- `host diff` reports: what training changed, token by token (fixed at start)
+
+function signed(v) { return typeof v === 'number' ? (v > 0 ? '+' : '') + fmt(v) : '–'; }
+function offsetChart(rows) {
+  // Mean change per token by offset: chosen and rejected bars side by side around zero.
+  const W = 460, H = 170, L = 44, R = 8, T = 10, B = 22;
+  const values = rows.flatMap((p) => [p.chosen_mean, p.rejected_mean]).filter((v) => typeof v === 'number');
+  const top = Math.max(1e-9, ...values.map(Math.abs));
+  const Y = (v) => T + (H - T - B) * (0.5 - v / (2 * top));
+  const slot = (W - L - R) / Math.max(1, rows.length);
+  const root = svg('svg', { viewBox: `0 0 ${W} ${H}`, role: 'img', 'aria-label': 'mean change by offset' });
+  root.append(svg('line', { class: 'grid', x1: L, x2: W - R, y1: Y(0), y2: Y(0) }));
+  for (const v of [top, -top]) {
+    const t = svg('text', { class: 'axis', x: L - 4, y: Y(v) + 3, 'text-anchor': 'end' }); t.textContent = signed(v); root.append(t);
+  }
+  rows.forEach((p, i) => {
+    [[p.chosen_mean, PALETTE[0], 0], [p.rejected_mean, PALETTE[1], 1]].forEach(([v, color, k]) => {
+      if (typeof v !== 'number') return;
+      const y = Math.min(Y(0), Y(v));
+      root.append(svg('rect', { x: L + i * slot + 2 + k * (slot - 4) / 2, y, width: Math.max(1, (slot - 4) / 2), height: Math.abs(Y(v) - Y(0)), fill: color }));
+    });
+    const t = svg('text', { class: 'axis', x: L + (i + 0.5) * slot, y: H - 6, 'text-anchor': 'middle' });
+    t.textContent = p.offset === 'earlier' ? '<' : p.offset === 'later' ? '>' : p.offset;
+    root.append(t);
+  });
+  return root;
+}
+function renderModelDiffs(reports) {
+  const box = $('model-diffs');
+  box.replaceChildren();
+  for (const [i, d] of (reports || []).entries()) {
+    const card = el('div', { class: 'card model-diff', 'data-report': i });
+    card.append(el('h2', {}, 'what training changed', el('span', { class: 'badge', text: basename(d.file) })));
+    card.append(el('div', { class: 'path', text: `A: ${d.model_a}` }), el('div', { class: 'path', text: `B: ${d.model_b}` }),
+      el('div', { class: 'path', text: `data: ${d.data} (${d.rows} rows)` }));
+    card.append(el('div', { class: 'stats', text: `summed log-prob change B − A, mean over rows: chosen ${signed(d.mean_chosen_change)}, rejected ${signed(d.mean_rejected_change)}` }));
+    const byOffset = el('table', { class: 'by-offset' }, el('tr', {}, el('th', { text: 'offset from first difference' }),
+      el('th', { text: 'chosen mean' }), el('th', { text: 'tokens' }), el('th', { text: 'rejected mean' }), el('th', { text: 'tokens' })));
+    for (const p of d.by_position) {
+      byOffset.append(el('tr', { 'data-offset': p.offset }, el('td', { text: p.offset }), el('td', { text: signed(p.chosen_mean) }),
+        el('td', { text: p.chosen_tokens }), el('td', { text: signed(p.rejected_mean) }), el('td', { text: p.rejected_tokens })));
+    }
+    const legend = el('div', { class: 'stats' });
+    for (const [name, color] of [['chosen', PALETTE[0]], ['rejected', PALETTE[1]]]) {
+      const sw = el('span', { class: 'swatch' }); sw.style.background = color;
+      legend.append(el('span', { class: 'key' }, sw, name));
+    }
+    const chart = el('div', { class: 'offset-chart' }, offsetChart(d.by_position), legend);
+    card.append(el('div', { class: 'diff-grid' }, byOffset, chart));
+    const top = el('table', { class: 'largest' }, el('tr', {}, el('th', { text: 'line' }), el('th', { text: 'completion' }),
+      el('th', { text: 'position' }), el('th', { text: 'context … token' }), el('th', { text: 'log-prob A → B' }), el('th', { text: 'change' })));
+    for (const t of d.largest) {
+      const cell = el('td', { class: 'context' }, el('span', { class: 'before', text: t.context }), el('mark', { class: 'token', text: t.token }));
+      top.append(el('tr', {}, el('td', { text: t.line }), el('td', { text: t.completion }), el('td', { text: t.position }), cell,
+        el('td', { text: `${fmt(t.logp_a)} → ${fmt(t.logp_b)}` }), el('td', { text: signed(t.delta) })));
+    }
+    card.append(el('h3', { text: 'largest changes' }), top);
+    box.append(card);
+  }
 }
 
 // ---- the source diff behind a marker
