@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::reference::{RefRow, compute_ref_rows, frozen_model_and_pairs};
 use crate::data::{Example, TextTokenizer, Truncation};
@@ -29,7 +29,7 @@ pub struct DiffJob<'a> {
 }
 
 /// Per-token log-prob changes of one data row's completions.
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct RowDiff {
     pub line: usize,
     /// Index (in completion tokens) of the first token where chosen and rejected differ.
@@ -40,7 +40,7 @@ pub struct RowDiff {
 }
 
 /// The mean change of the tokens at one offset from the first difference.
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct PositionSummary {
     /// "-4" .. "8", or "earlier" / "later" for the pooled rest.
     pub offset: String,
@@ -51,10 +51,11 @@ pub struct PositionSummary {
 }
 
 /// One of the tokens that moved most.
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct TokenChange {
     pub line: usize,
-    pub completion: &'static str,
+    /// "chosen" or "rejected".
+    pub completion: String,
     pub position: usize,
     pub token: String,
     /// Up to 8 tokens before it (prompt included), decoded.
@@ -64,7 +65,8 @@ pub struct TokenChange {
     pub delta: f32,
 }
 
-#[derive(Serialize)]
+/// What `host diff` writes; `host dashboard --diff` reads it back.
+#[derive(Serialize, Deserialize)]
 pub struct DiffReport {
     pub model_a: String,
     pub model_b: String,
@@ -208,7 +210,7 @@ fn largest(
             let at = e.prompt.len() + position;
             TokenChange {
                 line: e.line,
-                completion: if chosen { "chosen" } else { "rejected" },
+                completion: if chosen { "chosen" } else { "rejected" }.to_string(),
                 position,
                 token: tokenizer.decode(&sequence[at..at + 1]),
                 context: tokenizer.decode(&sequence[at.saturating_sub(8)..at]),
