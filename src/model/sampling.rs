@@ -91,10 +91,13 @@ pub fn penalize_repeats(scores: &mut [f32], seen: &[u32], penalty: f32) {
     if penalty == 1.0 {
         return;
     }
-    let mut done = vec![false; scores.len()];
-    for &token in seen {
-        let Some(score) = scores.get_mut(token as usize) else { continue };
-        if !std::mem::replace(&mut done[token as usize], true) {
+    // Distinct tokens only: a repeated one is penalised once. The row's tokens are far fewer
+    // than the vocabulary, so sorting them is cheaper than marking the vocabulary.
+    let mut distinct = seen.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    for token in distinct {
+        if let Some(score) = scores.get_mut(token as usize) {
             *score = if *score < 0.0 { *score * penalty } else { *score / penalty };
         }
     }
