@@ -150,7 +150,8 @@ class Llama(nn.Module):
         self.gradient_checkpointing = False
         self.register_buffer("inv_freq", 1.0 / c["theta"] ** (torch.arange(0, d, 2).float() / d), persistent=False)
 
-    def forward(self, ids):
+    def forward(self, ids, first=0):
+        """Logits of positions first.. (transformers' logits_to_keep, as TRL's use_logits_to_keep uses it)."""
         freqs = torch.outer(torch.arange(ids.shape[1], dtype=torch.float32, device=ids.device), self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos()[None, None], emb.sin()[None, None]
@@ -161,7 +162,7 @@ class Llama(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)
-        return self.lm_head(self.model.norm(x))
+        return self.lm_head(self.model.norm(x)[:, first:])
 
 
 def load_model(d):
@@ -208,12 +209,13 @@ def collate(path):
         n = len(s) - 1
         inp[r, :n], tgt[r, :n] = torch.tensor(s[:-1]), torch.tensor(s[1:])
         mask[r, max(len(p) - 1, 0):n] = 1.0  # target t+1 is a completion token
-    return inp, tgt, mask, sum(len(s) for _, s in rows), len(prompts)
+    first = min(max(len(p) - 1, 0) for p, _ in rows)  # the first column with a completion target
+    return inp, tgt, mask, sum(len(s) for _, s in rows), len(prompts), first
 
 
-def seq_logps(model, inp, tgt, mask):
-    logp = torch.log_softmax(model(inp).float(), dim=-1)
-    return (logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
+def seq_logps(model, inp, tgt, mask, first=0):
+    logp = torch.log_softmax(model(inp, first).float(), dim=-1)
+    return (logp.gather(-1, tgt[:, first:].unsqueeze(-1)).squeeze(-1) * mask[:, first:]).sum(-1)
 
 
 def current_rss_mb():
@@ -237,6 +239,7 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--bf16", action="store_true", help="torch.autocast to bf16 around both forwards (f32 master weights)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the policy and the reference (default mode)")
+    ap.add_argument("--logits-to-keep", action="store_true", help="logits only from the batch's first completion column on (TRL's use_logits_to_keep; prefhost always does this)")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute each decoder layer in the backward pass (torch.utils.checkpoint)")
     ap.add_argument("--lora-r", type=int, help="train LoRA adapters of this rank on every projection; the reference is the frozen base")
     ap.add_argument("--lora-alpha", type=float, default=32.0)
@@ -252,7 +255,8 @@ def main():
 
     policy = load_model(a.model).to(device)
     n_params = sum(p.numel() for p in policy.parameters())  # the model's, without adapters
-    inp, tgt, mask, tokens, B = collate(a.batch)
+    inp, tgt, mask, tokens, B, first_target = collate(a.batch)
+    keep_from = first_target if a.logits_to_keep else 0
     inp, tgt, mask = inp.to(device), tgt.to(device), mask.to(device)
     if int(max(inp.max(), tgt.max())) >= policy.lm_head.weight.shape[0] or int(min(inp.min(), tgt.min())) < 0:
         fail(f"{a.batch}: token id out of range for vocab {policy.lm_head.weight.shape[0]}")
@@ -261,11 +265,11 @@ def main():
         adapters = add_lora(policy, a.lora_r, a.lora_alpha)
         policy.to(device)
 
-        def reference(ids):
+        def reference(ids, first=0):
             for m in adapters:
                 m.enabled = False
             try:
-                return policy(ids)
+                return policy(ids, first)
             finally:
                 for m in adapters:
                     m.enabled = True
@@ -286,9 +290,9 @@ def main():
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         with autocast():
-            lp = seq_logps(policy_forward, inp, tgt, mask)
+            lp = seq_logps(policy_forward, inp, tgt, mask, keep_from)
         with torch.no_grad(), autocast():
-            lr_ = seq_logps(reference_forward, inp, tgt, mask)
+            lr_ = seq_logps(reference_forward, inp, tgt, mask, keep_from)
         margin = (lp[:B] - lr_[:B]) - (lp[B:] - lr_[B:])
         loss = -F.logsigmoid(a.beta * margin).mean()
         loss.backward()
@@ -309,7 +313,7 @@ def main():
         "steps": a.steps, "step_seconds": times, "step_seconds_median": med,
         "tokens_per_step": tokens, "tokens_per_second": tokens / med if times else None,
         "params": n_params, "first_step": first,
-        "gradient_checkpointing": a.gradient_checkpointing, "lora_r": a.lora_r,
+        "gradient_checkpointing": a.gradient_checkpointing, "lora_r": a.lora_r, "logits_to_keep": a.logits_to_keep,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "baseline_rss_mb": baseline_rss_mb,
         "compiled": a.compile, "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "device": torch.cuda.get_device_name(device) if cuda else "cpu", "bf16_autocast": a.bf16,

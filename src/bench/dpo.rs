@@ -2,7 +2,8 @@
 //! configurations, side by side in one run, and prints ratios. Each configuration runs in
 //! its own child process (`host bench --child NAME`) so its peak RSS is its own, and the
 //! rounds are interleaved. When Python with torch is given or found, PyTorch's DPO step on
-//! the same weights and batch (bench/torch_dpo_step.py, eager and torch.compile) runs
+//! the same weights and batch (bench/torch_dpo_step.py, eager and torch.compile, logits
+//! only from the first completion column on as prefhost forms them) runs
 //! beside them, with prefhost's allocator settings; a failed PyTorch run, or first-step
 //! log-probs that differ from prefhost's, fails the bench.
 
@@ -504,6 +505,8 @@ fn run_torch(python: &str, model: &Path, out: &Path, opts: &BenchOptions, row: &
         .arg("--batch")
         .arg(&batch)
         .args(["--steps", &opts.steps.to_string(), "--warmup", &opts.warmup.max(1).to_string()])
+        // The same work as prefhost: logits only from the first completion column on.
+        .arg("--logits-to-keep")
         // The allocator settings prefhost gives itself (src/allocator.rs).
         .env("GLIBC_TUNABLES", crate::allocator::glibc_tunables());
     if row.compile {

@@ -12,6 +12,9 @@ pub struct SequenceBatch {
     pub mask: Tensor<2>,
     /// Completion tokens per sequence.
     pub lengths: Vec<f32>,
+    /// The first column whose target is a completion token in any row: positions before it
+    /// predict prompt tokens only, which no loss reads.
+    pub first_target: usize,
 }
 
 /// Builds one batch from (prompt, completion) pairs.
@@ -35,7 +38,9 @@ pub fn collate(sequences: &[(&[u32], &[u32])], pad_id: u32, device: &Device) -> 
         }
         lengths.push(completion.len() as f32);
     }
+    let first_target = sequences.iter().map(|(prompt, _)| prompt.len().saturating_sub(1)).min().unwrap_or(0);
     SequenceBatch {
+        first_target: first_target.min(width),
         inputs: Tensor::from_data(TensorData::new(inputs, [n, width]), device),
         targets: Tensor::from_data(TensorData::new(targets, [n, width]), device),
         mask: Tensor::from_data(TensorData::new(mask, [n, width]), device),

@@ -27,6 +27,9 @@ pub struct PackedLayout {
     pub plain_width: usize,
     /// Tokens in the rows, padding excluded: what prefix sharing saves shows here.
     pub real_tokens: usize,
+    /// The first packed position that predicts a completion token in any row (each row
+    /// starts with its prompt).
+    pub first_target: usize,
 }
 
 const SHARED: u8 = 0;
@@ -68,6 +71,7 @@ impl PackedLayout {
             rejected_index: vec![0; batch * plain_width],
             plain_width,
             real_tokens: examples.iter().map(|e| row_len(e)).sum(),
+            first_target: examples.iter().map(|e| e.prompt.len().saturating_sub(1)).min().unwrap_or(0).min(width),
         };
         for (b, e) in examples.iter().enumerate() {
             layout.pack_row(b, e, shared_len(e));
@@ -129,6 +133,8 @@ pub struct PackedBatch {
     pub rejected_targets: Tensor<2, Int>,
     pub chosen_index: Tensor<2, Int>,
     pub rejected_index: Tensor<2, Int>,
+    /// As `PackedLayout::first_target`.
+    pub first_target: usize,
 }
 
 impl PackedLayout {
@@ -143,6 +149,7 @@ impl PackedLayout {
             rejected_targets: ints(&self.rejected_targets, l),
             chosen_index: ints(&self.chosen_index, w),
             rejected_index: ints(&self.rejected_index, w),
+            first_target: self.first_target,
         }
     }
 }

@@ -377,8 +377,9 @@ impl Llama {
         self.rope.max_positions()
     }
 
-    /// Final projection to the vocabulary: lm_head, or the tied embeddings.
-    fn head(&self, x: Tensor<3>) -> Tensor<3> {
+    /// Final projection to the vocabulary: lm_head, or the tied embeddings; hidden states
+    /// [batch, seq, hidden] (after the last norm) -> logits [batch, seq, vocab].
+    pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
         // lm_head has no bias (built with bias false), so it is the plain product, which
         // takes the fused path on the CPU default.
         let logits = self.precision.matmul3(x, self.head_weight());

@@ -1,5 +1,6 @@
 //! Per-token log-probabilities of the target tokens, zero outside the completion.
 
+use burn::tensor::kind::Basic;
 use burn::tensor::{Int, Tensor};
 
 use super::chunked::{ChunkedHead, chunked_target_logps};
@@ -8,23 +9,49 @@ use crate::data::packed::{PackedBatch, PackedLayout};
 use crate::model::Llama;
 
 /// [N, W] log p(target_t | tokens_<t) where the mask is 1, else 0.
+///
+/// The vocabulary projection runs only from the batch's first completion column on (what
+/// TRL's `use_logits_to_keep` does, here always and exactly): earlier positions predict
+/// prompt tokens, which no loss reads, and their logits would be most of the projection's
+/// work and memory when prompts are long.
 pub fn token_logps(model: &Llama, batch: &SequenceBatch) -> Tensor<2> {
-    let logits = model.forward(batch.inputs.clone());
-    pick(logits, batch.targets.clone()) * batch.mask.clone()
+    let first = batch.first_target;
+    let hidden = from_column(model.hidden_states(batch.inputs.clone()), first);
+    let picked = pick(model.head(hidden), from_column(batch.targets.clone(), first));
+    zeros_before(picked, first) * batch.mask.clone()
 }
 
 fn pick(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
     crate::model::fused::target_logps(logits, targets)
 }
 
+/// Columns `first..` of a [N, W, ...] tensor.
+fn from_column<const D: usize, K: Basic>(t: Tensor<D, K>, first: usize) -> Tensor<D, K> {
+    let width = t.dims()[1];
+    if first == 0 { t } else { t.narrow(1, first, width - first) }
+}
+
+/// [N, W − first] -> [N, W]: `first` columns of zeros, then `t`.
+fn zeros_before(t: Tensor<2>, first: usize) -> Tensor<2> {
+    if first == 0 {
+        return t;
+    }
+    let zeros = Tensor::<2>::zeros([t.dims()[0], first], &t.device());
+    Tensor::cat(vec![zeros, t], 1)
+}
+
 /// Per-token log-probs of a preference batch laid out as `collate_pairs` lays it out
 /// ([2B, W]: chosen rows, then rejected rows; zero outside the completions), computed from
 /// packed rows that hold each pair's shared prefix once. `mask` is the plain batch's.
+/// As in `token_logps`, the projection starts at the first completion position.
 pub fn packed_pair_logps(model: &Llama, layout: &PackedLayout, mask: Tensor<2>) -> Tensor<2> {
     let packed = layout.to_device(&mask.device());
-    let logits = model.forward_packed(packed.tokens.clone(), &packed.positions, packed.masked.clone());
-    let (chosen, rejected) =
-        (pick(logits.clone(), packed.chosen_targets.clone()), pick(logits, packed.rejected_targets.clone()));
+    let first = packed.first_target;
+    let hidden = model.hidden_states_packed(packed.tokens.clone(), &packed.positions, packed.masked.clone());
+    let logits = model.head(from_column(hidden, first));
+    let pick_from =
+        |targets: &Tensor<2, Int>| zeros_before(pick(logits.clone(), from_column(targets.clone(), first)), first);
+    let (chosen, rejected) = (pick_from(&packed.chosen_targets), pick_from(&packed.rejected_targets));
     unpack(&packed, chosen, rejected) * mask
 }
 
@@ -50,17 +77,20 @@ pub fn batch_logps(
         (None, None) => (token_logps(model, batch), None),
         (Some(layout), None) => (packed_pair_logps(model, layout, mask), None),
         (None, Some(chunk)) => {
-            let hidden = model.hidden_states(batch.inputs.clone());
-            let (mut picked, head) = chunked_target_logps(model, hidden, vec![batch.targets.clone()], chunk);
-            (picked.remove(0) * mask, head)
+            let first = batch.first_target;
+            let hidden = from_column(model.hidden_states(batch.inputs.clone()), first);
+            let targets = vec![from_column(batch.targets.clone(), first)];
+            let (mut picked, head) = chunked_target_logps(model, hidden, targets, chunk);
+            (zeros_before(picked.remove(0), first) * mask, head)
         }
         (Some(layout), Some(chunk)) => {
             let packed = layout.to_device(&mask.device());
+            let first = packed.first_target;
             let hidden = model.hidden_states_packed(packed.tokens.clone(), &packed.positions, packed.masked.clone());
-            let targets = vec![packed.chosen_targets.clone(), packed.rejected_targets.clone()];
-            let (picked, head) = chunked_target_logps(model, hidden, targets, chunk);
+            let targets = [&packed.chosen_targets, &packed.rejected_targets].map(|t| from_column(t.clone(), first));
+            let (picked, head) = chunked_target_logps(model, from_column(hidden, first), targets.to_vec(), chunk);
             let [chosen, rejected]: [Tensor<2>; 2] = picked.try_into().expect("two target sets");
-            (unpack(&packed, chosen, rejected) * mask, head)
+            (unpack(&packed, zeros_before(chosen, first), zeros_before(rejected, first)) * mask, head)
         }
     }
 }

@@ -30,6 +30,9 @@ pub struct BatchShape {
     pub length: usize,
     /// Packed rows (prefix sharing): attention over the whole row, not the causal half.
     pub packed: bool,
+    /// Positions per row whose logits are formed: from the shortest prompt's last token on
+    /// (see `logps::token_logps`).
+    pub predicted: usize,
 }
 
 impl BatchShape {
@@ -49,7 +52,8 @@ impl BatchShape {
             Mode::Unpaired => 2 * config.batch_size,
             _ => config.batch_size,
         };
-        Self { rows, length, packed }
+        let shortest_prompt = examples.iter().map(|e| e.prompt.len()).min().unwrap_or(1);
+        Self { rows, length, packed, predicted: length.saturating_sub(shortest_prompt.saturating_sub(1)).max(1) }
     }
 
     /// The worst batch of online pairs: prompts as long as max_prompt_length and both
@@ -59,7 +63,9 @@ impl BatchShape {
         let length =
             if packed { limits.max_prompt_length + 2 * completion } else { limits.max_prompt_length + completion };
         let rows = if packed { config.batch_size } else { 2 * config.batch_size };
-        Self { rows, length: length.min(if packed { 2 * limits.max_length } else { limits.max_length }), packed }
+        let length = length.min(if packed { 2 * limits.max_length } else { limits.max_length });
+        // Prompts may be short: every position may be predicted.
+        Self { rows, length, packed, predicted: length }
     }
 }
 
@@ -139,18 +145,21 @@ fn parameters(model: &LlamaConfig, config: &TrainConfig) -> (f64, f64) {
 }
 
 /// Floats one decoder layer keeps for the backward pass of one micro-batch: the layer's
-/// input, both norms' outputs, queries/keys/values after RoPE, attention probabilities,
-/// attention output, the residual, and the MLP's gate, up and activation.
+/// input, both norms' outputs, queries/keys/values after RoPE, attention output, the
+/// residual, and the MLP's gate, up and activation. (Attention probabilities are not
+/// kept: the backward recomputes them, see `attention_probabilities`.)
 fn layer_activations(model: &LlamaConfig, batch: BatchShape) -> f64 {
     let (d, heads, kv, hd, inter) =
         (model.hidden_size, model.num_attention_heads, model.kv_heads(), model.head_dim(), model.intermediate_size);
     let tokens = (batch.rows * batch.length) as f64;
-    let per_token = (4 * d + 2 * heads * hd + 2 * kv * hd + 3 * inter) as f64;
+    (4 * d + 2 * heads * hd + 2 * kv * hd + 3 * inter) as f64 * tokens
+}
+
+/// Floats of one layer's attention probabilities, which its backward computes again and
+/// holds while it runs: [rows, heads, s, s].
+fn attention_probabilities(model: &LlamaConfig, batch: BatchShape) -> f64 {
     let s = batch.length as f64;
-    // Causal attention keeps the lower triangle (in blocks of 64 queries); packed rows
-    // keep every score.
-    let scores = if batch.packed { s * s } else { s * s / 2.0 + 32.0 * s };
-    tokens * per_token + (batch.rows * heads) as f64 * scores
+    (batch.rows * model.num_attention_heads) as f64 * s * s
 }
 
 /// The estimate for `config` on `model` with its worst micro-batch. `stored` is the
@@ -162,15 +171,17 @@ pub fn estimate(model: &LlamaConfig, config: &TrainConfig, batch: BatchShape, st
     let layers = model.num_hidden_layers as f64;
     let tokens = (batch.rows * batch.length) as f64;
     let layer = layer_activations(model, batch) * F32;
+    let probabilities = attention_probabilities(model, batch) * F32;
     let activations = if config.gradient_checkpointing {
         // Every layer's input, plus one layer recomputed and its gradients.
-        layers * tokens * model.hidden_size as f64 * F32 + 2.0 * layer
+        layers * tokens * model.hidden_size as f64 * F32 + 2.0 * layer + probabilities
     } else {
-        layers * layer
+        layers * layer + probabilities
     };
     // The policy's logits and, at once, the reference's logits or the policy's logits'
-    // gradient; chunked, one chunk of positions at a time.
-    let positions = config.logits_chunk().map_or(tokens, |chunk| (batch.rows * chunk.min(batch.length)) as f64);
+    // gradient, at the predicted positions; chunked, one chunk of positions at a time.
+    let predicted = (batch.rows * batch.predicted) as f64;
+    let positions = config.logits_chunk().map_or(predicted, |chunk| (batch.rows * chunk.min(batch.predicted)) as f64);
     let logits = 2.0 * positions * model.vocab_size as f64 * F32;
     let resident_reference = config.mode != Mode::Sft && config.ref_logps.is_none() && config.lora.is_none();
     let gradients = if config.grad_accum > 1 { 2.0 } else { 1.0 } * trainable * F32;

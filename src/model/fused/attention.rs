@@ -5,8 +5,12 @@
 //! own buffer and backward step. Here the work is cut into blocks of 64 queries per head:
 //! each block multiplies its queries by the keys up to the last one any of them may see
 //! (so a causal mask skips the upper triangle), takes a vectorised masked softmax, and
-//! multiplies by the values, keeping only the probabilities P for the backward:
+//! multiplies by the values. The backward needs the probabilities P:
 //!   dV = Pᵀ·dO,  dP = dO·Vᵀ,  dS = scale · P ⊙ (dP − rowsum(dP ⊙ P)),  dQ = dS·K,  dK = dSᵀ·Q.
+//! It computes them again from Q and K, block by block as the forward did (the same values,
+//! bit for bit), rather than keeping every layer's P from the forward to the backward: a
+//! [b, heads, s, s] buffer per layer is most of a step's activations at 512 tokens and
+//! more, and recomputing costs one Q·Kᵀ product per layer, as flash attention does.
 //! dV and dK are summed per block of 64 keys, so every task writes its own rows and all of
 //! them run in parallel. Grouped-query heads read their KV head directly (no repeated K/V).
 //! Inputs are read through their strides, and the output is stored as [b, s, heads, d], the
@@ -69,8 +73,8 @@ pub fn grouped_attention(
             let plan = Plan::new(&q, &k, mask, is_causal);
             let fused = run_fused([&q, &k, &v], AttentionBackward, |[q, k, v], keep_state| {
                 let (q, k, v) = (Heads::new(q), Heads::new(k), Heads::new(v));
-                let (out, probs) = forward(&q, &k, &v, &plan, keep_state);
-                (out, probs.map(|probs| (q, k, v, probs, plan)))
+                let out = forward(&q, &k, &v, &plan);
+                (out, keep_state.then_some((q, k, v, plan)))
             });
             if let Some(out) = fused {
                 return out;
@@ -280,37 +284,22 @@ impl Heads {
     }
 }
 
-/// The output ([b, heads, s, d], stored as [b, s, heads, d]) and, when `keep`, the
-/// probabilities P ([b, heads, s, s], zero past each block's last visible key).
-fn forward(q: &Heads, k: &Heads, v: &Heads, plan: &Plan, keep: bool) -> (FlexTensor, Option<Vec<f32>>) {
+/// The output ([b, heads, s, d], stored as [b, s, heads, d]).
+fn forward(q: &Heads, k: &Heads, v: &Heads, plan: &Plan) -> FlexTensor {
     let (b, h, s, d, g) = (plan.batch, plan.heads, plan.seq, plan.head_dim, plan.groups());
     let mut out = Buffer::new(b * s * h * d);
-    let mut probs = keep.then(|| Buffer::new(b * h * s * s));
-    let (o, kept) = (out.out(), probs.as_mut().map(Buffer::out));
-    (0..b * h * plan.blocks()).into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, task| {
+    let o = out.out();
+    (0..b * h * plan.blocks()).into_par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
         let (bh, blk) = (task / plan.blocks(), task % plan.blocks());
         let (bi, hi) = (bh / h, bh % h);
         let ((i0, rows), keys) = (plan.block(blk), plan.limit(bi, blk));
-        // Scores go straight into P's rows when P is kept.
-        let (scores, stride, width) = match kept {
-            Some(kept) => (kept.at((bh * s + i0) * s), s, s),
-            None => {
-                scratch.resize(rows * keys, 0.0);
-                (scratch.as_mut_ptr(), keys, keys)
-            }
-        };
-        // SAFETY: `scores` has `rows` rows of `width` ≥ keys elements, `stride` apart: this
-        // block's own rows of P ([b, heads, s, s], whose buffer outlives the loop) or the
-        // task's scratch. The first gemm writes the rows × keys scores that softmax_row then
-        // reads; the rest of each row of P is zeroed. The views read rows i0..i0+rows of
-        // head (bi, hi)'s queries and keys 0..keys ≤ s of its KV head, inside the live q, k,
-        // v; the output rows ((bi, i0 + r), head hi) of [b, s, heads, d] are this task's alone.
+        scores.resize(rows * keys, 0.0);
+        // SAFETY: `scores` is the task's own rows × keys scratch; the views read rows
+        // i0..i0+rows of head (bi, hi)'s queries and keys 0..keys ≤ s of its KV head, inside
+        // the live q, k, v; the output rows ((bi, i0 + r), head hi) of [b, s, heads, d] are
+        // this task's alone.
         unsafe {
-            gemm(rows, keys, d, scores, stride, false, q.view(bi, hi).down(i0), k.view(bi, hi / g).t());
-            for r in 0..rows {
-                plan.softmax_row(bi, i0 + r, std::slice::from_raw_parts_mut(scores.add(r * stride), keys));
-                kernels::to_write(scores.add(r * stride + keys), width - keys).fill(MaybeUninit::new(0.0));
-            }
+            plan.block_probabilities(q, k, bi, hi, blk, scores.as_mut_ptr(), keys);
             gemm(
                 rows,
                 d,
@@ -318,22 +307,80 @@ fn forward(q: &Heads, k: &Heads, v: &Heads, plan: &Plan, keep: bool) -> (FlexTen
                 o.at(((bi * s + i0) * h + hi) * d),
                 h * d,
                 false,
-                View::rows(scores, stride),
+                View::rows(scores.as_ptr(), keys),
                 v.view(bi, hi / g),
             );
         }
     });
     // SAFETY: the tasks cover every (batch, head, query block), and each wrote its rows of
-    // the output, d values per query, and of P, s values per query (scores, then zeros).
-    let out =
-        strided(unsafe { out.filled() }, plan.per_head(), vec![(s * h * d) as isize, d as isize, (h * d) as isize, 1]);
-    // SAFETY: as above, for P.
-    (out, probs.map(|b| unsafe { b.filled() }))
+    // the output, d values per query.
+    strided(unsafe { out.filled() }, plan.per_head(), vec![(s * h * d) as isize, d as isize, (h * d) as isize, 1])
+}
+
+/// The probabilities P ([b, heads, s, s], zero past each block's last visible key), for
+/// the backward: each block computed as the forward computed it.
+fn probabilities(q: &Heads, k: &Heads, plan: &Plan) -> Vec<f32> {
+    let (b, h, s) = (plan.batch, plan.heads, plan.seq);
+    let mut probs = Buffer::new(b * h * s * s);
+    let p = probs.out();
+    (0..b * h * plan.blocks()).into_par_iter().for_each(|task| {
+        let (bh, blk) = (task / plan.blocks(), task % plan.blocks());
+        let (bi, hi) = (bh / h, bh % h);
+        let ((i0, rows), keys) = (plan.block(blk), plan.limit(bi, blk));
+        let rows_of_p = p.at((bh * s + i0) * s);
+        // SAFETY: rows i0..i0+rows of head (bi, hi) of P (s values each, inside the buffer,
+        // which outlives the loop) are this task's alone: it writes their first `keys`
+        // values and zeroes the rest.
+        unsafe {
+            plan.block_probabilities(q, k, bi, hi, blk, rows_of_p, s);
+            for r in 0..rows {
+                kernels::to_write(rows_of_p.add(r * s + keys), s - keys).fill(MaybeUninit::new(0.0));
+            }
+        }
+    });
+    // SAFETY: the tasks cover every (batch, head, query block), and each wrote s values per query.
+    unsafe { probs.filled() }
 }
 
 impl Plan {
     fn per_head(&self) -> Shape {
         Shape::new([self.batch, self.heads, self.seq, self.head_dim])
+    }
+
+    /// Softmax probabilities of query block `blk` of head (bi, hi) over keys
+    /// 0..limit(bi, blk), written into `rows` × limit values of `dst`, rows `stride` apart.
+    ///
+    /// # Safety
+    /// `dst` holds that many writable values, which no one else touches meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block_probabilities(
+        &self,
+        q: &Heads,
+        k: &Heads,
+        bi: usize,
+        hi: usize,
+        blk: usize,
+        dst: *mut f32,
+        stride: usize,
+    ) {
+        let ((i0, rows), keys) = (self.block(blk), self.limit(bi, blk));
+        // SAFETY: the views read rows i0..i0+rows of head (bi, hi)'s queries and keys
+        // 0..keys ≤ s of its KV head, inside the live q and k; dst is the caller's.
+        unsafe {
+            gemm(
+                rows,
+                keys,
+                self.head_dim,
+                dst,
+                stride,
+                false,
+                q.view(bi, hi).down(i0),
+                k.view(bi, hi / self.groups()).t(),
+            );
+            for r in 0..rows {
+                self.softmax_row(bi, i0 + r, std::slice::from_raw_parts_mut(dst.add(r * stride), keys));
+            }
+        }
     }
 
     /// Σ over the query heads and blocks that see keys j0..j0+cols of (b, kv head) of
@@ -385,12 +432,13 @@ impl Plan {
 struct AttentionBackward;
 
 impl Backward<Flex, 3> for AttentionBackward {
-    /// q, k, v, P, plan.
-    type State = (Heads, Heads, Heads, Vec<f32>, Plan);
+    /// q, k, v, plan.
+    type State = (Heads, Heads, Heads, Plan);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_q, node_k, node_v] = ops.parents;
-        let (q, k, v, mut probs, plan) = ops.state;
+        let (q, k, v, plan) = ops.state;
+        let mut probs = probabilities(&q, &k, &plan);
         let d_out = Heads::new(grads.consume::<Flex>(&ops.node));
         let (b, h, kvh, s, d, g) = (plan.batch, plan.heads, plan.kv_heads, plan.seq, plan.head_dim, plan.groups());
         let key_tasks = b * kvh * plan.blocks();
