@@ -87,8 +87,23 @@ const REAL_SIZE_CONFIGS: [Config; 6] = [
     Config { name: "135m-1024/full+gc", data: "seq1024", gradient_checkpointing: true, ..REAL },
 ];
 
+/// `--size qwen2-0.5b`: full fine-tuning and LoRA, with and without gradient
+/// checkpointing, on 512-token sequences.
+const QWEN2_CONFIGS: [Config; 4] = [
+    Config { name: "0.5b-512/full", ..REAL },
+    Config { name: "0.5b-512/full+gc", gradient_checkpointing: true, ..REAL },
+    Config { name: "0.5b-512/lora-r16", lora: true, ..REAL },
+    Config { name: "0.5b-512/lora-r16+gc", lora: true, gradient_checkpointing: true, ..REAL },
+];
+
 /// The PyTorch rows beside the real-size configurations: (row, data, gradient
 /// checkpointing, LoRA).
+const QWEN2_TORCH: [(&str, &str, bool, bool); 4] = [
+    ("0.5b-512/pytorch-eager", "seq512", false, false),
+    ("0.5b-512/pytorch-eager+gc", "seq512", true, false),
+    ("0.5b-512/pytorch-lora-r16", "seq512", false, true),
+    ("0.5b-512/pytorch-lora-r16+gc", "seq512", true, true),
+];
 const REAL_SIZE_TORCH: [(&str, &str, bool, bool); 6] = [
     ("135m-512/pytorch-eager", "seq512", false, false),
     ("135m-512/pytorch-eager+gc", "seq512", true, false),
@@ -133,8 +148,13 @@ struct TorchRow {
 /// The PyTorch rows of a bench: eager and torch.compile on both data sets, or at real size
 /// eager with and without LoRA and gradient checkpointing.
 fn torch_rows(size: ModelSize) -> Vec<TorchRow> {
-    if size == ModelSize::Smollm135m {
-        return REAL_SIZE_TORCH
+    let real_size: &[(&str, &str, bool, bool)] = match size {
+        ModelSize::Smollm135m => &REAL_SIZE_TORCH,
+        ModelSize::Qwen2_0_5b => &QWEN2_TORCH,
+        ModelSize::M10 | ModelSize::Tiny => &[],
+    };
+    if !real_size.is_empty() {
+        return real_size
             .iter()
             .map(|&(name, data, gradient_checkpointing, lora)| TorchRow {
                 name: name.to_string(),
@@ -171,6 +191,12 @@ pub enum ModelSize {
     /// checkpointing on and off, 512- and 1024-token sequences (batch 2 pairs recommended).
     #[value(name = "smollm-135m")]
     Smollm135m,
+    /// Qwen2-0.5B's shape (24 layers, hidden 896, 14 query / 2 KV heads with q/k/v biases,
+    /// 151,936-token vocabulary, tied embeddings), random init: full fine-tuning and LoRA
+    /// r=16, gradient checkpointing on and off, 512-token sequences (about 13 GB at full
+    /// fine-tuning).
+    #[value(name = "qwen2-0.5b")]
+    Qwen2_0_5b,
 }
 
 /// What a child (or the PyTorch script) reports.
@@ -210,7 +236,13 @@ impl ModelSize {
             ModelSize::M10 => super::M10.with_vocab(vocab),
             ModelSize::Tiny => super::TINY.with_vocab(vocab),
             ModelSize::Smollm135m => super::SMOLLM_135M,
+            ModelSize::Qwen2_0_5b => super::QWEN2_0_5B,
         }
+    }
+
+    /// Random-init real-size shapes, on long sequences and beside PyTorch's eager step.
+    fn is_real_size(self) -> bool {
+        matches!(self, ModelSize::Smollm135m | ModelSize::Qwen2_0_5b)
     }
 }
 
@@ -226,7 +258,11 @@ fn limits(data: &str) -> Truncation {
 }
 
 fn configs(size: ModelSize) -> &'static [Config] {
-    if size == ModelSize::Smollm135m { &REAL_SIZE_CONFIGS } else { &CONFIGS }
+    match size {
+        ModelSize::Smollm135m => &REAL_SIZE_CONFIGS,
+        ModelSize::Qwen2_0_5b => &QWEN2_CONFIGS,
+        ModelSize::M10 | ModelSize::Tiny => &CONFIGS,
+    }
 }
 
 /// The parent: model, data, reference file, then every configuration in each round.
@@ -253,9 +289,11 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
     let model_dir = opts.out.join("model");
     save_model(&model, &config, &tokenizer_json, &model_dir)?;
     drop(model);
-    let real_size = opts.size == ModelSize::Smollm135m;
+    let real_size = opts.size.is_real_size();
     let data_sets: Vec<&str> = if real_size {
-        for (name, length) in REAL_SIZE_LENGTHS {
+        // The data sets this size's configurations read.
+        let used = |name: &str| configs(opts.size).iter().any(|c| c.data == name);
+        for (name, length) in REAL_SIZE_LENGTHS.into_iter().filter(|(name, _)| used(name)) {
             write_long_data(
                 &tokenizer,
                 &pairs,
@@ -265,7 +303,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
                 opts.batch_size,
             )?;
         }
-        REAL_SIZE_LENGTHS.iter().map(|(name, _)| *name).collect()
+        REAL_SIZE_LENGTHS.iter().map(|(name, _)| *name).filter(|name| used(name)).collect()
     } else {
         let large = opts.size.preset(LARGE_VOCAB).config();
         save_model(
@@ -429,6 +467,7 @@ pub fn run_child(name: &str, out: &Path, steps: usize, warmup: usize, round: usi
     let config = CONFIGS
         .iter()
         .chain(&REAL_SIZE_CONFIGS)
+        .chain(&QWEN2_CONFIGS)
         .find(|c| c.name == name)
         .with_context(|| format!("no bench configuration {name}"))?;
     let data = out.join(format!("{}.jsonl", config.data));

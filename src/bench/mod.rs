@@ -129,11 +129,15 @@ pub const QWEN2_TINY: ModelPreset = ModelPreset {
     ..QWEN2_0_5B
 };
 
-/// The middle value (the upper one of an even count); NaN for none.
+/// The middle value (the mean of the two middle ones of an even count); NaN for none.
 pub fn median(values: &[f64]) -> f64 {
     let mut s = values.to_vec();
     s.sort_by(f64::total_cmp);
-    if s.is_empty() { f64::NAN } else { s[s.len() / 2] }
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
 }
 
 /// `$PREFHOST_PYTHON`, else `python3`, whichever first imports torch.
