@@ -500,3 +500,49 @@ fn gpu_backends_without_a_device_are_an_error_not_a_panic() {
         );
     }
 }
+
+/// A LoRA base kept in its checkpoint's bf16 on every backend: on libtorch and CUDA each
+/// product with a frozen 16-bit weight is one recorded op that keeps the stored weight and
+/// widens it again in its backward (burn's own ops would keep an f32 copy of every frozen
+/// weight from the forward to the backward). Log-probs and adapter gradients must equal
+/// those of f32 copies on the same backend (the widening is exact), and cpu's within the
+/// f32 tolerances.
+#[test]
+fn lora_on_a_bf16_checkpoint_matches_f32_copies_and_cpu() {
+    use burn::tensor::DType;
+    use prefhost::model::MixedPrecision;
+    let dir = common::repo().join("tests/fixtures/hf/llama_bf16");
+    let rows = common::fixture_rows(&dir);
+    let seqs: Vec<(&[u32], &[u32])> =
+        rows.iter().map(|r| (&r.ids[..r.prompt_length], &r.ids[r.prompt_length..])).collect();
+    let run = |backend: &str, frozen: bool| {
+        let device = backend_device(backend).unwrap().autodiff();
+        let model = common::lora_model(&dir, frozen, MixedPrecision::No, &device);
+        let base_dtypes: Vec<DType> = model.projections().iter().map(|(_, _, p)| p.base.weight.val().dtype()).collect();
+        assert!(
+            base_dtypes.iter().all(|d| *d == if frozen { DType::BF16 } else { DType::F32 }),
+            "{backend}: LoRA base dtypes {base_dtypes:?}"
+        );
+        let batch = prefhost::data::batch::collate(&seqs, 2, &device);
+        let ids = common::adapter_ids(&model);
+        common::weighted_logps_and_grads(&model, &batch, None, None, &ids)
+    };
+    let (cpu_logps, cpu_grads) = run("cpu", true);
+    for backend in runnable() {
+        let (stored, stored_grads) = run(backend, true);
+        let (copies, copies_grads) = run(backend, false);
+        assert_eq!(stored, copies, "{backend}: log-probs of the bf16 base differ from its f32 copy's");
+        assert_eq!(stored_grads, copies_grads, "{backend}: adapter gradients differ from the f32 copy's");
+        let d = stored.iter().zip(&cpu_logps).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) as f64;
+        assert!(d <= F32.logps, "{backend}: per-token log-probs differ from cpu's by {d:e}");
+        // Each adapter's largest difference over its largest gradient (element-wise ratios
+        // blow up where a gradient is near zero).
+        let scaled = |a: &[f32], b: &[f32]| {
+            let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            (diff / b.iter().map(|y| y.abs()).fold(0f32, f32::max).max(1e-30)) as f64
+        };
+        let g = stored_grads.iter().zip(&cpu_grads).map(|(a, b)| scaled(a, b)).fold(0f64, f64::max);
+        eprintln!("LoRA on bf16, {backend} vs cpu: log-probs {d:e}, adapter gradients {g:e} of their largest");
+        assert!(g <= F32.grad_norm_rel, "{backend}: adapter gradients differ from cpu's by {g:e} of their largest");
+    }
+}

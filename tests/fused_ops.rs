@@ -279,3 +279,35 @@ fn fused_projection_product_matches_burn_matmul_and_its_gradients() {
         |t| t[0].clone().matmul(t[1].clone().transpose()),
     );
 }
+
+/// SwiGLU and the down projection as one op, which recomputes silu(gate)·up in its
+/// backward instead of keeping it: the values and gradients of the two ops (fused SwiGLU,
+/// then the fused product) bit for bit, and burn's ops within the usual tolerance.
+#[test]
+fn swiglu_with_the_down_projection_matches_the_two_ops() {
+    use prefhost::model::fused::swiglu_matmul;
+    let device = Device::default().autodiff();
+    let normal = |dims: [usize; 2]| Tensor::<2>::random(dims, Distribution::Normal(0.0, 1.0), &device);
+    // The weight as the model holds it: a transposed view of HF's [out, in].
+    for (n, inter, out) in [(7, 12, 5), (300, 256, 96)] {
+        let (gate, up, w) = (normal([n, inter]), normal([n, inter]), normal([out, inter]));
+        check(
+            "swiglu_matmul vs burn ops",
+            [gate.clone(), up.clone(), w.clone()],
+            |t| swiglu_matmul(t[0].clone(), t[1].clone(), t[2].clone().transpose()),
+            |t| (silu(t[0].clone()) * t[1].clone()).matmul(t[2].clone().transpose()),
+        );
+        let inputs = [gate, up, w].map(|t| t.require_grad());
+        let upstream = normal([n, out]);
+        let run = |y: Tensor<2>| {
+            let grads = (y.clone() * upstream.clone()).sum().backward();
+            let mut got = vec![values(y)];
+            got.extend(inputs.iter().map(|t| values(t.grad(&grads).unwrap())));
+            got
+        };
+        let [g, u, w] = inputs.clone();
+        let one_op = run(swiglu_matmul(g.clone(), u.clone(), w.clone().transpose()));
+        let two_ops = run(linear::matmul(swiglu(g, u), w.transpose()));
+        assert!(one_op == two_ops, "{n}x{inter}x{out}: output or gradients differ from the two ops");
+    }
+}

@@ -8,10 +8,10 @@ use common::*;
 
 use std::path::{Path, PathBuf};
 
-use burn::module::{Module, ParamId};
+use burn::module::Module;
 use burn::tensor::{DType, Device};
 use prefhost::data::batch::collate;
-use prefhost::model::{Llama, LoraConfig, MixedPrecision, load_frozen_model, load_model};
+use prefhost::model::{Llama, MixedPrecision, load_frozen_model, load_model};
 use prefhost::train::TrainConfig;
 use prefhost::train::trainer::{build_policy, resident_reference};
 use safetensors::Dtype;
@@ -131,34 +131,6 @@ fn rewrite(
         .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
         .collect();
     safetensors::serialize_to_file(views, None, file).unwrap();
-}
-
-/// A LoRA model on `dir`'s checkpoint, loaded as f32 copies or with the stored dtypes kept,
-/// with the same seeded A and the same non-zero B either way (a fresh B is zero, which
-/// would leave the adapters out of the log-probs).
-fn lora_model(dir: &Path, frozen: bool, precision: MixedPrecision, device: &Device) -> Llama {
-    device.seed(11);
-    let (_, base) = if frozen { load_frozen_model(dir, device) } else { load_model(dir, device) }.unwrap();
-    let lora: LoraConfig =
-        serde_json::from_value(serde_json::json!({"r": 4, "lora_alpha": 8, "target_modules": "all-linear"})).unwrap();
-    let model = base.with_lora(&lora, device).unwrap();
-    let mut tensors = model.adapter_tensors();
-    for (key, (_, values)) in tensors.iter_mut() {
-        if key.contains("lora_B") {
-            values.iter_mut().enumerate().for_each(|(i, v)| *v = ((i % 7) as f32 - 3.0) * 0.02);
-        }
-    }
-    model.set_adapters(&mut tensors, device).unwrap().with_precision(precision)
-}
-
-fn adapter_ids(model: &Llama) -> Vec<ParamId> {
-    model.projections().iter().flat_map(|(_, _, p)| p.lora.as_ref().map(|a| [a.a.id, a.b.id])).flatten().collect()
-}
-
-/// Largest |a − b| / max(|b|, 1e-30) over two lists of values.
-fn max_relative(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs() / (*y as f64).abs().max(1e-30)).fold(0.0, f64::max)
 }
 
 /// bf16/f16 → f32 is exact and the products see the same values in the same layout, so the

@@ -709,14 +709,14 @@ fn render(results: &[Timing], opts: &BenchOptions) -> String {
     for r in results.iter().filter_map(|r| r.logps_max_diff_vs_prefhost.map(|d| (&r.name, d))) {
         out.push_str(&format!("- {}: first-step log-probs differ from prefhost's by at most {:.2e}\n", r.0, r.1));
     }
-    for length in ["512", "1024"] {
+    for group in ["135m-512", "135m-1024", "0.5b-512"] {
         for (ours, theirs) in [
             ("full", "pytorch-eager"),
             ("full+gc", "pytorch-eager+gc"),
             ("lora-r16", "pytorch-lora-r16"),
             ("lora-r16+gc", "pytorch-lora-r16+gc"),
         ] {
-            let (ours, theirs) = (format!("135m-{length}/{ours}"), format!("135m-{length}/{theirs}"));
+            let (ours, theirs) = (format!("{group}/{ours}"), format!("{group}/{theirs}"));
             ratio(
                 &format!("{ours} vs {theirs} speed (PyTorch time / prefhost time)"),
                 &format!("{theirs} "),
@@ -733,7 +733,7 @@ fn render(results: &[Timing], opts: &BenchOptions) -> String {
             }
         }
         for who in ["full", "lora-r16", "pytorch-eager", "pytorch-lora-r16"] {
-            let (plain, checkpointed) = (format!("135m-{length}/{who} "), format!("135m-{length}/{who}+gc "));
+            let (plain, checkpointed) = (format!("{group}/{who} "), format!("{group}/{who}+gc "));
             let pick = |n: &str| results.iter().find(|r| format!("{} ", r.name).starts_with(n));
             if let (Some(p), Some(c)) = (pick(&plain), pick(&checkpointed)) {
                 let per_round: Vec<f64> = p.round_medians.iter().zip(&c.round_medians).map(|(p, c)| c / p).collect();

@@ -4,8 +4,9 @@
 use burn::module::Module;
 use burn::tensor::Tensor;
 
-use super::fused::swiglu;
+use super::fused::{swiglu, swiglu_matmul};
 use super::lora::Projection;
+use super::precision::MixedPrecision;
 
 /// The gate's activation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -29,11 +30,22 @@ pub struct Mlp {
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let (gate, up) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
-        let hidden = match self.activation {
-            Activation::Silu => swiglu(gate, up),
-            Activation::GeluTanh => gelu_tanh(gate) * up,
-        };
-        self.down_proj.forward(hidden)
+        let down = &self.down_proj;
+        match self.activation {
+            // A plain down projection takes SwiGLU with it as one op, which does not keep
+            // the product silu(gate)·up for the backward (see `swiglu_matmul`).
+            Activation::Silu
+                if down.lora.is_none() && down.base.bias.is_none() && down.precision == MixedPrecision::No =>
+            {
+                let [b, s, inter] = gate.dims();
+                let flat = |t: Tensor<3>| t.reshape([b * s, inter]);
+                let y = swiglu_matmul(flat(gate), flat(up), down.base.weight.val());
+                let out = y.dims()[1];
+                y.reshape([b, s, out])
+            }
+            Activation::Silu => down.forward(swiglu(gate, up)),
+            Activation::GeluTanh => down.forward(gelu_tanh(gate) * up),
+        }
     }
 }
 

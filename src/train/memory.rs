@@ -146,13 +146,20 @@ fn parameters(model: &LlamaConfig, config: &TrainConfig) -> (f64, f64) {
 
 /// Floats one decoder layer keeps for the backward pass of one micro-batch: the layer's
 /// input, both norms' outputs, queries/keys/values after RoPE, attention output, the
-/// residual, and the MLP's gate, up and activation. (Attention probabilities are not
-/// kept: the backward recomputes them, see `attention_probabilities`.)
-fn layer_activations(model: &LlamaConfig, batch: BatchShape) -> f64 {
+/// residual, the MLP's gate and up, and the activation silu(gate)·up unless SwiGLU and a
+/// plain down projection run as one op that recomputes it (`fused::swiglu_matmul`).
+/// (Attention probabilities are not kept either: see `attention_probabilities`.)
+fn layer_activations(model: &LlamaConfig, config: &TrainConfig, batch: BatchShape) -> f64 {
     let (d, heads, kv, hd, inter) =
         (model.hidden_size, model.num_attention_heads, model.kv_heads(), model.head_dim(), model.intermediate_size);
+    let down_with_lora = config.lora.as_ref().is_some_and(|l| l.modules().unwrap_or_default().contains(&"down_proj"));
+    let product_recomputed = model.family() != crate::model::config::Family::Gemma2
+        && !model.mlp_bias
+        && !down_with_lora
+        && config.mixed_precision == crate::model::MixedPrecision::No;
+    let mlp = if product_recomputed { 2 * inter } else { 3 * inter };
     let tokens = (batch.rows * batch.length) as f64;
-    (4 * d + 2 * heads * hd + 2 * kv * hd + 3 * inter) as f64 * tokens
+    (4 * d + 2 * heads * hd + 2 * kv * hd + mlp) as f64 * tokens
 }
 
 /// Floats of one layer's attention probabilities, which its backward computes again and
@@ -170,7 +177,7 @@ pub fn estimate(model: &LlamaConfig, config: &TrainConfig, batch: BatchShape, st
     let weights = if config.lora.is_some() { all * stored + trainable * F32 } else { all * F32 };
     let layers = model.num_hidden_layers as f64;
     let tokens = (batch.rows * batch.length) as f64;
-    let layer = layer_activations(model, batch) * F32;
+    let layer = layer_activations(model, config, batch) * F32;
     let probabilities = attention_probabilities(model, batch) * F32;
     let activations = if config.gradient_checkpointing {
         // Every layer's input, plus one layer recomputed and its gradients.

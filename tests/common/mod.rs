@@ -323,3 +323,38 @@ pub fn host_diff(a: &Path, b: &Path, data: &Path, out: &Path, top: usize) -> Out
     let paths = [a, b, data, out].map(|p| p.to_str().unwrap().to_string());
     run_host(&["diff", &paths[0], &paths[1], "--data", &paths[2], "--out", &paths[3], "--top", &top])
 }
+
+/// A LoRA model on `dir`'s checkpoint, loaded as f32 copies or with the stored dtypes kept,
+/// with the same seeded A and the same non-zero B either way (a fresh B is zero, which
+/// would leave the adapters out of the log-probs).
+pub fn lora_model(
+    dir: &Path,
+    frozen: bool,
+    precision: prefhost::model::MixedPrecision,
+    device: &burn::tensor::Device,
+) -> prefhost::model::Llama {
+    prefhost::model::seed_model_draws(device, 11);
+    let (_, base) =
+        if frozen { prefhost::model::load_frozen_model(dir, device) } else { prefhost::model::load_model(dir, device) }
+            .unwrap();
+    let lora: prefhost::model::LoraConfig =
+        serde_json::from_value(serde_json::json!({"r": 4, "lora_alpha": 8, "target_modules": "all-linear"})).unwrap();
+    let model = base.with_lora(&lora, device).unwrap();
+    let mut tensors = model.adapter_tensors();
+    for (key, (_, values)) in tensors.iter_mut() {
+        if key.contains("lora_B") {
+            values.iter_mut().enumerate().for_each(|(i, v)| *v = ((i % 7) as f32 - 3.0) * 0.02);
+        }
+    }
+    model.set_adapters(&mut tensors, device).unwrap().with_precision(precision)
+}
+
+pub fn adapter_ids(model: &prefhost::model::Llama) -> Vec<burn::module::ParamId> {
+    model.projections().iter().flat_map(|(_, _, p)| p.lora.as_ref().map(|a| [a.a.id, a.b.id])).flatten().collect()
+}
+
+/// Largest |a − b| / max(|b|, 1e-30) over two lists of values.
+pub fn max_relative(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs() / (*y as f64).abs().max(1e-30)).fold(0.0, f64::max)
+}

@@ -34,7 +34,7 @@ pub fn matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
 }
 
 /// a [m, k] · b [k, n] into a new contiguous [m, n] tensor.
-fn product(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
+pub(super) fn product(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
     let (m, k, n) = (a.layout().shape()[0], a.layout().shape()[1], b.layout().shape()[1]);
     assert_eq!(k, b.layout().shape()[0], "matmul: inner dimensions differ");
     let mut out = Buffer::new(m * n);
@@ -86,8 +86,68 @@ fn frozen_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
             return Tensor::from_primitive::<Flex>(frozen_product(&xp, &wp, WIDEN_BLOCK));
         }
     }
-    // Elsewhere burn's ops: the f32 copy lives as long as autodiff keeps the product's inputs.
+    #[cfg(feature = "tch")]
+    #[allow(deprecated)] // burn-tch's LibTorch is deprecated; it is the libtorch backend we build
+    if let Some(y) = frozen_matmul_recorded::<burn::backend::LibTorch>(&x, &w) {
+        return y;
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(y) = frozen_matmul_recorded::<burn::backend::Cube>(&x, &w) {
+        return y;
+    }
+    // Without autodiff the f32 copy is dropped right after the product.
     x.matmul(w.cast(FloatDType::F32))
+}
+
+/// x · w for a frozen 16-bit w under autodiff on another backend (libtorch, CUDA), recorded
+/// as one op that keeps w as stored and widens it again in its backward. burn's own
+/// `x.matmul(w.cast(F32))` would keep the f32 copy from the forward to the backward: an f32
+/// copy of every frozen weight at a LoRA step's peak. None when x and w are not both on
+/// `B` under autodiff.
+#[cfg(any(feature = "tch", feature = "cuda"))]
+fn frozen_matmul_recorded<B: burn::backend::Backend>(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>>
+where
+    burn::tensor::Float: burn::tensor::BackendPrimitive<
+            burn::backend::Autodiff<B>,
+            Primitive = burn::backend::tensor::FloatTensor<burn::backend::Autodiff<B>>,
+        >,
+    burn::backend::DispatchTensor: burn::backend::DispatchKindConversion<burn::backend::Autodiff<B>>,
+{
+    use burn::backend::Autodiff;
+    use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+    use burn::backend::autodiff::ops::OpsKind;
+    if x.dtype() != DType::F32 || w.is_require_grad() {
+        return None;
+    }
+    let xp = x.clone().try_into_primitive::<Autodiff<B>>().ok()?;
+    let wp = w.clone().try_into_primitive::<Autodiff<B>>().ok()?.into_primitive();
+    let product =
+        |x: B::FloatTensorPrimitive, w: B::FloatTensorPrimitive| B::float_matmul(x, B::float_cast(w, FloatDType::F32));
+    let out = match WidenedMatmulBackward.prepare::<NoCheckpointing>([xp.node()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(wp.clone(), product(xp.into_primitive(), wp)),
+        OpsKind::UnTracked(prep) => prep.finish(product(xp.into_primitive(), wp)),
+    };
+    Some(Tensor::from_primitive::<Autodiff<B>>(out))
+}
+
+/// dx = dy · wᵀ with w widened again, on backends other than burn-flex.
+#[cfg(any(feature = "tch", feature = "cuda"))]
+#[derive(Debug)]
+struct WidenedMatmulBackward;
+
+#[cfg(any(feature = "tch", feature = "cuda"))]
+impl<B: burn::backend::Backend> Backward<B, 1> for WidenedMatmulBackward {
+    /// w as stored.
+    type State = B::FloatTensorPrimitive;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        if let Some(node) = node_x {
+            let w = B::float_cast(ops.state, FloatDType::F32);
+            grads.register::<B>(node.id, B::float_matmul(dy, B::float_transpose(w)));
+        }
+    }
 }
 
 /// How many elements of a frozen weight are widened to f32 at a time (8 MB): a larger

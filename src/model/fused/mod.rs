@@ -19,7 +19,7 @@ mod target_logps;
 pub use attention::{fuses, grouped_attention};
 pub use rms_norm::rms_norm;
 pub use rope::rope;
-pub use swiglu::swiglu;
+pub use swiglu::{swiglu, swiglu_matmul};
 pub use target_logps::target_logps;
 
 /// The fused ops are on unless `PREFHOST_UNFUSED=1`: `host bench` times both side by side.
