@@ -122,3 +122,88 @@ fn module_optimizer_and_checkpoints_match_burns_adamw() {
     let b = train(&mut resumed_in_ours, b, &device, 2);
     assert_eq!(weights(&a), weights(&b), "steps after a resume differ");
 }
+
+/// Trains `steps` steps of a tiny Llama with `step`, on fixed token rows.
+fn train_llama(
+    mut model: prefhost::model::Llama,
+    device: &Device,
+    steps: usize,
+    mut step: impl FnMut(prefhost::model::Llama, GradientsParams) -> prefhost::model::Llama,
+) -> prefhost::model::Llama {
+    for s in 0..steps {
+        let ids: Vec<i64> = (0..2 * 6).map(|i| ((i * 5 + s * 3) % 50) as i64).collect();
+        let ids = Tensor::<2, burn::tensor::Int>::from_data(TensorData::new(ids, [2, 6]), device);
+        let loss = model.forward(ids).powi_scalar(2).mean().mul_scalar((s + 1) as f64);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = step(model, grads);
+    }
+    model
+}
+
+/// Every tensor (name → param id, shape, bytes), scalar and metadata entry of a burnpack file.
+type PackContents = (
+    std::collections::BTreeMap<String, (Option<u64>, Vec<usize>, Vec<u8>)>,
+    std::collections::BTreeMap<String, burn_pack::Scalar>,
+    std::collections::BTreeMap<String, String>,
+);
+
+fn pack_contents(path: &std::path::Path) -> PackContents {
+    let reader = burn_pack::Reader::from_file(path).unwrap();
+    let (scalars, metadata) = (reader.scalars().clone(), reader.metadata().clone());
+    let tensors = reader
+        .into_tensors()
+        .unwrap()
+        .into_iter()
+        .map(|t| {
+            let (name, _, shape, id, bytes) = t.into_parts().unwrap();
+            (name, (id, shape.to_vec(), bytes.to_vec()))
+        })
+        .collect();
+    (tensors, scalars, metadata)
+}
+
+/// The trainer's whole-model AdamW (moments owned, saved a tensor at a time) against burn's
+/// ModuleOptimizer running the same update: the same weights, a file with the same tensors,
+/// scalars and paths, and each one resumes from the other's file.
+#[test]
+fn model_adamw_matches_burns_module_optimizer_and_its_files() {
+    use burn::module::Module;
+    use prefhost::model::{Llama, LlamaConfig, RandomInit};
+    use prefhost::train::optimizer::ModelAdamW;
+    let device = Device::flex().autodiff();
+    let config: LlamaConfig = serde_json::from_value(serde_json::json!({
+        "model_type": "llama", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 64, "tie_word_embeddings": false
+    }))
+    .unwrap();
+    let model = Llama::build(&config, &mut RandomInit { std: 0.2 }, &device).unwrap();
+    let weights = |m: &Llama| prefhost::model::weights::hf_tensors(&m.valid());
+
+    let mut burns = ours(0.01).for_model(&model);
+    let mut owned = ModelAdamW::for_model(ours(0.01), &model);
+    let a = train_llama(model.clone(), &device, 3, |m, g| burns.step(1e-2, m, g));
+    let b = train_llama(model.clone(), &device, 3, |m, g| owned.step(1e-2, m, g));
+    assert!(weights(&a) == weights(&b), "whole-model steps differ");
+    assert!(weights(&a) != weights(&model), "the weights never moved");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (burn_file, owned_file) = (dir.path().join("burn.bpk"), dir.path().join("owned.bpk"));
+    burns.save(&burn_file).unwrap();
+    owned.save(&owned_file).unwrap();
+    let (theirs, ours_contents) = (pack_contents(&burn_file), pack_contents(&owned_file));
+    assert_eq!(theirs.0.len(), 2 * model.parameter_names().len(), "two moments per parameter");
+    assert!(theirs.0 == ours_contents.0, "the files' tensors differ");
+    assert_eq!(theirs.1, ours_contents.1, "the files' scalars differ");
+    assert_eq!(theirs.2, ours_contents.2, "the files' paths differ");
+
+    // Each resumes from the other's file and takes the same next steps.
+    let cpu = Device::flex();
+    let mut burn_resumed = ours(0.01).for_model(&model).load(&owned_file).unwrap();
+    let mut owned_resumed = ModelAdamW::for_model(ours(0.01), &model).load(&burn_file, &cpu).unwrap();
+    let a = train_llama(b.clone(), &device, 2, |m, g| burn_resumed.step(1e-2, m, g));
+    let c = train_llama(b.clone(), &device, 2, |m, g| owned_resumed.step(1e-2, m, g));
+    let d = train_llama(b, &device, 2, |m, g| owned.step(1e-2, m, g));
+    assert!(weights(&a) == weights(&c), "steps after resuming from burn's file differ");
+    assert!(weights(&c) == weights(&d), "a resumed run differs from the uninterrupted one");
+}

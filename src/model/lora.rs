@@ -7,7 +7,6 @@
 //! The frozen base is the model's own weights, so the reference of a LoRA run is the same
 //! model with its adapters left out, and no second copy is ever made.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -18,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::llama::{Llama, named_param};
 use super::precision::MixedPrecision;
-use super::weights::NamedTensors;
+use super::weights::{NamedTensors, PendingTensor};
 
 /// The projections an adapter can sit on, in PEFT's names.
 pub const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -291,12 +290,20 @@ impl Llama {
 
     /// The adapters under their PEFT names and layout ([r, in] for A, [out, r] for B).
     pub fn adapter_tensors(&self) -> NamedTensors {
-        let mut out = BTreeMap::new();
+        super::weights::with_values(self.adapter_tensor_list())
+    }
+
+    /// The adapters under PEFT's names and layout, each made when asked for.
+    pub fn adapter_tensor_list(&self) -> Vec<(String, PendingTensor<'_>)> {
+        let mut out = Vec::new();
         for (path, _, projection) in self.projections() {
             if let Some(adapter) = &projection.lora {
                 for (factor, t) in [("A", adapter.a.val()), ("B", adapter.b.val())] {
-                    let t = t.transpose();
-                    out.insert(peft_key(&path, factor), (t.dims().to_vec(), crate::tensor::values(t)));
+                    let [input, output] = t.dims();
+                    out.push((
+                        peft_key(&path, factor),
+                        PendingTensor::matrix([output, input], move || t.clone().transpose()),
+                    ));
                 }
             }
         }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::{DType, Device, Tensor, TensorData};
+use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
 
 use super::config::LlamaConfig;
@@ -292,38 +293,75 @@ fn load_model_with(dir: &Path, device: &Device, keep_stored_dtype: bool) -> Resu
     Ok((config, model))
 }
 
-/// The model's parameters under their HF names and layout.
 /// Tensors by HF name: shape and f32 values.
 pub type NamedTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
-pub fn hf_tensors(model: &Llama) -> NamedTensors {
-    fn values<const D: usize>(t: Tensor<D>) -> (Vec<usize>, Vec<f32>) {
-        let shape = t.dims().to_vec();
-        (shape, crate::tensor::values(t))
+/// A tensor on its way into a safetensors file: its shape, and its values as a
+/// [rows, columns] tensor made only when the writer reaches it, then copied out a block
+/// of rows at a time. A save so holds a few MB of copies at once, not the whole model's
+/// (538 MB at 135M parameters, on top of the training run's peak).
+pub struct PendingTensor<'a> {
+    pub shape: Vec<usize>,
+    make: Box<dyn Fn() -> Tensor<2> + 'a>,
+}
+
+impl<'a> PendingTensor<'a> {
+    pub(crate) fn matrix(shape: [usize; 2], make: impl Fn() -> Tensor<2> + 'a) -> Self {
+        Self { shape: shape.to_vec(), make: Box::new(make) }
     }
-    let mut out = BTreeMap::new();
-    // Adapters are folded into their projection's weight: saving a LoRA model merges it.
-    let put_linear =
-        |out: &mut BTreeMap<_, _>, name: String, weight: Tensor<2>, bias: Option<&burn::module::Param<Tensor<1>>>| {
-            out.insert(format!("{name}.weight"), values(weight.transpose()));
-            if let Some(bias) = bias {
-                out.insert(format!("{name}.bias"), values(bias.val()));
-            }
-        };
-    out.insert("model.embed_tokens.weight".to_string(), values(model.embed_tokens.weight.val()));
+
+    fn vector(t: Tensor<1>) -> Self {
+        Self { shape: t.dims().to_vec(), make: Box::new(move || t.clone().unsqueeze::<2>()) }
+    }
+
+    /// All values (f32, row-major).
+    pub fn values(&self) -> Vec<f32> {
+        crate::tensor::values((self.make)())
+    }
+}
+
+/// The model's parameters under their HF names and layout, each made when asked for.
+/// Adapters are folded into their projection's weight: saving a LoRA model merges it.
+pub fn hf_tensor_list(model: &Llama) -> Vec<(String, PendingTensor<'_>)> {
+    let mut out = Vec::new();
+    // burn's Linear holds [in, out]; HF's files hold [out, in].
+    let linear_t = |weight: Tensor<2>| {
+        let [input, output] = weight.dims();
+        PendingTensor::matrix([output, input], move || weight.clone().transpose())
+    };
+    let embed = model.embed_tokens.weight.val();
+    out.push(("model.embed_tokens.weight".to_string(), PendingTensor::matrix(embed.dims(), move || embed.clone())));
     for (i, layer) in model.layers.iter().enumerate() {
         for (name, norm) in layer.norm_names() {
-            out.insert(format!("model.layers.{i}.{name}.weight"), values(norm.weight.val()));
+            out.push((format!("model.layers.{i}.{name}.weight"), PendingTensor::vector(norm.weight.val())));
         }
     }
     for (path, _, projection) in model.projections() {
-        put_linear(&mut out, path, projection.merged_weight(), projection.base.bias.as_ref());
+        let [input, output] = projection.base.weight.dims();
+        let merged = PendingTensor::matrix([output, input], move || projection.merged_weight().transpose());
+        out.push((format!("{path}.weight"), merged));
+        if let Some(bias) = &projection.base.bias {
+            out.push((format!("{path}.bias"), PendingTensor::vector(bias.val())));
+        }
     }
-    out.insert("model.norm.weight".to_string(), values(model.norm.weight.val()));
+    out.push(("model.norm.weight".to_string(), PendingTensor::vector(model.norm.weight.val())));
     if let Some(head) = &model.lm_head {
-        put_linear(&mut out, "lm_head".to_string(), head.weight.val(), head.bias.as_ref());
+        out.push(("lm_head.weight".to_string(), linear_t(head.weight.val())));
+        if let Some(bias) = &head.bias {
+            out.push(("lm_head.bias".to_string(), PendingTensor::vector(bias.val())));
+        }
     }
     out
+}
+
+/// The model's parameters under their HF names and layout, with their values.
+pub fn hf_tensors(model: &Llama) -> NamedTensors {
+    with_values(hf_tensor_list(model))
+}
+
+/// Each tensor of `list` with its values.
+pub(crate) fn with_values(list: Vec<(String, PendingTensor)>) -> NamedTensors {
+    list.into_iter().map(|(name, t)| (name, (t.shape.clone(), t.values()))).collect()
 }
 
 /// Writes an HF model folder (config.json, model.safetensors, tokenizer.json). Files are
@@ -342,7 +380,7 @@ pub fn save_model_with(
     extra: &[ExtraFile],
 ) -> Result<()> {
     write_folder(dir, !extra.is_empty(), |staging| {
-        staging.safetensors("model.safetensors", hf_tensors(model))?;
+        staging.safetensors("model.safetensors", hf_tensor_list(model))?;
         let mut json = serde_json::to_value(config)?;
         json["architectures"] = serde_json::json!([config.family().architecture()]);
         json["torch_dtype"] = serde_json::json!("float32");
@@ -367,7 +405,7 @@ pub fn save_adapter(
     extra: &[ExtraFile],
 ) -> Result<()> {
     write_folder(dir, !extra.is_empty(), |staging| {
-        staging.safetensors(ADAPTER_WEIGHTS, model.adapter_tensors())?;
+        staging.safetensors(ADAPTER_WEIGHTS, model.adapter_tensor_list())?;
         let config = serde_json::json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -529,7 +567,7 @@ impl Staging<'_> {
         failpoint::file_written(self.target, name)
     }
 
-    fn safetensors(&self, name: &str, tensors: NamedTensors) -> Result<()> {
+    fn safetensors(&self, name: &str, tensors: Vec<(String, PendingTensor)>) -> Result<()> {
         write_safetensors(tensors, &self.path.join(name))?;
         failpoint::file_written(self.target, name)
     }
@@ -665,33 +703,46 @@ pub fn recover_folder(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn write_safetensors(tensors: NamedTensors, path: &Path) -> Result<()> {
-    let views = tensors.into_iter().map(|(name, (shape, values))| (name, F32View { shape, values }));
-    let mut metadata = HashMap::new();
-    metadata.insert("format".to_string(), "pt".to_string());
-    safetensors::serialize_to_file(views, Some(metadata), path).with_context(|| format!("writing {}", path.display()))
-}
+/// Writes `tensors` as an f32 safetensors file, streaming: the header first (what
+/// safetensors' own writer makes: tensors in name order, the header padded with spaces to a
+/// multiple of 8 bytes), then each tensor a block of rows at a time.
+fn write_safetensors(mut tensors: Vec<(String, PendingTensor)>, path: &Path) -> Result<()> {
+    use std::io::Write;
+    const BLOCK_BYTES: usize = 8 << 20;
+    tensors.sort_by(|(a, _), (b, _)| a.cmp(b));
+    let mut offset = 0;
+    let mut infos = Vec::with_capacity(tensors.len());
+    for (name, tensor) in &tensors {
+        let bytes = tensor.shape.iter().product::<usize>() * 4;
+        let info =
+            TensorInfo { dtype: Dtype::F32, shape: tensor.shape.clone(), data_offsets: (offset, offset + bytes) };
+        infos.push((name.clone(), info));
+        offset += bytes;
+    }
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let header = Metadata::new(Some(metadata), infos).map_err(|e| anyhow::anyhow!("{}: {e:?}", path.display()))?;
+    let mut header = serde_json::to_vec(&header)?;
+    header.resize(header.len().next_multiple_of(8), b' ');
 
-/// An f32 tensor whose little-endian bytes are made when the writer asks for them, one
-/// tensor at a time, so saving never holds a byte copy of the whole model.
-struct F32View {
-    shape: Vec<usize>,
-    values: Vec<f32>,
-}
-
-impl safetensors::View for F32View {
-    fn dtype(&self) -> Dtype {
-        Dtype::F32
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Owned(self.values.iter().flat_map(|v| v.to_le_bytes()).collect())
-    }
-    fn data_len(&self) -> usize {
-        self.values.len() * 4
-    }
+    let write = || -> std::io::Result<()> {
+        let mut file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+        file.write_all(&(header.len() as u64).to_le_bytes())?;
+        file.write_all(&header)?;
+        let mut bytes = Vec::new();
+        for (_, tensor) in &tensors {
+            let matrix = (tensor.make)();
+            let [rows, columns] = matrix.dims();
+            let block = (BLOCK_BYTES / (4 * columns.max(1))).max(1);
+            for start in (0..rows).step_by(block) {
+                let values = crate::tensor::values(matrix.clone().narrow(0, start, block.min(rows - start)));
+                bytes.clear();
+                bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+                file.write_all(&bytes)?;
+            }
+        }
+        file.flush()
+    };
+    write().with_context(|| format!("writing {}", path.display()))
 }
 
 /// tokenizer.json and the rest of the tokenizer (chat template, special tokens), which

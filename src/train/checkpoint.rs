@@ -5,11 +5,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::optimizer::ModelAdamW;
 use crate::model::weights::{ADAPTER_CONFIG, ExtraFile, interrupted_save_of, recover_folder, verify_manifest};
 use crate::model::{Llama, LoraConfig, MixedPrecision, load_model, read_adapter};
 use crate::rng::SplitMix64;
@@ -247,7 +247,7 @@ pub fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
 pub fn save(
     run_dir: &Path,
     state: &TrainerState,
-    optimizer: &ModuleOptimizer,
+    optimizer: &ModelAdamW,
     script: &ScriptVersion,
     write_policy: impl Fn(&Path, &[ExtraFile]) -> Result<()>,
 ) -> Result<PathBuf> {
@@ -257,8 +257,7 @@ pub fn save(
     let sources_json = serde_json::to_vec_pretty(&sources)?;
     let dir = run_dir.join(format!("checkpoint-{}", state.step));
     // AdamW's moments (twice the trainable weights) stream to the file tensor by tensor.
-    let write_optimizer =
-        |path: &Path| optimizer.save(path).map_err(|e| anyhow::anyhow!("saving the optimizer state: {e:?}"));
+    let write_optimizer = |path: &Path| optimizer.save(path);
     let (write_state, write_sources) =
         (|path: &Path| Ok(std::fs::write(path, &state_json)?), |path: &Path| Ok(std::fs::write(path, &sources_json)?));
     let extra = [
@@ -322,12 +321,8 @@ pub fn restore_policy(
 }
 
 /// `optimizer` with the moments checkpoint `ckpt` saved.
-pub fn restore_optimizer(ckpt: &Path, optimizer: ModuleOptimizer) -> Result<ModuleOptimizer> {
-    let path = ckpt.join(OPTIMIZER_FILE);
-    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    optimizer
-        .from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
-        .map_err(|e| anyhow::anyhow!("{}: corrupt optimizer state: {e:?}", path.display()))
+pub fn restore_optimizer(ckpt: &Path, optimizer: ModelAdamW, device: &Device) -> Result<ModelAdamW> {
+    optimizer.load(&ckpt.join(OPTIMIZER_FILE), device)
 }
 
 /// Copies the exact sources a run used (at start and after each reload) into the run folder.

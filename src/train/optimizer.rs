@@ -5,12 +5,25 @@
 //! buffers are not shared. Each value is rounded exactly as burn's op chain rounds it, so
 //! both paths give bit-identical weights (tests/optimizer.rs). Other backends and dtypes run
 //! the same maths in burn ops. The state is burn's `AdamWState`, so checkpoints are the same.
+//!
+//! [`ModelAdamW`] applies it to a whole model and owns the moments, so that a checkpoint
+//! streams them to disk a tensor at a time (burn's `ModuleOptimizer::save` first copies all
+//! of them into one record: 1 GB at 135M parameters, on top of the run's memory).
 
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
-use burn::module::{ParamGroup, ParamId};
-use burn::optim::{AdamWState, AdaptiveMomentumState, LearningRate, ModuleOptimizer, Optimizer};
-use burn::tensor::{DType, Device, Tensor};
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use burn::module::{Module, ModuleMapper, Param, ParamGroup, ParamId};
+use burn::optim::{
+    AdamWState, AdaptiveMomentumState, GradientsParams, LearningRate, ModuleOptimizer, Optimizer, RecordState,
+    StateSource,
+};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn_pack::Scalar;
 use rayon::prelude::*;
 
 use crate::model::Llama;
@@ -85,6 +98,180 @@ impl FusedAdamW {
             decays: self.weight_decay != 0.0,
             lr: lr as f32,
         }
+    }
+}
+
+/// AdamW over a whole model, as burn's `ModuleOptimizer` runs [`FusedAdamW`] (each
+/// parameter with a gradient updated on the inner backend, its autodiff settings put back;
+/// no decay on biases and norms), with every parameter's moments owned here. A checkpoint
+/// so writes them one tensor at a time, in the burnpack layout `ModuleOptimizer::save`
+/// writes (same names, scalars and paths: tests/optimizer.rs), and reads either back.
+pub struct ModelAdamW {
+    decayed: FusedAdamW,
+    undecayed: FusedAdamW,
+    no_decay: HashSet<ParamId>,
+    states: HashMap<ParamId, Moments>,
+}
+
+/// One parameter's state: burn's `AdamWState<D>` for its rank, and its module path.
+struct Moments {
+    path: String,
+    rank: usize,
+    state: Box<dyn Any + Send + Sync>,
+}
+
+/// burn's key for a parameter's rank in the record (`ModuleOptimizer::to_record`).
+const RANK_KEY: &str = "__rank";
+
+impl ModelAdamW {
+    /// AdamW for `model` as transformers' Trainer builds it: weight decay on every parameter
+    /// except biases and norm weights (see [`decays`]).
+    pub fn for_model(adamw: FusedAdamW, model: &Llama) -> Self {
+        let no_decay = model.parameter_names().iter().filter(|name| !decays(name)).map(|name| param_id(name)).collect();
+        let undecayed = FusedAdamW { weight_decay: 0.0, ..adamw.clone() };
+        Self { decayed: adamw, undecayed, no_decay, states: HashMap::new() }
+    }
+
+    /// One update of every parameter that has a gradient in `grads`.
+    pub fn step<M: Module>(&mut self, lr: LearningRate, module: M, mut grads: GradientsParams) -> M {
+        module.map(&mut StepMapper { optimizer: self, grads: &mut grads, lr, path: Vec::new() })
+    }
+
+    /// Writes the moments to `path` (burnpack), each tensor copied out only when the writer
+    /// reaches it.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut tensors = Vec::new();
+        let mut writer_scalars = Vec::new();
+        let mut paths = Vec::new();
+        for (id, moments) in &self.states {
+            let prefix = id.val().to_string();
+            let time = match moments.rank {
+                1 => moments.declare::<1>(id, &prefix, &mut tensors),
+                2 => moments.declare::<2>(id, &prefix, &mut tensors),
+                rank => bail!("AdamW state of rank {rank} (only 1 and 2 are saved)"),
+            };
+            writer_scalars.push((format!("{prefix}.{RANK_KEY}"), Scalar::from(moments.rank)));
+            writer_scalars.push((format!("{prefix}.momentum.time"), Scalar::from(time)));
+            paths.push((prefix, moments.path.clone()));
+        }
+        let mut writer = burn_pack::Writer::new(tensors);
+        for (key, value) in &writer_scalars {
+            writer = writer.with_scalar(key, *value);
+        }
+        for (key, value) in &paths {
+            writer = writer.with_metadata(key, value);
+        }
+        writer.write_to_file(path).map_err(|e| anyhow::anyhow!("writing {}: {e:?}", path.display()))
+    }
+
+    /// Reads back the moments `save` (or burn's `ModuleOptimizer::save`) wrote to `path`.
+    pub fn load(mut self, path: &Path, device: &Device) -> Result<Self> {
+        let corrupt = |e: burn_pack::Error| anyhow::anyhow!("{}: corrupt optimizer state: {e:?}", path.display());
+        let reader = burn_pack::Reader::from_file(path).map_err(corrupt)?;
+        let scalars = reader.scalars().clone();
+        let paths = reader.metadata().clone();
+        let mut ranks = BTreeMap::new();
+        for (name, value) in &scalars {
+            if let Some(id) = name.strip_suffix(&format!(".{RANK_KEY}")) {
+                let rank = usize::try_from(*value).ok();
+                ranks
+                    .insert(id.to_string(), rank.with_context(|| format!("{}: {name} is not a rank", path.display()))?);
+            }
+        }
+        let mut source = StateSource::new(scalars);
+        for tensor in reader.into_tensors().map_err(corrupt)? {
+            let (name, dtype, shape, _, bytes) = tensor.into_parts().map_err(corrupt)?;
+            source.insert_tensor(name, TensorData::from_bytes(bytes, shape, dtype));
+        }
+        self.states.clear();
+        for (prefix, rank) in ranks {
+            let id = ParamId::from(
+                prefix.parse::<u64>().with_context(|| format!("{}: parameter id {prefix}", path.display()))?,
+            );
+            let state = match rank {
+                1 => unflatten::<1>(&prefix, &mut source, device),
+                2 => unflatten::<2>(&prefix, &mut source, device),
+                _ => bail!("{}: parameter {prefix} has an AdamW state of rank {rank}", path.display()),
+            };
+            let state =
+                state.with_context(|| format!("{}: parameter {prefix}: AdamW state incomplete", path.display()))?;
+            let path = paths.get(&prefix).cloned().unwrap_or_default();
+            self.states.insert(id, Moments { path, rank, state });
+        }
+        Ok(self)
+    }
+}
+
+impl Moments {
+    /// Adds this rank-`D` state's two moments to `tensors` (copied out when the writer
+    /// reaches them); returns its step count.
+    fn declare<const D: usize>(&self, id: &ParamId, prefix: &str, tensors: &mut Vec<burn_pack::Tensor>) -> usize {
+        let state = self.state.downcast_ref::<AdamWState<D>>().expect("the state's rank is recorded beside it");
+        let momentum = &state.momentum;
+        for (leaf, moment) in [("moment_1", &momentum.moment_1), ("moment_2", &momentum.moment_2)] {
+            let (shape, dtype, moment) = (moment.shape().to_vec(), moment.dtype(), moment.clone());
+            let bytes = shape.iter().product::<usize>() * dtype.size();
+            let provider = move || Ok(moment.to_data().into_bytes());
+            let name = format!("{prefix}.momentum.{leaf}");
+            tensors.push(burn_pack::Tensor::deferred(name, dtype, shape, Some(id.val()), bytes, provider));
+        }
+        momentum.time
+    }
+}
+
+/// burn's reading of a rank-`D` AdamW state from a record.
+fn unflatten<const D: usize>(
+    prefix: &str,
+    source: &mut StateSource,
+    device: &Device,
+) -> Option<Box<dyn Any + Send + Sync>> {
+    AdamWState::<D>::state_unflatten(prefix, source, device).map(|state| Box::new(state) as Box<_>)
+}
+
+/// The module walk of one AdamW step (burn's ModuleOptimizerMapper without groups, clipping
+/// or devices: the trainer clips before and runs on one device).
+struct StepMapper<'a> {
+    optimizer: &'a mut ModelAdamW,
+    grads: &'a mut GradientsParams,
+    lr: LearningRate,
+    path: Vec<String>,
+}
+
+impl ModuleMapper for StepMapper<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, tensor, mapper) = param.consume();
+        let Some(grad) = self.grads.remove::<D>(id) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        // What autodiff knows of the parameter, put back on the updated value.
+        let (require_grad, checkpointing) = (tensor.is_require_grad(), tensor.gradient_checkpointing_strategy());
+        let optimizer = &mut *self.optimizer;
+        // A state read from a file is on the default device until its first step here.
+        let state = optimizer.states.remove(&id).map(|moments| {
+            let state = *moments.state.downcast::<AdamWState<D>>().expect("a parameter keeps its rank between steps");
+            <FusedAdamW as Optimizer>::to_device(state, &grad.device())
+        });
+        let adamw = if optimizer.no_decay.contains(&id) { &optimizer.undecayed } else { &optimizer.decayed };
+        let (updated, state) = adamw.step(self.lr, tensor.inner(), grad, state);
+        if let Some(state) = state {
+            optimizer.states.insert(id, Moments { path: self.path.join("."), rank: D, state: Box::new(state) });
+        }
+        let mut updated = Tensor::from_inner(updated);
+        if let Some(strategy) = checkpointing {
+            updated = updated.with_gradient_checkpointing_strategy(strategy);
+        }
+        if require_grad {
+            updated = updated.require_grad();
+        }
+        Param::from_mapped_value(id, updated, mapper)
     }
 }
 

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::Module;
 use burn::tensor::{Device, Tensor};
 use rhai::{Dynamic, INT, Map};
@@ -24,7 +24,7 @@ use super::loss_call::{BatchRows, LossBatch, LossOutput, Sequences, loss_params,
 use super::memory::{self, Estimate};
 use super::metrics::{BatchLogps, MetricsLog, Throughput, failure_mode_diagnostics, format_line, record_loss_call};
 use super::online::{Online, read_round_pairs};
-use super::optimizer::FusedAdamW;
+use super::optimizer::{FusedAdamW, ModelAdamW};
 use super::reference::PrecomputedReference;
 use super::reload::{CallSite, DryRun, Scripts, require_loss, require_reward, script_lr};
 use super::reset::{requested_reset, shrink_toward_initial};
@@ -448,7 +448,7 @@ struct Learner {
     /// it copy every parameter first).
     policy: Option<Llama>,
     /// AdamW with transformers' Trainer's decay groups, and its moments.
-    optimizer: ModuleOptimizer,
+    optimizer: ModelAdamW,
     /// The frozen reference: a resident copy of the starting model, the policy's own frozen
     /// weights (LoRA), or log-probs read from `ref_logps`. None in SFT mode.
     reference: Option<Reference>,
@@ -960,7 +960,11 @@ impl Learner {
             self.config.mixed_precision,
             &self.device,
         )?;
-        self.optimizer = checkpoint::restore_optimizer(&ckpt, new_optimizer(&self.config, &policy))?;
+        self.optimizer = checkpoint::restore_optimizer(
+            &ckpt,
+            new_optimizer(&self.config, &policy),
+            &self.device.clone().without_autodiff(),
+        )?;
         self.policy = Some(policy);
         self.skipped_steps = state.skipped_steps;
         let loss_state: Dynamic = serde_json::from_value(state.loss_state).context("loss state in the checkpoint")?;
@@ -978,8 +982,9 @@ impl Learner {
 }
 
 /// AdamW as transformers' Trainer builds it for `policy` (no decay on biases and norms).
-fn new_optimizer(config: &TrainConfig, policy: &Llama) -> ModuleOptimizer {
-    FusedAdamW::new(config.adam_beta1, config.adam_beta2, config.adam_epsilon, config.weight_decay).for_model(policy)
+fn new_optimizer(config: &TrainConfig, policy: &Llama) -> ModelAdamW {
+    let adamw = FusedAdamW::new(config.adam_beta1, config.adam_beta2, config.adam_epsilon, config.weight_decay);
+    ModelAdamW::for_model(adamw, policy)
 }
 
 /// The summed log-probs the loss will see, read before the call (the batch moves into it),
