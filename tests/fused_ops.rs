@@ -311,3 +311,56 @@ fn swiglu_with_the_down_projection_matches_the_two_ops() {
         assert!(one_op == two_ops, "{n}x{inter}x{out}: output or gradients differ from the two ops");
     }
 }
+
+/// RMSNorm and a projection as one op that recomputes the normalised input in its backward
+/// instead of keeping it: the values and gradients of the two fused ops (norm, then product)
+/// bit for bit; two projections of one norm (as q, k and v share it) against burn's ops
+/// within the usual tolerance; and the forward alone on the plain device.
+#[test]
+fn norm_with_a_projection_matches_the_two_ops() {
+    use prefhost::model::fused::normed_matmul;
+    let device = Device::default().autodiff();
+    let eps = 1e-5;
+    let normal = |dims: [usize; 2], std: f64| Tensor::<2>::random(dims, Distribution::Normal(0.0, std), &device);
+    let burn_norm = |x: Tensor<2>, g: Tensor<1>| {
+        let rms = (x.clone().square().mean_dim(1) + eps).sqrt();
+        (x / rms) * g.unsqueeze()
+    };
+    for (n, d, out) in [(7, 16, 5), (300, 96, 40)] {
+        let x = normal([n, d], 1.5).require_grad();
+        let gamma = (Tensor::<1>::random([d], Distribution::Normal(1.0, 0.3), &device)).require_grad();
+        // The weight as the model holds it: a transposed view of HF's [out, in].
+        let (w1, w2) = (normal([out, d], 0.2).require_grad(), normal([out, d], 0.2).require_grad());
+        let upstream = normal([n, out], 1.0);
+        let grads_of = |y: Tensor<2>, with: &[&Tensor<2>]| {
+            let grads = (y.clone() * upstream.clone()).sum().backward();
+            let mut got = vec![values(y), values(gamma.grad(&grads).unwrap())];
+            got.extend(with.iter().map(|t| values(t.grad(&grads).unwrap())));
+            got
+        };
+        let one_op = grads_of(normed_matmul(&x, &gamma, &w1.clone().transpose(), eps).unwrap(), &[&x, &w1]);
+        let two_ops =
+            grads_of(linear::matmul(rms_norm(x.clone(), gamma.clone(), eps), w1.clone().transpose()), &[&x, &w1]);
+        assert!(one_op == two_ops, "{n}x{d}x{out}: output or gradients differ from the two ops");
+
+        let fused = normed_matmul(&x, &gamma, &w1.clone().transpose(), eps).unwrap()
+            + normed_matmul(&x, &gamma, &w2.clone().transpose(), eps).unwrap().mul_scalar(0.5);
+        let normed = burn_norm(x.clone(), gamma.clone());
+        let plain =
+            normed.clone().matmul(w1.clone().transpose()) + normed.matmul(w2.clone().transpose()).mul_scalar(0.5);
+        let (a, b) = (grads_of(fused, &[&x, &w1, &w2]), grads_of(plain, &[&x, &w1, &w2]));
+        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(scale > 1e-4, "{n}x{d}x{out}: value {i} is zero");
+            assert!(
+                diff <= 1e-4 * scale.max(1.0),
+                "{n}x{d}x{out}: value {i} differs from burn's by {diff} (largest {scale})"
+            );
+        }
+
+        let (xp, gp, wp) = (x.clone().inner(), gamma.clone().inner(), w1.clone().inner().transpose());
+        let plain_device = values(normed_matmul(&xp, &gp, &wp, eps).unwrap());
+        assert!(plain_device == values(linear::matmul(rms_norm(xp, gp, eps), wp)), "plain device differs");
+    }
+}

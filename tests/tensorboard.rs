@@ -25,11 +25,28 @@ fn script(steps: usize, log_every: usize, extra: &str) -> String {
 
 /// metrics.jsonl as written (wall-clock values included).
 fn raw_lines(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap().lines().map(parse_exactly).collect()
+}
+
+/// A metrics line with each number read by Rust's correctly rounded `f64::from_str`:
+/// serde_json's default float parsing can land one ulp off (it read 0.21340220421552658 as
+/// …655), which flips the f32 a TensorBoard scalar holds when the value sits on an f32
+/// rounding midpoint, as means of f32 values can. (Event lines stay as serde_json reads
+/// them: they are compared with TensorBoard's text of them, which serde_json reads too.)
+fn parse_exactly(line: &str) -> serde_json::Value {
+    let mut value: serde_json::Value = serde_json::from_str(line).unwrap();
+    if value.get("event").is_some() {
+        return value;
+    }
+    for (key, v) in value.as_object_mut().unwrap() {
+        if !v.is_f64() {
+            continue;
+        }
+        let at = line.find(&format!("{}:", serde_json::to_string(key).unwrap())).unwrap() + key.len() + 3;
+        let text = &line[at..][..line[at..].find([',', '}']).unwrap()];
+        *v = serde_json::json!(text.parse::<f64>().unwrap());
+    }
+    value
 }
 
 fn event_files(dir: &Path) -> Vec<PathBuf> {

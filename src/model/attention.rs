@@ -5,7 +5,7 @@ use burn::tensor::{Bool, Tensor};
 
 use super::fused::attention::scaled_attention;
 use super::lora::Projection;
-use super::norm::RmsNorm;
+use super::norm::{Normed, RmsNorm};
 use super::rope::{Rope, RotaryTables};
 
 #[derive(Module, Debug)]
@@ -32,12 +32,12 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// x: [batch, seq, hidden] -> [batch, seq, hidden], each token rotated by `rotary`,
-    /// attending where `masked` ([batch or 1, 1, seq, seq], true = masked) is false, and
-    /// causally when `is_causal` (packed rows carry their own mask instead).
+    /// x: the input norm's [batch, seq, hidden] -> [batch, seq, hidden], each token rotated
+    /// by `rotary`, attending where `masked` ([batch or 1, 1, seq, seq], true = masked) is
+    /// false, and causally when `is_causal` (packed rows carry their own mask instead).
     pub fn forward(
         &self,
-        x: Tensor<3>,
+        x: &Normed,
         rotary: &RotaryTables,
         masked: Option<Tensor<4, Bool>>,
         is_causal: bool,
@@ -48,12 +48,12 @@ impl Attention {
 
     /// Like `forward`, continuing after the tokens in `cache` and appending this call's
     /// keys and values to it. After the first call, one token at a time (greedy decoding).
-    pub fn forward_cached(&self, x: Tensor<3>, rope: &Rope, cache: &mut KvCache) -> Tensor<3> {
-        let [_, seq, _] = x.dims();
+    pub fn forward_cached(&self, x: &Normed, rope: &Rope, cache: &mut KvCache) -> Tensor<3> {
+        let [_, seq, _] = x.input().dims();
         let offset = cache.len();
         assert!(offset == 0 || seq == 1, "a KV cache continues one token at a time");
         let positions: Vec<usize> = (offset..offset + seq).collect();
-        let rotary = rope.tables(&positions, 1, seq, &x.device());
+        let rotary = rope.tables(&positions, 1, seq, &x.input().device());
         let (q, k, v) = self.project(x, &rotary);
         let (k, v) = cache.append(k, v);
         let positions_k: Vec<usize> = (0..offset + seq).collect();
@@ -89,8 +89,8 @@ impl Attention {
     }
 
     /// Query, key and value heads ([batch, heads, seq, head_dim]), RoPE applied.
-    fn project(&self, x: Tensor<3>, rotary: &RotaryTables) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
-        let [batch, seq, _] = x.dims();
+    fn project(&self, x: &Normed, rotary: &RotaryTables) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let [batch, seq, _] = x.input().dims();
         let heads = |t: Tensor<3>, n: usize, head_norm: Option<&RmsNorm>| {
             let t = t.reshape([batch, seq, n, self.head_dim]);
             let t = match head_norm {
@@ -99,9 +99,9 @@ impl Attention {
             };
             t.swap_dims(1, 2)
         };
-        let q = rotary.rotate(heads(self.q_proj.forward(x.clone()), self.num_heads, self.q_norm.as_ref()));
-        let k = rotary.rotate(heads(self.k_proj.forward(x.clone()), self.num_kv_heads, self.k_norm.as_ref()));
-        let v = heads(self.v_proj.forward(x), self.num_kv_heads, None);
+        let q = rotary.rotate(heads(self.q_proj.forward_normed(x), self.num_heads, self.q_norm.as_ref()));
+        let k = rotary.rotate(heads(self.k_proj.forward_normed(x), self.num_kv_heads, self.k_norm.as_ref()));
+        let v = heads(self.v_proj.forward_normed(x), self.num_kv_heads, None);
         (q, k, v)
     }
 

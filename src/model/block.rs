@@ -7,7 +7,7 @@ use burn::tensor::{Bool, Tensor};
 
 use super::attention::{Attention, KvCache};
 use super::mlp::Mlp;
-use super::norm::RmsNorm;
+use super::norm::{Normed, RmsNorm};
 use super::rope::{Rope, RotaryTables};
 
 #[derive(Module, Debug)]
@@ -58,17 +58,18 @@ impl DecoderLayer {
         out
     }
 
-    /// The residual structure around the attention `attend` and the MLP.
-    fn around(&self, x: Tensor<3>, attend: impl FnOnce(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
-        let attended = attend(self.input_layernorm.forward(x.clone()));
+    /// The residual structure around the attention `attend` and the MLP, each given its
+    /// input norm's input with the norm (see `Normed`).
+    fn around(&self, x: Tensor<3>, attend: impl FnOnce(&Normed) -> Tensor<3>) -> Tensor<3> {
+        let attended = attend(&Normed::new(x.clone(), &self.input_layernorm));
         match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
             (Some(pre), Some(post)) => {
                 let x = x + self.post_attention_layernorm.forward(attended);
-                x.clone() + post.forward(self.mlp.forward(pre.forward(x)))
+                x.clone() + post.forward(self.mlp.forward(&Normed::new(x, pre)))
             }
             _ => {
                 let x = x + attended;
-                x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+                x.clone() + self.mlp.forward(&Normed::new(x, &self.post_attention_layernorm))
             }
         }
     }

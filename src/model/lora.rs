@@ -16,6 +16,7 @@ use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::llama::{Llama, named_param};
+use super::norm::Normed;
 use super::precision::MixedPrecision;
 use super::weights::{NamedTensors, PendingTensor};
 
@@ -168,6 +169,16 @@ impl Projection {
             None => y,
             Some(adapter) => y + adapter.forward(x, self.precision),
         }
+    }
+
+    /// The projection of a norm's output: one fused op with the norm for a plain f32
+    /// weight (the normalised input is then not kept), else `forward` of the shared value.
+    pub fn forward_normed(&self, x: &Normed) -> Tensor<3> {
+        let plain = self.lora.is_none() && self.base.bias.is_none() && self.precision == MixedPrecision::No;
+        if plain && let Some(y) = x.matmul(&self.base.weight.val()) {
+            return y;
+        }
+        self.forward(x.value())
     }
 
     /// The weight ([in, out]) with the adapter folded in: what merge-and-save writes.

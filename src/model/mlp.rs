@@ -6,6 +6,7 @@ use burn::tensor::Tensor;
 
 use super::fused::{swiglu, swiglu_matmul};
 use super::lora::Projection;
+use super::norm::Normed;
 use super::precision::MixedPrecision;
 
 /// The gate's activation.
@@ -28,8 +29,9 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let (gate, up) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+    /// x: the input norm's [batch, seq, hidden] -> [batch, seq, hidden].
+    pub fn forward(&self, x: &Normed) -> Tensor<3> {
+        let (gate, up) = (self.gate_proj.forward_normed(x), self.up_proj.forward_normed(x));
         let down = &self.down_proj;
         match self.activation {
             // A plain down projection takes SwiGLU with it as one op, which does not keep

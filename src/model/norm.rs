@@ -5,7 +5,9 @@
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
 
-use super::fused::rms_norm;
+use std::cell::OnceCell;
+
+use super::fused::{normed_matmul, rms_norm};
 
 #[derive(Module, Debug)]
 pub struct RmsNorm {
@@ -21,8 +23,46 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// x [..., size] -> the same shape.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        rms_norm(x, self.gain(), self.epsilon)
+    }
+
+    /// The gain: the weight, plus 1 for gemma2.
+    fn gain(&self) -> Tensor<1> {
         let weight = self.weight.val();
-        let gain = if self.offset == 0.0 { weight } else { weight.add_scalar(self.offset) };
-        rms_norm(x, gain, self.epsilon)
+        if self.offset == 0.0 { weight } else { weight.add_scalar(self.offset) }
+    }
+}
+
+/// A norm's input with the norm, as the projections right after it take it. On the fused
+/// path each projection forms norm(x)·w from x itself (`normed_matmul`), so the normalised
+/// [batch, seq, size] copy is not kept for the backward pass; elsewhere they share one.
+pub struct Normed<'a> {
+    x: Tensor<3>,
+    norm: &'a RmsNorm,
+    value: OnceCell<Tensor<3>>,
+}
+
+impl<'a> Normed<'a> {
+    pub fn new(x: Tensor<3>, norm: &'a RmsNorm) -> Self {
+        Self { x, norm, value: OnceCell::new() }
+    }
+
+    /// The norm's input, [batch, seq, size].
+    pub fn input(&self) -> &Tensor<3> {
+        &self.x
+    }
+
+    /// norm(x), formed once.
+    pub fn value(&self) -> Tensor<3> {
+        self.value.get_or_init(|| self.norm.forward(self.x.clone())).clone()
+    }
+
+    /// norm(x) · w ([size, out]) -> [batch, seq, out] as one fused op, or None where the
+    /// fused kernels do not apply.
+    pub fn matmul(&self, w: &Tensor<2>) -> Option<Tensor<3>> {
+        let [b, s, d] = self.x.dims();
+        let y = normed_matmul(&self.x.clone().reshape([b * s, d]), &self.norm.gain(), w, self.norm.epsilon)?;
+        let out = y.dims()[1];
+        Some(y.reshape([b, s, out]))
     }
 }

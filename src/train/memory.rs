@@ -145,21 +145,29 @@ fn parameters(model: &LlamaConfig, config: &TrainConfig) -> (f64, f64) {
 }
 
 /// Floats one decoder layer keeps for the backward pass of one micro-batch: the layer's
-/// input, both norms' outputs, queries/keys/values after RoPE, attention output, the
-/// residual, the MLP's gate and up, and the activation silu(gate)·up unless SwiGLU and a
-/// plain down projection run as one op that recomputes it (`fused::swiglu_matmul`).
-/// (Attention probabilities are not kept either: see `attention_probabilities`.)
+/// input, queries/keys/values after RoPE, attention output, the residual, the MLP's gate
+/// and up; each norm's output unless every projection after it is plain (f32, no bias, no
+/// adapter), which then forms it again in its backward (`fused::normed_matmul`); and the
+/// activation silu(gate)·up unless SwiGLU and a plain down projection run as one op that
+/// recomputes it (`fused::swiglu_matmul`). (Attention probabilities are not kept either:
+/// see `attention_probabilities`.)
 fn layer_activations(model: &LlamaConfig, config: &TrainConfig, batch: BatchShape) -> f64 {
     let (d, heads, kv, hd, inter) =
         (model.hidden_size, model.num_attention_heads, model.kv_heads(), model.head_dim(), model.intermediate_size);
-    let down_with_lora = config.lora.as_ref().is_some_and(|l| l.modules().unwrap_or_default().contains(&"down_proj"));
+    let adapted = |names: &[&str]| {
+        config.lora.as_ref().is_some_and(|l| l.modules().unwrap_or_default().iter().any(|m| names.contains(m)))
+    };
+    let unmixed = config.mixed_precision == crate::model::MixedPrecision::No;
     let product_recomputed = model.family() != crate::model::config::Family::Gemma2
         && !model.mlp_bias
-        && !down_with_lora
-        && config.mixed_precision == crate::model::MixedPrecision::No;
+        && !adapted(&["down_proj"])
+        && unmixed;
     let mlp = if product_recomputed { 2 * inter } else { 3 * inter };
+    let attention_norm_kept = model.qkv_bias() || adapted(&["q_proj", "k_proj", "v_proj"]) || !unmixed;
+    let mlp_norm_kept = model.mlp_bias || adapted(&["gate_proj", "up_proj"]) || !unmixed;
+    let norms = usize::from(attention_norm_kept) + usize::from(mlp_norm_kept);
     let tokens = (batch.rows * batch.length) as f64;
-    (4 * d + 2 * heads * hd + 2 * kv * hd + mlp) as f64 * tokens
+    ((2 + norms) * d + 2 * heads * hd + 2 * kv * hd + mlp) as f64 * tokens
 }
 
 /// Floats of one layer's attention probabilities, which its backward computes again and

@@ -17,7 +17,7 @@ mod swiglu;
 mod target_logps;
 
 pub use attention::{fuses, grouped_attention};
-pub use rms_norm::rms_norm;
+pub use rms_norm::{normed_matmul, rms_norm};
 pub use rope::rope;
 pub use swiglu::{swiglu, swiglu_matmul};
 pub use target_logps::target_logps;

@@ -4,6 +4,7 @@
 //! pass and the backward one pass, from the input and each row's 1/rms kept by the forward.
 
 use burn::backend::Flex;
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
@@ -13,6 +14,7 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 use super::dispatch::run_fused;
+use super::linear::product;
 use crate::kernels::{self, contiguous_like, dense, vectorised};
 
 /// x · rsqrt(mean(x²) + eps) · gamma over the last dimension (HF's LlamaRMSNorm in f32):
@@ -77,35 +79,87 @@ impl Backward<Flex, 2> for RmsNormBackward {
         let [node_x, node_g] = ops.parents;
         let (x, gamma, rstd) = ops.state;
         let dy = dense(grads.consume::<Flex>(&ops.node));
-        let (xs, gs, dys) = (x.storage::<f32>(), gamma.storage::<f32>(), dy.storage::<f32>());
-        let d = gs.len();
-        if let Some(node) = node_x {
-            let dx = kernels::par_fill(xs.len(), d, |row, dxr| {
-                rms_grad_row(dxr, &xs[row * d..][..d], &dys[row * d..][..d], gs, rstd[row])
-            });
-            grads.register::<Flex>(node.id, contiguous_like(dx, &x));
+        register_rms_grads(&x, &gamma, &rstd, &dy, [node_x.map(|n| n.id), node_g.map(|n| n.id)], grads);
+    }
+}
+
+/// The gradients of x and gamma from dy, the output's gradient, for the nodes that take one.
+fn register_rms_grads(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    rstd: &[f32],
+    dy: &FlexTensor,
+    [node_x, node_g]: [Option<NodeId>; 2],
+    grads: &mut Gradients,
+) {
+    let (xs, gs, dys) = (x.storage::<f32>(), gamma.storage::<f32>(), dy.storage::<f32>());
+    let d = gs.len();
+    if let Some(node) = node_x {
+        let dx = kernels::par_fill(xs.len(), d, |row, dxr| {
+            rms_grad_row(dxr, &xs[row * d..][..d], &dys[row * d..][..d], gs, rstd[row])
+        });
+        grads.register::<Flex>(node, contiguous_like(dx, x));
+    }
+    if let Some(node) = node_g {
+        // dgamma = Σ_rows dy·x·r: partial sums over fixed blocks of rows, added in order,
+        // so the result does not depend on how rayon splits the work (runs repeat exactly).
+        const ROWS: usize = 64;
+        let partials: Vec<Vec<f32>> = xs
+            .par_chunks(d * ROWS)
+            .zip(dys.par_chunks(d * ROWS))
+            .zip(rstd.par_chunks(ROWS))
+            .map(|((xb, dyb), rb)| {
+                let mut acc = vec![0.0f32; d];
+                for ((xr, dyr), r) in xb.chunks(d).zip(dyb.chunks(d)).zip(rb) {
+                    acc.iter_mut().zip(xr).zip(dyr).for_each(|((a, x), dy)| *a += dy * x * r);
+                }
+                acc
+            })
+            .collect();
+        let mut dg = vec![0.0f32; d];
+        for p in partials {
+            dg.iter_mut().zip(p).for_each(|(a, b)| *a += b);
         }
-        if let Some(node) = node_g {
-            // dgamma = Σ_rows dy·x·r: partial sums over fixed blocks of rows, added in order,
-            // so the result does not depend on how rayon splits the work (runs repeat exactly).
-            const ROWS: usize = 64;
-            let partials: Vec<Vec<f32>> = xs
-                .par_chunks(d * ROWS)
-                .zip(dys.par_chunks(d * ROWS))
-                .zip(rstd.par_chunks(ROWS))
-                .map(|((xb, dyb), rb)| {
-                    let mut acc = vec![0.0f32; d];
-                    for ((xr, dyr), r) in xb.chunks(d).zip(dyb.chunks(d)).zip(rb) {
-                        acc.iter_mut().zip(xr).zip(dyr).for_each(|((a, x), dy)| *a += dy * x * r);
-                    }
-                    acc
-                })
-                .collect();
-            let mut dg = vec![0.0f32; d];
-            for p in partials {
-                dg.iter_mut().zip(p).for_each(|(a, b)| *a += b);
-            }
-            grads.register::<Flex>(node.id, contiguous_like(dg, &gamma));
+        grads.register::<Flex>(node, contiguous_like(dg, gamma));
+    }
+}
+
+/// rms_norm(x, gamma) · w as one op that keeps x (the layer's residual input, kept anyway)
+/// and each row's 1/rms, not the normalised x: its backward recomputes that for w's
+/// gradient. A layer's projections after a norm (q, k, v; gate, up) each take it, which
+/// saves the norm's [n, d] output per norm per layer for the cost of a norm per projection.
+/// x [n, d], gamma [d], w [d, out] -> [n, out]; None when the fused kernels cannot take the
+/// inputs (see `dispatch`), and the caller runs the norm and the product itself.
+pub fn normed_matmul(x: &Tensor<2>, gamma: &Tensor<1>, w: &Tensor<2>, eps: f64) -> Option<Tensor<2>> {
+    run_fused([x, gamma, w], NormedMatmulBackward, |[x, gamma, w], keep_state| {
+        let (x, gamma) = (dense(x), dense(gamma));
+        let (y, rstd) = rms_forward(&x, &gamma, eps);
+        (product(&y, &w), keep_state.then_some((x, gamma, w, rstd)))
+    })
+}
+
+#[derive(Debug)]
+struct NormedMatmulBackward;
+
+impl Backward<Flex, 3> for NormedMatmulBackward {
+    /// x and gamma (contiguous), w, and each row's 1/rms.
+    type State = (FlexTensor, FlexTensor, FlexTensor, Vec<f32>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_g, node_w] = ops.parents;
+        let (x, gamma, w, rstd) = ops.state;
+        let dout = grads.consume::<Flex>(&ops.node);
+        if let Some(node) = node_w {
+            // The normalised x again, exactly as the forward made it.
+            let (xs, gs) = (x.storage::<f32>(), gamma.storage::<f32>());
+            let d = gs.len();
+            let y = kernels::par_fill(xs.len(), d, |row, yr| rms_row(yr, &xs[row * d..][..d], gs, rstd[row]));
+            let y = contiguous_like(y, &x);
+            grads.register::<Flex>(node.id, product(&y.transpose(0, 1), &dout));
+        }
+        if node_x.is_some() || node_g.is_some() {
+            let dy = product(&dout, &w.transpose(0, 1));
+            register_rms_grads(&x, &gamma, &rstd, &dy, [node_x.map(|n| n.id), node_g.map(|n| n.id)], grads);
         }
     }
 }
