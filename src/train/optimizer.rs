@@ -44,6 +44,11 @@ pub fn decays(name: &str) -> bool {
     !norm_or_bias && !param.contains("bias")
 }
 
+/// The ids of `model`'s parameters that get no weight decay (see [`decays`]).
+fn undecayed_ids(model: &Llama) -> impl Iterator<Item = ParamId> {
+    model.parameter_names().into_iter().filter(|name| !decays(name)).map(|name| param_id(&name))
+}
+
 /// torch's AdamW defaults are lr-free here: the learning rate comes with each step.
 #[derive(Clone, Debug)]
 pub struct FusedAdamW {
@@ -71,8 +76,7 @@ impl FusedAdamW {
     /// The optimizer for `model` as transformers' Trainer builds it: weight decay on every
     /// parameter except biases and norm weights (see [`decays`]).
     pub fn for_model(self, model: &Llama) -> ModuleOptimizer {
-        let undecayed: Vec<ParamId> =
-            model.parameter_names().iter().filter(|name| !decays(name)).map(|name| param_id(name)).collect();
+        let undecayed: Vec<ParamId> = undecayed_ids(model).collect();
         let without_decay = Self { weight_decay: 0.0, ..self.clone() };
         let optimizer = self.init();
         if undecayed.is_empty() {
@@ -127,7 +131,7 @@ impl ModelAdamW {
     /// AdamW for `model` as transformers' Trainer builds it: weight decay on every parameter
     /// except biases and norm weights (see [`decays`]).
     pub fn for_model(adamw: FusedAdamW, model: &Llama) -> Self {
-        let no_decay = model.parameter_names().iter().filter(|name| !decays(name)).map(|name| param_id(name)).collect();
+        let no_decay = undecayed_ids(model).collect();
         let undecayed = FusedAdamW { weight_decay: 0.0, ..adamw.clone() };
         Self { decayed: adamw, undecayed, no_decay, states: HashMap::new() }
     }

@@ -37,8 +37,15 @@ fn rms_forward(x: &FlexTensor, gamma: &FlexTensor, eps: f64) -> (FlexTensor, Vec
     let d = gs.len();
     let rstd: Vec<f32> =
         xs.par_chunks(d).map(|xr| 1.0 / (kernels::dot(xr, xr) / d as f32 + eps as f32).sqrt()).collect();
+    (normalise(x, gamma, &rstd), rstd)
+}
+
+/// x · r · gamma row by row, from each row's 1/rms `rstd`.
+fn normalise(x: &FlexTensor, gamma: &FlexTensor, rstd: &[f32]) -> FlexTensor {
+    let (xs, gs) = (x.storage::<f32>(), gamma.storage::<f32>());
+    let d = gs.len();
     let y = kernels::par_fill(xs.len(), d, |row, yr| rms_row(yr, &xs[row * d..][..d], gs, rstd[row]));
-    (contiguous_like(y, x), rstd)
+    contiguous_like(y, x)
 }
 
 vectorised! {
@@ -151,10 +158,7 @@ impl Backward<Flex, 3> for NormedMatmulBackward {
         let dout = grads.consume::<Flex>(&ops.node);
         if let Some(node) = node_w {
             // The normalised x again, exactly as the forward made it.
-            let (xs, gs) = (x.storage::<f32>(), gamma.storage::<f32>());
-            let d = gs.len();
-            let y = kernels::par_fill(xs.len(), d, |row, yr| rms_row(yr, &xs[row * d..][..d], gs, rstd[row]));
-            let y = contiguous_like(y, &x);
+            let y = normalise(&x, &gamma, &rstd);
             grads.register::<Flex>(node.id, product(&y.transpose(0, 1), &dout));
         }
         if node_x.is_some() || node_g.is_some() {
