@@ -325,8 +325,10 @@ pub fn host_diff(a: &Path, b: &Path, data: &Path, out: &Path, top: usize) -> Out
 }
 
 /// A LoRA model on `dir`'s checkpoint, loaded as f32 copies or with the stored dtypes kept,
-/// with the same seeded A and the same non-zero B either way (a fresh B is zero, which
-/// would leave the adapters out of the log-probs).
+/// with the same A and the same non-zero B either way (a fresh B is zero, which would leave
+/// the adapters out of the log-probs). Both are set here rather than drawn: the seeded RNG
+/// is burn-flex's, one per process, and a test running beside this one may draw from it
+/// between the seed and the draw.
 pub fn lora_model(
     dir: &Path,
     frozen: bool,
@@ -342,9 +344,8 @@ pub fn lora_model(
     let model = base.with_lora(&lora, device).unwrap();
     let mut tensors = model.adapter_tensors();
     for (key, (_, values)) in tensors.iter_mut() {
-        if key.contains("lora_B") {
-            values.iter_mut().enumerate().for_each(|(i, v)| *v = ((i % 7) as f32 - 3.0) * 0.02);
-        }
+        let (period, step) = if key.contains("lora_B") { (7, 0.02) } else { (11, 0.05) };
+        values.iter_mut().enumerate().for_each(|(i, v)| *v = ((i % period) as f32 - (period / 2) as f32) * step);
     }
     model.set_adapters(&mut tensors, device).unwrap().with_precision(precision)
 }
