@@ -364,3 +364,56 @@ fn norm_with_a_projection_matches_the_two_ops() {
         assert!(plain_device == values(linear::matmul(rms_norm(xp, gp, eps), wp)), "plain device differs");
     }
 }
+
+/// A training step's vocabulary projection leaves its weight's gradient to be formed after
+/// the backward pass (`HeadBackward::Deferred`): every parameter's gradient equals the one
+/// burn's backward gives through the plain head, for a separate lm_head and for tied
+/// embeddings (whose lookup gradient the projection's is added to), with few predicted
+/// positions (kept as the two factors) and many (kept as their product).
+#[test]
+fn deferred_head_weight_gradient_equals_the_backward_passes() {
+    use burn::optim::GradientsParams;
+    use prefhost::data::batch::collate;
+    use prefhost::model::llama::param_id;
+    use prefhost::model::load_model;
+    use prefhost::train::logps::{HeadBackward, batch_logps, token_logps};
+
+    let device = Device::default().autodiff();
+    let ids = |n: usize, seed: u32| (0..n as u32).map(|i| (i * 37 + seed * 11) % 96).collect::<Vec<u32>>();
+    for fixture in ["llama", "llama_rope_scaled_tied"] {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(fixture);
+        let (_, model) = load_model(&dir, &device).unwrap();
+        // (prompt, completion) lengths: 6 predicted positions (factors), then 84 (product).
+        for (rows, prompt, completion) in [(2, 10, 3), (4, 2, 20)] {
+            let seqs: Vec<(Vec<u32>, Vec<u32>)> =
+                (0..rows).map(|r| (ids(prompt, r as u32), ids(completion, r as u32 + 7))).collect();
+            let seqs: Vec<(&[u32], &[u32])> = seqs.iter().map(|(p, c)| (&p[..], &c[..])).collect();
+            let batch = collate(&seqs, 0, &device);
+            let [n, w] = batch.mask.dims();
+            let ramp: Vec<f32> = (0..n * w).map(|i| 1.0 + (i % 5) as f32 * 0.25).collect();
+            let weights = Tensor::<1>::from_floats(ramp.as_slice(), &device).reshape([n, w]);
+
+            let plain = token_logps(&model, &batch);
+            let want = GradientsParams::from_grads((plain.clone() * weights.clone()).sum().backward(), &model);
+            let (deferred, head) = batch_logps(&model, &batch, None, None);
+            let head = head.expect("a head whose weight gradient is deferred");
+            assert!(matches!(head, HeadBackward::Deferred(_)));
+            assert_eq!(values(deferred.clone()), values(plain), "{fixture}: log-probs");
+            let got = head.gradients((deferred * weights).sum().backward(), &model);
+
+            let at = format!("{fixture}, {rows} rows of {prompt} + {completion}");
+            for name in model.parameter_names() {
+                let id = param_id(&name);
+                let (w, g) = if name.contains("norm") || name.ends_with(".bias") {
+                    (want.get::<1>(id).map(values), got.get::<1>(id).map(values))
+                } else {
+                    (want.get::<2>(id).map(values), got.get::<2>(id).map(values))
+                };
+                let (Some(w), Some(g)) = (w, g) else { panic!("{at}: {name} has no gradient") };
+                let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = w.iter().zip(&g).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(scale > 0.0 && d <= 1e-6 * scale, "{at}: {name} differs by {d:e} (largest {scale:e})");
+            }
+        }
+    }
+}

@@ -74,7 +74,7 @@ fn chunked_head_in_bf16_matches_the_plain_head_in_bf16() {
 
     let plain_grads = GradientsParams::from_grads(plain.sum().neg().backward(), &model);
     let chunked_grads =
-        head.expect("a chunked head on an autodiff device").gradients(&chunked.sum().neg().backward(), &model);
+        head.expect("a chunked head on an autodiff device").gradients(chunked.sum().neg().backward(), &model);
     for id in [model.layers[0].mlp.down_proj.base.weight.id, model.lm_head.as_ref().unwrap().weight.id] {
         let (a, b) = (values(plain_grads.get::<2>(id).unwrap()), values(chunked_grads.get::<2>(id).unwrap()));
         // Chunks round their partial products to bf16 (8 bits) where the plain head rounds the

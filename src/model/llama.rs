@@ -8,6 +8,7 @@ use super::attention::{Attention, KvCache};
 use super::block::DecoderLayer;
 use super::checkpoint::recomputed_layer;
 use super::config::{Family, LlamaConfig};
+use super::fused::DeferredWeightGrad;
 use super::lora::{Projection, peft_key};
 use super::mlp::{Activation, Mlp};
 use super::norm::RmsNorm;
@@ -386,6 +387,34 @@ impl Llama {
         match self.final_softcap {
             Some(cap) => softcap(logits, cap),
             None => logits,
+        }
+    }
+}
+
+impl Llama {
+    /// `head` for a training step on the CPU default: the same logits, with the projection
+    /// weight's gradient left to `DeferredWeightGrad::add_to` after the backward pass
+    /// (see `fused::matmul_deferring_weight_grad`). None where `head` must run instead:
+    /// mixed precision, a final soft cap, or inputs the fused kernels do not take.
+    pub fn head_deferring_weight_grad(&self, x: Tensor<3>) -> Option<(Tensor<3>, DeferredWeightGrad)> {
+        if self.precision != MixedPrecision::No || self.final_softcap.is_some() {
+            return None;
+        }
+        let [b, s, d] = x.dims();
+        let (weight, transposed) = match &self.lm_head {
+            Some(head) => (head.weight.val(), false),
+            None => (self.embed_tokens.weight.val(), true),
+        };
+        let (logits, grad) = super::fused::matmul_deferring_weight_grad(&x.reshape([b * s, d]), &weight, transposed)?;
+        let vocab = logits.dims()[1];
+        Some((logits.reshape([b, s, vocab]), grad))
+    }
+
+    /// The id of the vocabulary projection's weight: lm_head's, or the embeddings' when tied.
+    pub fn head_param_id(&self) -> ParamId {
+        match &self.lm_head {
+            Some(head) => head.weight.id,
+            None => self.embed_tokens.weight.id,
         }
     }
 }

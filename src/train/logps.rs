@@ -1,12 +1,14 @@
 //! Per-token log-probabilities of the target tokens, zero outside the completion.
 
+use burn::optim::GradientsParams;
 use burn::tensor::kind::Basic;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Gradients, Int, Tensor};
 
 use super::chunked::{ChunkedHead, chunked_target_logps};
 use crate::data::SequenceBatch;
 use crate::data::packed::{PackedBatch, PackedLayout};
 use crate::model::Llama;
+use crate::model::fused::DeferredWeightGrad;
 
 /// [N, W] log p(target_t | tokens_<t) where the mask is 1, else 0.
 ///
@@ -19,6 +21,20 @@ pub fn token_logps(model: &Llama, batch: &SequenceBatch) -> Tensor<2> {
     let hidden = from_column(model.hidden_states(batch.inputs.clone()), first);
     let picked = pick(model.head(hidden), from_column(batch.targets.clone(), first));
     zeros_before(picked, first) * batch.mask.clone()
+}
+
+/// `token_logps` for a training step whose vocabulary projection trains, with the
+/// projection weight's gradient deferred past the backward pass; None where `token_logps`
+/// must run instead (see `Llama::head_deferring_weight_grad`).
+fn token_logps_deferring_head_grad(model: &Llama, batch: &SequenceBatch) -> Option<(Tensor<2>, DeferredWeightGrad)> {
+    if !model.head_trains() {
+        return None;
+    }
+    let first = batch.first_target;
+    let hidden = from_column(model.hidden_states(batch.inputs.clone()), first);
+    let (logits, grad) = model.head_deferring_weight_grad(hidden)?;
+    let picked = pick(logits, from_column(batch.targets.clone(), first));
+    Some((zeros_before(picked, first) * batch.mask.clone(), grad))
 }
 
 fn pick(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
@@ -63,25 +79,56 @@ fn unpack(packed: &PackedBatch, chosen: Tensor<2>, rejected: Tensor<2>) -> Tenso
     Tensor::cat(vec![chosen, rejected], 0)
 }
 
+/// What turns a loss's backward pass into the model's gradients when the vocabulary
+/// projection's part is done outside it.
+pub enum HeadBackward {
+    /// Chunked logits: the projection's backward is run by hand, chunk by chunk.
+    Chunked(Box<ChunkedHead>),
+    /// The projection weight's gradient, formed after the backward pass.
+    Deferred(DeferredWeightGrad),
+}
+
+impl HeadBackward {
+    /// The model's gradients, given the backward pass of a loss computed from the
+    /// log-probs `batch_logps` returned with this head.
+    pub fn gradients(self, loss_grads: Gradients, model: &Llama) -> GradientsParams {
+        match self {
+            Self::Chunked(head) => head.gradients(&loss_grads, model),
+            Self::Deferred(weight_grad) => {
+                let mut grads = GradientsParams::from_grads(loss_grads, model);
+                let id = model.head_param_id();
+                if let Some(grad) = weight_grad.add_to(grads.remove::<2>(id)) {
+                    grads.register(id, grad);
+                }
+                grads
+            }
+        }
+    }
+}
+
 /// How a step computes its log-probs: plain rows or packed pairs (prefix sharing), and
-/// all logits at once or `chunk` positions at a time (then the returned head computes the
-/// model's gradients). Every combination gives the same values.
+/// all logits at once or `chunk` positions at a time. When a head is returned, its
+/// `gradients` gives the model's gradients (burn's `GradientsParams::from_grads` would miss
+/// the projection's). Every combination gives the same values.
 pub fn batch_logps(
     model: &Llama,
     batch: &SequenceBatch,
     packed: Option<&PackedLayout>,
     chunk: Option<usize>,
-) -> (Tensor<2>, Option<ChunkedHead>) {
+) -> (Tensor<2>, Option<HeadBackward>) {
     let mask = batch.mask.clone();
     match (packed, chunk) {
-        (None, None) => (token_logps(model, batch), None),
+        (None, None) => match token_logps_deferring_head_grad(model, batch) {
+            Some((logps, grad)) => (logps, Some(HeadBackward::Deferred(grad))),
+            None => (token_logps(model, batch), None),
+        },
         (Some(layout), None) => (packed_pair_logps(model, layout, mask), None),
         (None, Some(chunk)) => {
             let first = batch.first_target;
             let hidden = from_column(model.hidden_states(batch.inputs.clone()), first);
             let targets = vec![from_column(batch.targets.clone(), first)];
             let (mut picked, head) = chunked_target_logps(model, hidden, targets, chunk);
-            (zeros_before(picked.remove(0), first) * mask, head)
+            (zeros_before(picked.remove(0), first) * mask, head.map(|h| HeadBackward::Chunked(Box::new(h))))
         }
         (Some(layout), Some(chunk)) => {
             let packed = layout.to_device(&mask.device());
@@ -90,7 +137,10 @@ pub fn batch_logps(
             let targets = [&packed.chosen_targets, &packed.rejected_targets].map(|t| from_column(t.clone(), first));
             let (picked, head) = chunked_target_logps(model, from_column(hidden, first), targets.to_vec(), chunk);
             let [chosen, rejected]: [Tensor<2>; 2] = picked.try_into().expect("two target sets");
-            (unpack(&packed, zeros_before(chosen, first), zeros_before(rejected, first)) * mask, head)
+            (
+                unpack(&packed, zeros_before(chosen, first), zeros_before(rejected, first)) * mask,
+                head.map(|h| HeadBackward::Chunked(Box::new(h))),
+            )
         }
     }
 }

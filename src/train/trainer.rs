@@ -13,13 +13,12 @@ use rhai::{Dynamic, INT, Map};
 use serde_json::json;
 
 use super::checkpoint::{self, TrainerState, save_sources};
-use super::chunked::ChunkedHead;
 use super::config::{Mode, TrainConfig};
 use super::evaluate::{EvalResult, evaluate, load_eval_rows};
 use super::grads::{clip_global_norm, norms_by_name};
 use super::identity::RunIdentity;
 use super::lock::RunLock;
-use super::logps::{batch_logps, row_sums};
+use super::logps::{HeadBackward, batch_logps, row_sums};
 use super::loss_call::{BatchRows, LossBatch, LossOutput, Sequences, loss_params, read_loss_output, rust_dpo_loss};
 use super::memory::{self, Estimate};
 use super::metrics::{BatchLogps, MetricsLog, Throughput, failure_mode_diagnostics, format_line, record_loss_call};
@@ -501,7 +500,7 @@ struct StepResult {
     logps: BatchLogps,
     /// Set when the logits were computed in chunks: it turns the loss's gradients into
     /// the model's.
-    head: Option<ChunkedHead>,
+    head: Option<HeadBackward>,
     /// Wall time of the loss call alone (the script's, or Rust's for the bench).
     loss_call_seconds: f64,
 }
@@ -735,7 +734,7 @@ impl Learner {
             }
             let scaled = output.loss.loss.clone().div_scalar(self.config.grad_accum as f64);
             let grads = match output.head.take() {
-                Some(head) => head.gradients(&scaled.backward(), self.policy()),
+                Some(head) => head.gradients(scaled.backward(), self.policy()),
                 None => GradientsParams::from_grads(scaled.backward(), self.policy()),
             };
             accumulator.accumulate(self.policy(), grads);
@@ -789,7 +788,7 @@ impl Learner {
 
     /// The batch a loss sees for `examples`: the policy's log-probs (with gradient) and the
     /// reference's, by mode; and the chunked head when the logits were computed in chunks.
-    fn loss_batch(&self, examples: &[Example], config: &TrainConfig) -> (LossBatch, Option<ChunkedHead>) {
+    fn loss_batch(&self, examples: &[Example], config: &TrainConfig) -> (LossBatch, Option<HeadBackward>) {
         let refs: Vec<&Example> = examples.iter().collect();
         let b = examples.len();
         let pad = self.tokenizer.pad_id;
@@ -845,7 +844,7 @@ impl Learner {
     /// The unpaired (KTO) batch: the completions (policy with gradient, reference),
     /// `labels` (1 = desirable), and the summed log-probs of the KL rows under the policy and
     /// the reference, without gradient (TRL computes them under no_grad).
-    fn unpaired_batch(&self, refs: &[&Example], config: &TrainConfig) -> (LossBatch, Option<ChunkedHead>) {
+    fn unpaired_batch(&self, refs: &[&Example], config: &TrainConfig) -> (LossBatch, Option<HeadBackward>) {
         let pad = self.tokenizer.pad_id;
         let chunk = config.logits_chunk();
         let plain = self.device.clone().without_autodiff();

@@ -209,7 +209,7 @@ pub fn weighted_logps_and_grads(
     let values = prefhost::tensor::values(logps.clone());
     let loss = (logps * weights).sum();
     let grads = match head {
-        Some(head) => head.gradients(&loss.backward(), model),
+        Some(head) => head.gradients(loss.backward(), model),
         None => burn::optim::GradientsParams::from_grads(loss.backward(), model),
     };
     (

@@ -17,6 +17,7 @@ use burn::backend::flex::FlexTensor;
 use burn::tensor::{DType, FloatDType, Shape, Tensor};
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
 
 use super::dispatch::{AutodiffFlex, record, run_fused};
 use crate::kernels::{Buffer, View, contiguous, gemm_parallel, matrix};
@@ -26,7 +27,7 @@ pub fn matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     if w.dtype() != DType::F32 {
         return frozen_matmul(x, w);
     }
-    let fused = run_fused([&x, &w], MatmulBackward, |[x, w], keep_state| {
+    let fused = run_fused([&x, &w], MatmulBackward::default(), |[x, w], keep_state| {
         let y = product(&x, &w);
         (y, keep_state.then_some((x, w)))
     });
@@ -46,11 +47,14 @@ pub(super) fn product(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
     }
 }
 
-#[derive(Debug)]
-struct MatmulBackward;
+/// dx = dy·wᵀ and dw = xᵀ·dy, the latter registered, or left to `defer_weight_grad`.
+#[derive(Debug, Default)]
+struct MatmulBackward {
+    defer_weight_grad: Option<DeferredWeightGrad>,
+}
 
 impl Backward<Flex, 2> for MatmulBackward {
-    /// x and w.
+    /// x and w as the product reads it ([k, n]).
     type State = (FlexTensor, FlexTensor);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -60,8 +64,10 @@ impl Backward<Flex, 2> for MatmulBackward {
         if let Some(node) = node_x {
             grads.register::<Flex>(node.id, product(&dy, &w.transpose(0, 1)));
         }
-        if let Some(node) = node_w {
-            grads.register::<Flex>(node.id, product(&x.transpose(0, 1), &dy));
+        match (node_w, self.defer_weight_grad) {
+            (None, _) => {}
+            (Some(node), None) => grads.register::<Flex>(node.id, product(&x.transpose(0, 1), &dy)),
+            (Some(_), Some(slot)) => slot.leave(x, dy),
         }
     }
 }
@@ -243,6 +249,117 @@ impl Backward<Flex, 1> for FrozenMatmulBackward {
         if let Some(node) = node_x {
             grads.register::<Flex>(node.id, frozen_product(&dy, &ops.state.transpose(0, 1), WIDEN_BLOCK));
         }
+    }
+}
+
+/// x [m, k] · w [k, n] (or · wᵀ of a stored [n, k] when `transposed`: tied embeddings)
+/// where w's gradient is handed over after the backward pass instead of registered in it.
+/// The op's backward gives x its gradient as usual and leaves w's, xᵀ·dy, as its factors
+/// (x and dy) when they are smaller than the product, else as the product. The vocabulary
+/// projection's weight gradient ([hidden, vocab], the largest) would otherwise be made at
+/// the start of the backward pass, while every layer's activations are still held, and kept
+/// to its end; formed after it (`DeferredWeightGrad::add_to`), it is made where memory is
+/// lowest. None unless x and w are f32 tensors on burn-flex under autodiff.
+pub fn matmul_deferring_weight_grad(
+    x: &Tensor<2>,
+    w: &Tensor<2>,
+    transposed: bool,
+) -> Option<(Tensor<2>, DeferredWeightGrad)> {
+    if !super::enabled() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+        return None;
+    }
+    let xp = x.clone().try_into_primitive::<AutodiffFlex>().ok()?;
+    let wp = w.clone().try_into_primitive::<AutodiffFlex>().ok()?;
+    let slot = DeferredWeightGrad { parts: Arc::default(), transposed };
+    let backward = MatmulBackward { defer_weight_grad: Some(slot.clone()) };
+    let y = record(backward, [xp, wp], |[x, w], keep_state| {
+        let w = if transposed { w.transpose(0, 1) } else { w };
+        (product(&x, &w), keep_state.then_some((x, w)))
+    });
+    Some((Tensor::from_primitive::<AutodiffFlex>(y), slot))
+}
+
+/// The weight gradient `matmul_deferring_weight_grad`'s backward left, once it has run.
+#[derive(Clone, Debug)]
+pub struct DeferredWeightGrad {
+    parts: Arc<Mutex<Option<WeightGradParts>>>,
+    /// The weight is stored as [n, k] and its gradient is wanted so.
+    transposed: bool,
+}
+
+#[derive(Debug)]
+enum WeightGradParts {
+    /// x [m, k] and dy [m, n]: the gradient is xᵀ·dy.
+    Factors { x: FlexTensor, dy: FlexTensor },
+    /// xᵀ·dy [k, n] itself (m > k: the factors would be larger).
+    Product(FlexTensor),
+}
+
+impl DeferredWeightGrad {
+    /// Keeps xᵀ·dy for `add_to`: as its factors x [m, k] and dy [m, n] when they are the
+    /// smaller, else as the product.
+    fn leave(&self, x: FlexTensor, dy: FlexTensor) {
+        let (m, k, n) = (x.layout().shape()[0], x.layout().shape()[1], dy.layout().shape()[1]);
+        let parts = if m * (k + n) <= k * n {
+            WeightGradParts::Factors { x, dy }
+        } else {
+            WeightGradParts::Product(product(&x.transpose(0, 1), &dy))
+        };
+        *self.parts.lock().expect("the deferred gradient's lock is never poisoned") = Some(parts);
+    }
+
+    /// `existing` (the weight's gradient from the backward pass, or None) plus the deferred
+    /// one, shaped as the weight is stored. `existing` when the backward did not ask for
+    /// the weight's gradient (a frozen weight) or never reached the op.
+    pub fn add_to(self, existing: Option<Tensor<2>>) -> Option<Tensor<2>> {
+        let transposed = self.transposed;
+        let parts = self.parts.lock().expect("the deferred gradient's lock is never poisoned").take();
+        let Some(parts) = parts else { return existing };
+        let (x, dy) = match parts {
+            WeightGradParts::Product(g) => {
+                let g = Tensor::<2>::from_primitive::<Flex>(g);
+                let g = if transposed { g.transpose() } else { g };
+                return Some(match existing {
+                    Some(e) => e + g,
+                    None => g,
+                });
+            }
+            WeightGradParts::Factors { x, dy } => (x, dy),
+        };
+        // (xᵀ·dy)ᵀ = dyᵀ·x.
+        let (a, b) = if transposed { (matrix(&dy).t(), matrix(&x)) } else { (matrix(&x).t(), matrix(&dy)) };
+        let (m, k, n) = (x.layout().shape()[0], x.layout().shape()[1], dy.layout().shape()[1]);
+        let (rows, cols) = if transposed { (n, k) } else { (k, n) };
+        let flex_existing = match existing {
+            Some(e) if e.dtype() == DType::F32 => match e.try_into_primitive::<Flex>() {
+                Ok(e) => Some(e),
+                Err(_) => unreachable!("a gradient of this op's weight lives on burn-flex, as the weight does"),
+            },
+            Some(e) => unreachable!("a gradient of this op's f32 weight is f32, not {:?}", e.dtype()),
+            None => None,
+        };
+        let out = match flex_existing {
+            // Added in place: a gradient has no other owner (storage_mut copies if it had).
+            Some(e) => {
+                let mut e = e.to_contiguous();
+                let dst = e.storage_mut::<f32>();
+                assert_eq!(dst.len(), rows * cols, "the deferred gradient's shape is the weight's");
+                // SAFETY: dst holds rows × cols f32 of the contiguous gradient; the views read
+                // the live x [m, k] and dy [m, n] through their strides.
+                unsafe { gemm_parallel(rows, cols, m, dst.as_mut_ptr(), cols, true, a, b) };
+                e
+            }
+            None => {
+                let mut out = Buffer::new(rows * cols);
+                // SAFETY: `out` holds rows × cols elements, all written by gemm; the views read
+                // the live x and dy.
+                unsafe {
+                    gemm_parallel(rows, cols, m, out.out().ptr(), cols, false, a, b);
+                    contiguous(out.filled(), Shape::new([rows, cols]))
+                }
+            }
+        };
+        Some(Tensor::from_primitive::<Flex>(out))
     }
 }
 

@@ -17,6 +17,7 @@ mod swiglu;
 mod target_logps;
 
 pub use attention::{fuses, grouped_attention};
+pub use linear::{DeferredWeightGrad, matmul_deferring_weight_grad};
 pub use rms_norm::{normed_matmul, rms_norm};
 pub use rope::rope;
 pub use swiglu::{swiglu, swiglu_matmul};
