@@ -339,22 +339,47 @@ impl Llama {
         }
     }
 
-    /// The vocabulary projection as one [hidden, vocab] matrix (lm_head's weight, or the
-    /// tied embeddings transposed), so logits = hidden · W.
-    pub fn head_weight(&self) -> Tensor<2> {
+    /// The vocabulary projection's parameter as stored: lm_head's [hidden, vocab] weight, or
+    /// the tied embeddings [vocab, hidden] (then true: the projection reads it transposed).
+    fn head_param(&self) -> (&Param<Tensor<2>>, bool) {
         match &self.lm_head {
-            Some(head) => head.weight.val(),
-            None => self.embed_tokens.weight.val().transpose(),
+            Some(head) => (&head.weight, false),
+            None => (&self.embed_tokens.weight, true),
         }
     }
 
-    /// Whether the vocabulary projection takes gradients: its own weight's flag, or the
-    /// embeddings' when tied (a transposed view is not a leaf, so it does not say).
+    /// The vocabulary projection as one [hidden, vocab] matrix (lm_head's weight, or the
+    /// tied embeddings transposed), so logits = hidden · W.
+    pub fn head_weight(&self) -> Tensor<2> {
+        let (param, transposed) = self.head_param();
+        if transposed { param.val().transpose() } else { param.val() }
+    }
+
+    /// Whether the vocabulary projection takes gradients: its parameter's flag (a
+    /// transposed view of the tied embeddings is not a leaf, so it would not say).
     pub fn head_trains(&self) -> bool {
-        match &self.lm_head {
-            Some(head) => head.weight.val().is_require_grad(),
-            None => self.embed_tokens.weight.val().is_require_grad(),
+        self.head_param().0.val().is_require_grad()
+    }
+
+    /// The id of the vocabulary projection's parameter: lm_head's, or the embeddings' when tied.
+    pub fn head_param_id(&self) -> ParamId {
+        self.head_param().0.id
+    }
+
+    /// `head` for a training step on the CPU default: the same logits, with the projection
+    /// weight's gradient left to `DeferredWeightGrad::add_to` after the backward pass
+    /// (see `fused::matmul_deferring_weight_grad`). None where `head` must run instead:
+    /// mixed precision, a final soft cap, or inputs the fused kernels do not take.
+    pub fn head_deferring_weight_grad(&self, x: Tensor<3>) -> Option<(Tensor<3>, DeferredWeightGrad)> {
+        if self.precision != MixedPrecision::No || self.final_softcap.is_some() {
+            return None;
         }
+        let [b, s, d] = x.dims();
+        let (param, transposed) = self.head_param();
+        let (logits, grad) =
+            super::fused::matmul_deferring_weight_grad(&x.reshape([b * s, d]), &param.val(), transposed)?;
+        let vocab = logits.dims()[1];
+        Some((logits.reshape([b, s, vocab]), grad))
     }
 
     /// Decoding step: tokens [batch, seq] continue the cached ones; returns the logits of
@@ -387,34 +412,6 @@ impl Llama {
         match self.final_softcap {
             Some(cap) => softcap(logits, cap),
             None => logits,
-        }
-    }
-}
-
-impl Llama {
-    /// `head` for a training step on the CPU default: the same logits, with the projection
-    /// weight's gradient left to `DeferredWeightGrad::add_to` after the backward pass
-    /// (see `fused::matmul_deferring_weight_grad`). None where `head` must run instead:
-    /// mixed precision, a final soft cap, or inputs the fused kernels do not take.
-    pub fn head_deferring_weight_grad(&self, x: Tensor<3>) -> Option<(Tensor<3>, DeferredWeightGrad)> {
-        if self.precision != MixedPrecision::No || self.final_softcap.is_some() {
-            return None;
-        }
-        let [b, s, d] = x.dims();
-        let (weight, transposed) = match &self.lm_head {
-            Some(head) => (head.weight.val(), false),
-            None => (self.embed_tokens.weight.val(), true),
-        };
-        let (logits, grad) = super::fused::matmul_deferring_weight_grad(&x.reshape([b * s, d]), &weight, transposed)?;
-        let vocab = logits.dims()[1];
-        Some((logits.reshape([b, s, vocab]), grad))
-    }
-
-    /// The id of the vocabulary projection's weight: lm_head's, or the embeddings' when tied.
-    pub fn head_param_id(&self) -> ParamId {
-        match &self.lm_head {
-            Some(head) => head.weight.id,
-            None => self.embed_tokens.weight.id,
         }
     }
 }

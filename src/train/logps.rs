@@ -17,24 +17,27 @@ use crate::model::fused::DeferredWeightGrad;
 /// prompt tokens, which no loss reads, and their logits would be most of the projection's
 /// work and memory when prompts are long.
 pub fn token_logps(model: &Llama, batch: &SequenceBatch) -> Tensor<2> {
-    let first = batch.first_target;
-    let hidden = from_column(model.hidden_states(batch.inputs.clone()), first);
-    let picked = pick(model.head(hidden), from_column(batch.targets.clone(), first));
-    zeros_before(picked, first) * batch.mask.clone()
+    completion_logps(model, batch, false).0
 }
 
-/// `token_logps` for a training step whose vocabulary projection trains, with the
-/// projection weight's gradient deferred past the backward pass; None where `token_logps`
-/// must run instead (see `Llama::head_deferring_weight_grad`).
-fn token_logps_deferring_head_grad(model: &Llama, batch: &SequenceBatch) -> Option<(Tensor<2>, DeferredWeightGrad)> {
-    if !model.head_trains() {
-        return None;
-    }
+/// `token_logps`, and with `defer_head_grad` the projection weight's gradient deferred
+/// past the backward pass where the projection trains and the fused op takes it (see
+/// `Llama::head_deferring_weight_grad`); elsewhere the plain head.
+fn completion_logps(
+    model: &Llama,
+    batch: &SequenceBatch,
+    defer_head_grad: bool,
+) -> (Tensor<2>, Option<DeferredWeightGrad>) {
     let first = batch.first_target;
     let hidden = from_column(model.hidden_states(batch.inputs.clone()), first);
-    let (logits, grad) = model.head_deferring_weight_grad(hidden)?;
+    let deferred =
+        (defer_head_grad && model.head_trains()).then(|| model.head_deferring_weight_grad(hidden.clone())).flatten();
+    let (logits, weight_grad) = match deferred {
+        Some((logits, grad)) => (logits, Some(grad)),
+        None => (model.head(hidden), None),
+    };
     let picked = pick(logits, from_column(batch.targets.clone(), first));
-    Some((zeros_before(picked, first) * batch.mask.clone(), grad))
+    (zeros_before(picked, first) * batch.mask.clone(), weight_grad)
 }
 
 fn pick(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
@@ -118,10 +121,10 @@ pub fn batch_logps(
 ) -> (Tensor<2>, Option<HeadBackward>) {
     let mask = batch.mask.clone();
     match (packed, chunk) {
-        (None, None) => match token_logps_deferring_head_grad(model, batch) {
-            Some((logps, grad)) => (logps, Some(HeadBackward::Deferred(grad))),
-            None => (token_logps(model, batch), None),
-        },
+        (None, None) => {
+            let (logps, weight_grad) = completion_logps(model, batch, true);
+            (logps, weight_grad.map(HeadBackward::Deferred))
+        }
         (Some(layout), None) => (packed_pair_logps(model, layout, mask), None),
         (None, Some(chunk)) => {
             let first = batch.first_target;

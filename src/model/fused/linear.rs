@@ -330,14 +330,10 @@ impl DeferredWeightGrad {
         let (a, b) = if transposed { (matrix(&dy).t(), matrix(&x)) } else { (matrix(&x).t(), matrix(&dy)) };
         let (m, k, n) = (x.layout().shape()[0], x.layout().shape()[1], dy.layout().shape()[1]);
         let (rows, cols) = if transposed { (n, k) } else { (k, n) };
-        let flex_existing = match existing {
-            Some(e) if e.dtype() == DType::F32 => match e.try_into_primitive::<Flex>() {
-                Ok(e) => Some(e),
-                Err(_) => unreachable!("a gradient of this op's weight lives on burn-flex, as the weight does"),
-            },
-            Some(e) => unreachable!("a gradient of this op's f32 weight is f32, not {:?}", e.dtype()),
-            None => None,
-        };
+        let flex_existing = existing.map(|e| {
+            e.try_into_primitive::<Flex>()
+                .expect("a gradient of this op's weight lives on burn-flex, as the weight does")
+        });
         let out = match flex_existing {
             // Added in place: a gradient has no other owner (storage_mut copies if it had).
             Some(e) => {
