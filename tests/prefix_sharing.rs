@@ -88,10 +88,11 @@ fn packed_and_chunked_give_the_same_values_and_gradients() {
     }
 }
 
-/// Every way of computing log-probs forms logits only from the batch's first completion
-/// column on; the values and gradients must be those of the logits at every position,
-/// with prompts of different lengths in one batch (so the rows' completions start in
-/// different columns, and some prompt positions of the longer prompts are projected).
+/// Every way of computing log-probs forms logits, and the last layer's output, only from
+/// the batch's first completion column on; the values and gradients must be those of the
+/// logits at every position, with prompts of different lengths in one batch (so the rows'
+/// completions start in different columns, and some prompt positions of the longer prompts
+/// are projected), with and without each layer recomputed in the backward pass.
 #[test]
 fn logits_from_the_first_completion_column_equal_all_logits() {
     use burn::tensor::activation::log_softmax;
@@ -103,7 +104,16 @@ fn logits_from_the_first_completion_column_equal_all_logits() {
     let shortest = rows.iter().map(|e| e.prompt.len()).min().unwrap();
     assert_eq!(batch.first_target, shortest - 1);
     assert!(rows.iter().any(|e| e.prompt.len() > shortest), "the rows' prompts must differ in length");
-    let params = [model.layers[0].mlp.gate_proj.base.weight.id, model.lm_head.as_ref().unwrap().weight.id];
+    let last = model.layers.last().unwrap();
+    let params = [
+        model.layers[0].mlp.gate_proj.base.weight.id,
+        model.lm_head.as_ref().unwrap().weight.id,
+        // The last layer: keys from every column, output projection and MLP from the first
+        // completion column on.
+        last.self_attn.k_proj.base.weight.id,
+        last.self_attn.o_proj.base.weight.id,
+        last.mlp.down_proj.base.weight.id,
+    ];
     // All positions' logits, as transformers computes them without logits_to_keep.
     let [n, w] = batch.mask.dims();
     let ramp: Vec<f32> = (0..n * w).map(|i| 1.0 + (i % 5) as f32 * 0.25).collect();
@@ -114,15 +124,18 @@ fn logits_from_the_first_completion_column_equal_all_logits() {
     let grads = burn::optim::GradientsParams::from_grads((all * weights).sum().backward(), &model);
     let all_grads: Vec<Vec<f32>> = params.iter().map(|id| values(grads.get::<2>(*id).unwrap())).collect();
     let layout = PackedLayout::new(&refs, 2, true);
-    for (packed, chunk) in [(None, None), (Some(&layout), None), (None, Some(7)), (Some(&layout), Some(13))] {
-        let (vals, grads) = common::weighted_logps_and_grads(&model, &batch, packed, chunk, &params);
-        let what = format!("packed {} chunk {chunk:?}", packed.is_some());
+    let mut recomputing = model.clone();
+    recomputing.recompute_layers = true;
+    let ways = [(None, None), (Some(&layout), None), (None, Some(7)), (Some(&layout), Some(13))];
+    for (model, (packed, chunk)) in ways.iter().map(|w| (&model, *w)).chain(ways.iter().map(|w| (&recomputing, *w))) {
+        let (vals, grads) = common::weighted_logps_and_grads(model, &batch, packed, chunk, &params);
+        let what = format!("packed {} chunk {chunk:?} recomputed {}", packed.is_some(), model.recompute_layers);
         assert!(max_diff(&all_values, &vals) < 2e-5, "{what}: values differ by {}", max_diff(&all_values, &vals));
-        for (a, b) in all_grads.iter().zip(&grads) {
+        for (i, (a, b)) in all_grads.iter().zip(&grads).enumerate() {
             let scale = a.iter().map(|g| g.abs()).fold(0.0, f32::max);
             assert!(
                 scale > 0.0 && max_diff(a, b) < 1e-4 * scale.max(1.0),
-                "{what}: gradient differs by {}",
+                "{what}: gradient of parameter {i} differs by {} (largest {scale})",
                 max_diff(a, b)
             );
         }

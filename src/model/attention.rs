@@ -32,18 +32,21 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// x: the input norm's [batch, seq, hidden] -> [batch, seq, hidden], each token rotated
-    /// by `rotary`, attending where `masked` ([batch or 1, 1, seq, seq], true = masked) is
-    /// false, and causally when `is_causal` (packed rows carry their own mask instead).
+    /// x: the input norm's [batch, seq, hidden] -> [batch, seq − keep_from, hidden], each
+    /// token rotated by `rotary`, attending where `masked` ([batch or 1, 1, seq, seq], true =
+    /// masked) is false, and causally when `is_causal` (packed rows carry their own mask
+    /// instead). Every token is a key, but only columns `keep_from..` go through the output
+    /// projection (see `DecoderLayer::forward`).
     pub fn forward(
         &self,
         x: &Normed,
         rotary: &RotaryTables,
         masked: Option<Tensor<4, Bool>>,
         is_causal: bool,
+        keep_from: usize,
     ) -> Tensor<3> {
         let (q, k, v) = self.project(x, rotary);
-        self.attend(q, k, v, masked, is_causal)
+        self.attend(q, k, v, masked, is_causal, keep_from)
     }
 
     /// Like `forward`, continuing after the tokens in `cache` and appending this call's
@@ -59,7 +62,7 @@ impl Attention {
         let positions_k: Vec<usize> = (0..offset + seq).collect();
         let masked = self.window_mask(&positions, &positions_k, 1, &q.device());
         // A single new token may attend to every cached one, so only the first call is causal.
-        self.attend(q, k, v, masked, offset == 0)
+        self.attend(q, k, v, masked, offset == 0, 0)
     }
 
     /// Keys beyond the sliding window of each query ([batch, 1, q, k], true = masked), or
@@ -112,11 +115,12 @@ impl Attention {
         v: Tensor<4>,
         masked: Option<Tensor<4, Bool>>,
         is_causal: bool,
+        keep_from: usize,
     ) -> Tensor<3> {
         let [batch, _, seq, _] = q.dims();
         let out = scaled_attention(q, k, v, masked, is_causal, self.scale, self.softcap);
         let out = out.swap_dims(1, 2).reshape([batch, seq, self.num_heads * self.head_dim]);
-        self.o_proj.forward(out)
+        self.o_proj.forward(from_column(out, keep_from))
     }
 }
 
@@ -146,4 +150,10 @@ impl KvCache {
         self.values = Some(v.clone());
         (k, v)
     }
+}
+
+/// Columns `from..` of [batch, seq, hidden] (all of them when `from` is 0).
+pub fn from_column(x: Tensor<3>, from: usize) -> Tensor<3> {
+    let seq = x.dims()[1];
+    if from == 0 { x } else { x.narrow(1, from, seq - from) }
 }

@@ -5,7 +5,7 @@
 use burn::module::Module;
 use burn::tensor::{Bool, Tensor};
 
-use super::attention::{Attention, KvCache};
+use super::attention::{Attention, KvCache, from_column};
 use super::mlp::Mlp;
 use super::norm::{Normed, RmsNorm};
 use super::rope::{Rope, RotaryTables};
@@ -23,18 +23,23 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// x [batch, seq, hidden] -> the layer's output at columns `keep_from..`,
+    /// [batch, seq − keep_from, hidden]. Every column is still a key and value of the
+    /// attention; the output projection, residual and MLP run only on the kept ones (the
+    /// last layer's, when only the completions' log-probs are read).
     pub fn forward(
         &self,
         x: Tensor<3>,
         rotary: &RotaryTables,
         masked: Option<Tensor<4, Bool>>,
         is_causal: bool,
+        keep_from: usize,
     ) -> Tensor<3> {
-        self.around(x, |y| self.self_attn.forward(y, rotary, masked, is_causal))
+        self.around(x, keep_from, |y| self.self_attn.forward(y, rotary, masked, is_causal, keep_from))
     }
 
     pub fn forward_cached(&self, x: Tensor<3>, rope: &Rope, cache: &mut KvCache) -> Tensor<3> {
-        self.around(x, |y| self.self_attn.forward_cached(y, rope, cache))
+        self.around(x, 0, |y| self.self_attn.forward_cached(y, rope, cache))
     }
 
     /// This layer's norms by HF module name (relative to the layer), in checkpoint order.
@@ -59,9 +64,11 @@ impl DecoderLayer {
     }
 
     /// The residual structure around the attention `attend` and the MLP, each given its
-    /// input norm's input with the norm (see `Normed`).
-    fn around(&self, x: Tensor<3>, attend: impl FnOnce(&Normed) -> Tensor<3>) -> Tensor<3> {
+    /// input norm's input with the norm (see `Normed`); `attend` returns columns
+    /// `keep_from..` only, and so does this.
+    fn around(&self, x: Tensor<3>, keep_from: usize, attend: impl FnOnce(&Normed) -> Tensor<3>) -> Tensor<3> {
         let attended = attend(&Normed::new(x.clone(), &self.input_layernorm));
+        let x = from_column(x, keep_from);
         match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
             (Some(pre), Some(post)) => {
                 let x = x + self.post_attention_layernorm.forward(attended);

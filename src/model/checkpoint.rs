@@ -42,11 +42,12 @@ pub fn recomputed_layer(
     rotary: &RotaryTables,
     masked: Option<Tensor<4, Bool>>,
     is_causal: bool,
+    keep_from: usize,
 ) -> Tensor<3> {
     if !x.is_autodiff() {
-        return layer.forward(x, rotary, masked, is_causal);
+        return layer.forward(x, rotary, masked, is_causal, keep_from);
     }
-    let input = LayerInput { x, rotary: rotary.clone(), masked, is_causal };
+    let input = LayerInput { x, rotary: rotary.clone(), masked, is_causal, keep_from };
     if let Some(y) = recomputed::<burn::backend::Flex>(layer, &input) {
         return y;
     }
@@ -69,6 +70,8 @@ struct LayerInput {
     rotary: RotaryTables,
     masked: Option<Tensor<4, Bool>>,
     is_causal: bool,
+    /// The first output column (see `DecoderLayer::forward`).
+    keep_from: usize,
 }
 
 impl LayerInput {
@@ -79,6 +82,7 @@ impl LayerInput {
             rotary: self.rotary.map(Tensor::inner),
             masked: self.masked.clone().map(Tensor::inner),
             is_causal: self.is_causal,
+            keep_from: self.keep_from,
         }
     }
 
@@ -89,11 +93,12 @@ impl LayerInput {
             rotary: self.rotary.map(Tensor::autodiff),
             masked: self.masked.clone().map(Tensor::autodiff),
             is_causal: self.is_causal,
+            keep_from: self.keep_from,
         }
     }
 
     fn run(&self, layer: &DecoderLayer) -> Tensor<3> {
-        layer.forward(self.x.clone(), &self.rotary, self.masked.clone(), self.is_causal)
+        layer.forward(self.x.clone(), &self.rotary, self.masked.clone(), self.is_causal, self.keep_from)
     }
 }
 

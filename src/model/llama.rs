@@ -257,22 +257,24 @@ impl Llama {
 
     /// tokens: [batch, seq] -> logits [batch, seq, vocab]
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
-        self.head(self.hidden_states(tokens))
+        self.head(self.hidden_states(tokens, 0))
     }
 
-    /// The final hidden states (after the last norm), [batch, seq, hidden]: what the
-    /// vocabulary projection reads.
-    pub fn hidden_states(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+    /// The final hidden states (after the last norm) of columns `from..`,
+    /// [batch, seq − from, hidden]: what the vocabulary projection reads. Every column
+    /// runs through every layer but the last, whose output is formed only for the kept
+    /// ones (a training step reads log-probs from the first completion column on).
+    pub fn hidden_states(&self, tokens: Tensor<2, Int>, from: usize) -> Tensor<3> {
         let [_, seq] = tokens.dims();
         let positions: Vec<usize> = (0..seq).collect();
         let device = tokens.device();
-        self.layers_forward(tokens, &self.rope.tables(&positions, 1, seq, &device), &positions, 1, None, true)
+        self.layers_forward(tokens, &self.rope.tables(&positions, 1, seq, &device), &positions, 1, None, true, from)
     }
 
     /// Packed rows: tokens [batch, seq] at their own `positions` ([batch * seq]),
     /// attending where `masked` ([batch, 1, seq, seq], true = masked) is false.
     pub fn forward_packed(&self, tokens: Tensor<2, Int>, positions: &[usize], masked: Tensor<4, Bool>) -> Tensor<3> {
-        self.head(self.hidden_states_packed(tokens, positions, masked))
+        self.head(self.hidden_states_packed(tokens, positions, masked, 0))
     }
 
     /// `hidden_states` for packed rows, as `forward_packed` takes them.
@@ -281,6 +283,7 @@ impl Llama {
         tokens: Tensor<2, Int>,
         positions: &[usize],
         masked: Tensor<4, Bool>,
+        from: usize,
     ) -> Tensor<3> {
         let [batch, seq] = tokens.dims();
         let device = tokens.device();
@@ -291,12 +294,14 @@ impl Llama {
             batch,
             Some(masked),
             false,
+            from,
         )
     }
 
     /// Embedding, every layer (RoPE tables and each window's mask built once for all),
-    /// final norm. A layer with a sliding window attends where neither `masked` nor its
-    /// window masks a key.
+    /// final norm, the last layer's output from column `from` on. A layer with a sliding
+    /// window attends where neither `masked` nor its window masks a key.
+    #[allow(clippy::too_many_arguments)] // the inputs of a layer, and which columns to keep
     fn layers_forward(
         &self,
         tokens: Tensor<2, Int>,
@@ -305,10 +310,12 @@ impl Llama {
         batch: usize,
         masked: Option<Tensor<4, Bool>>,
         is_causal: bool,
+        from: usize,
     ) -> Tensor<3> {
         let mut x = self.embed(tokens);
         let mut masks: Vec<(usize, Option<Tensor<4, Bool>>)> = Vec::new();
-        for layer in &self.layers {
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
             let window = layer.self_attn.window;
             if !masks.iter().any(|(w, _)| *w == window) {
                 let mask = match (layer.self_attn.window_mask(positions, positions, batch, &x.device()), masked.clone())
@@ -319,10 +326,14 @@ impl Llama {
                 masks.push((window, mask));
             }
             let mask = masks.iter().find(|(w, _)| *w == window).and_then(|(_, m)| m.clone());
+            let keep_from = if i == last { from } else { 0 };
             x = match self.recompute_layers {
-                true => recomputed_layer(layer, x, rotary, mask, is_causal),
-                false => layer.forward(x, rotary, mask, is_causal),
+                true => recomputed_layer(layer, x, rotary, mask, is_causal, keep_from),
+                false => layer.forward(x, rotary, mask, is_causal, keep_from),
             };
+        }
+        if self.layers.is_empty() {
+            x = super::attention::from_column(x, from);
         }
         self.norm.forward(x)
     }

@@ -15,7 +15,9 @@ use crate::model::fused::DeferredWeightGrad;
 /// The vocabulary projection runs only from the batch's first completion column on (what
 /// TRL's `use_logits_to_keep` does, here always and exactly): earlier positions predict
 /// prompt tokens, which no loss reads, and their logits would be most of the projection's
-/// work and memory when prompts are long.
+/// work and memory when prompts are long. For the same reason the last decoder layer forms
+/// its output (attention output projection, residual, MLP) only from that column on; its
+/// keys and values still cover every token.
 pub fn token_logps(model: &Llama, batch: &SequenceBatch) -> Tensor<2> {
     completion_logps(model, batch, false).0
 }
@@ -29,7 +31,7 @@ fn completion_logps(
     defer_head_grad: bool,
 ) -> (Tensor<2>, Option<DeferredWeightGrad>) {
     let first = batch.first_target;
-    let hidden = from_column(model.hidden_states(batch.inputs.clone()), first);
+    let hidden = model.hidden_states(batch.inputs.clone(), first);
     let deferred =
         (defer_head_grad && model.head_trains()).then(|| model.head_deferring_weight_grad(hidden.clone())).flatten();
     let (logits, weight_grad) = match deferred {
@@ -66,8 +68,8 @@ fn zeros_before(t: Tensor<2>, first: usize) -> Tensor<2> {
 pub fn packed_pair_logps(model: &Llama, layout: &PackedLayout, mask: Tensor<2>) -> Tensor<2> {
     let packed = layout.to_device(&mask.device());
     let first = packed.first_target;
-    let hidden = model.hidden_states_packed(packed.tokens.clone(), &packed.positions, packed.masked.clone());
-    let logits = model.head(from_column(hidden, first));
+    let hidden = model.hidden_states_packed(packed.tokens.clone(), &packed.positions, packed.masked.clone(), first);
+    let logits = model.head(hidden);
     let pick_from =
         |targets: &Tensor<2, Int>| zeros_before(pick(logits.clone(), from_column(targets.clone(), first)), first);
     let (chosen, rejected) = (pick_from(&packed.chosen_targets), pick_from(&packed.rejected_targets));
@@ -128,7 +130,7 @@ pub fn batch_logps(
         (Some(layout), None) => (packed_pair_logps(model, layout, mask), None),
         (None, Some(chunk)) => {
             let first = batch.first_target;
-            let hidden = from_column(model.hidden_states(batch.inputs.clone()), first);
+            let hidden = model.hidden_states(batch.inputs.clone(), first);
             let targets = vec![from_column(batch.targets.clone(), first)];
             let (mut picked, head) = chunked_target_logps(model, hidden, targets, chunk);
             (zeros_before(picked.remove(0), first) * mask, head.map(|h| HeadBackward::Chunked(Box::new(h))))
@@ -136,9 +138,10 @@ pub fn batch_logps(
         (Some(layout), Some(chunk)) => {
             let packed = layout.to_device(&mask.device());
             let first = packed.first_target;
-            let hidden = model.hidden_states_packed(packed.tokens.clone(), &packed.positions, packed.masked.clone());
+            let hidden =
+                model.hidden_states_packed(packed.tokens.clone(), &packed.positions, packed.masked.clone(), first);
             let targets = [&packed.chosen_targets, &packed.rejected_targets].map(|t| from_column(t.clone(), first));
-            let (picked, head) = chunked_target_logps(model, from_column(hidden, first), targets.to_vec(), chunk);
+            let (picked, head) = chunked_target_logps(model, hidden, targets.to_vec(), chunk);
             let [chosen, rejected]: [Tensor<2>; 2] = picked.try_into().expect("two target sets");
             (
                 unpack(&packed, zeros_before(chosen, first), zeros_before(rejected, first)) * mask,
