@@ -7,6 +7,7 @@ use super::fused::attention::scaled_attention;
 use super::lora::Projection;
 use super::norm::{Normed, RmsNorm};
 use super::rope::{Rope, RotaryTables};
+use crate::tensor::from_column;
 
 #[derive(Module, Debug)]
 pub struct Attention {
@@ -150,10 +151,4 @@ impl KvCache {
         self.values = Some(v.clone());
         (k, v)
     }
-}
-
-/// Columns `from..` of [batch, seq, hidden] (all of them when `from` is 0).
-pub fn from_column(x: Tensor<3>, from: usize) -> Tensor<3> {
-    let seq = x.dims()[1];
-    if from == 0 { x } else { x.narrow(1, from, seq - from) }
 }

@@ -5,10 +5,11 @@
 use burn::module::Module;
 use burn::tensor::{Bool, Tensor};
 
-use super::attention::{Attention, KvCache, from_column};
+use super::attention::{Attention, KvCache};
 use super::mlp::Mlp;
 use super::norm::{Normed, RmsNorm};
 use super::rope::{Rope, RotaryTables};
+use crate::tensor::from_column;
 
 #[derive(Module, Debug)]
 pub struct DecoderLayer {

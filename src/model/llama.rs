@@ -333,7 +333,7 @@ impl Llama {
             };
         }
         if self.layers.is_empty() {
-            x = super::attention::from_column(x, from);
+            x = crate::tensor::from_column(x, from);
         }
         self.norm.forward(x)
     }

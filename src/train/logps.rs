@@ -1,7 +1,6 @@
 //! Per-token log-probabilities of the target tokens, zero outside the completion.
 
 use burn::optim::GradientsParams;
-use burn::tensor::kind::Basic;
 use burn::tensor::{Gradients, Int, Tensor};
 
 use super::chunked::{ChunkedHead, chunked_target_logps};
@@ -9,6 +8,7 @@ use crate::data::SequenceBatch;
 use crate::data::packed::{PackedBatch, PackedLayout};
 use crate::model::Llama;
 use crate::model::fused::DeferredWeightGrad;
+use crate::tensor::from_column;
 
 /// [N, W] log p(target_t | tokens_<t) where the mask is 1, else 0.
 ///
@@ -44,12 +44,6 @@ fn completion_logps(
 
 fn pick(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
     crate::model::fused::target_logps(logits, targets)
-}
-
-/// Columns `first..` of a [N, W, ...] tensor.
-fn from_column<const D: usize, K: Basic>(t: Tensor<D, K>, first: usize) -> Tensor<D, K> {
-    let width = t.dims()[1];
-    if first == 0 { t } else { t.narrow(1, first, width - first) }
 }
 
 /// [N, W − first] -> [N, W]: `first` columns of zeros, then `t`.
