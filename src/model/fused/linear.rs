@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
 use super::dispatch::{AutodiffFlex, record, run_fused};
-use crate::kernels::{Buffer, View, contiguous, gemm_parallel, matrix};
+use crate::kernels::{Buffer, View, contiguous, dense, gemm_parallel, matrix};
 
 /// x [n, in] · w [in, out] -> [n, out].
 pub fn matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
@@ -336,8 +336,9 @@ impl DeferredWeightGrad {
         });
         let out = match flex_existing {
             // Added in place: a gradient has no other owner (storage_mut copies if it had).
+            // Moved into `dense`, so that no second handle keeps the buffer shared.
             Some(e) => {
-                let mut e = e.to_contiguous();
+                let mut e = dense(e);
                 let dst = e.storage_mut::<f32>();
                 assert_eq!(dst.len(), rows * cols, "the deferred gradient's shape is the weight's");
                 // SAFETY: dst holds rows × cols f32 of the contiguous gradient; the views read
@@ -366,6 +367,31 @@ mod tests {
 
     fn flex(t: Tensor<2>) -> FlexTensor {
         t.try_into_primitive::<Flex>().expect("a flex tensor")
+    }
+
+    /// The deferred xᵀ·dy is added into the backward's gradient in its own buffer (a copy
+    /// of the vocabulary projection's [hidden, vocab] gradient is as large as the weight),
+    /// for a stored and a transposed (tied) weight, and the sum is the gradient's plus xᵀ·dy.
+    #[test]
+    fn deferred_weight_grad_is_added_in_place() {
+        let device = burn::tensor::Device::flex();
+        let (m, k, n) = (5, 48, 64);
+        let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
+        let dy = Tensor::<2>::random([m, n], Distribution::Normal(0.0, 1.0), &device);
+        for transposed in [false, true] {
+            let shape = if transposed { [n, k] } else { [k, n] };
+            let existing = Tensor::<2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let deferred = x.clone().transpose().matmul(dy.clone());
+            let want = existing.clone() + if transposed { deferred.transpose() } else { deferred };
+            let slot = DeferredWeightGrad { parts: Arc::default(), transposed };
+            slot.leave(flex(x.clone()), flex(dy.clone()));
+            let buffer = flex(existing.clone()).storage::<f32>().as_ptr();
+            let got = slot.add_to(Some(existing)).expect("a gradient");
+            assert_eq!(flex(got.clone()).storage::<f32>().as_ptr(), buffer, "transposed {transposed}: copied");
+            for (g, w) in crate::tensor::values(got).iter().zip(crate::tensor::values(want)) {
+                assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "transposed {transposed}: {g} vs {w}");
+            }
+        }
     }
 
     /// Widening a band of columns at a time gives the product of the f32 weight, bit for
