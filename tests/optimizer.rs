@@ -1,7 +1,8 @@
 //! prefhost's one-pass AdamW (src/train/optimizer.rs) against burn's AdamW: the same
 //! weights bit for bit over several steps, on the fused CPU path and on the op-by-op
-//! fallback, through the whole-module optimizer too; a parameter shared elsewhere is not
-//! changed under its other owner; optimizer states load across the two (checkpoints).
+//! fallback (also with a clip's factor folded into the update), through the whole-module
+//! optimizer too; a parameter shared elsewhere is not changed under its other owner;
+//! optimizer states load across the two (checkpoints).
 
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
@@ -35,9 +36,21 @@ fn compare(device: &Device, shape: [usize; 2], weight_decay: f64, transposed: bo
     let (burn_opt, our_opt) = (burn_adamw(weight_decay), ours(weight_decay));
     let (mut a, mut b) = (start.clone(), start.clone());
     let (mut sa, mut sb) = (None, None);
+    // A clipped run: burn on gradients scaled first, ours scaling as it reads them.
+    let (mut clipped_a, mut clipped_b) = (start.clone(), start.clone());
+    let (mut clipped_sa, mut clipped_sb) = (None, None);
     for step in 0..5 {
         let grad = Tensor::<2>::random(a.dims(), Distribution::Normal(0.0, 0.1 * (step + 1) as f64), device);
         let lr = 1e-3 / (step + 1) as f64;
+        let clip = 0.3 + 0.1 * step as f64;
+        (clipped_a, clipped_sa) = burn_opt.step(lr, clipped_a, grad.clone().mul_scalar(clip), clipped_sa);
+        (clipped_b, clipped_sb) = our_opt.step_scaled(lr, clipped_b, grad.clone(), clip, clipped_sb);
+        assert_eq!(
+            values(clipped_a.clone()),
+            values(clipped_b.clone()),
+            "{shape:?} wd {weight_decay}: clipped weights differ after step {}",
+            step + 1
+        );
         (a, sa) = burn_opt.step(lr, a, grad.clone(), sa);
         (b, sb) = our_opt.step(lr, b, grad, sb);
         assert_eq!(
@@ -51,7 +64,8 @@ fn compare(device: &Device, shape: [usize; 2], weight_decay: f64, transposed: bo
         assert_eq!(values(ma.momentum.moment_1.clone()), values(mb.momentum.moment_1.clone()), "first moments differ");
         assert_eq!(values(ma.momentum.moment_2.clone()), values(mb.momentum.moment_2.clone()), "second moments differ");
     }
-    assert_ne!(values(start), values(b), "the weights never moved");
+    assert_ne!(values(start), values(b.clone()), "the weights never moved");
+    assert_ne!(values(clipped_b), values(b), "the clip changed nothing");
 }
 
 #[test]
@@ -183,7 +197,7 @@ fn model_adamw_matches_burns_module_optimizer_and_its_files() {
     let mut burns = ours(0.01).for_model(&model);
     let mut owned = ModelAdamW::for_model(ours(0.01), &model);
     let a = train_llama(model.clone(), &device, 3, |m, g| burns.step(1e-2, m, g));
-    let b = train_llama(model.clone(), &device, 3, |m, g| owned.step(1e-2, m, g));
+    let b = train_llama(model.clone(), &device, 3, |m, g| owned.step(1e-2, m, g, 1.0));
     assert!(weights(&a) == weights(&b), "whole-model steps differ");
     assert!(weights(&a) != weights(&model), "the weights never moved");
 
@@ -202,8 +216,8 @@ fn model_adamw_matches_burns_module_optimizer_and_its_files() {
     let mut burn_resumed = ours(0.01).for_model(&model).load(&owned_file).unwrap();
     let mut owned_resumed = ModelAdamW::for_model(ours(0.01), &model).load(&burn_file, &cpu).unwrap();
     let a = train_llama(b.clone(), &device, 2, |m, g| burn_resumed.step(1e-2, m, g));
-    let c = train_llama(b.clone(), &device, 2, |m, g| owned_resumed.step(1e-2, m, g));
-    let d = train_llama(b, &device, 2, |m, g| owned.step(1e-2, m, g));
+    let c = train_llama(b.clone(), &device, 2, |m, g| owned_resumed.step(1e-2, m, g, 1.0));
+    let d = train_llama(b, &device, 2, |m, g| owned.step(1e-2, m, g, 1.0));
     assert!(weights(&a) == weights(&c), "steps after resuming from burn's file differ");
     assert!(weights(&c) == weights(&d), "a resumed run differs from the uninterrupted one");
 }

@@ -1,5 +1,6 @@
 //! Global gradient norm and clipping across all parameters (torch's clip_grad_norm_, as
-//! TRL uses through max_grad_norm; burn's built-in clipping works per tensor).
+//! TRL uses through max_grad_norm; burn's built-in clipping works per tensor). The clip's
+//! factor is applied by the optimizer as it reads each gradient, not in a pass of its own.
 
 use burn::backend::Flex;
 use std::collections::BTreeMap;
@@ -9,7 +10,6 @@ use burn::optim::GradientsParams;
 use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::optimizer::is_flex_f32;
 use crate::model::Llama;
 use crate::model::llama::param_id;
 
@@ -32,19 +32,6 @@ fn squared_norms<M: Module>(model: &M, grads: &GradientsParams) -> Vec<(ParamId,
     let mut visitor = SquaredNorms { grads, per_param: Vec::new() };
     model.visit(&mut visitor);
     visitor.per_param
-}
-
-struct Scale<'a> {
-    grads: &'a mut GradientsParams,
-    factor: f64,
-}
-
-impl ModuleVisitor for Scale<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if let Some(g) = self.grads.remove::<D>(param.id) {
-            self.grads.register::<D>(param.id, scaled(g, self.factor));
-        }
-    }
 }
 
 /// Σ g². On the CPU default one pass over the gradient in f64, summed in fixed blocks so the
@@ -78,17 +65,6 @@ crate::kernels::vectorised! {
     }
 }
 
-/// g · factor; on the CPU default in place (a gradient has no other owner), else burn's op.
-fn scaled<const D: usize>(g: Tensor<D>, factor: f64) -> Tensor<D> {
-    if !(crate::model::fused::enabled() && is_flex_f32(&g)) {
-        return g.mul_scalar(factor);
-    }
-    let mut t =
-        g.try_into_primitive::<Flex>().map(|t| t.to_contiguous()).unwrap_or_else(|_| unreachable!("checked above"));
-    t.storage_mut::<f32>().par_chunks_mut(1 << 15).for_each(|c| crate::kernels::scale(c, factor as f32));
-    Tensor::from_primitive::<Flex>(t)
-}
-
 /// Each parameter's gradient norm under its checkpoint name (parameters without a
 /// gradient, the frozen ones, are left out).
 pub fn norms_by_name(model: &Llama, grads: &GradientsParams) -> BTreeMap<String, f64> {
@@ -104,15 +80,9 @@ pub fn global_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
     squared_norms(model, grads).iter().map(|(_, s)| s).sum::<f64>().sqrt()
 }
 
-pub fn scale<M: Module>(model: &M, grads: &mut GradientsParams, factor: f64) {
-    model.visit(&mut Scale { grads, factor });
-}
-
-/// Clips to `max_norm` (0 = off) and returns the norm before clipping.
-pub fn clip_global_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
-    let norm = global_norm(model, grads);
-    if max_norm > 0.0 && norm > max_norm {
-        scale(model, grads, max_norm / (norm + 1e-6));
-    }
-    norm
+/// What clipping to `max_norm` (0 = off) multiplies every gradient by, torch's
+/// clip_grad_norm_ factor: max_norm / (norm + 1e-6) when the norm exceeds it, else 1. The
+/// optimizer applies it in its own pass over the gradients (`ModelAdamW::step`).
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 }
 }

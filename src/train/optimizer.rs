@@ -87,9 +87,11 @@ impl FusedAdamW {
     }
 
     /// The per-step scalars, each computed as burn's AdamW computes it (f32 or f64 as there).
-    fn scalars(&self, lr: LearningRate, time: usize) -> Scalars {
+    fn scalars(&self, lr: LearningRate, time: usize, grad_scale: f64) -> Scalars {
         let t = time as i32;
         Scalars {
+            // mul_scalar casts its f64 factor to the tensor's f32.
+            grad_scale: grad_scale as f32,
             beta_1: self.beta_1,
             beta_2: self.beta_2,
             factor_1: 1.0 - self.beta_1,
@@ -136,9 +138,11 @@ impl ModelAdamW {
         Self { decayed: adamw, undecayed, no_decay, states: HashMap::new() }
     }
 
-    /// One update of every parameter that has a gradient in `grads`.
-    pub fn step<M: Module>(&mut self, lr: LearningRate, module: M, mut grads: GradientsParams) -> M {
-        module.map(&mut StepMapper { optimizer: self, grads: &mut grads, lr, path: Vec::new() })
+    /// One update of every parameter that has a gradient in `grads`, each gradient taken
+    /// times `grad_scale` (global-norm clipping's factor, 1 for none): the same values as
+    /// scaling the gradients first, without a pass of their own over them.
+    pub fn step<M: Module>(&mut self, lr: LearningRate, module: M, mut grads: GradientsParams, grad_scale: f64) -> M {
+        module.map(&mut StepMapper { optimizer: self, grads: &mut grads, lr, grad_scale, path: Vec::new() })
     }
 
     /// Writes the moments to `path` (burnpack), each tensor copied out only when the writer
@@ -238,6 +242,7 @@ struct StepMapper<'a> {
     optimizer: &'a mut ModelAdamW,
     grads: &'a mut GradientsParams,
     lr: LearningRate,
+    grad_scale: f64,
     path: Vec<String>,
 }
 
@@ -264,7 +269,7 @@ impl ModuleMapper for StepMapper<'_> {
             <FusedAdamW as Optimizer>::to_device(state, &grad.device())
         });
         let adamw = if optimizer.no_decay.contains(&id) { &optimizer.undecayed } else { &optimizer.decayed };
-        let (updated, state) = adamw.step(self.lr, tensor.inner(), grad, state);
+        let (updated, state) = adamw.step_scaled(self.lr, tensor.inner(), grad, self.grad_scale, state);
         if let Some(state) = state {
             optimizer.states.insert(id, Moments { path: self.path.join("."), rank: D, state: Box::new(state) });
         }
@@ -281,6 +286,7 @@ impl ModuleMapper for StepMapper<'_> {
 
 #[derive(Clone, Copy)]
 struct Scalars {
+    grad_scale: f32,
     beta_1: f32,
     beta_2: f32,
     factor_1: f32,
@@ -303,8 +309,28 @@ impl Optimizer for FusedAdamW {
         grad: Tensor<D>,
         state: Option<Self::State<D>>,
     ) -> (Tensor<D>, Option<Self::State<D>>) {
+        self.step_scaled(lr, tensor, grad, 1.0, state)
+    }
+
+    fn to_device<const D: usize>(mut state: Self::State<D>, device: &Device) -> Self::State<D> {
+        state.momentum = state.momentum.to_device(device);
+        state
+    }
+}
+
+impl FusedAdamW {
+    /// `Optimizer::step` for the gradient times `grad_scale` (as `grad.mul_scalar(grad_scale)`
+    /// would round it), folded into the update's one pass on the CPU default.
+    pub fn step_scaled<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        grad_scale: f64,
+        state: Option<AdamWState<D>>,
+    ) -> (Tensor<D>, Option<AdamWState<D>>) {
         let time = state.as_ref().map_or(1, |s| s.momentum.time + 1);
-        let s = self.scalars(lr, time);
+        let s = self.scalars(lr, time, grad_scale);
         let fused = crate::model::fused::enabled()
             && is_flex_f32(&tensor)
             && is_flex_f32(&grad)
@@ -329,16 +355,10 @@ impl Optimizer for FusedAdamW {
             };
             return (Tensor::from_primitive::<Flex>(p), Some(AdamWState { momentum }));
         }
+        let grad = if grad_scale == 1.0 { grad } else { grad.mul_scalar(grad_scale) };
         self.step_in_tensor_ops(s, time, tensor, grad, state)
     }
 
-    fn to_device<const D: usize>(mut state: Self::State<D>, device: &Device) -> Self::State<D> {
-        state.momentum = state.momentum.to_device(device);
-        state
-    }
-}
-
-impl FusedAdamW {
     /// burn's AdamW op chain, for backends without the fused loop.
     fn step_in_tensor_ops<const D: usize>(
         &self,
@@ -401,6 +421,8 @@ crate::kernels::vectorised! {
     /// One AdamW update of a chunk, in burn's AdamW's order of operations (same bits).
     fn adamw_chunk(pc: &mut [f32], mc: &mut [f32], vc: &mut [f32], gc: &[f32], s: &Scalars, first: bool) {
         for (((p, m), v), &g) in pc.iter_mut().zip(mc.iter_mut()).zip(vc.iter_mut()).zip(gc) {
+            // × 1 leaves every value as it was.
+            let g = g * s.grad_scale;
             let (gm, gv) = (g * s.factor_1, (g * g) * s.factor_2);
             if first {
                 (*m, *v) = (gm, gv);

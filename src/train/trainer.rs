@@ -15,7 +15,7 @@ use serde_json::json;
 use super::checkpoint::{self, TrainerState, save_sources};
 use super::config::{Mode, TrainConfig};
 use super::evaluate::{EvalResult, evaluate, load_eval_rows};
-use super::grads::{clip_global_norm, norms_by_name};
+use super::grads::{clip_factor, global_norm, norms_by_name};
 use super::identity::RunIdentity;
 use super::lock::RunLock;
 use super::logps::{HeadBackward, batch_logps, row_sums};
@@ -275,11 +275,11 @@ pub fn train_one_locked(
 
         // ---- forward + backward over grad_accum micro-batches, then clip
         let micro = learner.forward_backward(host, &mut scripts, &mut log, step)?;
-        let mut grads = micro.grads;
+        let grads = micro.grads;
         if learner.config.log_param_grad_norms && logs_at(step + 1, total, &learner.config) {
             log.event(step + 1, "param_grad_norms", json!(norms_by_name(learner.policy(), &grads)))?;
         }
-        let norm = clip_global_norm(learner.policy(), &mut grads, learner.config.max_grad_norm);
+        let norm = global_norm(learner.policy(), &grads);
 
         // ---- a NaN/inf loss or gradient: skip the update; too many in a row end the run
         if !norm.is_finite() || micro.outputs.iter().any(|o| !o.loss_value.is_finite()) {
@@ -314,7 +314,7 @@ pub fn train_one_locked(
         }
         let mean_loss = micro.outputs.iter().map(|o| o.loss_value).sum::<f64>() / micro.outputs.len().max(1) as f64;
         throughput.step(micro.samples, micro.tokens, mean_loss);
-        learner.update(lr, grads);
+        learner.update(lr, grads, clip_factor(norm, learner.config.max_grad_norm));
         step_seconds.push(step_start.elapsed().as_secs_f64());
         loss_call_seconds.push(micro.outputs.iter().map(|o| o.loss_call_seconds).sum());
         log.add("grad_norm", norm);
@@ -743,10 +743,10 @@ impl Learner {
         Ok(MicroBatches { grads: accumulator.grads(), outputs, loss_state, samples, tokens })
     }
 
-    /// AdamW on the policy, in place.
-    fn update(&mut self, lr: f64, grads: GradientsParams) {
+    /// AdamW on the policy, in place, each gradient first multiplied by `grad_scale` (the clip).
+    fn update(&mut self, lr: f64, grads: GradientsParams, grad_scale: f64) {
         let policy = self.policy.take().expect("the policy is in place between steps");
-        self.policy = Some(self.optimizer.step(lr, policy, grads));
+        self.policy = Some(self.optimizer.step(lr, policy, grads, grad_scale));
     }
 
     /// Forward passes, the batch, and the script's loss.
