@@ -60,7 +60,9 @@ pub fn rows_readable(t: FlexTensor) -> FlexTensor {
     if st[st.len() - 1] == 1 && st.iter().all(|s| *s >= 0) { t } else { t.to_contiguous() }
 }
 
-/// Contiguous values of a flex tensor (copied only if it is a strided view).
+/// Contiguous values of a flex tensor (copied only if it is a strided view). Takes `t` by
+/// value: burn-flex's `to_contiguous` borrows and clones the handle, so a caller that kept
+/// its own would leave the buffer shared, and `storage_mut` would copy it.
 pub fn dense(t: FlexTensor) -> FlexTensor {
     t.to_contiguous()
 }

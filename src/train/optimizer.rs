@@ -26,6 +26,7 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use burn_pack::Scalar;
 use rayon::prelude::*;
 
+use crate::kernels::dense;
 use crate::model::Llama;
 use crate::model::llama::param_id;
 
@@ -401,8 +402,8 @@ fn fused_update(
     s: Scalars,
     first: bool,
 ) -> (FlexTensor, FlexTensor, FlexTensor) {
-    let (mut p, mut m, mut v) = (contiguous(p), contiguous(m), contiguous(v));
-    let g = contiguous(g.clone());
+    let (mut p, mut m, mut v) = (dense(p), dense(m), dense(v));
+    let g = dense(g.clone());
     let gs = g.storage::<f32>();
     let (ps, ms, vs) = (p.storage_mut::<f32>(), m.storage_mut::<f32>(), v.storage_mut::<f32>());
     assert!(
@@ -444,13 +445,6 @@ pub(super) fn is_flex_f32<const D: usize>(t: &Tensor<D>) -> bool {
 
 fn flex<const D: usize>(t: Tensor<D>) -> FlexTensor {
     t.try_into_primitive::<Flex>().unwrap_or_else(|_| unreachable!("checked by is_flex_f32"))
-}
-
-/// The tensor as one dense buffer of exactly its elements from offset 0 (burn-flex copies
-/// only views). Takes `t` by value so that, when no copy is made, the buffer is not left
-/// shared with the argument and `storage_mut` can write in place.
-fn contiguous(t: FlexTensor) -> FlexTensor {
-    t.to_contiguous()
 }
 
 #[cfg(test)]

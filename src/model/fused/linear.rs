@@ -336,7 +336,6 @@ impl DeferredWeightGrad {
         });
         let out = match flex_existing {
             // Added in place: a gradient has no other owner (storage_mut copies if it had).
-            // Moved into `dense`, so that no second handle keeps the buffer shared.
             Some(e) => {
                 let mut e = dense(e);
                 let dst = e.storage_mut::<f32>();
