@@ -273,7 +273,7 @@ pub fn train_one_locked(
         let lr =
             scripts.call_with_fallback(at, "lr", |version, config| script_lr(host, version, step, total, config.lr))?;
 
-        // ---- forward + backward over grad_accum micro-batches, then clip
+        // ---- forward + backward over grad_accum micro-batches, then the global norm (the clip is AdamW's)
         let micro = learner.forward_backward(host, &mut scripts, &mut log, step)?;
         let grads = micro.grads;
         if learner.config.log_param_grad_norms && logs_at(step + 1, total, &learner.config) {
