@@ -244,8 +244,9 @@ enum Command {
         /// Leave the PyTorch rows out.
         #[arg(long, conflicts_with = "python")]
         no_pytorch: bool,
-        /// Run only the configurations whose name starts with this (e.g. vocab-32k; the
-        /// PyTorch rows run when their name matches too, e.g. metamath).
+        /// Run only the configurations whose name starts with this, or with one of several
+        /// comma-separated prefixes (e.g. vocab-32k; the PyTorch rows run when their name
+        /// matches too, e.g. metamath, or 135m-512/full,135m-512/pytorch-eager).
         #[arg(long)]
         only: Option<String>,
         /// Internal: run one configuration in this process.

@@ -77,9 +77,13 @@ const LARGE_VOCAB: usize = 32768;
 
 /// `--size smollm-135m`: full fine-tuning and LoRA, with and without gradient
 /// checkpointing, on 512-token sequences, and full fine-tuning on 1024-token ones.
+/// "prefix-sharing" is full fine-tuning with each pair's prompt computed once
+/// (`prefix_sharing: true`): the same log-probs from less work, which PyTorch's peer
+/// (transformers and TRL have no such option) does not do.
 const REAL: Config = Config { data: "seq512", ..PLAIN };
-const REAL_SIZE_CONFIGS: [Config; 6] = [
+const REAL_SIZE_CONFIGS: [Config; 7] = [
     Config { name: "135m-512/full", ..REAL },
+    Config { name: "135m-512/prefix-sharing", prefix_sharing: true, ..REAL },
     Config { name: "135m-512/full+gc", gradient_checkpointing: true, ..REAL },
     Config { name: "135m-512/lora-r16", lora: true, ..REAL },
     Config { name: "135m-512/lora-r16+gc", lora: true, gradient_checkpointing: true, ..REAL },
@@ -127,7 +131,8 @@ pub struct BenchOptions {
     pub python: Option<String>,
     /// Leave the PyTorch rows out even when a Python with torch is found.
     pub no_pytorch: bool,
-    /// Run only the configurations whose name starts with this.
+    /// Run only the configurations whose name starts with one of these comma-separated
+    /// prefixes.
     pub only: Option<String>,
 }
 
@@ -265,6 +270,11 @@ fn configs(size: ModelSize) -> &'static [Config] {
     }
 }
 
+/// Whether `--only` (comma-separated name prefixes) selects the row `name`.
+fn selected(opts: &BenchOptions, name: &str) -> bool {
+    opts.only.as_ref().is_none_or(|only| only.split(',').any(|p| name.starts_with(p.trim())))
+}
+
 /// The parent: model, data, reference file, then every configuration in each round.
 pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
     let root = std::env::current_dir()?;
@@ -337,9 +347,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
     let python = if opts.no_pytorch { None } else { opts.python.clone().or_else(find_python_with_torch) };
     let mut results: Vec<Timing> = Vec::new();
     for round in 0..opts.rounds {
-        for config in
-            configs(opts.size).iter().filter(|c| opts.only.as_ref().is_none_or(|p| c.name.starts_with(p.as_str())))
-        {
+        for config in configs(opts.size).iter().filter(|c| selected(opts, c.name)) {
             eprintln!("round {}/{}: {}", round + 1, opts.rounds, config.name);
             let status = Command::new(&exe)
                 .args(["bench", "--child", config.name, "--out"])
@@ -363,7 +371,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
         }
         if let Some(python) = python.as_ref() {
             for row in torch_rows(opts.size) {
-                if opts.only.as_ref().is_some_and(|p| !row.name.starts_with(p.as_str())) {
+                if !selected(opts, &row.name) {
                     continue;
                 }
                 eprintln!("round {}/{}: {}", round + 1, opts.rounds, row.name);
@@ -715,6 +723,7 @@ fn render(results: &[Timing], opts: &BenchOptions) -> String {
             ("full+gc", "pytorch-eager+gc"),
             ("lora-r16", "pytorch-lora-r16"),
             ("lora-r16+gc", "pytorch-lora-r16+gc"),
+            ("prefix-sharing", "pytorch-eager"),
         ] {
             let (ours, theirs) = (format!("{group}/{ours}"), format!("{group}/{theirs}"));
             ratio(
