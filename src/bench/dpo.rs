@@ -270,9 +270,9 @@ fn configs(size: ModelSize) -> &'static [Config] {
     }
 }
 
-/// Whether `--only` (comma-separated name prefixes) selects the row `name`.
-fn selected(opts: &BenchOptions, name: &str) -> bool {
-    opts.only.as_ref().is_none_or(|only| only.split(',').any(|p| name.starts_with(p.trim())))
+/// Whether `--only` (comma-separated name prefixes; none: every row) selects the row `name`.
+fn selected(only: Option<&str>, name: &str) -> bool {
+    only.is_none_or(|only| only.split(',').any(|prefix| name.starts_with(prefix.trim())))
 }
 
 /// The parent: model, data, reference file, then every configuration in each round.
@@ -347,7 +347,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
     let python = if opts.no_pytorch { None } else { opts.python.clone().or_else(find_python_with_torch) };
     let mut results: Vec<Timing> = Vec::new();
     for round in 0..opts.rounds {
-        for config in configs(opts.size).iter().filter(|c| selected(opts, c.name)) {
+        for config in configs(opts.size).iter().filter(|c| selected(opts.only.as_deref(), c.name)) {
             eprintln!("round {}/{}: {}", round + 1, opts.rounds, config.name);
             let status = Command::new(&exe)
                 .args(["bench", "--child", config.name, "--out"])
@@ -371,7 +371,7 @@ pub fn run_bench(opts: &BenchOptions) -> Result<Vec<Timing>> {
         }
         if let Some(python) = python.as_ref() {
             for row in torch_rows(opts.size) {
-                if !selected(opts, &row.name) {
+                if !selected(opts.only.as_deref(), &row.name) {
                     continue;
                 }
                 eprintln!("round {}/{}: {}", round + 1, opts.rounds, row.name);
@@ -772,4 +772,22 @@ fn render(results: &[Timing], opts: &BenchOptions) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::selected;
+
+    #[test]
+    fn only_selects_rows_by_any_of_its_comma_separated_prefixes() {
+        let only = Some("135m-512/full, 135m-512/pytorch-eager");
+        for name in ["135m-512/full", "135m-512/full+gc", "135m-512/pytorch-eager", "135m-512/pytorch-eager+gc"] {
+            assert!(selected(only, name), "{name}");
+        }
+        for name in ["135m-512/lora-r16", "135m-512/prefix-sharing", "135m-1024/full", "135m-512/pytorch-lora-r16"] {
+            assert!(!selected(only, name), "{name}");
+        }
+        assert!(selected(None, "135m-512/lora-r16"));
+        assert!(selected(Some("metamath"), "metamath/pytorch-eager"));
+    }
 }
