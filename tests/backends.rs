@@ -142,8 +142,9 @@ fn assert_same_run(case: &str, backend: &str, cpu: &Run, other: &Run, tol: &Tole
     eprintln!("{case} on {backend} vs cpu, worst: {worst:?}, step-1 per-parameter grad norm (relative) {grads:e}");
 }
 
-/// One row of the matrix: `config` on cpu and on every runnable backend.
-fn assert_backends_train_like_cpu(case: &str, config: &str) -> Run {
+/// One row of the matrix: `config` on cpu and on every runnable backend. Returns each
+/// backend's run, cpu's first.
+fn assert_backends_train_like_cpu(case: &str, config: &str) -> Vec<(&'static str, Run)> {
     let sb = Sandbox::new();
     let cpu = train(&sb, "cpu", "cpu", STEPS, config);
     // The losses must move, or matching them would prove little.
@@ -153,40 +154,64 @@ fn assert_backends_train_like_cpu(case: &str, config: &str) -> Run {
         "{case}: cpu's loss does not move: {:?}",
         cpu.steps
     );
+    let mut runs = Vec::new();
     for backend in runnable() {
         let other = train(&sb, backend, backend, STEPS, config);
         assert_same_run(case, backend, &cpu, &other, &F32);
+        runs.push((backend, other));
     }
-    cpu
+    runs.insert(0, ("cpu", cpu));
+    runs
+}
+
+/// `assert_starts_at_reference` on each backend's run.
+fn assert_all_start_at_reference(case: &str, runs: &[(&str, Run)]) {
+    for (backend, run) in runs {
+        assert_starts_at_reference(&format!("{case} on {backend}"), run);
+    }
 }
 
 /// DPO's step-1 loss when the policy is its reference: ln 2 (a wrong reference forward, as
 /// libtorch's inverted attention mask gave, moved it to 0.365).
+fn assert_loss_starts_at_ln2(case: &str, run: &Run) {
+    let loss = value(&run.steps[0], "loss");
+    assert!((loss - std::f64::consts::LN_2).abs() < 1e-6, "{case}: step-1 loss {loss}, not ln 2");
+}
+
+/// When the reference is the policy's own forward (a frozen copy, or the base without its
+/// adapters), step 1's policy and reference log-probs are one computation, bit for bit, as
+/// in TRL. (Precomputed ref_logps come from other batches, so only the loss is checked.)
 fn assert_starts_at_reference(case: &str, run: &Run) {
-    let first = value(&run.steps[0], "loss");
-    assert!((first - std::f64::consts::LN_2).abs() < 1e-5, "{case}: step-1 loss {first}, not ln 2");
+    let first = &run.steps[0];
+    assert!(
+        value(first, "logps/chosen_minus_ref") == 0.0 && value(first, "rewards/margins") == 0.0,
+        "{case}: policy and reference differ before any update: {first}"
+    );
+    assert_loss_starts_at_ln2(case, run);
 }
 
 #[test]
 fn plain_dpo_trains_like_cpu() {
-    let cpu = assert_backends_train_like_cpu("plain DPO", &tiny_math(""));
-    assert_starts_at_reference("plain DPO", &cpu);
+    let runs = assert_backends_train_like_cpu("plain DPO", &tiny_math(""));
+    assert_all_start_at_reference("plain DPO", &runs);
 }
 
 /// Packed rows: the policy's masked attention under autodiff and the reference's outside it.
 #[test]
 fn prefix_sharing_trains_like_cpu() {
-    let cpu = assert_backends_train_like_cpu("prefix_sharing", &tiny_math("prefix_sharing: true,"));
-    assert_starts_at_reference("prefix_sharing", &cpu);
+    let runs = assert_backends_train_like_cpu("prefix_sharing", &tiny_math("prefix_sharing: true,"));
+    assert_all_start_at_reference("prefix_sharing", &runs);
 }
 
 #[test]
 fn chunked_logits_train_like_cpu() {
-    assert_backends_train_like_cpu("logits_chunk_size", &tiny_math("logits_chunk_size: 32,"));
-    assert_backends_train_like_cpu(
-        "logits_chunk_size + prefix_sharing",
-        &tiny_math("logits_chunk_size: 32, prefix_sharing: true,"),
-    );
+    for (case, extra) in [
+        ("logits_chunk_size", "logits_chunk_size: 32,"),
+        ("logits_chunk_size + prefix_sharing", "logits_chunk_size: 32, prefix_sharing: true,"),
+    ] {
+        let runs = assert_backends_train_like_cpu(case, &tiny_math(extra));
+        assert_all_start_at_reference(case, &runs);
+    }
 }
 
 /// Adapters as PEFT trained them (B nonzero, so step 1 already has a margin), loaded with
@@ -201,7 +226,8 @@ fn lora_from_a_peft_adapter_trains_like_cpu() {
          lora: #{{ r: 4, lora_alpha: 8, lora_dropout: 0.0, target_modules: [\"q_proj\", \"v_proj\", \"gate_proj\", \"down_proj\"], init_adapter: \"{dir}/init_adapter\" }},
          params: #{{ beta: 0.1 }},"
     );
-    let cpu = assert_backends_train_like_cpu("LoRA init_adapter", &config);
+    let runs = assert_backends_train_like_cpu("LoRA init_adapter", &config);
+    let cpu = &runs[0].1;
     assert!(
         cpu.step1_grad_norms.keys().all(|k| k.contains("lora_")),
         "only adapters train: {:?}",
@@ -273,7 +299,7 @@ fn precomputed_reference_logps_match_cpu_and_train_like_cpu() {
     let cpu_file = logps("cpu");
     let config = |file: &Path| tiny_math_on(data.to_str().unwrap(), &format!("ref_logps: \"{}\",", file.display()));
     let cpu = train(&sb, "cpu", "cpu", STEPS, &config(&cpu_file));
-    assert_starts_at_reference("ref_logps on cpu", &cpu);
+    assert_loss_starts_at_ln2("ref_logps on cpu", &cpu);
     for backend in runnable() {
         let file = logps(backend);
         let (a, b) = (read_lines(&cpu_file), read_lines(&file));
@@ -295,7 +321,7 @@ fn precomputed_reference_logps_match_cpu_and_train_like_cpu() {
         // Per token, f32 rounding of one forward (an inverted mask moved them by whole nats).
         assert!(worst < 1e-4, "{backend}: reference log-probs {worst:e} from cpu's");
         let other = train(&sb, backend, backend, STEPS, &config(&file));
-        assert_starts_at_reference(&format!("ref_logps on {backend}"), &other);
+        assert_loss_starts_at_ln2(&format!("ref_logps on {backend}"), &other);
         assert_same_run("ref_logps", backend, &cpu, &other, &F32);
     }
 }
@@ -307,8 +333,8 @@ fn precomputed_reference_logps_match_cpu_and_train_like_cpu() {
 fn fresh_lora_adapters_train_like_cpu() {
     let config =
         tiny_math("lr: 2e-3, lora: #{ r: 4, lora_alpha: 8, lora_dropout: 0.0, target_modules: \"all-linear\" },");
-    let cpu = assert_backends_train_like_cpu("fresh LoRA", &config);
-    assert_starts_at_reference("fresh LoRA", &cpu);
+    let runs = assert_backends_train_like_cpu("fresh LoRA", &config);
+    assert_all_start_at_reference("fresh LoRA", &runs);
 }
 
 /// Gradient checkpointing re-runs each decoder layer in the backward pass (its own autodiff
@@ -352,13 +378,11 @@ fn every_built_backend_trains_in_bf16_like_f32() {
             backend,
             BF16_STEPS,
             &tiny_math(&format!("{BF16_LR} mixed_precision: \"bf16\",")),
-        )
-        .steps;
-        assert!(
-            (value(&mixed[0], "loss") - std::f64::consts::LN_2).abs() < 1e-4,
-            "{backend} bf16 step 1: {}",
-            mixed[0]
         );
+        // libtorch's fused attention and log_softmax outside autodiff (the reference) once
+        // moved bf16 log-probs 2.5e-3 nats from the policy's here, on an AVX2 CPU.
+        assert_starts_at_reference(&format!("{backend} bf16"), &mixed);
+        let mixed = mixed.steps;
         let last = value(&mixed[BF16_STEPS - 1], "loss");
         assert!(
             last < std::f64::consts::LN_2 - BF16_MIN_DROP,

@@ -9,10 +9,11 @@
 //! as autodiff would run them through the model's own head.
 
 use burn::optim::GradientsParams;
-use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::{Gradients, Int, Tensor};
 
 use crate::model::Llama;
+use crate::model::fused::log_softmax;
 
 /// What the backward pass needs after the loss's own backward.
 pub struct ChunkedHead {
@@ -42,7 +43,7 @@ pub fn chunked_target_logps(
         let len = chunk.min(n * l - start);
         let (logits, _) =
             capped(precision.matmul(flat.clone().narrow(0, start, len), weight.clone()), model.final_softcap);
-        let logp = log_softmax(logits, 1);
+        let logp = log_softmax(logits);
         for (k, t) in flat_targets.iter().enumerate() {
             let at = t.clone().narrow(0, start, len).unsqueeze_dim::<2>(1);
             pieces[k].push(logp.clone().gather(1, at).reshape([len]));

@@ -107,8 +107,13 @@ fn unfused(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Option<Tensor<4, Bo
     attention_in_burn_ops(q, k, v, masked, is_causal, scale, None)
 }
 
-/// softmax(cap(scale·q·kᵀ), masked)·v in burn ops: burn's `attention` when nothing but a
-/// causal mask applies, else the scores written out.
+/// softmax(cap(scale·q·kᵀ), masked)·v in burn ops, the scores written out. burn's own
+/// `attention` only serves a decoding step (no mask, not causal): under autodiff it is a
+/// decomposition, outside it libtorch's and CUDA's fused kernels, whose f32 sums round
+/// otherwise. A bf16 product after attention turns those last-bit differences into whole
+/// bf16 steps, so a policy and its frozen reference would differ before any update
+/// (2.5e-3 nats of a completion's log-prob on libtorch, AVX2 CPU); written out here, both
+/// run the same ops and agree bit for bit, as in TRL, where both run the same kernel.
 fn attention_in_burn_ops(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -130,7 +135,7 @@ fn attention_in_burn_ops(
     };
     let (k, v) = (repeat(k), repeat(v));
     let sk = k.dims()[2];
-    if masked.is_none() && softcap.is_none() {
+    if masked.is_none() && softcap.is_none() && !is_causal {
         return attention(q, k, v, None, None, AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal });
     }
     let mut masked = masked.map(|m| m.expand([b, heads, s, sk]));

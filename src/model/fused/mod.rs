@@ -21,7 +21,7 @@ pub use linear::{DeferredWeightGrad, matmul_deferring_weight_grad};
 pub use rms_norm::{normed_matmul, rms_norm};
 pub use rope::rope;
 pub use swiglu::{swiglu, swiglu_matmul};
-pub use target_logps::target_logps;
+pub use target_logps::{log_softmax, target_logps};
 
 /// The fused ops are on unless `PREFHOST_UNFUSED=1`: `host bench` times both side by side.
 pub fn enabled() -> bool {

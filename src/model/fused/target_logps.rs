@@ -36,7 +36,19 @@ pub fn target_logps(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
             return picked.reshape([n, w]);
         }
     }
-    burn::tensor::activation::log_softmax(logits, 2).gather(2, targets.unsqueeze_dim::<3>(2)).squeeze_dim::<2>(2)
+    log_softmax(logits).gather(2, targets.unsqueeze_dim::<3>(2)).squeeze_dim::<2>(2)
+}
+
+/// log_softmax over the last dimension in burn's tensor ops, as burn's autodiff computes
+/// it: (z − max) − log Σ exp(z − max), the max detached. Plain libtorch has a log_softmax
+/// kernel of its own, whose sums round otherwise, so a policy (under autodiff) and its
+/// frozen reference (outside it) would differ before any update; written out, both run
+/// the same ops.
+pub fn log_softmax<const D: usize>(logits: Tensor<D>) -> Tensor<D> {
+    let last = D - 1;
+    let shifted = logits.clone() - logits.detach().max_dim(last);
+    let log_sum_exp = shifted.clone().exp().sum_dim(last).log();
+    shifted - log_sum_exp
 }
 
 /// An integer flex tensor's values as indices (None for other dtypes).
