@@ -98,10 +98,10 @@ pub fn fuses(q: &Tensor<4>, masked: Option<&Tensor<4, Bool>>) -> bool {
         && masked.is_none_or(|m| flex_mask(m).is_some())
 }
 
-/// burn's attention, after repeating each KV head for its query heads. With a mask the
-/// scores are masked and normalised here instead: burn-tch hands burn's bool mask (true =
-/// masked) to torch's scaled_dot_product_attention unchanged, where true means "may
-/// attend", so masked forwards outside autodiff came out wrong on libtorch.
+/// Attention in burn ops, after repeating each KV head for its query heads (see
+/// `attention_in_burn_ops`). burn's `attention` outside autodiff would also be wrong with a
+/// mask: burn-tch hands burn's bool mask (true = masked) to torch's
+/// scaled_dot_product_attention unchanged, where true means "may attend".
 fn unfused(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Option<Tensor<4, Bool>>, is_causal: bool) -> Tensor<4> {
     let scale = 1.0 / (q.dims()[3] as f64).sqrt();
     attention_in_burn_ops(q, k, v, masked, is_causal, scale, None)
@@ -136,14 +136,15 @@ fn attention_in_burn_ops(
     let (k, v) = (repeat(k), repeat(v));
     let sk = k.dims()[2];
     if masked.is_none() && softcap.is_none() && !is_causal {
-        return attention(q, k, v, None, None, AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal });
+        let options = AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal: false };
+        return attention(q, k, v, None, None, options);
     }
     let mut masked = masked.map(|m| m.expand([b, heads, s, sk]));
     if is_causal {
         // Query i sees keys up to i + (sk − s): the last s keys line up with the queries.
         let shift = sk - s;
-        let upper: Vec<bool> = (0..s * sk).map(|n| n % sk > n / sk + shift).collect();
-        let causal = Tensor::<2, Bool>::from_data(burn::tensor::TensorData::new(upper, [s, sk]), &q.device());
+        // Made on the device (true where key j > i + shift), not uploaded from the host.
+        let causal = Tensor::<2, Bool>::tril_mask([s, sk], shift as i64, &q.device());
         let causal = causal.reshape([1, 1, s, sk]).expand([b, heads, s, sk]);
         masked = Some(match masked {
             Some(m) => m.bool_or(causal),
